@@ -1,0 +1,162 @@
+"""Backend selection: ``get_backend(name, dtype=..., device=...) -> Backend``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested array library or device is not usable on this machine."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array namespace bound to one device and one floating dtype.
+
+    ``asarray`` moves host data onto the device, ``to_numpy`` brings (small) arrays back
+    to the host, ``sync`` waits for queued device work (a no-op on the CPU).
+    """
+
+    name: str
+    xp: Any
+    device: Any
+    dtype: Any
+    _to_numpy: Callable[[Any], np.ndarray]
+    _sync: Callable[[], None]
+
+    def asarray(self, data: Any, *, dtype: Any = None) -> Any:
+        """Copy host data (NumPy array, list, scalar) to this backend's device."""
+        host = np.asarray(data)
+        if dtype is None and np.issubdtype(host.dtype, np.floating):
+            dtype = self.dtype
+        return self.xp.asarray(host, dtype=dtype, device=self.device)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """Return a NumPy copy of ``array`` on the host."""
+        return self._to_numpy(array)
+
+    def sync(self) -> None:
+        """Block until all queued work on the device has finished (for timing)."""
+        self._sync()
+
+    def zeros(self, shape: int | tuple[int, ...]) -> Any:
+        return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends that can be constructed on this machine."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _dtype(xp: Any, dtype: Any) -> Any:
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return getattr(xp, dtype)
+
+
+def _import(module: str, hint: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend needs the '{module}' package, which is not installed: {hint}"
+        ) from exc
+
+
+def _numpy_backend(dtype: Any, device: Any) -> Backend:
+    if device not in (None, "cpu"):
+        raise ValueError(f"NumPy runs on the CPU only; device={device!r} is not valid")
+    return Backend("numpy", np, "cpu", _dtype(np, dtype), np.asarray, lambda: None)
+
+
+def _strict_backend(dtype: Any, device: Any) -> Backend:
+    xp = _import("array_api_strict", "pip install 'hyperkrylov[test]'")
+    devices = list(xp.__array_namespace_info__().devices())
+    if device is None:
+        dev = xp.__array_namespace_info__().default_device()
+    else:
+        dev = xp.Device(device) if isinstance(device, str) else device
+        if dev not in devices:
+            raise ValueError(f"array_api_strict has no device {device!r}; choose one of {devices}")
+    cpu = xp.Device("CPU_DEVICE")
+
+    def to_numpy(a: Any) -> np.ndarray:
+        return np.asarray(a.to_device(cpu) if a.device != cpu else a)
+
+    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), to_numpy, lambda: None)
+
+
+def _cupy_backend(dtype: Any, device: Any) -> Backend:
+    cp = _import("cupy", "pip install 'hyperkrylov[gpu]' (CuPy for CUDA 12)")
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise BackendUnavailableError(
+            f"CuPy is installed but no CUDA device is usable ({exc}); "
+            "run on a machine with an NVIDIA GPU and driver, or use backend=numpy"
+        ) from exc
+    if count == 0:
+        raise BackendUnavailableError("CuPy is installed but this machine has no CUDA GPU")
+    index = 0 if device in (None, "cuda") else int(str(device).removeprefix("cuda:"))
+    if not 0 <= index < count:
+        raise ValueError(f"CUDA device {device!r} does not exist ({count} visible)")
+    dev = cp.cuda.Device(index)
+    xp = importlib.import_module("array_api_compat.cupy")
+    return Backend(
+        "cupy", xp, dev, _dtype(xp, dtype), cp.asnumpy, lambda: cp.cuda.runtime.deviceSynchronize()
+    )
+
+
+def _torch_backend(dtype: Any, device: Any) -> Backend:
+    torch = _import("torch", "pip install 'hyperkrylov[torch]'")
+    xp = importlib.import_module("array_api_compat.torch")
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("PyTorch has no usable CUDA device on this machine")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    return Backend(
+        "torch", xp, dev, _dtype(xp, dtype), lambda a: a.detach().cpu().numpy(), sync
+    )
+
+
+_FACTORIES = {
+    "numpy": _numpy_backend,
+    "array_api_strict": _strict_backend,
+    "cupy": _cupy_backend,
+    "torch": _torch_backend,
+}
+
+
+def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = None) -> Backend:
+    """Return the backend ``name`` (one of ``numpy``, ``cupy``, ``array_api_strict``,
+    ``torch``) with floating ``dtype`` on ``device`` (library default when ``None``).
+
+    Raises ``ValueError`` for an unknown name, dtype or device and
+    ``BackendUnavailableError`` when the library or its device is missing.
+    """
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}"
+        ) from None
+    return factory(dtype, device)

@@ -1,0 +1,1 @@
+"""hyperkrylov framework: Krylov solvers, recycling, and the bilevel engine."""

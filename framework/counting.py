@@ -1,0 +1,114 @@
+"""Counting operator applications.
+
+Every Hessian-vector product (HVP) and Jacobian-transpose product (Jᵀ) is counted where
+it happens.  A *pass* is one sequential call (a block of b vectors is one pass); an
+*application* counts each vector of a block (b applications).  See DESIGN.md "Counting".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A snapshot of operation counts; subtract two snapshots for the work in between."""
+
+    hvp: int = 0
+    hvp_passes: int = 0
+    jac_t: int = 0
+    jac_t_passes: int = 0
+    f_evals: int = 0
+    grad_evals: int = 0
+
+    def _combine(self, other: Counts, sign: int) -> Counts:
+        names = [f.name for f in fields(self)]
+        values = {k: getattr(self, k) + sign * getattr(other, k) for k in names}
+        return Counts(**values)
+
+    def __sub__(self, other: Counts) -> Counts:
+        return self._combine(other, -1)
+
+    def __add__(self, other: Counts) -> Counts:
+        return self._combine(other, 1)
+
+    @property
+    def applications(self) -> int:
+        """Operator applications: HVPs plus Jᵀ products (a block of b counts b)."""
+        return self.hvp + self.jac_t
+
+    @property
+    def passes(self) -> int:
+        """Sequential operator calls (a block counts one)."""
+        return self.hvp_passes + self.jac_t_passes
+
+
+class Counter:
+    """Mutable tally owned by a problem or an operator; ``snapshot()`` freezes it."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {f.name: 0 for f in fields(Counts)}
+
+    def add(self, kind: str, vectors: int = 1) -> None:
+        """Record one pass of ``kind`` ('hvp', 'jac_t', 'f', 'grad') over ``vectors`` vectors."""
+        if kind in ("hvp", "jac_t"):
+            self._counts[kind] += vectors
+            self._counts[kind + "_passes"] += 1
+        elif kind in ("f", "grad"):
+            self._counts[kind + "_evals"] += vectors
+        else:
+            raise ValueError(f"unknown count kind {kind!r}; use 'hvp', 'jac_t', 'f' or 'grad'")
+
+    def snapshot(self) -> Counts:
+        return Counts(**self._counts)
+
+    def reset(self) -> None:
+        for key in self._counts:
+            self._counts[key] = 0
+
+
+def block_size(v: Any) -> int:
+    """Number of vectors in ``v``: 1 for shape (n,), b for shape (n, b)."""
+    return 1 if v.ndim == 1 else int(v.shape[1])
+
+
+class CountingOperator:
+    """Wrap ``apply(v)`` (v of shape (n,) or (n, b)) so every application is counted.
+
+    ``applications`` counts vectors (a block of b counts b), ``passes`` counts calls.
+    Pass a shared ``counter`` (and ``kind``) to tally into a problem's counter.
+    """
+
+    def __init__(
+        self,
+        apply: Callable[[Any], Any],
+        n: int,
+        *,
+        counter: Counter | None = None,
+        kind: str = "hvp",
+    ) -> None:
+        self._apply = apply
+        self.shape = (n, n)
+        self.counter = counter if counter is not None else Counter()
+        self.kind = kind
+
+    def __call__(self, v: Any) -> Any:
+        if v.shape[0] != self.shape[1]:
+            raise ValueError(f"operator of shape {self.shape} applied to array of shape {v.shape}")
+        self.counter.add(self.kind, block_size(v))
+        return self._apply(v)
+
+    @property
+    def applications(self) -> int:
+        return getattr(self.counter.snapshot(), self.kind)
+
+    @property
+    def passes(self) -> int:
+        return getattr(self.counter.snapshot(), self.kind + "_passes")
+
+
+def matrix_operator(A: Any, *, counter: Counter | None = None) -> CountingOperator:
+    """A counted operator from an explicit (dense or scipy-sparse-like) matrix ``A``."""
+    return CountingOperator(lambda v: A @ v, A.shape[0], counter=counter)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the numerical core is tested on every (namespace, device) pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends import Backend, BackendUnavailableError, get_backend
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# (backend name, device) pairs every core test runs on.  array-api-strict's "device1" is
+# a fake second device: mixing it with default-device arrays raises, so leaks show.
+BACKEND_CASES = [
+    ("numpy", None),
+    ("array_api_strict", "CPU_DEVICE"),
+    ("array_api_strict", "device1"),
+]
+
+
+def _case_id(case: tuple[str, str | None]) -> str:
+    name, device = case
+    return name if device is None else f"{name}-{device}"
+
+
+@pytest.fixture(params=BACKEND_CASES, ids=_case_id)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """A float64 backend for each (namespace, device) case."""
+    name, device = request.param
+    try:
+        return get_backend(name, dtype="float64", device=device)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def cupy_backend() -> Backend:
+    """CuPy on the first GPU; skips with the reason when CuPy or a GPU is missing."""
+    try:
+        return get_backend("cupy", dtype="float64")
+    except BackendUnavailableError as exc:
+        pytest.skip(f"CuPy backend unavailable: {exc}")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (MNIST, BSDS300); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"full datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
