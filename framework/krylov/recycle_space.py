@@ -43,11 +43,20 @@ class RecycleSpace:
             return None
         if not bool(xp.all(xp.isfinite(Y))):
             raise ValueError("recycle basis contains non-finite values (NaN or inf)")
-        AY = operator(Y)
+        return cls.from_products(Y, operator(Y), rank_tol=rank_tol)
+
+    @classmethod
+    def from_products(cls, Y: Any, AY: Any, *, rank_tol: float = 1e-10) -> RecycleSpace | None:
+        """As ``from_basis`` when A·Y is already known (no operator application)."""
+        xp = array_namespace(Y, AY)
+        if Y.shape != AY.shape:
+            raise ValueError(f"Y {tuple(Y.shape)} and AY {tuple(AY.shape)} must have one shape")
+        if Y.shape[1] == 0:
+            return None
         Q, R = xp.linalg.qr(AY)
         P, sigma, Wt = xp.linalg.svd(R)
         smax = float(sigma[0])
-        if smax == 0.0:
+        if not smax > 0.0:
             return None
         keep = int(xp.sum(xp.astype(sigma > rank_tol * smax, xp.int64)))
         C = Q @ P[:, :keep]

@@ -1,0 +1,225 @@
+"""Solving a sequence of slowly changing systems H_t w = g_t with warm starts and
+recycling — the unit that hypergradients, experiments and benchmarks share."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from framework.counting import Counter, CountingOperator
+from framework.krylov.minres import KrylovResult, rminres
+from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
+from framework.krylov.recycle_space import RecycleSpace
+from framework.krylov.stopping import (
+    HypergradientErrorEstimator,
+    HypergradientErrorRule,
+    ResidualRule,
+    StopConfig,
+)
+
+Operator = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class RecycledSolve:
+    """One recycled solve: the Krylov result, the carry for the next system, the space
+    and the stopping rule used (its ``estimates`` hold the NSC history)."""
+
+    result: KrylovResult
+    carry: RecycleCarry | None
+    space: RecycleSpace | None
+    rule: Any
+    time_prepare: float
+    time_solve: float
+
+    @property
+    def hg_error_estimate(self) -> float:
+        """Last NSC estimate of the relative hypergradient error ‖Jᵀ(w_k − w*)‖/‖Jᵀw*‖
+        (NaN when the NSC rule was not active)."""
+        rule = self.rule
+        if isinstance(rule, HypergradientErrorRule) and rule.active and rule.estimates:
+            return rule.estimates[-1]
+        return math.nan
+
+
+def recycled_solve(
+    H: Operator,
+    g: Any,
+    *,
+    recycler: Recycler,
+    carry: RecycleCarry | None = None,
+    x0: Any = None,
+    jac_t: Operator | None = None,
+    stop: StopConfig | None = None,
+    maxiter: int | None = None,
+) -> RecycledSolve:
+    """Prepare the recycle space for H from ``carry``, solve H w = g by RMINRES with the
+    configured stopping rule, and harvest the carry for the next system."""
+    stop = stop if stop is not None else StopConfig()
+    t0 = time.perf_counter()
+    space = recycler.prepare(carry, H, jac_t, like=g)
+    if stop.kind == "hypergradient":
+        if jac_t is None:
+            raise ValueError("the hypergradient stopping rule needs a jac_t operator")
+        estimator = None
+        if space is not None:
+            estimator = HypergradientErrorEstimator.from_space(
+                space.U, space.C, jac_t(space.U), keep=stop.keep
+            )
+        hg_rtol = stop.rtol if stop.hg_rtol is None else stop.hg_rtol
+        rule: Any = HypergradientErrorRule(
+            estimator,
+            g,
+            rtol=hg_rtol,
+            atol=stop.atol,
+            safety=stop.safety,
+            fallback=ResidualRule(stop.rtol, stop.atol),
+        )
+    else:
+        rule = ResidualRule(stop.rtol, stop.atol)
+    t1 = time.perf_counter()
+    result = rminres(
+        H,
+        g,
+        x0=x0,
+        recycle=space,
+        stop=rule,
+        maxiter=maxiter,
+        harvest=recycler.harvester(jac_t),
+        true_residual=False,
+    )
+    new_carry = recycler.carry_after(result, space)
+    t2 = time.perf_counter()
+    return RecycledSolve(result, new_carry, space, rule, t1 - t0, t2 - t1)
+
+
+@dataclass(frozen=True)
+class LinearSystem:
+    """H w = g, with the Jᵀ operator of the same point and optionally a reference
+    hypergradient −Jᵀw* (for reporting the true hypergradient error)."""
+
+    H: Operator
+    g: Any
+    jac_t: Operator | None = None
+    reference: Any = None
+
+
+@dataclass(frozen=True)
+class SystemRecord:
+    """Per-system figures of a sequence solve (counts include recycle-space set-up, the
+    NSC set-up and the final −Jᵀw)."""
+
+    index: int
+    iterations: int
+    converged: bool
+    status: str
+    hvp: int
+    hvp_passes: int
+    jac_t: int
+    jac_t_passes: int
+    recycle_dim: int
+    residual_norm: float
+    hg_error_estimate: float
+    hg_error: float
+    hypergradient: Any
+    seconds: float
+
+    @property
+    def applications(self) -> int:
+        return self.hvp + self.jac_t
+
+    @property
+    def passes(self) -> int:
+        return self.hvp_passes + self.jac_t_passes
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    records: tuple[SystemRecord, ...]
+
+    def total(self, field: str) -> float:
+        return sum(getattr(r, field) for r in self.records)
+
+    @property
+    def iterations(self) -> int:
+        return int(self.total("iterations"))
+
+    @property
+    def applications(self) -> int:
+        return int(self.total("applications"))
+
+    @property
+    def passes(self) -> int:
+        return int(self.total("passes"))
+
+
+def _norm(v: Any) -> float:
+    return math.sqrt(float(v @ v))
+
+
+def solve_sequence(
+    systems: Iterable[LinearSystem],
+    *,
+    recycle: RecycleConfig | None = None,
+    stop: StopConfig | None = None,
+    maxiter: int | None = None,
+    warm_start: bool = True,
+) -> SequenceResult:
+    """Walk ``systems`` with warm starts (w_{t−1} as x0) and recycling; when a system has
+    ``jac_t`` its hypergradient −Jᵀw is formed (one application) and, given a
+    ``reference``, its relative error reported."""
+    recycler = Recycler(recycle if recycle is not None else RecycleConfig())
+    carry = None
+    w = None
+    records = []
+    for index, system in enumerate(systems):
+        counter = Counter()
+        n = int(system.g.shape[0])
+        H = CountingOperator(system.H, n, counter=counter, kind="hvp")
+        J = None
+        if system.jac_t is not None:
+            J = CountingOperator(system.jac_t, n, counter=counter, kind="jac_t")
+        t0 = time.perf_counter()
+        solve = recycled_solve(
+            H,
+            system.g,
+            recycler=recycler,
+            carry=carry,
+            x0=w if warm_start else None,
+            jac_t=J,
+            stop=stop,
+            maxiter=maxiter,
+        )
+        res = solve.result
+        carry = solve.carry
+        w = res.x
+        hypergradient = None
+        hg_error = math.nan
+        if J is not None:
+            hypergradient = -J(w)
+            if system.reference is not None:
+                hg_error = _norm(hypergradient - system.reference) / _norm(system.reference)
+        seconds = time.perf_counter() - t0
+        counts = counter.snapshot()
+        records.append(
+            SystemRecord(
+                index=index,
+                iterations=res.iterations,
+                converged=res.converged,
+                status=res.status.value,
+                hvp=counts.hvp,
+                hvp_passes=counts.hvp_passes,
+                jac_t=counts.jac_t,
+                jac_t_passes=counts.jac_t_passes,
+                recycle_dim=0 if solve.space is None else solve.space.k,
+                residual_norm=res.residual_norm,
+                hg_error_estimate=solve.hg_error_estimate,
+                hg_error=hg_error,
+                hypergradient=hypergradient,
+                seconds=seconds,
+            )
+        )
+    return SequenceResult(tuple(records))
