@@ -43,6 +43,8 @@ class StepResult:
             "upper_loss": self.loss,
             "hypergradient_norm": float(_host_norm(self.grad)),
             "lower_iterations": total(lambda r: r.lower_iterations),
+            "lower_grad_evals": total(lambda r: r.lower_counts.grad_evals),
+            "lower_hvp": total(lambda r: r.lower_counts.hvp),
             "krylov_iterations": total(lambda r: r.krylov_iterations),
             "hvp": total(lambda r: r.counts.hvp),
             "hvp_passes": total(lambda r: r.counts.hvp_passes),

@@ -63,7 +63,7 @@ def harvested_basis(backend, n=150, k=6, p=40, seed=0, maxiter=25, indefinite=Fa
 
 
 def test_projected_matrices_equal_dense(backend):
-    H, J, W, HW, JW, before, after = harvested_basis(backend)
+    H, _J, W, HW, JW, before, after = harvested_basis(backend)
     assert after == before  # forming HW from the Lanczos relation costs nothing
     proj = Projection.from_products(W, HW, JW)
     Wn = backend.to_numpy(W)
@@ -302,7 +302,7 @@ def test_nsc_falls_back_when_jacobian_kills_the_space():
     H = random_symmetric(n, 0)
     recycler = Recycler(RecycleConfig("ritz", 3))
     first = recycled_solve(lambda v: H @ v, np.ones(n), recycler=recycler, maxiter=10)
-    zero_jt = lambda w: np.zeros((2,) + w.shape[1:])  # noqa: E731
+    zero_jt = lambda w: np.zeros((2, *w.shape[1:]))  # noqa: E731
     second = recycled_solve(lambda v: H @ v, np.ones(n), recycler=recycler, carry=first.carry,
                             jac_t=zero_jt, stop=StopConfig("hypergradient", rtol=1e-8))
     assert "residual rule used" in second.rule.reason
