@@ -38,7 +38,7 @@ def upper_loss_at(problem, theta, x0):
                 lambda x: problem.lower_grad(x, theta), x0, gtol=1e-9, maxiter=20000)
     x = res.x
     for _ in range(3):
-        step = rminres(lambda v: problem.hvp(x, theta, v), problem.lower_grad(x, theta),
+        step = rminres(lambda v, x=x: problem.hvp(x, theta, v), problem.lower_grad(x, theta),
                        rtol=1e-14, maxiter=2000)
         x = x - step.x
     grad_norm = float(np.linalg.norm(problem.lower_grad(x, theta)))
