@@ -48,14 +48,14 @@ def main() -> None:
           f"best of {args.repeats}, numpy {np.__version__}")
     print(f"{'n':>9} {'scipy µs/it':>12} {'rminres µs/it':>14} {'ratio':>6}")
     for n in args.sizes:
-        side = int(round(np.sqrt(n)))
+        side = round(np.sqrt(n))
         A = laplacian_plus_diagonal(side)
         b = np.random.default_rng(1).standard_normal(side * side)
 
-        def run_scipy():
+        def run_scipy(A=A, b=b):
             spla.minres(A, b, maxiter=args.iters, rtol=1e-300)
 
-        def run_ours():
+        def run_ours(A=A, b=b):
             res = rminres(lambda v: A @ v, b, maxiter=args.iters, rtol=0.0, true_residual=False)
             assert res.iterations == args.iters
 

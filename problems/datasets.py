@@ -1,0 +1,158 @@
+"""Dataset loaders (host NumPy): MNIST IDX files, BSDS300 JPEG crops, the embedded sample.
+
+MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, licensed CC BY-SA 3.0; the first digits of
+its test set ship with this package as ``problems/data/mnist_sample.npz``.
+BSDS300: D. Martin, C. Fowlkes, D. Tal and J. Malik (ICCV 2001), research use; not shipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IDX_IMAGE_MAGIC = 2051
+IDX_LABEL_MAGIC = 2049
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    with path.open("rb") as fh:
+        head = fh.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read {path}: corrupt or truncated file ({exc})") from exc
+
+
+def _check_count(total: int, count: int | None, start: int, path: Path) -> int:
+    if start < 0 or start > total:
+        raise ValueError(f"start={start} is outside the {total} items of {path}")
+    if count is None:
+        return total - start
+    if count < 0 or start + count > total:
+        raise ValueError(f"count={count} from start={start} exceeds the {total} items of {path}")
+    return count
+
+
+def load_mnist(
+    path: str | Path, *, count: int | None = None, start: int = 0
+) -> np.ndarray:
+    """Read an IDX image file (gzip or raw): float64 in [0, 1] of shape (N, rows, cols).
+
+    The file has a 16-byte big-endian header (magic 2051, N, rows, cols) then uint8 pixels.
+    ``start`` / ``count`` select images [start, start + count).
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 16:
+        raise ValueError(f"{path} is not an IDX image file: only {len(data)} bytes")
+    magic, total, rows, cols = (int(v) for v in np.frombuffer(data[:16], dtype=">u4"))
+    if magic != IDX_IMAGE_MAGIC:
+        raise ValueError(f"{path} is not an IDX image file: magic {magic}, expected 2051")
+    if len(data) != 16 + total * rows * cols:
+        raise ValueError(
+            f"{path} is corrupt: header announces {total}×{rows}×{cols} pixels but the file "
+            f"holds {len(data) - 16} bytes of data"
+        )
+    count = _check_count(total, count, start, path)
+    size = rows * cols
+    pixels = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=16 + start * size)
+    return pixels.reshape(count, rows, cols).astype(np.float64) / 255.0
+
+
+def load_mnist_labels(
+    path: str | Path, *, count: int | None = None, start: int = 0
+) -> np.ndarray:
+    """Read an IDX label file (8-byte header, magic 2049): uint8 labels of shape (N,)."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 8:
+        raise ValueError(f"{path} is not an IDX label file: only {len(data)} bytes")
+    magic, total = (int(v) for v in np.frombuffer(data[:8], dtype=">u4"))
+    if magic != IDX_LABEL_MAGIC or len(data) != 8 + total:
+        raise ValueError(f"{path} is not a valid IDX label file (magic {magic})")
+    count = _check_count(total, count, start, path)
+    return np.frombuffer(data, dtype=np.uint8, count=count, offset=8 + start).copy()
+
+
+def _read_jpeg_gray(path: Path) -> np.ndarray:
+    """A JPEG as grayscale float64 in [0, 1] (ITU-R 601 luma weights)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    except ImportError:  # pragma: no cover - Pillow missing
+        import matplotlib.image
+
+        rgb = np.asarray(matplotlib.image.imread(path), dtype=np.float64)
+        if rgb.max() > 1.0:
+            rgb /= 255.0
+    except OSError as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from exc
+    if rgb.ndim == 2:
+        return rgb
+    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+
+
+def load_bsds300(
+    root: str | Path,
+    split: str = "train",
+    *,
+    crop: int = 64,
+    count: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``.
+
+    Images are taken in sorted file-name order; image i gets one crop whose corner is
+    drawn from ``numpy.random.default_rng([seed, i])``, so crops are deterministic.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got split={split!r}")
+    if crop < 1:
+        raise ValueError(f"crop must be positive; got crop={crop!r}")
+    folder = Path(root) / "images" / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"BSDS300 folder not found: {folder}")
+    files = sorted(folder.glob("*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"no .jpg files in {folder}")
+    if count is not None:
+        if count < 0 or count > len(files):
+            raise ValueError(f"count={count} but {folder} holds {len(files)} images")
+        files = files[:count]
+    crops = np.empty((len(files), crop, crop))
+    for i, path in enumerate(files):
+        gray = _read_jpeg_gray(path)
+        h, w = gray.shape
+        if crop > min(h, w):
+            raise ValueError(f"crop={crop} is larger than image {path} ({h}×{w})")
+        rng = np.random.default_rng([seed, i])
+        r = int(rng.integers(0, h - crop + 1))
+        c = int(rng.integers(0, w - crop + 1))
+        crops[i] = gray[r : r + crop, c : c + crop]
+    return crops
+
+
+@dataclass(frozen=True)
+class MnistSample:
+    """The embedded MNIST digits: images float64 (N, 28, 28) in [0, 1] and labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_embedded_mnist() -> MnistSample:
+    """The first MNIST test digits shipped in ``problems/data/mnist_sample.npz``."""
+    path = Path(__file__).resolve().parent / "data" / "mnist_sample.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded MNIST sample missing: {path}")
+    with np.load(path) as data:
+        return MnistSample(data["images"].astype(np.float64) / 255.0, data["labels"].copy())

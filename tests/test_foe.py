@@ -1,0 +1,150 @@
+"""Fields of Experts: convolutions against SciPy, experts, filter banks, TV pieces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+from array_api_compat import device as device_of
+
+from problems.experts import EXPERT_NAMES, Expert
+from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
+from problems.tv import TotalVariation
+
+SHAPE = (16, 14)
+N = SHAPE[0] * SHAPE[1]
+
+
+def numpy_phi(name: str, z: np.ndarray, gamma: float) -> np.ndarray:
+    if name == "l2":
+        return z**2 / 2
+    if name == "huber":
+        return np.where(np.abs(z) <= gamma, z**2 / (2 * gamma), np.abs(z) - gamma / 2)
+    if name == "smooth_l1":
+        return np.sqrt(gamma**2 + z**2)
+    return np.log(1 + z**2)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_convolution_matches_scipy(backend, k: int) -> None:
+    rng = np.random.default_rng(k)
+    img = rng.standard_normal(SHAPE)
+    filters = rng.standard_normal((3, k, k))
+    foe = FieldsOfExperts(SHAPE, k, 3)
+    z = foe.convolve(backend.asarray(img.ravel()), backend.asarray(filters))
+    assert device_of(z) == backend.device
+    ref = np.stack([scipy.signal.convolve2d(img, f, mode="same").ravel() for f in filters])
+    np.testing.assert_allclose(backend.to_numpy(z), ref, rtol=0, atol=1e-13)
+
+
+def test_convolution_block_and_adjoint(backend) -> None:
+    rng = np.random.default_rng(0)
+    foe = FieldsOfExperts(SHAPE, 5, 4)
+    filters = backend.asarray(rng.standard_normal((4, 25)))
+    vh = rng.standard_normal((N, 3))
+    uh = rng.standard_normal((4, N, 3))
+    zb = backend.to_numpy(foe.convolve(backend.asarray(vh), filters))
+    for j in range(3):
+        zj = backend.to_numpy(foe.convolve(backend.asarray(vh[:, j]), filters))
+        np.testing.assert_allclose(zb[:, :, j], zj, atol=1e-14)
+    adj = foe.convolve_adjoint(backend.asarray(uh), filters)
+    assert device_of(adj) == backend.device
+    lhs = float(np.sum(zb * uh))
+    rhs = float(np.sum(vh * backend.to_numpy(adj)))
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+
+
+@pytest.mark.parametrize("name", EXPERT_NAMES)
+def test_expert_derivatives(name: str) -> None:
+    gamma = 0.3
+    expert = Expert(name, gamma)
+    z = np.linspace(-2.0, 2.0, 41) + 0.0123  # avoid the Huber kinks at ±γ
+    phi, d1, d2 = expert.all(z)
+    np.testing.assert_allclose(phi, numpy_phi(name, z, gamma), rtol=1e-12)
+    h = 1e-6
+    fd1 = (numpy_phi(name, z + h, gamma) - numpy_phi(name, z - h, gamma)) / (2 * h)
+    fd2 = (expert.d1(z + h) - expert.d1(z - h)) / (2 * h)
+    np.testing.assert_allclose(d1, fd1, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(d2, fd2, rtol=1e-6, atol=1e-7)
+
+
+def test_huber_is_continuous_at_gamma() -> None:
+    e = Expert("huber", 0.5)
+    below, above = np.array([0.5 - 1e-12]), np.array([0.5 + 1e-12])
+    assert e.value(below)[0] == pytest.approx(e.value(above)[0], abs=1e-11)
+    assert e.d1(below)[0] == pytest.approx(e.d1(above)[0], abs=1e-11)
+
+
+def test_unknown_expert_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="cauchy.*l2.*huber.*smooth_l1.*lorentzian"):
+        FieldsOfExperts(SHAPE, 3, 2, expert="cauchy")
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_dct_filters_orthonormal_without_constant(k: int) -> None:
+    f = dct_filters(k)
+    assert f.shape == (k * k - 1, k, k)
+    flat = f.reshape(k * k - 1, -1)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(k * k - 1), atol=1e-14)
+    np.testing.assert_allclose(flat.sum(axis=1), 0.0, atol=1e-14)
+    # independent reference: rows of SciPy's orthonormal DCT-II matrix
+    import scipy.fft
+
+    c = scipy.fft.dct(np.eye(k), norm="ortho", axis=0)  # c[u, i]
+    np.testing.assert_allclose(f[0], np.outer(c[0], c[1]), atol=1e-14)
+
+
+def test_gaussian_filters_seeded() -> None:
+    a = gaussian_filters(5, 8, seed=1)
+    np.testing.assert_array_equal(a, gaussian_filters(5, 8, seed=1))
+    assert not np.array_equal(a, gaussian_filters(5, 8, seed=2))
+    np.testing.assert_allclose(a.sum(axis=(1, 2)), 0.0, atol=1e-14)
+    np.testing.assert_allclose(np.linalg.norm(a.reshape(8, -1), axis=1), 1.0)
+
+
+@pytest.mark.parametrize("name", EXPERT_NAMES)
+def test_foe_value_matches_reference(backend, name: str) -> None:
+    rng = np.random.default_rng(5)
+    img = rng.random(SHAPE)
+    foe = FieldsOfExperts(SHAPE, 3, 4, expert=name, gamma=0.1)
+    theta = initial_theta(gaussian_filters(3, 4, seed=2), rng.uniform(-1, 1, 4))
+    value = foe.value(backend.asarray(img.ravel()), backend.asarray(theta))
+    assert device_of(value) == backend.device
+    responses = [scipy.signal.convolve2d(img, theta[f, :9].reshape(3, 3), "same") for f in range(4)]
+    ref = sum(10 ** theta[f, -1] * numpy_phi(name, responses[f], 0.1).sum() for f in range(4))
+    assert float(value) == pytest.approx(ref, rel=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("learn", "filters_on", "exps_on"),
+    [("both", 1, 1), ("filters", 1, 0), ("exponents", 0, 1)],
+)
+def test_learn_mask(learn: str, filters_on: int, exps_on: int) -> None:
+    mask = FieldsOfExperts(SHAPE, 3, 2, learn=learn).mask_host().reshape(2, 10)
+    assert (mask[:, :9] == filters_on).all() and (mask[:, 9] == exps_on).all()
+    with pytest.raises(ValueError, match="learn"):
+        FieldsOfExperts(SHAPE, 3, 2, learn="weights")
+
+
+def test_tv_differences_adjoint_and_value(backend) -> None:
+    rng = np.random.default_rng(6)
+    tv = TotalVariation(SHAPE, gamma=0.05)
+    xp = backend.xp
+    xh, ph, qh = rng.standard_normal((3, N))
+    dx, dy = tv._diff(xp, backend.asarray(xh[:, None]))
+    img = xh.reshape(SHAPE)
+    ref_dx = np.zeros(SHAPE)
+    ref_dx[:, :-1] = np.diff(img, axis=1)
+    ref_dy = np.zeros(SHAPE)
+    ref_dy[:-1] = np.diff(img, axis=0)
+    np.testing.assert_allclose(backend.to_numpy(dx)[..., 0], ref_dx, atol=1e-15)
+    np.testing.assert_allclose(backend.to_numpy(dy)[..., 0], ref_dy, atol=1e-15)
+    p = backend.asarray(ph.reshape(*SHAPE, 1))
+    q = backend.asarray(qh.reshape(*SHAPE, 1))
+    adj = backend.to_numpy(tv._diff_adjoint(xp, p, q))[:, 0]
+    lhs = np.sum(ref_dx.ravel() * ph) + np.sum(ref_dy.ravel() * qh)
+    assert abs(lhs - xh @ adj) <= 1e-12 * abs(lhs)
+    t = np.sqrt(ref_dx**2 + ref_dy**2)
+    huber = np.where(t <= 0.05, t**2 / 0.1, t - 0.025).sum()
+    value = tv.value(backend.asarray(xh), backend.asarray([0.5]))
+    assert float(value) == pytest.approx(10**0.5 * huber, rel=1e-13)

@@ -1,0 +1,236 @@
+"""ImagingProblem: ∇ₓf, HVP and Jᵀ against central finite differences, blocks, counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from array_api_compat import device as device_of
+
+from problems.base import Problem
+from problems.experts import EXPERT_NAMES
+from problems.foe import FieldsOfExperts, gaussian_filters, initial_theta
+from problems.imaging import ImagingProblem
+from problems.operators import GaussianBlur, Identity, Inpainting
+from problems.tv import TotalVariation, best_tv_weight
+
+SHAPE = (16, 16)
+N = 256
+OPERATORS = {
+    "identity": lambda: Identity(SHAPE),
+    "inpainting": lambda: Inpainting(SHAPE, 0.5, seed=1),
+    "blur": lambda: GaussianBlur(SHAPE, 1.0),
+}
+
+
+def image() -> np.ndarray:
+    t = np.linspace(0, 1, 16)
+    return 0.5 + 0.3 * np.sin(6 * t)[:, None] * np.cos(4 * t)[None, :] + 0.2 * (t[None, :] > 0.5)
+
+
+def foe_setup(backend, expert: str, operator: str, learn: str = "both"):
+    reg = FieldsOfExperts(SHAPE, 3, 4, expert=expert, gamma=0.1, learn=learn)
+    problem = ImagingProblem.from_image(image(), backend, OPERATORS[operator](), reg, seed=2)
+    rng = np.random.default_rng(3)
+    theta = initial_theta(gaussian_filters(3, 4, seed=4), rng.uniform(-1.0, 0.5, 4))
+    return problem, theta
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check_derivatives(backend, problem, theta_h: np.ndarray, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    xh = image().ravel() + 0.1 * rng.standard_normal(N)
+    vh, wh = rng.standard_normal((2, N))
+    x, theta = backend.asarray(xh), backend.asarray(theta_h)
+    h = 1e-5
+
+    def f(z: np.ndarray, th: np.ndarray = theta_h) -> float:
+        return float(problem.lower_objective(backend.asarray(z), backend.asarray(th)))
+
+    def grad(z: np.ndarray, th: np.ndarray = theta_h) -> np.ndarray:
+        return backend.to_numpy(problem.lower_grad(backend.asarray(z), backend.asarray(th)))
+
+    g = problem.lower_grad(x, theta)
+    assert device_of(g) == backend.device and g.shape == (N,)
+    gh = backend.to_numpy(g)
+    fd = (f(xh + h * vh) - f(xh - h * vh)) / (2 * h)
+    assert abs(fd - gh @ vh) <= 1e-6 * abs(gh @ vh)
+
+    hv = problem.hvp(x, theta, backend.asarray(vh))
+    assert device_of(hv) == backend.device and hv.shape == (N,)
+    fd_hv = (grad(xh + h * vh) - grad(xh - h * vh)) / (2 * h)
+    assert rel_err(backend.to_numpy(hv), fd_hv) <= 1e-6
+
+    jt = problem.jac_t(x, theta, backend.asarray(wh))
+    p = theta_h.size
+    assert device_of(jt) == backend.device and jt.shape == (p,)
+    flat = theta_h.ravel()
+    fd_j = np.empty(p)
+    for i in range(p):
+        e = np.zeros(p)
+        e[i] = h
+        plus = grad(xh, (flat + e).reshape(theta_h.shape)) @ wh
+        minus = grad(xh, (flat - e).reshape(theta_h.shape)) @ wh
+        fd_j[i] = (plus - minus) / (2 * h)
+    mask = backend.to_numpy(problem.theta_mask)
+    assert rel_err(backend.to_numpy(jt), mask * fd_j) <= 1e-6
+
+
+@pytest.mark.parametrize("operator", list(OPERATORS))
+@pytest.mark.parametrize("expert", EXPERT_NAMES)
+def test_foe_derivatives(backend, expert: str, operator: str) -> None:
+    problem, theta = foe_setup(backend, expert, operator)
+    check_derivatives(backend, problem, theta)
+
+
+@pytest.mark.parametrize("operator", list(OPERATORS))
+def test_tv_derivatives(backend, operator: str) -> None:
+    problem = ImagingProblem.from_image(
+        image(), backend, OPERATORS[operator](), TotalVariation(SHAPE, gamma=0.05), seed=2
+    )
+    check_derivatives(backend, problem, np.array([-0.7]))
+
+
+def test_foe_5x5_dct_derivatives() -> None:
+    from backends import get_backend
+    from problems.foe import dct_filters
+
+    backend = get_backend("numpy")
+    reg = FieldsOfExperts(SHAPE, 5, 24, expert="lorentzian")
+    problem = ImagingProblem.from_image(image(), backend, Inpainting(SHAPE, 0.3), reg)
+    check_derivatives(backend, problem, initial_theta(dct_filters(5), -1.0))
+
+
+def test_protocol_and_attributes(backend) -> None:
+    problem, _ = foe_setup(backend, "lorentzian", "inpainting")
+    assert isinstance(problem, Problem)
+    assert problem.n == N and problem.image_shape == SHAPE and problem.theta_shape == (4, 10)
+    for a in (problem.x_true, problem.y, problem.theta_mask):
+        assert device_of(a) == backend.device
+    x = backend.asarray(np.random.default_rng(0).random(N))
+    assert float(problem.upper_loss(x)) == pytest.approx(
+        0.5 * np.sum((backend.to_numpy(x) - image().ravel()) ** 2), rel=1e-14
+    )
+    np.testing.assert_allclose(
+        backend.to_numpy(problem.upper_grad(x)), backend.to_numpy(x) - image().ravel()
+    )
+
+
+@pytest.mark.parametrize("expert", ["lorentzian", "huber"])
+def test_blocks_equal_columns_and_counts(backend, expert: str) -> None:
+    problem, theta_h = foe_setup(backend, expert, "blur")
+    rng = np.random.default_rng(8)
+    x, theta = backend.asarray(image().ravel()), backend.asarray(theta_h)
+    vh = rng.standard_normal((N, 5))
+    before = problem.counter.snapshot()
+    hv = problem.hvp(x, theta, backend.asarray(vh))
+    jt = problem.jac_t(x, theta, backend.asarray(vh))
+    work = problem.counter.snapshot() - before
+    assert (work.hvp, work.hvp_passes, work.jac_t, work.jac_t_passes) == (5, 1, 5, 1)
+    assert hv.shape == (N, 5) and jt.shape == (40, 5)
+    assert device_of(hv) == backend.device and device_of(jt) == backend.device
+    for j in range(5):
+        col = backend.asarray(vh[:, j])
+        np.testing.assert_allclose(
+            backend.to_numpy(hv)[:, j], backend.to_numpy(problem.hvp(x, theta, col)), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            backend.to_numpy(jt)[:, j], backend.to_numpy(problem.jac_t(x, theta, col)), atol=1e-12
+        )
+    work = problem.counter.snapshot() - before
+    assert (work.hvp, work.hvp_passes, work.applications, work.passes) == (10, 6, 20, 12)
+
+
+def test_function_counts() -> None:
+    from backends import get_backend
+
+    problem, theta_h = foe_setup(get_backend("numpy"), "l2", "identity")
+    x = problem.x_true
+    problem.lower_objective(x, theta_h)
+    problem.lower_grad(x, theta_h)
+    problem.lower_grad(x, theta_h)
+    counts = problem.counter.snapshot()
+    assert (counts.f_evals, counts.grad_evals, counts.hvp) == (1, 2, 0)
+
+
+def test_theta_mask_zeroes_fixed_parameters(backend) -> None:
+    problem, theta_h = foe_setup(backend, "smooth_l1", "identity", learn="exponents")
+    w = backend.asarray(np.random.default_rng(1).standard_normal(N))
+    jt = backend.to_numpy(problem.jac_t(problem.x_true, backend.asarray(theta_h), w)).reshape(4, 10)
+    assert np.all(jt[:, :9] == 0.0) and np.all(jt[:, 9] != 0.0)
+
+
+def test_flat_theta_accepted(backend) -> None:
+    problem, theta_h = foe_setup(backend, "lorentzian", "identity")
+    g1 = problem.lower_grad(problem.x_true, backend.asarray(theta_h))
+    g2 = problem.lower_grad(problem.x_true, backend.asarray(theta_h.ravel()))
+    np.testing.assert_array_equal(backend.to_numpy(g1), backend.to_numpy(g2))
+
+
+def test_wrong_theta_shape_names_theta_and_expected_shape() -> None:
+    from backends import get_backend
+
+    problem, _ = foe_setup(get_backend("numpy"), "lorentzian", "identity")
+    with pytest.raises(ValueError, match=r"theta.*\(4, 10\)"):
+        problem.lower_grad(problem.x_true, np.zeros((4, 9)))
+    with pytest.raises(ValueError, match="theta"):
+        problem.jac_t(problem.x_true, np.zeros(7), problem.x_true)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_images_are_named(bad: float) -> None:
+    reg = FieldsOfExperts(SHAPE, 3, 2)
+    good = image().ravel()
+    broken = good.copy()
+    broken[7] = bad
+    op = Identity(SHAPE)
+    with pytest.raises(ValueError, match="x_true"):
+        ImagingProblem(broken, good, op, reg)
+    with pytest.raises(ValueError, match="y"):
+        ImagingProblem(good, broken, op, reg)
+    from backends import get_backend
+
+    with pytest.raises(ValueError, match="image"):
+        ImagingProblem.from_image(broken.reshape(SHAPE), get_backend("numpy"), op, reg)
+
+
+def test_best_tv_weight_picks_the_best_grid_point() -> None:
+    from backends import get_backend
+
+    def factory() -> ImagingProblem:
+        return ImagingProblem.from_image(
+            image(), get_backend("numpy"), Identity(SHAPE), TotalVariation(SHAPE), noise_level=0.2
+        )
+
+    grid = [-4.0, -1.5, 3.0]
+    result = best_tv_weight(factory, grid)
+    assert result.grid == tuple(grid) and len(result.psnrs) == 3
+    assert result.best_psnr == max(result.psnrs)
+    assert result.best_theta == -1.5  # neither almost no smoothing nor a flat image
+
+
+def test_float32_keeps_dtype() -> None:
+    from backends import get_backend
+
+    backend = get_backend("array_api_strict", dtype="float32", device="device1")
+    problem, theta_h = foe_setup(backend, "lorentzian", "blur")
+    theta = backend.asarray(theta_h)
+    v = backend.asarray(np.ones((N, 2)))
+    for out in (
+        problem.lower_grad(problem.y, theta),
+        problem.hvp(problem.y, theta, v),
+        problem.jac_t(problem.y, theta, v),
+        problem.lower_objective(problem.y, theta),
+    ):
+        assert out.dtype == backend.xp.float32 and device_of(out) == backend.device
+
+
+def test_psnr() -> None:
+    from problems.base import psnr
+
+    a = np.zeros(100)
+    b = np.full(100, 0.1)
+    assert psnr(b, a) == pytest.approx(20.0)
+    assert psnr(a, a) == float("inf")
