@@ -53,7 +53,7 @@ def test_batched_equals_per_sample(backend, with_x0, check_every):
     rng = np.random.default_rng(1)
     b = rng.standard_normal((B, n))
     # sample 3: b in a 3-dimensional invariant subspace → exact after 3 steps
-    w, Q = np.linalg.eigh(mats[3])
+    _, Q = np.linalg.eigh(mats[3])
     b[3] = Q[:, [0, 40, 79]] @ np.array([1.0, 2.0, -1.0])
     x0 = rng.standard_normal((B, n)) if with_x0 else None
     if with_x0:
