@@ -9,6 +9,12 @@ matrix shared by both solvers; NumPy backend.  Both run a fixed number of iterat
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread unless the caller says otherwise: small dense steps (d × d eigh, Gram
+# matrices) run up to 25× slower with two OpenBLAS threads on a loaded 2-core machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import sys
 import time

@@ -62,6 +62,35 @@ def harvested_basis(backend, n=150, k=6, p=40, seed=0, maxiter=25, indefinite=Fa
     return H, J, W, HW, JW, captured["before"], captured["after"]
 
 
+def test_structured_first_cycle_projection_equals_dense(backend):
+    n, k, m = 150, 6, 25
+    H = random_symmetric(n, 3)
+    rng = np.random.default_rng(5)
+    Hd = backend.asarray(H)
+    counter = Counter()
+    Hop = CountingOperator(lambda v: Hd @ v, n, counter=counter)
+    space = RecycleSpace.from_basis(Hop, backend.asarray(rng.standard_normal((n, k))))
+    harvester = RecycleHarvester(RecycleConfig("ritz", k), None)
+    captured = {}
+    finish = harvester.finish
+
+    def capture_then_finish():
+        before = counter.snapshot()
+        captured["projection"] = harvester.projection()
+        assert counter.snapshot() == before  # zero operator applications
+        return finish()
+
+    harvester.finish = capture_then_finish
+    rminres(Hop, backend.asarray(rng.standard_normal(n)), recycle=space, rtol=0.0, maxiter=m,
+            harvest=harvester, true_residual=False)
+    W, proj = captured["projection"]
+    Wn = backend.to_numpy(W)
+    assert Wn.shape == (n, k + m)
+    np.testing.assert_allclose(backend.to_numpy(proj.gram), Wn.T @ Wn, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(proj.G), Wn.T @ H @ Wn, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(proj.F), (H @ Wn).T @ (H @ Wn), atol=1e-10)
+
+
 def test_projected_matrices_equal_dense(backend):
     H, _J, W, HW, JW, before, after = harvested_basis(backend)
     assert after == before  # forming HW from the Lanczos relation costs nothing

@@ -24,6 +24,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from framework.krylov.dense import symmetrize
 from framework.krylov.recycle_space import RecycleSpace
 from framework.krylov.selection import WHICH, Projection, needs_jacobian, select
 
@@ -147,7 +148,7 @@ class RecycleHarvester:
             W, _, _ = self.current_basis(jacobian=False)
             return RecycleCarry(basis=W, selected=False)
         if self.alphas:
-            self._compress()
+            self._compress(final=True)
         return None if self.Z is None else RecycleCarry(basis=self.Z, selected=True)
 
     # -- internals ----------------------------------------------------------------------
@@ -186,12 +187,72 @@ class RecycleHarvester:
         JV = self.jac_t(V)
         return W, HW, _hcat([self.JZ, JV])
 
-    def _compress(self) -> None:
-        W, HW, JW = self.current_basis()
+    def _tridiagonal(self, xp: Any, like: Any) -> Any:
+        """T̄ (m+1) × m of the current block (a small host-built matrix sent to the
+        device once per selection)."""
+        m = len(self.alphas)
+        rows = [[0.0] * m for _ in range(m + 1)]
+        for j in range(m):
+            rows[j][j] = self.alphas[j]
+            rows[j + 1][j] = self.betas[j]
+            if j + 1 < m:
+                rows[j][j + 1] = self.betas[j]
+        return xp.asarray(rows, dtype=like.dtype, device=device_of(like))
+
+    def projection(self, *, jacobian: bool = True) -> tuple[Any, Projection]:
+        """W and its projected matrices for the current cycle, without operator
+        applications (JᵀW excepted, see ``current_basis``).
+
+        First cycle (W = [U, V_m], C = HU orthonormal, V ⟂ C, VᵀV = I): the Lanczos
+        relation gives WᵀW = [[UᵀU, UᵀV], [VᵀU, I]], WᵀHW = blockdiag(UᵀC, T_m) and
+        (HW)ᵀ(HW) = [[CᵀC, B], [Bᵀ, T̄ᵀT̄ + BᵀB]] at O(nkm) cost.  Later cycles
+        (compressed Z) form the Gram matrices of W and HW explicitly (O(n d²)).
+        """
+        if self.cycles > 0 or not self.alphas:
+            W, HW, JW = self.current_basis(jacobian=jacobian)
+            return W, Projection.from_products(W, HW, JW)
+        want_j = jacobian and self.jac_t is not None
+        m = len(self.alphas)
+        V = _stack(self.block[:m])
+        xp = array_namespace(V)
+        Tbar = self._tridiagonal(xp, V)
+        T = symmetrize(Tbar[:m, :])
+        TtT = xp.matrix_transpose(Tbar) @ Tbar
+        JV = self.jac_t(V) if want_j else None
+        if self.Z is None:
+            eye = xp.eye(m, dtype=V.dtype, device=device_of(V))
+            return V, Projection(gram=eye, G=T, F=TtT, P=JV)
+        U, C = self.Z, self.HZ
+        Ut = xp.matrix_transpose(U)
+        k = int(U.shape[1])
+        UtV = Ut @ V
+        Bm = _stack(self.bcols)
+        Bt = xp.matrix_transpose(Bm)
+        eye = xp.eye(m, dtype=V.dtype, device=device_of(V))
+        zeros = xp.zeros((k, m), dtype=V.dtype, device=device_of(V))
+        gram = xp.concat([xp.concat([Ut @ U, UtV], axis=1),
+                          xp.concat([xp.matrix_transpose(UtV), eye], axis=1)], axis=0)
+        G = xp.concat([xp.concat([symmetrize(Ut @ C), zeros], axis=1),
+                       xp.concat([xp.matrix_transpose(zeros), T], axis=1)], axis=0)
+        F = xp.concat([xp.concat([xp.matrix_transpose(C) @ C, Bm], axis=1),
+                       xp.concat([Bt, TtT + Bt @ Bm], axis=1)], axis=0)
+        P = None
+        if want_j:
+            if self.JZ is None:
+                self.JZ = self.jac_t(U)
+            P = _hcat([self.JZ, JV])
+        return _hcat([U, V]), Projection(gram=symmetrize(gram), G=G, F=symmetrize(F), P=P)
+
+    def _compress(self, *, final: bool = False) -> None:
         cfg = self.config
-        Y = select(Projection.from_products(W, HW, JW), cfg.strategy, cfg.k, cfg.which)
-        self.Z, self.HZ = W @ Y, HW @ Y
-        self.JZ = None if JW is None else JW @ Y
+        W, proj = self.projection()
+        Y = select(proj, cfg.strategy, cfg.k, cfg.which)
+        if not final:
+            # the next cycle needs HZ: form HW (no applications) for the chosen vectors
+            _, HW, _ = self.current_basis(jacobian=False)
+            self.HZ = HW @ Y
+        self.Z = W @ Y
+        self.JZ = None if proj.P is None else proj.P @ Y
         m = len(self.alphas)
         self.v_prev = self.block[m - 1]
         self.beta_prev = self.betas[m - 1]
