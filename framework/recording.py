@@ -1,0 +1,132 @@
+"""Recording the Hessian systems of a training run, to re-solve them per strategy.
+
+During one training run the lower-level solutions x_t and parameters θ_t are recorded;
+afterwards H(x_t, θ_t) w = ∇ℓ(x_t) can be solved again by any solver configuration —
+on identical systems, as the paper compares strategies.  ``RecordedSequence.save``
+writes one ``.npz`` (θ_t, x_t, the samples' data x_true / y, and the problem config as
+JSON) so others can compare solvers on the same systems.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from framework.engine import BilevelEngine
+from framework.krylov.sequence import LinearSystem, solve_sequence
+from framework.krylov.stopping import StopConfig
+
+
+@dataclass(frozen=True)
+class RecordedSequence:
+    """θ_t (T, *theta_shape) and x_t (T, S, n) for S samples over T outer steps."""
+
+    thetas: np.ndarray
+    xs: np.ndarray
+    x_true: np.ndarray
+    y: np.ndarray
+    sample_indices: tuple[int, ...]
+    problem_config: str = "{}"
+
+    @property
+    def steps(self) -> int:
+        return int(self.thetas.shape[0])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez_compressed(
+            path,
+            thetas=self.thetas,
+            xs=self.xs,
+            x_true=self.x_true,
+            y=self.y,
+            sample_indices=np.asarray(self.sample_indices),
+            problem_config=np.asarray(self.problem_config),
+        )
+        return path if path.suffix == ".npz" else path.with_suffix(".npz")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RecordedSequence:
+        with np.load(Path(path)) as data:
+            return cls(
+                thetas=data["thetas"],
+                xs=data["xs"],
+                x_true=data["x_true"],
+                y=data["y"],
+                sample_indices=tuple(int(i) for i in data["sample_indices"]),
+                problem_config=str(data["problem_config"]),
+            )
+
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.problem_config)
+
+    def systems(
+        self, problem: Any, backend: Any, *, sample: int = 0, references: bool = False,
+        reference_rtol: float = 1e-10,
+    ) -> list[LinearSystem]:
+        """The systems of one recorded sample, bound to ``problem`` (rebuilt from the
+        config; its data must match the recording).  With ``references``, each system
+        carries −Jᵀw* from a tight MINRES solve (``reference_rtol``)."""
+        which = self.sample_indices.index(sample) if sample in self.sample_indices else sample
+        x_true = backend.to_numpy(problem.x_true)
+        if not np.allclose(x_true, self.x_true[which], atol=1e-12):
+            raise ValueError("problem data does not match the recording (x_true differs)")
+        out = []
+        for t in range(self.steps):
+            theta = backend.asarray(self.thetas[t])
+            x = backend.asarray(self.xs[t, which])
+            H = _bind(problem.hvp, x, theta)
+            J = _bind(problem.jac_t, x, theta)
+            g = problem.upper_grad(x)
+            out.append(LinearSystem(H=H, g=g, jac_t=J))
+        if references:
+            tight = solve_sequence(out, stop=StopConfig(rtol=reference_rtol))
+            out = [
+                LinearSystem(s.H, s.g, s.jac_t, r.hypergradient)
+                for s, r in zip(out, tight.records, strict=True)
+            ]
+        return out
+
+
+def _bind(fn: Any, x: Any, theta: Any) -> Any:
+    return lambda v: fn(x, theta, v)
+
+
+def record_training(
+    engine: BilevelEngine,
+    optimizer: Any,
+    theta0: Any,
+    steps: int,
+    *,
+    indices: Sequence[int] | None = None,
+    problem_config: dict[str, Any] | None = None,
+) -> tuple[RecordedSequence, list[float]]:
+    """Run ``steps`` outer steps on samples ``indices`` (all by default), recording θ_t
+    and every sample's x_t; returns the recording and the upper losses."""
+    if engine.backend is None:
+        raise ValueError("record_training needs an engine with a backend")
+    to_np = engine.backend.to_numpy
+    idx = tuple(range(len(engine))) if indices is None else tuple(indices)
+    thetas, xs, losses = [], [], []
+    theta = theta0
+    for _ in range(steps):
+        result = engine.evaluate(theta, idx)
+        thetas.append(to_np(theta))
+        xs.append(np.stack([to_np(engine.states[i].x) for i in idx]))
+        losses.append(result.loss)
+        theta = optimizer.step(theta, result.grad).theta
+    problems = [engine.problems[i] for i in idx]
+    recording = RecordedSequence(
+        thetas=np.stack(thetas),
+        xs=np.stack(xs),
+        x_true=np.stack([to_np(p.x_true) for p in problems]),
+        y=np.stack([to_np(p.y) for p in problems]),
+        sample_indices=idx,
+        problem_config=json.dumps(problem_config or {}),
+    )
+    return recording, losses
