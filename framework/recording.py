@@ -73,9 +73,10 @@ class RecordedSequence:
         config; its data must match the recording).  With ``references``, each system
         carries −Jᵀw* from a tight MINRES solve (``reference_rtol``)."""
         which = self.sample_indices.index(sample) if sample in self.sample_indices else sample
-        x_true = backend.to_numpy(problem.x_true)
-        if not np.allclose(x_true, self.x_true[which], atol=1e-12):
-            raise ValueError("problem data does not match the recording (x_true differs)")
+        for name, mine in (("x_true", self.x_true[which]), ("y", self.y[which])):
+            theirs = backend.to_numpy(getattr(problem, name))
+            if theirs.shape != mine.shape or not np.allclose(theirs, mine, atol=1e-12):
+                raise ValueError(f"problem data does not match the recording ({name} differs)")
         out = []
         for t in range(self.steps):
             theta = backend.asarray(self.thetas[t])
