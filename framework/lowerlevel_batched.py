@@ -1,0 +1,387 @@
+"""B independent L-BFGS runs advanced together: ``lbfgs_batched(fun, grad, X0)``.
+
+``fun(X)`` → (B,) and ``grad(X)`` → (B, n) evaluate all rows at once (one pass); row i is
+sample i's iterate.  Each sample follows exactly the rules of ``framework.lowerlevel``:
+its own two-loop recursion (batched inner products, per-sample memory of at most
+``memory`` pairs, H₀ from its newest pair), its own strong-Wolfe line search (bracketing,
+then zoom; Armijo never accepts an increase; the same fallbacks and steepest-descent
+retry) and its own stopping test.  The line search of every sample is the same state
+machine as the unbatched one (a generator), so each sample makes the same choices as
+``lbfgs`` run on it alone, up to round-off in the batched inner products.
+
+Every round of the batched line search evaluates all B rows once at X + diag(α) P, with
+α_i = 0 for samples that are not searching (already accepted, converged or stopped):
+their rows are evaluated but ignored, and finished samples' rows never change.
+Host transfers: per round, f and the slopes ∇fᵀp (B values each) come to the host, as
+do per iteration the B inner products sᵀy and the B gradient norms; the two-loop
+recursion stays on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from framework.lowerlevel import LowerLevelStatus
+
+_Search = Generator[tuple[bool, float], tuple[float, float], tuple[str | None, bool]]
+
+
+@dataclass(frozen=True)
+class BatchedLowerLevelResult:
+    """Outcome of ``lbfgs_batched``; per-sample fields are tuples of length B.
+
+    ``f_evals``/``grad_evals`` count batched calls of ``fun``/``grad`` (each evaluates B
+    rows); ``sample_f_evals`` counts, per sample, the evaluations it used (the figure the
+    unbatched ``lbfgs`` reports as ``f_evals``).
+    """
+
+    X: Any
+    converged: tuple[bool, ...]
+    status: tuple[LowerLevelStatus, ...]
+    message: tuple[str, ...]
+    iterations: tuple[int, ...]
+    grad_norm: tuple[float, ...]
+    f: tuple[float, ...]
+    f_evals: int
+    grad_evals: int
+    sample_f_evals: tuple[int, ...]
+
+    @property
+    def all_converged(self) -> bool:
+        return all(self.converged)
+
+
+def _host(xp: Any, a: Any) -> np.ndarray:
+    """B device values to the host (documented transfer)."""
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except Exception:  # CuPy, PyTorch on a GPU, array-api-strict on another device
+        if hasattr(a, "get"):
+            return np.asarray(a.get(), dtype=np.float64)
+        if hasattr(a, "cpu"):
+            return np.asarray(a.detach().cpu().numpy(), dtype=np.float64)
+        return np.asarray(a.to_device(xp.Device("CPU_DEVICE")), dtype=np.float64)
+
+
+def _rowdot(xp: Any, a: Any, b: Any) -> Any:
+    return xp.linalg.vecdot(a, b, axis=-1)
+
+
+def _interpolate(lo: tuple[float, float, float], hi: tuple[float, float, float]) -> float:
+    """As ``framework.lowerlevel._interpolate`` on (alpha, f, slope) triples."""
+    delta = hi[0] - lo[0]
+    left, right = sorted((lo[0] + 0.1 * delta, lo[0] + 0.9 * delta))
+    if math.isfinite(hi[1]):
+        curvature = (hi[1] - lo[1] - lo[2] * delta) / (delta * delta)
+        if curvature > 0:
+            alpha = lo[0] - lo[2] / (2.0 * curvature)
+            if left <= alpha <= right:
+                return alpha
+    return lo[0] + 0.5 * delta
+
+
+def _search(
+    f0: float, slope0: float, alpha: float, c1: float, c2: float, max_trials: int
+) -> _Search:
+    """One sample's strong-Wolfe line search as a coroutine.
+
+    Yields (keep the previous trial?, next α) and receives (f, slope) at that α.  Returns
+    ("last" | "kept" | None, curvature holds): accept the last trial, the kept one, or none.
+    """
+
+    def armijo(t: tuple[float, float, float]) -> bool:
+        return math.isfinite(t[1]) and t[1] <= f0 + c1 * t[0] * slope0
+
+    def curvature(t: tuple[float, float, float]) -> bool:
+        return abs(t[2]) <= -c2 * slope0
+
+    def zoom(lo: tuple, hi: tuple, budget: int, lo_is_last: bool) -> _Search:
+        keep = lo_is_last
+        for _ in range(budget):
+            a = _interpolate(lo, hi)
+            f, s = yield keep, a
+            keep, lo_is_last = False, False
+            t = (a, f, s)
+            if not armijo(t) or t[1] > lo[1]:
+                hi = t
+                continue
+            if curvature(t):
+                return "last", True
+            if t[2] * (hi[0] - lo[0]) >= 0:
+                hi = lo
+            lo = t
+            keep, lo_is_last = True, True
+            if abs(hi[0] - lo[0]) <= 1e-16 * max(1.0, lo[0]):
+                break
+        if lo[0] > 0 and lo[1] < f0:
+            return ("last" if lo_is_last else "kept"), False
+        return None, False
+
+    prev = (0.0, f0, slope0)
+    keep = False
+    for i in range(max_trials):
+        f, s = yield keep, alpha
+        keep = False
+        t = (alpha, f, s)
+        if not armijo(t) or (i > 0 and t[1] > prev[1]):
+            return (yield from zoom(prev, t, max_trials - i - 1, False))
+        if curvature(t):
+            return "last", True
+        if t[2] >= 0:
+            return (yield from zoom(t, prev, max_trials - i - 1, True))
+        prev = t
+        keep = True
+        alpha *= 2.0
+    return ("last", False) if prev[0] > 0 and prev[1] < f0 else (None, False)
+
+
+class _Runner:
+    """Shared state of the B runs: evaluation counts and the batched line search."""
+
+    def __init__(self, fun: Callable[[Any], Any], grad: Callable[[Any], Any], X0: Any) -> None:
+        self.fun, self.grad = fun, grad
+        self.xp = array_api_compat.array_namespace(X0)
+        self.device = array_api_compat.device(X0)
+        self.bsz = int(X0.shape[0])
+        self.f_evals = 0
+        self.sample_evals = np.zeros(self.bsz, dtype=np.int64)
+
+    def mask(self, host_mask: np.ndarray) -> Any:
+        """A host (B,) bool mask as a (B, 1) device mask."""
+        return self.xp.asarray(host_mask[:, None], device=self.device)
+
+    def evaluate(self, X: Any, used: np.ndarray) -> tuple[np.ndarray, Any]:
+        self.f_evals += 1
+        self.sample_evals += used
+        F = self.fun(X)
+        return _host(self.xp, F), self.grad(X)
+
+    def line_search(
+        self, X: Any, G: Any, F: np.ndarray, P: Any, slope: np.ndarray, alpha0: np.ndarray,
+        which: np.ndarray, c1: float, c2: float, max_trials: int,
+    ) -> tuple[np.ndarray, Any, Any, np.ndarray]:
+        """Run the searches of the samples in ``which`` together.
+
+        Returns (accepted mask, X_new, G_new, F_new): rows not accepted keep X, G, F.
+        """
+        xp, bsz = self.xp, self.bsz
+        searches: dict[int, _Search] = {}
+        alpha = np.zeros(bsz)
+        for i in np.flatnonzero(which):
+            gen = _search(float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
+            searches[int(i)] = gen
+            _, alpha[i] = next(gen)
+        accepted = np.zeros(bsz, dtype=bool)
+        Xa, Ga, Fa = X, G, F.copy()
+        Xk, Gk, Fk = X, G, F.copy()
+        while searches:
+            pending = np.zeros(bsz, dtype=bool)
+            pending[list(searches)] = True
+            alpha_dev = xp.asarray(np.where(pending, alpha, 0.0)[:, None], dtype=X.dtype,
+                                   device=self.device)
+            Xt = X + alpha_dev * P
+            Ft, Gt = self.evaluate(Xt, pending)
+            st = _host(xp, _rowdot(xp, Gt, P))
+            keep = np.zeros(bsz, dtype=bool)
+            take_last = np.zeros(bsz, dtype=bool)
+            take_kept = np.zeros(bsz, dtype=bool)
+            for i in list(searches):
+                fi = float(Ft[i])
+                si = float(st[i]) if math.isfinite(fi) else math.nan
+                try:
+                    keep[i], alpha[i] = searches[i].send((fi, si))
+                except StopIteration as stop:
+                    outcome = stop.value[0]
+                    del searches[i]
+                    take_last[i] = outcome == "last"
+                    take_kept[i] = outcome == "kept"
+            if take_kept.any():
+                m = self.mask(take_kept)
+                Xa, Ga = xp.where(m, Xk, Xa), xp.where(m, Gk, Ga)
+                Fa = np.where(take_kept, Fk, Fa)
+            if take_last.any():
+                m = self.mask(take_last)
+                Xa, Ga = xp.where(m, Xt, Xa), xp.where(m, Gt, Ga)
+                Fa = np.where(take_last, Ft, Fa)
+            if keep.any():
+                m = self.mask(keep)
+                Xk, Gk = xp.where(m, Xt, Xk), xp.where(m, Gt, Gk)
+                Fk = np.where(keep, Ft, Fk)
+            accepted |= take_last | take_kept
+        return accepted, Xa, Ga, Fa
+
+
+class _Memory:
+    """Per-sample L-BFGS pairs, newest first; rho = 0 marks an empty slot (a no-op)."""
+
+    def __init__(self, xp: Any, X: Any, memory: int) -> None:
+        self.xp = xp
+        zeros = xp.zeros_like(X)
+        self.S = [zeros] * memory
+        self.Y = [zeros] * memory
+        dev = array_api_compat.device(X)
+        self.rho = [xp.zeros((X.shape[0],), dtype=X.dtype, device=dev)] * memory
+        self.count = np.zeros(X.shape[0], dtype=np.int64)
+
+    def push(self, mask_dev: Any, mask: np.ndarray, s: Any, y: Any, rho: Any) -> None:
+        """Prepend (s_i, y_i, rho_i) for the samples in ``mask``."""
+        xp = self.xp
+        m1 = mask_dev[:, 0]
+        for a in range(len(self.S) - 1, 0, -1):
+            self.S[a] = xp.where(mask_dev, self.S[a - 1], self.S[a])
+            self.Y[a] = xp.where(mask_dev, self.Y[a - 1], self.Y[a])
+            self.rho[a] = xp.where(m1, self.rho[a - 1], self.rho[a])
+        self.S[0] = xp.where(mask_dev, s, self.S[0])
+        self.Y[0] = xp.where(mask_dev, y, self.Y[0])
+        self.rho[0] = xp.where(m1, rho, self.rho[0])
+        self.count = np.where(mask, np.minimum(self.count + 1, len(self.S)), self.count)
+
+    def forget(self, mask_dev: Any, mask: np.ndarray) -> None:
+        xp = self.xp
+        m1 = mask_dev[:, 0]
+        self.rho = [xp.where(m1, xp.zeros_like(r), r) for r in self.rho]
+        self.count = np.where(mask, 0, self.count)
+
+    def direction(self, G: Any) -> Any:
+        """−H_k g per row by the two-loop recursion (H₀ = sᵀy / yᵀy from the newest pair)."""
+        xp = self.xp
+        q = G
+        alphas = []
+        for s, y, rho in zip(self.S, self.Y, self.rho, strict=True):
+            a = rho * _rowdot(xp, s, q)
+            alphas.append(a)
+            q = q - a[:, None] * y
+        has = self.rho[0] != 0
+        yy = _rowdot(xp, self.Y[0], self.Y[0])
+        denom = xp.where(has, self.rho[0] * yy, xp.ones_like(yy))
+        q = xp.where(has[:, None], (1.0 / denom)[:, None] * q, q)
+        for s, y, rho, a in zip(
+            reversed(self.S), reversed(self.Y), reversed(self.rho), reversed(alphas), strict=True
+        ):
+            b = rho * _rowdot(xp, y, q)
+            q = q + (a - b)[:, None] * s
+        return -q
+
+
+def lbfgs_batched(
+    fun: Callable[[Any], Any],
+    grad: Callable[[Any], Any],
+    X0: Any,
+    *,
+    gtol: float = 1e-8,
+    rtol: float = 0.0,
+    maxiter: int = 1000,
+    memory: int = 10,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    max_linesearch: int = 40,
+) -> BatchedLowerLevelResult:
+    """Minimise the B row problems from the rows of ``X0`` (B, n) together.
+
+    Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after
+    ``maxiter`` iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or
+    when f_i or ∇f_i is not finite at x0_i (NONFINITE); the others go on, and a stopped
+    sample's row no longer changes.  Arrays stay in X0's namespace and on its device.
+    """
+    if not 0 < c1 < c2 < 1:
+        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
+    if memory < 1:
+        raise ValueError(f"memory must be positive; got memory={memory!r}")
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+    if X0.ndim != 2:
+        raise ValueError(f"X0 has shape {tuple(X0.shape)}; expected (B, n)")
+    run = _Runner(fun, grad, X0)
+    xp, bsz = run.xp, run.bsz
+    X = X0
+    F, G = run.evaluate(X, np.ones(bsz, dtype=bool))
+    gnorm = np.sqrt(_host(xp, _rowdot(xp, G, G)))
+    tol = np.maximum(gtol, rtol * gnorm)
+    mem = _Memory(xp, X, memory)
+    status: list[LowerLevelStatus | None] = [None] * bsz
+    message = [""] * bsz
+    iterations = np.zeros(bsz, dtype=np.int64)
+    for i in np.flatnonzero(~(np.isfinite(F) & np.isfinite(gnorm))):
+        status[i] = LowerLevelStatus.NONFINITE
+        message[i] = f"f or ∇f is not finite at x0 (f={F[i]})"
+
+    def active() -> np.ndarray:
+        return np.array([s is None for s in status])
+
+    def mark_converged(k: int) -> None:
+        for i in np.flatnonzero(active() & (gnorm <= tol)):
+            status[i] = LowerLevelStatus.CONVERGED
+            message[i] = f"‖∇f‖ = {gnorm[i]:.3e} ≤ {tol[i]:.3e}"
+            iterations[i] = k
+
+    for k in range(maxiter):
+        mark_converged(k)
+        act = active()
+        if not act.any():
+            break
+        P = mem.direction(G)
+        slope = _host(xp, _rowdot(xp, G, P))
+        bad = act & ~(slope < 0)  # not a descent direction: steepest descent
+        if bad.any():
+            m = run.mask(bad)
+            mem.forget(m, bad)
+            P = xp.where(m, -G, P)
+            slope = np.where(bad, -gnorm * gnorm, slope)
+        first_step = np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
+        alpha0 = np.where(mem.count > 0, 1.0, first_step)
+        ok, Xn, Gn, Fn = run.line_search(X, G, F, P, slope, alpha0, act, c1, c2, max_linesearch)
+        retry = act & ~ok & (mem.count > 0)
+        if retry.any():  # drop the memory and try steepest descent once
+            m = run.mask(retry)
+            mem.forget(m, retry)
+            P = xp.where(m, -G, P)
+            slope = np.where(retry, -gnorm * gnorm, slope)
+            ok2, Xr, Gr, Fr = run.line_search(
+                X, G, F, P, slope, first_step, retry, c1, c2, max_linesearch
+            )
+            m2 = run.mask(ok2)
+            Xn, Gn, Fn = xp.where(m2, Xr, Xn), xp.where(m2, Gr, Gn), np.where(ok2, Fr, Fn)
+            ok = ok | ok2
+        for i in np.flatnonzero(act & ~ok):
+            status[i] = LowerLevelStatus.LINESEARCH_FAILED
+            message[i] = (
+                f"line search found no step with sufficient decrease at iteration {k} "
+                f"(‖∇f‖ = {gnorm[i]:.3e}, tolerance {tol[i]:.3e})"
+            )
+            iterations[i] = k
+        okd = run.mask(ok)
+        S, Yd = Xn - X, Gn - G
+        sy_dev = _rowdot(xp, S, Yd)
+        sy = _host(xp, sy_dev)
+        push = ok & (sy > 0)
+        if push.any():
+            safe = xp.where(okd[:, 0], sy_dev, xp.ones_like(sy_dev))
+            mem.push(run.mask(push), push, S, Yd, 1.0 / safe)
+        X, G = xp.where(okd, Xn, X), xp.where(okd, Gn, G)
+        F = np.where(ok, Fn, F)
+        gnorm = np.where(ok, np.sqrt(_host(xp, _rowdot(xp, G, G))), gnorm)
+    else:
+        mark_converged(maxiter)
+    for i in np.flatnonzero(active()):
+        status[i] = LowerLevelStatus.MAXITER
+        message[i] = f"reached maxiter={maxiter} with ‖∇f‖ = {gnorm[i]:.3e} > {tol[i]:.3e}"
+        iterations[i] = maxiter
+    final = [s if s is not None else LowerLevelStatus.MAXITER for s in status]
+    return BatchedLowerLevelResult(
+        X=X,
+        converged=tuple(s is LowerLevelStatus.CONVERGED for s in final),
+        status=tuple(final),
+        message=tuple(message),
+        iterations=tuple(int(i) for i in iterations),
+        grad_norm=tuple(float(g) for g in gnorm),
+        f=tuple(float(f) for f in F),
+        f_evals=run.f_evals,
+        grad_evals=run.f_evals,
+        sample_f_evals=tuple(int(e) for e in run.sample_evals),
+    )
