@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from framework.counting import Counts
 from framework.hypergradient import (
     HypergradientSettings,
     SampleRecord,
@@ -28,12 +29,14 @@ EngineConfig = HypergradientSettings
 
 @dataclass(frozen=True)
 class StepResult:
-    """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples."""
+    """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples;
+    ``batch_counts`` is what a batched solve spent in total (None when unbatched)."""
 
     loss: float
     grad: Any
     indices: tuple[int, ...]
     samples: tuple[SampleRecord, ...] = field(repr=False)
+    batch_counts: Counts | None = None
 
     def metrics(self) -> dict[str, float]:
         """Per-step figures for logging (sums over the samples unless named mean_)."""
@@ -60,6 +63,10 @@ class StepResult:
             "time_krylov": total(lambda r: r.time_krylov),
             "time_jac": total(lambda r: r.time_jac),
         }
+        if self.batch_counts is not None:
+            # what a batched solve really spent (frozen samples' rows included)
+            out["batch_passes"] = float(self.batch_counts.passes)
+            out["batch_applications"] = float(self.batch_counts.applications)
         estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
         if estimates:
             out["hg_error_estimate"] = float(np.mean(estimates))

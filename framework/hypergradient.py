@@ -99,6 +99,16 @@ class _Bound:
         return self._fn(self._x, self._theta, v)
 
 
+def hessian_operators(problem: Any, x: Any, theta: Any) -> tuple[Any, Any]:
+    """H(x, θ) and Jᵀ(x, θ) as operators: the problem's ``linearize`` when it has one
+    (x-dependent work done once per system), else its ``hvp``/``jac_t`` bound to (x, θ)."""
+    linearize = getattr(problem, "linearize", None)
+    if linearize is not None:
+        lin = linearize(x, theta)
+        return lin, lin.jac_t
+    return _Bound(problem.hvp, x, theta, problem.n), _Bound(problem.jac_t, x, theta, problem.n)
+
+
 def _initial_guess(problem: Any) -> Any:
     xp = array_namespace(problem.x_true)
     y = problem.y
@@ -116,7 +126,7 @@ def _newton_polish(
         g = problem.lower_grad(x, theta)
         if float(xp.linalg.vector_norm(g)) <= settings.lower_gtol:
             return x, True
-        step = rminres(_Bound(problem.hvp, x, theta, problem.n), g, rtol=1e-12)
+        step = rminres(hessian_operators(problem, x, theta)[0], g, rtol=1e-12)
         x = x - step.x
     g = problem.lower_grad(x, theta)
     return x, float(xp.linalg.vector_norm(g)) <= settings.lower_gtol
@@ -133,7 +143,6 @@ def hypergradient(
     recycler = recycler if recycler is not None else Recycler(settings.recycle)
     counter = problem.counter
     start = counter.snapshot()
-    n = problem.n
 
     t0 = time.perf_counter()
     x0 = state.x if (settings.warm_start and state.x is not None) else _initial_guess(problem)
@@ -152,8 +161,7 @@ def hypergradient(
     t1 = time.perf_counter()
     after_lower = counter.snapshot()
 
-    H = _Bound(problem.hvp, x, theta, n)
-    J = _Bound(problem.jac_t, x, theta, n)
+    H, J = hessian_operators(problem, x, theta)
     needs_j = settings.recycle.needs_jacobian or settings.stop.kind == "hypergradient"
     g = problem.upper_grad(x)
     solve = recycled_solve(

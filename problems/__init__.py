@@ -7,14 +7,17 @@ operators and noise), ``foe`` (Fields of Experts), ``tv`` (smoothed total variat
 """
 
 from problems.base import Problem, psnr
+from problems.batched import BatchedImagingProblem
 from problems.datasets import load_bsds300, load_embedded_mnist, load_mnist
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters
 from problems.imaging import ImagingProblem
+from problems.linearization import linearize
 from problems.operators import GaussianBlur, Identity, Inpainting, add_relative_noise
 from problems.quadratic import QuadraticProblem
 from problems.tv import TotalVariation, best_tv_weight
 
 __all__ = [
+    "BatchedImagingProblem",
     "FieldsOfExperts",
     "GaussianBlur",
     "Identity",
@@ -27,6 +30,7 @@ __all__ = [
     "best_tv_weight",
     "dct_filters",
     "gaussian_filters",
+    "linearize",
     "load_bsds300",
     "load_embedded_mnist",
     "load_mnist",

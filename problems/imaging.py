@@ -124,6 +124,13 @@ class ImagingProblem:
         out = self.regularizer.jac_t(x, theta, w)
         return out * (self.theta_mask if w.ndim == 1 else self.theta_mask[:, None])
 
+    def linearize(self, x: Any, theta: Any) -> Any:
+        """Hessian and Jᵀ at a fixed (x, θ), with the x-dependent work done once
+        (``problems.linearization``); counted like ``hvp``/``jac_t``."""
+        from problems.linearization import linearize
+
+        return linearize(self, x, theta)
+
     def upper_loss(self, x: Any) -> Any:
         xp = array_api_compat.array_namespace(x)
         r = x - self.x_true

@@ -1,0 +1,223 @@
+"""The bilevel engine for mini-batches, solving all samples of a batch together.
+
+Per outer step and batch of B samples: one batched L-BFGS (per-sample line searches and
+convergence masks), one linearisation of the B Hessians, one batched RMINRES (per-sample
+Lanczos scalars, recycle spaces and freezing; host checks every ``check_every``
+iterations) and one batched Jᵀ.  Per-sample state (``SampleState``: warm starts and the
+recycle carry) is the same as in ``BilevelEngine``, so runs can switch engines and
+checkpoints are interchangeable.  Per-sample records count what the unbatched solver
+would have spent; ``StepResult.metrics`` adds what the batch really spent (passes, and
+applications including frozen rows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from framework.counting import Counter, Counts
+from framework.engine import BilevelEngine, EngineConfig, StepResult
+from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
+from framework.krylov.batched import rminres_batched
+from framework.krylov.batched_recycle import BatchedCarry, BatchedRecycler
+from framework.krylov.recycle import RecycleCarry
+from framework.lowerlevel_batched import lbfgs_batched
+from problems.batched import BatchedImagingProblem
+from problems.imaging import ImagingProblem
+
+
+def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
+    """Why the batched path cannot run this configuration ('' when it can)."""
+    if not all(isinstance(p, ImagingProblem) for p in problems):
+        return "batched path needs imaging problems"
+    rc = config.recycle
+    if rc.strategy in ("eig", "gsvd") or rc.selection != "inner" or rc.max_vectors is not None:
+        return "batched recycling supports inner selection with unbounded storage only"
+    if config.stop.kind != "residual":
+        return "the hypergradient (NSC) stopping rule runs on the unbatched path only"
+    if config.lower_newton_steps:
+        return "Newton polishing of the lower level runs on the unbatched path only"
+    return ""
+
+
+class BatchedBilevelEngine(BilevelEngine):
+    """``BilevelEngine`` whose ``evaluate`` solves the selected samples as one batch."""
+
+    def __init__(
+        self,
+        problems: Sequence[Any],
+        config: EngineConfig | None = None,
+        *,
+        backend: Any = None,
+        check_every: int = 8,
+    ) -> None:
+        super().__init__(problems, config, backend=backend)
+        reason = batching_unsupported(self.problems, self.config)
+        if reason:
+            raise ValueError(reason)
+        self.check_every = check_every
+        self.batched_recycler = BatchedRecycler(self.config.recycle)
+        self.counter = Counter()
+        self._batch_cache: tuple[tuple[int, ...], BatchedImagingProblem] | None = None
+
+    def _batch(self, indices: tuple[int, ...]) -> BatchedImagingProblem:
+        if self._batch_cache is None or self._batch_cache[0] != indices:
+            batch = BatchedImagingProblem.from_problems(
+                [self.problems[i] for i in indices], counter=self.counter
+            )
+            self._batch_cache = (indices, batch)
+        return self._batch_cache[1]
+
+    def _stack(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
+        """Stack the samples' state ``name``; None when no sample has one yet, rows of
+        ``fill`` for those that lack it."""
+        rows = [getattr(self.states[i], name) for i in indices]
+        if all(r is None for r in rows):
+            return None
+        return xp.stack([fill[j, ...] if r is None else r for j, r in enumerate(rows)])
+
+    def _carry(self, xp: Any, indices: tuple[int, ...], n: int, like: Any) -> Any:
+        k = self.config.recycle.k
+        carries = [self.states[i].carry for i in indices]
+        if not self.config.recycle.enabled or all(c is None for c in carries):
+            return None
+        basis = xp.zeros((len(indices), n, k), dtype=like.dtype, device=device_of(like))
+        for j, c in enumerate(carries):
+            if c is not None:
+                basis[j, :, : c.size] = c.basis
+        return BatchedCarry(basis)
+
+    def evaluate(self, theta: Any, indices: Sequence[int] | None = None) -> StepResult:
+        indices = tuple(range(len(self.problems))) if indices is None else tuple(indices)
+        if not indices:
+            raise ValueError("indices must name at least one sample")
+        cfg = self.config
+        batch = self._batch(indices)
+        xp = array_namespace(theta)
+        B, n = len(indices), batch.n
+        t0 = time.perf_counter()
+        guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
+        X0 = self._stack(xp, "x", indices, guess) if cfg.warm_start else None
+        X0 = guess if X0 is None else X0
+        lower = lbfgs_batched(
+            lambda X: batch.lower_objective(X, theta),
+            lambda X: batch.lower_grad(X, theta),
+            X0,
+            gtol=cfg.lower_gtol,
+            rtol=cfg.lower_rtol,
+            maxiter=cfg.lower_maxiter,
+            memory=cfg.lower_memory,
+        )
+        X = lower.X
+        t1 = time.perf_counter()
+        after_lower = self.counter.snapshot()
+        lin = batch.linearize(X, theta)
+        G = batch.upper_grad(X)
+        W0 = self._stack(xp, "w", indices, xp.zeros_like(G)) if cfg.warm_start else None
+        space = self.batched_recycler.prepare(self._carry(xp, indices, n, G), lin.hvp)
+        t2 = time.perf_counter()
+        stop = cfg.stop
+        res = rminres_batched(
+            lin.hvp,
+            G,
+            x0=W0,
+            recycle=space,
+            rtol=stop.rtol,
+            atol=stop.atol,
+            maxiter=cfg.krylov_maxiter,
+            check_every=self.check_every,
+            harvest=self.batched_recycler.harvester(lin.jac_t),
+        )
+        t3 = time.perf_counter()
+        grads = -lin.jac_t(res.x)
+        t4 = time.perf_counter()
+        spent = self.counter.snapshot() - after_lower
+
+        shadows: list[ShadowRecord | None] = [None] * B
+        W_shadow = None
+        if cfg.shadow_baseline:
+            base = rminres_batched(
+                lin.hvp, G,
+                x0=self._stack(xp, "w_shadow", indices, xp.zeros_like(G))
+                if cfg.warm_start else None,
+                rtol=stop.rtol, atol=stop.atol, maxiter=cfg.krylov_maxiter,
+                check_every=self.check_every,
+            )
+            W_shadow = base.x
+            shadows = [ShadowRecord(base.iterations[j], base.matvecs[j], base.matvecs[j])
+                       for j in range(B)]
+
+        carry_rows = res.harvest.basis if res.harvest is not None else None
+        losses = batch.upper_loss(X)
+        loss_h = self._host(losses)
+        k_space = 0 if space is None else self._host(
+            xp.sum(xp.astype(xp.linalg.vector_norm(space.C, axis=1) > 0, xp.int64), axis=1))
+        records = []
+        for j, i in enumerate(indices):
+            kj = 0 if space is None else int(k_space[j])
+            # what the unbatched solver would spend on this sample: iterations (+1 for
+            # the initial residual), k for C = HU, 1 for −Jᵀw and, for RGen, JᵀW on the
+            # sample's own W = [U, V]; the batch's real spend is in batch_counts
+            selection_jt = kj + res.iterations[j] if cfg.recycle.needs_jacobian else 0
+            counts = Counts(
+                hvp=res.matvecs[j] + kj,
+                hvp_passes=res.matvecs[j] + (1 if kj else 0),
+                jac_t=1 + selection_jt,
+                jac_t_passes=1 + (1 if selection_jt else 0),
+            )
+            lower_counts = Counts(f_evals=lower.sample_f_evals[j],
+                                  grad_evals=lower.sample_f_evals[j])
+            records.append(SampleRecord(
+                upper_loss=float(loss_h[j]),
+                lower_iterations=lower.iterations[j],
+                lower_converged=lower.converged[j],
+                krylov_iterations=res.iterations[j],
+                krylov_converged=res.converged[j],
+                krylov_status=res.statuses[j].value,
+                recycle_dim=kj,
+                counts=counts,
+                lower_counts=lower_counts,
+                hg_error_estimate=float("nan"),
+                time_lower=(t1 - t0) / B,
+                time_recycle=(t2 - t1) / B,
+                time_krylov=(t3 - t2) / B,
+                time_jac=(t4 - t3) / B,
+                shadow=shadows[j],
+            ))
+            carry = None
+            if carry_rows is not None:
+                carry = RecycleCarry(carry_rows[j, ...], selected=True)
+            elif self.states[i].carry is not None and space is not None:
+                carry = RecycleCarry(space.U[j, ...], selected=True)
+            self.states[i] = SampleState(
+                x=X[j, ...], w=res.x[j, ...], carry=carry,
+                w_shadow=None if W_shadow is None else W_shadow[j, ...],
+            )
+        grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
+        return StepResult(float(sum(loss_h)) / B, grad, indices, tuple(records),
+                          batch_counts=spent)
+
+    def _host(self, a: Any) -> Any:
+        if self.backend is not None:
+            return self.backend.to_numpy(a)
+        import numpy as np
+
+        return np.asarray(a)
+
+
+def create_engine(
+    problems: Sequence[Any], config: EngineConfig, *, backend: Any = None, batched: bool = True,
+    check_every: int = 8,
+) -> BilevelEngine:
+    """The batched engine when ``batched`` and the configuration allows it, else the
+    per-sample ``BilevelEngine``."""
+    if batched and len(problems) > 0 and not batching_unsupported(problems, config):
+        return BatchedBilevelEngine(problems, config, backend=backend, check_every=check_every)
+    return BilevelEngine(problems, config, backend=backend)
+
+
+__all__ = ["BatchedBilevelEngine", "batching_unsupported", "create_engine"]
