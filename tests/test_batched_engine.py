@@ -10,8 +10,14 @@ from framework.batched_engine import BatchedBilevelEngine, create_engine
 from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
-from problems import FieldsOfExperts, ImagingProblem, Inpainting, QuadraticProblem, dct_filters
-from problems import load_embedded_mnist
+from problems import (
+    FieldsOfExperts,
+    ImagingProblem,
+    Inpainting,
+    QuadraticProblem,
+    dct_filters,
+    load_embedded_mnist,
+)
 from problems.foe import initial_theta
 
 
