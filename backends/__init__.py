@@ -4,6 +4,18 @@ This is the only place that knows which array libraries exist.  Everything else 
 its namespace from the arrays it is handed (``array_api_compat.array_namespace``).
 """
 
-from backends.core import Backend, BackendUnavailableError, available_backends, get_backend
+from backends.core import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    tune_cpu_allocator,
+)
 
-__all__ = ["Backend", "BackendUnavailableError", "available_backends", "get_backend"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "tune_cpu_allocator",
+]

@@ -160,3 +160,29 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
             f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}"
         ) from None
     return factory(dtype, device)
+
+
+def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
+    """Keep freed array memory in the process heap (glibc ``mallopt``).
+
+    Batched temporaries are a few MB; by default glibc serves each from a fresh ``mmap``
+    and returns it on free, so every array pays page faults on first touch — slower than
+    the arithmetic on small images.  Raising the mmap and trim thresholds (what the
+    environment variables ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do)
+    removes that.  Returns True when applied (glibc only; elsewhere a no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok_mmap = mallopt(m_mmap_threshold, int(threshold_bytes)) == 1
+    ok_trim = mallopt(m_trim_threshold, 2 * int(threshold_bytes)) == 1
+    return ok_mmap and ok_trim
