@@ -111,6 +111,7 @@ class BatchedBilevelEngine(BilevelEngine):
             rtol=cfg.lower_rtol,
             maxiter=cfg.lower_maxiter,
             memory=cfg.lower_memory,
+            value_and_grad=lambda X: batch.lower_value_and_grad(X, theta),
         )
         X = lower.X
         t1 = time.perf_counter()

@@ -99,6 +99,12 @@ class _Bound:
         return self._fn(self._x, self._theta, v)
 
 
+def _fused(problem: Any, theta: Any) -> Any:
+    """x ↦ (f, ∇ₓf) when the problem can share their work, else None."""
+    fused = getattr(problem, "lower_value_and_grad", None)
+    return None if fused is None else (lambda x: fused(x, theta))
+
+
 def hessian_operators(problem: Any, x: Any, theta: Any) -> tuple[Any, Any]:
     """H(x, θ) and Jᵀ(x, θ) as operators: the problem's ``linearize`` when it has one
     (x-dependent work done once per system), else its ``hvp``/``jac_t`` bound to (x, θ)."""
@@ -154,6 +160,7 @@ def hypergradient(
         rtol=settings.lower_rtol,
         maxiter=settings.lower_maxiter,
         memory=settings.lower_memory,
+        value_and_grad=_fused(problem, theta),
     )
     x, lower_converged = lower.x, lower.converged
     if settings.lower_newton_steps:

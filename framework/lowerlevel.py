@@ -65,14 +65,24 @@ class _Trial:
 class _Evaluator:
     """Counts calls of ``fun`` and ``grad`` and keeps scalars on the host."""
 
-    def __init__(self, fun: Callable[[Any], Any], grad: Callable[[Any], Any], xp: Any) -> None:
+    def __init__(
+        self,
+        fun: Callable[[Any], Any],
+        grad: Callable[[Any], Any],
+        xp: Any,
+        value_and_grad: Callable[[Any], tuple[Any, Any]] | None = None,
+    ) -> None:
         self.fun, self.grad, self.xp = fun, grad, xp
+        self.value_and_grad = value_and_grad
         self.f_evals = 0
         self.grad_evals = 0
 
     def __call__(self, x: Any) -> tuple[float, Any]:
         self.f_evals += 1
         self.grad_evals += 1
+        if self.value_and_grad is not None:
+            f, g = self.value_and_grad(x)
+            return float(f), g
         return float(self.fun(x)), self.grad(x)
 
     def dot(self, a: Any, b: Any) -> float:
@@ -160,13 +170,16 @@ def lbfgs(
     c2: float = 0.9,
     max_linesearch: int = 40,
     callback: Callable[[int, Any, float, float], None] | None = None,
+    value_and_grad: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> LowerLevelResult:
     """Minimise ``fun`` from ``x0`` (warm start) with L-BFGS of memory ``memory``.
 
     Stops when ‖∇f‖ ≤ max(gtol, rtol·‖∇f(x0)‖) (status CONVERGED), after ``maxiter``
     iterations (MAXITER), when the line search fails (LINESEARCH_FAILED) or when f or ∇f
     is not finite at x0 (NONFINITE).  ``callback(k, x, f, grad_norm)`` runs after every
-    accepted step.  Arrays stay in x0's namespace and on its device.
+    accepted step.  ``value_and_grad(x)`` → (f, ∇f), when given, replaces the two calls
+    (f and ∇f are always needed together; a fused evaluation shares their work).  Arrays
+    stay in x0's namespace and on its device.
     """
     if not 0 < c1 < c2 < 1:
         raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
@@ -175,7 +188,7 @@ def lbfgs(
     if maxiter < 0:
         raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
     xp = array_api_compat.array_namespace(x0)
-    ev = _Evaluator(fun, grad, xp)
+    ev = _Evaluator(fun, grad, xp, value_and_grad)
     x = x0
     f, g = ev(x)
     gnorm = math.sqrt(ev.dot(g, g))

@@ -163,6 +163,24 @@ class BatchedImagingProblem:
         data = self.operator.adjoint(xp, self.operator.apply(xp, X) - self.Y)
         return data + self.kernels.grad(xp, X, theta) + self.epsilon * X
 
+    def lower_value_and_grad(self, X: Any, theta: Any) -> tuple[Any, Any]:
+        """(f_i, ∇ₓf_i) for every row, sharing the regulariser's filter responses
+        (counts B 'f' and B 'grad')."""
+        self._x(X)
+        xp = array_api_compat.array_namespace(X)
+        theta = self._theta(theta)
+        self.counter.add("f", self.batch_size)
+        self.counter.add("grad", self.batch_size)
+        r = self.operator.apply(xp, X) - self.Y
+        fused = getattr(self.kernels, "value_and_grad", None)
+        if fused is not None:
+            reg_value, reg_grad = fused(xp, X, theta)
+        else:
+            reg_value, reg_grad = self.kernels.value(xp, X, theta), self.kernels.grad(xp, X, theta)
+        ridge = (0.5 * self.epsilon) * xp.sum(X * X, axis=1)
+        value = 0.5 * xp.sum(r * r, axis=1) + reg_value + ridge
+        return value, self.operator.adjoint(xp, r) + reg_grad + self.epsilon * X
+
     def linearize(self, X: Any, theta: Any) -> BatchedLinearization:
         """Freeze (X, θ): the returned object applies ∇²ₓₓf_i and Jᵀ cheaply, counted here."""
         self._x(X)

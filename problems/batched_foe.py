@@ -86,6 +86,16 @@ class BatchedFoE:
         u = scales[:, None] * self.expert.d1(z)
         return xp.reshape(self.adjoint(xp, filters, u, X.shape[0], 1), (X.shape[0], self.n))
 
+    def value_and_grad(self, xp: Any, X: Any, theta: Any) -> tuple[Any, Any]:
+        """(R_θ(x_i) (B,), ∇R(x_i) (B, n)) sharing the filter responses."""
+        filters, scales = self.split(xp, theta)
+        _, z = self.responses(xp, X, filters)
+        phi = xp.reshape(self.expert.value(z), (self.num_filters, X.shape[0], self.n))
+        value = xp.sum(scales[:, None] * xp.sum(phi, axis=2), axis=0)
+        u = scales[:, None] * self.expert.d1(z)
+        grad = xp.reshape(self.adjoint(xp, filters, u, X.shape[0], 1), (X.shape[0], self.n))
+        return value, grad
+
     def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:
         return FoELinearization(self, xp, X, theta)
 

@@ -200,6 +200,15 @@ class FieldsOfExperts:
         u = scales[:, None] * self.expert.d1(z)
         return xp.reshape(self._adjoint(xp, filters, u, 1), (self.n,))
 
+    def value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        """(R_θ(x), ∇R) sharing the filter responses k_f ∗ x."""
+        xp, _ = namespace_and_device(x, theta)
+        filters, scales = self._split(xp, theta)
+        _, z = self._responses(xp, x, filters)
+        value = xp.sum(scales * xp.sum(self.expert.value(z), axis=1))
+        u = scales[:, None] * self.expert.d1(z)
+        return value, xp.reshape(self._adjoint(xp, filters, u, 1), (self.n,))
+
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
         """∇²R v = Σ_f 10^{p_f} k̃_f ∗ (φ''(k_f ∗ x) ⊙ (k_f ∗ v)) for v (n,) or (n, b)."""
         xp, _ = namespace_and_device(x, theta, v)

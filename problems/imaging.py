@@ -105,6 +105,22 @@ class ImagingProblem:
         data = self.operator.adjoint(self.operator.apply(x) - self.y)
         return data + self.regularizer.grad(x, theta) + self.epsilon * x
 
+    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        """(f, ∇ₓf) sharing the regulariser's work (counts one 'f' and one 'grad')."""
+        check_vector(x, self.n, "x")
+        xp = array_api_compat.array_namespace(x)
+        theta = self._theta(theta)
+        self.counter.add("f")
+        self.counter.add("grad")
+        r = self.operator.apply(x) - self.y
+        fused = getattr(self.regularizer, "value_and_grad", None)
+        if fused is not None:
+            reg_value, reg_grad = fused(x, theta)
+        else:
+            reg_value, reg_grad = self.regularizer.value(x, theta), self.regularizer.grad(x, theta)
+        value = 0.5 * xp.sum(r * r) + reg_value + (0.5 * self.epsilon) * xp.sum(x * x)
+        return value, self.operator.adjoint(r) + reg_grad + self.epsilon * x
+
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
         check_vector(x, self.n, "x")
         check_vector(v, self.n, "v")

@@ -1,0 +1,1 @@
+"""Hydra configuration for ``hyperkrylov`` (shipped as package data: ``pkg://conf``)."""

@@ -1,0 +1,124 @@
+"""Atomic save and restore of a whole run state (a nested dict) in one ``.npz`` file.
+
+Format (version 1).  The state is a nested structure of dicts (string keys), lists,
+NumPy arrays and JSON scalars (None, bool, int — any size, float, str).  ``save``
+writes one uncompressed NumPy ``.npz`` archive holding
+
+* ``__state__.json`` — a uint8 array with the UTF-8 JSON of the structure, every array
+  replaced by ``{"__ndarray__": "<key>"}`` (tuples are stored as lists);
+* ``<key>`` — one member per array (``a0``, ``a1``, …), dtype and shape preserved, no
+  pickling (object arrays are refused).
+
+NumPy scalars become Python scalars; floats round-trip exactly (JSON uses ``repr``,
+NaN/±inf included).  The write is atomic: a temporary file in the same directory is
+written, flushed and fsync-ed, then ``os.replace``-d over the target (and the directory
+fsync-ed), so a crash leaves either the old or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_META = "__state__.json"
+_ARRAY = "__ndarray__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read."""
+
+
+def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{where}: dict keys must be strings; got {key!r}")
+            out[key] = _encode(value, arrays, f"{where}.{key}")
+        return out
+    if isinstance(obj, list | tuple):
+        return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise CheckpointError(f"{where}: object arrays cannot be checkpointed")
+        key = f"a{len(arrays)}"
+        arrays[key] = obj
+        return {_ARRAY: key}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise CheckpointError(
+        f"{where}: cannot checkpoint a value of type {type(obj).__name__}; "
+        "use host NumPy arrays and Python scalars"
+    )
+
+
+def _decode(obj: Any, archive: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_ARRAY}:
+            return np.array(archive[obj[_ARRAY]])
+        return {k: _decode(v, archive) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, archive) for v in obj]
+    return obj
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically to ``path`` (a ``.npz`` file); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    meta = {"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")}
+    text = json.dumps(meta, allow_nan=True).encode("utf-8")
+    members = {_META: np.frombuffer(text, dtype=np.uint8), **arrays}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **members)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save`` (arrays as NumPy, no pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(bytes(archive[_META]).decode("utf-8"))
+            if meta.get("format") != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{path}: checkpoint format {meta.get('format')!r}; this version reads "
+                    f"format {FORMAT_VERSION}"
+                )
+            return _decode(meta["state"], archive)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc

@@ -1,0 +1,205 @@
+"""``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
+
+Runs are read through the tracking store (``framework.tracking.read_runs``), optionally
+only one sweep (``--sweep <id>`` or ``--sweep latest``; the id is the ``hyperkrylov.sweep_id``
+tag, the sweep's output folder).  Savings are against the run's own shadow baseline
+(warm-started MINRES without recycling on the same systems, ``baseline=shadow``) when it
+was logged, else against a run of the same sweep with ``recycle=none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from framework.tracking import SWEEP_TAG, RunRecord, TrackingError, read_runs
+
+ITERATIONS = "cumulative_krylov_iterations"
+APPLICATIONS = "cumulative_operator_applications"
+SHADOW_ITERATIONS = "cumulative_baseline_krylov_iterations"
+HG_ERROR = "hg_error_estimate"
+STEP_TIME = "cumulative_step_time"
+FIGURE_KEYS = {
+    "Krylov iterations per outer step": "krylov_iterations",
+    "cumulative Krylov iterations": ITERATIONS,
+    "hypergradient error estimate": HG_ERROR,
+    "upper loss": "upper_loss",
+}
+HISTORY_KEYS = (*FIGURE_KEYS.values(), "baseline_krylov_iterations")
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One run in the comparison table (NaN where a figure was not logged)."""
+
+    run_id: str
+    name: str
+    strategy: str
+    dim: str
+    steps: int
+    krylov_iterations: float
+    applications: float
+    savings_percent: float
+    savings_reference: str
+    application_savings_percent: float
+    mean_hg_error: float
+    solve_time: float
+    wall_time: float
+
+
+def _last(record: RunRecord, key: str) -> float:
+    return record.metrics.get(key, math.nan)
+
+
+def _savings(iterations: float, reference: float) -> float:
+    if not (math.isfinite(iterations) and math.isfinite(reference)) or reference <= 0:
+        return math.nan
+    return 100.0 * (1.0 - iterations / reference)
+
+
+def _application_savings(r: RunRecord) -> float:
+    """Operator applications saved against the shadow baseline: recycling's HVPs (solve and
+    C = HU) plus the Jᵀ products beyond the one −Jᵀw per system both need."""
+    extra_jt = _last(r, "cumulative_jac_t") - _last(r, "cumulative_batch_size")
+    mine = _last(r, "cumulative_hvp") + extra_jt
+    return _savings(mine, _last(r, "cumulative_baseline_hvp"))
+
+
+def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
+    """Comparison rows of ``records`` (savings against shadow or a strategy=none run)."""
+    baselines: dict[str, float] = {}
+    for r in records:
+        if r.params.get("recycle.strategy") == "none":
+            baselines.setdefault(r.tags.get(SWEEP_TAG, ""), _last(r, ITERATIONS))
+    rows = []
+    for r in records:
+        its = _last(r, ITERATIONS)
+        shadow = _last(r, SHADOW_ITERATIONS)
+        if math.isfinite(shadow):
+            savings, ref = _savings(its, shadow), "shadow"
+        elif r.tags.get(SWEEP_TAG, "") in baselines:
+            savings, ref = _savings(its, baselines[r.tags.get(SWEEP_TAG, "")]), "recycle=none run"
+        else:
+            savings, ref = math.nan, "-"
+        errors = [v for _, v in r.history.get(HG_ERROR, ()) if math.isfinite(v)]
+        wall = math.nan
+        if r.start_time and r.end_time:
+            wall = r.end_time - r.start_time
+        steps = len(r.history.get("upper_loss", ())) or int(r.metrics.get("batch_size", 0) > 0)
+        rows.append(
+            ComparisonRow(
+                run_id=r.run_id,
+                name=r.name,
+                strategy=r.params.get("recycle.strategy", "?"),
+                dim=r.params.get("recycle.dim", "?"),
+                steps=steps,
+                krylov_iterations=its,
+                applications=_last(r, APPLICATIONS),
+                savings_percent=savings,
+                savings_reference=ref,
+                application_savings_percent=_application_savings(r),
+                mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
+                solve_time=_last(r, STEP_TIME),
+                wall_time=wall,
+            )
+        )
+    return rows
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if not math.isfinite(value) else format(value, spec)
+
+
+def format_table(rows: Sequence[ComparisonRow]) -> str:
+    """A fixed-width text table of ``rows``."""
+    header = (
+        "run", "strategy", "dim", "steps", "Krylov its", "op. applications", "its saved %",
+        "apps saved %", "vs", "mean HG err", "solve s", "wall s",
+    )
+    body = [
+        (
+            r.name, r.strategy, r.dim, str(r.steps), _fmt(r.krylov_iterations, ".0f"),
+            _fmt(r.applications, ".0f"), _fmt(r.savings_percent, ".1f"),
+            _fmt(r.application_savings_percent, ".1f"), r.savings_reference,
+            _fmt(r.mean_hg_error, ".3g"), _fmt(r.solve_time, ".1f"), _fmt(r.wall_time, ".1f"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in
+             (header, tuple("-" * w for w in widths), *body)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def latest_sweep(records: Sequence[RunRecord]) -> str | None:
+    """The sweep id of the most recently started tagged run."""
+    tagged = [r for r in records if SWEEP_TAG in r.tags]
+    if not tagged:
+        return None
+    return max(tagged, key=lambda r: r.start_time or 0.0).tags[SWEEP_TAG]
+
+
+def compare(
+    experiment: str,
+    *,
+    sweep: str | None = None,
+    uri: str | None = None,
+    figure: str | Path | None = None,
+) -> list[ComparisonRow]:
+    """Rows of the runs of ``experiment`` (one sweep when ``sweep`` is given; ``"latest"``
+    picks the newest) and, when ``figure`` is a path, the comparison figure as PNG there."""
+    if sweep == "latest":
+        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
+        if sweep is None:
+            raise TrackingError(f"experiment {experiment!r} has no sweep runs")
+    records = read_runs(uri, experiment, sweep_id=sweep, history_keys=HISTORY_KEYS)
+    rows = rows_from_records(records)
+    if figure is not None:
+        from framework import plots
+
+        fig = plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS)
+        plots.save(fig, figure)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``hyperkrylov-compare``."""
+    parser = argparse.ArgumentParser(
+        prog="hyperkrylov-compare",
+        description="Compare the runs of an MLflow experiment: a table and a figure.",
+    )
+    parser.add_argument("--experiment", default="hyperkrylov", help="MLflow experiment name")
+    parser.add_argument(
+        "--sweep", default=None, help="only runs of this sweep id (tag hyperkrylov.sweep_id), "
+        "or 'latest'"
+    )
+    parser.add_argument(
+        "--uri", default=None,
+        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow/mlflow.db)",
+    )
+    parser.add_argument(
+        "--figure", default="comparison.png", help="PNG to write ('' for no figure)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        rows = compare(
+            args.experiment, sweep=args.sweep, uri=args.uri, figure=args.figure or None
+        )
+    except TrackingError as exc:
+        print(f"hyperkrylov-compare: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"hyperkrylov-compare: no runs found in experiment {args.experiment!r}")
+        return 1
+    print(format_table(rows))
+    if args.figure:
+        print(f"\nfigure: {Path(args.figure).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Figures of one run and of a comparison of runs (matplotlib, Agg; no display needed).
+
+Inputs are plain host data: metric histories ``{key: [(step, value), ...]}``, per-step
+per-sample iteration counts, host arrays.  Every function returns a matplotlib Figure;
+the caller saves it (``save``) and closes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+History = Mapping[str, Sequence[tuple[int, float]]]
+
+
+def save(fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` as PNG to ``path`` (folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    points = history.get(key)
+    if not points:
+        return None
+    steps, values = zip(*points, strict=True)
+    return np.asarray(steps), np.asarray(values, dtype=float)
+
+
+def iterations_per_system(
+    per_sample: Sequence[tuple[int, int, float]], shadow: Sequence[tuple[int, int, float]] = ()
+) -> Any:
+    """Krylov iterations of every system: points (step, sample index, iterations)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for data, style, label in ((per_sample, "o-", "recycled"), (shadow, "x--", "MINRES (shadow)")):
+        if not data:
+            continue
+        arr = np.asarray(data, dtype=float)
+        for k, sample in enumerate(np.unique(arr[:, 1])):
+            sel = arr[arr[:, 1] == sample]
+            ax.plot(sel[:, 0], sel[:, 2], style, ms=3, lw=0.8, color=f"C{int(sample) % 10}",
+                    label=label if k == 0 else None)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("Krylov iterations per system")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def line(history: History, keys: Sequence[str], ylabel: str, *, logy: bool = False) -> Any:
+    """A line per metric key against the step."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        series = _series(history, key)
+        if series is not None:
+            ax.plot(*series, ".-", label=key)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def filters(theta: np.ndarray, kernel_size: int) -> Any:
+    """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight)."""
+    theta = np.asarray(theta)
+    count = theta.shape[0]
+    cols = min(count, 8)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < count:
+            ax.imshow(theta[i, :-1].reshape(kernel_size, kernel_size), cmap="gray")
+            ax.set_title(f"10^{theta[i, -1]:.2f}", fontsize=7)
+    fig.suptitle("learned filters (weight 10^p)", fontsize=9)
+    return fig
+
+
+def parameters(theta: np.ndarray) -> Any:
+    """θ as a bar chart (problems without image filters)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    flat = np.asarray(theta).reshape(-1)
+    ax.bar(np.arange(flat.size), flat)
+    ax.set_xlabel("parameter")
+    ax.set_ylabel("θ")
+    return fig
+
+
+def reconstruction(
+    x_true: np.ndarray, y: np.ndarray, x: np.ndarray, shape: tuple[int, ...], psnrs: Sequence[float]
+) -> Any:
+    """Ground truth, data and the lower-level solution at the learned θ."""
+    if len(shape) == 2:
+        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+        for ax, img, title in zip(
+            axes, (x_true, y, x), ("ground truth", f"data ({psnrs[0]:.1f} dB)",
+                                   f"x(θ) ({psnrs[1]:.1f} dB)"), strict=True
+        ):
+            ax.imshow(np.asarray(img).reshape(shape), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        return fig
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for sig, label in ((x_true, "ground truth"), (y, "data"), (x, "x(θ)")):
+        ax.plot(np.asarray(sig), label=label)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def comparison(runs: Sequence[tuple[str, History]], keys: Mapping[str, str]) -> Any:
+    """Paper-style 2×2 panels: one line per run for each (title → metric key) of ``keys``."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (title, key) in zip(axes.flat, keys.items(), strict=False):
+        for label, history in runs:
+            series = _series(history, key)
+            if series is not None:
+                ax.plot(*series, ".-", ms=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("outer step")
+        ax.grid(alpha=0.3)
+        if "error" in title or "loss" in title:
+            positive = [h for _, h in runs if _series(h, key) is not None]
+            if positive and all(min(v for _, v in h[key]) > 0 for h in positive):
+                ax.set_yscale("log")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if not handles:
+        for ax in axes.flat:
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                break
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

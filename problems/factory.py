@@ -1,0 +1,125 @@
+"""Build the samples of a run from its ``problem`` config: ``build_problems``.
+
+Every random choice (noise, inpainting masks, the quadratic problem's matrices, random
+filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, one child
+per sample, so the same config and seed always give the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from problems.datasets import load_bsds300, load_embedded_mnist, load_mnist
+from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
+from problems.imaging import ImagingProblem
+from problems.operators import GaussianBlur, Identity, Inpainting
+from problems.quadratic import QuadraticProblem
+from problems.tv import TotalVariation
+
+
+@dataclass(frozen=True)
+class ProblemSet:
+    """The samples of a run, the initial θ (host NumPy, ``theta_shape``) and its mask
+    (host 0/1 array of θ's shape; 1 = learned)."""
+
+    problems: tuple[Any, ...]
+    theta0: np.ndarray
+    mask: np.ndarray
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+def _sample_seeds(seed: int, count: int) -> list[int]:
+    children = np.random.SeedSequence(seed).spawn(count)
+    return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
+
+
+def _images(cfg: Any) -> np.ndarray:
+    if cfg.dataset == "embedded_mnist":
+        images = load_embedded_mnist().images
+        if cfg.start + cfg.num_samples > images.shape[0]:
+            raise ValueError(
+                f"problem.num_samples: the embedded MNIST sample holds {images.shape[0]} "
+                f"digits; asked for {cfg.num_samples} from start={cfg.start}"
+            )
+        return images[cfg.start : cfg.start + cfg.num_samples]
+    if cfg.dataset == "mnist":
+        path = Path(cfg.data_path).expanduser()
+        if path.is_dir():
+            path = path / "t10k-images-idx3-ubyte.gz"
+        return load_mnist(path, count=cfg.num_samples, start=cfg.start)
+    if cfg.dataset == "bsds300":
+        count = cfg.start + cfg.num_samples
+        crops = load_bsds300(cfg.data_path, "train", crop=cfg.crop, count=count)
+        return crops[cfg.start :]
+    raise ValueError(f"problem.dataset: unknown dataset {cfg.dataset!r}")
+
+
+def _operator(cfg: Any, shape: tuple[int, int], seed: int) -> Any:
+    if cfg.operator == "identity":
+        return Identity(shape)
+    if cfg.operator == "inpainting":
+        return Inpainting(shape, cfg.fraction_removed, seed=seed)
+    if cfg.operator == "blur":
+        return GaussianBlur(shape, cfg.blur_sigma)
+    raise ValueError(f"problem.operator: unknown operator {cfg.operator!r}")
+
+
+def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.ndarray]:
+    if cfg.regularizer == "tv":
+        return TotalVariation(shape, gamma=cfg.gamma), np.array([cfg.init_exponent])
+    if cfg.regularizer != "foe":
+        raise ValueError(f"problem.regularizer: unknown regulariser {cfg.regularizer!r}")
+    k = cfg.kernel_size
+    count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
+    if cfg.filters_init == "dct":
+        filters = dct_filters(k)[:count]
+    else:
+        filters = gaussian_filters(k, count, seed=seed)
+    reg = FieldsOfExperts(
+        shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn
+    )
+    return reg, initial_theta(filters, cfg.init_exponent)
+
+
+def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
+    """Construct the samples described by ``cfg`` (a ``ProblemConfig``) on ``backend``."""
+    seeds = _sample_seeds(seed, cfg.num_samples + 1)
+    if cfg.name == "quadratic":
+        problems = tuple(
+            QuadraticProblem(
+                cfg.n,
+                cfg.num_terms,
+                seed=s,
+                noise_level=cfg.noise_level,
+                coupling=cfg.coupling,
+                backend=backend,
+            )
+            for s in seeds[:-1]
+        )
+        theta0 = np.zeros(problems[0].theta_shape)
+        desc = f"quadratic n={cfg.n} terms={cfg.num_terms} × {cfg.num_samples} samples"
+        return ProblemSet(problems, theta0, np.ones_like(theta0), desc)
+    images = _images(cfg)
+    shape = (int(images.shape[1]), int(images.shape[2]))
+    reg, theta0 = _regularizer(cfg, shape, seeds[-1])
+    problems = []
+    for image, s in zip(images, seeds[:-1], strict=True):
+        op = _operator(cfg, shape, s)
+        problems.append(
+            ImagingProblem.from_image(
+                image, backend, op, reg, noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon
+            )
+        )
+    mask = reg.mask_host().reshape(theta0.shape)
+    desc = (
+        f"{cfg.name}: {len(problems)} × {shape[0]}×{shape[1]} {cfg.dataset} images, "
+        f"{cfg.operator} operator, {reg!r}"
+    )
+    return ProblemSet(tuple(problems), theta0, mask, desc)

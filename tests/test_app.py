@@ -1,0 +1,269 @@
+"""The experiment layer end to end: the `hyperkrylov` command, sweeps, resume, bad configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from framework import checkpoint, tracking
+from framework.runner import run
+
+# MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
+
+QUICK = [
+    "problem=quadratic",
+    "problem.n=20",
+    "problem.num_samples=2",
+    "outer.lr=0.1",
+    "outer.steps=4",
+    "checkpoint.every=2",
+]
+BASE = QUICK[:-2]  # without steps and checkpointing
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "hyperkrylov"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("hyperkrylov")
+    return [found] if found else [sys.executable, "-m", "framework.app"]
+
+
+def _env(uri: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def _hyperkrylov(args, cwd, uri, timeout=240):
+    return subprocess.run(
+        [*_command(), *args], cwd=cwd, env=_env(uri), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch):
+    value = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    return value
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "code"),
+    [
+        ("recycle.strategy=ritzz", "recycle.strategy", 2),
+        ("recycle.dim=-2", "recycle.dim", 2),
+        ("problem=bsds_deblur", "problem.data_path", 2),
+        ("outer.lr=0", "outer.lr", 2),
+        ("recycle=ritzz", "recycle", 1),
+        ("recycle.dimm=3", "dimm", 1),
+    ],
+)
+def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, uri, override, key, code):
+    start = time.perf_counter()
+    result = _hyperkrylov([override, f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    assert result.returncode == code, result.stderr
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "mlflow.db").exists()  # no store, no experiment, no run
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def _runs(uri, experiment="hyperkrylov", sweep=None):
+    return tracking.read_runs(uri, experiment, sweep_id=sweep)
+
+
+def _assert_continuous(record, steps):
+    for key in ("upper_loss", "krylov_iterations", "cumulative_krylov_iterations"):
+        points = record.history[key]
+        assert sorted({s for s, _ in points}) == list(range(steps)), key
+        for step in range(steps):  # a step re-run after a resume logs the same value
+            assert len({v for s, v in points if s == step}) == 1, (key, step)
+
+
+def test_quadratic_end_to_end_from_another_cwd(tmp_path, uri):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    out = tmp_path / "run"
+    result = _hyperkrylov([*QUICK, "recycle.dim=3", f"hydra.run.dir={out}"], cwd, uri)
+    assert result.returncode == 0, result.stderr
+    (record,) = _runs(uri)
+    assert record.status == "FINISHED"
+    assert str(out) in result.stdout and record.run_id in result.stdout
+    assert record.params["problem.name"] == "quadratic"
+    assert record.params["recycle.dim"] == "3" and "seed_entropy" in record.params
+    assert record.tags[tracking.OUTPUT_DIR_TAG] == str(out)
+    _assert_continuous(record, 4)
+    for key in ("hypergradient_norm", "operator_applications", "baseline_krylov_iterations",
+                "cumulative_operator_applications", "lower_iterations"):
+        assert len(record.history[key]) == 4, key
+    cum = np.cumsum([v for _, v in record.history["krylov_iterations"]])
+    np.testing.assert_array_equal(cum, [v for _, v in record.history[
+        "cumulative_krylov_iterations"]])
+    artifacts = {p.relative_to(tmp_path / "artifacts").parts[-1] for p in
+                 (tmp_path / "artifacts").rglob("*") if p.is_file()}
+    assert {"config.yaml", "theta.npz", "iterations_per_system.png",
+            "cumulative_iterations.png", "upper_loss.png", "reconstruction.png"} <= artifacts
+    theta = np.load(out / "theta.npz")["theta"]
+    assert theta.shape == (3,) and np.all(np.isfinite(theta))
+    assert checkpoint.load(out / "checkpoint.npz")["finished"] is True
+
+
+def test_mnist_sample_end_to_end(tmp_path, uri):
+    cfg = _compose(
+        "problem.num_samples=2", "problem.num_filters=4", "outer.steps=3", "outer.batch_size=2",
+        "recycle.dim=4",
+    )
+    summary = run(cfg, output_dir=tmp_path / "run")
+    assert summary.steps == 3 and summary.theta.shape == (4, 26)
+    (record,) = _runs(uri)
+    assert record.run_id == summary.run_id and record.params["problem.dataset"] == "embedded_mnist"
+    _assert_continuous(record, 3)
+    assert (tmp_path / "run" / "figures" / "filters.png").exists()
+    assert record.metrics["cumulative_krylov_iterations"] == summary.cumulative[
+        "krylov_iterations"]
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_compare_table(tmp_path, uri):
+    from framework import compare
+
+    sweep = tmp_path / "sweep"
+    result = _hyperkrylov(
+        ["-m", "recycle=ritz,harmonic_ritz", "recycle.dim=2,4", *BASE,
+         "outer.steps=3", f"hydra.sweep.dir={sweep}"],
+        tmp_path, uri,
+    )
+    assert result.returncode == 0, result.stderr
+    records = _runs(uri, sweep=str(sweep))
+    assert len(records) == 4 and len(_runs(uri)) == 4
+    assert {(r.params["recycle.strategy"], r.params["recycle.dim"]) for r in records} == {
+        ("ritz", "2"), ("ritz", "4"), ("harmonic_ritz", "2"), ("harmonic_ritz", "4")}
+    assert sorted(int(r.tags["hyperkrylov.job_num"]) for r in records) == [0, 1, 2, 3]
+    rows = compare.compare("hyperkrylov", sweep="latest", figure=tmp_path / "cmp.png")
+    assert len(rows) == 4 and (tmp_path / "cmp.png").exists()
+    by_id = {r.run_id: r for r in records}
+    for row in rows:
+        logged = by_id[row.run_id].metrics
+        assert row.krylov_iterations == logged["cumulative_krylov_iterations"]
+        assert row.applications == logged["cumulative_operator_applications"]
+        expected = 100 * (1 - logged["cumulative_krylov_iterations"]
+                          / logged["cumulative_baseline_krylov_iterations"])
+        assert row.savings_percent == pytest.approx(expected)
+        assert row.strategy == by_id[row.run_id].params["recycle.strategy"]
+    table = compare.format_table(rows)
+    assert len(table.splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_bit_identically(tmp_path, uri):
+    steps = 60
+    args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*_command(), *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=_env(uri),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    ckpt = out / "checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.load(ckpt)["step"]
+    assert 0 < killed_at < steps
+
+    resumed = _hyperkrylov([*args, f"hydra.run.dir={out}"], tmp_path, uri)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    reference = _hyperkrylov(
+        [*args, f"hydra.run.dir={tmp_path / 'ref'}", "tracking.experiment=reference"],
+        tmp_path, uri,
+    )
+    assert reference.returncode == 0, reference.stderr
+    theta = np.load(out / "theta.npz")["theta"]
+    theta_ref = np.load(tmp_path / "ref" / "theta.npz")["theta"]
+    assert theta.tobytes() == theta_ref.tobytes()
+    (record,) = _runs(uri)
+    assert record.status == "FINISHED"
+    _assert_continuous(record, steps)
+    (ref_record,) = _runs(uri, "reference")
+    for key in ("upper_loss", "cumulative_krylov_iterations"):
+        assert dict(record.history[key]) == dict(ref_record.history[key])
+
+
+@pytest.mark.slow
+def test_parallel_jobs_share_one_fresh_sqlite_store(tmp_path, uri):
+    procs = [
+        subprocess.Popen(
+            [*_command(), *QUICK, "outer.steps=3", f"recycle.dim={k}",
+             f"hydra.run.dir={tmp_path / str(k)}"],
+            cwd=tmp_path, env=_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (1, 2, 3, 4)
+    ]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    records = _runs(uri)
+    assert sorted(r.params["recycle.dim"] for r in records) == ["1", "2", "3", "4"]
+    assert all(r.status == "FINISHED" and len(r.history["upper_loss"]) == 3 for r in records)
+
+
+def test_gradient_descent_backtracks_on_the_batch_loss(tmp_path):
+    cfg = _compose("problem.num_samples=2", "problem.num_filters=4", "recycle.dim=2",
+                   "outer=gd", "outer.lr=1", "outer.steps=3", "tracking=disabled",
+                   "baseline=none")
+    summary = run(cfg, output_dir=tmp_path)
+    state = checkpoint.load(summary.checkpoint_path)
+    history = state["history"]
+    assert summary.run_id is None and summary.tracking_uri is None
+    assert all(h["outer_backtracks"] > 0 for h in history)
+    assert all(h["outer_step_size"] < 1 for h in history)
+    losses = [h["upper_loss"] for h in history]
+    assert losses[-1] < losses[0]
+
+
+def test_unreachable_tracking_server_is_reported_at_start(tmp_path, uri):
+    result = _hyperkrylov(
+        [*QUICK, "tracking.uri=http://127.0.0.1:9", f"hydra.run.dir={tmp_path}/run"], tmp_path, uri
+    )
+    assert result.returncode == 3
+    assert "unreachable" in result.stderr and "http://127.0.0.1:9" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_sweep_id_groups_single_runs(tmp_path, uri):
+    for k in (2, 3):
+        cfg = _compose(*QUICK, f"recycle.dim={k}", "outer.steps=2", "tracking.sweep_id=grp")
+        run(cfg, output_dir=tmp_path / str(k))
+    assert len(_runs(uri, sweep="grp")) == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, uri):
+    run(_compose(*QUICK, "recycle.dim=2", "tracking=disabled"), output_dir=tmp_path)
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^recycle\.dim: .*another config"):
+        run(_compose(*QUICK, "recycle.dim=3", "tracking=disabled"), output_dir=tmp_path)
+    longer = run(_compose(*QUICK, "recycle.dim=2", "outer.steps=6", "tracking=disabled"),
+                 output_dir=tmp_path)  # a longer run of the same config continues
+    assert longer.resumed_from_step == 4 and longer.steps == 6

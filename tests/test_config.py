@@ -1,0 +1,99 @@
+"""Composed configs: every group option validates; bad values fail naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+from framework.config import Config, ConfigError, flatten, validate
+
+GROUP_OPTIONS = {
+    "problem": ["mnist_inpainting", "denoise", "quadratic"],
+    "backend": ["numpy", "cupy", "array_api_strict"],
+    "recycle": ["none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both"],
+    "outer": ["adam", "gd"],
+    "stop": ["residual", "hypergradient"],
+    "tracking": ["default", "disabled"],
+    "baseline": ["none", "shadow"],
+    "checkpoint": ["default", "off"],
+    "experiment": ["quick", "paper_mnist", "rgen_nsc"],
+}
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_is_valid():
+    c = validate(_compose())
+    assert isinstance(c, Config)
+    assert c.problem.name == "mnist_inpainting" and c.problem.dataset == "embedded_mnist"
+    assert c.recycle.strategy == "ritz" and c.outer.name == "adam"
+    assert c.baseline.mode == "shadow" and c.tracking.enabled
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g, opts in GROUP_OPTIONS.items() for o in opts]
+)
+def test_every_group_option_composes_and_validates(override):
+    c = validate(_compose(override))
+    group, option = override.split("=")
+    if group == "recycle":
+        assert c.recycle.strategy == option
+    if group == "problem":
+        assert c.problem.name == option
+
+
+def test_bsds_with_existing_path_validates(tmp_path):
+    c = validate(_compose("problem=bsds_deblur", f"problem.data_path={tmp_path}"))
+    assert c.problem.operator == "blur"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["recycle.strategy=ritzz"], "recycle.strategy"),
+        (["recycle.dim=-3"], "recycle.dim"),
+        (["outer.lr=0"], "outer.lr"),
+        (["outer.lr=-1e-3"], "outer.lr"),
+        (["outer.steps=0"], "outer.steps"),
+        (["problem=bsds_deblur"], "problem.data_path"),
+        (["problem=bsds_deblur", "problem.data_path=/no/such/folder"], "problem.data_path"),
+        (["problem.kernel_size=4"], "problem.kernel_size"),
+        (["problem.num_samples=40"], "problem.num_samples"),
+        (["recycle.which=middle"], "recycle.which"),
+        (["backend.name=jax"], "backend.name"),
+        (["stop.rule=galerkin"], "stop.rule"),
+        (["baseline.mode=all"], "baseline.mode"),
+        (["checkpoint.every=-1"], "checkpoint.every"),
+        (["solver.max_vectors=0"], "solver.max_vectors"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        validate(_compose(*overrides))
+
+
+def test_typos_and_wrong_types_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="dimm"):
+        _compose("recycle.dimm=3")
+    with pytest.raises(ConfigCompositionException, match="recycle"):
+        _compose("recycle=ritzz")
+    with pytest.raises(ConfigCompositionException):
+        _compose("recycle.dim=abc")
+
+
+def test_flatten_gives_dotted_string_params():
+    flat = flatten(validate(_compose("problem=quadratic")))
+    assert flat["problem.name"] == "quadratic"
+    assert flat["solver.lower.gtol"] == "1e-06"
+    assert flat["solver.max_vectors"] == "null"
+    assert len(flat) < 100
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_experiment_preset_overrides_groups():
+    c = validate(_compose("experiment=quick"))
+    assert c.problem.name == "quadratic" and c.recycle.dim == 4 and c.outer.steps == 5

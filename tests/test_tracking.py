@@ -1,0 +1,156 @@
+"""MLflow tracking: params in batches, stepped metrics, artifacts, resume, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from framework import tracking
+from framework.tracking import NullTracker, Tracker, TrackingError
+
+# MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch):
+    value = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    return value
+
+
+def test_mlflow_is_the_installed_package_not_the_repo_folder():
+    import mlflow
+
+    repo_store = Path(__file__).resolve().parents[1] / "mlflow"
+    assert "site-packages" in mlflow.__file__
+    assert not (repo_store / "__init__.py").exists()
+
+
+def test_only_tracking_imports_mlflow():
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("framework", "backends", "problems"):
+        for path in (root / folder).rglob("*.py"):
+            if path.name == "tracking.py":
+                continue
+            text = path.read_text()
+            if "import mlflow" in text or "from mlflow" in text:
+                offenders.append(str(path))
+    assert offenders == []
+
+
+def test_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/env.db")
+    assert tracking.resolve_uri(None) == "sqlite:////x/env.db"
+    assert tracking.resolve_uri("http://h:5000") == "http://h:5000"
+    assert tracking.artifact_root(f"sqlite:///{tmp_path}/m.db") == (tmp_path / "artifacts").as_uri()
+
+
+def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
+    tracker = Tracker(experiment="unit")
+    run_id = tracker.start(run_name="r1", tags={tracking.SWEEP_TAG: "s1"})
+    params = {f"p{i:03d}": i for i in range(250)}
+    params["long"] = "x" * 7000
+    tracker.log_params(params)
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "iters": 10 + step, "skip": "text"}, step)
+    (tmp_path / "theta.npz").write_bytes(b"data")
+    tracker.log_artifact(tmp_path / "theta.npz")
+    tracker.log_text("a: 1\n", "config.yaml")
+    tracker.end()
+
+    (record,) = tracking.read_runs(None, "unit", sweep_id="s1")
+    assert record.run_id == run_id and record.name == "r1" and record.status == "FINISHED"
+    assert len(record.params) == 251 and len(record.params["long"]) == 6000
+    assert record.history["loss"] == ((0, 1.0), (1, 0.5), (2, 1 / 3))
+    assert "skip" not in record.metrics
+    assert tracking.read_runs(None, "unit", sweep_id="other") == []
+    artifacts = tmp_path / "artifacts"
+    assert sorted(p.name for p in artifacts.rglob("*") if p.is_file()) == [
+        "config.yaml",
+        "theta.npz",
+    ]
+
+
+def test_resume_continues_the_same_run(uri):
+    first = Tracker(experiment="unit")
+    run_id = first.start(run_name="r")
+    first.log_params({"a": 1, "b": 2})
+    first.log_metrics({"loss": 3.0}, 0)  # killed here: the run stays RUNNING
+    second = Tracker(experiment="unit")
+    assert second.start(run_id=run_id) == run_id
+    second.log_params({"a": 1, "b": 5, "c": 3})  # b changed: recorded as a tag, no error
+    second.log_metrics({"loss": 2.0}, 1)
+    second.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.params == {"a": "1", "b": "2", "c": "3"}
+    assert record.tags["resume.b"] == "5"
+    assert record.history["loss"] == ((0, 3.0), (1, 2.0))
+
+
+def test_unreachable_server_is_reported_fast():
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable"):
+        Tracker("http://127.0.0.1:9", "unit")
+    assert time.perf_counter() - start < 10
+
+
+def test_deleted_experiment_and_missing_experiment(uri):
+    tracking.prepare_experiment(uri, "gone")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
+    with pytest.raises(TrackingError, match="deleted"):
+        Tracker(experiment="gone")
+    with pytest.raises(TrackingError, match="no MLflow experiment"):
+        tracking.read_runs(None, "never")
+
+
+def test_retry_backs_off_while_database_is_locked():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert tracking.retry(flaky, base=0.001) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        tracking.retry(lambda: (_ for _ in ()).throw(ValueError("other")), base=0.001)
+
+
+def test_null_tracker_records_nothing(tmp_path):
+    before = set(sys.modules)
+    t = tracking.make_tracker(type("C", (), {"enabled": False})())
+    assert isinstance(t, NullTracker) and not t.enabled
+    assert t.start(run_name="x") is None
+    t.log_params({"a": 1})
+    t.log_metrics({"a": 1.0}, 0)
+    t.log_artifact(tmp_path / "none")
+    t.end()
+    assert t.describe() == "tracking disabled"
+    assert "mlflow" in before or "mlflow" not in sys.modules
+
+
+def test_default_store_is_mlflow_folder_of_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracker = tracking.make_tracker(
+        type("C", (), {"enabled": True, "uri": None, "experiment": "default"})()
+    )
+    tracker.start(run_name="r")
+    (tmp_path / "f.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "f.txt")
+    tracker.end()
+    assert tracker.uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("f.txt"))
+    assert not (tmp_path / "mlflow" / "__init__.py").exists()
