@@ -86,7 +86,7 @@ class SolverConfig:
     atol: float = 0.0
     maxiter: int = 500
     max_vectors: int | None = None
-    batched: bool = False
+    batched: bool = True
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 

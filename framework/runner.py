@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from backends import get_backend
+from backends import get_backend, tune_cpu_allocator
 from framework import checkpoint, plots
 from framework.config import Config, ConfigError, flatten, to_yaml, validate
 from framework.outer import make_optimizer
@@ -286,6 +286,8 @@ def _loop(
     from tqdm import tqdm
 
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
+    if backend.name == "numpy":
+        tune_cpu_allocator()  # batched temporaries: avoid an mmap + page faults per array
     problem_set = build_problems(c.problem, backend, c.seed)
     engine = engine_factory(problem_set, c, backend)
     optimizer = make_optimizer(c.outer, mask=problem_set.mask)
