@@ -7,7 +7,12 @@ Ritz recycling (k configurable).  Time per outer step is the median over the ste
 the first; ratios are measured side by side in this run.
 
     python benchmarks/bench_batched_engine.py [--batch 16] [--steps 6] [--k 5]
-        [--backend numpy|cupy] [--dataset mnist|bsds --data ../shared/data] [--sigma 3]
+        [--backends numpy cupy] [--dataset mnist|bsds --data ../shared/data] [--sigma 3]
+
+GPU check (issue 6): B = 64 BSDS 64×64 crops, blur σ = 3, CuPy vs NumPy in one run:
+
+    python benchmarks/bench_batched_engine.py --dataset bsds --batch 64 --crop 64 \
+        --backends numpy cupy --skip-unbatched --steps 4
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def build(be, args):
             for i, img in enumerate(images)]
 
 
-def run(engine, theta0, steps, sync):
+def run(engine, theta0, steps, sync, peak):
     theta, adam, times, iters = theta0, Adam(lr=1e-2), [], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -70,7 +75,23 @@ def run(engine, theta0, steps, sync):
         sync()
         times.append(time.perf_counter() - t0)
         iters.append(sum(r.krylov_iterations for r in result.samples))
+        peak()
     return times, iters, result
+
+
+def gpu_memory_probe(backend_name: str):
+    """A callable recording the CuPy pool's high-water mark (no-op elsewhere)."""
+    state = {"peak": 0}
+    if backend_name != "cupy":
+        return (lambda: None), state
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+
+    def probe() -> None:
+        state["peak"] = max(state["peak"], pool.total_bytes())
+
+    return probe, state
 
 
 def main() -> None:
@@ -78,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backends", nargs="+", default=["numpy"])
     parser.add_argument("--dataset", choices=["mnist", "bsds"], default="mnist")
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--crop", type=int, default=64)
@@ -88,39 +109,48 @@ def main() -> None:
     args = parser.parse_args()
     tuned = tune_cpu_allocator()
     print("command:", " ".join([sys.executable, *sys.argv]))
-    print(f"inputs: backend {args.backend}, B = {args.batch} {args.dataset} samples, FoE 24 DCT "
-          f"5×5 Lorentzian, Ritz k = {args.k}, MINRES rtol 1e-3, L-BFGS gtol 1e-6, "
-          f"{args.steps} Adam steps, check_every = {args.check_every}, "
+    print(f"inputs: backends {args.backends}, B = {args.batch} {args.dataset} samples, FoE 24 "
+          f"DCT 5×5 Lorentzian, Ritz k = {args.k}, MINRES rtol 1e-3, L-BFGS gtol 1e-6, "
+          f"{args.steps} Adam steps (median of steps 2..), check_every = {args.check_every}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
           f"glibc heap tuning {'on' if tuned else 'off'}")
-    be = get_backend(args.backend)
-    problems = build(be, args)
     cfg = EngineConfig(recycle=RecycleConfig("ritz", args.k), stop=StopConfig(rtol=1e-3),
                        lower_gtol=1e-6)
-    theta0 = be.asarray(initial_theta(dct_filters(5), -1.0))
-    rows = {}
-    engines = [("batched", BatchedBilevelEngine(problems, cfg, backend=be,
-                                                check_every=args.check_every))]
-    if not args.skip_unbatched:
-        engines.insert(0, ("one-by-one", BilevelEngine(problems, cfg, backend=be)))
-    for name, engine in engines:
-        times, iters, last = run(engine, theta0, args.steps, be.sync)
-        per_step = statistics.median(times[1:]) if len(times) > 1 else times[0]
-        m = last.metrics()
-        apps = m.get("batch_applications", m["operator_applications"])
-        passes = m.get("batch_passes", m["operator_passes"])
-        rows[name] = per_step
-        print(f"{name:<11} {per_step * 1e3:9.1f} ms/step  Krylov iterations/step {iters[-1]:5d}  "
-              f"last step: applications {apps:.0f}, passes {passes:.0f}, "
-              f"{apps / sum(r.time_krylov + r.time_recycle + r.time_jac for r in last.samples):.0f}"
-              f" Hessian-phase applications/s")
-    if len(rows) == 2:
-        print(f"speed-up batched vs one-by-one: {rows['one-by-one'] / rows['batched']:.2f}×")
-    if args.backend == "cupy":
-        import cupy
-
-        print(f"peak GPU memory (pool): {cupy.get_default_memory_pool().total_bytes() / 2**20:.1f}"
-              " MiB")
+    per_step = {}
+    for backend_name in args.backends:
+        be = get_backend(backend_name)
+        problems = build(be, args)
+        n = problems[0].n
+        theta0 = be.asarray(initial_theta(dct_filters(5), -1.0))
+        engines = [("batched", BatchedBilevelEngine(problems, cfg, backend=be,
+                                                    check_every=args.check_every))]
+        if not args.skip_unbatched:
+            engines.insert(0, ("one-by-one", BilevelEngine(problems, cfg, backend=be)))
+        for name, engine in engines:
+            probe, mem = gpu_memory_probe(backend_name)
+            times, iters, last = run(engine, theta0, args.steps, be.sync, probe)
+            step = statistics.median(times[1:]) if len(times) > 1 else times[0]
+            per_step[(backend_name, name)] = step
+            m = last.metrics()
+            apps = m.get("batch_applications", m["operator_applications"])
+            passes = m.get("batch_passes", m["operator_passes"])
+            hess_time = sum(r.time_krylov + r.time_recycle + r.time_jac for r in last.samples)
+            line = (f"{backend_name:<6} {name:<11} {step * 1e3:9.1f} ms/step  Krylov "
+                    f"iterations/step {iters[-1]:5d}  last step: applications {apps:.0f}, "
+                    f"passes {passes:.0f}, {apps / hess_time:.0f} Hessian-phase applications/s")
+            if backend_name == "cupy":
+                line += f", peak GPU pool {mem['peak'] / 2**20:.1f} MiB"
+            print(line)
+        recycle_bytes = n * (2 * args.k) * 8
+        print(f"{backend_name:<6} recycle state per sample: U and C, n·2k·8 = {recycle_bytes} B "
+              f"(n = {n}); the harvest adds n·(m+1)·8 B while a solve runs")
+    for backend_name in args.backends:
+        if (backend_name, "one-by-one") in per_step:
+            ratio = per_step[(backend_name, "one-by-one")] / per_step[(backend_name, "batched")]
+            print(f"speed-up batched vs one-by-one on {backend_name}: {ratio:.2f}×")
+    if ("numpy", "batched") in per_step and ("cupy", "batched") in per_step:
+        ratio = per_step[("numpy", "batched")] / per_step[("cupy", "batched")]
+        print(f"speed-up CuPy vs NumPy (batched): {ratio:.2f}×")
 
 
 if __name__ == "__main__":
