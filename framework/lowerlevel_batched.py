@@ -27,6 +27,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from backends.host import to_host
 from framework.lowerlevel import LowerLevelStatus
 
 _Search = Generator[tuple[bool, float], tuple[float, float], tuple[str | None, bool]]
@@ -58,15 +59,8 @@ class BatchedLowerLevelResult:
 
 
 def _host(xp: Any, a: Any) -> np.ndarray:
-    """B device values to the host (documented transfer)."""
-    try:
-        return np.asarray(a, dtype=np.float64)
-    except Exception:  # CuPy, PyTorch on a GPU, array-api-strict on another device
-        if hasattr(a, "get"):
-            return np.asarray(a.get(), dtype=np.float64)
-        if hasattr(a, "cpu"):
-            return np.asarray(a.detach().cpu().numpy(), dtype=np.float64)
-        return np.asarray(a.to_device(xp.Device("CPU_DEVICE")), dtype=np.float64)
+    """B device values to the host as float64 (documented transfer)."""
+    return np.asarray(to_host(a), dtype=np.float64)
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from backends.host import to_host
+
 
 @dataclass(frozen=True)
 class OuterStep:
@@ -30,19 +32,8 @@ class OuterStep:
     loss_evals: int
 
 
-def _host(a: Any) -> np.ndarray:
-    if a is None:
-        return None
-    if isinstance(a, np.ndarray):
-        return a.copy()
-    try:
-        return np.asarray(a).copy()
-    except Exception:  # device arrays (CuPy, array-api-strict on another device)
-        if hasattr(a, "get"):
-            return a.get()
-        xp = array_api_compat.array_namespace(a)
-        cpu = getattr(xp, "Device", None)
-        return np.asarray(a.to_device(cpu("CPU_DEVICE")) if cpu else a)
+def _host(a: Any) -> np.ndarray | None:
+    return None if a is None else to_host(a)
 
 
 def _like(host: np.ndarray | None, theta: Any) -> Any:

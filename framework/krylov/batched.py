@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from backends.host import to_host
 from framework.krylov.minres import Status
 from framework.krylov.stopping import check_tolerances
 
@@ -244,10 +245,10 @@ def rminres_batched(
         x = x - _bmv(U, z)
 
     # one transfer of the per-sample summaries to the host at the end
-    status_h = np.asarray(_host(xp, status)).astype(int)
-    iters_h = np.asarray(_host(xp, iterations)).astype(int)
+    status_h = np.asarray(to_host(status)).astype(int)
+    iters_h = np.asarray(to_host(iterations)).astype(int)
     hist = xp.stack(history, axis=1)
-    hist_h = np.asarray(_host(xp, hist))
+    hist_h = np.asarray(to_host(hist))
     last = [float(hist_h[i, min(iters_h[i], hist_h.shape[1] - 1)]) for i in range(B)]
     # samples that ended by breakdown/non-finite keep the last well-defined estimate
     return BatchedKrylovResult(
@@ -261,16 +262,6 @@ def rminres_batched(
         host_syncs=syncs,
         harvest=harvest.finish() if harvest is not None else None,
     )
-
-
-def _host(xp: Any, a: Any) -> Any:
-    """Bring a small array to the host (documented transfer at the end of a solve)."""
-    try:
-        return np.asarray(a)
-    except Exception:  # device arrays: CuPy, array-api-strict on another device
-        if hasattr(a, "get"):
-            return a.get()
-        return np.asarray(a.to_device(xp.Device("CPU_DEVICE")))
 
 
 def residual_norms(xp: Any, A: Callable[[Any], Any], b: Any, x: Any) -> Any:

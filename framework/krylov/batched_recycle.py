@@ -21,6 +21,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.host import to_host
 from framework.krylov.batched import BatchedRecycleSpace
 from framework.krylov.recycle import ORACLES, RecycleConfig
 from framework.krylov.selection import Projection, select
@@ -33,15 +34,6 @@ class BatchedCarry:
     """Chosen recycle vectors per sample, (B, n, k) with zero padding columns."""
 
     basis: Any
-
-
-def _to_host(xp: Any, a: Any) -> np.ndarray:
-    try:
-        return np.asarray(a)
-    except Exception:
-        if hasattr(a, "get"):
-            return a.get()
-        return np.asarray(a.to_device(xp.Device("CPU_DEVICE")))
 
 
 def space_from_products(Y: Any, AY: Any, *, rank_tol: float = 1e-10) -> BatchedRecycleSpace:
@@ -111,7 +103,7 @@ class BatchedRecycleHarvester:
         B, n = int(self.vectors[0].shape[0]), int(self.vectors[0].shape[1])
         if self.alphas:
             V, HV = self._lanczos_products()
-            steps = _to_host(xp, xp.sum(xp.astype(xp.stack(self.updates, axis=1), xp.int64),
+            steps = to_host(xp.sum(xp.astype(xp.stack(self.updates, axis=1), xp.int64),
                                         axis=1))
         else:
             V = HV = None
