@@ -115,8 +115,8 @@ def rminres(
     Parameters
     ----------
     A : callable
-        ``A(v)`` returns A·v for v of shape (n,); with a recycle space also used for
-        nothing else (C = AU is supplied).  Wrap it in ``CountingOperator`` to count.
+        ``A(v)`` returns A·v for v of shape (n,) (C = AU of a recycle space is supplied,
+        not recomputed).  Wrap it in ``CountingOperator`` to count applications.
     b : array (n,)
     x0 : array (n,), optional
         Starting guess (zero when omitted, which saves the initial application).
