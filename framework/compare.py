@@ -5,6 +5,12 @@ only one sweep (``--sweep <id>`` or ``--sweep latest``; the id is the ``hyperkry
 tag, the sweep's output folder).  Savings are against the run's own shadow baseline
 (warm-started MINRES without recycling on the same systems, ``baseline=shadow``) when it
 was logged, else against a run of the same sweep with ``recycle=none``.
+
+``--paper`` reports the ``task=resolve`` runs instead (re-solves of one recorded sequence,
+``framework.paper``): a table with totals, hypergradient errors and savings against the
+``none`` run, and the figures ``paper_strategies.png`` / ``paper_dimensions.png``::
+
+    hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """
 
 from __future__ import annotations
@@ -166,6 +172,50 @@ def compare(
     return rows
 
 
+def compare_paper(
+    experiment: str,
+    *,
+    sweep: str | None = None,
+    uri: str | None = None,
+    folder: str | Path | None = ".",
+) -> tuple[list, list[Path]]:
+    """The paper report of the re-solve runs of ``experiment`` (one sweep when given):
+    ``(rows, figure paths)``; figures are written to ``folder`` (None: none written)."""
+    from framework import paper
+
+    if sweep == "latest":
+        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
+        if sweep is None:
+            raise TrackingError(f"experiment {experiment!r} has no sweep runs")
+    records = read_runs(uri, experiment, sweep_id=sweep, history_keys=paper.HISTORY_KEYS)
+    rows = paper.paper_rows(records)
+    figures = [] if folder is None else paper.paper_figures(records, folder)
+    return rows, figures
+
+
+def _main_paper(args: argparse.Namespace) -> int:
+    from framework.paper import format_paper_table
+
+    try:
+        rows, figures = compare_paper(
+            args.experiment, sweep=args.sweep, uri=args.uri, folder=args.outdir or None
+        )
+    except TrackingError as exc:
+        print(f"hyperkrylov-compare: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print(
+            f"hyperkrylov-compare: no finished task=resolve runs in experiment "
+            f"{args.experiment!r}" + (f" sweep {args.sweep!r}" if args.sweep else ""),
+            file=sys.stderr,
+        )
+        return 1
+    print(format_paper_table(rows))
+    for path in figures:
+        print(f"figure: {path.resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``hyperkrylov-compare``."""
     parser = argparse.ArgumentParser(
@@ -184,7 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--figure", default="comparison.png", help="PNG to write ('' for no figure)"
     )
+    parser.add_argument(
+        "--paper", action="store_true",
+        help="report the task=resolve runs (re-solves of one recorded sequence) as in the "
+        "paper: a table and the figures paper_strategies.png / paper_dimensions.png",
+    )
+    parser.add_argument(
+        "--outdir", default=".", help="folder for the --paper figures ('' for none)"
+    )
     args = parser.parse_args(argv)
+    if args.paper:
+        return _main_paper(args)
     try:
         rows = compare(
             args.experiment, sweep=args.sweep, uri=args.uri, figure=args.figure or None

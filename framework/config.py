@@ -31,6 +31,7 @@ WHICH = ("small", "large", "mix")
 STOP_RULES = ("residual", "hypergradient")
 OPTIMIZERS = ("adam", "gd")
 BASELINES = ("none", "shadow")
+TASKS = ("train", "record", "resolve", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """Recording and re-solving Hessian sequences (``task=record`` / ``task=resolve``).
+
+    ``samples``: the sample indices whose systems ``task=record`` records; ``path``: the
+    recording ``task=resolve`` re-solves; ``sample``: which recorded sample it re-solves
+    (None = the first); ``reference_rtol``: MINRES tolerance of the reference
+    hypergradients (computed once, cached next to the recording as ``<stem>.refs.npz``).
+    """
+
+    path: str | None = None
+    filename: str = "sequence.npz"
+    samples: list[int] = field(default_factory=lambda: [0])
+    sample: int | None = None
+    reference_rtol: float = 1e-10
+
+
+@dataclass
+class EvaluateConfig:
+    """``task=evaluate``: PSNR of a learned θ against the best Huber-TV and the measurement
+    on held-out images ``problem.start + problem.num_samples + offset`` onwards."""
+
+    theta_path: str | None = None
+    offset: int = 0
+    num_samples: int = 4
+    tv_grid: list[float] = field(
+        default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
+    )
+
+
+@dataclass
 class Config:
     """The whole composed configuration of one run."""
 
@@ -150,9 +181,11 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    task: str = "train"
     seed: int = 0
     progress: bool = True
-
 
 
 def register_configs() -> None:
@@ -235,6 +268,48 @@ def _validate_problem(p: ProblemConfig) -> None:
         raise ConfigError(f"problem.data_path: {str(path)!r} does not exist")
 
 
+def _validate_task(c: Config) -> None:
+    s = c.sequence
+    if not s.filename or "/" in s.filename or not s.filename.endswith(".npz"):
+        raise ConfigError(
+            f"sequence.filename: must be a plain file name ending in .npz; got {s.filename!r}"
+        )
+    _positive("sequence.reference_rtol", s.reference_rtol)
+    if c.task == "record":
+        if not s.samples:
+            raise ConfigError("sequence.samples: give at least one sample index to record")
+        count = c.problem.num_samples
+        bad = [i for i in s.samples if not 0 <= i < count]
+        if bad or len(set(s.samples)) != len(s.samples):
+            raise ConfigError(
+                f"sequence.samples: must be distinct indices in [0, {count}) "
+                f"(problem.num_samples); got {list(s.samples)!r}"
+            )
+    if c.task == "resolve":
+        if not s.path:
+            raise ConfigError(
+                "sequence.path: required for task=resolve; give sequence.path=/path/to/"
+                "sequence.npz (written by task=record)"
+            )
+        path = Path(s.path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"sequence.path: {str(path)!r} does not exist or is not a file")
+    if c.task == "evaluate":
+        if not c.evaluate.theta_path:
+            raise ConfigError(
+                "evaluate.theta_path: required for task=evaluate; give "
+                "evaluate.theta_path=/path/to/theta.npz (written by a training run)"
+            )
+        if not Path(c.evaluate.theta_path).expanduser().is_file():
+            raise ConfigError(
+                f"evaluate.theta_path: {c.evaluate.theta_path!r} does not exist or is not a file"
+            )
+        _positive("evaluate.num_samples", c.evaluate.num_samples)
+        _positive("evaluate.offset", c.evaluate.offset, allow_zero=True)
+        if not c.evaluate.tv_grid:
+            raise ConfigError("evaluate.tv_grid: give at least one log10 TV weight")
+
+
 def validate(cfg: DictConfig | Config) -> Config:
     """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key."""
     if isinstance(cfg, DictConfig):
@@ -248,7 +323,10 @@ def validate(cfg: DictConfig | Config) -> Config:
         assert isinstance(c, Config)
     else:
         c = cfg
-    _validate_problem(c.problem)
+    _choice("task", c.task, TASKS)
+    if c.task != "resolve":  # a re-solve takes its problem from the recording
+        _validate_problem(c.problem)
+    _validate_task(c)
     _choice("backend.name", c.backend.name, BACKENDS)
     _choice("backend.dtype", c.backend.dtype, DTYPES)
     _positive("solver.rtol", c.solver.rtol, allow_zero=True)

@@ -146,3 +146,55 @@ def comparison(runs: Sequence[tuple[str, History]], keys: Mapping[str, str]) -> 
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
+
+
+PAPER_PANELS = (
+    ("Krylov iterations per system", "iterations", False),
+    ("cumulative Krylov iterations", "cumulative_iterations", False),
+    ("log₁₀ relative hypergradient error", "hg_error", True),
+    ("upper-level cost ℓ(x_t)", "upper_loss", False),
+)
+
+
+def paper_strategies(runs: Sequence[tuple[str, History]]) -> Any:
+    """The paper's 2×2 figure for re-solves of one recorded sequence: iterations per
+    system, cumulative iterations, log₁₀ relative hypergradient error, upper-level cost
+    (the recording's, the same for every run, drawn once)."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (title, key, log10) in zip(axes.flat, PAPER_PANELS, strict=True):
+        for i, (label, history) in enumerate(runs):
+            series = _series(history, key)
+            if series is None or (key == "upper_loss" and i > 0):
+                continue
+            steps, values = series
+            if log10:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values = np.log10(values)
+            ax.plot(steps, values, ".-", ms=3, label=label if key != "upper_loss" else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("system t (outer step)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def dimension_sweep(
+    curves: Mapping[str, Sequence[tuple[int, float]]], baseline: float | None = None
+) -> Any:
+    """Total Krylov iterations against the recycle dimension k, one line per strategy, and
+    the no-recycling total as a horizontal line."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, points in curves.items():
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="k", ls="--", lw=1, label="none (no recycling)")
+    ax.set_xlabel("recycle dimension k")
+    ax.set_ylabel("total Krylov iterations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

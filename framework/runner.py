@@ -67,6 +67,7 @@ class RunSummary:
     cumulative: Mapping[str, float]
     wall_time: float
     theta: np.ndarray
+    sequence_path: Path | None = None
 
 
 EngineFactory = Callable[[ProblemSet, Config, Any], Any]
@@ -151,7 +152,12 @@ def _run_name(c: Config) -> str:
     if c.tracking.run_name:
         return c.tracking.run_name
     dim = "" if c.recycle.strategy == "none" else f"-k{c.recycle.dim}"
-    return f"{c.problem.name}-{c.recycle.strategy}{dim}"
+    if c.task == "resolve":
+        from framework.resolve import method_label
+
+        return f"resolve-{method_label(c.recycle.strategy, c.recycle.which, c.stop.rule)}{dim}"
+    prefix = "" if c.task == "train" else f"{c.task}-"
+    return f"{prefix}{c.problem.name}-{c.recycle.strategy}{dim}"
 
 
 def _say(message: str) -> None:
@@ -223,20 +229,70 @@ def _batch_loss(engine: Any, indices: Sequence[int], c: Config) -> Callable[[Any
     return loss
 
 
+def _run_other(
+    c: Config, out: Path, sweep_tags: dict[str, str], started: float, recording: Any
+) -> Any:
+    """``task=resolve`` / ``task=evaluate``: one tracked run, no training loop."""
+    tags = {OUTPUT_DIR_TAG: str(out.resolve()), **sweep_tags}
+    if c.task == "evaluate":
+        from framework.evaluation import prepare_evaluation
+
+        prepared = prepare_evaluation(c)  # bad θ file / held-out range: before any run
+    else:
+        from framework.resolve import resolve_tags
+
+        tags.update(resolve_tags(c))
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(c.tracking)
+    run_id = tracker.start(run_name=_run_name(c), tags=tags)
+    _say(f"output dir {out.resolve()}")
+    if tracker.enabled:
+        _say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
+    try:
+        if c.task == "resolve":
+            from framework.resolve import resolve_params, run_resolve
+
+            tracker.log_params(resolve_params(c, recording))
+            tracker.log_text(to_yaml(c), "config.yaml")
+            summary = run_resolve(c, recording, out, tracker, _say, started)
+        else:
+            from framework.evaluation import run_evaluation
+
+            tracker.log_params({**flatten(c)})
+            tracker.log_text(to_yaml(c), "config.yaml")
+            summary = run_evaluation(c, prepared, out, tracker, _say)
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    if tracker.enabled:
+        _say(f"MLflow run {run_id} at {tracker.uri}")
+    return summary
+
+
 # -- the run ------------------------------------------------------------------------------
 def run(
     cfg: DictConfig | Config,
     *,
     output_dir: str | Path | None = None,
     engine_factory: EngineFactory | None = None,
-) -> RunSummary:
-    """Run (or resume) the experiment described by ``cfg``; see the module docstring."""
+) -> Any:
+    """Run (or resume) the experiment described by ``cfg``; see the module docstring.
+    ``task=train``/``record`` return a ``RunSummary``, ``task=resolve`` a
+    ``framework.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``."""
     started = time.perf_counter()
     c = validate(cfg)
     hydra_dir, sweep_tags = _hydra_context()
     if c.tracking.sweep_id:
         sweep_tags[SWEEP_TAG] = c.tracking.sweep_id
     out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
+    if c.task in ("resolve", "evaluate"):
+        recording = None
+        if c.task == "resolve":  # a bad recording fails here, before any tracking run exists
+            from framework.resolve import load_sequence
+
+            recording = load_sequence(c.sequence.path or "")
+        return _run_other(c, out, sweep_tags, started, recording)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / c.checkpoint.filename
     state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
@@ -292,6 +348,13 @@ def _loop(
     engine = engine_factory(problem_set, c, backend)
     optimizer = make_optimizer(c.outer, mask=problem_set.mask)
     rng, entropy = _batch_generator(c.seed)
+    recorder = None
+    if c.task == "record":
+        from framework.record_task import SequenceRecorder
+
+        recorder = SequenceRecorder(c.sequence.samples, c.solver.lower)
+        if state is not None and "recording" in state:
+            recorder.load_state_dict(state["recording"])
 
     if state is None:
         start = 0
@@ -337,6 +400,7 @@ def _loop(
                 "per_sample": per_sample,
                 "cumulative": cumulative,
                 "config": _identity(c),
+                **({} if recorder is None else {"recording": recorder.state_dict()}),
             },
         )
 
@@ -350,6 +414,8 @@ def _loop(
             indices = _batch(rng, len(problem_set), c.outer.batch_size)
             t0 = time.perf_counter()
             result = engine.evaluate(theta, indices)
+            if recorder is not None:
+                recorder.capture(engine, theta, indices, backend)
             loss_fn = _batch_loss(engine, indices, c) if c.outer.name == "gd" else None
             update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
             theta = update.theta
@@ -386,6 +452,18 @@ def _loop(
     theta_path = out / THETA_FILE
     np.savez(theta_path, theta=theta_np)
     tracker.log_artifact(theta_path)
+    sequence_path = None
+    if recorder is not None:
+        from framework.record_task import problem_config_json
+
+        recording = recorder.recording(problem_set.problems, backend, problem_config_json(c))
+        sequence_path = recording.save(out / c.sequence.filename).resolve()
+        tracker.log_artifact(sequence_path)
+        tracker.set_tags({"hyperkrylov.task": "record"})
+        _say(
+            f"recorded sequence ({recording.steps} steps, samples "
+            f"{list(recording.sample_indices)}): {sequence_path}"
+        )
     _log_figures(c, out, tracker, problem_set, backend, theta, history, per_sample)
     losses = [h["upper_loss"] for h in history]
     return RunSummary(
@@ -402,6 +480,7 @@ def _loop(
         cumulative=dict(cumulative),
         wall_time=time.perf_counter() - started,
         theta=theta_np,
+        sequence_path=sequence_path,
     )
 
 

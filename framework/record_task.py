@@ -1,0 +1,103 @@
+"""``task=record``: capture θ_t and the recorded samples' x_t = x(θ_t) inside the run loop.
+
+At every outer step the runner evaluates a mini-batch at θ_t; a recorded sample that is
+in the batch contributes the engine's own lower-level solution, one that is not is
+solved here by L-BFGS (warm-started from its previous recorded x), so every recorded
+step holds x(θ_t) of every recorded sample.  The result is a ``RecordedSequence`` whose
+``problem_config`` JSON (``{"problem": ..., "seed": ..., "dtype": ...}``) is enough for
+``problems.factory.build_problems`` to rebuild the samples (``problem_from_recording``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from framework.recording import RecordedSequence
+
+CONFIG_VERSION = 1
+
+
+def problem_config_json(c: Any) -> str:
+    """The JSON stored in a recording: the problem config, the seed and the dtype."""
+    return json.dumps(
+        {
+            "version": CONFIG_VERSION,
+            "problem": asdict(c.problem),
+            "seed": int(c.seed),
+            "dtype": c.backend.dtype,
+        },
+        sort_keys=True,
+    )
+
+
+class SequenceRecorder:
+    """Collects θ_t and x_t of ``samples`` step by step (host NumPy copies)."""
+
+    def __init__(self, samples: Sequence[int], lower: Any) -> None:
+        self.samples = tuple(int(i) for i in samples)
+        self.lower = lower  # solver.lower config: gtol, maxiter, memory
+        self.thetas: list[np.ndarray] = []
+        self.xs: list[np.ndarray] = []
+
+    def capture(self, engine: Any, theta: Any, indices: Sequence[int], backend: Any) -> None:
+        """Record θ (the point the step was evaluated at) and x(θ) of every recorded
+        sample; call right after ``engine.evaluate(theta, indices)``."""
+        from framework.lowerlevel import lbfgs
+
+        batch = set(int(i) for i in indices)
+        row = []
+        for pos, i in enumerate(self.samples):
+            state_x = engine.states[i].x
+            if i in batch and state_x is not None:
+                row.append(backend.to_numpy(state_x))
+                continue
+            p = engine.problems[i]
+            if self.xs:
+                x0 = backend.asarray(self.xs[-1][pos])
+            elif state_x is not None:
+                x0 = state_x
+            else:
+                x0 = p.y if tuple(p.y.shape) == (p.n,) else p.xp.zeros_like(p.x_true)
+            fused = getattr(p, "lower_value_and_grad", None)
+            result = lbfgs(
+                lambda x, p=p: p.lower_objective(x, theta),
+                lambda x, p=p: p.lower_grad(x, theta),
+                x0,
+                gtol=self.lower.gtol,
+                maxiter=self.lower.maxiter,
+                memory=self.lower.memory,
+                value_and_grad=None if fused is None else (lambda x, f=fused: f(x, theta)),
+            )
+            row.append(backend.to_numpy(result.x))
+        self.thetas.append(np.array(backend.to_numpy(theta), copy=True))
+        self.xs.append(np.stack(row))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": list(self.samples), "thetas": list(self.thetas), "xs": list(self.xs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["samples"]) != self.samples:
+            raise ValueError("the checkpoint recorded other samples (sequence.samples)")
+        self.thetas = [np.asarray(t) for t in state["thetas"]]
+        self.xs = [np.asarray(x) for x in state["xs"]]
+
+    def recording(
+        self, problems: Sequence[Any], backend: Any, config_json: str
+    ) -> RecordedSequence:
+        """The ``RecordedSequence`` of everything captured so far."""
+        if not self.thetas:
+            raise ValueError("nothing recorded: the run made no outer step")
+        chosen = [problems[i] for i in self.samples]
+        return RecordedSequence(
+            thetas=np.stack(self.thetas),
+            xs=np.stack(self.xs),
+            x_true=np.stack([backend.to_numpy(p.x_true) for p in chosen]),
+            y=np.stack([backend.to_numpy(p.y) for p in chosen]),
+            sample_indices=self.samples,
+            problem_config=config_json,
+        )

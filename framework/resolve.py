@@ -1,0 +1,272 @@
+"""``task=resolve``: re-solve a recorded Hessian sequence with one solver configuration.
+
+The paper's protocol: one training run records θ_t and x_t (``task=record``); every
+strategy then solves the *same* systems H(x_t, θ_t) w = ∇ℓ(x_t) with warm starts and its
+own recycling, and its hypergradients are compared with references from a tight MINRES
+(``sequence.reference_rtol``, 1e-10 by default).  The references are computed once per
+recording and sample and cached next to it as ``<stem>.refs.npz`` (keyed by the
+recording's SHA-256 and the tolerance; rewritten atomically when stale).
+
+Per system t the run logs, at MLflow step t: ``iterations``, ``hvp``, ``hvp_passes``,
+``jac_t``, ``jac_t_passes``, ``applications``, ``passes``, ``hg_error`` (relative error of
+−Jᵀw against the reference), ``hg_error_estimate`` (the NSC estimate; NaN without NSC),
+``residual_norm``, ``converged``, ``recycle_dim``, ``solve_time`` and ``upper_loss``
+(ℓ(x_t) of the recorded sample), plus ``cumulative_*`` of the counts; at the end the
+totals ``total_*``, ``mean_hg_error`` and ``max_hg_error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from framework.config import Config, ConfigError, ProblemConfig
+from framework.krylov.selection import DEFAULT_WHICH
+from framework.krylov.sequence import LinearSystem, SequenceResult, solve_sequence
+from framework.krylov.stopping import StopConfig
+from framework.recording import RecordedSequence
+
+TASK_TAG = "hyperkrylov.task"
+STRATEGY_TAG = "hyperkrylov.strategy"
+DIM_TAG = "hyperkrylov.dim"
+STOP_TAG = "hyperkrylov.stop"
+WHICH_TAG = "hyperkrylov.which"
+LABEL_TAG = "hyperkrylov.label"
+SEQUENCE_TAG = "hyperkrylov.sequence"
+COUNT_KEYS = ("iterations", "hvp", "hvp_passes", "jac_t", "jac_t_passes", "applications",
+              "passes", "solve_time")
+
+
+def method_label(strategy: str, which: str | None, stop_rule: str) -> str:
+    """The paper's name of a configuration: none, Ritz-S, HRitz-S, RGen-L(R), RGen-L(L),
+    RGen-L(B), with "+NSC" for the hypergradient stopping rule."""
+    if strategy == "none":
+        base = "none"
+    else:
+        end = {"small": "S", "large": "L", "mix": "M"}.get(
+            which or DEFAULT_WHICH.get(strategy, "large"), "?"
+        )
+        base = {
+            "ritz": f"Ritz-{end}",
+            "harmonic_ritz": f"HRitz-{end}",
+            "rgen_right": f"RGen-{end}(R)",
+            "rgen_left": f"RGen-{end}(L)",
+            "rgen_both": f"RGen-{end}(B)",
+        }.get(strategy, strategy)
+    return base + ("+NSC" if stop_rule == "hypergradient" else "")
+
+
+def load_sequence(path: str | Path) -> RecordedSequence:
+    """Read a recording, or raise ``ConfigError`` naming ``sequence.path``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"sequence.path: {str(path)!r} does not exist or is not a file")
+    try:
+        recording = RecordedSequence.load(path)
+        config = recording.config()
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(
+            f"sequence.path: {str(path)!r} is not a readable recording ({type(exc).__name__}: "
+            f"{exc}); write one with task=record"
+        ) from exc
+    if "problem" not in config or recording.xs.ndim != 3:
+        raise ConfigError(
+            f"sequence.path: {str(path)!r} lacks the problem config or has malformed arrays; "
+            "write it with task=record"
+        )
+    if recording.xs.shape[:2] != (recording.steps, len(recording.sample_indices)):
+        raise ConfigError(f"sequence.path: {str(path)!r} has inconsistent array shapes")
+    return recording
+
+
+def problem_from_recording(recording: RecordedSequence, sample: int, backend: Any) -> Any:
+    """Rebuild recorded sample ``sample`` from the stored config (``build_problems``)."""
+    from problems.factory import build_problems
+
+    config = recording.config()
+    pcfg = ProblemConfig(**config["problem"])
+    problem_set = build_problems(pcfg, backend, int(config.get("seed", 0)))
+    return problem_set.problems[sample]
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def refs_path(sequence_path: str | Path) -> Path:
+    """``<folder>/<stem>.refs.npz`` next to the recording."""
+    p = Path(sequence_path)
+    return p.with_name(p.name.removesuffix(".npz") + ".refs.npz")
+
+
+def reference_hypergradients(
+    sequence_path: str | Path, systems: list[LinearSystem], sample: int, rtol: float, backend: Any
+) -> tuple[np.ndarray, bool]:
+    """−Jᵀw* of every system (tight MINRES at ``rtol``), from the cache when it matches the
+    recording's digest and the tolerance; returns (references, taken_from_cache)."""
+    cache = refs_path(sequence_path)
+    digest = _digest(Path(sequence_path))
+    key = f"sample_{sample}"
+    stored: dict[str, np.ndarray] = {}
+    if cache.is_file():
+        try:
+            with np.load(cache) as data:
+                stored = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile):
+            stored = {}
+        fresh = str(stored.get("digest", "")) == digest and float(stored.get("rtol", -1)) == rtol
+        if not fresh:
+            stored = {}
+        elif key in stored and stored[key].shape[0] == len(systems):
+            return stored[key], True
+    tight = solve_sequence(systems, stop=StopConfig(rtol=rtol))
+    refs = np.stack([backend.to_numpy(r.hypergradient) for r in tight.records])
+    stored.update({key: refs, "digest": np.asarray(digest), "rtol": np.asarray(rtol)})
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".refs-", suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **stored)
+    os.replace(tmp, cache)
+    return refs, False
+
+
+@dataclass(frozen=True)
+class ResolveSummary:
+    """What a re-solve produced: per-system counts and totals."""
+
+    output_dir: Path
+    run_id: str | None
+    label: str
+    sample: int
+    result: SequenceResult
+    upper_losses: tuple[float, ...]
+    references_cached: bool
+    wall_time: float
+
+    @property
+    def final_loss(self) -> float:
+        return self.upper_losses[-1] if self.upper_losses else math.nan
+
+
+def resolve_params(c: Config, recording: RecordedSequence) -> dict[str, str]:
+    """Params of a re-solve run: the solver settings and the recorded problem."""
+    from framework.config import flatten
+
+    params = {
+        k: v for k, v in flatten(c).items()
+        if k.startswith(("recycle.", "stop.", "solver.", "sequence.", "backend."))
+    }
+    params["task"] = c.task
+    params["seed"] = str(c.seed)
+    config = recording.config()
+    for k, v in config["problem"].items():
+        params[f"recorded.problem.{k}"] = "null" if v is None else str(v)
+    params["recorded.seed"] = str(config.get("seed"))
+    params["recorded.steps"] = str(recording.steps)
+    params["recorded.samples"] = json.dumps(list(recording.sample_indices))
+    return params
+
+
+def resolve_tags(c: Config) -> dict[str, str]:
+    which = c.recycle.which or ("-" if c.recycle.strategy == "none" else "default")
+    dim = 0 if c.recycle.strategy == "none" else c.recycle.dim
+    return {
+        TASK_TAG: "resolve",
+        STRATEGY_TAG: c.recycle.strategy,
+        DIM_TAG: str(dim),
+        STOP_TAG: c.stop.rule,
+        WHICH_TAG: which,
+        LABEL_TAG: method_label(c.recycle.strategy, c.recycle.which, c.stop.rule),
+        SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
+    }
+
+
+def run_resolve(
+    c: Config, recording: RecordedSequence, out: Path, tracker: Any, say: Any, started: float
+) -> ResolveSummary:
+    """Re-solve the recorded sequence of one sample with ``c``'s solver settings."""
+    import time
+
+    from backends import get_backend
+    from framework.runner import engine_config
+
+    dtype = recording.config().get("dtype", c.backend.dtype)
+    backend = get_backend(c.backend.name, dtype=dtype, device=c.backend.device)
+    sample = recording.sample_indices[0] if c.sequence.sample is None else c.sequence.sample
+    if sample not in recording.sample_indices:
+        raise ConfigError(
+            f"sequence.sample: {sample} was not recorded; the recording holds samples "
+            f"{list(recording.sample_indices)}"
+        )
+    problem = problem_from_recording(recording, sample, backend)
+    systems = recording.systems(problem, backend, sample=sample)
+    refs, cached = reference_hypergradients(
+        c.sequence.path, systems, sample, c.sequence.reference_rtol, backend
+    )
+    say(("reused" if cached else "computed") + f" reference hypergradients in "
+        f"{refs_path(c.sequence.path)}")
+    systems = [
+        LinearSystem(s.H, s.g, s.jac_t, backend.asarray(r))
+        for s, r in zip(systems, refs, strict=True)
+    ]
+    ec = engine_config(c)
+    result = solve_sequence(systems, recycle=ec.recycle, stop=ec.stop, maxiter=ec.krylov_maxiter)
+    which = recording.sample_indices.index(sample)
+    losses = tuple(
+        float(problem.upper_loss(backend.asarray(recording.xs[t, which])))
+        for t in range(recording.steps)
+    )
+    cumulative = dict.fromkeys(COUNT_KEYS, 0.0)
+    for r, loss in zip(result.records, losses, strict=True):
+        metrics = {
+            "iterations": r.iterations, "hvp": r.hvp, "hvp_passes": r.hvp_passes,
+            "jac_t": r.jac_t, "jac_t_passes": r.jac_t_passes, "applications": r.applications,
+            "passes": r.passes, "hg_error": r.hg_error, "hg_error_estimate": r.hg_error_estimate,
+            "residual_norm": r.residual_norm, "converged": float(r.converged),
+            "recycle_dim": r.recycle_dim, "solve_time": r.seconds, "upper_loss": loss,
+        }
+        for key in COUNT_KEYS:
+            cumulative[key] += float(metrics[key])
+            metrics[f"cumulative_{key}"] = cumulative[key]
+        tracker.log_metrics(metrics, r.index)
+    errors = [r.hg_error for r in result.records]
+    totals = {f"total_{k}": v for k, v in cumulative.items()}
+    totals.update(
+        {
+            "systems": float(len(result.records)),
+            "mean_hg_error": float(np.mean(errors)),
+            "max_hg_error": float(np.max(errors)),
+            "unconverged": float(sum(not r.converged for r in result.records)),
+        }
+    )
+    tracker.log_metrics(totals, len(result.records))
+    label = method_label(c.recycle.strategy, c.recycle.which, c.stop.rule)
+    say(
+        f"{label} k={0 if c.recycle.strategy == 'none' else c.recycle.dim}: "
+        f"{int(cumulative['iterations'])} iterations, {int(cumulative['applications'])} "
+        f"operator applications, {int(cumulative['passes'])} passes over "
+        f"{len(result.records)} systems; hypergradient error mean {totals['mean_hg_error']:.3g} "
+        f"max {totals['max_hg_error']:.3g}"
+    )
+    return ResolveSummary(
+        output_dir=out.resolve(),
+        run_id=tracker.run_id,
+        label=label,
+        sample=sample,
+        result=result,
+        upper_losses=losses,
+        references_cached=cached,
+        wall_time=time.perf_counter() - started,
+    )
