@@ -87,3 +87,39 @@ def test_batched_rejects_unsupported_modes():
     recycler = BatchedRecycler(RecycleConfig("ritz", 3, selection="outer"))
     with pytest.raises(ValueError, match="inner selection"):
         recycler.harvester()
+
+
+@pytest.mark.parametrize("strategy", ["ritz", "harmonic_ritz", "rgen_right", "rgen_left",
+                                      "rgen_both"])
+@pytest.mark.parametrize("which", ["small", "large", "mix"])
+def test_select_batched_equals_per_sample_select(backend, strategy, which):
+    import scipy.linalg as sla
+
+    from framework.krylov.batched_selection import select_batched
+    from framework.krylov.selection import Projection, select
+
+    rng = np.random.default_rng(0)
+    Bn, n, D, p, k = 4, 50, 16, 20, 6
+    counts = [16, 10, 5, 13]  # sample 2 has fewer valid columns than k
+    W = rng.standard_normal((Bn, n, D))
+    HW, JW = np.zeros_like(W), np.zeros((Bn, p, D))
+    valid = np.zeros((Bn, D), dtype=bool)
+    for i in range(Bn):
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        ev = np.logspace(-2, 1, n)
+        if i == 1:
+            ev[::3] *= -1  # indefinite
+        HW[i] = ((Q * ev) @ Q.T) @ W[i]
+        JW[i] = rng.standard_normal((p, n)) @ W[i]
+        valid[i, : counts[i]] = True
+    valid[3, 2] = False  # a padding column in the middle
+    U = backend.to_numpy(select_batched(backend.asarray(W), backend.asarray(HW),
+                                        backend.asarray(JW), backend.asarray(valid),
+                                        strategy, k, which))
+    for i in range(Bn):
+        cols = np.nonzero(valid[i])[0]
+        proj = Projection.from_products(W[i][:, cols], HW[i][:, cols], JW[i][:, cols])
+        ref = W[i][:, cols] @ select(proj, strategy, k, which)
+        ours = U[i][:, np.linalg.norm(U[i], axis=0) > 0]
+        assert ours.shape[1] == ref.shape[1] == min(k, len(cols))
+        assert np.max(sla.subspace_angles(ours, ref)) < 1e-8

@@ -1,14 +1,14 @@
 """Recycling for the batched solver: harvest, per-sample selection, batched C = H U.
 
 The harvest stores the Lanczos vectors of all samples as (B, n) rows; sample i's basis is
-W_i = [U_i, V_i[:, :m_i]] (m_i its own iteration count), HW_i comes from the Lanczos
-relation (no operator application) and JᵀW (RGen) is one batched block application.
-Selection solves one small d × d problem per sample with the same kernels as the
-unbatched path (``framework.krylov.selection``) — a Python loop over B small dense
-problems, the only per-sample step; the recycle space for the next systems is then built
-for all samples at once: C = H U by one batched block application of k vectors and a
-stacked QR/SVD.  Samples with fewer than k vectors are padded with zero columns, which
-the batched solver ignores.  Inner selection with unbounded storage only.
+W_i = [U_i, V_i[:, :m_i]] (m_i its own iteration count, padding columns of U_i masked),
+HW comes from the Lanczos relation (no operator application) and JᵀW (RGen) is one
+batched block application.  Selection runs for all samples at once on stacked (B, D, D)
+matrices (``framework.krylov.batched_selection``), with no host transfer; the recycle
+space for the next systems is then built for all samples together: C = H U by one
+batched block application of k vectors and a stacked QR/SVD.  Samples with fewer than k
+vectors are padded with zero columns, which the batched solver ignores.  Inner selection
+with unbounded storage only.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from backends.host import to_host
 from framework.krylov.batched import BatchedRecycleSpace
+from framework.krylov.batched_selection import select_batched
 from framework.krylov.recycle import ORACLES, RecycleConfig
-from framework.krylov.selection import Projection, select
 
 Operator = Callable[[Any], Any]
 
@@ -100,36 +98,24 @@ class BatchedRecycleHarvester:
             return None
         xp = array_namespace(self.vectors[0])
         cfg = self.config
-        B, n = int(self.vectors[0].shape[0]), int(self.vectors[0].shape[1])
+        blocks, hblocks, masks = [], [], []
+        if self.U is not None:
+            blocks.append(self.U)
+            hblocks.append(self.C)
+            masks.append(xp.linalg.vector_norm(self.U, axis=1) > 0)  # padding columns
         if self.alphas:
             V, HV = self._lanczos_products()
-            steps = to_host(xp.sum(xp.astype(xp.stack(self.updates, axis=1), xp.int64),
-                                        axis=1))
-        else:
-            V = HV = None
-            steps = np.zeros(B, dtype=int)
-        blocks = [b for b in (self.U, V) if b is not None]
+            steps = xp.sum(xp.astype(xp.stack(self.updates, axis=1), xp.int64), axis=1)
+            index = xp.arange(len(self.alphas), device=device_of(V))
+            blocks.append(V)
+            hblocks.append(HV)
+            masks.append(index[None, :] < steps[:, None])  # each sample's own iterations
         if not blocks:
             return None
-        W = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=2)
-        HW = self.C if V is None else (HV if self.U is None else xp.concat([self.C, HV], axis=2))
-        k0 = 0 if self.U is None else int(self.U.shape[2])
-        JW = self.jac_t(W) if self.jac_t is not None else None
-        chosen = []
-        for i in range(B):
-            d = k0 + int(steps[i])
-            if d == 0:
-                chosen.append(None)
-                continue
-            proj = Projection.from_products(
-                W[i, :, :d], HW[i, :, :d], None if JW is None else JW[i, :, :d]
-            )
-            chosen.append(W[i, :, :d] @ select(proj, cfg.strategy, cfg.k, cfg.which))
-        basis = xp.zeros((B, n, cfg.k), dtype=W.dtype, device=device_of(W))
-        for i, Ui in enumerate(chosen):
-            if Ui is not None:
-                basis[i, :, : Ui.shape[1]] = Ui
-        return BatchedCarry(basis=basis)
+        W, HW = xp.concat(blocks, axis=2), xp.concat(hblocks, axis=2)
+        valid = xp.concat(masks, axis=1)
+        JW = self.jac_t(W * xp.astype(valid, W.dtype)[:, None, :]) if self.jac_t else None
+        return BatchedCarry(select_batched(W, HW, JW, valid, cfg.strategy, cfg.k, cfg.which))
 
 
 class BatchedRecycler:
