@@ -19,6 +19,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.host import to_host
 from framework.counting import Counter, Counts
 from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
@@ -154,8 +155,8 @@ class BatchedBilevelEngine(BilevelEngine):
 
         carry_rows = res.harvest.basis if res.harvest is not None else None
         losses = batch.upper_loss(X)
-        loss_h = self._host(losses)
-        k_space = 0 if space is None else self._host(
+        loss_h = to_host(losses)
+        k_space = 0 if space is None else to_host(
             xp.sum(xp.astype(xp.linalg.vector_norm(space.C, axis=1) > 0, xp.int64), axis=1))
         records = []
         for j, i in enumerate(indices):
@@ -201,13 +202,6 @@ class BatchedBilevelEngine(BilevelEngine):
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(float(sum(loss_h)) / B, grad, indices, tuple(records),
                           batch_counts=spent)
-
-    def _host(self, a: Any) -> Any:
-        if self.backend is not None:
-            return self.backend.to_numpy(a)
-        import numpy as np
-
-        return np.asarray(a)
 
 
 def create_engine(
