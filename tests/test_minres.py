@@ -288,6 +288,17 @@ def test_bad_rhs_and_operator_shape():
         rminres(lambda v: v[:2], np.ones(4))
 
 
+def test_unreachable_tolerance_is_refused():
+    A = np.eye(4)
+    with pytest.raises(ValueError, match="rtol=1e-20 is below the machine epsilon"):
+        rminres(lambda v: A @ v, np.ones(4), rtol=1e-20)
+    with pytest.raises(ValueError, match="machine epsilon"):
+        rminres(lambda v: A @ v, np.ones(4, dtype=np.float32), rtol=1e-9)
+    # rtol = 0 (run to maxiter) and a tiny rtol with an atol stay allowed
+    assert rminres(lambda v: A @ v, np.ones(4), rtol=0.0, maxiter=2).converged
+    assert rminres(lambda v: A @ v, np.ones(4), rtol=1e-20, atol=1e-12).converged
+
+
 def test_residual_rule_threshold():
     rule = ResidualRule(rtol=1e-3, atol=1e-2)
     assert rule.threshold(1.0) == 1e-2 and rule.threshold(100.0) == pytest.approx(0.1)

@@ -26,7 +26,7 @@ from array_api_compat import array_namespace
 
 from backends.host import to_host
 from framework.krylov.minres import Status
-from framework.krylov.stopping import check_tolerances
+from framework.krylov.stopping import check_reachable, check_tolerances
 
 # status codes on the device (index into STATUS_ORDER)
 STATUS_ORDER = (None, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status.BREAKDOWN,
@@ -130,6 +130,7 @@ def rminres_batched(
 
     dtype = b.dtype
     eps = float(xp.finfo(dtype).eps)
+    check_reachable(rtol, atol, eps)
     breakdown_tol = 10.0 * eps
     initial = 0
     if x0 is None:

@@ -27,7 +27,13 @@ from array_api_compat import array_namespace
 
 from framework.krylov.lanczos import Harvester
 from framework.krylov.recycle_space import RecycleSpace
-from framework.krylov.stopping import IterationState, ResidualRule, StopRule, check_tolerances
+from framework.krylov.stopping import (
+    IterationState,
+    ResidualRule,
+    StopRule,
+    check_reachable,
+    check_tolerances,
+)
 
 
 class Status(enum.Enum):
@@ -154,7 +160,10 @@ def rminres(
     if isinstance(maxiter, bool) or not isinstance(maxiter, numbers.Integral) or maxiter < 1:
         raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
     maxiter = int(maxiter)
-    breakdown_tol = 10.0 * float(xp.finfo(b.dtype).eps)
+    eps = float(xp.finfo(b.dtype).eps)
+    if stop is None:
+        check_reachable(rtol, atol, eps)
+    breakdown_tol = 10.0 * eps
     rule = stop if stop is not None else ResidualRule(rtol, atol)
     keep_residual = bool(getattr(rule, "needs_residual", False))
     U = C = None

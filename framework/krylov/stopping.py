@@ -42,6 +42,16 @@ def check_tolerances(rtol: float, atol: float) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def check_reachable(rtol: float, atol: float, dtype_eps: float) -> None:
+    """Raise ``ValueError`` for a relative tolerance no iterate can reach in this dtype
+    (0 < rtol < eps with atol = 0); rtol = 0 (run to maxiter) stays allowed."""
+    if atol == 0 and 0 < rtol < dtype_eps:
+        raise ValueError(
+            f"rtol={rtol!r} is below the machine epsilon {dtype_eps:.2g} of the data's dtype "
+            "and cannot be reached; use a larger rtol, an atol, or rtol=0 to run to maxiter"
+        )
+
+
 @dataclass(frozen=True)
 class ResidualRule:
     """Stop when ‖r_k‖ ≤ max(rtol·‖b‖, atol) (the residual norm is the MINRES estimate)."""
