@@ -77,14 +77,16 @@ def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> Any:
     """The engine configured from the solver/recycle/stop/baseline groups: the batched
     engine (all samples of a step in one block solve) when ``solver.batched`` and the
     configuration allows it, else the per-sample ``BilevelEngine``."""
+    from framework.batched_engine import batching_unsupported, create_engine
+
     problems = list(problem_set.problems)
+    config = engine_config(cfg)
     if cfg.solver.batched:
-        from framework.batched_engine import create_engine
-
-        return create_engine(problems, engine_config(cfg), backend=backend, batched=True)
-    from framework.engine import BilevelEngine
-
-    return BilevelEngine(problems, engine_config(cfg), backend=backend)
+        reason = batching_unsupported(problems, config)
+        _say("engine: batched" if not reason else f"engine: per-sample ({reason})")
+    else:
+        _say("engine: per-sample (solver.batched=false)")
+    return create_engine(problems, config, backend=backend, batched=cfg.solver.batched)
 
 
 def engine_config(cfg: Config) -> Any:
