@@ -2,8 +2,8 @@
 
 Per outer step and batch of B samples: one batched L-BFGS (per-sample line searches and
 convergence masks), one linearisation of the B Hessians, one batched RMINRES (per-sample
-Lanczos scalars, recycle spaces and freezing; host checks every ``check_every``
-iterations) and one batched Jᵀ.  Per-sample state (``SampleState``: warm starts and the
+Lanczos scalars, recycle spaces and freezing; residual or NSC rule per sample; host
+checks every ``check_every`` iterations) and one batched Jᵀ.  Per-sample state (``SampleState``: warm starts and the
 recycle carry) is the same as in ``BilevelEngine``, so runs can switch engines and
 checkpoints are interchangeable.  Per-sample records count what the unbatched solver
 would have spent; ``StepResult.metrics`` adds what the batch really spent (passes, and
@@ -25,6 +25,7 @@ from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
 from framework.krylov.batched import rminres_batched
 from framework.krylov.batched_recycle import BatchedCarry, BatchedRecycler
+from framework.krylov.batched_stopping import BatchedHypergradientRule
 from framework.krylov.recycle import RecycleCarry
 from framework.lowerlevel_batched import lbfgs_batched
 from problems.batched import BatchedImagingProblem
@@ -38,8 +39,6 @@ def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
     rc = config.recycle
     if rc.strategy in ("eig", "gsvd") or rc.selection != "inner" or rc.max_vectors is not None:
         return "batched recycling supports inner selection with unbounded storage only"
-    if config.stop.kind != "residual":
-        return "the hypergradient (NSC) stopping rule runs on the unbatched path only"
     if config.lower_newton_steps:
         return "Newton polishing of the lower level runs on the unbatched path only"
     return ""
@@ -121,8 +120,16 @@ class BatchedBilevelEngine(BilevelEngine):
         G = batch.upper_grad(X)
         W0 = self._stack(xp, "w", indices, xp.zeros_like(G)) if cfg.warm_start else None
         space = self.batched_recycler.prepare(self._carry(xp, indices, n, G), lin.hvp)
-        t2 = time.perf_counter()
         stop = cfg.stop
+        rule = None
+        if stop.kind == "hypergradient" and space is not None:
+            # NSC; without a recycle space yet the residual rule applies (as unbatched)
+            rule = BatchedHypergradientRule(
+                space.U, space.C, lin.jac_t(space.U), G,
+                rtol=stop.rtol if stop.hg_rtol is None else stop.hg_rtol, atol=stop.atol,
+                safety=stop.safety, residual_rtol=stop.rtol, residual_atol=stop.atol,
+            )
+        t2 = time.perf_counter()
         res = rminres_batched(
             lin.hvp,
             G,
@@ -133,6 +140,7 @@ class BatchedBilevelEngine(BilevelEngine):
             maxiter=cfg.krylov_maxiter,
             check_every=self.check_every,
             harvest=self.batched_recycler.harvester(lin.jac_t),
+            stop=rule,
         )
         t3 = time.perf_counter()
         grads = -lin.jac_t(res.x)
@@ -158,13 +166,22 @@ class BatchedBilevelEngine(BilevelEngine):
         loss_h = to_host(losses)
         k_space = 0 if space is None else to_host(
             xp.sum(xp.astype(xp.linalg.vector_norm(space.C, axis=1) > 0, xp.int64), axis=1))
+        estimates = active = None
+        if rule is not None:
+            estimates = to_host(xp.stack(rule.estimates, axis=1))
+            active = to_host(rule.active)
         records = []
         for j, i in enumerate(indices):
             kj = 0 if space is None else int(k_space[j])
+            estimate = float("nan")
+            if estimates is not None and active[j]:
+                estimate = float(estimates[j, res.iterations[j]])
             # what the unbatched solver would spend on this sample: iterations (+1 for
             # the initial residual), k for C = HU, 1 for −Jᵀw and, for RGen, JᵀW on the
             # sample's own W = [U, V]; the batch's real spend is in batch_counts
             selection_jt = kj + res.iterations[j] if cfg.recycle.needs_jacobian else 0
+            if rule is not None:
+                selection_jt += kj  # JᵀU for the NSC estimator
             counts = Counts(
                 hvp=res.matvecs[j] + kj,
                 hvp_passes=res.matvecs[j] + (1 if kj else 0),
@@ -183,7 +200,7 @@ class BatchedBilevelEngine(BilevelEngine):
                 recycle_dim=kj,
                 counts=counts,
                 lower_counts=lower_counts,
-                hg_error_estimate=float("nan"),
+                hg_error_estimate=estimate,
                 time_lower=(t1 - t0) / B,
                 time_recycle=(t2 - t1) / B,
                 time_krylov=(t3 - t2) / B,

@@ -30,10 +30,12 @@ def mnist_problems(be, count=3):
     ]
 
 
-@pytest.mark.parametrize("strategy", ["none", "ritz", "rgen_right"])
-def test_batched_engine_matches_per_sample_engine(backend, strategy):
+@pytest.mark.parametrize("strategy, stop", [("none", "residual"), ("ritz", "residual"),
+                                            ("rgen_right", "residual"),
+                                            ("rgen_right", "hypergradient")])
+def test_batched_engine_matches_per_sample_engine(backend, strategy, stop):
     cfg = EngineConfig(recycle=RecycleConfig(strategy, 0 if strategy == "none" else 4),
-                       stop=StopConfig(rtol=1e-6), lower_gtol=1e-7, shadow_baseline=True)
+                       stop=StopConfig(stop, rtol=1e-6), lower_gtol=1e-7, shadow_baseline=True)
     theta = initial_theta(dct_filters(3)[:8], -1.0)
     ref = BilevelEngine(mnist_problems(backend), cfg, backend=backend)
     bat = BatchedBilevelEngine(mnist_problems(backend), cfg, backend=backend, check_every=4)
@@ -47,6 +49,9 @@ def test_batched_engine_matches_per_sample_engine(backend, strategy):
         ga, gb = backend.to_numpy(a.grad), backend.to_numpy(b.grad)
         assert np.linalg.norm(ga - gb) <= 1e-8 * np.linalg.norm(ga)
         assert a.loss == pytest.approx(b.loss, rel=1e-10)
+        assert [r.counts.jac_t for r in a.samples] == [r.counts.jac_t for r in b.samples]
+        np.testing.assert_allclose([r.hg_error_estimate for r in b.samples],
+                                   [r.hg_error_estimate for r in a.samples], rtol=1e-6)
         assert b.batch_counts.hvp_passes < sum(r.counts.hvp_passes for r in b.samples)
     # states are interchangeable: continue the per-sample engine from the batched state
     ref.load_state_dict(bat.state_dict())
@@ -59,12 +64,12 @@ def test_create_engine_falls_back_when_batching_is_unsupported():
     be = get_backend("numpy")
     quad = [QuadraticProblem(n=10, backend=be)]
     assert type(create_engine(quad, EngineConfig(), backend=be)) is BilevelEngine
-    nsc = EngineConfig(stop=StopConfig("hypergradient"), recycle=RecycleConfig("rgen_right", 3))
-    assert type(create_engine(mnist_problems(be, 2), nsc, backend=be)) is BilevelEngine
+    bounded = EngineConfig(recycle=RecycleConfig("ritz", 3, max_vectors=6))
+    assert type(create_engine(mnist_problems(be, 2), bounded, backend=be)) is BilevelEngine
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be)) is (
         BatchedBilevelEngine
     )
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be,
                               batched=False)) is BilevelEngine
-    with pytest.raises(ValueError, match="NSC"):
-        BatchedBilevelEngine(mnist_problems(be, 2), nsc, backend=be)
+    with pytest.raises(ValueError, match="unbounded storage"):
+        BatchedBilevelEngine(mnist_problems(be, 2), bounded, backend=be)

@@ -98,11 +98,14 @@ def rminres_batched(
     maxiter: int | None = None,
     check_every: int = 1,
     harvest: Any = None,
+    stop: Any = None,
 ) -> BatchedKrylovResult:
     """Solve A_i x_i = b_i for every row i of ``b`` (B, n) by (recycled) MINRES.
 
     The stopping rule per sample is ‖r_i‖ ≤ max(rtol·‖b_i‖, atol) on the MINRES estimate,
-    as in ``rminres``.  ``harvest`` (a batched harvester) receives the Lanczos data.
+    as in ``rminres``, unless ``stop`` (e.g. ``BatchedHypergradientRule``) is given: its
+    ``converged(rnorm, residual)`` returns the (B,) mask, with the residual kept by
+    recurrence.  ``harvest`` (a batched harvester) receives the Lanczos data.
     """
     xp = array_namespace(b)
     if b.ndim != 2:
@@ -130,7 +133,8 @@ def rminres_batched(
 
     dtype = b.dtype
     eps = float(xp.finfo(dtype).eps)
-    check_reachable(rtol, atol, eps)
+    if stop is None:
+        check_reachable(rtol, atol, eps)
     breakdown_tol = 10.0 * eps
     initial = 0
     if x0 is None:
@@ -151,11 +155,13 @@ def rminres_batched(
     b_norm = xp.sqrt(xp.sum(b * b, axis=1))
     thresh = xp.maximum(rtol * b_norm, xp.full_like(b_norm, atol))
     beta1 = xp.sqrt(xp.sum(r * r, axis=1))
+    residual = r if stop is not None else None
+    start_done = beta1 <= thresh if stop is None else stop.converged(beta1, r)
     history = [beta1]
     zeros_b = xp.zeros_like(beta1)
     ones_b = xp.ones_like(beta1)
     status = xp.where(
-        beta1 <= thresh,
+        start_done,
         xp.where(beta1 > 0, xp.full_like(beta1, _CONVERGED), xp.full_like(beta1, _EXACT)),
         xp.full_like(beta1, _RUNNING),
     )
@@ -228,7 +234,12 @@ def rminres_batched(
         iterations = iterations + xp.astype(update, dtype)
         rnorm = xp.abs(phibar)
         history.append(rnorm)
-        converged = update & ~exact & (rnorm <= thresh)
+        if stop is None:
+            converged = update & ~exact & (rnorm <= thresh)
+        else:
+            fresh = (s * s)[:, None] * residual + (phibar * c)[:, None] * v_next
+            residual = xp.where(_rows(xp, update), fresh, residual)
+            converged = update & ~exact & stop.converged(rnorm, residual)
         status = xp.where(nonfinite, xp.full_like(status, _NONFINITE), status)
         status = xp.where(breakdown, xp.full_like(status, _BREAKDOWN), status)
         status = xp.where(exact, xp.full_like(status, _EXACT), status)
