@@ -3,9 +3,9 @@
 Per outer step and batch of B samples: one batched L-BFGS (per-sample line searches and
 convergence masks), one linearisation of the B Hessians, one batched RMINRES (per-sample
 Lanczos scalars, recycle spaces and freezing; residual or NSC rule per sample; host
-checks every ``check_every`` iterations) and one batched Jᵀ.  Per-sample state (``SampleState``: warm starts and the
-recycle carry) is the same as in ``BilevelEngine``, so runs can switch engines and
-checkpoints are interchangeable.  Per-sample records count what the unbatched solver
+checks every ``check_every`` iterations) and one batched Jᵀ.  Per-sample state
+(``SampleState``: warm starts and the recycle carry) is the same as in
+``BilevelEngine``, so runs can switch engines and checkpoints are interchangeable.  Per-sample records count what the unbatched solver
 would have spent; ``StepResult.metrics`` adds what the batch really spent (passes, and
 applications including frozen rows).
 """
@@ -37,8 +37,8 @@ def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
     if not all(isinstance(p, ImagingProblem) for p in problems):
         return "batched path needs imaging problems"
     rc = config.recycle
-    if rc.strategy in ("eig", "gsvd") or rc.selection != "inner" or rc.max_vectors is not None:
-        return "batched recycling supports inner selection with unbounded storage only"
+    if rc.strategy in ("eig", "gsvd") or rc.selection != "inner":
+        return "batched recycling supports inner selection only (no dense oracles)"
     if config.lower_newton_steps:
         return "Newton polishing of the lower level runs on the unbatched path only"
     return ""

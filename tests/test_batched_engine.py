@@ -30,11 +30,14 @@ def mnist_problems(be, count=3):
     ]
 
 
-@pytest.mark.parametrize("strategy, stop", [("none", "residual"), ("ritz", "residual"),
-                                            ("rgen_right", "residual"),
-                                            ("rgen_right", "hypergradient")])
-def test_batched_engine_matches_per_sample_engine(backend, strategy, stop):
-    cfg = EngineConfig(recycle=RecycleConfig(strategy, 0 if strategy == "none" else 4),
+@pytest.mark.parametrize("strategy, stop, cap", [("none", "residual", None),
+                                                 ("ritz", "residual", None),
+                                                 ("ritz", "residual", 8),
+                                                 ("rgen_right", "residual", None),
+                                                 ("rgen_right", "hypergradient", 8)])
+def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap):
+    cfg = EngineConfig(recycle=RecycleConfig(strategy, 0 if strategy == "none" else 4,
+                                             max_vectors=cap),
                        stop=StopConfig(stop, rtol=1e-6), lower_gtol=1e-7, shadow_baseline=True)
     theta = initial_theta(dct_filters(3)[:8], -1.0)
     ref = BilevelEngine(mnist_problems(backend), cfg, backend=backend)
@@ -64,12 +67,12 @@ def test_create_engine_falls_back_when_batching_is_unsupported():
     be = get_backend("numpy")
     quad = [QuadraticProblem(n=10, backend=be)]
     assert type(create_engine(quad, EngineConfig(), backend=be)) is BilevelEngine
-    bounded = EngineConfig(recycle=RecycleConfig("ritz", 3, max_vectors=6))
-    assert type(create_engine(mnist_problems(be, 2), bounded, backend=be)) is BilevelEngine
+    outer = EngineConfig(recycle=RecycleConfig("ritz", 3, selection="outer"))
+    assert type(create_engine(mnist_problems(be, 2), outer, backend=be)) is BilevelEngine
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be)) is (
         BatchedBilevelEngine
     )
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be,
                               batched=False)) is BilevelEngine
-    with pytest.raises(ValueError, match="unbounded storage"):
-        BatchedBilevelEngine(mnist_problems(be, 2), bounded, backend=be)
+    with pytest.raises(ValueError, match="inner selection"):
+        BatchedBilevelEngine(mnist_problems(be, 2), outer, backend=be)

@@ -32,10 +32,12 @@ def batched_ops(be, seqs, t):
     return H, JT
 
 
-@pytest.mark.parametrize("strategy", ["ritz", "harmonic_ritz", "rgen_right"])
-def test_batched_sequence_equals_per_sample(backend, strategy):
+@pytest.mark.parametrize("strategy, cap", [("ritz", None), ("harmonic_ritz", None),
+                                           ("rgen_right", None), ("ritz", 6),
+                                           ("rgen_right", 6)])
+def test_batched_sequence_equals_per_sample(backend, strategy, cap):
     seqs = [drifting_sequence(side=SIDE, count=T, seed=s, p=6, drift=1e-2) for s in range(B)]
-    cfg = RecycleConfig(strategy, 4)
+    cfg = RecycleConfig(strategy, 4, max_vectors=cap)
     rtol = 1e-8
     # per-sample reference
     ref_iters, ref_x = [], []

@@ -7,8 +7,8 @@ batched block application.  Selection runs for all samples at once on stacked (B
 matrices (``framework.krylov.batched_selection``), with no host transfer; the recycle
 space for the next systems is then built for all samples together: C = H U by one
 batched block application of k vectors and a stacked QR/SVD.  Samples with fewer than k
-vectors are padded with zero columns, which the batched solver ignores.  Inner selection
-with unbounded storage only.
+vectors are padded with zero columns, which the batched solver ignores.  Inner selection;
+``max_vectors`` bounds the stored Lanczos vectors by cycles as in the unbatched path.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace
-from array_api_compat import device as device_of
 
 from framework.krylov.batched import BatchedRecycleSpace
-from framework.krylov.batched_selection import select_batched
+from framework.krylov.batched_selection import selection_coefficients
 from framework.krylov.recycle import ORACLES, RecycleConfig
 
 Operator = Callable[[Any], Any]
@@ -49,21 +48,34 @@ def space_from_products(Y: Any, AY: Any, *, rank_tol: float = 1e-10) -> BatchedR
 
 
 class BatchedRecycleHarvester:
-    """Batched harvester for ``rminres_batched(harvest=...)`` (inner selection)."""
+    """Batched harvester for ``rminres_batched(harvest=...)`` (inner selection).
+
+    With ``max_vectors = s`` it compresses [Z, V_s] to k vectors every s steps for all
+    samples at once (HZ and JᵀZ carried as combinations), so memory is O(Bn(k + s)).
+    """
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
         if config.needs_jacobian and jac_t is None:
             raise ValueError(f"strategy {config.strategy!r} needs a jac_t operator")
-        if config.selection != "inner" or config.max_vectors is not None:
-            raise ValueError("the batched path supports inner selection with unbounded storage")
+        if config.selection != "inner":
+            raise ValueError("the batched path supports inner selection only")
         self.config = config
         self.jac_t = jac_t if config.needs_jacobian else None
+        self.cycles = 0
         self._begun = False
 
     def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+        xp = array_namespace(v1)
         self._begun = True
-        self.U, self.C = U, C
+        self.C = C
+        self.Z, self.HZ, self.JZ = U, C, None
+        self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=1) > 0
         self.vectors = [v1]
+        self.v_prev = None
+        self.beta_prev = xp.zeros_like(beta1)
+        self._reset()
+
+    def _reset(self) -> None:
         self.alphas: list[Any] = []
         self.betas: list[Any] = []
         self.bcols: list[Any] = []
@@ -76,46 +88,61 @@ class BatchedRecycleHarvester:
         self.updates.append(update)
         if b_col is not None:
             self.bcols.append(b_col)
+        cap = self.config.max_vectors
+        if cap is not None and len(self.alphas) >= cap:
+            self._compress(final=False)
 
     def _lanczos_products(self) -> tuple[Any, Any]:
-        """V (B, n, M) and HV from the Lanczos relation, M = steps taken by the batch."""
+        """V (B, n, m) of the current block and HV from the Lanczos relation."""
         xp = array_namespace(self.vectors[0])
-        M = len(self.alphas)
-        Vall = xp.stack(self.vectors, axis=2)  # (B, n, M + 1)
-        V = Vall[:, :, :M]
-        alphas = xp.stack(self.alphas, axis=1)  # (B, M)
+        m = len(self.alphas)
+        Vall = xp.stack(self.vectors[: m + 1], axis=2)  # (B, n, m + 1)
+        V = Vall[:, :, :m]
+        alphas = xp.stack(self.alphas, axis=1)  # (B, m)
         betas = xp.stack(self.betas, axis=1)  # β_{j+1}
-        zero = xp.zeros_like(V[:, :, :1])
-        down = xp.concat([zero, V[:, :, : M - 1]], axis=2) if M > 1 else zero
-        lower = xp.concat([xp.zeros_like(betas[:, :1]), betas[:, : M - 1]], axis=1)
+        first = xp.zeros_like(V[:, :, :1]) if self.v_prev is None else self.v_prev[:, :, None]
+        down = xp.concat([first, V[:, :, : m - 1]], axis=2) if m > 1 else first
+        lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
         HV = V * alphas[:, None, :] + down * lower[:, None, :] + Vall[:, :, 1:] * betas[:, None, :]
         if self.bcols:
             HV = HV + self.C @ xp.stack(self.bcols, axis=2)
         return V, HV
 
+    def _compress(self, *, final: bool) -> None:
+        xp = array_namespace(self.vectors[0])
+        cfg = self.config
+        V, HV = self._lanczos_products()
+        vvalid = xp.stack(self.updates, axis=1)  # each sample's own iterations
+        blocks = [b for b in (self.Z, V) if b is not None]
+        W, HW = xp.concat(blocks, axis=2), xp.concat([b for b in (self.HZ, HV) if b is not None],
+                                                      axis=2)
+        valid = vvalid if self.Z is None else xp.concat([self.zvalid, vvalid], axis=1)
+        JW = None
+        if self.jac_t is not None:
+            if self.Z is not None and self.JZ is None:
+                self.JZ = self.jac_t(self.Z)
+            JV = self.jac_t(V * xp.astype(vvalid, V.dtype)[:, None, :])
+            JW = JV if self.JZ is None else xp.concat([self.JZ, JV], axis=2)
+        coef = selection_coefficients(W, HW, JW, valid, cfg.strategy, cfg.k, cfg.which)
+        Wm = W * xp.astype(valid, W.dtype)[:, None, :]
+        self.Z = Wm @ coef
+        self.zvalid = xp.linalg.vector_norm(self.Z, axis=1) > 0
+        if not final:
+            self.HZ = (HW * xp.astype(valid, W.dtype)[:, None, :]) @ coef
+            self.JZ = None if JW is None else JW @ coef
+            m = len(self.alphas)
+            self.v_prev = self.vectors[m - 1]
+            self.beta_prev = self.betas[m - 1]
+            self.vectors = self.vectors[m:]
+            self._reset()
+        self.cycles += 1
+
     def finish(self) -> BatchedCarry | None:
         if not self._begun:
             return None
-        xp = array_namespace(self.vectors[0])
-        cfg = self.config
-        blocks, hblocks, masks = [], [], []
-        if self.U is not None:
-            blocks.append(self.U)
-            hblocks.append(self.C)
-            masks.append(xp.linalg.vector_norm(self.U, axis=1) > 0)  # padding columns
         if self.alphas:
-            V, HV = self._lanczos_products()
-            steps = xp.sum(xp.astype(xp.stack(self.updates, axis=1), xp.int64), axis=1)
-            index = xp.arange(len(self.alphas), device=device_of(V))
-            blocks.append(V)
-            hblocks.append(HV)
-            masks.append(index[None, :] < steps[:, None])  # each sample's own iterations
-        if not blocks:
-            return None
-        W, HW = xp.concat(blocks, axis=2), xp.concat(hblocks, axis=2)
-        valid = xp.concat(masks, axis=1)
-        JW = self.jac_t(W * xp.astype(valid, W.dtype)[:, None, :]) if self.jac_t else None
-        return BatchedCarry(select_batched(W, HW, JW, valid, cfg.strategy, cfg.k, cfg.which))
+            self._compress(final=True)
+        return None if self.Z is None else BatchedCarry(self.Z)
 
 
 class BatchedRecycler:

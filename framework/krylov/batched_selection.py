@@ -141,6 +141,23 @@ def select_batched(
 ) -> Any:
     """The chosen vectors U (B, n, k) of every sample (zero columns where a sample has
     fewer than k): W, HW (B, n, D), JW (B, p, D) or None, ``valid`` (B, D) bool."""
+    xp = array_namespace(W, HW)
+    coef = selection_coefficients(W, HW, JW, valid, strategy, k, which, rank_tol=rank_tol)
+    return (W * xp.astype(valid, W.dtype)[:, None, :]) @ coef
+
+
+def selection_coefficients(
+    W: Any,
+    HW: Any,
+    JW: Any,
+    valid: Any,
+    strategy: str,
+    k: int,
+    which: str | None = None,
+    *,
+    rank_tol: float = 1e-12,
+) -> Any:
+    """Coefficients (B, D, k) of the chosen vectors in the masked basis W·diag(valid)."""
     if strategy not in SELECTORS:
         raise ValueError(
             f"unknown selection strategy {strategy!r}; valid names are {', '.join(SELECTORS)}"
@@ -167,4 +184,4 @@ def select_batched(
     D = Y.shape[-1]
     gather = xp.broadcast_to(slots[:, None, :], (Y.shape[0], D, slots.shape[-1]))
     Yk = xp.take_along_axis(Y, gather, axis=-1) * xp.astype(filled, Y.dtype)[:, None, :]
-    return Wm @ (S @ Yk)
+    return S @ Yk
