@@ -5,9 +5,10 @@ convergence masks), one linearisation of the B Hessians, one batched RMINRES (pe
 Lanczos scalars, recycle spaces and freezing; residual or NSC rule per sample; host
 checks every ``check_every`` iterations) and one batched Jᵀ.  Per-sample state
 (``SampleState``: warm starts and the recycle carry) is the same as in
-``BilevelEngine``, so runs can switch engines and checkpoints are interchangeable.  Per-sample records count what the unbatched solver
-would have spent; ``StepResult.metrics`` adds what the batch really spent (passes, and
-applications including frozen rows).
+``BilevelEngine``, so runs can switch engines and checkpoints are interchangeable.
+Per-sample records count what the unbatched solver would have spent;
+``StepResult.metrics`` adds what the batch really spent (passes, and applications
+including frozen rows).
 """
 
 from __future__ import annotations
