@@ -18,7 +18,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from framework.krylov.selection import DEFAULT_WHICH, SELECTORS, WHICH
+from framework.krylov.selection import check_selection
 
 
 def _t(xp: Any, a: Any) -> Any:
@@ -158,13 +158,7 @@ def selection_coefficients(
     rank_tol: float = 1e-12,
 ) -> Any:
     """Coefficients (B, D, k) of the chosen vectors in the masked basis W·diag(valid)."""
-    if strategy not in SELECTORS:
-        raise ValueError(
-            f"unknown selection strategy {strategy!r}; valid names are {', '.join(SELECTORS)}"
-        )
-    which = DEFAULT_WHICH[strategy] if which is None else which
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    which = check_selection(strategy, k, which)
     if strategy.startswith("rgen") and JW is None:
         raise ValueError(f"strategy {strategy!r} needs JᵀW")
     xp = array_namespace(W, HW)

@@ -140,10 +140,8 @@ def needs_jacobian(strategy: str) -> bool:
     return strategy.startswith("rgen")
 
 
-def select(
-    proj: Projection, strategy: str, k: int, which: str | None = None, *, rank_tol: float = 1e-12
-) -> Any:
-    """Coefficients Y (d × k') of the chosen vectors, k' = min(k, rank W)."""
+def check_selection(strategy: str, k: int, which: str | None) -> str:
+    """Validate a selection request; returns ``which`` with the strategy's default."""
     if strategy not in SELECTORS:
         raise ValueError(
             f"unknown selection strategy {strategy!r}; valid names are {', '.join(SELECTORS)}"
@@ -153,5 +151,13 @@ def select(
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
     if k < 0:
         raise ValueError(f"recycle dimension k must be >= 0, got {k}")
+    return which
+
+
+def select(
+    proj: Projection, strategy: str, k: int, which: str | None = None, *, rank_tol: float = 1e-12
+) -> Any:
+    """Coefficients Y (d × k') of the chosen vectors, k' = min(k, rank W)."""
+    which = check_selection(strategy, k, which)
     S = orthonormal_coordinates(proj.gram, rank_tol)
     return SELECTORS[strategy](proj, k, which, S)
