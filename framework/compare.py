@@ -57,22 +57,19 @@ class ComparisonRow:
     wall_time: float
 
 
-def _last(record: RunRecord, key: str) -> float:
-    return record.metrics.get(key, math.nan)
-
-
-def _savings(iterations: float, reference: float) -> float:
-    if not (math.isfinite(iterations) and math.isfinite(reference)) or reference <= 0:
+def percent_saved(mine: float, reference: float) -> float:
+    """100·(1 − mine/reference); NaN when either is missing or the reference is ≤ 0."""
+    if not (math.isfinite(mine) and math.isfinite(reference)) or reference <= 0:
         return math.nan
-    return 100.0 * (1.0 - iterations / reference)
+    return 100.0 * (1.0 - mine / reference)
 
 
 def _application_savings(r: RunRecord) -> float:
     """Operator applications saved against the shadow baseline: recycling's HVPs (solve and
     C = HU) plus the Jᵀ products beyond the one −Jᵀw per system both need."""
-    extra_jt = _last(r, "cumulative_jac_t") - _last(r, "cumulative_batch_size")
-    mine = _last(r, "cumulative_hvp") + extra_jt
-    return _savings(mine, _last(r, "cumulative_baseline_hvp"))
+    extra_jt = r.metric("cumulative_jac_t") - r.metric("cumulative_batch_size")
+    mine = r.metric("cumulative_hvp") + extra_jt
+    return percent_saved(mine, r.metric("cumulative_baseline_hvp"))
 
 
 def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
@@ -80,15 +77,16 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
     baselines: dict[str, float] = {}
     for r in records:
         if r.params.get("recycle.strategy") == "none":
-            baselines.setdefault(r.tags.get(SWEEP_TAG, ""), _last(r, ITERATIONS))
+            baselines.setdefault(r.tags.get(SWEEP_TAG, ""), r.metric(ITERATIONS))
     rows = []
     for r in records:
-        its = _last(r, ITERATIONS)
-        shadow = _last(r, SHADOW_ITERATIONS)
+        its = r.metric(ITERATIONS)
+        shadow = r.metric(SHADOW_ITERATIONS)
         if math.isfinite(shadow):
-            savings, ref = _savings(its, shadow), "shadow"
+            savings, ref = percent_saved(its, shadow), "shadow"
         elif r.tags.get(SWEEP_TAG, "") in baselines:
-            savings, ref = _savings(its, baselines[r.tags.get(SWEEP_TAG, "")]), "recycle=none run"
+            baseline = baselines[r.tags.get(SWEEP_TAG, "")]
+            savings, ref = percent_saved(its, baseline), "recycle=none run"
         else:
             savings, ref = math.nan, "-"
         errors = [v for _, v in r.history.get(HG_ERROR, ()) if math.isfinite(v)]
@@ -104,12 +102,12 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
                 dim=r.params.get("recycle.dim", "?"),
                 steps=steps,
                 krylov_iterations=its,
-                applications=_last(r, APPLICATIONS),
+                applications=r.metric(APPLICATIONS),
                 savings_percent=savings,
                 savings_reference=ref,
                 application_savings_percent=_application_savings(r),
                 mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
-                solve_time=_last(r, STEP_TIME),
+                solve_time=r.metric(STEP_TIME),
                 wall_time=wall,
             )
         )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from framework.compare import percent_saved
 from framework.resolve import DIM_TAG, LABEL_TAG, SEQUENCE_TAG, STOP_TAG, STRATEGY_TAG, TASK_TAG
 from framework.tracking import RunRecord
 
@@ -57,16 +58,6 @@ def resolve_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     return sorted(latest.values(), key=lambda r: r.start_time or 0.0)
 
 
-def _m(r: RunRecord, key: str) -> float:
-    return r.metrics.get(key, math.nan)
-
-
-def _saving(mine: float, ref: float) -> float:
-    if not (math.isfinite(mine) and math.isfinite(ref)) or ref <= 0:
-        return math.nan
-    return 100.0 * (1.0 - mine / ref)
-
-
 def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
     """One ``PaperRow`` per re-solve run (``resolve_runs``), with savings vs ``none``."""
     runs = resolve_runs(records)
@@ -78,14 +69,14 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
             dim=int(r.tags.get(DIM_TAG, "0")),
             stop=r.tags.get(STOP_TAG, "?"),
             sequence=r.tags.get(SEQUENCE_TAG, ""),
-            iterations=_m(r, "total_iterations"),
-            hvp=_m(r, "total_hvp"),
-            jac_t=_m(r, "total_jac_t"),
-            applications=_m(r, "total_applications"),
-            passes=_m(r, "total_passes"),
-            solve_time=_m(r, "total_solve_time"),
-            mean_hg_error=_m(r, "mean_hg_error"),
-            max_hg_error=_m(r, "max_hg_error"),
+            iterations=r.metric("total_iterations"),
+            hvp=r.metric("total_hvp"),
+            jac_t=r.metric("total_jac_t"),
+            applications=r.metric("total_applications"),
+            passes=r.metric("total_passes"),
+            solve_time=r.metric("total_solve_time"),
+            mean_hg_error=r.metric("mean_hg_error"),
+            max_hg_error=r.metric("max_hg_error"),
         )
         for r in runs
     ]
@@ -97,9 +88,9 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
             row = PaperRow(
                 **{
                     **row.__dict__,
-                    "iteration_savings": _saving(row.iterations, ref.iterations),
-                    "application_savings": _saving(row.applications, ref.applications),
-                    "pass_savings": _saving(row.passes, ref.passes),
+                    "iteration_savings": percent_saved(row.iterations, ref.iterations),
+                    "application_savings": percent_saved(row.applications, ref.applications),
+                    "pass_savings": percent_saved(row.passes, ref.passes),
                 }
             )
         out.append(row)
@@ -159,9 +150,9 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
     for r in runs:
         label = r.tags.get(LABEL_TAG, "?")
         if r.tags.get(STRATEGY_TAG) == "none":
-            none_total = _m(r, "total_iterations")
+            none_total = r.metric("total_iterations")
             continue
-        point = (int(r.tags.get(DIM_TAG, 0)), _m(r, "total_iterations"))
+        point = (int(r.tags.get(DIM_TAG, 0)), r.metric("total_iterations"))
         curves.setdefault(label, []).append(point)
     curves = {k: v for k, v in curves.items() if len(v) >= 2}
     if curves:

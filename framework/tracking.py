@@ -340,6 +340,10 @@ class RunRecord:
     metrics: dict[str, float]
     history: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
+    def metric(self, key: str) -> float:
+        """The last logged value of ``key`` (NaN when the run never logged it)."""
+        return self.metrics.get(key, math.nan)
+
 
 def read_runs(
     uri: str | None,
