@@ -25,7 +25,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from backends.host import to_host
-from framework.krylov.minres import Status
+from framework.krylov.minres import Status, next_direction
 from framework.krylov.stopping import check_reachable, check_tolerances
 
 # status codes on the device (index into STATUS_ORDER)
@@ -211,18 +211,11 @@ def rminres_batched(
         s = xp.where(update, beta_next / gamma_safe, zeros_b)
         phi = xp.where(update, c * phibar, zeros_b)
         phibar = xp.where(update, -s * phibar, phibar)
-        d = v / _rows(xp, gamma_safe)
-        if d_prev is not None:
-            d = d - _rows(xp, delta / gamma_safe) * d_prev
-        if d_prev2 is not None:
-            d = d - _rows(xp, epsilon / gamma_safe) * d_prev2
+        coefs = (_rows(xp, gamma_safe), _rows(xp, delta), _rows(xp, epsilon))
+        d = next_direction(v, d_prev, d_prev2, *coefs)
         x = x + xp.where(_rows(xp, update), _rows(xp, phi) * d, 0.0)
         if bcol is not None:
-            e = bcol / _rows(xp, gamma_safe)
-            if e_prev is not None:
-                e = e - _rows(xp, delta / gamma_safe) * e_prev
-            if e_prev2 is not None:
-                e = e - _rows(xp, epsilon / gamma_safe) * e_prev2
+            e = next_direction(bcol, e_prev, e_prev2, *coefs)
             z = z + xp.where(_rows(xp, update), _rows(xp, phi) * e, 0.0)
             e_prev2, e_prev = e_prev, e
         d_prev2, d_prev = d_prev, d

@@ -102,6 +102,18 @@ def _apply(A: Callable[[Any], Any], v: Any) -> Any:
     return out
 
 
+def next_direction(v: Any, prev: Any, prev2: Any, gamma: Any, delta: Any, epsilon: Any) -> Any:
+    """The MINRES direction recurrence d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ (absent
+    terms skipped); γ, δ, ε are scalars or arrays broadcasting against v.  The same
+    recurrence carries the recycle-space coefficients (v_k → b_k = CᵀAv_k)."""
+    d = v / gamma
+    if prev is not None:
+        d = d - (delta / gamma) * prev
+    if prev2 is not None:
+        d = d - (epsilon / gamma) * prev2
+    return d
+
+
 def rminres(
     A: Callable[[Any], Any],
     b: Any,
@@ -253,18 +265,10 @@ def rminres(
             phi = c * phibar
             phibar = -s * phibar
             # d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ, and the same for the U-part.
-            d = v / gamma
-            if d_prev is not None:
-                d -= (delta / gamma) * d_prev
-            if d_prev2 is not None:
-                d -= (epsilon / gamma) * d_prev2
+            d = next_direction(v, d_prev, d_prev2, gamma, delta, epsilon)
             x += phi * d
             if bcol is not None:
-                e = bcol / gamma
-                if e_prev is not None:
-                    e -= (delta / gamma) * e_prev
-                if e_prev2 is not None:
-                    e -= (epsilon / gamma) * e_prev2
+                e = next_direction(bcol, e_prev, e_prev2, gamma, delta, epsilon)
                 z += phi * e
                 e_prev2, e_prev = e_prev, e
             d_prev2, d_prev = d_prev, d
