@@ -25,3 +25,15 @@ def to_host(a: Any) -> np.ndarray:
 
         return np.asarray(to_device(array_api_strict.Device("CPU_DEVICE")))
     return np.array(a, copy=True)
+
+
+def host_check_needs_sync(a: Any) -> bool:
+    """Whether reading a value of ``a`` on the host waits for a GPU (CuPy or CUDA PyTorch).
+
+    On the CPU (NumPy, array-api-strict, CPU PyTorch) a host check costs nothing, so
+    loops may check every iteration; on a GPU each check stalls the queue.
+    """
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return True
+    dev = getattr(a, "device", None)
+    return getattr(dev, "type", None) == "cuda"

@@ -5,29 +5,34 @@ removed (mask seed i for digit i), 5 % relative noise (seed i); 24 DCT 5×5 filt
 Lorentzian experts, exponents −1.  Prints the command, the inputs, and
   - one batched HVP (B, n) vs B unbatched HVPs, each with and without ``linearize``;
   - a block of b vectors per sample (B, n, b), batched, linearized;
-  - one batched L-BFGS (all B lower-level problems together) vs B sequential ``lbfgs`` runs.
+  - the fused lower-level value and gradient per sample for batches of 1, 2, 4, … B:
+    how much a batch saves per sample on this machine (the ceiling for any batched
+    speed-up of the lower level, which dominates an outer step);
+  - one batched L-BFGS (all B lower-level problems together, evaluating only the samples
+    still searching) vs B sequential ``lbfgs`` runs, both with the fused evaluation.
 
 Usage: python benchmarks/bench_batched_problem.py [--backend numpy|cupy] [--batch 16]
 
-On the CPU, batched temporaries are a few MB (e.g. 24 × 16·784 float64); glibc serves
-each from a fresh mmap, and the page faults on first touch cost more than the arithmetic.
-For representative NumPy figures keep freed memory in the heap and use one BLAS thread
-on a shared machine:
-  MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \
-  OPENBLAS_NUM_THREADS=1 python benchmarks/bench_batched_problem.py
+On the CPU, batched temporaries are a few MB (e.g. 24 × 16·784 float64); glibc would serve
+each from a fresh mmap, and the page faults on first touch cost more than the arithmetic,
+so the script calls ``backends.tune_cpu_allocator`` (as the runner does).  It sets one
+BLAS thread unless OPENBLAS_NUM_THREADS is set.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from backends import get_backend
+from backends import get_backend, tune_cpu_allocator
 from framework.lowerlevel import lbfgs
 from framework.lowerlevel_batched import lbfgs_batched
 from problems.batched import BatchedImagingProblem
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--gtol", type=float, default=1e-6)
     args = parser.parse_args()
 
+    tuned = tune_cpu_allocator()
     be = get_backend(args.backend)
     sync = be.sync
     images = load_embedded_mnist().images[: args.batch]
@@ -86,8 +92,8 @@ def main() -> None:
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"inputs: B={B} MNIST digits {shape}, Inpainting(0.5, seed=i), {reg!r}, "
           f"theta = DCT filters, exponent -1; backend {be!r}, float64")
-    env = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")
-    print("environment:", ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in env))
+    print(f"environment: OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"glibc heap tuning {'on' if tuned else 'off'}")
 
     def timed(fn: Callable[[], object], number: int = args.number) -> float:
         return best_time(fn, sync, args.repeats, number)
@@ -116,22 +122,38 @@ def main() -> None:
     print(f"  batched hvp                     {t_block:9.3f}")
     print(f"  batched linearized hvp          {t_block_lin:9.3f}   (×{t_block / t_block_lin:.2f})")
 
+    print(f"\nFused lower-level value and gradient, per sample (µs), batches of the first "
+          f"b samples; the unbatched call on one sample: "
+          f"{timed(lambda: problems[0].lower_value_and_grad(xs[0], theta)) * 1e3:.0f} µs")
+    size = 1
+    while size <= B:
+        sub = batch.subset(range(size))
+        Xs = X[:size, :]
+        t = timed(lambda sub=sub, Xs=Xs: sub.lower_value_and_grad(Xs, theta))
+        print(f"  b = {size:3d}   {t * 1e3 / size:7.0f} µs/sample")
+        size *= 2
+
     def fun(Z):
         return batch.lower_objective(Z, theta)
 
     def grad(Z):
         return batch.lower_grad(Z, theta)
 
+    def rows_value_and_grad(Z, rows):
+        return batch.subset(rows).lower_value_and_grad(Z, theta)
+
     def solve_one(i: int):
         p = problems[i]
         return lbfgs(
             lambda z: p.lower_objective(z, theta), lambda z: p.lower_grad(z, theta), xs[i],
             gtol=args.gtol, maxiter=1000,
+            value_and_grad=lambda z: p.lower_value_and_grad(z, theta),
         )
 
     batched_runs = []
     sequential_runs = []
-    t_lb = timed(lambda: batched_runs.append(lbfgs_batched(fun, grad, X, gtol=args.gtol)), 1)
+    t_lb = timed(lambda: batched_runs.append(lbfgs_batched(
+        fun, grad, X, gtol=args.gtol, rows_value_and_grad=rows_value_and_grad)), 1)
     t_ls = timed(lambda: sequential_runs.append([solve_one(i) for i in range(B)]), 1)
     rb, rs = batched_runs[-1], sequential_runs[-1]
     its_s = [r.iterations for r in rs]

@@ -3,7 +3,8 @@
 Per outer step and batch of B samples: one batched L-BFGS (per-sample line searches and
 convergence masks), one linearisation of the B Hessians, one batched RMINRES (per-sample
 Lanczos scalars, recycle spaces and freezing; residual or NSC rule per sample; host
-checks every ``check_every`` iterations) and one batched Jᵀ.  Per-sample state
+checks every ``check_every`` iterations, by default every iteration on the CPU and
+every 8 on a GPU) and one batched Jᵀ.  Per-sample state
 (``SampleState``: warm starts and the recycle carry) is the same as in
 ``BilevelEngine``, so runs can switch engines and checkpoints are interchangeable.
 Per-sample records count what the unbatched solver would have spent;
@@ -20,7 +21,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from backends.host import to_host
+from backends.host import host_check_needs_sync, to_host
 from framework.counting import Counter, Counts
 from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
@@ -45,6 +46,13 @@ def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
     return ""
 
 
+def default_check_every(like: Any) -> int:
+    """Iterations between the batched solver's host checks for arrays like ``like``:
+    every iteration on the CPU, where a check is free; every 8 on a GPU, where each check
+    synchronises (the frozen samples' extra iterations are masked, results unchanged)."""
+    return 8 if host_check_needs_sync(like) else 1
+
+
 class BatchedBilevelEngine(BilevelEngine):
     """``BilevelEngine`` whose ``evaluate`` solves the selected samples as one batch."""
 
@@ -54,12 +62,16 @@ class BatchedBilevelEngine(BilevelEngine):
         config: EngineConfig | None = None,
         *,
         backend: Any = None,
-        check_every: int = 8,
+        check_every: int | None = None,
     ) -> None:
         super().__init__(problems, config, backend=backend)
         reason = batching_unsupported(self.problems, self.config)
         if reason:
             raise ValueError(reason)
+        if check_every is None:
+            check_every = default_check_every(self.problems[0].y)
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive integer; got {check_every!r}")
         self.check_every = check_every
         self.batched_recycler = BatchedRecycler(self.config.recycle)
         self.counter = Counter()
@@ -112,7 +124,8 @@ class BatchedBilevelEngine(BilevelEngine):
             rtol=cfg.lower_rtol,
             maxiter=cfg.lower_maxiter,
             memory=cfg.lower_memory,
-            value_and_grad=lambda X: batch.lower_value_and_grad(X, theta),
+            rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
+                X, theta),
         )
         X = lower.X
         t1 = time.perf_counter()
@@ -224,7 +237,7 @@ class BatchedBilevelEngine(BilevelEngine):
 
 def create_engine(
     problems: Sequence[Any], config: EngineConfig, *, backend: Any = None, batched: bool = True,
-    check_every: int = 8,
+    check_every: int | None = None,
 ) -> BilevelEngine:
     """The batched engine when ``batched`` and the configuration allows it, else the
     per-sample ``BilevelEngine``."""
@@ -233,4 +246,4 @@ def create_engine(
     return BilevelEngine(problems, config, backend=backend)
 
 
-__all__ = ["BatchedBilevelEngine", "batching_unsupported", "create_engine"]
+__all__ = ["BatchedBilevelEngine", "batching_unsupported", "create_engine", "default_check_every"]

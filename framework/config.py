@@ -88,6 +88,7 @@ class SolverConfig:
     maxiter: int = 500
     max_vectors: int | None = None
     batched: bool = True
+    check_every: int | None = None
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 
@@ -336,6 +337,8 @@ def validate(cfg: DictConfig | Config) -> Config:
     _positive("solver.maxiter", c.solver.maxiter)
     if c.solver.max_vectors is not None:
         _positive("solver.max_vectors", c.solver.max_vectors)
+    if c.solver.check_every is not None:
+        _positive("solver.check_every", c.solver.check_every)
     _positive("solver.lower.gtol", c.solver.lower.gtol)
     _positive("solver.lower.maxiter", c.solver.lower.maxiter)
     _positive("solver.lower.memory", c.solver.lower.memory)

@@ -9,9 +9,11 @@ retry) and its own stopping test.  The line search of every sample is the same s
 machine as the unbatched one (a generator), so each sample makes the same choices as
 ``lbfgs`` run on it alone, up to round-off in the batched inner products.
 
-Every round of the batched line search evaluates all B rows once at X + diag(α) P, with
-α_i = 0 for samples that are not searching (already accepted, converged or stopped):
-their rows are evaluated but ignored, and finished samples' rows never change.
+Every round of the batched line search evaluates the rows at X + diag(α) P, with α_i = 0
+for samples that are not searching (already accepted, converged or stopped), whose rows
+never change.  With ``rows_value_and_grad`` only the searching samples' rows are
+gathered and evaluated (a batch shrinks as its samples converge); otherwise all B rows
+are evaluated and the others ignored.
 Host transfers: per round, f and the slopes ∇fᵀp (B values each) come to the host, as
 do per iteration the B inner products sᵀy and the B gradient norms; the two-loop
 recursion stays on the device.
@@ -144,9 +146,11 @@ class _Runner:
         grad: Callable[[Any], Any],
         X0: Any,
         value_and_grad: Callable[[Any], tuple[Any, Any]] | None = None,
+        rows_value_and_grad: Callable[[Any, np.ndarray], tuple[Any, Any]] | None = None,
     ) -> None:
         self.fun, self.grad = fun, grad
         self.value_and_grad = value_and_grad
+        self.rows_value_and_grad = rows_value_and_grad
         self.xp = array_api_compat.array_namespace(X0)
         self.device = array_api_compat.device(X0)
         self.bsz = int(X0.shape[0])
@@ -158,13 +162,32 @@ class _Runner:
         return self.xp.asarray(host_mask[:, None], device=self.device)
 
     def evaluate(self, X: Any, used: np.ndarray) -> tuple[np.ndarray, Any]:
+        """(f (B,) on the host, ∇f (B, n)); rows not ``used`` may hold anything."""
         self.f_evals += 1
         self.sample_evals += used
+        if self.rows_value_and_grad is not None:
+            return self._evaluate_rows(X, np.flatnonzero(used))
         if self.value_and_grad is not None:
             F, G = self.value_and_grad(X)
             return _host(self.xp, F), G
         F = self.fun(X)
         return _host(self.xp, F), self.grad(X)
+
+    def _evaluate_rows(self, X: Any, rows: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Evaluate the samples ``rows`` only; the others get f = 0 and ∇f = 0."""
+        xp, bsz = self.xp, self.bsz
+        if len(rows) == bsz:
+            F, G = self.rows_value_and_grad(X, rows)
+            return _host(xp, F), G
+        index = xp.asarray(rows, dtype=xp.int64, device=self.device)
+        Fr, Gr = self.rows_value_and_grad(xp.take(X, index, axis=0), rows)
+        F = np.zeros(bsz)
+        F[rows] = _host(xp, Fr)
+        # scatter by a gather: row i of the result is row where[i] of [Gr; 0]
+        where = np.full(bsz, len(rows))
+        where[rows] = np.arange(len(rows))
+        padded = xp.concat([Gr, xp.zeros((1, Gr.shape[1]), dtype=Gr.dtype, device=self.device)])
+        return F, xp.take(padded, xp.asarray(where, dtype=xp.int64, device=self.device), axis=0)
 
     def line_search(
         self, X: Any, G: Any, F: np.ndarray, P: Any, slope: np.ndarray, alpha0: np.ndarray,
@@ -233,10 +256,22 @@ class _Memory:
         self.rho = [xp.zeros((X.shape[0],), dtype=X.dtype, device=dev)] * memory
         self.count = np.zeros(X.shape[0], dtype=np.int64)
 
-    def push(self, mask_dev: Any, mask: np.ndarray, s: Any, y: Any, rho: Any) -> None:
-        """Prepend (s_i, y_i, rho_i) for the samples in ``mask``."""
+    def push(self, mask_dev: Any, mask: np.ndarray, s: Any, y: Any, rho: Any,
+             dead: np.ndarray | None = None) -> None:
+        """Prepend (s_i, y_i, rho_i) for the samples in ``mask``.
+
+        ``dead`` marks samples whose memory is never read again (stopped): when every
+        other sample pushes, the slots rotate without copies and the dead rows get an
+        empty newest slot (rho = 0) instead of keeping theirs.
+        """
         xp = self.xp
         m1 = mask_dev[:, 0]
+        if dead is not None and bool(np.all(mask | dead)):
+            self.S = [s, *self.S[:-1]]
+            self.Y = [y, *self.Y[:-1]]
+            self.rho = [xp.where(m1, rho, xp.zeros_like(rho)), *self.rho[:-1]]
+            self.count = np.where(mask, np.minimum(self.count + 1, len(self.S)), self.count)
+            return
         for a in range(len(self.S) - 1, 0, -1):
             self.S[a] = xp.where(mask_dev, self.S[a - 1], self.S[a])
             self.Y[a] = xp.where(mask_dev, self.Y[a - 1], self.Y[a])
@@ -286,10 +321,14 @@ def lbfgs_batched(
     c2: float = 0.9,
     max_linesearch: int = 40,
     value_and_grad: Callable[[Any], tuple[Any, Any]] | None = None,
+    rows_value_and_grad: Callable[[Any, np.ndarray], tuple[Any, Any]] | None = None,
 ) -> BatchedLowerLevelResult:
     """Minimise the B row problems from the rows of ``X0`` (B, n) together.
 
     ``value_and_grad(X)`` → ((B,), (B, n)), when given, replaces the separate calls.
+    ``rows_value_and_grad(X_rows, rows)`` → ((r,), (r, n)), when given, replaces both:
+    it evaluates the samples ``rows`` (a host index array of length r) at their iterates
+    ``X_rows`` (r, n), so evaluations skip the samples that are not searching.
 
     Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after
     ``maxiter`` iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or
@@ -304,7 +343,7 @@ def lbfgs_batched(
         raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
     if X0.ndim != 2:
         raise ValueError(f"X0 has shape {tuple(X0.shape)}; expected (B, n)")
-    run = _Runner(fun, grad, X0, value_and_grad)
+    run = _Runner(fun, grad, X0, value_and_grad, rows_value_and_grad)
     xp, bsz = run.xp, run.bsz
     X = X0
     F, G = run.evaluate(X, np.ones(bsz, dtype=bool))
@@ -369,7 +408,7 @@ def lbfgs_batched(
         push = ok & (sy > 0)
         if push.any():
             safe = xp.where(okd[:, 0], sy_dev, xp.ones_like(sy_dev))
-            mem.push(run.mask(push), push, S, Yd, 1.0 / safe)
+            mem.push(run.mask(push), push, S, Yd, 1.0 / safe, dead=~act)
         X, G = xp.where(okd, Xn, X), xp.where(okd, Gn, G)
         F = np.where(ok, Fn, F)
         gnorm = np.where(ok, np.sqrt(_host(xp, _rowdot(xp, G, G))), gnorm)

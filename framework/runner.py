@@ -86,7 +86,8 @@ def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> Any:
         _say("engine: batched" if not reason else f"engine: per-sample ({reason})")
     else:
         _say("engine: per-sample (solver.batched=false)")
-    return create_engine(problems, config, backend=backend, batched=cfg.solver.batched)
+    return create_engine(problems, config, backend=backend, batched=cfg.solver.batched,
+                         check_every=cfg.solver.check_every)
 
 
 def engine_config(cfg: Config) -> Any:

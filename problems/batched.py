@@ -83,6 +83,7 @@ class BatchedImagingProblem:
         self.theta_shape = tuple(regularizer.theta_shape)
         self.p = math.prod(self.theta_shape)
         self.theta_mask = xp.asarray(regularizer.mask_host(), dtype=self.dtype, device=self.device)
+        self._subsets: dict[tuple[int, ...], BatchedImagingProblem] = {}
 
     @classmethod
     def from_problems(
@@ -136,6 +137,32 @@ class BatchedImagingProblem:
             f"operator={self.operator.kind.__name__}, regularizer={self.regularizer!r}, "
             f"epsilon={self.epsilon})"
         )
+
+    def subset(self, rows: Sequence[int]) -> BatchedImagingProblem:
+        """The samples ``rows`` (host indices, in that order) as a batch sharing this
+        problem's counter; the last few subsets are cached."""
+        key = tuple(int(r) for r in rows)
+        if key == tuple(range(self.batch_size)):
+            return self
+        cached = self._subsets.get(key)
+        if cached is None:
+            bad = [r for r in key if not 0 <= r < self.batch_size]
+            if bad or not key:
+                raise ValueError(
+                    f"rows must be a non-empty list of sample indices in [0, {self.batch_size}); "
+                    f"got {list(key)!r}"
+                )
+            xp = self.xp
+            index = xp.asarray(list(key), dtype=xp.int64, device=self.device)
+            cached = BatchedImagingProblem(
+                xp.take(self.X_true, index, axis=0), xp.take(self.Y, index, axis=0),
+                self.operator.rows(xp, index), self.regularizer, epsilon=self.epsilon,
+                counter=self.counter,
+            )
+            if len(self._subsets) >= 8:
+                self._subsets.pop(next(iter(self._subsets)))
+            self._subsets[key] = cached
+        return cached
 
     def _theta(self, theta: Any) -> Any:
         return check_theta(self.xp, theta, self.theta_shape)

@@ -61,6 +61,13 @@ class BatchedOperator:
             return cls(kind, first.image_shape, taps=first.kernel)
         return cls(kind, first.image_shape)
 
+    def rows(self, xp: Any, index: Any) -> BatchedOperator:
+        """The operators of the samples at device index array ``index`` (in that order)."""
+        if self.masks is None:
+            return self
+        return BatchedOperator(self.kind, self.image_shape, xp.take(self.masks, index, axis=0),
+                               self.taps)
+
     def _blur_axis(self, xp: Any, img: Any, axis: int) -> Any:
         """Zero-boundary 1-D convolution of (B, H, W, b) along image axis 0 or 1."""
         c = (len(self.taps) - 1) // 2

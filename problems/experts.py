@@ -75,6 +75,16 @@ def _lorentzian_d1(z: Any, gamma: float) -> Any:
     return out
 
 
+def _lorentzian_value_d1(z: Any, gamma: float) -> tuple[Any, Any]:
+    # one z² for both: φ = log1p(z²), φ' = 2z/(1 + z²)
+    q = z * z
+    value = _xp(z).log1p(q)
+    q += 1.0
+    out = 2.0 * z
+    out /= q
+    return value, out
+
+
 def _lorentzian_d2(z: Any, gamma: float) -> Any:
     # 2(1 − z²)/(1 + z²)² = 2r(2r − 1) with r = 1/(1 + z²)
     r = z * z
@@ -88,6 +98,10 @@ def _lorentzian_d2(z: Any, gamma: float) -> Any:
 
 
 _Fn = Callable[[Any, float], Any]
+# fused (φ, φ') where sharing work pays; other experts call the two functions
+_VALUE_D1: dict[str, Callable[[Any, float], tuple[Any, Any]]] = {
+    "lorentzian": _lorentzian_value_d1,
+}
 _FUNCTIONS: dict[str, tuple[_Fn, _Fn, _Fn]] = {
     "l2": (_l2_value, _l2_d1, _l2_d2),
     "huber": (_huber_value, _huber_d1, _huber_d2),
@@ -124,6 +138,13 @@ class Expert:
     def d1(self, z: Any) -> Any:
         """φ'(z) elementwise."""
         return _FUNCTIONS[self.name][1](z, self.gamma)
+
+    def value_and_d1(self, z: Any) -> tuple[Any, Any]:
+        """(φ(z), φ'(z)) elementwise, sharing the work both need."""
+        fused = _VALUE_D1.get(self.name)
+        if fused is not None:
+            return fused(z, self.gamma)
+        return self.value(z), self.d1(z)
 
     def d2(self, z: Any) -> Any:
         """φ''(z) elementwise."""

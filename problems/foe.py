@@ -205,8 +205,9 @@ class FieldsOfExperts:
         xp, _ = namespace_and_device(x, theta)
         filters, scales = self._split(xp, theta)
         _, z = self._responses(xp, x, filters)
-        value = xp.sum(scales * xp.sum(self.expert.value(z), axis=1))
-        u = scales[:, None] * self.expert.d1(z)
+        phi, u = self.expert.value_and_d1(z)
+        value = xp.sum(scales * xp.sum(phi, axis=1))
+        u *= scales[:, None]
         return value, xp.reshape(self._adjoint(xp, filters, u, 1), (self.n,))
 
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backends import get_backend
-from framework.batched_engine import BatchedBilevelEngine, create_engine
+from framework.batched_engine import BatchedBilevelEngine, create_engine, default_check_every
 from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
@@ -51,7 +51,9 @@ def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap):
         assert [r.shadow.iterations for r in a.samples] == [r.shadow.iterations for r in b.samples]
         ga, gb = backend.to_numpy(a.grad), backend.to_numpy(b.grad)
         assert np.linalg.norm(ga - gb) <= 1e-8 * np.linalg.norm(ga)
-        assert a.loss == pytest.approx(b.loss, rel=1e-10)
+        # the lower level stops at gtol = 1e-7; round-off in the batched kernels (another
+        # summation order) moves its solution within that tolerance
+        assert a.loss == pytest.approx(b.loss, rel=1e-8)
         assert [r.counts.jac_t for r in a.samples] == [r.counts.jac_t for r in b.samples]
         np.testing.assert_allclose([r.hg_error_estimate for r in b.samples],
                                    [r.hg_error_estimate for r in a.samples], rtol=1e-6)
@@ -76,3 +78,15 @@ def test_create_engine_falls_back_when_batching_is_unsupported():
                               batched=False)) is BilevelEngine
     with pytest.raises(ValueError, match="inner selection"):
         BatchedBilevelEngine(mnist_problems(be, 2), outer, backend=be)
+
+
+def test_check_every_defaults_to_every_iteration_on_the_cpu(backend):
+    engine = BatchedBilevelEngine(mnist_problems(backend, 2), EngineConfig(), backend=backend)
+    assert engine.check_every == 1  # a host check is free on the CPU (NumPy, strict)
+    assert default_check_every(backend.asarray(np.zeros(3))) == 1
+    assert BatchedBilevelEngine(mnist_problems(backend, 2), EngineConfig(), backend=backend,
+                                check_every=8).check_every == 8
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="check_every"):
+            BatchedBilevelEngine(mnist_problems(backend, 2), EngineConfig(), backend=backend,
+                                 check_every=bad)

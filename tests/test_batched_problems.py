@@ -95,6 +95,7 @@ def test_batched_matches_per_sample(backend, reg_kind: str, op_kind: str) -> Non
     X = random_block(backend, rng, B, n)
     V = random_block(backend, rng, B, n)
     V3 = random_block(backend, rng, B, n, 2)
+    V9 = random_block(backend, rng, B, n, 9)  # wide blocks take another product order
     assert batch.batch_size == B and batch.theta_shape == problems[0].theta_shape
 
     def per_sample(name, *args):
@@ -114,15 +115,17 @@ def test_batched_matches_per_sample(backend, reg_kind: str, op_kind: str) -> Non
         (batch.hvp(X, theta, V3), per_sample("hvp", X, theta, V3)),
         (batch.jac_t(X, theta, V), per_sample("jac_t", X, theta, V)),
         (batch.jac_t(X, theta, V3), per_sample("jac_t", X, theta, V3)),
+        (batch.jac_t(X, theta, V9), per_sample("jac_t", X, theta, V9)),
         (batch.upper_loss(X), per_sample("upper_loss", X)),
         (batch.upper_grad(X), per_sample("upper_grad", X)),
     ]
     lin = batch.linearize(X, xp.reshape(theta, (-1,)))
-    cases += [(lin.hvp(V3), cases[3][1]), (lin.jac_t(V), cases[4][1])]
+    cases += [(lin.hvp(V3), cases[3][1]), (lin.jac_t(V), cases[4][1]), (lin.jac_t(V9), cases[6][1])]
     for got, want in cases:
         assert_on_device(backend, got)
         assert_close(backend, got, want)
     assert tuple(cases[5][0].shape) == (B, p, 2)
+    assert tuple(cases[6][0].shape) == (B, p, 9)
     assert tuple(cases[4][0].shape) == (B, p)
 
 
@@ -204,3 +207,28 @@ def test_from_problems_validation() -> None:
         batch.hvp(np.zeros((2, batch.n)), theta, np.zeros((2, batch.n + 1)))
     with pytest.raises(ValueError, match="theta"):
         batch.lower_objective(np.zeros((2, batch.n)), np.zeros(3))
+
+
+@pytest.mark.parametrize("reg_kind", ["lorentzian", "tv"])
+def test_subset_matches_rows_of_the_batch(backend, reg_kind: str) -> None:
+    counter = Counter()
+    batch = BatchedImagingProblem.from_problems(
+        make_problems(backend, reg_kind, "inpainting", b=4), counter=counter
+    )
+    theta = make_theta(backend, reg_kind)
+    X = random_block(backend, np.random.default_rng(5), 4, batch.n)
+    F, G = batch.lower_value_and_grad(X, theta)
+    rows = [3, 1]
+    index = backend.xp.asarray(rows, dtype=backend.xp.int64, device=X.device)
+    sub = batch.subset(rows)
+    assert sub.batch_size == 2 and batch.subset(rows) is sub  # cached
+    assert batch.subset(range(4)) is batch
+    counter.reset()
+    Fs, Gs = sub.lower_value_and_grad(backend.xp.take(X, index, axis=0), theta)
+    assert counter.snapshot().f_evals == 2  # counted in the parent's counter
+    assert_on_device(backend, Gs)
+    assert_close(backend, Fs, backend.xp.take(F, index, axis=0))
+    assert_close(backend, Gs, backend.xp.take(G, index, axis=0))
+    for bad in ([], [4], [-1]):
+        with pytest.raises(ValueError, match="rows must be"):
+            batch.subset(bad)

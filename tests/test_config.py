@@ -69,6 +69,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["baseline.mode=all"], "baseline.mode"),
         (["checkpoint.every=-1"], "checkpoint.every"),
         (["solver.max_vectors=0"], "solver.max_vectors"),
+        (["solver.check_every=0"], "solver.check_every"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

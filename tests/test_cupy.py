@@ -52,3 +52,9 @@ def test_batched_on_gpu_matches_numpy(cupy_backend):
     cpu = rminres_batched(lambda V: (mats @ V[..., None])[..., 0], b, rtol=1e-9)
     assert gpu.iterations == cpu.iterations
     np.testing.assert_allclose(be.to_numpy(gpu.x), cpu.x, rtol=1e-8)
+
+
+def test_gpu_arrays_check_every_eight(cupy_backend):
+    from framework.batched_engine import default_check_every
+
+    assert default_check_every(cupy_backend.asarray(np.zeros(3))) == 8

@@ -85,6 +85,36 @@ def test_matches_unbatched_and_freezes(backend) -> None:
     assert max(res.sample_f_evals) <= res.f_evals < sum(res.sample_f_evals)
 
 
+def test_row_subsets_evaluate_only_searching_samples(backend) -> None:
+    probs = RowProblems(backend, [1.0, 1e2, 1e3, 3.0])
+    X0 = backend.asarray(np.random.default_rng(1).standard_normal((4, N)))
+    seen = []
+
+    def rows_value_and_grad(X, rows):
+        seen.append(tuple(int(r) for r in rows))
+        assert X.shape == (len(rows), N)
+        index = backend.xp.asarray(rows, dtype=backend.xp.int64, device=X.device)
+
+        def pick(a):
+            return backend.xp.take(a, index, axis=0)
+
+        sub = RowProblems.__new__(RowProblems)
+        sub.xp, sub.C, sub.A = probs.xp, pick(probs.C), pick(probs.A)
+        sub.beta, sub.sign = pick(probs.beta), pick(probs.sign)
+        return sub.fun(X), sub.grad(X)
+
+    res = lbfgs_batched(probs.fun, probs.grad, X0, rows_value_and_grad=rows_value_and_grad,
+                        **OPTS)
+    assert res.all_converged
+    check_against_unbatched(backend, res, probs.single, X0)
+    # evaluations skip finished samples: the rows evaluated are exactly the samples' own
+    per_sample = np.zeros(4, dtype=int)
+    for rows in seen:
+        per_sample[list(rows)] += 1
+    assert per_sample.tolist() == list(res.sample_f_evals)
+    assert min(len(r) for r in seen) < 4 and sum(map(len, seen)) == sum(res.sample_f_evals)
+
+
 def test_failing_sample_does_not_stop_others(backend) -> None:
     probs = RowProblems(backend, [10.0, 1e3, 5.0], flip=(1,))
     X0 = backend.asarray(np.random.default_rng(2).standard_normal((3, N)))
