@@ -2,8 +2,8 @@
 
 Held-out images are those after the training ones: ``start' = problem.start +
 problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, with the same
-forward operator and noise model (the samples' seeds are spawned from ``seed`` as in
-training, so masks and noise are drawn afresh per held-out position).  Three
+forward operator and noise model; each image's mask and noise come from the child of
+``seed`` for its index, so held-out images never reuse a training image's draws.  Three
 reconstructions per image:
 
 * the measurement y itself (when it is an image of the same size);

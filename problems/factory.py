@@ -1,8 +1,10 @@
 """Build the samples of a run from its ``problem`` config: ``build_problems``.
 
 Every random choice (noise, inpainting masks, the quadratic problem's matrices, random
-filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, one child
-per sample, so the same config and seed always give the same data.
+filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, child j for
+image index j (``problem.start`` + position), so the same config and seed always give the
+same data, an image keeps its mask and noise whichever range loads it, and held-out
+images never share a training image's draws.
 """
 
 from __future__ import annotations
@@ -90,7 +92,11 @@ def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.n
 
 def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     """Construct the samples described by ``cfg`` (a ``ProblemConfig``) on ``backend``."""
-    seeds = _sample_seeds(seed, cfg.num_samples + 1)
+    # child j of the seed belongs to image index j (so an image gets the same mask and
+    # noise in any range, and held-out images never reuse a training image's draws);
+    # the child after the range seeds the regulariser (for start = 0: child num_samples)
+    first = cfg.start
+    seeds = _sample_seeds(seed, first + cfg.num_samples + 1)[first:]
     if cfg.name == "quadratic":
         problems = tuple(
             QuadraticProblem(
