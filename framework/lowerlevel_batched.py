@@ -15,8 +15,9 @@ never change.  With ``rows_value_and_grad`` only the searching samples' rows are
 gathered and evaluated (a batch shrinks as its samples converge); otherwise all B rows
 are evaluated and the others ignored.
 Host transfers: per round, f and the slopes ∇fᵀp (B values each) come to the host, as
-do per iteration the B inner products sᵀy and the B gradient norms; the two-loop
-recursion stays on the device.
+do per iteration the B inner products sᵀy and the B gradient norms; with
+``rows_value_and_grad`` the indices of the searching samples go to the device when they
+are not all of them (at most B integers).  The two-loop recursion stays on the device.
 """
 
 from __future__ import annotations
