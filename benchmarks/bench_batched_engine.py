@@ -162,6 +162,8 @@ def main() -> None:
                     f"passes {passes:.0f}, {apps / hess_time:.0f} Hessian-phase "
                     f"applications/s; lower level {lower_time * 1e3:.0f} ms, Hessian phase "
                     f"{hess_time * 1e3:.0f} ms")
+            if "batch_host_syncs" in m:
+                line += f"; host syncs {m['batch_host_syncs']:.0f}"
             if backend_name == "cupy" and r.name == "batched":
                 line += f", peak GPU pool {mem['peak'] / 2**20:.1f} MiB"
             print(line)

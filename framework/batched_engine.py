@@ -163,6 +163,7 @@ class BatchedBilevelEngine(BilevelEngine):
 
         shadows: list[ShadowRecord | None] = [None] * B
         W_shadow = None
+        syncs = lower.host_reads + res.host_syncs
         if cfg.shadow_baseline:
             base = rminres_batched(
                 lin.hvp, G,
@@ -172,6 +173,7 @@ class BatchedBilevelEngine(BilevelEngine):
                 check_every=self.check_every,
             )
             W_shadow = base.x
+            syncs += base.host_syncs
             shadows = [ShadowRecord(base.iterations[j], base.matvecs[j], base.matvecs[j])
                        for j in range(B)]
 
@@ -232,7 +234,7 @@ class BatchedBilevelEngine(BilevelEngine):
             )
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(float(sum(loss_h)) / B, grad, indices, tuple(records),
-                          batch_counts=spent)
+                          batch_counts=spent, host_syncs=syncs)
 
 
 def create_engine(

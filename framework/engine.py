@@ -30,13 +30,15 @@ EngineConfig = HypergradientSettings
 @dataclass(frozen=True)
 class StepResult:
     """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples;
-    ``batch_counts`` is what a batched solve spent in total (None when unbatched)."""
+    ``batch_counts`` is what a batched solve spent in total and ``host_syncs`` its
+    host transfers in the L-BFGS and Krylov loops (None when unbatched)."""
 
     loss: float
     grad: Any
     indices: tuple[int, ...]
     samples: tuple[SampleRecord, ...] = field(repr=False)
     batch_counts: Counts | None = None
+    host_syncs: int | None = None
 
     def metrics(self) -> dict[str, float]:
         """Per-step figures for logging (sums over the samples unless named mean_)."""
@@ -67,6 +69,9 @@ class StepResult:
             # what a batched solve really spent (frozen samples' rows included)
             out["batch_passes"] = float(self.batch_counts.passes)
             out["batch_applications"] = float(self.batch_counts.applications)
+        if self.host_syncs is not None:
+            # transfers of per-sample scalars to the host (each a GPU synchronisation)
+            out["batch_host_syncs"] = float(self.host_syncs)
         estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
         if estimates:
             out["hg_error_estimate"] = float(np.mean(estimates))

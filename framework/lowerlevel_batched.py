@@ -14,8 +14,9 @@ for samples that are not searching (already accepted, converged or stopped), who
 never change.  With ``rows_value_and_grad`` only the searching samples' rows are
 gathered and evaluated (a batch shrinks as its samples converge); otherwise all B rows
 are evaluated and the others ignored.
-Host transfers: per round, f and the slopes ∇fᵀp (B values each) come to the host, as
-do per iteration the B inner products sᵀy and the B gradient norms; with
+Host transfers (counted in ``host_reads``): per round, f and the slopes ∇fᵀp (B values
+each) come to the host, as do per iteration the B slopes ∇fᵀp of the new direction, the
+B inner products sᵀy and the B gradient norms; with
 ``rows_value_and_grad`` the indices of the searching samples go to the device when they
 are not all of them (at most B integers).  The two-loop recursion stays on the device.
 """
@@ -55,15 +56,11 @@ class BatchedLowerLevelResult:
     f_evals: int
     grad_evals: int
     sample_f_evals: tuple[int, ...]
+    host_reads: int = 0
 
     @property
     def all_converged(self) -> bool:
         return all(self.converged)
-
-
-def _host(xp: Any, a: Any) -> np.ndarray:
-    """B device values to the host as float64 (documented transfer)."""
-    return np.asarray(to_host(a), dtype=np.float64)
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:
@@ -156,7 +153,14 @@ class _Runner:
         self.device = array_api_compat.device(X0)
         self.bsz = int(X0.shape[0])
         self.f_evals = 0
+        self.host_reads = 0
         self.sample_evals = np.zeros(self.bsz, dtype=np.int64)
+
+    def host(self, a: Any) -> np.ndarray:
+        """(B,) or fewer device values to the host as float64: the documented, counted
+        transfer (a synchronisation on a GPU)."""
+        self.host_reads += 1
+        return np.asarray(to_host(a), dtype=np.float64)
 
     def mask(self, host_mask: np.ndarray) -> Any:
         """A host (B,) bool mask as a (B, 1) device mask."""
@@ -170,20 +174,20 @@ class _Runner:
             return self._evaluate_rows(X, np.flatnonzero(used))
         if self.value_and_grad is not None:
             F, G = self.value_and_grad(X)
-            return _host(self.xp, F), G
+            return self.host(F), G
         F = self.fun(X)
-        return _host(self.xp, F), self.grad(X)
+        return self.host(F), self.grad(X)
 
     def _evaluate_rows(self, X: Any, rows: np.ndarray) -> tuple[np.ndarray, Any]:
         """Evaluate the samples ``rows`` only; the others get f = 0 and ∇f = 0."""
         xp, bsz = self.xp, self.bsz
         if len(rows) == bsz:
             F, G = self.rows_value_and_grad(X, rows)
-            return _host(xp, F), G
+            return self.host(F), G
         index = xp.asarray(rows, dtype=xp.int64, device=self.device)
         Fr, Gr = self.rows_value_and_grad(xp.take(X, index, axis=0), rows)
         F = np.zeros(bsz)
-        F[rows] = _host(xp, Fr)
+        F[rows] = self.host(Fr)
         # scatter by a gather: row i of the result is row where[i] of [Gr; 0]
         where = np.full(bsz, len(rows))
         where[rows] = np.arange(len(rows))
@@ -215,7 +219,7 @@ class _Runner:
                                    device=self.device)
             Xt = X + alpha_dev * P
             Ft, Gt = self.evaluate(Xt, pending)
-            st = _host(xp, _rowdot(xp, Gt, P))
+            st = self.host(_rowdot(xp, Gt, P))
             keep = np.zeros(bsz, dtype=bool)
             take_last = np.zeros(bsz, dtype=bool)
             take_kept = np.zeros(bsz, dtype=bool)
@@ -348,7 +352,7 @@ def lbfgs_batched(
     xp, bsz = run.xp, run.bsz
     X = X0
     F, G = run.evaluate(X, np.ones(bsz, dtype=bool))
-    gnorm = np.sqrt(_host(xp, _rowdot(xp, G, G)))
+    gnorm = np.sqrt(run.host(_rowdot(xp, G, G)))
     tol = np.maximum(gtol, rtol * gnorm)
     mem = _Memory(xp, X, memory)
     status: list[LowerLevelStatus | None] = [None] * bsz
@@ -373,7 +377,7 @@ def lbfgs_batched(
         if not act.any():
             break
         P = mem.direction(G)
-        slope = _host(xp, _rowdot(xp, G, P))
+        slope = run.host(_rowdot(xp, G, P))
         bad = act & ~(slope < 0)  # not a descent direction: steepest descent
         if bad.any():
             m = run.mask(bad)
@@ -405,14 +409,14 @@ def lbfgs_batched(
         okd = run.mask(ok)
         S, Yd = Xn - X, Gn - G
         sy_dev = _rowdot(xp, S, Yd)
-        sy = _host(xp, sy_dev)
+        sy = run.host(sy_dev)
         push = ok & (sy > 0)
         if push.any():
             safe = xp.where(okd[:, 0], sy_dev, xp.ones_like(sy_dev))
             mem.push(run.mask(push), push, S, Yd, 1.0 / safe, dead=~act)
         X, G = xp.where(okd, Xn, X), xp.where(okd, Gn, G)
         F = np.where(ok, Fn, F)
-        gnorm = np.where(ok, np.sqrt(_host(xp, _rowdot(xp, G, G))), gnorm)
+        gnorm = np.where(ok, np.sqrt(run.host(_rowdot(xp, G, G))), gnorm)
     else:
         mark_converged(maxiter)
     for i in np.flatnonzero(active()):
@@ -431,4 +435,5 @@ def lbfgs_batched(
         f_evals=run.f_evals,
         grad_evals=run.f_evals,
         sample_f_evals=tuple(int(e) for e in run.sample_evals),
+        host_reads=run.host_reads,
     )

@@ -58,6 +58,7 @@ def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap):
         np.testing.assert_allclose([r.hg_error_estimate for r in b.samples],
                                    [r.hg_error_estimate for r in a.samples], rtol=1e-6)
         assert b.batch_counts.hvp_passes < sum(r.counts.hvp_passes for r in b.samples)
+        assert a.host_syncs is None and b.metrics()["batch_host_syncs"] == b.host_syncs > 0
     # states are interchangeable: continue the per-sample engine from the batched state
     ref.load_state_dict(bat.state_dict())
     c = ref.evaluate(backend.asarray(theta))
