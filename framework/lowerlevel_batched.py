@@ -14,9 +14,9 @@ for samples that are not searching (already accepted, converged or stopped), who
 never change.  With ``rows_value_and_grad`` only the searching samples' rows are
 gathered and evaluated (a batch shrinks as its samples converge); otherwise all B rows
 are evaluated and the others ignored.
-Host transfers (counted in ``host_reads``): per round, f and the slopes ∇fᵀp (B values
-each) come to the host, as do per iteration the B slopes ∇fᵀp of the new direction, the
-B inner products sᵀy and the B gradient norms; with
+Host transfers (counted in ``host_reads``): one per line-search round (f and the slopes
+∇fᵀp, 2B values) and two per iteration (the slopes of the new direction; the inner
+products sᵀy with the gradient norms); with
 ``rows_value_and_grad`` the indices of the searching samples go to the device when they
 are not all of them (at most B integers).  The two-loop recursion stays on the device.
 """
@@ -166,33 +166,47 @@ class _Runner:
         """A host (B,) bool mask as a (B, 1) device mask."""
         return self.xp.asarray(host_mask[:, None], device=self.device)
 
-    def evaluate(self, X: Any, used: np.ndarray) -> tuple[np.ndarray, Any]:
-        """(f (B,) on the host, ∇f (B, n)); rows not ``used`` may hold anything."""
+    def evaluate(
+        self, X: Any, used: np.ndarray, D: Any = None
+    ) -> tuple[np.ndarray, Any, np.ndarray]:
+        """(f (B,) and ∇fᵀd (B,) on the host, ∇f (B, n)) in one host transfer, with d the
+        rows of ``D`` (∇f itself when None); rows not ``used`` may hold anything."""
         self.f_evals += 1
         self.sample_evals += used
         if self.rows_value_and_grad is not None:
-            return self._evaluate_rows(X, np.flatnonzero(used))
+            return self._evaluate_rows(X, np.flatnonzero(used), D)
         if self.value_and_grad is not None:
             F, G = self.value_and_grad(X)
-            return self.host(F), G
-        F = self.fun(X)
-        return self.host(F), self.grad(X)
+        else:
+            F, G = self.fun(X), self.grad(X)
+        both = self._values_and_dots(F, G, G if D is None else D)
+        return both[0], G, both[1]
 
-    def _evaluate_rows(self, X: Any, rows: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Evaluate the samples ``rows`` only; the others get f = 0 and ∇f = 0."""
+    def _values_and_dots(self, F: Any, G: Any, D: Any) -> np.ndarray:
+        """(2, r) host array [f; ∇fᵀd]: one transfer."""
+        xp = self.xp
+        return self.host(xp.stack([xp.astype(F, G.dtype), _rowdot(xp, G, D)]))
+
+    def _evaluate_rows(
+        self, X: Any, rows: np.ndarray, D: Any
+    ) -> tuple[np.ndarray, Any, np.ndarray]:
+        """Evaluate the samples ``rows`` only; the others get f = ∇fᵀd = 0 and ∇f = 0."""
         xp, bsz = self.xp, self.bsz
         if len(rows) == bsz:
             F, G = self.rows_value_and_grad(X, rows)
-            return self.host(F), G
+            both = self._values_and_dots(F, G, G if D is None else D)
+            return both[0], G, both[1]
         index = xp.asarray(rows, dtype=xp.int64, device=self.device)
         Fr, Gr = self.rows_value_and_grad(xp.take(X, index, axis=0), rows)
-        F = np.zeros(bsz)
-        F[rows] = self.host(Fr)
+        both = self._values_and_dots(Fr, Gr, Gr if D is None else xp.take(D, index, axis=0))
+        F, dots = np.zeros(bsz), np.zeros(bsz)
+        F[rows], dots[rows] = both[0], both[1]
         # scatter by a gather: row i of the result is row where[i] of [Gr; 0]
         where = np.full(bsz, len(rows))
         where[rows] = np.arange(len(rows))
         padded = xp.concat([Gr, xp.zeros((1, Gr.shape[1]), dtype=Gr.dtype, device=self.device)])
-        return F, xp.take(padded, xp.asarray(where, dtype=xp.int64, device=self.device), axis=0)
+        G = xp.take(padded, xp.asarray(where, dtype=xp.int64, device=self.device), axis=0)
+        return F, G, dots
 
     def line_search(
         self, X: Any, G: Any, F: np.ndarray, P: Any, slope: np.ndarray, alpha0: np.ndarray,
@@ -218,8 +232,7 @@ class _Runner:
             alpha_dev = xp.asarray(np.where(pending, alpha, 0.0)[:, None], dtype=X.dtype,
                                    device=self.device)
             Xt = X + alpha_dev * P
-            Ft, Gt = self.evaluate(Xt, pending)
-            st = self.host(_rowdot(xp, Gt, P))
+            Ft, Gt, st = self.evaluate(Xt, pending, P)
             keep = np.zeros(bsz, dtype=bool)
             take_last = np.zeros(bsz, dtype=bool)
             take_kept = np.zeros(bsz, dtype=bool)
@@ -351,8 +364,8 @@ def lbfgs_batched(
     run = _Runner(fun, grad, X0, value_and_grad, rows_value_and_grad)
     xp, bsz = run.xp, run.bsz
     X = X0
-    F, G = run.evaluate(X, np.ones(bsz, dtype=bool))
-    gnorm = np.sqrt(run.host(_rowdot(xp, G, G)))
+    F, G, gg = run.evaluate(X, np.ones(bsz, dtype=bool))
+    gnorm = np.sqrt(gg)
     tol = np.maximum(gtol, rtol * gnorm)
     mem = _Memory(xp, X, memory)
     status: list[LowerLevelStatus | None] = [None] * bsz
@@ -409,14 +422,14 @@ def lbfgs_batched(
         okd = run.mask(ok)
         S, Yd = Xn - X, Gn - G
         sy_dev = _rowdot(xp, S, Yd)
-        sy = run.host(sy_dev)
+        X, G = xp.where(okd, Xn, X), xp.where(okd, Gn, G)
+        sy, gg = run.host(xp.stack([sy_dev, _rowdot(xp, G, G)]))  # one transfer
         push = ok & (sy > 0)
         if push.any():
             safe = xp.where(okd[:, 0], sy_dev, xp.ones_like(sy_dev))
             mem.push(run.mask(push), push, S, Yd, 1.0 / safe, dead=~act)
-        X, G = xp.where(okd, Xn, X), xp.where(okd, Gn, G)
         F = np.where(ok, Fn, F)
-        gnorm = np.where(ok, np.sqrt(run.host(_rowdot(xp, G, G))), gnorm)
+        gnorm = np.where(ok, np.sqrt(gg), gnorm)
     else:
         mark_converged(maxiter)
     for i in np.flatnonzero(active()):
