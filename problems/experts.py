@@ -24,7 +24,7 @@ def _l2_value(z: Any, gamma: float) -> Any:
 
 
 def _l2_d1(z: Any, gamma: float) -> Any:
-    return z
+    return _xp(z).asarray(z, copy=True)  # a fresh array: callers may scale it in place
 
 
 def _l2_d2(z: Any, gamma: float) -> Any:
