@@ -91,3 +91,19 @@ def test_check_every_defaults_to_every_iteration_on_the_cpu(backend):
         with pytest.raises(ValueError, match="check_every"):
             BatchedBilevelEngine(mnist_problems(backend, 2), EngineConfig(), backend=backend,
                                  check_every=bad)
+
+
+def test_host_syncs_do_not_grow_with_the_batch(backend):
+    # the same digit B times: every sample takes the same path, so a batch of 4 must need
+    # exactly the host transfers of a batch of 1 (scalars travel as (B,) arrays)
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", 3), stop=StopConfig(rtol=1e-6),
+                       lower_gtol=1e-7)
+    theta = backend.asarray(initial_theta(dct_filters(3)[:8], -1.0))
+    one = mnist_problems(backend, 1)
+    syncs = []
+    for copies in (1, 4):
+        engine = BatchedBilevelEngine(one * copies, cfg, backend=backend)
+        results = [engine.evaluate(theta) for _ in range(2)]
+        syncs.append([r.host_syncs for r in results])
+    assert syncs[0] == syncs[1]
+    assert min(syncs[0]) > 0
