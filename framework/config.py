@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PROBLEMS = ("mnist_inpainting", "bsds_deblur", "denoise", "quadratic")
 DATASETS = ("embedded_mnist", "mnist", "bsds300", "none")
+SPLITS = ("train", "test")
 OPERATORS = ("identity", "inpainting", "blur", "none")
 REGULARIZERS = ("foe", "tv", "none")
 EXPERTS = ("l2", "huber", "smooth_l1", "lorentzian")
@@ -47,6 +48,7 @@ class ProblemConfig:
     data_path: str | None = None
     num_samples: int = 4
     start: int = 0
+    split: str = "train"  # BSDS300 image folder: train | test
     crop: int = 64
     operator: str = "inpainting"
     fraction_removed: float = 0.4
@@ -159,11 +161,15 @@ class SequenceConfig:
 @dataclass
 class EvaluateConfig:
     """``task=evaluate``: PSNR of a learned θ against the best Huber-TV and the measurement
-    on held-out images ``problem.start + problem.num_samples + offset`` onwards."""
+    on held-out images ``problem.start + problem.num_samples + offset`` onwards, or on
+    images ``offset`` onwards of another ``split`` (BSDS300's test folder)."""
 
     theta_path: str | None = None
     offset: int = 0
     num_samples: int = 4
+    # null: held-out images follow the training ones in the training split; "test"
+    # (BSDS300): images offset, offset + 1, … of the test split
+    split: str | None = None
     tv_grid: list[float] = field(
         default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
     )
@@ -231,6 +237,12 @@ def _validate_problem(p: ProblemConfig) -> None:
     _choice("problem.filters_init", p.filters_init, FILTER_INITS)
     _positive("problem.num_samples", p.num_samples)
     _positive("problem.start", p.start, allow_zero=True)
+    _choice("problem.split", p.split, SPLITS)
+    if p.split != "train" and p.dataset != "bsds300":
+        raise ConfigError(
+            f"problem.split: only bsds300 has a {p.split!r} split; dataset {p.dataset!r} "
+            "has one set of images (use problem.start to choose them)"
+        )
     _positive("problem.noise_level", p.noise_level, allow_zero=True)
     _positive("problem.gamma", p.gamma)
     _positive("problem.epsilon", p.epsilon, allow_zero=True)
@@ -307,6 +319,14 @@ def _validate_task(c: Config) -> None:
             )
         _positive("evaluate.num_samples", c.evaluate.num_samples)
         _positive("evaluate.offset", c.evaluate.offset, allow_zero=True)
+        if c.evaluate.split is not None:
+            _choice("evaluate.split", c.evaluate.split, SPLITS)
+            if c.evaluate.split != "train" and c.problem.dataset != "bsds300":
+                raise ConfigError(
+                    f"evaluate.split: only bsds300 has a {c.evaluate.split!r} split; "
+                    f"dataset {c.problem.dataset!r} takes held-out images after the "
+                    "training ones (leave evaluate.split=null)"
+                )
         if not c.evaluate.tv_grid:
             raise ConfigError("evaluate.tv_grid: give at least one log10 TV weight")
 

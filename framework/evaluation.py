@@ -1,8 +1,9 @@
 """``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data.
 
 Held-out images are those after the training ones: ``start' = problem.start +
-problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, with the same
-forward operator and noise model; each image's mask and noise come from the child of
+problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, or, with
+``evaluate.split=test`` (BSDS300), the test folder's images from ``evaluate.offset`` on;
+the same forward operator and noise model; each image's mask and noise come from the child of
 ``seed`` for its index, so held-out images never reuse a training image's draws.  Three
 reconstructions per image:
 
@@ -71,8 +72,14 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
         raise ConfigError(
             f"evaluate.theta_path: cannot read θ from {str(path)!r} ({exc})"
         ) from exc
-    start = p.start + p.num_samples + c.evaluate.offset
-    held_out = dataclasses.replace(p, start=start, num_samples=c.evaluate.num_samples)
+    split = c.evaluate.split or p.split
+    if split != p.split:  # another folder: its images from offset on
+        start = c.evaluate.offset
+    else:
+        start = p.start + p.num_samples + c.evaluate.offset
+    held_out = dataclasses.replace(
+        p, split=split, start=start, num_samples=c.evaluate.num_samples
+    )
     if p.dataset == "embedded_mnist" and start + c.evaluate.num_samples > 16:
         raise ConfigError(
             f"evaluate.num_samples: the embedded MNIST sample holds 16 digits; held-out images "

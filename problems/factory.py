@@ -4,7 +4,8 @@ Every random choice (noise, inpainting masks, the quadratic problem's matrices, 
 filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, child j for
 image index j (``problem.start`` + position), so the same config and seed always give the
 same data, an image keeps its mask and noise whichever range loads it, and held-out
-images never share a training image's draws.
+images never share a training image's draws (BSDS300's test split has its own sequence,
+``SeedSequence([seed, 1])``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ class ProblemSet:
         return len(self.problems)
 
 
-def _sample_seeds(seed: int, count: int) -> list[int]:
-    children = np.random.SeedSequence(seed).spawn(count)
+def _split(cfg: Any) -> str:
+    return getattr(cfg, "split", "train")
+
+
+def _sample_seeds(seed: int, count: int, split: str = "train") -> list[int]:
+    # the test split draws from its own seed sequence, so its image j does not share
+    # noise with training image j
+    entropy = seed if split == "train" else [seed, 1]
+    children = np.random.SeedSequence(entropy).spawn(count)
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
 
 
@@ -58,7 +66,7 @@ def _images(cfg: Any) -> np.ndarray:
         return load_mnist(path, count=cfg.num_samples, start=cfg.start)
     if cfg.dataset == "bsds300":
         count = cfg.start + cfg.num_samples
-        crops = load_bsds300(cfg.data_path, "train", crop=cfg.crop, count=count)
+        crops = load_bsds300(cfg.data_path, _split(cfg), crop=cfg.crop, count=count)
         return crops[cfg.start :]
     raise ValueError(f"problem.dataset: unknown dataset {cfg.dataset!r}")
 
@@ -96,7 +104,7 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     # noise in any range, and held-out images never reuse a training image's draws);
     # the child after the range seeds the regulariser (for start = 0: child num_samples)
     first = cfg.start
-    seeds = _sample_seeds(seed, first + cfg.num_samples + 1)[first:]
+    seeds = _sample_seeds(seed, first + cfg.num_samples + 1, _split(cfg))[first:]
     if cfg.name == "quadratic":
         problems = tuple(
             QuadraticProblem(

@@ -70,6 +70,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["checkpoint.every=-1"], "checkpoint.every"),
         (["solver.max_vectors=0"], "solver.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
+        (["problem.split=val"], "problem.split"),
+        (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

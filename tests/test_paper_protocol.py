@@ -3,6 +3,7 @@ per strategy (tracked), report from the tracking store, evaluate a learned θ.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -23,6 +24,7 @@ from framework.paper import format_paper_table
 from framework.recording import RecordedSequence
 from framework.resolve import load_sequence, problem_from_recording, refs_path
 from framework.runner import engine_config, run
+from problems.factory import build_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
@@ -194,6 +196,42 @@ def test_mnist_small_preset_record_resolve_evaluate(tmp_path, uri):
     with pytest.raises(ConfigError, match=r"^evaluate\.num_samples"):
         run(_compose(*small, "task=evaluate", f"evaluate.theta_path={rec.theta_path}",
                      "evaluate.num_samples=20"), output_dir=tmp_path / "eval2")
+    with pytest.raises(ConfigError, match=r"^evaluate\.split"):  # MNIST has one split
+        run(_compose(*small, "task=evaluate", f"evaluate.theta_path={rec.theta_path}",
+                     "evaluate.split=test"), output_dir=tmp_path / "eval3")
+
+
+def _bsds_folder(root, count):
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        folder = root / "images" / split
+        folder.mkdir(parents=True)
+        for i in range(count):
+            rgb = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+            pil.fromarray(rgb).save(folder / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
+    data = _bsds_folder(tmp_path / "bsds", 3)
+    base = ["experiment=paper_bsds_deblur_small", f"problem.data_path={data}",
+            "problem.crop=12", "problem.num_samples=2", "problem.num_filters=4",
+            "problem.kernel_size=3", "outer.steps=2", "recycle.dim=3", "progress=false"]
+    trained = run(_compose(*base), output_dir=tmp_path / "train")
+    ev = run(_compose(*base, "task=evaluate", f"evaluate.theta_path={trained.theta_path}",
+                      "evaluate.split=test", "evaluate.offset=1", "evaluate.num_samples=2",
+                      "evaluate.tv_grid=[-2,-1]"), output_dir=tmp_path / "eval")
+    assert [r.image for r in ev.rows] == [1, 2]  # test images 1 and 2
+    assert all(math.isfinite(r.psnr_learned) for r in ev.rows)
+    # the held-out problems are built from the test folder, with their own seeds
+    be = get_backend("numpy")
+    cfg = validate(_compose(*base)).problem
+    test_cfg = dataclasses.replace(cfg, split="test", start=1, num_samples=2)
+    train_cfg = dataclasses.replace(cfg, start=1, num_samples=2)
+    test_y = [be.to_numpy(p.x_true) for p in build_problems(test_cfg, be, 0).problems]
+    train_y = [be.to_numpy(p.x_true) for p in build_problems(train_cfg, be, 0).problems]
+    assert not np.array_equal(test_y[0], train_y[0])
 
 
 @pytest.mark.parametrize("preset", ["paper_mnist_inpainting", "paper_bsds_deblur",

@@ -33,3 +33,11 @@ def test_held_out_images_do_not_reuse_training_draws() -> None:
     held_out = _data(ProblemConfig(num_samples=8, start=8))
     for (mask_t, _), (mask_h, _) in zip(train, held_out, strict=True):
         assert not np.array_equal(mask_t, mask_h)
+
+
+def test_the_test_split_has_its_own_seeds() -> None:
+    from problems.factory import _sample_seeds
+
+    train, test = _sample_seeds(0, 4), _sample_seeds(0, 4, "test")
+    assert not set(train) & set(test)
+    assert _sample_seeds(0, 4, "train") == train
