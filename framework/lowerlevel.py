@@ -20,7 +20,7 @@ Scalars (f, inner products) come to the host: the line search decides on them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -89,17 +89,78 @@ class _Evaluator:
         return float(self.xp.linalg.vecdot(a, b))
 
 
-def _interpolate(lo: _Trial, hi: _Trial) -> float:
+_Point = tuple[float, float, float]  # (α, f(x + αp), ∇f(x + αp)ᵀp)
+WolfeSearch = Generator[tuple[bool, float], tuple[float, float], tuple[str | None, bool]]
+
+
+def _interpolate(lo: _Point, hi: _Point) -> float:
     """Minimiser of the quadratic through (lo.f, lo.slope, hi.f), kept inside the middle 80 %."""
-    delta = hi.alpha - lo.alpha
-    left, right = sorted((lo.alpha + 0.1 * delta, lo.alpha + 0.9 * delta))
-    if math.isfinite(hi.f):
-        curvature = (hi.f - lo.f - lo.slope * delta) / (delta * delta)
+    delta = hi[0] - lo[0]
+    left, right = sorted((lo[0] + 0.1 * delta, lo[0] + 0.9 * delta))
+    if math.isfinite(hi[1]):
+        curvature = (hi[1] - lo[1] - lo[2] * delta) / (delta * delta)
         if curvature > 0:
-            alpha = lo.alpha - lo.slope / (2.0 * curvature)
+            alpha = lo[0] - lo[2] / (2.0 * curvature)
             if left <= alpha <= right:
                 return alpha
-    return lo.alpha + 0.5 * delta
+    return lo[0] + 0.5 * delta
+
+
+def strong_wolfe_search(
+    f0: float, slope0: float, alpha: float, c1: float, c2: float, max_trials: int
+) -> WolfeSearch:
+    """The strong-Wolfe line search of one sample as a coroutine, so that ``lbfgs`` and
+    ``lbfgs_batched`` (which advances B of them together) share every decision.
+
+    Yields (keep the trial just evaluated?, next α) and receives (f, slope) at that α.
+    Returns ("last" | "kept" | None, curvature holds): accept the last trial, the most
+    recently kept one, or none.
+    """
+
+    def armijo(t: _Point) -> bool:
+        return math.isfinite(t[1]) and t[1] <= f0 + c1 * t[0] * slope0
+
+    def curvature(t: _Point) -> bool:
+        return abs(t[2]) <= -c2 * slope0
+
+    def zoom(lo: _Point, hi: _Point, budget: int, lo_is_last: bool) -> WolfeSearch:
+        keep = lo_is_last
+        for _ in range(budget):
+            a = _interpolate(lo, hi)
+            f, s = yield keep, a
+            keep, lo_is_last = False, False
+            t = (a, f, s)
+            if not armijo(t) or t[1] > lo[1]:
+                hi = t
+                continue
+            if curvature(t):
+                return "last", True
+            if t[2] * (hi[0] - lo[0]) >= 0:
+                hi = lo
+            lo = t
+            keep, lo_is_last = True, True
+            if abs(hi[0] - lo[0]) <= 1e-16 * max(1.0, lo[0]):
+                break
+        if lo[0] > 0 and lo[1] < f0:
+            return ("last" if lo_is_last else "kept"), False
+        return None, False
+
+    prev = (0.0, f0, slope0)
+    keep = False
+    for i in range(max_trials):
+        f, s = yield keep, alpha
+        keep = False
+        t = (alpha, f, s)
+        if not armijo(t) or (i > 0 and t[1] > prev[1]):
+            return (yield from zoom(prev, t, max_trials - i - 1, False))
+        if curvature(t):
+            return "last", True
+        if t[2] >= 0:
+            return (yield from zoom(t, prev, max_trials - i - 1, True))
+        prev = t
+        keep = True
+        alpha *= 2.0
+    return ("last", False) if prev[0] > 0 and prev[1] < f0 else (None, False)
 
 
 def _strong_wolfe(
@@ -114,47 +175,32 @@ def _strong_wolfe(
     c2: float,
     max_trials: int,
 ) -> tuple[_Trial | None, bool]:
-    """Return (accepted trial or None, whether the curvature condition holds)."""
-
-    def trial(a: float) -> _Trial:
+    """Drive ``strong_wolfe_search`` on one sample: (accepted trial or None, whether the
+    curvature condition holds)."""
+    search = strong_wolfe_search(f0, slope0, alpha, c1, c2, max_trials)
+    _, a = next(search)
+    kept = None
+    while True:
         xa = x + a * p
         fa, ga = ev(xa)
-        slope = ev.dot(ga, p) if math.isfinite(fa) else math.nan
-        return _Trial(a, xa, fa, ga, slope)
+        t = _Trial(a, xa, fa, ga, ev.dot(ga, p) if math.isfinite(fa) else math.nan)
+        try:
+            keep, a = search.send((t.f, t.slope))
+        except StopIteration as stop:
+            outcome, holds = stop.value
+            return (t if outcome == "last" else kept if outcome == "kept" else None), holds
+        if keep:
+            kept = t
 
-    def armijo(t: _Trial) -> bool:
-        return math.isfinite(t.f) and t.f <= f0 + c1 * t.alpha * slope0
 
-    def curvature(t: _Trial) -> bool:
-        return abs(t.slope) <= -c2 * slope0
-
-    def zoom(lo: _Trial, hi: _Trial, budget: int) -> tuple[_Trial | None, bool]:
-        for _ in range(budget):
-            t = trial(_interpolate(lo, hi))
-            if not armijo(t) or t.f > lo.f:
-                hi = t
-                continue
-            if curvature(t):
-                return t, True
-            if t.slope * (hi.alpha - lo.alpha) >= 0:
-                hi = lo
-            lo = t
-            if abs(hi.alpha - lo.alpha) <= 1e-16 * max(1.0, lo.alpha):
-                break
-        return (lo, False) if lo.alpha > 0 and lo.f < f0 else (None, False)
-
-    prev = _Trial(0.0, x, f0, None, slope0)
-    for i in range(max_trials):
-        t = trial(alpha)
-        if not armijo(t) or (i > 0 and t.f > prev.f):
-            return zoom(prev, t, max_trials - i - 1)
-        if curvature(t):
-            return t, True
-        if t.slope >= 0:
-            return zoom(t, prev, max_trials - i - 1)
-        prev = t
-        alpha *= 2.0
-    return (prev, False) if prev.alpha > 0 and prev.f < f0 else (None, False)
+def check_lbfgs_options(*, c1: float, c2: float, memory: int, maxiter: int) -> None:
+    """The checks ``lbfgs`` and ``lbfgs_batched`` make of their options."""
+    if not 0 < c1 < c2 < 1:
+        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
+    if memory < 1:
+        raise ValueError(f"memory must be positive; got memory={memory!r}")
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
 
 
 def lbfgs(
@@ -181,12 +227,7 @@ def lbfgs(
     (f and ∇f are always needed together; a fused evaluation shares their work).  Arrays
     stay in x0's namespace and on its device.
     """
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
-    if memory < 1:
-        raise ValueError(f"memory must be positive; got memory={memory!r}")
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+    check_lbfgs_options(c1=c1, c2=c2, memory=memory, maxiter=maxiter)
     xp = array_api_compat.array_namespace(x0)
     ev = _Evaluator(fun, grad, xp, value_and_grad)
     x = x0

@@ -5,9 +5,10 @@ sample i's iterate.  Each sample follows exactly the rules of ``framework.lowerl
 its own two-loop recursion (batched inner products, per-sample memory of at most
 ``memory`` pairs, H₀ from its newest pair), its own strong-Wolfe line search (bracketing,
 then zoom; Armijo never accepts an increase; the same fallbacks and steepest-descent
-retry) and its own stopping test.  The line search of every sample is the same state
-machine as the unbatched one (a generator), so each sample makes the same choices as
-``lbfgs`` run on it alone, up to round-off in the batched inner products.
+retry) and its own stopping test.  The line search of every sample is the coroutine
+``framework.lowerlevel.strong_wolfe_search`` that ``lbfgs`` drives too, so each sample
+makes the same choices as ``lbfgs`` run on it alone, up to round-off in the batched
+inner products.
 
 Every round of the batched line search evaluates the rows at X + diag(α) P, with α_i = 0
 for samples that are not searching (already accepted, converged or stopped), whose rows
@@ -24,7 +25,7 @@ are not all of them (at most B integers).  The two-loop recursion stays on the d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,12 @@ import array_api_compat
 import numpy as np
 
 from backends.host import to_host
-from framework.lowerlevel import LowerLevelStatus
-
-_Search = Generator[tuple[bool, float], tuple[float, float], tuple[str | None, bool]]
+from framework.lowerlevel import (
+    LowerLevelStatus,
+    WolfeSearch,
+    check_lbfgs_options,
+    strong_wolfe_search,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class BatchedLowerLevelResult:
 
     ``f_evals``/``grad_evals`` count batched calls of ``fun``/``grad`` (each evaluates B
     rows); ``sample_f_evals`` counts, per sample, the evaluations it used (the figure the
-    unbatched ``lbfgs`` reports as ``f_evals``).
+    unbatched ``lbfgs`` reports as ``f_evals``); ``host_reads`` counts the transfers of
+    per-sample scalars to the host (each a synchronisation on a GPU).
     """
 
     X: Any
@@ -65,74 +70,6 @@ class BatchedLowerLevelResult:
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:
     return xp.linalg.vecdot(a, b, axis=-1)
-
-
-def _interpolate(lo: tuple[float, float, float], hi: tuple[float, float, float]) -> float:
-    """As ``framework.lowerlevel._interpolate`` on (alpha, f, slope) triples."""
-    delta = hi[0] - lo[0]
-    left, right = sorted((lo[0] + 0.1 * delta, lo[0] + 0.9 * delta))
-    if math.isfinite(hi[1]):
-        curvature = (hi[1] - lo[1] - lo[2] * delta) / (delta * delta)
-        if curvature > 0:
-            alpha = lo[0] - lo[2] / (2.0 * curvature)
-            if left <= alpha <= right:
-                return alpha
-    return lo[0] + 0.5 * delta
-
-
-def _search(
-    f0: float, slope0: float, alpha: float, c1: float, c2: float, max_trials: int
-) -> _Search:
-    """One sample's strong-Wolfe line search as a coroutine.
-
-    Yields (keep the previous trial?, next α) and receives (f, slope) at that α.  Returns
-    ("last" | "kept" | None, curvature holds): accept the last trial, the kept one, or none.
-    """
-
-    def armijo(t: tuple[float, float, float]) -> bool:
-        return math.isfinite(t[1]) and t[1] <= f0 + c1 * t[0] * slope0
-
-    def curvature(t: tuple[float, float, float]) -> bool:
-        return abs(t[2]) <= -c2 * slope0
-
-    def zoom(lo: tuple, hi: tuple, budget: int, lo_is_last: bool) -> _Search:
-        keep = lo_is_last
-        for _ in range(budget):
-            a = _interpolate(lo, hi)
-            f, s = yield keep, a
-            keep, lo_is_last = False, False
-            t = (a, f, s)
-            if not armijo(t) or t[1] > lo[1]:
-                hi = t
-                continue
-            if curvature(t):
-                return "last", True
-            if t[2] * (hi[0] - lo[0]) >= 0:
-                hi = lo
-            lo = t
-            keep, lo_is_last = True, True
-            if abs(hi[0] - lo[0]) <= 1e-16 * max(1.0, lo[0]):
-                break
-        if lo[0] > 0 and lo[1] < f0:
-            return ("last" if lo_is_last else "kept"), False
-        return None, False
-
-    prev = (0.0, f0, slope0)
-    keep = False
-    for i in range(max_trials):
-        f, s = yield keep, alpha
-        keep = False
-        t = (alpha, f, s)
-        if not armijo(t) or (i > 0 and t[1] > prev[1]):
-            return (yield from zoom(prev, t, max_trials - i - 1, False))
-        if curvature(t):
-            return "last", True
-        if t[2] >= 0:
-            return (yield from zoom(t, prev, max_trials - i - 1, True))
-        prev = t
-        keep = True
-        alpha *= 2.0
-    return ("last", False) if prev[0] > 0 and prev[1] < f0 else (None, False)
 
 
 class _Runner:
@@ -217,10 +154,12 @@ class _Runner:
         Returns (accepted mask, X_new, G_new, F_new): rows not accepted keep X, G, F.
         """
         xp, bsz = self.xp, self.bsz
-        searches: dict[int, _Search] = {}
+        searches: dict[int, WolfeSearch] = {}
         alpha = np.zeros(bsz)
         for i in np.flatnonzero(which):
-            gen = _search(float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
+            gen = strong_wolfe_search(
+                float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials
+            )
             searches[int(i)] = gen
             _, alpha[i] = next(gen)
         accepted = np.zeros(bsz, dtype=bool)
@@ -353,12 +292,7 @@ def lbfgs_batched(
     when f_i or ∇f_i is not finite at x0_i (NONFINITE); the others go on, and a stopped
     sample's row no longer changes.  Arrays stay in X0's namespace and on its device.
     """
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
-    if memory < 1:
-        raise ValueError(f"memory must be positive; got memory={memory!r}")
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+    check_lbfgs_options(c1=c1, c2=c2, memory=memory, maxiter=maxiter)
     if X0.ndim != 2:
         raise ValueError(f"X0 has shape {tuple(X0.shape)}; expected (B, n)")
     run = _Runner(fun, grad, X0, value_and_grad, rows_value_and_grad)
