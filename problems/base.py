@@ -16,6 +16,20 @@ import array_api_compat
 from framework.counting import Counter
 
 
+class SquaredErrorUpperLoss:
+    """ℓ(x) = ½‖x − x_true‖² and ∇ℓ = x − x_true for a sample holding ``x_true``."""
+
+    x_true: Any
+
+    def upper_loss(self, x: Any) -> Any:
+        xp = array_api_compat.array_namespace(x)
+        r = x - self.x_true
+        return 0.5 * xp.sum(r * r)
+
+    def upper_grad(self, x: Any) -> Any:
+        return x - self.x_true
+
+
 @runtime_checkable
 class Problem(Protocol):
     """One sample: lower level f(x, θ), upper loss ℓ(x) = ½‖x − x_true‖², counted operators.

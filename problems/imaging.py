@@ -9,11 +9,11 @@ import array_api_compat
 import numpy as np
 
 from framework.counting import Counter, block_size
-from problems.base import check_finite, check_theta, check_vector
+from problems.base import SquaredErrorUpperLoss, check_finite, check_theta, check_vector
 from problems.operators import add_relative_noise
 
 
-class ImagingProblem:
+class ImagingProblem(SquaredErrorUpperLoss):
     """One imaging sample implementing the ``Problem`` protocol.
 
     ``x_true`` (n,) and ``y`` (n,) are arrays on the backend's device; ``operator`` is a
@@ -146,11 +146,3 @@ class ImagingProblem:
         from problems.linearization import linearize
 
         return linearize(self, x, theta)
-
-    def upper_loss(self, x: Any) -> Any:
-        xp = array_api_compat.array_namespace(x)
-        r = x - self.x_true
-        return 0.5 * xp.sum(r * r)
-
-    def upper_grad(self, x: Any) -> Any:
-        return x - self.x_true

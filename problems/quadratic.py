@@ -14,7 +14,7 @@ import numpy as np
 import scipy.linalg
 
 from framework.counting import Counter, block_size
-from problems.base import check_theta, check_vector
+from problems.base import SquaredErrorUpperLoss, check_theta, check_vector
 
 
 def _difference_matrix(n: int, order: int) -> np.ndarray:
@@ -24,7 +24,7 @@ def _difference_matrix(n: int, order: int) -> np.ndarray:
     return d
 
 
-class QuadraticProblem:
+class QuadraticProblem(SquaredErrorUpperLoss):
     """Dense, seeded problem of size ``n`` with ``num_terms`` regularisers.
 
     D_1 is the first difference, D_2 the second difference, further D_i are random
@@ -126,14 +126,6 @@ class QuadraticProblem:
         weights = self._weights(theta)
         gxw = xp.matmul(xp.matmul(self.G, x), w)  # G_i x is (q, n) as G_i is symmetric
         return (weights[:, None] if w.ndim == 2 else weights) * gxw
-
-    def upper_loss(self, x: Any) -> Any:
-        xp = array_api_compat.array_namespace(x)
-        r = x - self.x_true
-        return 0.5 * xp.sum(r * r)
-
-    def upper_grad(self, x: Any) -> Any:
-        return x - self.x_true
 
     # -- host references ---------------------------------------------------------------
     def _hessian_host(self, theta: Any) -> tuple[np.ndarray, np.ndarray]:
