@@ -21,8 +21,8 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.counting import Counter, Counts
 from backends.host import host_check_needs_sync, to_host
-from framework.counting import Counter, Counts
 from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
 from framework.krylov.batched import rminres_batched

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from framework.counting import Counts
+from backends.counting import Counts
 from framework.hypergradient import (
     HypergradientSettings,
     SampleRecord,

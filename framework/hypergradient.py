@@ -16,7 +16,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from framework.counting import Counts
+from backends.counting import Counts
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
 from framework.krylov.sequence import recycled_solve

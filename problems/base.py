@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat
 
-from framework.counting import Counter
+from backends.counting import Counter
 
 
 class SquaredErrorUpperLoss:

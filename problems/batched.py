@@ -17,7 +17,7 @@ from typing import Any
 
 import array_api_compat
 
-from framework.counting import Counter
+from backends.counting import Counter
 from problems.base import check_theta
 from problems.batched_foe import BatchedFoE
 from problems.batched_operators import BatchedOperator

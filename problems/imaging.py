@@ -8,7 +8,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from framework.counting import Counter, block_size
+from backends.counting import Counter, block_size
 from problems.base import SquaredErrorUpperLoss, check_finite, check_theta, check_vector
 from problems.operators import add_relative_noise
 

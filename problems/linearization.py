@@ -12,7 +12,7 @@ from typing import Any
 
 import array_api_compat
 
-from framework.counting import block_size
+from backends.counting import block_size
 from problems.base import check_theta, check_vector, from_columns
 from problems.batched import batched_regularizer
 from problems.imaging import ImagingProblem

@@ -13,7 +13,7 @@ import array_api_compat
 import numpy as np
 import scipy.linalg
 
-from framework.counting import Counter, block_size
+from backends.counting import Counter, block_size
 from problems.base import SquaredErrorUpperLoss, check_theta, check_vector
 
 

@@ -6,7 +6,7 @@ import array_api_compat
 import numpy as np
 import pytest
 
-from framework.counting import Counter
+from backends.counting import Counter
 from problems.batched import BatchedImagingProblem
 from problems.foe import FieldsOfExperts, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse.linalg as spla
 from array_api_compat import device as device_of
 
-from framework.counting import CountingOperator
+from backends.counting import CountingOperator
 from framework.krylov import (
     IterationState,
     LanczosRecorder,

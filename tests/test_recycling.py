@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg as sla
 from array_api_compat import device as device_of
 
-from framework.counting import Counter, CountingOperator
+from backends.counting import Counter, CountingOperator
 from framework.krylov import RecycleSpace, rminres
 from framework.krylov.dense import gsvd
 from framework.krylov.recycle import STRATEGIES, RecycleConfig, RecycleHarvester, Recycler

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from framework.counting import Counter, CountingOperator
+from backends.counting import Counter, CountingOperator
 from framework.krylov.minres import KrylovResult, rminres
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
 from framework.krylov.recycle_space import RecycleSpace
