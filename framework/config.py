@@ -74,6 +74,9 @@ class BackendConfig:
     name: str = "numpy"
     dtype: str = "float64"
     device: str | None = None
+    # BLAS/OpenMP threads of the run (null: backends.threads.choose_num_threads — one per
+    # job on the CPU unless the problem is dense and large; ignored by CuPy)
+    num_threads: int | None = None
 
 
 @dataclass
@@ -350,6 +353,8 @@ def validate(cfg: DictConfig | Config) -> Config:
     _validate_task(c)
     _choice("backend.name", c.backend.name, BACKENDS)
     _choice("backend.dtype", c.backend.dtype, DTYPES)
+    if c.backend.num_threads is not None:
+        _positive("backend.num_threads", c.backend.num_threads)
     _positive("solver.rtol", c.solver.rtol, allow_zero=True)
     _positive("solver.atol", c.solver.atol, allow_zero=True)
     if c.solver.rtol == 0 and c.solver.atol == 0 and c.stop.rule == "residual":

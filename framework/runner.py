@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from backends import get_backend, tune_cpu_allocator
+from backends.threads import choose_num_threads, limited_threads
 from framework import checkpoint, plots
 from framework.config import Config, ConfigError, flatten, to_yaml, validate
 from framework.outer import make_optimizer
@@ -233,7 +234,12 @@ def _batch_loss(engine: Any, indices: Sequence[int], c: Config) -> Callable[[Any
 
 
 def _run_other(
-    c: Config, out: Path, sweep_tags: dict[str, str], started: float, recording: Any
+    c: Config,
+    out: Path,
+    sweep_tags: dict[str, str],
+    started: float,
+    recording: Any,
+    run_params: dict[str, str],
 ) -> Any:
     """``task=resolve`` / ``task=evaluate``: one tracked run, no training loop."""
     tags = {OUTPUT_DIR_TAG: str(out.resolve()), **sweep_tags}
@@ -255,13 +261,13 @@ def _run_other(
         if c.task == "resolve":
             from framework.resolve import resolve_params, run_resolve
 
-            tracker.log_params(resolve_params(c, recording))
+            tracker.log_params({**resolve_params(c, recording), **run_params})
             tracker.log_text(to_yaml(c), "config.yaml")
             summary = run_resolve(c, recording, out, tracker, _say, started)
         else:
             from framework.evaluation import run_evaluation
 
-            tracker.log_params({**flatten(c)})
+            tracker.log_params({**flatten(c), **run_params})
             tracker.log_text(to_yaml(c), "config.yaml")
             summary = run_evaluation(c, prepared, out, tracker, _say)
     except BaseException as exc:
@@ -282,9 +288,30 @@ def run(
 ) -> Any:
     """Run (or resume) the experiment described by ``cfg``; see the module docstring.
     ``task=train``/``record`` return a ``RunSummary``, ``task=resolve`` a
-    ``framework.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``."""
+    ``framework.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``.
+
+    The whole run holds the BLAS/OpenMP thread limit of ``backend.num_threads``
+    (``backends.threads``); the count threadpoolctl reports inside the run is logged as
+    the parameter ``backend.blas_threads``."""
     started = time.perf_counter()
     c = validate(cfg)
+    dense = c.problem.n**2 if c.problem.name == "quadratic" and c.task != "resolve" else 0
+    limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
+    with limited_threads(limit) as blas_threads:
+        if limit is not None:
+            _say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
+                 f"{'auto' if c.backend.num_threads is None else c.backend.num_threads})")
+        run_params = {"backend.blas_threads": str(blas_threads)}
+        return _run(c, started, run_params, output_dir, engine_factory)
+
+
+def _run(
+    c: Config,
+    started: float,
+    run_params: dict[str, str],
+    output_dir: str | Path | None,
+    engine_factory: EngineFactory | None,
+) -> Any:
     hydra_dir, sweep_tags = _hydra_context()
     if c.tracking.sweep_id:
         sweep_tags[SWEEP_TAG] = c.tracking.sweep_id
@@ -295,7 +322,7 @@ def run(
             from framework.resolve import load_sequence
 
             recording = load_sequence(c.sequence.path or "")
-        return _run_other(c, out, sweep_tags, started, recording)
+        return _run_other(c, out, sweep_tags, started, recording, run_params)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / c.checkpoint.filename
     state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
@@ -315,7 +342,8 @@ def run(
     if state is not None:
         _say(f"resuming from {ckpt_path} at step {state['step']}")
     try:
-        summary = _loop(c, out, ckpt_path, state, tracker, engine_factory or make_engine, started)
+        summary = _loop(c, out, ckpt_path, state, tracker, engine_factory or make_engine, started,
+                        run_params)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         tracker.end(status)
@@ -341,6 +369,7 @@ def _loop(
     tracker: Any,
     engine_factory: EngineFactory,
     started: float,
+    run_params: dict[str, str],
 ) -> RunSummary:
     from tqdm import tqdm
 
@@ -373,6 +402,7 @@ def _loop(
                 "theta_size": str(problem_set.theta0.size),
                 "problem_description": problem_set.description,
                 "backend_device": str(backend.device),
+                **run_params,
             }
         )
         tracker.log_params(params)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 from backends import Backend, BackendUnavailableError, get_backend
+
+# One BLAS thread per test process (pytest-xdist runs one process per core), as a run
+# gets by default; HYPERKRYLOV_TEST_THREADS=2 runs the suite with two.
+TEST_THREADS = int(os.environ.get("HYPERKRYLOV_TEST_THREADS", "1"))
+threadpool_limits(limits=TEST_THREADS)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -50,3 +57,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"full datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store for the test, set as MLFLOW_TRACKING_URI."""
+    value = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    return value

@@ -52,13 +52,6 @@ def _hyperkrylov(args, cwd, uri, timeout=240):
     )
 
 
-@pytest.fixture
-def uri(tmp_path, monkeypatch):
-    value = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
-    return value
-
-
 def _compose(*overrides: str):
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -39,13 +39,6 @@ def _compose(*overrides: str):
 
 
 @pytest.fixture
-def uri(tmp_path, monkeypatch):
-    value = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
-    return value
-
-
-@pytest.fixture
 def recorded(tmp_path, uri):
     """A 5-step recording of both quadratic samples (mini-batches of 1, so each sample is
     sometimes solved by the recorder itself)."""

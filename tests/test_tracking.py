@@ -15,13 +15,6 @@ from framework.tracking import NullTracker, Tracker, TrackingError
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
-@pytest.fixture
-def uri(tmp_path, monkeypatch):
-    value = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
-    return value
-
-
 def test_mlflow_is_the_installed_package_not_the_repo_folder():
     import mlflow
 

@@ -1,0 +1,72 @@
+"""BLAS/OpenMP thread limits of a run, through threadpoolctl.
+
+This project's arrays are small (a 28×28 or 64×64 image per sample): its kernels are
+elementwise passes and thin matrix products, where extra BLAS threads give little alone
+and cost a lot when anything else runs on the machine (OpenBLAS threads spin while they
+wait for work: the default job took 83 s instead of 11 s beside a second job).  So a run
+limits the host libraries' thread pools for its whole duration:
+
+* ``num_threads`` given: that many threads.
+* ``num_threads`` null (the default): ``choose_num_threads`` — one thread per job, except
+  for dense problems whose matrices have at least ``DENSE_THREADED_ENTRIES`` entries,
+  where BLAS matrix products are large enough for every core to pay.
+
+Device backends (CuPy) are left alone: their work does not run in the host pools.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from threadpoolctl import threadpool_info, threadpool_limits
+
+# Backends whose arithmetic runs in the host's BLAS/OpenMP pools.
+HOST_BACKENDS = ("numpy", "array_api_strict", "torch")
+# Dense matrices of at least this many entries (a 1024 × 1024 matrix) get every core.
+DENSE_THREADED_ENTRIES = 1024 * 1024
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_num_threads(
+    backend: str, requested: int | None, *, dense_entries: int = 0
+) -> int | None:
+    """The thread limit for a run on ``backend`` (None: leave the pools alone).
+
+    ``requested`` (``backend.num_threads``) wins when given; otherwise one thread, or
+    every available core when the problem multiplies dense matrices of at least
+    ``DENSE_THREADED_ENTRIES`` entries.
+    """
+    if backend not in HOST_BACKENDS:
+        return None
+    if requested is not None:
+        return int(requested)
+    if dense_entries >= DENSE_THREADED_ENTRIES:
+        return available_cores()
+    return 1
+
+
+def pool_threads(user_api: str = "blas") -> int | None:
+    """The largest thread count threadpoolctl reports for the loaded ``user_api`` pools
+    ("blas" or "openmp"); None when no such library is loaded."""
+    counts = [int(p["num_threads"]) for p in threadpool_info() if p["user_api"] == user_api]
+    return max(counts) if counts else None
+
+
+@contextmanager
+def limited_threads(num_threads: int | None) -> Iterator[int | None]:
+    """Limit the BLAS and OpenMP pools to ``num_threads`` inside the block (restored on
+    exit); yields the BLAS thread count threadpoolctl then reports."""
+    if num_threads is None:
+        yield pool_threads()
+        return
+    with threadpool_limits(limits=int(num_threads)):
+        yield pool_threads()
