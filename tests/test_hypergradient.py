@@ -89,20 +89,49 @@ def test_quadratic_hypergradient_is_exact(backend):
     assert record.counts.jac_t == 1
 
 
+def hypergradient_error_bound(problem, theta, gtol, rtol):
+    """First-order bound on ‖∇θ_computed − ∇θ_exact‖ for the quadratic problem when the
+    lower level stops at ‖∇f‖ ≤ gtol and the Krylov solve at relative residual ≤ rtol.
+
+    δx ≤ gtol/λmin; the adjoint w = H⁻¹(x − x_true) then errs by δx/λmin (its right-hand
+    side moved) plus rtol‖g‖/λmin (the solve); J(x) = [e^{θ_i} G_i x] errs by
+    Σ e^{θ_i}‖G_i‖ δx.  Doubled for second-order terms, plus rounding of the dense
+    products at the scale of ‖J‖‖w‖ amplified by κ(H).
+    """
+    h, weights = problem._hessian_host(theta)
+    eig = np.linalg.eigvalsh(h)
+    lam_min, kappa = eig[0], eig[-1] / eig[0]
+    x = problem.exact_solution(theta)
+    g = x - problem._x_true_host
+    w = np.linalg.solve(h, g)
+    jac = weights[None, :] * np.einsum("ijk,k->ji", problem._g_host, x)
+    dx = gtol / lam_min
+    dw = dx / lam_min + rtol * (np.linalg.norm(g) + dx) / lam_min
+    dj = sum(wi * np.linalg.norm(gi, 2) for wi, gi in zip(weights, problem._g_host,
+                                                          strict=True)) * dx
+    first_order = np.linalg.norm(jac, 2) * dw + dj * np.linalg.norm(w)
+    rounding = 100 * kappa * np.finfo(np.float64).eps * np.linalg.norm(jac, 2) * np.linalg.norm(w)
+    return 2 * first_order + rounding
+
+
 @pytest.mark.parametrize("strategy", ["ritz", "rgen_right"])
 def test_recycled_hypergradients_stay_accurate(strategy):
     be = get_backend("numpy")
     problem = QuadraticProblem(n=40, num_terms=3, seed=1, backend=be)
     settings = HypergradientSettings(recycle=RecycleConfig(strategy, 4),
                                      stop=StopConfig(rtol=1e-10), lower_gtol=1e-11,
-                                     shadow_baseline=True)
+                                     lower_newton_steps=3, shadow_baseline=True)
     engine = BilevelEngine([problem], settings, backend=be)
     theta = np.array([-1.0, 0.0, -2.0])
     for t in range(4):
         th = theta + 0.05 * t
         result = engine.evaluate(be.asarray(th))
-        np.testing.assert_allclose(be.to_numpy(result.grad), problem.exact_hypergradient(th),
-                                   rtol=1e-7, atol=1e-10)
+        # L-BFGS alone cannot reach ‖∇f‖ ≤ 1e-11 on every BLAS kernel (f's decrease drops
+        # below its rounding); the Newton polish can, and the bound needs it reached.
+        assert result.samples[0].lower_converged and result.samples[0].krylov_converged
+        exact = problem.exact_hypergradient(th)
+        error = np.linalg.norm(be.to_numpy(result.grad) - exact)
+        assert error <= hypergradient_error_bound(problem, th, settings.lower_gtol, 1e-10)
     rec = result.samples[0]
     assert rec.recycle_dim == 4 and rec.shadow is not None
     assert result.metrics()["baseline_krylov_iterations"] == rec.shadow.iterations
