@@ -229,17 +229,9 @@ class FieldsOfExperts:
         return sx, xp.matmul(filters, sx)
 
     def _per_sample(self, xp: Any, phi: Any, scales: Any, bsz: int) -> Any:
-        """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) → (B,).
-
-        Σ_f by one (1, F) @ (F, n·B) product, then Σ_j over each sample's pixels, taken
-        from a sample-major copy so that a sample's sum does not depend on the batch.
-        """
-        weighted = xp.reshape(xp.matmul(scales[None, :], phi), (self.n, bsz))
-        if bsz > 1:
-            weighted = xp.asarray(xp.permute_dims(weighted, (1, 0)), copy=True)
-        else:
-            weighted = xp.reshape(weighted, (1, self.n))
-        return xp.sum(weighted, axis=1)
+        """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) pixel-major → (B,)."""
+        per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
+        return xp.sum(scales[:, None] * per_filter, axis=0)
 
     def value(self, x: Any, theta: Any) -> Any:
         """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
@@ -255,6 +247,14 @@ class FieldsOfExperts:
         """(R_θ(x_i), ∇R(x_i)) sharing the filter responses (either may be skipped: None)."""
         xp, _ = namespace_and_device(x, theta)
         X, single = as_rows(x, self.n, "x")
+        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return (None if out_value is None else from_rows(xp, out_value, single),
+                None if out_grad is None else from_rows(xp, out_grad, single))
+
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
         bsz = X.shape[0]
         filters, scales = self.split(xp, theta)
         _, z = self.responses(xp, X, filters)
@@ -265,11 +265,10 @@ class FieldsOfExperts:
             phi = self.expert.value(z) if value else None
             u = self.expert.d1(z) if grad else None
         if value:
-            out_value = from_rows(xp, self._per_sample(xp, phi, scales, bsz), single)
+            out_value = self._per_sample(xp, phi, scales, bsz)
         if grad:
             u *= scales[:, None]
-            g = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))
-            out_grad = from_rows(xp, g, single)
+            out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))
         return out_value, out_grad
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:

@@ -166,15 +166,18 @@ class ImagingProblem(SampleBatch):
             self.counter.add("f", self.batch_size)
         if grad:
             self.counter.add("grad", self.batch_size)
-        r = self.operator.apply(X) - self.Y
-        reg_value, reg_grad = self.regularizer.value_and_grad(X, theta, value=value, grad=grad)
+        bsz, n = X.shape
+        r = self.operator.apply3(xp, xp.reshape(X, (bsz, n, 1)))
+        r = xp.reshape(r, (bsz, n)) - self.Y
+        reg_value, reg_grad = self.regularizer.rows_value_and_grad(
+            xp, X, theta, value=value, grad=grad)
         out_value = out_grad = None
         if value:
             ridge = (0.5 * self.epsilon) * xp.sum(X * X, axis=1)
             out_value = from_rows(xp, 0.5 * xp.sum(r * r, axis=1) + reg_value + ridge, single)
         if grad:
-            out_grad = from_rows(xp, self.operator.adjoint(r) + reg_grad + self.epsilon * X,
-                                 single)
+            data = xp.reshape(self.operator.adjoint3(xp, xp.reshape(r, (bsz, n, 1))), (bsz, n))
+            out_grad = from_rows(xp, data + reg_grad + self.epsilon * X, single)
         return out_value, out_grad
 
     def lower_objective(self, x: Any, theta: Any) -> Any:

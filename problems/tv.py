@@ -92,6 +92,14 @@ class TotalVariation:
         """(R_θ(x_i), ∇R(x_i)) sharing ∇x (either may be skipped: None)."""
         xp, _ = namespace_and_device(x, theta)
         X, single = as_rows(x, self.n, "x")
+        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return (None if out_value is None else from_rows(xp, out_value, single),
+                None if out_grad is None else from_rows(xp, out_grad, single))
+
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
         bsz = X.shape[0]
         dx, dy, t = self.field(xp, X)
         g = self.gamma
@@ -99,12 +107,11 @@ class TotalVariation:
         out_value = out_grad = None
         if value:
             h = xp.where(t <= g, t * t / (2.0 * g), t - g / 2.0)
-            out_value = from_rows(xp, weight * xp.sum(xp.reshape(h, (bsz, self.n)), axis=1),
-                                  single)
+            out_value = weight * xp.sum(xp.reshape(h, (bsz, self.n)), axis=1)
         if grad:
             m = xp.maximum(t, g)  # ψ(∇x) = ∇x / max(|∇x|, γ): the gradient of h_γ(|·|)
             out = self.diff_adjoint(xp, dx / m, dy / m)
-            out_grad = from_rows(xp, weight * xp.reshape(out, (bsz, self.n)), single)
+            out_grad = weight * xp.reshape(out, (bsz, self.n))
         return out_value, out_grad
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> TVLinearization:

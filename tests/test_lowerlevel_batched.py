@@ -8,7 +8,6 @@ import pytest
 
 from framework.lowerlevel import LowerLevelStatus, lbfgs
 from framework.lowerlevel_batched import lbfgs_batched
-from problems.batched import BatchedImagingProblem
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import Inpainting
@@ -160,7 +159,7 @@ def test_imaging_batch_matches_per_sample(backend) -> None:
         )
         for i in range(3)
     ]
-    batch = BatchedImagingProblem.from_problems(problems)
+    batch = ImagingProblem.concat(problems)
     theta = backend.asarray(initial_theta(dct_filters(3), -1.0))
     res = lbfgs_batched(
         lambda X: batch.lower_objective(X, theta), lambda X: batch.lower_grad(X, theta),
