@@ -152,6 +152,46 @@ def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
     return key
 
 
+def check_same_type(cls: type, problems: Sequence[Any]) -> Any:
+    """The first of ``problems`` after checking there is one and all are ``cls``."""
+    if len(problems) == 0:
+        raise ValueError(f"problems must contain at least one {cls.__name__}")
+    for i, pr in enumerate(problems):
+        if not isinstance(pr, cls):
+            raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not a {cls.__name__}")
+    return problems[0]
+
+
+class RowRegularizer:
+    """Public single-point/batch API of a regulariser from its ``rows_value_and_grad``
+    (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+
+    n: int
+
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def value(self, x: Any, theta: Any) -> Any:
+        """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
+        return self.value_and_grad(x, theta, grad=False)[0]
+
+    def grad(self, x: Any, theta: Any) -> Any:
+        """∇R(x_i), shaped like x."""
+        return self.value_and_grad(x, theta, value=False)[1]
+
+    def value_and_grad(
+        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
+        xp, _ = namespace_and_device(x, theta)
+        X, single = as_rows(x, self.n, "x")
+        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return (None if out_value is None else from_rows(xp, out_value, single),
+                None if out_grad is None else from_rows(xp, out_grad, single))
+
+
 class SampleBatch:
     """Bookkeeping every batch-first problem shares: points promoted to rows, the upper
     loss ℓ_i(x) = ½‖x − x_true,i‖², single-sample views and cached subsets.

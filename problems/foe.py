@@ -23,7 +23,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from problems.base import as_rows, check_theta, from_rows, namespace_and_device, pad_zeros_2d
+from problems.base import RowRegularizer, check_theta, namespace_and_device, pad_zeros_2d
 from problems.experts import Expert
 
 LN10 = math.log(10.0)
@@ -68,7 +68,7 @@ def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np
     return np.concatenate([filters.reshape(f, -1), exps[:, None]], axis=1)
 
 
-class FieldsOfExperts:
+class FieldsOfExperts(RowRegularizer):
     """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters.
 
     ``learn`` selects the learned parameters ("filters", "exponents" or "both"); the
@@ -232,24 +232,6 @@ class FieldsOfExperts:
         """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) pixel-major → (B,)."""
         per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
         return xp.sum(scales[:, None] * per_filter, axis=0)
-
-    def value(self, x: Any, theta: Any) -> Any:
-        """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
-        return self.value_and_grad(x, theta, grad=False)[0]
-
-    def grad(self, x: Any, theta: Any) -> Any:
-        """∇R(x_i) = Σ_f 10^{p_f} k̃_f ∗ φ'(k_f ∗ x_i), shaped like x."""
-        return self.value_and_grad(x, theta, value=False)[1]
-
-    def value_and_grad(
-        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
-    ) -> tuple[Any, Any]:
-        """(R_θ(x_i), ∇R(x_i)) sharing the filter responses (either may be skipped: None)."""
-        xp, _ = namespace_and_device(x, theta)
-        X, single = as_rows(x, self.n, "x")
-        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return (None if out_value is None else from_rows(xp, out_value, single),
-                None if out_grad is None else from_rows(xp, out_grad, single))
 
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True

@@ -17,7 +17,14 @@ import array_api_compat
 import numpy as np
 
 from backends.counting import Counter
-from problems.base import SampleBatch, as_rows, check_finite, check_theta, from_rows
+from problems.base import (
+    SampleBatch,
+    as_rows,
+    check_finite,
+    check_same_type,
+    check_theta,
+    from_rows,
+)
 from problems.linearization import Linearization
 from problems.operators import add_relative_noise, stack_operators
 
@@ -104,12 +111,8 @@ class ImagingProblem(SampleBatch):
     ) -> ImagingProblem:
         """The samples of ``problems`` as one batch (validated: image shape, regulariser,
         ε, device and dtype, operator kind)."""
-        if len(problems) == 0:
-            raise ValueError("problems must contain at least one ImagingProblem")
-        first = problems[0]
+        first = check_same_type(ImagingProblem, problems)
         for i, pr in enumerate(problems):
-            if not isinstance(pr, ImagingProblem):
-                raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not an ImagingProblem")
             if pr.image_shape != first.image_shape:
                 raise ValueError(
                     f"problems[{i}] has image shape {pr.image_shape}; "

@@ -18,7 +18,7 @@ import scipy.linalg
 
 from backends.core import get_backend
 from backends.counting import Counter
-from problems.base import SampleBatch, check_theta, from_rows
+from problems.base import SampleBatch, check_same_type, check_theta, from_rows
 from problems.linearization import Linearization
 
 
@@ -95,12 +95,8 @@ class QuadraticProblem(SampleBatch):
         cls, problems: Sequence[QuadraticProblem], *, counter: Counter | None = None
     ) -> QuadraticProblem:
         """The samples of ``problems`` (same n, number of terms and backend) as one batch."""
-        if len(problems) == 0:
-            raise ValueError("problems must contain at least one QuadraticProblem")
-        first = problems[0]
+        first = check_same_type(QuadraticProblem, problems)
         for i, pr in enumerate(problems):
-            if not isinstance(pr, QuadraticProblem):
-                raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not a QuadraticProblem")
             if (pr.n, pr.theta_shape) != (first.n, first.theta_shape):
                 raise ValueError(
                     f"problems[{i}] has n={pr.n}, theta shape {pr.theta_shape}; "

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from problems.base import as_rows, check_theta, from_rows, namespace_and_device, psnr
+from problems.base import RowRegularizer, check_theta, psnr
 
 LN10 = math.log(10.0)
 
 
-class TotalVariation:
+class TotalVariation(RowRegularizer):
     """Huber-TV regulariser for images of ``image_shape`` (θ = log10 of the weight).
 
     ``value``/``grad``/``value_and_grad`` take one image (n,) or a batch (B, n);
@@ -78,24 +78,6 @@ class TotalVariation:
         return dx, dy, xp.sqrt(dx * dx + dy * dy)
 
     # -- R and ∇R ---------------------------------------------------------------------------
-    def value(self, x: Any, theta: Any) -> Any:
-        """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
-        return self.value_and_grad(x, theta, grad=False)[0]
-
-    def grad(self, x: Any, theta: Any) -> Any:
-        """∇R(x_i) = 10^θ ∇ᵀψ(∇x_i), shaped like x."""
-        return self.value_and_grad(x, theta, value=False)[1]
-
-    def value_and_grad(
-        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
-    ) -> tuple[Any, Any]:
-        """(R_θ(x_i), ∇R(x_i)) sharing ∇x (either may be skipped: None)."""
-        xp, _ = namespace_and_device(x, theta)
-        X, single = as_rows(x, self.n, "x")
-        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return (None if out_value is None else from_rows(xp, out_value, single),
-                None if out_grad is None else from_rows(xp, out_grad, single))
-
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:

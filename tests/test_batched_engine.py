@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
 
 from backends import get_backend
 from framework.batched_engine import BatchedBilevelEngine, create_engine, default_check_every
@@ -19,7 +20,6 @@ from problems import (
     load_embedded_mnist,
 )
 from problems.foe import initial_theta
-from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
 
 
 def mnist_problems(be, count=3):
