@@ -30,14 +30,13 @@ from framework.krylov.batched_recycle import BatchedCarry, BatchedRecycler
 from framework.krylov.batched_stopping import BatchedHypergradientRule
 from framework.krylov.recycle import RecycleCarry
 from framework.lowerlevel_batched import lbfgs_batched
-from problems.batched import BatchedImagingProblem
-from problems.imaging import ImagingProblem
 
 
 def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
     """Why the batched path cannot run this configuration ('' when it can)."""
-    if not all(isinstance(p, ImagingProblem) for p in problems):
-        return "batched path needs imaging problems"
+    kinds = {type(p) for p in problems}
+    if len(kinds) > 1 or not all(hasattr(p, "concat") for p in problems):
+        return "batched path needs samples of one batch-first problem type (with concat)"
     rc = config.recycle
     if rc.strategy in ("eig", "gsvd") or rc.selection != "inner":
         return "batched recycling supports inner selection only (no dense oracles)"
@@ -75,11 +74,12 @@ class BatchedBilevelEngine(BilevelEngine):
         self.check_every = check_every
         self.batched_recycler = BatchedRecycler(self.config.recycle)
         self.counter = Counter()
-        self._batch_cache: tuple[tuple[int, ...], BatchedImagingProblem] | None = None
+        self._batch_cache: tuple[tuple[int, ...], Any] | None = None
 
-    def _batch(self, indices: tuple[int, ...]) -> BatchedImagingProblem:
+    def _batch(self, indices: tuple[int, ...]) -> Any:
+        """The samples ``indices`` as one batch-first problem counting in ``self.counter``."""
         if self._batch_cache is None or self._batch_cache[0] != indices:
-            batch = BatchedImagingProblem.from_problems(
+            batch = type(self.problems[0]).concat(
                 [self.problems[i] for i in indices], counter=self.counter
             )
             self._batch_cache = (indices, batch)

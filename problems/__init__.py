@@ -1,28 +1,30 @@
-"""Bilevel learning problems: one instance is one sample (lower level f(x, θ), upper loss ℓ(x)).
+"""Bilevel learning problems, batch-first: one instance holds B samples (lower level
+f_i(x, θ), upper loss ℓ_i(x)); a single sample is B = 1.
 
-Modules: ``base`` (the ``Problem`` protocol and array helpers), ``operators`` (forward
-operators and noise), ``foe`` (Fields of Experts), ``tv`` (smoothed total variation),
-``imaging`` (the imaging problem), ``quadratic`` (a closed-form test problem) and
+Modules: ``base`` (the ``Problem`` protocol, shared sample bookkeeping, array helpers),
+``linearization`` (∇²f and Jᵀ frozen at a point), ``operators`` (forward operators and
+noise), ``experts`` and ``foe`` (Fields of Experts), ``tv`` (smoothed total variation),
+``imaging`` (the imaging problem), ``quadratic`` (a closed-form test problem),
+``sequences`` (synthetic system sequences), ``factory`` (samples from a config) and
 ``datasets`` (MNIST / BSDS300 loaders and the embedded MNIST sample).
 """
 
 from problems.base import Problem, psnr
-from problems.batched import BatchedImagingProblem
 from problems.datasets import load_bsds300, load_embedded_mnist, load_mnist
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters
 from problems.imaging import ImagingProblem
-from problems.linearization import linearize
+from problems.linearization import Linearization
 from problems.operators import GaussianBlur, Identity, Inpainting, add_relative_noise
 from problems.quadratic import QuadraticProblem
 from problems.tv import TotalVariation, best_tv_weight
 
 __all__ = [
-    "BatchedImagingProblem",
     "FieldsOfExperts",
     "GaussianBlur",
     "Identity",
     "ImagingProblem",
     "Inpainting",
+    "Linearization",
     "Problem",
     "QuadraticProblem",
     "TotalVariation",
@@ -30,7 +32,6 @@ __all__ = [
     "best_tv_weight",
     "dct_filters",
     "gaussian_filters",
-    "linearize",
     "load_bsds300",
     "load_embedded_mnist",
     "load_mnist",

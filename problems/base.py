@@ -1,14 +1,17 @@
-"""The ``Problem`` protocol (one sample of a bilevel problem) and shared array helpers.
+"""Batch-first problems: the ``Problem`` protocol, the shared sample bookkeeping and helpers.
 
-Conventions: images are flattened row-major to vectors of shape (n,); a block of b
-vectors has shape (n, b).  θ may be passed with shape ``theta_shape`` or flat (p,),
-p = prod(theta_shape); ``jac_t`` always returns flat (p,) or (p, b) (row-major θ).
+Conventions: a problem holds B samples (``batch_size``); images are flattened row-major,
+so a batch of points has shape (B, n) and a block of b vectors per sample (B, n, b).  A
+single sample is B = 1: its methods also take one point x (n,) with one vector (n,) or a
+block (n, b), and return unwrapped results.  θ (shared by the batch) may be passed with
+shape ``theta_shape`` or flat (p,); ``jac_t`` returns flat θ rows: (B, p[, b]) or (p[, b]).
 Numerical methods take their array namespace and device from their inputs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat
@@ -16,61 +19,60 @@ import array_api_compat
 from backends.counting import Counter
 
 
-class SquaredErrorUpperLoss:
-    """ℓ(x) = ½‖x − x_true‖² and ∇ℓ = x − x_true for a sample holding ``x_true``."""
-
-    x_true: Any
-
-    def upper_loss(self, x: Any) -> Any:
-        xp = array_api_compat.array_namespace(x)
-        r = x - self.x_true
-        return 0.5 * xp.sum(r * r)
-
-    def upper_grad(self, x: Any) -> Any:
-        return x - self.x_true
-
-
 @runtime_checkable
 class Problem(Protocol):
-    """One sample: lower level f(x, θ), upper loss ℓ(x) = ½‖x − x_true‖², counted operators.
+    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators.
 
-    ``hvp`` and ``jac_t`` accept one vector (n,) or a block (n, b), process the block in one
-    pass and record it in ``counter`` as one pass of b applications.
+    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
+    process a block in one pass and count it as one pass of B·b applications.
     """
 
     n: int
+    batch_size: int
     image_shape: tuple[int, ...]
     theta_shape: tuple[int, ...]
     counter: Counter
     xp: Any
     device: Any
     dtype: Any
-    x_true: Any
-    y: Any
+    X_true: Any
+    Y: Any
     theta_mask: Any
 
     def lower_objective(self, x: Any, theta: Any) -> Any:
-        """f(x, θ) as a 0-d array (counts one 'f')."""
+        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
         ...
 
     def lower_grad(self, x: Any, theta: Any) -> Any:
-        """∇ₓf(x, θ), shape (n,) (counts one 'grad')."""
+        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
+        ...
+
+    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        """(f, ∇ₓf) sharing their work (counts B 'f' and B 'grad')."""
+        ...
+
+    def linearize(self, x: Any, theta: Any) -> Any:
+        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
         ...
 
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        """∇²ₓₓf(x, θ) v for v of shape (n,) or (n, b)."""
+        """∇²ₓₓf v: x (n,) with v (n,) or (n, b); X (B, n) with V (B, n) or (B, n, b)."""
         ...
 
     def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ⟨∇ₓf(x, θ), w⟩: w (n,) → (p,), w (n, b) → (p, b)."""
+        """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
         ...
 
     def upper_loss(self, x: Any) -> Any:
-        """½‖x − x_true‖² as a 0-d array."""
+        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
         ...
 
     def upper_grad(self, x: Any) -> Any:
-        """x − x_true."""
+        """x_i − x_true,i, shaped like x."""
+        ...
+
+    def subset(self, rows: Sequence[int]) -> Any:
+        """Samples ``rows`` as a problem of their own, sharing this one's counter."""
         ...
 
 
@@ -78,6 +80,42 @@ def namespace_and_device(*arrays: Any) -> tuple[Any, Any]:
     """The common array namespace and the device of the first array."""
     xp = array_api_compat.array_namespace(*arrays)
     return xp, array_api_compat.device(arrays[0])
+
+
+def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
+    """(B, n) rows of ``x`` and whether ``x`` was one point (n,) (then B = 1)."""
+    if x.ndim == 1 and x.shape[0] == n:
+        return array_api_compat.array_namespace(x).reshape(x, (1, n)), True
+    if x.ndim == 2 and x.shape[1] == n:
+        return x, False
+    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected ({n},) or (B, {n})")
+
+
+def from_rows(xp: Any, out: Any, single: bool) -> Any:
+    """Undo ``as_rows`` on a per-sample result (B, ...) → (...) for one point."""
+    return xp.reshape(out, tuple(out.shape[1:])) if single else out
+
+
+def as_blocks(v: Any, n: int, batch_size: int, single: bool, name: str) -> Any:
+    """Blocks (B, n, b) of ``v``: for one point v (n,) or (n, b); else V (B, n) or (B, n, b)."""
+    xp = array_api_compat.array_namespace(v)
+    if single:
+        if v.ndim in (1, 2) and v.shape[0] == n:
+            return xp.reshape(v, (1, n, 1 if v.ndim == 1 else v.shape[1]))
+        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected ({n},) or ({n}, b)")
+    if v.ndim in (2, 3) and v.shape[0] == batch_size and v.shape[1] == n:
+        return v if v.ndim == 3 else xp.reshape(v, (batch_size, n, 1))
+    raise ValueError(
+        f"{name} has shape {tuple(v.shape)}; expected ({batch_size}, {n}) or ({batch_size}, {n}, b)"
+    )
+
+
+def from_blocks(xp: Any, out: Any, ndim: int, single: bool) -> Any:
+    """Undo ``as_blocks`` on a result (B, m, b) for an input of ``ndim`` dimensions."""
+    bsz, m, b = out.shape
+    if single:
+        return xp.reshape(out, (m,) if ndim == 1 else (m, b))
+    return out if ndim == 3 else xp.reshape(out, (bsz, m))
 
 
 def theta_size(theta_shape: tuple[int, ...]) -> int:
@@ -97,29 +135,141 @@ def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
     )
 
 
-def check_vector(v: Any, n: int, name: str) -> None:
-    """Raise ValueError unless ``v`` has shape (n,) or (n, b)."""
-    if v.ndim not in (1, 2) or v.shape[0] != n:
-        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected ({n},) or ({n}, b)")
-
-
 def check_finite(xp: Any, a: Any, name: str) -> None:
     """Raise ValueError naming ``name`` if ``a`` holds NaN or ±inf (a device sync: use at setup)."""
     if not bool(xp.all(xp.isfinite(a))):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
-def as_columns(v: Any) -> tuple[Any, bool]:
-    """View (n,) as (n, 1); return the block and whether the input was a single vector."""
-    if v.ndim == 1:
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(v, (v.shape[0], 1)), True
-    return v, False
+def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
+    """``rows`` as a tuple of sample indices in [0, batch_size); raise ValueError otherwise."""
+    key = tuple(int(r) for r in rows)
+    if not key or any(not 0 <= r < batch_size for r in key):
+        raise ValueError(
+            f"rows must be a non-empty list of sample indices in [0, {batch_size}); "
+            f"got {list(key)!r}"
+        )
+    return key
 
 
-def from_columns(xp: Any, v: Any, single: bool) -> Any:
-    """Undo ``as_columns``: (m, 1) → (m,) when the input was a single vector."""
-    return xp.reshape(v, (v.shape[0],)) if single else v
+def check_same_type(cls: type, problems: Sequence[Any]) -> Any:
+    """The first of ``problems`` after checking there is one and all are ``cls``."""
+    if len(problems) == 0:
+        raise ValueError(f"problems must contain at least one {cls.__name__}")
+    for i, pr in enumerate(problems):
+        if not isinstance(pr, cls):
+            raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not a {cls.__name__}")
+    return problems[0]
+
+
+class RowRegularizer:
+    """Public single-point/batch API of a regulariser from its ``rows_value_and_grad``
+    (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+
+    n: int
+
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def value(self, x: Any, theta: Any) -> Any:
+        """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
+        return self.value_and_grad(x, theta, grad=False)[0]
+
+    def grad(self, x: Any, theta: Any) -> Any:
+        """∇R(x_i), shaped like x."""
+        return self.value_and_grad(x, theta, value=False)[1]
+
+    def value_and_grad(
+        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
+        xp, _ = namespace_and_device(x, theta)
+        X, single = as_rows(x, self.n, "x")
+        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return (None if out_value is None else from_rows(xp, out_value, single),
+                None if out_grad is None else from_rows(xp, out_grad, single))
+
+
+class SampleBatch:
+    """Bookkeeping every batch-first problem shares: points promoted to rows, the upper
+    loss ℓ_i(x) = ½‖x − x_true,i‖², single-sample views and cached subsets.
+
+    Subclasses set ``n``, ``batch_size``, ``X_true`` (B, n), ``Y`` (B, m), ``counter`` and
+    implement ``linearize`` and ``_select(rows)`` (the samples ``rows`` as a new problem).
+    """
+
+    n: int
+    batch_size: int
+    X_true: Any
+    Y: Any
+    counter: Counter
+    _subsets: dict[tuple[int, ...], Any]
+
+    def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
+        """x promoted to (B, n); one point (n,) only for a single-sample problem."""
+        rows, single = as_rows(x, self.n, name)
+        if rows.shape[0] != self.batch_size:
+            want = f"({self.batch_size}, {self.n})"
+            if self.batch_size == 1:
+                want = f"({self.n},) or {want}"
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {want}")
+        return rows, single
+
+    def _sample_row(self, a: Any, name: str) -> Any:
+        if self.batch_size != 1:
+            raise ValueError(
+                f"{name} of a batch of {self.batch_size} samples is ambiguous; "
+                "use the batch arrays X_true / Y or subset([i])"
+            )
+        return a[0, ...]
+
+    @property
+    def x_true(self) -> Any:
+        """The ground truth (n,) of a single-sample problem."""
+        return self._sample_row(self.X_true, "x_true")
+
+    @property
+    def y(self) -> Any:
+        """The data of a single-sample problem."""
+        return self._sample_row(self.Y, "y")
+
+    def upper_loss(self, x: Any) -> Any:
+        rows, single = self._rows(x)
+        xp = array_api_compat.array_namespace(rows)
+        r = rows - self.X_true
+        return from_rows(xp, 0.5 * xp.sum(r * r, axis=1), single)
+
+    def upper_grad(self, x: Any) -> Any:
+        rows, single = self._rows(x)
+        xp = array_api_compat.array_namespace(rows)
+        return from_rows(xp, rows - self.X_true, single)
+
+    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
+        return self.linearize(x, theta).hvp(v)
+
+    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
+        return self.linearize(x, theta).jac_t(w)
+
+    def linearize(self, x: Any, theta: Any) -> Any:
+        raise NotImplementedError
+
+    def _select(self, rows: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def subset(self, rows: Sequence[int]) -> Any:
+        """Samples ``rows`` (host indices, in that order) as a problem sharing this one's
+        counter; the last few subsets are cached."""
+        key = check_rows(rows, self.batch_size)
+        if key == tuple(range(self.batch_size)):
+            return self
+        cache = self.__dict__.setdefault("_subsets", {})
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._select(key)
+        return cache[key]
 
 
 def pad_zeros_2d(xp: Any, a: Any, c: int) -> Any:

@@ -1,12 +1,18 @@
-"""Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j).
+"""Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j), batch-first.
 
 θ has shape (F, K·K + 1): row f holds filter k_f flattened row-major, then the exponent
-p_f.  ∗ is the true 2-D convolution (kernel flipped) with zero boundary and output the
-image's size, i.e. ``scipy.signal.convolve2d(x, k, mode="same")`` for odd K.
+p_f; it is shared by the batch.  ∗ is the true 2-D convolution (kernel flipped) with zero
+boundary and output the image's size, i.e. ``scipy.signal.convolve2d(x, k, mode="same")``
+for odd K.
 
-All F filters are applied at once: the K² shifted copies of the zero-padded image (or
-block of images) are stacked once, then one matmul (F, K²) @ (K², n·b).  The adjoint
-(a correlation) is one matmul (K², F) @ (F, n·b) followed by K² shifted additions.
+Layout: a batch of blocks (B, n, b) is laid out *batch-last*, (H, W, B·b), so that every
+shifted copy of the zero-padded batch is a slice whose rows are contiguous runs of W·B·b
+numbers.  The K² shifted copies are stacked once, (K², n·B·b), and all F filters act in
+one matmul (F, K²) @ (K², n·B·b); the adjoint (a correlation) is one matmul
+(K², F) @ (F, n·B·b) followed by K² shifted additions.  Filter responses stay in this
+pixel-major layout (F, n·B) and results are turned back into rows (B, n, b) at the end.
+Jᵀ contracts over each sample's pixels and uses the sample-major layout (K², B, n, b)
+(the same array when B = 1).
 """
 
 from __future__ import annotations
@@ -17,14 +23,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from problems.base import (
-    as_columns,
-    check_theta,
-    check_vector,
-    from_columns,
-    namespace_and_device,
-    pad_zeros_2d,
-)
+from problems.base import RowRegularizer, check_theta, namespace_and_device, pad_zeros_2d
 from problems.experts import Expert
 
 LN10 = math.log(10.0)
@@ -69,11 +68,13 @@ def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np
     return np.concatenate([filters.reshape(f, -1), exps[:, None]], axis=1)
 
 
-class FieldsOfExperts:
+class FieldsOfExperts(RowRegularizer):
     """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters.
 
     ``learn`` selects the learned parameters ("filters", "exponents" or "both"); the
-    others are masked out of ``jac_t``.  ``gamma`` is the Huber / smooth-ℓ1 parameter.
+    others are masked out of the problem's Jᵀ.  ``gamma`` is the Huber / smooth-ℓ1
+    parameter.  ``value``/``grad``/``value_and_grad`` take one image (n,) or a batch
+    (B, n); ``linearize`` freezes a batch (B, n) for ∇²R V and Jᵀ W.
     """
 
     def __init__(
@@ -109,6 +110,11 @@ class FieldsOfExperts:
             f"gamma={self.expert.gamma}, learn={self.learn!r})"
         )
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """What two samples' regularisers must share to be solved as one batch."""
+        return ("foe", self.image_shape, self.kernel_size, self.num_filters, self.expert,
+                self.learn)
+
     # -- parameters ----------------------------------------------------------------
     def mask_host(self) -> np.ndarray:
         """Flat (p,) 0/1 host mask of the learned entries of θ."""
@@ -119,131 +125,220 @@ class FieldsOfExperts:
             mask[:, -1] = 1.0
         return mask.reshape(-1)
 
-    def _split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
+    def split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
+        """(filters (F, K²), scales 10^{p_f} (F,))."""
         theta = check_theta(xp, theta, self.theta_shape)
         k2 = self.kernel_size**2
         return theta[:, :k2], xp.exp(LN10 * theta[:, k2])
 
-    # -- convolutions ----------------------------------------------------------------
-    def _stack(self, xp: Any, cols: Any) -> Any:
-        """Shifted copies of the padded block (n, b): shape (K², n·b), row a·K + c ↔ k[a, c]."""
+    # -- convolutions in the batch-last layout -----------------------------------------
+    def stack(self, xp: Any, v3: Any) -> Any:
+        """Shifted copies of the padded batch (B, n, b): (K², n·B·b), row a·K + c ↔ k[a, c].
+
+        Column (j, i, c) holds pixel j of sample i, block column c.
+        """
         h, w = self.image_shape
         k = self.kernel_size
         r = k // 2
-        img = pad_zeros_2d(xp, xp.reshape(cols, (h, w, cols.shape[1])), r)
+        bsz, _, b = v3.shape
+        dev = array_api_compat.device(v3)
+        padded = xp.zeros((h + 2 * r, w + 2 * r, bsz, b), dtype=v3.dtype, device=dev)
+        grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
+        padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
+        padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r)
         shifts = [
-            img[2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
+            padded[2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
             for a in range(k)
             for c in range(k)
         ]
         return xp.reshape(xp.stack(shifts, axis=0), (k * k, -1))
 
-    def _adjoint(self, xp: Any, filters: Any, u: Any, b: int) -> Any:
-        """Σ_f k_f ⋆ u_f (correlation) for u of shape (F, n·b) → (n, b)."""
+    def stack_samples(self, xp: Any, v3: Any) -> Any:
+        """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
         h, w = self.image_shape
         k = self.kernel_size
         r = k // 2
-        mixed = xp.reshape(xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, b))
+        bsz, n, b = v3.shape
+        img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
+        shifts = [
+            img[:, 2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
+            for a in range(k)
+            for c in range(k)
+        ]
+        return xp.reshape(xp.stack(shifts, axis=0), (k * k, bsz, n, b))
+
+    def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
+        """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
+        h, w = self.image_shape
+        k = self.kernel_size
+        r = k // 2
+        mixed = xp.reshape(
+            xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, bsz * b)
+        )
         # out[i, j] = Σ_{a,c} mixed[a·K + c, i + a − r, j + c − r] (zero outside): scatter each
         # shifted plane into a buffer padded by 2r, then crop
-        buf = xp.zeros((h + 2 * r, w + 2 * r, b), dtype=u.dtype, device=array_api_compat.device(u))
+        dev = array_api_compat.device(u)
+        buf = xp.zeros((h + 2 * r, w + 2 * r, bsz * b), dtype=u.dtype, device=dev)
         for a in range(k):
             for c in range(k):
                 rows = slice(2 * r - a, 2 * r - a + h)
                 cols = slice(2 * r - c, 2 * r - c + w)
                 buf[rows, cols, :] += mixed[a * k + c, ...]
-        return xp.reshape(buf[r : r + h, r : r + w, :], (self.n, b))
+        return self.to_rows(xp, buf[r : r + h, r : r + w, :], bsz, b)
+
+    def to_rows(self, xp: Any, grid: Any, bsz: int, b: int) -> Any:
+        """(H, W, B·b) or (n, B·b) pixel-major → a fresh row-major (B, n, b) array."""
+        if bsz == 1:
+            return xp.reshape(xp.asarray(grid, copy=True), (1, self.n, b))
+        dev = array_api_compat.device(grid)
+        out = xp.empty((bsz, self.n, b), dtype=grid.dtype, device=dev)
+        out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
+        return out
 
     def convolve(self, v: Any, filters: Any) -> Any:
-        """(k_f ∗ v) for all filters: v (n,) → (F, n); v (n, b) → (F, n, b).
+        """(k_f ∗ v) for all filters: v (n,) → (F, n); V (B, n, b) → (F, B, n, b).
 
         ``filters`` has shape (F, K, K) or (F, K²) on v's device.
         """
-        check_vector(v, self.n, "v")
         xp, _ = namespace_and_device(v, filters)
         filters = xp.reshape(filters, (filters.shape[0], self.kernel_size**2))
-        cols, single = as_columns(v)
-        z = xp.matmul(filters, self._stack(xp, cols))
-        if single:
+        v3 = xp.reshape(v, (1, self.n, 1)) if v.ndim == 1 else v
+        bsz, _, b = v3.shape
+        z = xp.matmul(filters, self.stack(xp, v3))
+        if v.ndim == 1:
             return z
-        return xp.reshape(z, (filters.shape[0], self.n, cols.shape[1]))
+        return xp.permute_dims(xp.reshape(z, (filters.shape[0], self.n, bsz, b)), (0, 2, 1, 3))
 
     def convolve_adjoint(self, u: Any, filters: Any) -> Any:
-        """Σ_f (adjoint of k_f ∗)(u_f): u (F, n) → (n,); u (F, n, b) → (n, b)."""
+        """Σ_f (adjoint of k_f ∗)(u_f): u (F, n) → (n,); u (F, B, n, b) → (B, n, b)."""
         xp, _ = namespace_and_device(u, filters)
-        filters = xp.reshape(filters, (filters.shape[0], self.kernel_size**2))
-        single = u.ndim == 2
-        b = 1 if single else u.shape[2]
-        out = self._adjoint(xp, filters, xp.reshape(u, (u.shape[0], -1)), b)
-        return from_columns(xp, out, single)
+        f = filters.shape[0]
+        filters = xp.reshape(filters, (f, self.kernel_size**2))
+        if u.ndim == 2:
+            return xp.reshape(self.adjoint(xp, filters, u, 1, 1), (self.n,))
+        _, bsz, n, b = u.shape
+        pixel_major = xp.reshape(xp.permute_dims(u, (0, 2, 1, 3)), (f, n * bsz * b))
+        return self.adjoint(xp, filters, pixel_major, bsz, b)
 
-    # -- R, ∇R, ∇²R v, Jᵀ ---------------------------------------------------------------
-    def _responses(self, xp: Any, x: Any, filters: Any) -> tuple[Any, Any]:
-        """The stack of x (K², n) and the filter responses z = k ∗ x (F, n)."""
-        sx = self._stack(xp, xp.reshape(x, (self.n, 1)))
+    # -- R and ∇R ------------------------------------------------------------------------
+    def responses(self, xp: Any, X: Any, filters: Any) -> tuple[Any, Any]:
+        """The stack of X (K², n·B) and the filter responses z = k ∗ x (F, n·B)."""
+        sx = self.stack(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
         return sx, xp.matmul(filters, sx)
 
-    def value(self, x: Any, theta: Any) -> Any:
-        """R_θ(x) as a 0-d array."""
-        xp, _ = namespace_and_device(x, theta)
-        filters, scales = self._split(xp, theta)
-        _, z = self._responses(xp, x, filters)
-        return xp.sum(scales * xp.sum(self.expert.value(z), axis=1))
+    def _per_sample(self, xp: Any, phi: Any, scales: Any, bsz: int) -> Any:
+        """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) pixel-major → (B,)."""
+        per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
+        return xp.sum(scales[:, None] * per_filter, axis=0)
 
-    def grad(self, x: Any, theta: Any) -> Any:
-        """∇R = Σ_f 10^{p_f} k̃_f ∗ φ'(k_f ∗ x), shape (n,)."""
-        xp, _ = namespace_and_device(x, theta)
-        filters, scales = self._split(xp, theta)
-        _, z = self._responses(xp, x, filters)
-        u = scales[:, None] * self.expert.d1(z)
-        return xp.reshape(self._adjoint(xp, filters, u, 1), (self.n,))
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
+        bsz = X.shape[0]
+        filters, scales = self.split(xp, theta)
+        _, z = self.responses(xp, X, filters)
+        out_value = out_grad = None
+        if value and grad:
+            phi, u = self.expert.value_and_d1(z)
+        else:
+            phi = self.expert.value(z) if value else None
+            u = self.expert.d1(z) if grad else None
+        if value:
+            out_value = self._per_sample(xp, phi, scales, bsz)
+        if grad:
+            u *= scales[:, None]
+            out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))
+        return out_value, out_grad
 
-    def value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        """(R_θ(x), ∇R) sharing the filter responses k_f ∗ x."""
-        xp, _ = namespace_and_device(x, theta)
-        filters, scales = self._split(xp, theta)
-        _, z = self._responses(xp, x, filters)
-        phi, u = self.expert.value_and_d1(z)
-        value = xp.sum(scales * xp.sum(phi, axis=1))
-        u *= scales[:, None]
-        return value, xp.reshape(self._adjoint(xp, filters, u, 1), (self.n,))
+    def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:
+        """∇²R and Jᵀ frozen at a batch X (B, n)."""
+        return FoELinearization(self, xp, X, theta)
 
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        """∇²R v = Σ_f 10^{p_f} k̃_f ∗ (φ''(k_f ∗ x) ⊙ (k_f ∗ v)) for v (n,) or (n, b)."""
-        xp, _ = namespace_and_device(x, theta, v)
-        filters, scales = self._split(xp, theta)
-        _, z = self._responses(xp, x, filters)
-        cols, single = as_columns(v)
-        b = cols.shape[1]
-        weight = self.expert.d2(z)
-        weight *= scales[:, None]  # (F, n)
-        kv = xp.reshape(xp.matmul(filters, self._stack(xp, cols)), (self.num_filters, self.n, b))
-        kv *= weight[:, :, None]
-        u = xp.reshape(kv, (self.num_filters, self.n * b))
-        return from_columns(xp, self._adjoint(xp, filters, u, b), single)
 
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ⟨∇R_θ(x), w⟩, unmasked: w (n,) → (p,); w (n, b) → (p, b) (θ flattened row-major).
+class FoELinearization:
+    """The quantities of ∇²R and Jᵀ that depend only on (X, θ), computed once.
+
+    Kept: the filters, 10^{p_f}, the stack of X and z = k ∗ x (pixel-major); on first use,
+    φ''(z)·10^{p_f} (for ``hvp``) and the sample-major stack of X, φ'(z), φ''(z) (for
+    ``jac_t``; for B > 1 recomputed in that layout, cheaper than a transposing copy; for
+    B = 1 the layouts coincide).  Each ``hvp`` costs the two convolutions k ∗ v and its
+    adjoint.
+    """
+
+    def __init__(self, reg: FieldsOfExperts, xp: Any, X: Any, theta: Any) -> None:
+        self.reg, self.xp = reg, xp
+        self.X = X
+        self.batch_size = X.shape[0]
+        self.filters, self.scales = reg.split(xp, theta)
+        self.sx, self.z = reg.responses(xp, X, self.filters)
+        self._weight: Any = None
+        self._samples: tuple[Any, Any, Any] | None = None
+
+    def weight(self) -> Any:
+        """10^{p_f} φ''(z), (F, n·B)."""
+        if self._weight is None:
+            weight = self.reg.expert.d2(self.z)
+            weight *= self.scales[:, None]
+            self._weight = weight
+        return self._weight
+
+    def hvp(self, v3: Any) -> Any:
+        """∇²R V for V (B, n, b) → (B, n, b) (a fresh array)."""
+        xp, reg = self.xp, self.reg
+        bsz, n, b = v3.shape
+        f = reg.num_filters
+        kv = xp.reshape(xp.matmul(self.filters, reg.stack(xp, v3)), (f, n * bsz, b))
+        kv *= self.weight()[:, :, None]
+        u = xp.reshape(kv, (f, n * bsz * b))
+        return reg.adjoint(xp, self.filters, u, bsz, b)
+
+    def _sample_major(self) -> tuple[Any, Any, Any]:
+        """(stack of X (K², B, n), φ'(z), φ''(z) (F, B, n)) in the sample-major layout."""
+        if self._samples is None:
+            xp, reg = self.xp, self.reg
+            bsz, n = self.X.shape
+            f, k2 = reg.num_filters, reg.kernel_size**2
+            if bsz == 1:
+                sx, z = self.sx, self.z
+            else:
+                sx = xp.reshape(reg.stack_samples(xp, xp.reshape(self.X, (bsz, n, 1))), (k2, -1))
+                z = xp.matmul(self.filters, sx)
+            z = xp.reshape(z, (f, bsz, n))
+            self._samples = (xp.reshape(sx, (k2, bsz, n)), reg.expert.d1(z), reg.expert.d2(z))
+        return self._samples
+
+    def jac_t(self, w3: Any) -> Any:
+        """∂θ⟨∇R(x_i), w_i⟩ for W (B, n, b) → (B, p, b), unmasked (θ row-major).
 
         With z_f = k_f ∗ x and s_f = 10^{p_f}, ⟨∇R, w⟩ = Σ_f s_f ⟨φ'(z_f), k_f ∗ w⟩, so
         ∂/∂k_f[a] = s_f (⟨φ''(z_f) ⊙ (k_f ∗ w), S_a x⟩ + ⟨φ'(z_f), S_a w⟩) with S_a the shift
-        for filter entry a, and ∂/∂p_f = ln(10) s_f ⟨φ'(z_f), k_f ∗ w⟩.
+        for filter entry a, and ∂/∂p_f = ln(10) s_f ⟨φ'(z_f), k_f ∗ w⟩ — per sample, as
+        batched products over each sample's pixels: for a few columns, (F, n) @ (n, K²) per
+        sample and column; for many (b ≥ 8), (K², n) @ (n, b) per sample and filter.
         """
-        xp, _ = namespace_and_device(x, theta, w)
-        filters, scales = self._split(xp, theta)
-        sx, z = self._responses(xp, x, filters)
-        d1, d2 = self.expert.d1(z), self.expert.d2(z)
-        cols, single = as_columns(w)
-        b = cols.shape[1]
-        f, n, k2 = self.num_filters, self.n, self.kernel_size**2
-        sw = self._stack(xp, cols)  # (K², n·b)
-        kw = xp.reshape(xp.matmul(filters, sw), (f, n, b))
-        inner = xp.matmul(sx, d2[:, :, None] * kw)  # (F, K², b): kernel in the inner conv
-        sw_t = xp.reshape(xp.permute_dims(xp.reshape(sw, (k2, n, b)), (1, 0, 2)), (n, k2 * b))
-        outer = xp.reshape(xp.matmul(d1, sw_t), (f, k2, b))  # kernel in the outer conv
-        d_filters = scales[:, None, None] * (inner + outer)
-        d_exps = (LN10 * scales)[:, None] * xp.sum(d1[:, :, None] * kw, axis=1)  # (F, b)
-        out = xp.concat([d_filters, d_exps[:, None, :]], axis=1)
-        return from_columns(xp, xp.reshape(out, (f * (k2 + 1), b)), single)
+        xp, reg = self.xp, self.reg
+        sx, d1, d2 = self._sample_major()
+        bsz, n, b = w3.shape
+        f, k2 = reg.num_filters, reg.kernel_size**2
+        sw = reg.stack_samples(xp, w3)  # (K², B, n, b)
+        kw = xp.reshape(xp.matmul(self.filters, xp.reshape(sw, (k2, -1))), (f, bsz, n, b))
+        t = d2[:, :, :, None] * kw  # (F, B, n, b)
+        d1_s = xp.permute_dims(d1, (1, 0, 2))[:, None, :, :]  # (B, 1, F, n)
+        if b < 8:
+            sx_t = xp.permute_dims(sx, (1, 2, 0))[:, None, :, :]  # (B, 1, n, K²)
+            both = xp.matmul(xp.permute_dims(t, (1, 3, 0, 2)), sx_t)  # (B, b, F, K²)
+            both += xp.matmul(d1_s, xp.permute_dims(sw, (1, 3, 2, 0)))
+            both = xp.permute_dims(both, (0, 2, 3, 1))  # (B, F, K², b)
+        else:
+            sx_s = xp.permute_dims(sx, (1, 0, 2))[:, None, :, :]  # (B, 1, K², n)
+            both = xp.matmul(sx_s, xp.permute_dims(t, (1, 0, 2, 3)))  # (B, F, K², b)
+            outer = xp.matmul(d1_s, xp.permute_dims(sw, (1, 0, 2, 3)))  # (B, K², F, b)
+            both += xp.permute_dims(outer, (0, 2, 1, 3))
+        d_filters = self.scales[None, :, None, None] * both
+        d_exps = xp.sum(d1[:, :, :, None] * kw, axis=2)  # (F, B, b)
+        d_exps = (LN10 * self.scales)[None, :, None] * xp.permute_dims(d_exps, (1, 0, 2))
+        out = xp.concat([d_filters, d_exps[:, :, None, :]], axis=2)
+        return xp.reshape(out, (bsz, f * (k2 + 1), b))

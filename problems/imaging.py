@@ -1,25 +1,42 @@
-"""The imaging problem f(x, θ) = ½‖Ax − y‖² + R_θ(x) + (ε/2)‖x‖² for one sample."""
+"""The imaging problem f_i(x, θ) = ½‖A_i x − y_i‖² + R_θ(x) + (ε/2)‖x‖², batch-first.
+
+One ``ImagingProblem`` holds B samples (rows of ``X_true`` and ``Y``, one forward operator
+A_i each, one regulariser and one θ); a single sample is B = 1, and its methods also take
+one point x (n,).  ``ImagingProblem.concat`` joins samples into one batch and ``subset``
+selects some.  Every method processes the whole batch (and a block of b vectors per
+sample) in one pass and counts B (or B·b) evaluations / applications in ``counter``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from backends.counting import Counter, block_size
-from problems.base import SquaredErrorUpperLoss, check_finite, check_theta, check_vector
-from problems.operators import add_relative_noise
+from backends.counting import Counter
+from problems.base import (
+    SampleBatch,
+    as_rows,
+    check_finite,
+    check_same_type,
+    check_theta,
+    from_rows,
+)
+from problems.linearization import Linearization
+from problems.operators import add_relative_noise, stack_operators
 
 
-class ImagingProblem(SquaredErrorUpperLoss):
-    """One imaging sample implementing the ``Problem`` protocol.
+class ImagingProblem(SampleBatch):
+    """B imaging samples implementing the ``Problem`` protocol.
 
-    ``x_true`` (n,) and ``y`` (n,) are arrays on the backend's device; ``operator`` is a
-    forward operator (``apply``/``adjoint``/``normal``) and ``regularizer`` a
-    ``FieldsOfExperts`` or ``TotalVariation``.  Inputs are checked for NaN/inf once,
-    here (checking in every HVP would sync the device); θ shapes are checked every call.
+    ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
+    ``operator`` is a forward operator (``problems.operators``) for those samples and
+    ``regularizer`` a ``FieldsOfExperts`` or ``TotalVariation``.  Inputs are checked for
+    NaN/inf once, here (checking in every HVP would sync the device); θ shapes are
+    checked every call.
     """
 
     def __init__(
@@ -31,6 +48,7 @@ class ImagingProblem(SquaredErrorUpperLoss):
         *,
         epsilon: float = 1e-6,
         counter: Counter | None = None,
+        checked: bool = False,
     ) -> None:
         xp = array_api_compat.array_namespace(x_true, y)
         self.xp = xp
@@ -38,16 +56,23 @@ class ImagingProblem(SquaredErrorUpperLoss):
         self.dtype = x_true.dtype
         self.image_shape = tuple(regularizer.image_shape)
         self.n = math.prod(self.image_shape)
-        for name, a in (("x_true", x_true), ("y", y)):
-            if tuple(a.shape) != (self.n,):
-                raise ValueError(f"{name} has shape {tuple(a.shape)}; expected ({self.n},)")
-            check_finite(xp, a, name)
+        X_true, _ = as_rows(x_true, self.n, "x_true")
+        Y, _ = as_rows(y, self.n, "y")
+        if Y.shape[0] != X_true.shape[0]:
+            raise ValueError(f"y holds {Y.shape[0]} samples; x_true holds {X_true.shape[0]}")
+        if not checked:
+            for name, a in (("x_true", X_true), ("y", Y)):
+                check_finite(xp, a, name)
         if operator.n != self.n:
             raise ValueError(f"operator acts on n={operator.n} unknowns; expected n={self.n}")
+        self.batch_size = int(X_true.shape[0])
+        if operator.batch_size not in (None, self.batch_size):
+            raise ValueError(
+                f"operator holds {operator.batch_size} samples; the problem {self.batch_size}"
+            )
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be non-negative; got epsilon={epsilon!r}")
-        self.x_true = x_true
-        self.y = y
+        self.X_true, self.Y = X_true, Y
         self.operator = operator
         self.regularizer = regularizer
         self.epsilon = float(epsilon)
@@ -80,69 +105,109 @@ class ImagingProblem(SquaredErrorUpperLoss):
         y = add_relative_noise(operator.apply(x_true), noise_level, seed)
         return cls(x_true, y, operator, regularizer, epsilon=epsilon)
 
+    @classmethod
+    def concat(
+        cls, problems: Sequence[ImagingProblem], *, counter: Counter | None = None
+    ) -> ImagingProblem:
+        """The samples of ``problems`` as one batch (validated: image shape, regulariser,
+        ε, device and dtype, operator kind)."""
+        first = check_same_type(ImagingProblem, problems)
+        for i, pr in enumerate(problems):
+            if pr.image_shape != first.image_shape:
+                raise ValueError(
+                    f"problems[{i}] has image shape {pr.image_shape}; "
+                    f"problems[0] has {first.image_shape}"
+                )
+            if pr.regularizer.batch_key() != first.regularizer.batch_key():
+                raise ValueError(
+                    f"problems[{i}] has regulariser {pr.regularizer!r}; "
+                    f"problems[0] has {first.regularizer!r}"
+                )
+            if pr.epsilon != first.epsilon:
+                raise ValueError(
+                    f"problems[{i}] has epsilon={pr.epsilon}; problems[0] has {first.epsilon}"
+                )
+            if pr.xp is not first.xp or pr.device != first.device or pr.dtype != first.dtype:
+                raise ValueError(
+                    f"problems[{i}] lives on {pr.device!r} ({pr.dtype}); "
+                    f"problems[0] on {first.device!r} ({first.dtype})"
+                )
+        xp = first.xp
+        return cls(
+            xp.concat([pr.X_true for pr in problems], axis=0),
+            xp.concat([pr.Y for pr in problems], axis=0),
+            stack_operators([pr.operator for pr in problems]),
+            first.regularizer, epsilon=first.epsilon, counter=counter, checked=True,
+        )
+
+    def _select(self, rows: tuple[int, ...]) -> ImagingProblem:
+        xp = self.xp
+        index = xp.asarray(list(rows), dtype=xp.int64, device=self.device)
+        return ImagingProblem(
+            xp.take(self.X_true, index, axis=0), xp.take(self.Y, index, axis=0),
+            self.operator.rows(rows), self.regularizer, epsilon=self.epsilon,
+            counter=self.counter, checked=True,
+        )
+
     def __repr__(self) -> str:
         return (
-            f"ImagingProblem(n={self.n}, operator={self.operator!r}, "
-            f"regularizer={self.regularizer!r}, epsilon={self.epsilon})"
+            f"ImagingProblem(batch_size={self.batch_size}, n={self.n}, "
+            f"operator={self.operator!r}, regularizer={self.regularizer!r}, "
+            f"epsilon={self.epsilon})"
         )
 
     def _theta(self, theta: Any) -> Any:
         return check_theta(self.xp, theta, self.theta_shape)
 
-    def lower_objective(self, x: Any, theta: Any) -> Any:
-        check_vector(x, self.n, "x")
-        xp = array_api_compat.array_namespace(x)
+    def _value_and_grad(
+        self, x: Any, theta: Any, *, value: bool, grad: bool
+    ) -> tuple[Any, Any]:
+        X, single = self._rows(x)
+        xp = array_api_compat.array_namespace(X)
         theta = self._theta(theta)
-        self.counter.add("f")
-        r = self.operator.apply(x) - self.y
-        data = 0.5 * xp.sum(r * r)
-        return data + self.regularizer.value(x, theta) + (0.5 * self.epsilon) * xp.sum(x * x)
+        if value:
+            self.counter.add("f", self.batch_size)
+        if grad:
+            self.counter.add("grad", self.batch_size)
+        bsz, n = X.shape
+        r = self.operator.apply3(xp, xp.reshape(X, (bsz, n, 1)))
+        r = xp.reshape(r, (bsz, n)) - self.Y
+        reg_value, reg_grad = self.regularizer.rows_value_and_grad(
+            xp, X, theta, value=value, grad=grad)
+        out_value = out_grad = None
+        if value:
+            ridge = (0.5 * self.epsilon) * xp.sum(X * X, axis=1)
+            out_value = from_rows(xp, 0.5 * xp.sum(r * r, axis=1) + reg_value + ridge, single)
+        if grad:
+            data = xp.reshape(self.operator.adjoint3(xp, xp.reshape(r, (bsz, n, 1))), (bsz, n))
+            out_grad = from_rows(xp, data + reg_grad + self.epsilon * X, single)
+        return out_value, out_grad
+
+    def lower_objective(self, x: Any, theta: Any) -> Any:
+        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
+        return self._value_and_grad(x, theta, value=True, grad=False)[0]
 
     def lower_grad(self, x: Any, theta: Any) -> Any:
-        check_vector(x, self.n, "x")
-        theta = self._theta(theta)
-        self.counter.add("grad")
-        data = self.operator.adjoint(self.operator.apply(x) - self.y)
-        return data + self.regularizer.grad(x, theta) + self.epsilon * x
+        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
+        return self._value_and_grad(x, theta, value=False, grad=True)[1]
 
     def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        """(f, ∇ₓf) sharing the regulariser's work (counts one 'f' and one 'grad')."""
-        check_vector(x, self.n, "x")
-        xp = array_api_compat.array_namespace(x)
-        theta = self._theta(theta)
-        self.counter.add("f")
-        self.counter.add("grad")
-        r = self.operator.apply(x) - self.y
-        fused = getattr(self.regularizer, "value_and_grad", None)
-        if fused is not None:
-            reg_value, reg_grad = fused(x, theta)
-        else:
-            reg_value, reg_grad = self.regularizer.value(x, theta), self.regularizer.grad(x, theta)
-        value = 0.5 * xp.sum(r * r) + reg_value + (0.5 * self.epsilon) * xp.sum(x * x)
-        return value, self.operator.adjoint(r) + reg_grad + self.epsilon * x
+        """(f_i, ∇ₓf_i) sharing the regulariser's work (counts B 'f' and B 'grad')."""
+        return self._value_and_grad(x, theta, value=True, grad=True)
 
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        check_vector(x, self.n, "x")
-        check_vector(v, self.n, "v")
-        theta = self._theta(theta)
-        self.counter.add("hvp", block_size(v))
-        out = self.regularizer.hvp(x, theta, v)
-        out += self.operator.normal(v)
-        if self.epsilon:
-            out += self.epsilon * v
-        return out
+    def linearize(self, x: Any, theta: Any) -> Linearization:
+        """Freeze (x, θ): the returned object applies ∇²ₓₓf_i and Jᵀ with the x-dependent
+        work done once, counted here like ``hvp``/``jac_t``."""
+        X, single = self._rows(x)
+        xp = array_api_compat.array_namespace(X, theta)
+        reg = self.regularizer.linearize(xp, X, self._theta(theta))
+        operator, epsilon = self.operator, self.epsilon
 
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        check_vector(x, self.n, "x")
-        check_vector(w, self.n, "w")
-        theta = self._theta(theta)
-        self.counter.add("jac_t", block_size(w))
-        out = self.regularizer.jac_t(x, theta, w)
-        return out * (self.theta_mask if w.ndim == 1 else self.theta_mask[:, None])
+        def hvp3(v3: Any) -> Any:
+            out = reg.hvp(v3)
+            out += operator.normal3(xp, v3)
+            if epsilon:
+                out += epsilon * v3
+            return out
 
-    def linearize(self, x: Any, theta: Any) -> Any:
-        """Hessian and Jᵀ at a fixed (x, θ), with the x-dependent work done once
-        (``problems.linearization``); counted like ``hvp``/``jac_t``."""
-        from problems.linearization import linearize
-
-        return linearize(self, x, theta)
+        return Linearization(self, hvp3, reg.jac_t, single=single)

@@ -1,69 +1,58 @@
-"""``linearize(problem, x, θ)``: ∇²ₓₓf and Jᵀ of one ``ImagingProblem`` at a fixed (x, θ).
+"""``Linearization``: ∇²ₓₓf and Jᵀ of a batch-first problem frozen at (X, θ).
 
-The quantities that depend only on (x, θ) (FoE: k_f ∗ x, φ''(k_f ∗ x)·10^{p_f}, φ'; TV:
-∇x and its unit directions) are computed once; each ``hvp`` then costs the convolutions
-with v only.  Applications are counted in ``problem.counter`` exactly as ``problem.hvp``
-and ``problem.jac_t`` count them (a block of b vectors: one pass of b applications).
+The problem computes once what depends only on (X, θ) (FoE: k_f ∗ x and φ''(k_f ∗ x);
+TV: ∇x and its unit directions) and hands over two kernels on blocks, ``hvp3`` (B, n, b)
+→ (B, n, b) and ``jac_t3`` (B, n, b) → (B, p, b).  This object promotes inputs (one point:
+v (n,) or (n, b); a batch: V (B, n) or (B, n, b)), counts each call as one pass of B·b
+applications in ``problem.counter``, masks Jᵀ by ``problem.theta_mask`` and unwraps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 
-from backends.counting import block_size
-from problems.base import check_theta, check_vector, from_columns
-from problems.batched import batched_regularizer
-from problems.imaging import ImagingProblem
+from problems.base import as_blocks, from_blocks
+
+BlockKernel = Callable[[Any], Any]
 
 
 class Linearization:
-    """Operator-like view of one sample's Hessian (``hvp``) and Jacobian (``jac_t``)."""
+    """Operator-like view of the Hessians (``hvp``, also ``__call__``) and Jᵀ (``jac_t``)."""
 
-    def __init__(self, problem: ImagingProblem, reg_state: Any) -> None:
+    def __init__(
+        self, problem: Any, hvp3: BlockKernel, jac_t3: BlockKernel, *, single: bool
+    ) -> None:
         self.problem = problem
-        self.reg = reg_state
-        self.n, self.p = problem.n, problem.p
+        self._hvp3, self._jac_t3 = hvp3, jac_t3
+        self.single = single
+        self.batch_size, self.n, self.p = problem.batch_size, problem.n, problem.p
         self.shape = (problem.n, problem.n)
         self.dtype = problem.dtype
+        self._mask = None
 
     def __call__(self, v: Any) -> Any:
         return self.hvp(v)
 
+    def _blocks(self, v: Any, name: str) -> Any:
+        return as_blocks(v, self.n, self.batch_size, self.single, name)
+
     def hvp(self, v: Any) -> Any:
-        """∇²ₓₓf(x, θ) v for v (n,) or (n, b)."""
-        pr = self.problem
-        check_vector(v, pr.n, "v")
-        xp = array_api_compat.array_namespace(v)
-        b = block_size(v)
-        pr.counter.add("hvp", b)
-        out = xp.reshape(self.reg.hvp(xp.reshape(v, (1, pr.n, b))), (pr.n, b))
-        cols = xp.reshape(v, (pr.n, b))
-        out += pr.operator.normal(cols)
-        if pr.epsilon:
-            out += pr.epsilon * cols
-        return from_columns(xp, out, v.ndim == 1)
+        """∇²ₓₓf_i v_i, shaped like v."""
+        v3 = self._blocks(v, "v")
+        self.problem.counter.add("hvp", self.batch_size * int(v3.shape[2]))
+        out = self._hvp3(v3)
+        return from_blocks(array_api_compat.array_namespace(v), out, v.ndim, self.single)
 
     def jac_t(self, w: Any) -> Any:
-        """∂θ⟨∇ₓf(x, θ), w⟩ (masked): w (n,) → (p,); w (n, b) → (p, b)."""
-        pr = self.problem
-        check_vector(w, pr.n, "w")
-        xp = array_api_compat.array_namespace(w)
-        b = block_size(w)
-        pr.counter.add("jac_t", b)
-        out = xp.reshape(self.reg.jac_t(xp.reshape(w, (1, pr.n, b))), (pr.p, b))
-        out = out * pr.theta_mask[:, None]
-        return from_columns(xp, out, w.ndim == 1)
-
-
-def linearize(problem: ImagingProblem, x: Any, theta: Any) -> Linearization:
-    """Freeze (x, θ) of ``problem``; see the module docstring."""
-    check_vector(x, problem.n, "x")
-    if x.ndim != 1:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected ({problem.n},)")
-    xp = array_api_compat.array_namespace(x, theta)
-    theta = check_theta(xp, theta, problem.theta_shape)
-    kern = batched_regularizer(problem.regularizer)
-    state = kern.linearize(xp, xp.reshape(x, (1, problem.n)), theta)
-    return Linearization(problem, state)
+        """∂θ⟨∇ₓf_i, w_i⟩ masked by ``theta_mask``: (n,) → (p,), (n, b) → (p, b);
+        (B, n) → (B, p), (B, n, b) → (B, p, b)."""
+        w3 = self._blocks(w, "w")
+        self.problem.counter.add("jac_t", self.batch_size * int(w3.shape[2]))
+        if self._mask is None:
+            self._mask = self.problem.theta_mask[None, :, None]
+        out = self._jac_t3(w3)
+        out *= self._mask
+        return from_blocks(array_api_compat.array_namespace(w), out, w.ndim, self.single)

@@ -1,25 +1,31 @@
-"""Forward operators A (with adjoints) acting on flattened images and blocks of them.
+"""Forward operators A (with adjoints) on batches of flattened images, per-sample data.
 
-Every operator maps (n,) → (n,) and (n, b) → (n, b) (output the image's size) and exposes
-``apply`` (A), ``adjoint`` (Aᵀ), ``image_shape``, ``n`` and ``shape``.  Host constants
-(the inpainting mask) are moved to the input's device once and cached per device.
+Every operator maps one image (n,) → (n,), a batch (B, n) → (B, n) and a batch of blocks
+(B, n, b) → (B, n, b) (output the image's size) and exposes ``apply`` (A), ``adjoint``
+(Aᵀ), ``normal`` (AᵀA), ``image_shape``, ``n`` and ``shape``.  ``Identity`` and
+``GaussianBlur`` act on any batch; an ``Inpainting`` holds one mask per sample (B, n), so
+it applies to batches of its own ``batch_size``.  ``stack_operators`` joins the operators
+of B samples into one (same kind, image shape and blur width).  Host constants (the masks)
+are moved to the input's device once and cached per device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from problems.base import as_columns, from_columns, namespace_and_device, pad_zeros_2d
+from problems.base import namespace_and_device, pad_zeros_2d
 
 
 class _Operator:
     """Shared bookkeeping for square image-to-image operators."""
 
     symmetric = False
+    batch_size: int | None = None  # None: acts on any batch
 
     def __init__(self, image_shape: tuple[int, ...]) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -29,22 +35,51 @@ class _Operator:
     def __call__(self, v: Any) -> Any:
         return self.apply(v)
 
-    def _check(self, v: Any) -> None:
-        if v.ndim not in (1, 2) or v.shape[0] != self.n:
+    def _blocks(self, v: Any) -> Any:
+        """v as (B, n, b) blocks (checked)."""
+        xp = array_api_compat.array_namespace(v)
+        bsz = 1 if v.ndim == 1 else v.shape[0]
+        ok = v.ndim in (1, 2, 3) and v.shape[min(v.ndim, 2) - 1] == self.n
+        if ok and self.batch_size is not None:
+            ok = bsz == self.batch_size
+        if not ok:
+            want = "(n,), (B, n) or (B, n, b)" if self.batch_size is None else (
+                f"({self.n},) for one sample or ({self.batch_size}, n[, b])"
+            )
             raise ValueError(
                 f"{type(self).__name__} for n={self.n} applied to an array of shape "
-                f"{tuple(v.shape)}"
+                f"{tuple(v.shape)}; expected {want}"
             )
+        if v.ndim == 3:
+            return v
+        return xp.reshape(v, (bsz, self.n, 1))
 
     def apply(self, v: Any) -> Any:
-        raise NotImplementedError
+        xp = array_api_compat.array_namespace(v)
+        return xp.reshape(self.apply3(xp, self._blocks(v)), v.shape)
 
     def adjoint(self, v: Any) -> Any:
-        raise NotImplementedError
+        xp = array_api_compat.array_namespace(v)
+        return xp.reshape(self.adjoint3(xp, self._blocks(v)), v.shape)
 
     def normal(self, v: Any) -> Any:
         """AᵀA v."""
-        return self.adjoint(self.apply(v))
+        xp = array_api_compat.array_namespace(v)
+        return xp.reshape(self.normal3(xp, self._blocks(v)), v.shape)
+
+    def apply3(self, xp: Any, v3: Any) -> Any:
+        raise NotImplementedError
+
+    def adjoint3(self, xp: Any, v3: Any) -> Any:
+        raise NotImplementedError
+
+    def normal3(self, xp: Any, v3: Any) -> Any:
+        """AᵀA on blocks (B, n, b) (a fresh array)."""
+        return self.adjoint3(xp, self.apply3(xp, v3))
+
+    def rows(self, rows: Sequence[int]) -> _Operator:
+        """The operator of samples ``rows`` (host indices)."""
+        return self
 
 
 class Identity(_Operator):
@@ -52,27 +87,22 @@ class Identity(_Operator):
 
     symmetric = True
 
-    def apply(self, v: Any) -> Any:
-        self._check(v)
-        return v
+    def apply3(self, xp: Any, v3: Any) -> Any:
+        return v3
 
-    def adjoint(self, v: Any) -> Any:
-        self._check(v)
-        return v
-
-    def normal(self, v: Any) -> Any:
-        self._check(v)
-        return v
+    adjoint3 = apply3
+    normal3 = apply3
 
     def __repr__(self) -> str:
         return f"Identity(image_shape={self.image_shape})"
 
 
 class Inpainting(_Operator):
-    """A = diag(mask): a seeded ``fraction_removed`` of the pixels is set to zero.
+    """A_i = diag(mask_i): a seeded ``fraction_removed`` of the pixels is set to zero.
 
-    ``mask`` (host NumPy, float 0/1, shape (n,)) marks the kept pixels; exactly
-    round(fraction_removed · n) pixels are removed, chosen by ``numpy.random.default_rng(seed)``.
+    ``masks`` (host NumPy, float 0/1, shape (B, n)) marks the kept pixels; one sample's
+    exactly round(fraction_removed · n) removed pixels are chosen by
+    ``numpy.random.default_rng(seed)``.
     """
 
     symmetric = True
@@ -91,24 +121,48 @@ class Inpainting(_Operator):
         removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
         mask = np.ones(self.n)
         mask[removed] = 0.0
-        self.mask = mask
+        self._set_masks(mask[None, :])
+
+    def _set_masks(self, masks: np.ndarray) -> None:
+        self.masks = masks
+        self.batch_size = int(masks.shape[0])
         self._device_masks: dict[tuple[str, str, str], Any] = {}
 
-    def device_mask(self, xp: Any, device: Any, dtype: Any) -> Any:
-        """The mask as a (n,) array of ``dtype`` on ``device`` (cached)."""
+    @classmethod
+    def from_masks(cls, image_shape: tuple[int, ...], masks: np.ndarray,
+                   fraction_removed: float, seeds: Any) -> Inpainting:
+        op = cls.__new__(cls)
+        _Operator.__init__(op, image_shape)
+        op.fraction_removed, op.seed = fraction_removed, seeds
+        op._set_masks(np.asarray(masks, dtype=np.float64))
+        return op
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The host mask (n,) of a single-sample operator."""
+        if self.batch_size != 1:
+            raise ValueError(f"an Inpainting of {self.batch_size} samples has masks, not mask")
+        return self.masks[0]
+
+    def device_masks(self, xp: Any, device: Any, dtype: Any) -> Any:
+        """The masks as a (B, n, 1) array of ``dtype`` on ``device`` (cached)."""
         key = (xp.__name__, repr(device), repr(dtype))
         if key not in self._device_masks:
-            self._device_masks[key] = xp.asarray(self.mask, dtype=dtype, device=device)
+            m = xp.asarray(self.masks, dtype=dtype, device=device)
+            self._device_masks[key] = xp.reshape(m, (self.batch_size, self.n, 1))
         return self._device_masks[key]
 
-    def apply(self, v: Any) -> Any:
-        self._check(v)
-        xp, dev = namespace_and_device(v)
-        m = self.device_mask(xp, dev, v.dtype)
-        return v * (m if v.ndim == 1 else m[:, None])
+    def apply3(self, xp: Any, v3: Any) -> Any:
+        return v3 * self.device_masks(xp, array_api_compat.device(v3), v3.dtype)
 
-    adjoint = apply
-    normal = apply
+    adjoint3 = apply3
+    normal3 = apply3
+
+    def rows(self, rows: Sequence[int]) -> Inpainting:
+        seeds = self.seed if isinstance(self.seed, int) else tuple(self.seed[r] for r in rows)
+        return Inpainting.from_masks(
+            self.image_shape, self.masks[list(rows)], self.fraction_removed, seeds
+        )
 
     def __repr__(self) -> str:
         return (
@@ -128,8 +182,8 @@ def gaussian_kernel_1d(sigma: float) -> np.ndarray:
 class GaussianBlur(_Operator):
     """Convolution with a normalised Gaussian of width ``sigma`` (zero boundary, same size).
 
-    Applied separably (a 1-D convolution along rows, then along columns).  The kernel
-    is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
+    Applied separably (a 1-D convolution along rows, then along columns) to (B, H, W, b).
+    The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
     """
 
     symmetric = True
@@ -146,34 +200,68 @@ class GaussianBlur(_Operator):
         self._taps = [float(t) for t in self.kernel]
 
     def _blur_axis(self, xp: Any, img: Any, axis: int) -> Any:
-        """1-D zero-boundary convolution of ``img`` (H, W, b) along ``axis`` (0 or 1)."""
+        """1-D zero-boundary convolution of ``img`` (B, H, W, b) along image axis 0 or 1."""
         c = self.radius
-        h, w, _ = img.shape
+        _, h, w, _ = img.shape
         padded = pad_zeros_2d(xp, img, c)
         # keep the other axis unpadded
-        if axis == 0:
-            padded = padded[:, c : c + w, :]
-        else:
-            padded = padded[c : c + h, :, :]
+        padded = padded[:, :, c : c + w, :] if axis == 0 else padded[:, c : c + h, :, :]
         out = None
         for k, tap in enumerate(self._taps):
-            part = padded[k : k + h, :, :] if axis == 0 else padded[:, k : k + w, :]
+            part = padded[:, k : k + h, :, :] if axis == 0 else padded[:, :, k : k + w, :]
             out = tap * part if out is None else out + tap * part
         return out
 
-    def apply(self, v: Any) -> Any:
-        self._check(v)
-        xp = array_api_compat.array_namespace(v)
-        cols, single = as_columns(v)
+    def apply3(self, xp: Any, v3: Any) -> Any:
+        bsz, n, b = v3.shape
         h, w = self.image_shape
-        img = xp.reshape(cols, (h, w, cols.shape[1]))
+        img = xp.reshape(v3, (bsz, h, w, b))
         img = self._blur_axis(xp, self._blur_axis(xp, img, 0), 1)
-        return from_columns(xp, xp.reshape(img, (self.n, cols.shape[1])), single)
+        return xp.reshape(img, (bsz, n, b))
 
-    adjoint = apply
+    adjoint3 = apply3
 
     def __repr__(self) -> str:
         return f"GaussianBlur(image_shape={self.image_shape}, sigma={self.sigma})"
+
+
+OPERATOR_KINDS = (Identity, Inpainting, GaussianBlur)
+
+
+def stack_operators(operators: Sequence[Any]) -> Any:
+    """One operator for the samples of ``operators`` (in order): all ``Identity``, all
+    ``Inpainting`` (masks stacked) or all ``GaussianBlur`` with one σ, on one image shape."""
+    first = operators[0]
+    kind = type(first)
+    if kind not in OPERATOR_KINDS:
+        raise ValueError(
+            f"operators: unsupported forward operator {kind.__name__}; "
+            f"use one of {', '.join(k.__name__ for k in OPERATOR_KINDS)}"
+        )
+    for i, op in enumerate(operators):
+        if type(op) is not kind:
+            raise ValueError(
+                f"operators: sample {i} has a {type(op).__name__}, sample 0 a {kind.__name__}"
+            )
+        if tuple(op.image_shape) != tuple(first.image_shape):
+            raise ValueError(
+                f"operators: sample {i} acts on images {op.image_shape}, "
+                f"sample 0 on {first.image_shape}"
+            )
+        if kind is GaussianBlur and op.sigma != first.sigma:
+            raise ValueError(
+                f"operators: blur must share sigma; sample {i} has sigma={op.sigma}, "
+                f"sample 0 sigma={first.sigma}"
+            )
+    if kind is not Inpainting:
+        return first
+    seeds: list[Any] = []
+    for op in operators:
+        seeds.extend([op.seed] if isinstance(op.seed, int) else op.seed)
+    return Inpainting.from_masks(
+        first.image_shape, np.concatenate([op.masks for op in operators]),
+        first.fraction_removed, tuple(seeds),
+    )
 
 
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:

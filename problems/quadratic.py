@@ -1,20 +1,25 @@
-"""A closed-form test problem: f(x, θ) = ½‖Ax − y‖² + ½ Σ_i exp(θ_i) ‖D_i x‖².
+"""A closed-form test problem: f_i(x, θ) = ½‖A_i x − y_i‖² + ½ Σ_j exp(θ_j) ‖D_ij x‖².
 
-x(θ) = (AᵀA + Σ_i e^{θ_i} D_iᵀD_i)⁻¹ Aᵀy, and the hypergradient of ℓ(x) = ½‖x − x_true‖²
-is −Jᵀ H⁻¹ (x − x_true) with J[:, i] = e^{θ_i} D_iᵀD_i x: both computed densely on the host
-by ``exact_solution`` / ``exact_hypergradient`` as references for tests.
+x_i(θ) = (A_iᵀA_i + Σ_j e^{θ_j} G_ij)⁻¹ A_iᵀy_i with G_ij = D_ijᵀD_ij, and the
+hypergradient of ℓ_i(x) = ½‖x − x_true,i‖² is −Jᵀ H⁻¹ (x − x_true,i) with
+J[:, j] = e^{θ_j} G_ij x: both computed densely on the host by ``exact_solution`` /
+``exact_hypergradient`` as references for tests.  Batch-first like the imaging problem:
+a ``QuadraticProblem`` holds B samples (one seed each), ``concat`` joins them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 import numpy as np
 import scipy.linalg
 
-from backends.counting import Counter, block_size
-from problems.base import SquaredErrorUpperLoss, check_theta, check_vector
+from backends.core import get_backend
+from backends.counting import Counter
+from problems.base import SampleBatch, check_same_type, check_theta, from_rows
+from problems.linearization import Linearization
 
 
 def _difference_matrix(n: int, order: int) -> np.ndarray:
@@ -24,10 +29,10 @@ def _difference_matrix(n: int, order: int) -> np.ndarray:
     return d
 
 
-class QuadraticProblem(SquaredErrorUpperLoss):
-    """Dense, seeded problem of size ``n`` with ``num_terms`` regularisers.
+class QuadraticProblem(SampleBatch):
+    """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
 
-    D_1 is the first difference, D_2 the second difference, further D_i are random
+    D_1 is the first difference, D_2 the second difference, further D_j are random
     n×n Gaussian matrices scaled by 1/√n.  A is the identity plus a random n×n Gaussian
     perturbation of norm about ``coupling``; y = A x_true + relative noise.
     ``backend`` (from ``backends.get_backend``) holds the arrays (NumPy when omitted).
@@ -48,10 +53,6 @@ class QuadraticProblem(SquaredErrorUpperLoss):
             raise ValueError(f"n must be at least 3; got n={n!r}")
         if num_terms < 1:
             raise ValueError(f"num_terms must be positive; got num_terms={num_terms!r}")
-        if backend is None:
-            from backends.core import get_backend
-
-            backend = get_backend("numpy")
         rng = np.random.default_rng(seed)
         a = np.eye(n) + coupling * rng.standard_normal((n, n)) / (2.0 * np.sqrt(n))
         ds = []
@@ -66,82 +67,135 @@ class QuadraticProblem(SquaredErrorUpperLoss):
         clean = a @ x_true
         e = rng.standard_normal(n)
         y = clean + noise_level * np.linalg.norm(clean) * e / np.linalg.norm(e)
+        g = np.stack([d.T @ d for d in ds])  # (q, n, n)
+        self._setup(a[None], g[None], y[None], x_true[None],
+                    backend if backend is not None else get_backend("numpy"), counter)
 
-        self._a_host = a
-        self._g_host = np.stack([d.T @ d for d in ds])  # (q, n, n)
-        self._y_host = y
-        self._x_true_host = x_true
-        self.n = n
-        self.image_shape = (n,)
-        self.theta_shape = (num_terms,)
-        self.xp = backend.xp
-        self.device = backend.device
-        self.dtype = backend.dtype
+    def _setup(self, a: np.ndarray, g: np.ndarray, y: np.ndarray, x_true: np.ndarray,
+               backend: Any, counter: Counter | None) -> None:
+        """Host data with a leading sample axis → device arrays."""
+        self._backend = backend
+        self._a_rows, self._g_rows, self._y_rows, self._x_true_rows = a, g, y, x_true
+        self.batch_size, self.n = int(a.shape[0]), int(a.shape[1])
+        self.image_shape = (self.n,)
+        self.theta_shape = (int(g.shape[1]),)
+        self.p = self.theta_shape[0]
+        self.xp, self.device, self.dtype = backend.xp, backend.device, backend.dtype
         self.counter = counter if counter is not None else Counter()
-        self.A = backend.asarray(a)
-        self.AtA = backend.asarray(a.T @ a)
-        self.G = backend.asarray(self._g_host)
-        self.y = backend.asarray(y)
-        self.Aty = backend.asarray(a.T @ y)
-        self.x_true = backend.asarray(x_true)
-        self.theta_mask = backend.asarray(np.ones(num_terms))
+        self.A = backend.asarray(a)  # (B, n, n)
+        self.AtA = backend.asarray(np.matmul(np.swapaxes(a, 1, 2), a))
+        self.G = backend.asarray(g)  # (B, q, n, n)
+        self.Y = backend.asarray(y)
+        self.Aty = backend.asarray(np.einsum("bji,bj->bi", a, y))
+        self.X_true = backend.asarray(x_true)
+        self.theta_mask = backend.asarray(np.ones(self.p))
+
+    @classmethod
+    def concat(
+        cls, problems: Sequence[QuadraticProblem], *, counter: Counter | None = None
+    ) -> QuadraticProblem:
+        """The samples of ``problems`` (same n, number of terms and backend) as one batch."""
+        first = check_same_type(QuadraticProblem, problems)
+        for i, pr in enumerate(problems):
+            if (pr.n, pr.theta_shape) != (first.n, first.theta_shape):
+                raise ValueError(
+                    f"problems[{i}] has n={pr.n}, theta shape {pr.theta_shape}; "
+                    f"problems[0] n={first.n}, {first.theta_shape}"
+                )
+        out = cls.__new__(cls)
+        out._setup(*(np.concatenate([getattr(pr, name) for pr in problems])
+                     for name in ("_a_rows", "_g_rows", "_y_rows", "_x_true_rows")),
+                   first._backend, counter)
+        return out
+
+    def _select(self, rows: tuple[int, ...]) -> QuadraticProblem:
+        out = QuadraticProblem.__new__(QuadraticProblem)
+        idx = list(rows)
+        out._setup(self._a_rows[idx], self._g_rows[idx], self._y_rows[idx],
+                   self._x_true_rows[idx], self._backend, self.counter)
+        return out
 
     def __repr__(self) -> str:
-        return f"QuadraticProblem(n={self.n}, num_terms={self.theta_shape[0]})"
+        return (f"QuadraticProblem(batch_size={self.batch_size}, n={self.n}, "
+                f"num_terms={self.theta_shape[0]})")
 
     def _weights(self, theta: Any) -> Any:
         return self.xp.exp(check_theta(self.xp, theta, self.theta_shape))
 
-    def _reg_matvec(self, theta: Any, v: Any) -> Any:
-        """Σ_i e^{θ_i} G_i v for v (n,) or (n, b)."""
+    def _reg_matvec(self, weights: Any, v3: Any) -> Any:
+        """Σ_j e^{θ_j} G_ij v_i for blocks (B, n, b) → (B, n, b)."""
         xp = self.xp
-        gv = xp.matmul(self.G, v if v.ndim == 2 else v[:, None])  # (q, n, b)
-        out = xp.sum(self._weights(theta)[:, None, None] * gv, axis=0)
-        return out if v.ndim == 2 else out[:, 0]
+        gv = xp.matmul(self.G, v3[:, None, :, :])  # (B, q, n, b)
+        return xp.sum(weights[None, :, None, None] * gv, axis=1)
+
+    def _value_and_grad(self, x: Any, theta: Any, *, value: bool,
+                        grad: bool) -> tuple[Any, Any]:
+        X, single = self._rows(x)
+        xp = array_api_compat.array_namespace(X)
+        x3 = X[:, :, None]
+        reg = self._reg_matvec(self._weights(theta), x3)[:, :, 0]
+        out_value = out_grad = None
+        if value:
+            self.counter.add("f", self.batch_size)
+            r = xp.matmul(self.A, x3)[:, :, 0] - self.Y
+            out_value = from_rows(
+                xp, 0.5 * xp.sum(r * r, axis=1) + 0.5 * xp.sum(X * reg, axis=1), single)
+        if grad:
+            self.counter.add("grad", self.batch_size)
+            out_grad = from_rows(xp, xp.matmul(self.AtA, x3)[:, :, 0] - self.Aty + reg, single)
+        return out_value, out_grad
 
     def lower_objective(self, x: Any, theta: Any) -> Any:
-        check_vector(x, self.n, "x")
-        self.counter.add("f")
-        xp = array_api_compat.array_namespace(x)
-        r = xp.matmul(self.A, x) - self.y
-        return 0.5 * xp.sum(r * r) + 0.5 * xp.sum(x * self._reg_matvec(theta, x))
+        return self._value_and_grad(x, theta, value=True, grad=False)[0]
 
     def lower_grad(self, x: Any, theta: Any) -> Any:
-        check_vector(x, self.n, "x")
-        self.counter.add("grad")
-        return self.xp.matmul(self.AtA, x) - self.Aty + self._reg_matvec(theta, x)
+        return self._value_and_grad(x, theta, value=False, grad=True)[1]
 
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        check_vector(x, self.n, "x")
-        check_vector(v, self.n, "v")
-        self.counter.add("hvp", block_size(v))
-        return self.xp.matmul(self.AtA, v) + self._reg_matvec(theta, v)
+    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        return self._value_and_grad(x, theta, value=True, grad=True)
 
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ_i⟨∇ₓf, w⟩ = e^{θ_i} xᵀG_i w: w (n,) → (q,), w (n, b) → (q, b)."""
-        check_vector(x, self.n, "x")
-        check_vector(w, self.n, "w")
-        self.counter.add("jac_t", block_size(w))
+    def linearize(self, x: Any, theta: Any) -> Linearization:
+        """H_i = A_iᵀA_i + Σ_j e^{θ_j} G_ij and Jᵀ: w ↦ (e^{θ_j} x_iᵀG_ij w)_j at (x, θ)."""
+        X, single = self._rows(x)
         xp = self.xp
         weights = self._weights(theta)
-        gxw = xp.matmul(xp.matmul(self.G, x), w)  # G_i x is (q, n) as G_i is symmetric
-        return (weights[:, None] if w.ndim == 2 else weights) * gxw
+        gx = xp.matmul(self.G, X[:, None, :, None])[..., 0]  # (B, q, n): G_ij x_i
 
-    # -- host references ---------------------------------------------------------------
-    def _hessian_host(self, theta: Any) -> tuple[np.ndarray, np.ndarray]:
+        def hvp3(v3: Any) -> Any:
+            return xp.matmul(self.AtA, v3) + self._reg_matvec(weights, v3)
+
+        def jac_t3(w3: Any) -> Any:
+            return weights[None, :, None] * xp.matmul(gx, w3)  # (B, q, b); G_ij symmetric
+
+        return Linearization(self, hvp3, jac_t3, single=single)
+
+    # -- host references (sample ``sample`` of the batch) ---------------------------------
+    @property
+    def _x_true_host(self) -> np.ndarray:
+        """x_true of a single-sample problem (host)."""
+        return self._sample_row(self._x_true_rows, "x_true")
+
+    @property
+    def _g_host(self) -> np.ndarray:
+        """G_j = D_jᵀD_j (q, n, n) of a single-sample problem (host)."""
+        return self._sample_row(self._g_rows, "G")
+
+    def _hessian_host(self, theta: Any, sample: int = 0) -> tuple[np.ndarray, np.ndarray]:
         t = np.asarray(theta, dtype=np.float64).reshape(self.theta_shape)
         w = np.exp(t)
-        return self._a_host.T @ self._a_host + np.einsum("i,ijk->jk", w, self._g_host), w
+        a = self._a_rows[sample]
+        return a.T @ a + np.einsum("i,ijk->jk", w, self._g_rows[sample]), w
 
-    def exact_solution(self, theta: Any) -> np.ndarray:
-        """x(θ) by a dense Cholesky solve on the host (θ given as host data)."""
-        h, _ = self._hessian_host(theta)
-        return scipy.linalg.solve(h, self._a_host.T @ self._y_host, assume_a="pos")
+    def exact_solution(self, theta: Any, sample: int = 0) -> np.ndarray:
+        """x_i(θ) by a dense Cholesky solve on the host (θ given as host data)."""
+        h, _ = self._hessian_host(theta, sample)
+        rhs = self._a_rows[sample].T @ self._y_rows[sample]
+        return scipy.linalg.solve(h, rhs, assume_a="pos")
 
-    def exact_hypergradient(self, theta: Any) -> np.ndarray:
-        """∇θ ℓ(x(θ)) = −Jᵀ H⁻¹ (x(θ) − x_true) on the host, shape (q,)."""
-        h, w = self._hessian_host(theta)
-        x = scipy.linalg.solve(h, self._a_host.T @ self._y_host, assume_a="pos")
-        v = scipy.linalg.solve(h, x - self._x_true_host, assume_a="pos")
-        jac = w[None, :] * np.einsum("ijk,k->ji", self._g_host, x)  # (n, q)
+    def exact_hypergradient(self, theta: Any, sample: int = 0) -> np.ndarray:
+        """∇θ ℓ_i(x_i(θ)) = −Jᵀ H⁻¹ (x_i(θ) − x_true,i) on the host, shape (q,)."""
+        h, w = self._hessian_host(theta, sample)
+        x = self.exact_solution(theta, sample)
+        v = scipy.linalg.solve(h, x - self._x_true_rows[sample], assume_a="pos")
+        jac = w[None, :] * np.einsum("ijk,k->ji", self._g_rows[sample], x)  # (n, q)
         return -jac.T @ v

@@ -8,13 +8,26 @@ with array-API operations, so the sequence lives on any backend's device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 from array_api_compat import array_namespace
 
-from framework.krylov.sequence import LinearSystem
+
+@dataclass(frozen=True)
+class SyntheticSystem:
+    """One system H w = g of the sequence, with its Jᵀ operator (or None) and the reference
+    hypergradient −Jᵀw* (or None); the fields ``framework.krylov.sequence.solve_sequence``
+    reads from a system."""
+
+    H: Callable[[Any], Any]
+    g: Any
+    jac_t: Callable[[Any], Any] | None = None
+    reference: Any = None
 
 
 def laplacian_2d(x: Any, side: int) -> Any:
@@ -33,7 +46,7 @@ def laplacian_2d(x: Any, side: int) -> Any:
 
 @dataclass(frozen=True)
 class DriftingSequence:
-    """Host data of the sequence; ``systems(backend)`` builds the LinearSystems."""
+    """Host data of the sequence; ``systems(backend)`` builds the ``SyntheticSystem``s."""
 
     side: int
     diagonals: tuple[np.ndarray, ...]
@@ -45,20 +58,16 @@ class DriftingSequence:
         return self.side * self.side
 
     def sparse_matrix(self, t: int) -> Any:
-        import scipy.sparse as sp
-
         one = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(self.side, self.side))
         eye = sp.identity(self.side)
         return (sp.kron(one, eye) + sp.kron(eye, one) + sp.diags(self.diagonals[t])).tocsc()
 
     def reference_hypergradient(self, t: int) -> np.ndarray:
         """−Jᵀ H_t⁻¹ g_t by a sparse direct solve on the host."""
-        import scipy.sparse.linalg as spla
-
         return -self.J.T @ spla.spsolve(self.sparse_matrix(t), self.rhs[t])
 
     def systems(self, backend: Any = None, *, with_jacobian: bool = False,
-                with_reference: bool = False) -> list[LinearSystem]:
+                with_reference: bool = False) -> list[SyntheticSystem]:
         put = (lambda a: a) if backend is None else backend.asarray
         J = put(self.J)
         out = []
@@ -67,7 +76,7 @@ class DriftingSequence:
             H = _operator(diag, self.side)
             jac_t = (lambda w, J=J: _jt(J, w)) if with_jacobian else None
             ref = put(self.reference_hypergradient(t)) if with_reference else None
-            out.append(LinearSystem(H=H, g=put(self.rhs[t]), jac_t=jac_t, reference=ref))
+            out.append(SyntheticSystem(H=H, g=put(self.rhs[t]), jac_t=jac_t, reference=ref))
         return out
 
 

@@ -14,13 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from problems.base import as_columns, check_theta, from_columns, namespace_and_device, psnr
+from problems.base import RowRegularizer, check_theta, psnr
 
 LN10 = math.log(10.0)
 
 
-class TotalVariation:
-    """Huber-TV regulariser for images of ``image_shape`` (θ = log10 of the weight)."""
+class TotalVariation(RowRegularizer):
+    """Huber-TV regulariser for images of ``image_shape`` (θ = log10 of the weight).
+
+    ``value``/``grad``/``value_and_grad`` take one image (n,) or a batch (B, n);
+    ``linearize`` freezes a batch for ∇²R V and Jᵀ W.  Differences act on (B, H, W, b).
+    """
 
     def __init__(self, image_shape: tuple[int, int], *, gamma: float = 0.01) -> None:
         if len(image_shape) != 2:
@@ -35,82 +39,96 @@ class TotalVariation:
     def __repr__(self) -> str:
         return f"TotalVariation(image_shape={self.image_shape}, gamma={self.gamma})"
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """What two samples' regularisers must share to be solved as one batch."""
+        return ("tv", self.image_shape, self.gamma)
+
     def mask_host(self) -> np.ndarray:
         return np.ones(1)
 
-    # -- differences on blocks (n, b) ------------------------------------------------------
-    def _diff(self, xp: Any, cols: Any) -> tuple[Any, Any]:
-        """Forward differences (dx, dy), each (H, W, b), zero at the last column / row."""
+    # -- differences on blocks (B, n, b) ----------------------------------------------------
+    def diff(self, xp: Any, v3: Any) -> tuple[Any, Any]:
+        """Forward differences (dx, dy) of V (B, n, b), each (B, H, W, b), zero at the last
+        column / row."""
         h, w = self.image_shape
-        img = xp.reshape(cols, (h, w, cols.shape[1]))
+        img = xp.reshape(v3, (v3.shape[0], h, w, v3.shape[2]))
         dx = xp.zeros_like(img)
         dy = xp.zeros_like(img)
-        dx[:, : w - 1, :] = img[:, 1:, :] - img[:, : w - 1, :]
-        dy[: h - 1, :, :] = img[1:, :, :] - img[: h - 1, :, :]
+        dx[:, :, : w - 1, :] = img[:, :, 1:, :] - img[:, :, : w - 1, :]
+        dy[:, : h - 1, :, :] = img[:, 1:, :, :] - img[:, : h - 1, :, :]
         return dx, dy
 
-    def _diff_adjoint(self, xp: Any, dx: Any, dy: Any) -> Any:
-        """∇ᵀ(dx, dy) → (n, b) (minus a divergence)."""
+    def diff_adjoint(self, xp: Any, dx: Any, dy: Any) -> Any:
+        """∇ᵀ(dx, dy) → (B, n, b) (minus a divergence)."""
         h, w = self.image_shape
         out = xp.zeros_like(dx)
-        out[:, 1:, :] = out[:, 1:, :] + dx[:, : w - 1, :]
-        out[:, : w - 1, :] = out[:, : w - 1, :] - dx[:, : w - 1, :]
-        out[1:, :, :] = out[1:, :, :] + dy[: h - 1, :, :]
-        out[: h - 1, :, :] = out[: h - 1, :, :] - dy[: h - 1, :, :]
-        return xp.reshape(out, (self.n, dx.shape[2]))
+        out[:, :, 1:, :] = out[:, :, 1:, :] + dx[:, :, : w - 1, :]
+        out[:, :, : w - 1, :] = out[:, :, : w - 1, :] - dx[:, :, : w - 1, :]
+        out[:, 1:, :, :] = out[:, 1:, :, :] + dy[:, : h - 1, :, :]
+        out[:, : h - 1, :, :] = out[:, : h - 1, :, :] - dy[:, : h - 1, :, :]
+        return xp.reshape(out, (dx.shape[0], self.n, dx.shape[3]))
 
-    def _weight(self, xp: Any, theta: Any) -> Any:
+    def weight(self, xp: Any, theta: Any) -> Any:
         theta = check_theta(xp, theta, self.theta_shape)
         return xp.exp(LN10 * theta[0])
 
-    def _field(self, xp: Any, x: Any) -> tuple[Any, Any, Any]:
-        dx, dy = self._diff(xp, xp.reshape(x, (self.n, 1)))
+    def field(self, xp: Any, X: Any) -> tuple[Any, Any, Any]:
+        """(∇x, |∇x|) of a batch X (B, n): dx, dy, t each (B, H, W, 1)."""
+        dx, dy = self.diff(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
         return dx, dy, xp.sqrt(dx * dx + dy * dy)
 
-    # -- R, ∇R, ∇²R v, Jᵀ ---------------------------------------------------------------
-    def value(self, x: Any, theta: Any) -> Any:
-        xp, _ = namespace_and_device(x, theta)
-        _, _, t = self._field(xp, x)
+    # -- R and ∇R ---------------------------------------------------------------------------
+    def rows_value_and_grad(
+        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
+    ) -> tuple[Any, Any]:
+        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
+        bsz = X.shape[0]
+        dx, dy, t = self.field(xp, X)
         g = self.gamma
-        h = xp.where(t <= g, t * t / (2.0 * g), t - g / 2.0)
-        return self._weight(xp, theta) * xp.sum(h)
+        weight = self.weight(xp, theta)
+        out_value = out_grad = None
+        if value:
+            h = xp.where(t <= g, t * t / (2.0 * g), t - g / 2.0)
+            out_value = weight * xp.sum(xp.reshape(h, (bsz, self.n)), axis=1)
+        if grad:
+            m = xp.maximum(t, g)  # ψ(∇x) = ∇x / max(|∇x|, γ): the gradient of h_γ(|·|)
+            out = self.diff_adjoint(xp, dx / m, dy / m)
+            out_grad = weight * xp.reshape(out, (bsz, self.n))
+        return out_value, out_grad
 
-    def _unit_grad(self, xp: Any, x: Any) -> tuple[Any, Any]:
-        """ψ(∇x) = ∇x / max(|∇x|, γ): the gradient of h_γ(|·|) at each pixel."""
-        dx, dy, t = self._field(xp, x)
-        m = xp.maximum(t, self.gamma)
-        return dx / m, dy / m
+    def linearize(self, xp: Any, X: Any, theta: Any) -> TVLinearization:
+        """∇²R and Jᵀ frozen at a batch X (B, n)."""
+        return TVLinearization(self, xp, X, theta)
 
-    def grad(self, x: Any, theta: Any) -> Any:
-        xp, _ = namespace_and_device(x, theta)
-        px, py = self._unit_grad(xp, x)
-        return self._weight(xp, theta) * xp.reshape(self._diff_adjoint(xp, px, py), (self.n,))
 
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        """10^θ ∇ᵀ H_j ∇v with H_j = I/γ inside the quadratic zone, (I − ûûᵀ)/|u| outside."""
-        xp, _ = namespace_and_device(x, theta, v)
-        dx, dy, t = self._field(xp, x)
-        g = self.gamma
-        m = xp.maximum(t, g)
-        inside = t <= g
-        ux, uy = dx / m, dy / m  # unit direction outside the quadratic zone
-        cols, single = as_columns(v)
-        vx, vy = self._diff(xp, cols)
-        proj = xp.where(inside, 0.0, ux * vx + uy * vy)  # (H, W, b) via broadcasting
-        hx = (vx - proj * ux) / m
-        hy = (vy - proj * uy) / m
-        out = self._weight(xp, theta) * self._diff_adjoint(xp, hx, hy)
-        return from_columns(xp, out, single)
+class TVLinearization:
+    """∇x, |∇x|, the unit directions and the weight at (X, θ), computed once."""
 
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ⟨∇R, w⟩ = ln(10) 10^θ ⟨ψ(∇x), ∇w⟩: w (n,) → (1,); w (n, b) → (1, b)."""
-        xp, _ = namespace_and_device(x, theta, w)
-        px, py = self._unit_grad(xp, x)
-        cols, single = as_columns(w)
-        wx, wy = self._diff(xp, cols)
-        ip = xp.sum(xp.reshape(px * wx + py * wy, (self.n, cols.shape[1])), axis=0)
-        out = (LN10 * self._weight(xp, theta)) * xp.reshape(ip, (1, cols.shape[1]))
-        return from_columns(xp, out, single)
+    def __init__(self, reg: TotalVariation, xp: Any, X: Any, theta: Any) -> None:
+        self.reg, self.xp = reg, xp
+        self.weight = reg.weight(xp, theta)
+        dx, dy, t = reg.field(xp, X)
+        self.m = xp.maximum(t, reg.gamma)
+        self.inside = t <= reg.gamma
+        self.ux, self.uy = dx / self.m, dy / self.m  # also ψ(∇x) for Jᵀ
+
+    def hvp(self, v3: Any) -> Any:
+        """10^θ ∇ᵀ H_j ∇v per sample, H_j = I/γ inside the quadratic zone, (I − ûûᵀ)/|u|
+        outside: V (B, n, b) → (B, n, b)."""
+        xp = self.xp
+        vx, vy = self.reg.diff(xp, v3)
+        proj = xp.where(self.inside, 0.0, self.ux * vx + self.uy * vy)
+        hx = (vx - proj * self.ux) / self.m
+        hy = (vy - proj * self.uy) / self.m
+        return self.weight * self.reg.diff_adjoint(xp, hx, hy)
+
+    def jac_t(self, w3: Any) -> Any:
+        """ln(10) 10^θ ⟨ψ(∇x_i), ∇w_i⟩: W (B, n, b) → (B, 1, b)."""
+        xp = self.xp
+        bsz, n, b = w3.shape
+        wx, wy = self.reg.diff(xp, w3)
+        ip = xp.sum(xp.reshape(self.ux * wx + self.uy * wy, (bsz, n, b)), axis=1)
+        return (LN10 * self.weight) * xp.reshape(ip, (bsz, 1, b))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
 
 from backends import get_backend
 from framework.batched_engine import BatchedBilevelEngine, create_engine, default_check_every
@@ -69,7 +70,7 @@ def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap):
 def test_create_engine_falls_back_when_batching_is_unsupported():
     be = get_backend("numpy")
     quad = [QuadraticProblem(n=10, backend=be)]
-    assert type(create_engine(quad, EngineConfig(), backend=be)) is BilevelEngine
+    assert type(create_engine(quad, EngineConfig(), backend=be)) is BatchedBilevelEngine
     outer = EngineConfig(recycle=RecycleConfig("ritz", 3, selection="outer"))
     assert type(create_engine(mnist_problems(be, 2), outer, backend=be)) is BilevelEngine
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be)) is (
@@ -79,6 +80,35 @@ def test_create_engine_falls_back_when_batching_is_unsupported():
                               batched=False)) is BilevelEngine
     with pytest.raises(ValueError, match="inner selection"):
         BatchedBilevelEngine(mnist_problems(be, 2), outer, backend=be)
+
+
+def test_batched_engine_on_the_quadratic_problem_matches_the_closed_form(backend):
+    # B = 3 samples with their own A_i, G_ij, y_i solved together; the mean hypergradient
+    # must match the mean of the dense host references within the first-order error bound
+    # of the tolerances the two solves were run to (lower gtol, Krylov rtol)
+    gtol, rtol = 1e-7, 1e-10  # a gtol L-BFGS reaches (its line search stalls near 1e-8)
+    problems = [QuadraticProblem(n=40, num_terms=3, seed=s, backend=backend) for s in range(3)]
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", 4), stop=StopConfig(rtol=rtol),
+                       lower_gtol=gtol)
+    engine = BatchedBilevelEngine(problems, cfg, backend=backend)
+    theta = np.array([-1.0, 0.0, -2.0])
+    for t in range(3):
+        th = theta + 0.05 * t
+        result = engine.evaluate(backend.asarray(th))
+        want = np.mean([p.exact_hypergradient(th) for p in problems], axis=0)
+        bound = np.mean([hypergradient_error_bound(p, th, gtol, rtol) for p in problems])
+        assert np.linalg.norm(backend.to_numpy(result.grad) - want) <= bound
+        losses, loss_bounds = [], []
+        for j, p in enumerate(problems):
+            # ‖∇f‖ ≤ gtol ⇒ ‖x − x*‖ ≤ δx = gtol / λmin(H); ℓ then moves by ≤ ‖x* − x_true‖ δx + δx²
+            dx = gtol / np.linalg.eigvalsh(p._hessian_host(th)[0])[0]
+            residual = p.exact_solution(th) - p._x_true_host
+            losses.append(0.5 * np.sum(residual**2))
+            loss_bounds.append(np.linalg.norm(residual) * dx + dx**2)
+            err = np.linalg.norm(backend.to_numpy(engine.states[j].x) - p.exact_solution(th))
+            assert result.samples[j].lower_converged and err <= dx
+        assert abs(result.loss - np.mean(losses)) <= np.mean(loss_bounds)
+    assert result.samples[0].recycle_dim == 4 and result.batch_counts.hvp_passes > 0
 
 
 def test_check_every_defaults_to_every_iteration_on_the_cpu(backend):

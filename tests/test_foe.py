@@ -41,12 +41,13 @@ def test_convolution_block_and_adjoint(backend) -> None:
     rng = np.random.default_rng(0)
     foe = FieldsOfExperts(SHAPE, 5, 4)
     filters = backend.asarray(rng.standard_normal((4, 25)))
-    vh = rng.standard_normal((N, 3))
-    uh = rng.standard_normal((4, N, 3))
+    vh = rng.standard_normal((2, N, 3))  # two samples, a block of 3 each
+    uh = rng.standard_normal((4, 2, N, 3))
     zb = backend.to_numpy(foe.convolve(backend.asarray(vh), filters))
-    for j in range(3):
-        zj = backend.to_numpy(foe.convolve(backend.asarray(vh[:, j]), filters))
-        np.testing.assert_allclose(zb[:, :, j], zj, atol=1e-14)
+    for i in range(2):
+        for j in range(3):
+            zj = backend.to_numpy(foe.convolve(backend.asarray(vh[i, :, j]), filters))
+            np.testing.assert_allclose(zb[:, i, :, j], zj, atol=1e-14)
     adj = foe.convolve_adjoint(backend.asarray(uh), filters)
     assert device_of(adj) == backend.device
     lhs = float(np.sum(zb * uh))
@@ -131,17 +132,17 @@ def test_tv_differences_adjoint_and_value(backend) -> None:
     tv = TotalVariation(SHAPE, gamma=0.05)
     xp = backend.xp
     xh, ph, qh = rng.standard_normal((3, N))
-    dx, dy = tv._diff(xp, backend.asarray(xh[:, None]))
+    dx, dy = tv.diff(xp, backend.asarray(xh[None, :, None]))
     img = xh.reshape(SHAPE)
     ref_dx = np.zeros(SHAPE)
     ref_dx[:, :-1] = np.diff(img, axis=1)
     ref_dy = np.zeros(SHAPE)
     ref_dy[:-1] = np.diff(img, axis=0)
-    np.testing.assert_allclose(backend.to_numpy(dx)[..., 0], ref_dx, atol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(dy)[..., 0], ref_dy, atol=1e-15)
-    p = backend.asarray(ph.reshape(*SHAPE, 1))
-    q = backend.asarray(qh.reshape(*SHAPE, 1))
-    adj = backend.to_numpy(tv._diff_adjoint(xp, p, q))[:, 0]
+    np.testing.assert_allclose(backend.to_numpy(dx)[0, ..., 0], ref_dx, atol=1e-15)
+    np.testing.assert_allclose(backend.to_numpy(dy)[0, ..., 0], ref_dy, atol=1e-15)
+    p = backend.asarray(ph.reshape(1, *SHAPE, 1))
+    q = backend.asarray(qh.reshape(1, *SHAPE, 1))
+    adj = backend.to_numpy(tv.diff_adjoint(xp, p, q))[0, :, 0]
     lhs = np.sum(ref_dx.ravel() * ph) + np.sum(ref_dy.ravel() * qh)
     assert abs(lhs - xh @ adj) <= 1e-12 * abs(lhs)
     t = np.sqrt(ref_dx**2 + ref_dy**2)

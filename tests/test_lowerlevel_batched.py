@@ -8,7 +8,6 @@ import pytest
 
 from framework.lowerlevel import LowerLevelStatus, lbfgs
 from framework.lowerlevel_batched import lbfgs_batched
-from problems.batched import BatchedImagingProblem
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import Inpainting
@@ -160,11 +159,14 @@ def test_imaging_batch_matches_per_sample(backend) -> None:
         )
         for i in range(3)
     ]
-    batch = BatchedImagingProblem.from_problems(problems)
+    batch = ImagingProblem.concat(problems)
     theta = backend.asarray(initial_theta(dct_filters(3), -1.0))
+    # gtol 1e-7: at ‖∇f‖ ≈ 1e-9 f's decrease (≈ ‖∇f‖²/λ) falls below its rounding and the
+    # line search stalls, whichever summation order the kernels use
+    gtol = 1e-7
     res = lbfgs_batched(
         lambda X: batch.lower_objective(X, theta), lambda X: batch.lower_grad(X, theta),
-        batch.Y, gtol=1e-9, maxiter=300,
+        batch.Y, gtol=gtol, maxiter=300,
     )
     assert res.all_converged
     c = batch.counter.snapshot()
@@ -173,7 +175,10 @@ def test_imaging_batch_matches_per_sample(backend) -> None:
     for i, pr in enumerate(problems):
         ref = lbfgs(
             lambda x, pr=pr: pr.lower_objective(x, theta), lambda x, pr=pr: pr.lower_grad(x, theta),
-            pr.y, gtol=1e-9, maxiter=300,
+            pr.y, gtol=gtol, maxiter=300,
         )
         xr = backend.to_numpy(ref.x)
-        assert np.linalg.norm(Xb[i] - xr) <= 1e-8 * np.linalg.norm(xr)
+        # both within gtol/λmin(H) of the minimiser (H the dense Hessian at it, one block pass)
+        eye = backend.asarray(np.eye(pr.n))
+        lam_min = np.linalg.eigvalsh(backend.to_numpy(pr.hvp(ref.x, theta, eye)))[0]
+        assert ref.converged and np.linalg.norm(Xb[i] - xr) <= 2 * gtol / lam_min

@@ -39,12 +39,12 @@ def test_adjoint_dot_test(backend, op) -> None:
 
 @pytest.mark.parametrize("op", make_operators(), ids=repr)
 def test_block_equals_columns(backend, op) -> None:
-    vh = np.random.default_rng(1).standard_normal((N, 4))
+    vh = np.random.default_rng(1).standard_normal((1, N, 4))  # one sample, a block of 4
     block = backend.to_numpy(op.apply(backend.asarray(vh)))
-    assert block.shape == (N, 4)
+    assert block.shape == (1, N, 4)
     for j in range(4):
-        col = backend.to_numpy(op.apply(backend.asarray(vh[:, j])))
-        np.testing.assert_allclose(block[:, j], col, rtol=0, atol=1e-15)
+        col = backend.to_numpy(op.apply(backend.asarray(vh[0, :, j])))
+        np.testing.assert_allclose(block[0, :, j], col, rtol=0, atol=1e-15)
 
 
 def test_blur_matches_scipy_convolve2d(backend) -> None:
