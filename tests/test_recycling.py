@@ -56,7 +56,8 @@ def harvested_basis(backend, n=150, k=6, p=40, seed=0, maxiter=25, indefinite=Fa
     harvester.finish = capture_then_finish
     rminres(Hop, backend.asarray(rng.standard_normal(n)), recycle=space, rtol=0.0,
             maxiter=maxiter, harvest=harvester, true_residual=False)
-    W, HW, _ = captured["basis"]
+    W, HW, _ = captured["basis"]  # the harvester sees the 1-D solve as a batch of one
+    W, HW = W[0, ...], HW[0, ...]
     assert W.shape == (n, k + maxiter)
     JW = Jop(W)
     return H, J, W, HW, JW, captured["before"], captured["after"]
@@ -83,12 +84,12 @@ def test_structured_first_cycle_projection_equals_dense(backend):
     harvester.finish = capture_then_finish
     rminres(Hop, backend.asarray(rng.standard_normal(n)), recycle=space, rtol=0.0, maxiter=m,
             harvest=harvester, true_residual=False)
-    W, proj = captured["projection"]
-    Wn = backend.to_numpy(W)
+    W, proj = captured["projection"]  # a batch of one
+    Wn = backend.to_numpy(W[0, ...])
     assert Wn.shape == (n, k + m)
-    np.testing.assert_allclose(backend.to_numpy(proj.gram), Wn.T @ Wn, atol=1e-10)
-    np.testing.assert_allclose(backend.to_numpy(proj.G), Wn.T @ H @ Wn, atol=1e-10)
-    np.testing.assert_allclose(backend.to_numpy(proj.F), (H @ Wn).T @ (H @ Wn), atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(proj.gram)[0], Wn.T @ Wn, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(proj.G)[0], Wn.T @ H @ Wn, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(proj.F)[0], (H @ Wn).T @ (H @ Wn), atol=1e-10)
 
 
 def test_projected_matrices_equal_dense(backend):
