@@ -19,16 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
-from array_api_compat import device as device_of
 
 from backends.counting import Counter, Counts
 from backends.host import host_check_needs_sync, to_host
 from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
-from framework.krylov.batched import rminres_batched
-from framework.krylov.batched_recycle import BatchedCarry, BatchedRecycler
-from framework.krylov.batched_stopping import BatchedHypergradientRule
-from framework.krylov.recycle import RecycleCarry
+from framework.krylov.minres import rminres
+from framework.krylov.recycle import ORACLES, RecycleCarry, stack_carries
 from framework.lowerlevel_batched import lbfgs_batched
 
 
@@ -37,9 +34,6 @@ def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
     kinds = {type(p) for p in problems}
     if len(kinds) > 1 or not all(hasattr(p, "concat") for p in problems):
         return "batched path needs samples of one batch-first problem type (with concat)"
-    rc = config.recycle
-    if rc.strategy in ("eig", "gsvd") or rc.selection != "inner":
-        return "batched recycling supports inner selection only (no dense oracles)"
     if config.lower_newton_steps:
         return "Newton polishing of the lower level runs on the unbatched path only"
     return ""
@@ -72,7 +66,6 @@ class BatchedBilevelEngine(BilevelEngine):
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive integer; got {check_every!r}")
         self.check_every = check_every
-        self.batched_recycler = BatchedRecycler(self.config.recycle)
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
 
@@ -93,16 +86,26 @@ class BatchedBilevelEngine(BilevelEngine):
             return None
         return xp.stack([fill[j, ...] if r is None else r for j, r in enumerate(rows)])
 
-    def _carry(self, xp: Any, indices: tuple[int, ...], n: int, like: Any) -> Any:
-        k = self.config.recycle.k
-        carries = [self.states[i].carry for i in indices]
-        if not self.config.recycle.enabled or all(c is None for c in carries):
-            return None
-        basis = xp.zeros((len(indices), n, k), dtype=like.dtype, device=device_of(like))
-        for j, c in enumerate(carries):
-            if c is not None:
-                basis[j, :, : c.size] = c.basis
-        return BatchedCarry(basis)
+    def _carry_after(self, res: Any, space: Any, j: int) -> RecycleCarry | None:
+        """Sample j's carry after the batched solve (``Recycler.carry_after`` per row)."""
+        if res.harvest is not None:
+            carry = res.harvest.sample(j)
+            return carry if carry.basis.shape[-1] > 0 else None
+        if space is not None and self.config.recycle.strategy not in ORACLES:
+            carry = RecycleCarry(space.U, selected=True).sample(j)
+            return carry if carry.basis.shape[-1] > 0 else None
+        return None
+
+    def _setup_counts(self, carry: Any, space: Any, j: int, n: int) -> tuple[int, int]:
+        """What sample j alone spends on its recycle space: H applications (C = HU, HW
+        for outer selection, H·I for the oracles) and Jᵀ applications of the selection."""
+        rc = self.config.recycle
+        if space is None:
+            return 0, 0
+        if rc.strategy in ORACLES:
+            return n, n if rc.needs_jacobian else 0
+        width = carry.sample(j).basis.shape[-1]
+        return width, width if (rc.needs_jacobian and not carry.selected) else 0
 
     def evaluate(self, theta: Any, indices: Sequence[int] | None = None) -> StepResult:
         indices = tuple(range(len(self.problems))) if indices is None else tuple(indices)
@@ -133,18 +136,15 @@ class BatchedBilevelEngine(BilevelEngine):
         lin = batch.linearize(X, theta)
         G = batch.upper_grad(X)
         W0 = self._stack(xp, "w", indices, xp.zeros_like(G)) if cfg.warm_start else None
-        space = self.batched_recycler.prepare(self._carry(xp, indices, n, G), lin.hvp)
+        carry_in = stack_carries([self.states[i].carry for i in indices], G[0, ...])
+        space = self.recycler.prepare(carry_in, lin.hvp, lin.jac_t, like=G)
         stop = cfg.stop
         rule = None
         if stop.kind == "hypergradient" and space is not None:
             # NSC; without a recycle space yet the residual rule applies (as unbatched)
-            rule = BatchedHypergradientRule(
-                space.U, space.C, lin.jac_t(space.U), G,
-                rtol=stop.rtol if stop.hg_rtol is None else stop.hg_rtol, atol=stop.atol,
-                safety=stop.safety, residual_rtol=stop.rtol, residual_atol=stop.atol,
-            )
+            rule = stop.rule(space, lin.jac_t, G)
         t2 = time.perf_counter()
-        res = rminres_batched(
+        res = rminres(
             lin.hvp,
             G,
             x0=W0,
@@ -153,8 +153,9 @@ class BatchedBilevelEngine(BilevelEngine):
             atol=stop.atol,
             maxiter=cfg.krylov_maxiter,
             check_every=self.check_every,
-            harvest=self.batched_recycler.harvester(lin.jac_t),
+            harvest=self.recycler.harvester(lin.jac_t),
             stop=rule,
+            true_residual=False,
         )
         t3 = time.perf_counter()
         grads = -lin.jac_t(res.x)
@@ -165,42 +166,43 @@ class BatchedBilevelEngine(BilevelEngine):
         W_shadow = None
         syncs = lower.host_reads + res.host_syncs
         if cfg.shadow_baseline:
-            base = rminres_batched(
+            base = rminres(
                 lin.hvp, G,
                 x0=self._stack(xp, "w_shadow", indices, xp.zeros_like(G))
                 if cfg.warm_start else None,
                 rtol=stop.rtol, atol=stop.atol, maxiter=cfg.krylov_maxiter,
-                check_every=self.check_every,
+                check_every=self.check_every, true_residual=False,
             )
             W_shadow = base.x
             syncs += base.host_syncs
             shadows = [ShadowRecord(base.iterations[j], base.matvecs[j], base.matvecs[j])
                        for j in range(B)]
 
-        carry_rows = res.harvest.basis if res.harvest is not None else None
         losses = batch.upper_loss(X)
         loss_h = to_host(losses)
-        k_space = 0 if space is None else to_host(
-            xp.sum(xp.astype(xp.linalg.vector_norm(space.C, axis=1) > 0, xp.int64), axis=1))
+        k_space = None if space is None else space.dims
         estimates = active = None
         if rule is not None:
             estimates = to_host(xp.stack(rule.estimates, axis=1))
             active = to_host(rule.active)
         records = []
         for j, i in enumerate(indices):
-            kj = 0 if space is None else int(k_space[j])
+            kj = 0 if k_space is None else k_space[j]
             estimate = float("nan")
             if estimates is not None and active[j]:
                 estimate = float(estimates[j, res.iterations[j]])
             # what the unbatched solver would spend on this sample: iterations (+1 for
-            # the initial residual), k for C = HU, 1 for −Jᵀw and, for RGen, JᵀW on the
-            # sample's own W = [U, V]; the batch's real spend is in batch_counts
-            selection_jt = kj + res.iterations[j] if cfg.recycle.needs_jacobian else 0
+            # the initial residual), the recycle set-up, 1 for −Jᵀw and, for inner RGen,
+            # JᵀW on the sample's own W = [U, V]; the batch's real spend is in batch_counts
+            setup_h, setup_jt = self._setup_counts(carry_in, space, j, n)
+            inner_rgen = cfg.recycle.needs_jacobian and cfg.recycle.selection == "inner" and (
+                cfg.recycle.strategy not in ORACLES)
+            selection_jt = setup_jt + (kj + res.iterations[j] if inner_rgen else 0)
             if rule is not None:
                 selection_jt += kj  # JᵀU for the NSC estimator
             counts = Counts(
-                hvp=res.matvecs[j] + kj,
-                hvp_passes=res.matvecs[j] + (1 if kj else 0),
+                hvp=res.matvecs[j] + setup_h,
+                hvp_passes=res.matvecs[j] + (1 if setup_h else 0),
                 jac_t=1 + selection_jt,
                 jac_t_passes=1 + (1 if selection_jt else 0),
             )
@@ -212,7 +214,7 @@ class BatchedBilevelEngine(BilevelEngine):
                 lower_converged=lower.converged[j],
                 krylov_iterations=res.iterations[j],
                 krylov_converged=res.converged[j],
-                krylov_status=res.statuses[j].value,
+                krylov_status=res.status[j].value,
                 recycle_dim=kj,
                 counts=counts,
                 lower_counts=lower_counts,
@@ -223,13 +225,8 @@ class BatchedBilevelEngine(BilevelEngine):
                 time_jac=(t4 - t3) / B,
                 shadow=shadows[j],
             ))
-            carry = None
-            if carry_rows is not None:
-                carry = RecycleCarry(carry_rows[j, ...], selected=True)
-            elif self.states[i].carry is not None and space is not None:
-                carry = RecycleCarry(space.U[j, ...], selected=True)
             self.states[i] = SampleState(
-                x=X[j, ...], w=res.x[j, ...], carry=carry,
+                x=X[j, ...], w=res.x[j, ...], carry=self._carry_after(res, space, j),
                 w_shadow=None if W_shadow is None else W_shadow[j, ...],
             )
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)

@@ -7,7 +7,12 @@ import pytest
 from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
 
 from backends import get_backend
-from framework.batched_engine import BatchedBilevelEngine, create_engine, default_check_every
+from framework.batched_engine import (
+    BatchedBilevelEngine,
+    batching_unsupported,
+    create_engine,
+    default_check_every,
+)
 from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
@@ -31,14 +36,22 @@ def mnist_problems(be, count=3):
     ]
 
 
-@pytest.mark.parametrize("strategy, stop, cap", [("none", "residual", None),
-                                                 ("ritz", "residual", None),
-                                                 ("ritz", "residual", 8),
-                                                 ("rgen_right", "residual", None),
-                                                 ("rgen_right", "hypergradient", 8)])
-def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap):
+@pytest.mark.parametrize("strategy, stop, cap, selection", [
+    ("none", "residual", None, "inner"),
+    ("ritz", "residual", None, "inner"),
+    ("ritz", "residual", 8, "inner"),
+    ("rgen_right", "residual", None, "inner"),
+    ("rgen_right", "hypergradient", 8, "inner"),
+    ("harmonic_ritz", "residual", None, "outer"),
+    ("rgen_right", "hypergradient", None, "outer"),
+    ("eig", "residual", None, "inner"),
+])
+def test_batched_engine_matches_per_sample_engine(backend, strategy, stop, cap, selection):
+    if selection == "outer" or strategy == "eig":
+        if backend.name != "numpy":
+            pytest.skip("outer selection and the oracles: one namespace keeps the suite fast")
     cfg = EngineConfig(recycle=RecycleConfig(strategy, 0 if strategy == "none" else 4,
-                                             max_vectors=cap),
+                                             max_vectors=cap, selection=selection),
                        stop=StopConfig(stop, rtol=1e-6), lower_gtol=1e-7, shadow_baseline=True)
     theta = initial_theta(dct_filters(3)[:8], -1.0)
     ref = BilevelEngine(mnist_problems(backend), cfg, backend=backend)
@@ -71,15 +84,21 @@ def test_create_engine_falls_back_when_batching_is_unsupported():
     be = get_backend("numpy")
     quad = [QuadraticProblem(n=10, backend=be)]
     assert type(create_engine(quad, EngineConfig(), backend=be)) is BatchedBilevelEngine
-    outer = EngineConfig(recycle=RecycleConfig("ritz", 3, selection="outer"))
-    assert type(create_engine(mnist_problems(be, 2), outer, backend=be)) is BilevelEngine
+    # outer selection and the dense oracles run on the batched path (one code path)
+    for recycle in (RecycleConfig("ritz", 3, selection="outer"), RecycleConfig("eig", 3),
+                    RecycleConfig("gsvd", 3)):
+        assert batching_unsupported(mnist_problems(be, 2), EngineConfig(recycle=recycle)) == ""
+        assert type(create_engine(mnist_problems(be, 2), EngineConfig(recycle=recycle),
+                                  backend=be)) is BatchedBilevelEngine
+    newton = EngineConfig(lower_newton_steps=2)
+    assert "Newton" in batching_unsupported(mnist_problems(be, 2), newton)
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be)) is (
         BatchedBilevelEngine
     )
     assert type(create_engine(mnist_problems(be, 2), EngineConfig(), backend=be,
                               batched=False)) is BilevelEngine
-    with pytest.raises(ValueError, match="inner selection"):
-        BatchedBilevelEngine(mnist_problems(be, 2), outer, backend=be)
+    with pytest.raises(ValueError, match="Newton"):
+        BatchedBilevelEngine(mnist_problems(be, 2), newton, backend=be)
 
 
 def test_batched_engine_on_the_quadratic_problem_matches_the_closed_form(backend):

@@ -1,9 +1,10 @@
-"""Small dense kernels for choosing recycle spaces (d × d problems, d = dim W).
+"""Small dense kernels for choosing recycle spaces, on stacked (B, d, d) matrices (or one
+d × d matrix).
 
 Everything is reduced to ``eigh``, ``qr``, ``svd`` and ``solve`` from the array API
-``linalg`` extension, so the same code runs on NumPy, CuPy and array-api-strict and the
-small matrices stay on the device of their inputs.  (The standard has no generalised
-``eigh(a, b)`` or GSVD, and CuPy lacks ``eigh(a, b)``: both are built here.)
+``linalg`` extension (stacked over leading dimensions), so the same code runs on NumPy,
+CuPy and array-api-strict, for every sample of a batch at once, on the device of its
+inputs.  (The standard has no generalised ``eigh(a, b)`` or GSVD: both are built here.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
 
 def symmetrize(A: Any) -> Any:
@@ -19,29 +21,27 @@ def symmetrize(A: Any) -> Any:
     return (A + xp.matrix_transpose(A)) / 2
 
 
-def orthonormal_coordinates(gram: Any, rank_tol: float = 1e-12) -> Any:
-    """S (d × r) with Sᵀ·gram·S = I, dropping directions whose Gram eigenvalue is below
-    rank_tol · max (a rank-revealing step: W S is an orthonormal basis of range W)."""
+def diag_embed(v: Any) -> Any:
+    """(..., d) → (..., d, d) diagonal matrices."""
+    xp = array_namespace(v)
+    return v[..., None] * xp.eye(v.shape[-1], dtype=v.dtype, device=device_of(v))
+
+
+def orthonormal_coordinates(gram: Any, rank_tol: float = 1e-12) -> tuple[Any, Any]:
+    """S with Sᵀ·gram·S = I on the kept directions and zero columns elsewhere, and the
+    (..., d) mask of kept directions: eigenvalues above rank_tol · max (a rank-revealing
+    step: W S is an orthonormal basis of range W, plus zero columns)."""
     xp = array_namespace(gram)
     lam, Q = xp.linalg.eigh(symmetrize(gram))
-    keep = lam > rank_tol * xp.max(lam)
-    idx = xp.nonzero(keep)[0]
-    lam_k = xp.take(lam, idx)
-    return xp.take(Q, idx, axis=1) / xp.sqrt(lam_k)
-
-
-def definite_pencil_eig(A: Any, B: Any, rank_tol: float = 1e-12) -> tuple[Any, Any]:
-    """Eigenpairs of A z = μ B z for symmetric A and symmetric positive (semi)definite B,
-    with Zᵀ B Z = I; directions where B is numerically singular are dropped."""
-    xp = array_namespace(A)
-    T = orthonormal_coordinates(B, rank_tol)
-    mu, Uv = xp.linalg.eigh(symmetrize(xp.matrix_transpose(T) @ A @ T))
-    return mu, T @ Uv
+    lam_max = xp.max(lam, axis=-1, keepdims=True)
+    keep = (lam > rank_tol * lam_max) & (lam_max > 0)
+    scale = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, lam, xp.ones_like(lam))), 0.0)
+    return Q * scale[..., None, :], keep
 
 
 @dataclass(frozen=True)
 class GSVD:
-    """Generalised SVD of a pair (A1: p × d, A2: d × d):
+    """Generalised SVD of a pair (A1: p × d, A2: d × d) (stacked over leading axes):
 
         A1 X⁻ᵀ = U₁ diag(c),   A2 X⁻ᵀ = V_H diag(s),   c² + s² = 1,
 
@@ -63,19 +63,19 @@ def gsvd(A1: Any, A2: Any) -> GSVD:
     keep their relative accuracy).  Requires the stacked matrix to have full column rank.
     """
     xp = array_namespace(A1, A2)
-    p = A1.shape[0]
-    Q, R = xp.linalg.qr(xp.concat([A1, A2], axis=0))
-    Q1, Q2 = Q[:p, :], Q[p:, :]
+    p = A1.shape[-2]
+    Q, R = xp.linalg.qr(xp.concat([A1, A2], axis=-2))
+    Q1, Q2 = Q[..., :p, :], Q[..., p:, :]
     V_H, s, Zt = xp.linalg.svd(Q2)
     Z = xp.matrix_transpose(Zt)
-    c = xp.linalg.vector_norm(Q1 @ Z, axis=0)
-    tiny = xp.finfo(s.dtype).smallest_normal
-    sigma = c / xp.maximum(s, tiny)
-    order = xp.argsort(-sigma)
+    c = xp.linalg.vector_norm(Q1 @ Z, axis=-2)
+    sigma = c / xp.maximum(s, xp.finfo(s.dtype).smallest_normal)
+    order = xp.argsort(-sigma, axis=-1, stable=True)
+    columns = xp.broadcast_to(order[..., None, :], V_H.shape)
     return GSVD(
-        sigma=xp.take(sigma, order),
-        c=xp.take(c, order),
-        s=xp.take(s, order),
-        left=xp.take(V_H, order, axis=1),
-        right=xp.take(xp.linalg.solve(R, Z), order, axis=1),
+        sigma=xp.take_along_axis(sigma, order, axis=-1),
+        c=xp.take_along_axis(c, order, axis=-1),
+        s=xp.take_along_axis(s, order, axis=-1),
+        left=xp.take_along_axis(V_H, columns, axis=-1),
+        right=xp.take_along_axis(xp.linalg.solve(R, Z), columns, axis=-1),
     )

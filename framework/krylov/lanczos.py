@@ -1,12 +1,13 @@
-"""Recording the Lanczos process of a (recycled) MINRES solve.
+"""Recording the Lanczos process of a (recycled) MINRES solve, per sample.
 
 During RMINRES the solver runs Lanczos on (I − CCᵀ)A restricted to range(C)^⊥:
 
     (I − CCᵀ) A V_m = V_{m+1} T̄_m,      B_m = Cᵀ A V_m,      Vᵀ C = 0.
 
-A *harvester* receives the tridiagonal entries, the columns of B and the basis vectors as
-they are produced; the recycling strategies (``framework.krylov.recycle``) build the next
-recycle space from what it keeps.  The solver itself needs none of it (short recurrences).
+A *harvester* receives, for all samples at once, the tridiagonal entries ((B,) arrays),
+the columns of B ((B, k)), the basis vectors ((B, n) rows) and which samples were updated
+this iteration; the recycling strategies (``framework.krylov.recycle``) build the next
+recycle space from what it keeps.  The solver itself needs none of it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any, Protocol
 
 from array_api_compat import array_namespace
 
+from backends.host import to_host
+
 
 @dataclass(frozen=True)
 class LanczosHarvest:
-    """Lanczos data of one solve.
+    """Lanczos data of one sample's solve.
 
     ``V`` holds the stored basis vectors v_1..v_s as columns (s ≤ cap, possibly s = m+1),
     ``alphas`` = (α_1..α_m), ``betas`` = (β_2..β_{m+1}) (the sub-diagonal of T̄_m),
@@ -48,79 +51,77 @@ class LanczosHarvest:
     def tridiagonal(self, xp: Any, m: int | None = None, *, device: Any = None) -> Any:
         """T̄_m as an (m+1) × m array (``m`` defaults to all steps)."""
         m = self.steps if m is None else m
-        rows = []
-        for i in range(m + 1):
-            row = [0.0] * m
-            if i < m:
-                row[i] = self.alphas[i]
-            if 0 < i <= m:
-                row[i - 1] = self.betas[i - 1]
-            if i + 1 < m:
-                row[i + 1] = self.betas[i]
-            rows.append(row)
+        rows = [[0.0] * m for _ in range(m + 1)]
+        for j in range(m):
+            rows[j][j] = self.alphas[j]
+            rows[j + 1][j] = self.betas[j]
+            if j + 1 < m:
+                rows[j][j + 1] = self.betas[j]
         dtype = None if self.V is None else self.V.dtype
         return xp.asarray(rows, dtype=dtype, device=device)
 
 
 class Harvester(Protocol):
-    """Receives the Lanczos process of one solve; ``finish`` returns what it kept."""
+    """Receives the Lanczos process of a batched solve; ``finish`` returns what it kept."""
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: float) -> None: ...
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None: ...
 
-    def step(self, alpha: float, beta_next: float, b_col: Any, v_next: Any) -> None: ...
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
+        ...
 
     def finish(self) -> Any: ...
 
 
-class LanczosRecorder:
-    """Keep the first ``max_vectors`` Lanczos vectors (all when ``None``) and every scalar.
+@dataclass(frozen=True)
+class LanczosRecording:
+    """What ``LanczosRecorder`` kept for a batch; ``sample(i)`` is sample i's harvest."""
 
-    Memory grows as O(n · max_vectors); ``framework.krylov.recycle`` also offers a
-    bounded harvester that compresses as it goes.
-    """
+    harvests: tuple[LanczosHarvest, ...]
+
+    def sample(self, i: int) -> LanczosHarvest:
+        return self.harvests[i]
+
+
+class LanczosRecorder:
+    """Keep each sample's first ``max_vectors`` Lanczos vectors (all when ``None``) and
+    every scalar of its own iterations.  Memory grows as O(Bn · max_vectors);
+    ``framework.krylov.recycle`` also offers a bounded harvester that compresses."""
 
     def __init__(self, max_vectors: int | None = None) -> None:
         if max_vectors is not None and max_vectors < 0:
             raise ValueError(f"max_vectors must be >= 0 or None, got {max_vectors}")
         self.max_vectors = max_vectors
-        self._vectors: list[Any] = []
-        self._alphas: list[float] = []
-        self._betas: list[float] = []
-        self._bcols: list[Any] = []
-        self._U = self._C = None
-        self._beta1 = 0.0
+        self._steps: list[tuple[Any, ...]] = []
 
-    def _keep(self, v: Any) -> None:
-        if self.max_vectors is None or len(self._vectors) < self.max_vectors:
-            self._vectors.append(v)
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+        self._U, self._C, self._v1, self._beta1, self._live = U, C, v1, beta1, live
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: float) -> None:
-        self._U, self._C, self._beta1 = U, C, beta1
-        self._keep(v1)
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
+        full = self.max_vectors is not None and len(self._steps) + 1 >= self.max_vectors
+        self._steps.append((alpha, beta_next, b_col, None if full else v_next, update))
 
-    def step(self, alpha: float, beta_next: float, b_col: Any, v_next: Any) -> None:
-        self._alphas.append(alpha)
-        self._betas.append(beta_next)
-        if b_col is not None:
-            self._bcols.append(b_col)
-        if beta_next > 0.0:
-            self._keep(v_next)
-
-    def finish(self) -> LanczosHarvest:
-        V = None
-        if self._vectors:
-            xp = array_namespace(self._vectors[0])
-            V = xp.stack(self._vectors, axis=1)
-        B = None
-        if self._bcols:
-            xp = array_namespace(self._bcols[0])
-            B = xp.stack(self._bcols, axis=1)
+    def _sample(self, i: int) -> LanczosHarvest:
+        xp = array_namespace(self._v1)
+        vectors, alphas, betas, bcols = [self._v1[i, :]], [], [], []
+        for alpha, beta_next, b_col, v_next, update in self._steps:
+            if not bool(to_host(update[i])):
+                break
+            alphas.append(float(to_host(alpha[i])))
+            betas.append(float(to_host(beta_next[i])))
+            if b_col is not None:
+                bcols.append(b_col[i, :])
+            if betas[-1] > 0.0 and v_next is not None:
+                vectors.append(v_next[i, :])
+        if self.max_vectors is not None:
+            vectors = vectors[: self.max_vectors]
         return LanczosHarvest(
-            U=self._U,
-            C=self._C,
-            V=V,
-            alphas=tuple(self._alphas),
-            betas=tuple(self._betas),
-            B=B,
-            beta1=self._beta1,
+            U=None if self._U is None else self._U[i, ...],
+            C=None if self._C is None else self._C[i, ...],
+            V=xp.stack(vectors, axis=1) if vectors else None,
+            alphas=tuple(alphas), betas=tuple(betas),
+            B=xp.stack(bcols, axis=1) if bcols else None,
+            beta1=float(to_host(self._beta1[i])),
         )
+
+    def finish(self) -> LanczosRecording:
+        return LanczosRecording(tuple(self._sample(i) for i in range(self._v1.shape[0])))

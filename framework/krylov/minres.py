@@ -1,36 +1,40 @@
-"""MINRES with an optional recycle space (RMINRES), written once against the array API.
+"""MINRES with an optional recycle space (RMINRES), batch-first, against the array API.
 
-Given a symmetric (possibly indefinite) operator A, right-hand side b and, optionally, a
-recycle space (U, C = AU, CᵀC = I), the solver
+B symmetric systems A_i x_i = b_i are solved together: vectors are rows of (B, n) arrays
+and the operator maps (B, n) → (B, n) (one *pass* applies every sample's operator).  A
+1-D ``b`` of shape (n,) is promoted to B = 1 with the user's 1-D operator, and the result
+unwrapped.  Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the
+non-zero columns; zero columns are padding) the solver
 
 * projects the start:  x₀ ← x₀ + U Cᵀr₀,  r₀ ← (I − CCᵀ) r₀;
 * runs Lanczos on (I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m with B_m = CᵀAV_m;
 * returns the minimal-residual iterate x_m = x₀ + V_m y − U B_m y with
-  y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations), so no basis is stored.
+  y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
-Work per iteration: one operator application, two inner products and a few vector
-updates.  The Lanczos and Givens scalars live on the host as Python floats: this small
-dense step (two scalars per iteration) is the only host transfer inside the loop.  The
-batched solver (``framework.krylov.batched``) keeps them on the device instead.
+Per iteration: one pass, two row-wise inner products and a few row updates; the Lanczos
+and Givens scalars are a small dense step (``framework.krylov.givens``) kept on the host
+on the CPU and on the device on a GPU.  A sample that meets its stopping rule freezes at
+exactly the iteration where it would stop alone; the others run on.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
-from framework.krylov.lanczos import Harvester
-from framework.krylov.recycle_space import RecycleSpace
+from backends.host import host_check_needs_sync, to_host
+from framework.krylov.givens import DeviceScalars, HostScalars
+from framework.krylov.recycle_space import RecycleSpace, RowOperator, bmtv, bmv
 from framework.krylov.stopping import (
     IterationState,
     ResidualRule,
-    StopRule,
+    SingleSampleRule,
     check_reachable,
     check_tolerances,
 )
@@ -58,60 +62,64 @@ _MESSAGES = {
     "on the Krylov space); the iterate is the last well-defined one",
     Status.NONFINITE: "a non-finite value appeared (the operator returned NaN or inf)",
 }
+# status codes of framework.krylov.givens, in order
+_CODES = (Status.MAXITER, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status.BREAKDOWN,
+          Status.NONFINITE)
 
 
 @dataclass(frozen=True)
 class KrylovResult:
-    """Outcome of one solve.
+    """Outcome of a solve: per-sample tuples for a batch, plain values for a 1-D ``b``.
 
-    ``matvecs`` counts the solver's operator applications (one per iteration, one for
-    the initial residual when ``x0`` is given); ``check_matvecs`` counts the separate
-    final true-residual check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when
-    that check ran (else the recurrence estimate); ``residual_norms`` is the estimate
-    history starting at iteration 0.
+    ``matvecs`` counts each sample's operator applications (one per iteration, one for
+    the initial residual when ``x0`` is given); ``check_matvecs`` the final true-residual
+    check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
+    recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
+    ``passes`` counts the batched operator calls made (each applies all B operators,
+    frozen samples included); ``host_syncs`` the host reads of per-sample scalars.
     """
 
     x: Any
-    converged: bool
-    status: Status
-    iterations: int
-    matvecs: int
-    check_matvecs: int
-    residual_norm: float
-    residual_norms: tuple[float, ...]
+    converged: Any
+    status: Any
+    iterations: Any
+    matvecs: Any
+    check_matvecs: Any
+    residual_norm: Any
+    residual_history: Any
+    passes: int
+    host_syncs: int
     harvest: Any = None
 
     @property
-    def message(self) -> str:
-        return self.status.message
+    def message(self) -> Any:
+        if isinstance(self.status, Status):
+            return self.status.message
+        return tuple(s.message for s in self.status)
+
+    def sample(self, i: int) -> KrylovResult:
+        """Sample i's result, unwrapped (its x a 1-D row)."""
+        harvest = self.harvest
+        if harvest is not None and hasattr(harvest, "sample"):
+            harvest = harvest.sample(i)
+        return KrylovResult(
+            self.x[i, ...], self.converged[i], self.status[i], self.iterations[i],
+            self.matvecs[i], self.check_matvecs[i], self.residual_norm[i],
+            self.residual_history[i], self.passes, self.host_syncs, harvest,
+        )
 
 
-def _validate_vector(xp: Any, name: str, v: Any, n: int) -> None:
-    if v.ndim != 1 or v.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(v.shape)}")
+def _check_rows(xp: Any, name: str, v: Any, shape: tuple[int, ...]) -> None:
+    if tuple(v.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(v.shape)}")
     if not bool(xp.all(xp.isfinite(v))):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def _apply(A: Callable[[Any], Any], v: Any) -> Any:
-    out = A(v)
-    if out.shape != v.shape:
-        raise ValueError(
-            f"operator returned shape {tuple(out.shape)} for input of shape {tuple(v.shape)}"
-        )
-    return out
-
-
-def next_direction(v: Any, prev: Any, prev2: Any, gamma: Any, delta: Any, epsilon: Any) -> Any:
-    """The MINRES direction recurrence d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ (absent
-    terms skipped); γ, δ, ε are scalars or arrays broadcasting against v.  The same
-    recurrence carries the recycle-space coefficients (v_k → b_k = CᵀAv_k)."""
-    d = v / gamma
-    if prev is not None:
-        d = d - (delta / gamma) * prev
-    if prev2 is not None:
-        d = d - (epsilon / gamma) * prev2
-    return d
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def rminres(
@@ -123,197 +131,258 @@ def rminres(
     rtol: float = 1e-5,
     atol: float = 0.0,
     maxiter: int | None = None,
-    stop: StopRule | None = None,
+    stop: Any = None,
     callback: Callable[[Any], None] | None = None,
-    harvest: Harvester | None = None,
+    harvest: Any = None,
     true_residual: bool = True,
+    check_every: int = 1,
+    scalars: str | None = None,
 ) -> KrylovResult:
-    """Solve A x = b for symmetric A by (recycled) MINRES.
+    """Solve A x = b for symmetric A by (recycled) MINRES, for one or B systems.
 
-    Parameters
-    ----------
-    A : callable
-        ``A(v)`` returns A·v for v of shape (n,) (C = AU of a recycle space is supplied,
-        not recomputed).  Wrap it in ``CountingOperator`` to count applications.
-    b : array (n,)
-    x0 : array (n,), optional
-        Starting guess (zero when omitted, which saves the initial application).
-    recycle : RecycleSpace, optional
-        U, C with C = A U and CᵀC = I for *this* A.
-    rtol, atol : float
-        Default rule ‖r‖ ≤ max(rtol·‖b‖, atol); ignored when ``stop`` is given.
-    maxiter : int, optional
-        Iteration limit (default 5n).
-    stop : StopRule, optional
-        Custom stopping rule; if it has ``needs_residual``, the residual vector is kept
-        by recurrence (no extra operator applications).
-    callback : callable, optional
-        ``callback(xk)`` after every iteration (forms the iterate: O(nk) extra work with
-        a recycle space).
-    harvest : Harvester, optional
-        Receives the Lanczos data (e.g. ``LanczosRecorder``); ``result.harvest`` holds
-        what it returns.
-    true_residual : bool
-        Compute ‖b − Ax‖ at exit (one application, reported as ``check_matvecs``).
+    A : callable, (B, n) → (B, n) for a 2-D ``b`` (and (B, n, k) → (B, n, k) for
+        recycle-space set-up); for a 1-D ``b`` the user's (n,) → (n,) operator.  Wrap it
+        in ``CountingOperator`` to count applications.
+    b : array (B, n) or (n,);  x0 : same shape, optional (zero saves one pass).
+    recycle : RecycleSpace with U, C of shape (B, n, k) (or (n, k)), C = AU.
+    rtol, atol : the default rule ‖r_i‖ ≤ max(rtol·‖b_i‖, atol), ignored with ``stop``.
+    maxiter : iteration limit (default 5n).
+    stop : a batch rule ``stop(IterationState) → (B,) bools`` (``needs_residual`` keeps
+        the residual rows by recurrence, no extra applications); for a 1-D ``b`` a rule
+        on one sample returning a bool.
+    callback : ``callback(xk)`` after every iteration (forms the iterate).
+    harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``); ``result.harvest``
+        holds what it returns.
+    true_residual : compute ‖b − Ax‖ at exit (one pass, ``check_matvecs``).
+    check_every : iterations between host checks when the scalars live on a GPU.
+    scalars : "host" or "device" (default: device when a host read synchronises).
     """
+    if b.ndim == 1:
+        return _solve_one(A, b, x0=x0, recycle=recycle, rtol=rtol, atol=atol,
+                          maxiter=maxiter, stop=stop, callback=callback, harvest=harvest,
+                          true_residual=true_residual, check_every=check_every,
+                          scalars=scalars)
     xp = array_namespace(b)
-    if b.ndim != 1:
-        raise ValueError(f"b must be a 1-D array of shape (n,), got shape {tuple(b.shape)}")
+    if b.ndim != 2:
+        raise ValueError(f"b must have shape (n,) or (B, n), got {tuple(b.shape)}")
+    B, n = int(b.shape[0]), int(b.shape[1])
+    shape = getattr(A, "shape", None)
+    if shape is not None and tuple(shape)[-2:] != (n, n):
+        raise ValueError(f"b must have {shape[-1]} entries per row: operator shape "
+                         f"{tuple(shape)} does not match b of shape {tuple(b.shape)}")
+    _check_rows(xp, "b", b, (B, n))
+    if x0 is not None:
+        _check_rows(xp, "x0", x0, (B, n))
+    check_tolerances(rtol, atol)
+    maxiter = _check_count("maxiter", 5 * n if maxiter is None else maxiter)
+    check_every = _check_count("check_every", check_every)
+    if stop is None:
+        check_reachable(rtol, atol, float(xp.finfo(b.dtype).eps))
+    if recycle is not None and (recycle.U.shape != recycle.C.shape or recycle.U.ndim != 3
+                                or tuple(recycle.U.shape[:2]) != (B, n)):
+        raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
+                         f"{tuple(recycle.C.shape)} must both be ({B}, {n}, k)")
+    if scalars is None:
+        scalars = "device" if host_check_needs_sync(b) else "host"
+    if scalars not in ("host", "device"):
+        raise ValueError(f"scalars must be 'host' or 'device', got {scalars!r}")
+    solve = _Solve(A, b, recycle, stop if stop is not None else ResidualRule(rtol, atol),
+                   harvest, callback, scalars)
+    return solve.run(x0, maxiter, check_every, true_residual)
+
+
+def _solve_one(A: Callable[[Any], Any], b: Any, *, x0: Any, recycle: Any, stop: Any,
+               callback: Any, **options: Any) -> KrylovResult:
+    """The 1-D call: promote b, x0, the recycle space, the rule and the callback to a
+    batch of one, solve, and unwrap."""
+    xp = array_namespace(b)
     n = int(b.shape[0])
     shape = getattr(A, "shape", None)
     if shape is not None and tuple(shape) != (n, n):
         raise ValueError(f"operator shape {tuple(shape)} does not match b of shape ({n},)")
-    _validate_vector(xp, "b", b, n)
+    _check_rows(xp, "b", b, (n,))
     if x0 is not None:
-        _validate_vector(xp, "x0", x0, n)
-    check_tolerances(rtol, atol)
-    if maxiter is None:
-        maxiter = 5 * n
-    if isinstance(maxiter, bool) or not isinstance(maxiter, numbers.Integral) or maxiter < 1:
-        raise ValueError(f"maxiter must be an integer >= 1, got {maxiter!r}")
-    maxiter = int(maxiter)
-    eps = float(xp.finfo(b.dtype).eps)
-    if stop is None:
-        check_reachable(rtol, atol, eps)
-    breakdown_tol = 10.0 * eps
-    rule = stop if stop is not None else ResidualRule(rtol, atol)
-    keep_residual = bool(getattr(rule, "needs_residual", False))
-    U = C = None
+        _check_rows(xp, "x0", x0, (n,))
     if recycle is not None:
-        U, C = recycle.U, recycle.C
-        if U.shape != C.shape or U.ndim != 2 or U.shape[0] != n:
-            raise ValueError(
-                f"recycle space U {tuple(U.shape)} and C {tuple(C.shape)} must both be ({n}, k)"
-            )
-
-    matvecs = 0
-    if x0 is None:
-        x = xp.zeros_like(b)
-        r = xp.asarray(b, copy=True)
-    else:
-        x = xp.asarray(x0, copy=True)
-        r = b - _apply(A, x)
-        matvecs += 1
-    z = None  # coefficients of −U in the iterate: x = x_V − U z
-    if C is not None:
-        coef = xp.matrix_transpose(C) @ r
-        x = x + U @ coef
-        r = r - C @ coef
-        z = xp.zeros_like(coef)
-
-    b_norm = math.sqrt(float(b @ b))
-    beta1 = math.sqrt(float(r @ r))
-    norms = [beta1]
-    residual = r if keep_residual else None
-    status: Status | None = None
-    if not math.isfinite(beta1):
-        status = Status.NONFINITE
-    elif rule(IterationState(0, beta1, b_norm, residual)):
-        status = Status.CONVERGED if beta1 > 0.0 else Status.EXACT
-
-    iterations = 0
-    if status is None:
-        v = r / beta1
-        v_prev = None
-        if harvest is not None:
-            harvest.begin(U, C, v, beta1)
-        # Directions d (for V) and e (for the U-coefficients); two of each are kept.
-        d_prev = d_prev2 = None
-        e_prev = e_prev2 = None
-        beta = beta1  # β_k, the previous sub-diagonal entry (β_1 := ‖r0‖, unused)
-        c_prev = c_prev2 = 1.0
-        s_prev = s_prev2 = 0.0
-        phibar = beta1
-        anorm = 0.0  # running estimate of ‖T̄‖, the scale for the breakdown test
-        while True:
-            iterations += 1
-            p = _apply(A, v)
-            matvecs += 1
-            bcol = None
-            if C is not None:
-                bcol = xp.matrix_transpose(C) @ p
-                p = p - C @ bcol
-            if v_prev is not None:
-                p = p - beta * v_prev  # not in place: A may return a buffer it owns
-            elif C is None:
-                p = xp.asarray(p, copy=True)
-            alpha = float(v @ p)
-            p -= alpha * v
-            if C is not None:
-                # Second projection: keeps V ⟂ C to working precision (no applications).
-                p -= C @ (xp.matrix_transpose(C) @ p)
-            beta_next = math.sqrt(float(p @ p))
-            # Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous rotations.
-            sub = beta if v_prev is not None else 0.0
-            epsilon = s_prev2 * sub
-            delta_bar = c_prev2 * sub
-            delta = c_prev * delta_bar + s_prev * alpha
-            gamma_bar = -s_prev * delta_bar + c_prev * alpha
-            gamma = math.hypot(gamma_bar, beta_next)
-            anorm = max(anorm, abs(alpha) + sub + beta_next)
-            if not (math.isfinite(alpha) and math.isfinite(beta_next)):
-                status = Status.NONFINITE
-                iterations -= 1
-                break
-            if gamma <= breakdown_tol * anorm:
-                # β_{k+1} ≈ 0 and γ̄_k ≈ 0: T_k is singular (A singular on the Krylov
-                # space, e.g. an inconsistent singular system); keep the last iterate.
-                status = Status.BREAKDOWN
-                iterations -= 1
-                break
-            c, s = gamma_bar / gamma, beta_next / gamma
-            phi = c * phibar
-            phibar = -s * phibar
-            # d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ, and the same for the U-part.
-            d = next_direction(v, d_prev, d_prev2, gamma, delta, epsilon)
-            x += phi * d
-            if bcol is not None:
-                e = next_direction(bcol, e_prev, e_prev2, gamma, delta, epsilon)
-                z += phi * e
-                e_prev2, e_prev = e_prev, e
-            d_prev2, d_prev = d_prev, d
-            exact = beta_next <= breakdown_tol * anorm
-            v_next = p / beta_next if not exact else xp.zeros_like(p)
-            if harvest is not None:
-                harvest.step(alpha, 0.0 if exact else beta_next, bcol, v_next)
-            if keep_residual:
-                residual = (s * s) * residual + (phibar * c) * v_next
-            rnorm = abs(phibar)
-            norms.append(rnorm)
-            if callback is not None:
-                callback(x if z is None else x - U @ z)
-            if exact:
-                status = Status.EXACT
-                break
-            if rule(IterationState(iterations, rnorm, b_norm, residual)):
-                status = Status.CONVERGED
-                break
-            if iterations >= maxiter:
-                status = Status.MAXITER
-                break
-            v_prev, v = v, v_next
-            beta = beta_next
-            c_prev2, c_prev = c_prev, c
-            s_prev2, s_prev = s_prev, s
-
-    if z is not None:
-        x = x - U @ z
-    residual_norm = norms[-1]
-    check = 0
-    if true_residual and status is not Status.NONFINITE:
-        rt = b - _apply(A, x)
-        check = 1
-        residual_norm = math.sqrt(float(rt @ rt))
-    result_harvest = harvest.finish() if harvest is not None else None
-    return KrylovResult(
-        x=x,
-        converged=status in (Status.CONVERGED, Status.EXACT),
-        status=status,
-        iterations=iterations,
-        matvecs=matvecs,
-        check_matvecs=check,
-        residual_norm=residual_norm,
-        residual_norms=tuple(norms),
-        harvest=result_harvest,
+        if recycle.U.ndim != 2 or recycle.U.shape != recycle.C.shape or recycle.U.shape[0] != n:
+            raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
+                             f"{tuple(recycle.C.shape)} must both be ({n}, k)")
+        recycle = recycle.promoted()
+    result = rminres(
+        RowOperator(A), b[None, :], x0=None if x0 is None else x0[None, :], recycle=recycle,
+        stop=stop if stop is None or isinstance(stop, ResidualRule)
+        or getattr(stop, "batch", False) else SingleSampleRule(stop),
+        callback=None if callback is None else (lambda X: callback(X[0, :])), **options,
     )
+    return result.sample(0)
 
+
+class _Solve:
+    """State of one batched solve; ``run`` is the algorithm."""
+
+    def __init__(self, A: Any, b: Any, recycle: Any, rule: Any, harvest: Any,
+                 callback: Any, scalars: str) -> None:
+        self.xp = array_namespace(b)
+        self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
+        self.U = None if recycle is None else recycle.U
+        self.C = None if recycle is None else recycle.C
+        self.scalar_kind = scalars
+        self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
+        self.keep_residual = bool(getattr(rule, "needs_residual", False))
+        self.thresholds = None
+        if isinstance(rule, ResidualRule):  # the default rule is tested in the scalar step
+            self.thresholds = [rule.threshold(float(v)) for v in to_host(self._norms(b))]
+            self.device_thresholds = self.xp.asarray(self.thresholds, dtype=b.dtype,
+                                                     device=device_of(b))
+        self.passes = 0
+
+    def _norms(self, R: Any) -> Any:
+        return self.xp.sqrt(self.xp.vecdot(R, R))
+
+    def run(self, x0: Any, maxiter: int, check_every: int, true_residual: bool) -> KrylovResult:
+        xp = self.xp
+        r = self._start(x0)
+        beta1 = self._norms(r)
+        self.b_norm = self._norms(self.b)
+        Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars
+        self.scalars = Scalars(self.b, beta1, self._met(0, beta1, r))
+        self.history = [self.scalars.rnorms]
+        self.residual = r if self.keep_residual else None
+        safe = xp.where(beta1 > 0, beta1, xp.ones_like(beta1))
+        v = r / safe[:, None]
+        if self.harvest is not None:
+            self.harvest.begin(self.U, self.C, v, beta1, self._live())
+        self.v_prev = xp.zeros_like(v)
+        self.beta = xp.zeros_like(self.b[:, :1])
+        self.d = [None, None]
+        self.e = [None, None]
+        syncs, step = 1, 0
+        running = self.scalars.running()
+        while running and step < maxiter:
+            step += 1
+            v = self._iteration(step, v)
+            syncs += self.scalars.syncs_per_iteration
+            if self.scalar_kind == "host" or step % check_every == 0:
+                running = self.scalars.running()
+                syncs += self.scalar_kind == "device"
+        return self._finish(true_residual, syncs)
+
+    def _start(self, x0: Any) -> Any:
+        """x₀ and the projected initial residual r₀ = (I − CCᵀ)(b − Ax₀)."""
+        xp = self.xp
+        self.initial = 0 if x0 is None else 1
+        if x0 is None:
+            self.x = xp.zeros_like(self.b)
+            r = xp.asarray(self.b, copy=True)
+        else:
+            self.x = xp.asarray(x0, copy=True)
+            r = self.b - self.A(self.x)
+            self.passes += 1
+        self.z = None  # coefficients of −U in the iterate: x = x_V − U z
+        if self.C is not None:
+            coef = bmtv(self.C, r)
+            self.x = self.x + bmv(self.U, coef)
+            r = r - bmv(self.C, coef)
+            self.z = xp.zeros_like(coef)
+        return r
+
+    def _iteration(self, step: int, v: Any) -> Any:
+        """One Lanczos step, one rotation, one update of the iterate; returns v_{k+1}."""
+        xp = self.xp
+        p = self.A(v)
+        self.passes += 1
+        bcol = None
+        if self.C is not None:  # (I − CCᵀ)Av, with b_k = CᵀAv_k for the U-part
+            bcol = bmtv(self.C, p)
+            p = p - bmv(self.C, bcol)
+        p = p - self.beta * self.v_prev  # not in place: A may return a buffer it owns
+        alpha = xp.vecdot(v, p)
+        p -= alpha[:, None] * v
+        if self.C is not None:  # second projection keeps V ⟂ C to working precision
+            p -= bmv(self.C, bmtv(self.C, p))
+        beta_next = self._norms(p)
+        coef = self.scalars.rotate(alpha, beta_next, self.tol)
+        gamma, delta, epsilon, phi, beta_div = (coef[:, j:j + 1] for j in range(5))
+        self.x += phi * _direction(self.d, v, gamma, delta, epsilon)
+        if bcol is not None:
+            self.z += phi * _direction(self.e, bcol, gamma, delta, epsilon)
+        v_next = p / beta_div
+        if self.scalars.nonfinite_rows(beta_next):
+            v_next = xp.where(xp.isfinite(beta_next)[:, None], v_next, 0.0)
+        if self.harvest is not None:
+            self.harvest.step(alpha, coef[:, 7], bcol, v_next, coef[:, 8] > 0)
+        if self.keep_residual:
+            self.residual = coef[:, 5:6] * self.residual + coef[:, 6:7] * v_next
+        self.history.append(self.scalars.rnorms)
+        if self.callback is not None:
+            self.callback(self._iterate())
+        self.scalars.conclude(self._met(step, self.scalars.rnorms, self.residual))
+        self.v_prev, self.beta = v, beta_div
+        return v_next
+
+    def _met(self, iteration: int, rnorms: Any, residual: Any) -> Any:
+        """The stopping rule per sample (in the scalars' home: host bools or a device
+        mask)."""
+        host = self.scalar_kind == "host"
+        if host and not isinstance(rnorms, list):
+            rnorms = to_host(rnorms).tolist()
+        if self.thresholds is not None and host:
+            return [r <= t for r, t in zip(rnorms, self.thresholds, strict=True)]
+        if self.thresholds is not None:
+            return rnorms <= self.device_thresholds
+        rn = rnorms
+        if host:
+            rn = self.xp.asarray(rnorms, dtype=self.b.dtype, device=device_of(self.b))
+        met = self.rule(IterationState(iteration, rn, self.b_norm, residual))
+        return [bool(m) for m in to_host(met)] if self.scalar_kind == "host" else met
+
+    def _live(self) -> Any:
+        if self.scalar_kind == "host":
+            return self.xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
+        return self.scalars.state.live
+
+    def _iterate(self) -> Any:
+        return self.x if self.z is None else self.x - bmv(self.U, self.z)
+
+    def _finish(self, true_residual: bool, syncs: int) -> KrylovResult:
+        codes, iterations = self.scalars.summary()
+        statuses = tuple(_CODES[int(c)] for c in codes)
+        history = self.history
+        if self.scalar_kind == "device":
+            history = [to_host(h).tolist() for h in history]
+        per_sample = tuple(tuple(float(h[i]) for h in history[: iterations[i] + 1])
+                           for i in range(len(codes)))
+        x = self._iterate()
+        norms = [h[-1] for h in per_sample]
+        checks = [0] * len(codes)
+        if true_residual:
+            true = to_host(self._norms(self.b - self.A(x))).tolist()
+            for i, s in enumerate(statuses):
+                if s is not Status.NONFINITE:
+                    norms[i], checks[i] = float(true[i]), 1
+        return KrylovResult(
+            x=x,
+            converged=tuple(s in (Status.CONVERGED, Status.EXACT) for s in statuses),
+            status=statuses,
+            iterations=tuple(iterations),
+            matvecs=tuple(i + self.initial for i in iterations),
+            check_matvecs=tuple(checks),
+            residual_norm=tuple(norms),
+            residual_history=per_sample,
+            passes=self.passes,
+            host_syncs=syncs + 1,
+            harvest=self.harvest.finish() if self.harvest is not None else None,
+        )
+
+
+def _direction(prev: list[Any], v: Any, gamma: Any, delta: Any, epsilon: Any) -> Any:
+    """d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ per row (absent terms skipped); ``prev``
+    holds [d_{k−1}, d_{k−2}] and is shifted.  The same recurrence carries the
+    recycle-space coefficients (v_k → b_k = CᵀAv_k)."""
+    d = v / gamma
+    if prev[0] is not None:
+        d = d - (delta / gamma) * prev[0]
+    if prev[1] is not None:
+        d = d - (epsilon / gamma) * prev[1]
+    prev[1], prev[0] = prev[0], d
+    return d

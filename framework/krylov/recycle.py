@@ -1,18 +1,21 @@
-"""Carrying a recycle space from one linear system to the next.
+"""Carrying recycle spaces from one batch of linear systems to the next.
 
-After solve t, a ``RecycleHarvester`` (given to ``rminres`` as ``harvest=``) receives the
-Lanczos process and chooses the next recycle vectors from W = [U, V] *against the matrix
-just solved* ("inner" selection): the projected matrices are formed from W and
-HW = [C, V_{m+1}T̄ + CB], which the Lanczos relation gives without any operator
-application.  With a cap s on stored Lanczos vectors (``max_vectors``) it compresses
-[Z, V_s] to k vectors whenever s columns are complete (a "cycle"), carrying HZ (and JᵀZ)
-as linear combinations, so memory stays O(n(k + s)) whatever the iteration count.
+After a solve, a ``RecycleHarvester`` (given to ``rminres`` as ``harvest=``) receives the
+Lanczos process of every sample and chooses its next recycle vectors from
+W_i = [U_i, V_i] *against the matrix just solved* ("inner" selection): HW comes from the
+Lanczos relation, HW = [C, V_{m+1}T̄ + CB], without any operator application; each
+sample's own iterations (and non-padding recycle columns) are its valid columns.  With a
+cap s on stored Lanczos vectors (``max_vectors``) it compresses [Z, V_s] to k vectors
+whenever s steps are complete (a "cycle"), carrying HZ (and JᵀZ) as combinations, so
+memory stays O(Bn(k + s)) whatever the iteration count.
 
-Before solve t+1, ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for
-H_{t+1}: C = H_{t+1}U by one block application of k vectors, then an orthonormalising
-(rank-revealing) QR/SVD.  "Outer" selection instead keeps all of W and selects against
-H_{t+1} (dim W applications, counted by the operator).  The dense oracles ``eig`` and
-``gsvd`` select from the whole space (W = I: n applications; tests and small n only).
+Before the next solve, ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for
+H: C = HU by one block application of k vectors, then an orthonormalising (rank-revealing)
+QR/SVD.  "Outer" selection instead keeps all of W and selects against the next H
+(dim W applications, counted by the operator).  The dense oracles ``eig`` and ``gsvd``
+select from the whole space (W = I: n applications; tests and small n only).  Operators
+map (B, n, k) → (B, n, k); single-system calls ((n, k) carries, 1-D operators) are
+promoted to a batch of one.
 """
 
 from __future__ import annotations
@@ -24,20 +27,12 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from framework.krylov.dense import symmetrize
-from framework.krylov.recycle_space import RecycleSpace
+from backends.host import to_host
+from framework.krylov.recycle_space import RecycleSpace, RowOperator
 from framework.krylov.selection import WHICH, Projection, needs_jacobian, select
 
-STRATEGIES = (
-    "none",
-    "ritz",
-    "harmonic_ritz",
-    "rgen_left",
-    "rgen_right",
-    "rgen_both",
-    "eig",
-    "gsvd",
-)
+STRATEGIES = ("none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both",
+              "eig", "gsvd")
 ORACLES = {"eig": "ritz", "gsvd": "rgen_right"}
 Operator = Callable[[Any], Any]
 
@@ -60,10 +55,8 @@ class RecycleConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"unknown recycle strategy {self.strategy!r}; valid names are "
-                f"{', '.join(STRATEGIES)}"
-            )
+            raise ValueError(f"unknown recycle strategy {self.strategy!r}; valid names are "
+                             f"{', '.join(STRATEGIES)}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise ValueError(f"recycle dimension k must be an integer >= 0, got {self.k!r}")
         if self.which is not None and self.which not in WHICH:
@@ -82,32 +75,48 @@ class RecycleConfig:
         return needs_jacobian(ORACLES.get(self.strategy, self.strategy))
 
 
+def _widths(basis: Any) -> list[int]:
+    """Non-zero columns per sample of a (B, n, D) basis (a host read)."""
+    xp = array_namespace(basis)
+    alive = xp.sum(xp.astype(xp.linalg.vector_norm(basis, axis=-2) > 0, xp.int64), axis=-1)
+    return [int(v) for v in to_host(alive)]
+
+
 @dataclass(frozen=True)
 class RecycleCarry:
     """What travels from one solve to the next: the chosen vectors U (``selected``) or,
-    for outer selection, the whole basis W still to be selected against the next matrix."""
+    for outer selection, the whole basis W still to be selected against the next matrix;
+    (B, n, D) with zero padding columns, or (n, D) for one system."""
 
     basis: Any
     selected: bool
 
     @property
     def size(self) -> int:
-        return int(self.basis.shape[1])
+        """Vectors carried (the largest count of a batch)."""
+        return max(_widths(self.basis if self.basis.ndim == 3 else self.basis[None, ...]))
+
+    def sample(self, i: int) -> RecycleCarry:
+        """Sample i's carry, (n, D_i) without its padding columns."""
+        width = _widths(self.basis[i:i + 1, ...])[0]
+        return RecycleCarry(self.basis[i, :, :width], self.selected)
 
 
-def _stack(vectors: list[Any]) -> Any:
-    xp = array_namespace(vectors[0])
-    return xp.stack(vectors, axis=1)
-
-
-def _hcat(blocks: list[Any]) -> Any:
-    blocks = [b for b in blocks if b is not None]
-    xp = array_namespace(*blocks)
-    return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+def stack_carries(carries: list[RecycleCarry | None], like: Any) -> RecycleCarry | None:
+    """Per-sample carries (n, D_i) (or None) as one (B, n, max D_i) carry, zero-padded."""
+    present = [c for c in carries if c is not None]
+    if not present:
+        return None
+    xp = array_namespace(like)
+    width = max(int(c.basis.shape[1]) for c in present)
+    pad = xp.zeros((int(like.shape[-1]), width), dtype=like.dtype, device=device_of(like))
+    rows = [pad if c is None else xp.concat([c.basis, pad[:, : width - c.basis.shape[1]]],
+                                            axis=1) for c in carries]
+    return RecycleCarry(xp.stack(rows), present[0].selected)
 
 
 class RecycleHarvester:
-    """A ``Harvester`` that selects the next recycle vectors as the solve runs."""
+    """A harvester that selects each sample's next recycle vectors as the solve runs."""
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
         if config.needs_jacobian and jac_t is None:
@@ -118,151 +127,114 @@ class RecycleHarvester:
         self._begun = False
 
     # -- Harvester protocol -------------------------------------------------------------
-    def begin(self, U: Any, C: Any, v1: Any, beta1: float) -> None:
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+        xp = array_namespace(v1)
         self._begun = True
         self.C = C
-        self.Z, self.HZ = U, C
-        self.JZ = None  # JᵀZ, formed only when a selection needs it
+        self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
+        self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
         self.block = [v1]
         self.v_prev = None
-        self.beta_prev = 0.0
-        self.alphas: list[float] = []
-        self.betas: list[float] = []
-        self.bcols: list[Any] = []
+        self.beta_prev = xp.zeros_like(beta1)
+        self._reset()
 
-    def step(self, alpha: float, beta_next: float, b_col: Any, v_next: Any) -> None:
+    def _reset(self) -> None:
+        self.alphas: list[Any] = []
+        self.betas: list[Any] = []
+        self.bcols: list[Any] = []
+        self.updates: list[Any] = []
+
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
         self.alphas.append(alpha)
         self.betas.append(beta_next)
+        self.block.append(v_next)
+        self.updates.append(update)
         if b_col is not None:
             self.bcols.append(b_col)
-        if beta_next > 0.0:
-            self.block.append(v_next)
         cap = self.config.max_vectors
         if cap is not None and len(self.alphas) >= cap:
-            self._compress()
+            self._compress(final=False)
 
     def finish(self) -> RecycleCarry | None:
         if not self._begun:
             return None
         if self.config.selection == "outer":
             W, _, _ = self.current_basis(jacobian=False)
-            return RecycleCarry(basis=W, selected=False)
+            return None if W is None else RecycleCarry(W, selected=False)
         if self.alphas:
             self._compress(final=True)
-        return None if self.Z is None else RecycleCarry(basis=self.Z, selected=True)
+        if self.Z is None:
+            return None
+        return RecycleCarry(self.Z[..., : max(_widths(self.Z))], selected=True)
 
     # -- internals ----------------------------------------------------------------------
     def _lanczos_products(self) -> tuple[Any, Any]:
-        """V (n × m) of the current block and HV = β v_{j−1} + α v_j + β v_{j+1} + C b."""
+        """V (B, n, m) of the current cycle and HV = β v_{j−1} + α v_j + β v_{j+1} + C b
+        (the Lanczos relation: no operator application)."""
+        xp = array_namespace(self.block[0])
         m = len(self.alphas)
-        V = _stack(self.block[:m])
-        xp = array_namespace(V)
-        dev = device_of(V)
-        zero = xp.zeros_like(V[:, :1])
-        first = zero if self.v_prev is None else self.v_prev[:, None]
-        down = _hcat([first, V[:, : m - 1]]) if m > 1 else first
-        last = self.block[m][:, None] if len(self.block) > m else zero
-        up = _hcat([V[:, 1:], last]) if m > 1 else last
-        alphas = xp.asarray(self.alphas, dtype=V.dtype, device=dev)
-        betas = xp.asarray(self.betas, dtype=V.dtype, device=dev)
-        lower = xp.concat([xp.asarray([self.beta_prev], dtype=V.dtype, device=dev), betas[:-1]])
-        HV = V * alphas + down * lower + up * betas
+        Vall = xp.stack(self.block[: m + 1], axis=2)  # (B, n, m + 1)
+        V = Vall[:, :, :m]
+        alphas = xp.stack(self.alphas, axis=1)
+        betas = xp.stack(self.betas, axis=1)  # β_{j+1}
+        first = xp.zeros_like(V[:, :, :1]) if self.v_prev is None else self.v_prev[:, :, None]
+        down = xp.concat([first, V[:, :, : m - 1]], axis=2) if m > 1 else first
+        lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
+        HV = V * alphas[:, None, :] + down * lower[:, None, :] + Vall[:, :, 1:] * betas[:, None, :]
         if self.bcols:
-            HV = HV + self.C @ _stack(self.bcols)
+            HV = HV + self.C @ xp.stack(self.bcols, axis=2)
         return V, HV
 
     def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
-        """W = [Z, V], HW and JᵀW of the current cycle.  HW comes from the Lanczos
-        relation (no operator application); JᵀW (when the strategy needs it and
-        ``jacobian``) costs one block application of Jᵀ to the columns not yet seen."""
+        """W = [Z, V], HW and JᵀW of the current cycle with each sample's invalid columns
+        zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos relation; JᵀW
+        (when the strategy needs it and ``jacobian``) costs one block application of Jᵀ
+        to the columns not yet seen."""
+        xp = array_namespace(self.block[0])
         want_j = jacobian and self.jac_t is not None
         if want_j and self.Z is not None and self.JZ is None:
             self.JZ = self.jac_t(self.Z)
-        if not self.alphas:
-            return self.Z, self.HZ, (self.JZ if want_j else None)
-        V, HV = self._lanczos_products()
-        W, HW = _hcat([self.Z, V]), _hcat([self.HZ, HV])
-        if not want_j:
-            return W, HW, None
-        JV = self.jac_t(V)
-        return W, HW, _hcat([self.JZ, JV])
-
-    def _tridiagonal(self, xp: Any, like: Any) -> Any:
-        """T̄ (m+1) × m of the current block (a small host-built matrix sent to the
-        device once per selection)."""
-        m = len(self.alphas)
-        rows = [[0.0] * m for _ in range(m + 1)]
-        for j in range(m):
-            rows[j][j] = self.alphas[j]
-            rows[j + 1][j] = self.betas[j]
-            if j + 1 < m:
-                rows[j][j + 1] = self.betas[j]
-        return xp.asarray(rows, dtype=like.dtype, device=device_of(like))
+        blocks, products, masks, jblocks = [], [], [], []
+        if self.Z is not None:
+            blocks, products, masks, jblocks = [self.Z], [self.HZ], [self.zvalid], [self.JZ]
+        if self.alphas:
+            V, HV = self._lanczos_products()
+            vvalid = xp.stack(self.updates, axis=1)
+            V = V * xp.astype(vvalid, V.dtype)[:, None, :]
+            blocks, products, masks = [*blocks, V], [*products, HV], [*masks, vvalid]
+            jblocks.append(self.jac_t(V) if want_j else None)
+        if not blocks:
+            return None, None, None
+        self.valid = xp.concat(masks, axis=1)
+        m = xp.astype(self.valid, blocks[0].dtype)[:, None, :]
+        W, HW = xp.concat(blocks, axis=2) * m, xp.concat(products, axis=2) * m
+        JW = xp.concat(jblocks, axis=2) if want_j else None
+        return W, HW, JW
 
     def projection(self, *, jacobian: bool = True) -> tuple[Any, Projection]:
-        """W and its projected matrices for the current cycle, without operator
-        applications (JᵀW excepted, see ``current_basis``).
+        """W and its projected matrices (no operator applications, JᵀW excepted)."""
+        W, HW, JW = self.current_basis(jacobian=jacobian)
+        return W, Projection.from_products(W, HW, JW, self.valid)
 
-        First cycle (W = [U, V_m], C = HU orthonormal, V ⟂ C, VᵀV = I): the Lanczos
-        relation gives WᵀW = [[UᵀU, UᵀV], [VᵀU, I]], WᵀHW = blockdiag(UᵀC, T_m) and
-        (HW)ᵀ(HW) = [[CᵀC, B], [Bᵀ, T̄ᵀT̄ + BᵀB]] at O(nkm) cost.  Later cycles
-        (compressed Z) form the Gram matrices of W and HW explicitly (O(n d²)).
-        """
-        if self.cycles > 0 or not self.alphas:
-            W, HW, JW = self.current_basis(jacobian=jacobian)
-            return W, Projection.from_products(W, HW, JW)
-        want_j = jacobian and self.jac_t is not None
-        m = len(self.alphas)
-        V = _stack(self.block[:m])
-        xp = array_namespace(V)
-        Tbar = self._tridiagonal(xp, V)
-        T = symmetrize(Tbar[:m, :])
-        TtT = xp.matrix_transpose(Tbar) @ Tbar
-        JV = self.jac_t(V) if want_j else None
-        if self.Z is None:
-            eye = xp.eye(m, dtype=V.dtype, device=device_of(V))
-            return V, Projection(gram=eye, G=T, F=TtT, P=JV)
-        U, C = self.Z, self.HZ
-        Ut = xp.matrix_transpose(U)
-        k = int(U.shape[1])
-        UtV = Ut @ V
-        Bm = _stack(self.bcols)
-        Bt = xp.matrix_transpose(Bm)
-        eye = xp.eye(m, dtype=V.dtype, device=device_of(V))
-        zeros = xp.zeros((k, m), dtype=V.dtype, device=device_of(V))
-        gram = xp.concat([xp.concat([Ut @ U, UtV], axis=1),
-                          xp.concat([xp.matrix_transpose(UtV), eye], axis=1)], axis=0)
-        G = xp.concat([xp.concat([symmetrize(Ut @ C), zeros], axis=1),
-                       xp.concat([xp.matrix_transpose(zeros), T], axis=1)], axis=0)
-        F = xp.concat([xp.concat([xp.matrix_transpose(C) @ C, Bm], axis=1),
-                       xp.concat([Bt, TtT + Bt @ Bm], axis=1)], axis=0)
-        P = None
-        if want_j:
-            if self.JZ is None:
-                self.JZ = self.jac_t(U)
-            P = _hcat([self.JZ, JV])
-        return _hcat([U, V]), Projection(gram=symmetrize(gram), G=G, F=symmetrize(F), P=P)
-
-    def _compress(self, *, final: bool = False) -> None:
+    def _compress(self, *, final: bool) -> None:
         cfg = self.config
-        W, proj = self.projection()
-        Y = select(proj, cfg.strategy, cfg.k, cfg.which)
+        W, HW, JW = self.current_basis()
+        coef = select(Projection.from_products(W, HW, JW, self.valid), cfg.strategy, cfg.k,
+                      cfg.which)
+        self.Z = W @ coef
+        self.zvalid = array_namespace(W).linalg.vector_norm(self.Z, axis=-2) > 0
         if not final:
-            # the next cycle needs HZ: form HW (no applications) for the chosen vectors
-            _, HW, _ = self.current_basis(jacobian=False)
-            self.HZ = HW @ Y
-        self.Z = W @ Y
-        self.JZ = None if proj.P is None else proj.P @ Y
-        m = len(self.alphas)
-        self.v_prev = self.block[m - 1]
-        self.beta_prev = self.betas[m - 1]
-        self.block = self.block[m:]
-        self.alphas, self.betas, self.bcols = [], [], []
+            self.HZ = HW @ coef
+            self.JZ = None if JW is None else JW @ coef
+            m = len(self.alphas)
+            self.v_prev, self.beta_prev = self.block[m - 1], self.betas[m - 1]
+            self.block = self.block[m:]
+            self._reset()
         self.cycles += 1
 
 
 class Recycler:
-    """Turns carries into recycle spaces for the next operator, per ``RecycleConfig``."""
+    """Turns carries into recycle spaces for the next operators, per ``RecycleConfig``."""
 
     def __init__(self, config: RecycleConfig) -> None:
         self.config = config
@@ -273,32 +245,41 @@ class Recycler:
             return None
         return RecycleHarvester(self.config, jac_t)
 
-    def prepare(
-        self,
-        carry: RecycleCarry | None,
-        H: Operator,
-        jac_t: Operator | None = None,
-        *,
-        like: Any = None,
-    ) -> RecycleSpace | None:
+    def prepare(self, carry: RecycleCarry | None, H: Operator, jac_t: Operator | None = None,
+                *, like: Any = None) -> RecycleSpace | None:
         """The recycle space for operator ``H`` (k applications for C = HU; outer
         selection: dim W applications; the oracles: n, building H densely from an
-        identity shaped, typed and placed like the vector ``like``)."""
+        identity shaped, typed and placed like the right-hand side ``like``).  A 1-D
+        ``like`` or an (n, D) carry means one system with 1-D operators."""
         cfg = self.config
-        if not cfg.enabled:
+        if not cfg.enabled or (carry is None and cfg.strategy not in ORACLES):
             return None
+        if (like is not None and like.ndim == 1) or (carry is not None and carry.basis.ndim == 2):
+            promoted = None if carry is None else RecycleCarry(carry.basis[None, ...],
+                                                               carry.selected)
+            space = self.prepare(promoted, RowOperator(H),
+                                 None if jac_t is None else RowOperator(jac_t, check=False),
+                                 like=None if like is None else like[None, ...])
+            return None if space is None else space.sample(0)
         if cfg.strategy in ORACLES:
             if like is None:
                 raise ValueError("oracle strategies need like= (a vector of the system)")
-            return self._oracle(H, jac_t, like)
-        if carry is None:
-            return None
+            xp = array_namespace(like)
+            eye = xp.eye(like.shape[-1], dtype=like.dtype, device=device_of(like))
+            return self._select(xp.broadcast_to(eye, (like.shape[0], *eye.shape)), H, jac_t,
+                                ORACLES[cfg.strategy])
         if carry.selected:
             return RecycleSpace.from_basis(H, carry.basis, rank_tol=cfg.rank_tol)
-        W = carry.basis
+        return self._select(carry.basis, H, jac_t, cfg.strategy)
+
+    def _select(self, W: Any, H: Operator, jac_t: Operator | None, strategy: str) -> Any:
+        """Select against H from the whole of W (dim W applications of H, and of Jᵀ)."""
+        cfg = self.config
+        xp = array_namespace(W)
         HW = H(W)
         JW = jac_t(W) if cfg.needs_jacobian else None
-        Y = select(Projection.from_products(W, HW, JW), cfg.strategy, cfg.k, cfg.which)
+        valid = xp.linalg.vector_norm(W, axis=-2) > 0
+        Y = select(Projection.from_products(W, HW, JW, valid), strategy, cfg.k, cfg.which)
         return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)
 
     def carry_after(self, result: Any, space: RecycleSpace | None) -> RecycleCarry | None:
@@ -309,13 +290,3 @@ class Recycler:
         if space is not None and self.config.strategy not in ORACLES:
             return RecycleCarry(basis=space.U, selected=True)
         return None
-
-    def _oracle(self, H: Operator, jac_t: Operator | None, like: Any) -> RecycleSpace | None:
-        xp = array_namespace(like)
-        eye = xp.eye(like.shape[0], dtype=like.dtype, device=device_of(like))
-        HI = H(eye)
-        JI = jac_t(eye) if self.config.needs_jacobian else None
-        strategy = ORACLES[self.config.strategy]
-        proj = Projection.from_products(eye, HI, JI)
-        Y = select(proj, strategy, self.config.k, self.config.which)
-        return RecycleSpace.from_products(Y, HI @ Y, rank_tol=self.config.rank_tol)

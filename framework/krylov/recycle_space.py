@@ -1,4 +1,5 @@
-"""The recycle space carried from one linear system to the next."""
+"""The recycle space carried from one linear system to the next, and the row kernels
+that apply it."""
 
 from __future__ import annotations
 
@@ -8,38 +9,84 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from backends.host import to_host
+
+
+def bmv(M: Any, v: Any) -> Any:
+    """Per-sample matrix–vector product: M (B, n, k) @ v (B, k) → (B, n)."""
+    return (M @ v[..., None])[..., 0]
+
+
+def bmtv(M: Any, v: Any) -> Any:
+    """Per-sample Mᵀv: M (B, n, k), v (B, n) → (B, k)."""
+    xp = array_namespace(M, v)
+    return (xp.matrix_transpose(M) @ v[..., None])[..., 0]
+
+
+class RowOperator:
+    """A 1-D operator ((n,) → (n,), (n, k) → (n, k)) seen as a batch of one:
+    (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
+    (Jᵀ maps n-vectors to p-vectors)."""
+
+    def __init__(self, A: Callable[[Any], Any], *, check: bool = True) -> None:
+        self.A, self.check = A, check
+
+    def __call__(self, V: Any) -> Any:
+        row = V[0, ...]
+        out = self.A(row)
+        if self.check and out.shape != row.shape:
+            raise ValueError(
+                f"operator returned shape {tuple(out.shape)} for input of shape "
+                f"{tuple(row.shape)}"
+            )
+        return out[None, ...]
+
 
 @dataclass(frozen=True)
 class RecycleSpace:
-    """U (n × k) and C = A U (n × k) with CᵀC = I for the operator A it was built for."""
+    """U and C = A U, each (B, n, k) for a batch or (n, k) for one system, with CᵢᵀCᵢ = I
+    on the non-zero columns; zero columns are padding (samples with fewer vectors) and
+    contribute nothing to the solver's projections."""
 
     U: Any
     C: Any
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        """Each sample's dimension (its non-zero columns); a host read."""
+        xp = array_namespace(self.C)
+        C = self.C if self.C.ndim == 3 else self.C[None, ...]
+        alive = xp.sum(xp.astype(xp.linalg.vector_norm(C, axis=1) > 0, xp.int64), axis=1)
+        return tuple(int(v) for v in to_host(alive))
+
+    @property
     def k(self) -> int:
-        return int(self.U.shape[1])
+        """The dimension of a single-system space (the largest one of a batch)."""
+        return max(self.dims)
+
+    def promoted(self) -> RecycleSpace:
+        """A single-system space as a batch of one."""
+        return self if self.U.ndim == 3 else RecycleSpace(self.U[None, ...], self.C[None, ...])
+
+    def sample(self, i: int) -> RecycleSpace:
+        return RecycleSpace(self.U[i, ...], self.C[i, ...])
 
     @classmethod
     def from_basis(
-        cls,
-        operator: Callable[[Any], Any],
-        Y: Any,
-        *,
-        rank_tol: float = 1e-10,
+        cls, operator: Callable[[Any], Any], Y: Any, *, rank_tol: float = 1e-10
     ) -> RecycleSpace | None:
-        """Build (U, C) from a basis ``Y`` (n × k) for ``operator``.
+        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator).
 
         One block application gives AY; a thin QR AY = QR and an SVD of the small R
         (R = P Σ Qᵀ) give C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C exactly in
         exact arithmetic.  Directions with σ_i ≤ rank_tol · σ_max are dropped (rank
-        revealing), so a near-dependent Y yields a smaller space instead of a blow-up.
-        Returns ``None`` when nothing survives or k = 0.
+        revealing; they become zero columns), so a near-dependent Y yields a smaller
+        space instead of a blow-up.  Returns ``None`` when k = 0.
         """
         xp = array_namespace(Y)
-        if Y.ndim != 2:
-            raise ValueError(f"recycle basis must be 2-D (n × k), got shape {tuple(Y.shape)}")
-        if Y.shape[1] == 0:
+        if Y.ndim not in (2, 3):
+            raise ValueError(f"recycle basis must be (n, k) or (B, n, k), got {tuple(Y.shape)}")
+        if Y.shape[-1] == 0:
             return None
         if not bool(xp.all(xp.isfinite(Y))):
             raise ValueError("recycle basis contains non-finite values (NaN or inf)")
@@ -51,14 +98,13 @@ class RecycleSpace:
         xp = array_namespace(Y, AY)
         if Y.shape != AY.shape:
             raise ValueError(f"Y {tuple(Y.shape)} and AY {tuple(AY.shape)} must have one shape")
-        if Y.shape[1] == 0:
+        if Y.shape[-1] == 0:
             return None
         Q, R = xp.linalg.qr(AY)
         P, sigma, Wt = xp.linalg.svd(R)
-        smax = float(sigma[0])
-        if not smax > 0.0:
-            return None
-        keep = int(xp.sum(xp.astype(sigma > rank_tol * smax, xp.int64)))
-        C = Q @ P[:, :keep]
-        U = (Y @ xp.matrix_transpose(Wt[:keep, :])) / sigma[:keep]
+        smax = xp.max(sigma, axis=-1, keepdims=True)
+        keep = (sigma > rank_tol * smax) & (smax > 0)
+        scale = xp.where(keep, 1.0 / xp.where(keep, sigma, xp.ones_like(sigma)), 0.0)
+        C = (Q @ P) * xp.astype(keep, Q.dtype)[..., None, :]
+        U = (Y @ xp.matrix_transpose(Wt)) * scale[..., None, :]
         return cls(U=U, C=C)

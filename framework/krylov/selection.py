@@ -1,132 +1,41 @@
-"""Recycle-space selection strategies on a projected basis.
+"""Recycle-space selection strategies on projected bases, for every sample at once.
 
-Given a basis W (n × d) of the last solve (recycle space plus Lanczos vectors), every
-strategy needs only small projected matrices (``Projection``):
+Sample i's basis W_i (n × D, stacked to (B, n, D)) has ``valid`` columns (recycle vectors
+that are not padding, Lanczos vectors of its own iterations); the rest are masked (zeroed,
+so they span nothing).  Every strategy needs only small projected matrices
+(``Projection``):
 
     gram = WᵀW,   G = WᵀHW,   F = (HW)ᵀ(HW),   P = JᵀW  (RGen only)
 
-and returns coefficients Y (d × k); the new recycle space is U = W Y.  All problems are
+and returns coefficients Y (B, D, k); the new recycle space is U = W Y.  All problems are
 first reduced to orthonormal coordinates S (Sᵀ·gram·S = I, rank-revealing), so a nearly
-dependent W can never blow up.
+dependent W can never blow up.  Masked or dropped directions get a value that can never
+be chosen (a separated eigenvalue, an identity block) and are recognised afterwards by
+where their vectors live; every step is a stacked ``eigh``/``qr``/``svd``/``solve`` over
+the batch, and each sample gets min(k, rank W_i) vectors (zero columns pad the rest).
 
 Strategies (config names):
 * ``ritz``          — Ritz vectors: G z = θ gram z; ``which`` by |θ| (small = closest to 0).
 * ``harmonic_ritz`` — harmonic Ritz vectors: F z = θ G z, labelled by the harmonic Ritz
   values θ (small = closest to 0); solved as G z = (1/θ) F z with F positive definite.
 * ``rgen_left``, ``rgen_right``, ``rgen_both`` — Ritz generalised singular vectors from
-  the GSVD of (JᵀW̃, W̃ᵀHW̃) for the orthonormal basis W̃ = WS of range W (the pair
-  (JᵀW, WᵀHW) of the paper when W is orthonormal; this form does not depend on how W is
-  scaled); ``which`` by the generalised singular value σ (large by default); left
-  vectors V_H, right vectors X⁻ᵀ, or their (sign-aligned) mean.
-* ``none`` — no recycling.
+  the GSVD of (JᵀW̃, W̃ᵀHW̃) for the orthonormal basis W̃ = WS of range W; ``which`` by
+  the generalised singular value σ (large by default); left vectors V_H, right vectors
+  X⁻ᵀ, or their (sign-aligned) mean.
 ``which = "mix"`` keeps ⌊k/2⌋ from the small end and k − ⌊k/2⌋ from the large end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
-from framework.krylov.dense import definite_pencil_eig, gsvd, orthonormal_coordinates, symmetrize
+from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, symmetrize
 
 WHICH = ("small", "large", "mix")
-
-
-@dataclass(frozen=True)
-class Projection:
-    """Projected matrices of a basis W: gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW."""
-
-    gram: Any
-    G: Any
-    F: Any
-    P: Any = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.gram.shape[0])
-
-    @classmethod
-    def from_products(cls, W: Any, HW: Any, JW: Any = None) -> Projection:
-        """Form the projected matrices from W, HW (and JᵀW): no operator applications."""
-        xp = array_namespace(W, HW)
-        Wt = xp.matrix_transpose(W)
-        return cls(
-            gram=symmetrize(Wt @ W),
-            G=symmetrize(Wt @ HW),
-            F=symmetrize(xp.matrix_transpose(HW) @ HW),
-            P=JW,
-        )
-
-
-def pick(values: Any, k: int, which: str) -> Any:
-    """Indices of the k entries of ``values`` (ascending order of importance key) for
-    ``which`` ∈ small/large/mix; exactly min(k, len) indices."""
-    xp = array_namespace(values)
-    order = xp.argsort(values)
-    size = int(values.shape[0])
-    k = min(k, size)
-    if which == "small":
-        return order[:k]
-    if which == "large":
-        return order[size - k :]
-    n_small = k // 2
-    n_large = k - n_small
-    return xp.concat([order[:n_small], order[size - n_large :]])
-
-
-def _ritz(proj: Projection, k: int, which: str, S: Any) -> Any:
-    xp = array_namespace(S)
-    St = xp.matrix_transpose(S)
-    theta, Z = xp.linalg.eigh(symmetrize(St @ proj.G @ S))
-    return S @ xp.take(Z, pick(xp.abs(theta), k, which), axis=1)
-
-
-def _harmonic_ritz(proj: Projection, k: int, which: str, S: Any) -> Any:
-    xp = array_namespace(S)
-    St = xp.matrix_transpose(S)
-    # G z = μ F z with F > 0; harmonic Ritz values θ = 1/μ, so |θ| small ⇔ |μ| large.
-    mu, Z = definite_pencil_eig(St @ proj.G @ S, St @ proj.F @ S)
-    return S @ xp.take(Z, pick(-xp.abs(mu), k, which), axis=1)
-
-
-def _normalized(Y: Any) -> Any:
-    xp = array_namespace(Y)
-    return Y / xp.linalg.vector_norm(Y, axis=0)
-
-
-def _rgen(side: str) -> Callable[[Projection, int, str, Any], Any]:
-    def select(proj: Projection, k: int, which: str, S: Any) -> Any:
-        if proj.P is None:
-            raise ValueError(f"strategy 'rgen_{side}' needs Jᵀ products: pass a jac_t operator")
-        xp = array_namespace(S)
-        St = xp.matrix_transpose(S)
-        dec = gsvd(proj.P @ S, symmetrize(St @ proj.G @ S))
-        idx = pick(dec.sigma, k, which)
-        left = _normalized(xp.take(dec.left, idx, axis=1))
-        right = _normalized(xp.take(dec.right, idx, axis=1))
-        if side == "left":
-            Y = left
-        elif side == "right":
-            Y = right
-        else:
-            agree = xp.sum(left * right, axis=0)
-            signs = xp.sign(agree) + xp.astype(agree == 0, agree.dtype)  # ±1, never 0
-            Y = (left + right * signs) / 2
-        return S @ Y
-
-    return select
-
-
-SELECTORS: dict[str, Callable[[Projection, int, str, Any], Any]] = {
-    "ritz": _ritz,
-    "harmonic_ritz": _harmonic_ritz,
-    "rgen_left": _rgen("left"),
-    "rgen_right": _rgen("right"),
-    "rgen_both": _rgen("both"),
-}
 DEFAULT_WHICH = {
     "ritz": "small",
     "harmonic_ritz": "small",
@@ -142,9 +51,9 @@ def needs_jacobian(strategy: str) -> bool:
 
 def check_selection(strategy: str, k: int, which: str | None) -> str:
     """Validate a selection request; returns ``which`` with the strategy's default."""
-    if strategy not in SELECTORS:
+    if strategy not in DEFAULT_WHICH:
         raise ValueError(
-            f"unknown selection strategy {strategy!r}; valid names are {', '.join(SELECTORS)}"
+            f"unknown selection strategy {strategy!r}; valid names are {', '.join(DEFAULT_WHICH)}"
         )
     which = DEFAULT_WHICH[strategy] if which is None else which
     if which not in WHICH:
@@ -154,10 +63,122 @@ def check_selection(strategy: str, k: int, which: str | None) -> str:
     return which
 
 
-def select(
-    proj: Projection, strategy: str, k: int, which: str | None = None, *, rank_tol: float = 1e-12
-) -> Any:
-    """Coefficients Y (d × k') of the chosen vectors, k' = min(k, rank W)."""
+@dataclass(frozen=True)
+class Projection:
+    """Projected matrices of masked bases: gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW,
+    each (B, D, ·) (or unbatched), and the (B, D) mask of valid columns."""
+
+    gram: Any
+    G: Any
+    F: Any
+    P: Any = None
+    valid: Any = None
+
+    @classmethod
+    def from_products(cls, W: Any, HW: Any, JW: Any = None, valid: Any = None) -> Projection:
+        """Form the projected matrices from W, HW (and JᵀW): no operator applications.
+        Columns outside ``valid`` (all valid when None) are zeroed."""
+        xp = array_namespace(W, HW)
+        if valid is None:
+            valid = xp.ones(W.shape[:-2] + W.shape[-1:], dtype=xp.bool, device=device_of(W))
+        m = xp.astype(valid, W.dtype)[..., None, :]
+        W, HW = W * m, HW * m
+        Wt = xp.matrix_transpose(W)
+        return cls(
+            gram=symmetrize(Wt @ W),
+            G=symmetrize(Wt @ HW),
+            F=symmetrize(xp.matrix_transpose(HW) @ HW),
+            P=None if JW is None else JW * m,
+            valid=valid,
+        )
+
+
+def _support(xp: Any, vectors: Any, dead: Any) -> Any:
+    """Mask of the columns of ``vectors`` that live mostly on ``dead`` coordinates."""
+    mass = xp.sum(vectors * vectors, axis=-2)
+    dead_mass = xp.sum(vectors * vectors * xp.astype(dead, vectors.dtype)[..., None], axis=-2)
+    return dead_mass > 0.5 * mass
+
+
+def _separated(xp: Any, A: Any, dead: Any) -> Any:
+    """A with a large multiple of the identity on ``dead`` coordinates (A is zero there):
+    their eigenpairs separate from the others and are recognised by their support."""
+    big = 1.0 + 2.0 * xp.max(xp.abs(A), axis=(-2, -1), keepdims=True)
+    return A + big * diag_embed(xp.astype(dead, A.dtype))
+
+
+def _normalized(xp: Any, Y: Any) -> Any:
+    norms = xp.linalg.vector_norm(Y, axis=-2, keepdims=True)
+    return Y / xp.where(norms > 0, norms, xp.ones_like(norms))
+
+
+def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any, dead: Any,
+                rank_tol: float) -> tuple[Any, Any, Any]:
+    """Candidate vectors in S-coordinates, their sort key (small = first) and the mask
+    of candidates that are padding."""
+    if strategy == "ritz":
+        theta, Z = xp.linalg.eigh(_separated(xp, Gt, dead))
+        return Z, xp.abs(theta), _support(xp, Z, dead)
+    if strategy == "harmonic_ritz":
+        # G z = μ F z with F > 0; harmonic Ritz values θ = 1/μ: |θ| small ⇔ |μ| large
+        T, keep = orthonormal_coordinates(Ft + diag_embed(xp.astype(dead, Ft.dtype)), rank_tol)
+        A = xp.matrix_transpose(T) @ Gt @ T
+        mu, Uv = xp.linalg.eigh(symmetrize(_separated(xp, A, ~keep)))
+        Z = T @ Uv
+        return Z, -xp.abs(mu), _support(xp, Z, dead) | _support(xp, Uv, ~keep)
+    dec = gsvd(Pt, Gt + diag_embed(xp.astype(dead, Gt.dtype)))
+    left, right = _normalized(xp, dec.left), _normalized(xp, dec.right)
+    invalid = _support(xp, right, dead)
+    side = strategy.removeprefix("rgen_")
+    if side == "left":
+        return left, dec.sigma, invalid
+    if side == "right":
+        return right, dec.sigma, invalid
+    agree = xp.sum(left * right, axis=-2)
+    signs = xp.sign(agree) + xp.astype(agree == 0, agree.dtype)  # ±1, never 0
+    return (left + right * signs[..., None, :]) / 2, dec.sigma, invalid
+
+
+def _chosen(xp: Any, key: Any, invalid: Any, k: int, which: str) -> tuple[Any, Any]:
+    """Rank of every candidate in ascending key order among the valid ones, and the mask
+    of the chosen ones (exactly min(k, #valid) per sample)."""
+    inf = xp.asarray(float("inf"), dtype=key.dtype, device=device_of(key))
+    keyed = xp.where(invalid, inf, key)
+    rank = xp.argsort(xp.argsort(keyed, axis=-1, stable=True), axis=-1, stable=True)
+    valid = ~invalid
+    count = xp.sum(xp.astype(valid, rank.dtype), axis=-1, keepdims=True)
+    from_top = count - 1 - rank
+    if which == "small":
+        chosen = rank < k
+    elif which == "large":
+        chosen = from_top < k
+    else:
+        chosen = (rank < k // 2) | (from_top < k - k // 2)
+    return rank, chosen & valid
+
+
+def select(proj: Projection, strategy: str, k: int, which: str | None = None, *,
+           rank_tol: float = 1e-12) -> Any:
+    """Coefficients Y (B, D, k) (or (D, k)) of the chosen vectors in the masked basis; a
+    sample with fewer than k valid directions gets zero columns after its own."""
     which = check_selection(strategy, k, which)
-    S = orthonormal_coordinates(proj.gram, rank_tol)
-    return SELECTORS[strategy](proj, k, which, S)
+    if needs_jacobian(strategy) and proj.P is None:
+        raise ValueError(f"strategy {strategy!r} needs Jᵀ products: pass a jac_t operator")
+    xp = array_namespace(proj.gram)
+    if proj.gram.ndim == 2:
+        batch = Projection(*(None if a is None else a[None, ...] for a in
+                             (proj.gram, proj.G, proj.F, proj.P, proj.valid)))
+        return select(batch, strategy, k, which, rank_tol=rank_tol)[0, ...]
+    S, keep = orthonormal_coordinates(proj.gram, rank_tol)
+    St = xp.matrix_transpose(S)
+    Gt = symmetrize(St @ proj.G @ S)
+    Ft = symmetrize(St @ proj.F @ S)
+    Pt = None if proj.P is None else proj.P @ S
+    Y, key, invalid = _candidates(xp, strategy, Gt, Ft, Pt, ~keep, rank_tol)
+    rank, chosen = _chosen(xp, key, invalid, k, which)
+    big = xp.asarray(Y.shape[-1] + 1, dtype=rank.dtype, device=device_of(rank))
+    slots = xp.argsort(xp.where(chosen, rank, big), axis=-1, stable=True)[:, :k]
+    filled = xp.take_along_axis(chosen, slots, axis=-1)
+    gather = xp.broadcast_to(slots[:, None, :], (Y.shape[0], Y.shape[-1], slots.shape[-1]))
+    Yk = xp.take_along_axis(Y, gather, axis=-1) * xp.astype(filled, Y.dtype)[:, None, :]
+    return S @ Yk

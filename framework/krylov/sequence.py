@@ -12,13 +12,8 @@ from typing import Any
 from backends.counting import Counter, CountingOperator
 from framework.krylov.minres import KrylovResult, rminres
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
-from framework.krylov.recycle_space import RecycleSpace
-from framework.krylov.stopping import (
-    HypergradientErrorEstimator,
-    HypergradientErrorRule,
-    ResidualRule,
-    StopConfig,
-)
+from framework.krylov.recycle_space import RecycleSpace, RowOperator
+from framework.krylov.stopping import HypergradientErrorRule, StopConfig
 
 Operator = Callable[[Any], Any]
 
@@ -40,8 +35,8 @@ class RecycledSolve:
         """Last NSC estimate of the relative hypergradient error ‖Jᵀ(w_k − w*)‖/‖Jᵀw*‖
         (NaN when the NSC rule was not active)."""
         rule = self.rule
-        if isinstance(rule, HypergradientErrorRule) and rule.active and rule.estimates:
-            return rule.estimates[-1]
+        if isinstance(rule, HypergradientErrorRule) and rule.estimates and bool(rule.active[0]):
+            return float(rule.estimates[-1][0])
         return math.nan
 
 
@@ -61,25 +56,8 @@ def recycled_solve(
     stop = stop if stop is not None else StopConfig()
     t0 = time.perf_counter()
     space = recycler.prepare(carry, H, jac_t, like=g)
-    if stop.kind == "hypergradient":
-        if jac_t is None:
-            raise ValueError("the hypergradient stopping rule needs a jac_t operator")
-        estimator = None
-        if space is not None:
-            estimator = HypergradientErrorEstimator.from_space(
-                space.U, space.C, jac_t(space.U), keep=stop.keep
-            )
-        hg_rtol = stop.rtol if stop.hg_rtol is None else stop.hg_rtol
-        rule: Any = HypergradientErrorRule(
-            estimator,
-            g,
-            rtol=hg_rtol,
-            atol=stop.atol,
-            safety=stop.safety,
-            fallback=ResidualRule(stop.rtol, stop.atol),
-        )
-    else:
-        rule = ResidualRule(stop.rtol, stop.atol)
+    rows_jac_t = None if jac_t is None else RowOperator(jac_t, check=False)
+    rule = stop.rule(None if space is None else space.promoted(), rows_jac_t, g[None, :])
     t1 = time.perf_counter()
     result = rminres(
         H,
@@ -88,7 +66,7 @@ def recycled_solve(
         recycle=space,
         stop=rule,
         maxiter=maxiter,
-        harvest=recycler.harvester(jac_t),
+        harvest=recycler.harvester(rows_jac_t),
         true_residual=False,
     )
     new_carry = recycler.carry_after(result, space)

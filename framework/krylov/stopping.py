@@ -1,9 +1,11 @@
-"""Stopping rules for Krylov solves.
+"""Stopping rules for Krylov solves, per sample of a batch.
 
 A rule is called once before the first iteration and after every iteration with an
-:class:`IterationState`; it returns ``True`` to stop.  A rule that sets
-``needs_residual = True`` receives the residual vector, which the solver then keeps by
-recurrence (no extra operator applications).
+:class:`IterationState` of the whole batch and returns a (B,) boolean mask (True: this
+sample stops).  A rule that sets ``needs_residual = True`` receives the residual rows,
+which the solver then keeps by recurrence (no extra operator applications).  A rule
+written for one system (``state.residual_norm`` a float, returning a bool) is used for
+a 1-D right-hand side through ``SingleSampleRule``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
-from framework.krylov.dense import gsvd, orthonormal_coordinates, symmetrize
+from backends.host import to_host
+from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, symmetrize
 
 
 @dataclass(frozen=True)
 class IterationState:
-    """What a stopping rule sees: iteration count, residual-norm estimate (host float),
-    ‖b‖, and the residual vector when the rule asked for it."""
+    """What a stopping rule sees: the iteration, the residual-norm estimates and ‖b‖
+    per sample ((B,) device arrays; floats for a single-system rule), and the residual
+    rows when the rule asked for them."""
 
     iteration: int
-    residual_norm: float
-    b_norm: float
+    residual_norm: Any
+    b_norm: Any
     residual: Any = None
 
 
@@ -32,7 +37,7 @@ class IterationState:
 class StopRule(Protocol):
     needs_residual: bool
 
-    def __call__(self, state: IterationState) -> bool: ...
+    def __call__(self, state: IterationState) -> Any: ...
 
 
 def check_tolerances(rtol: float, atol: float) -> None:
@@ -66,43 +71,122 @@ class ResidualRule:
     def threshold(self, b_norm: float) -> float:
         return max(self.rtol * b_norm, self.atol)
 
-    def __call__(self, state: IterationState) -> bool:
-        return state.residual_norm <= self.threshold(state.b_norm)
+    def __call__(self, state: IterationState) -> Any:
+        if isinstance(state.b_norm, float):
+            return state.residual_norm <= self.threshold(state.b_norm)
+        xp = array_namespace(state.b_norm)
+        limit = xp.maximum(self.rtol * state.b_norm, xp.full_like(state.b_norm, self.atol))
+        return state.residual_norm <= limit
+
+
+class SingleSampleRule:
+    """A rule for one system used on a batch of one."""
+
+    def __init__(self, rule: Any) -> None:
+        self.rule = rule
+        self.needs_residual = bool(getattr(rule, "needs_residual", False))
+
+    def __call__(self, state: IterationState) -> Any:
+        xp = array_namespace(state.b_norm)
+        one = IterationState(
+            state.iteration, float(to_host(state.residual_norm)[0]),
+            float(to_host(state.b_norm)[0]),
+            None if state.residual is None else state.residual[0, :],
+        )
+        return xp.asarray([bool(self.rule(one))])
 
 
 @dataclass(frozen=True)
 class HypergradientErrorEstimator:
-    """The Galerkin estimate of the hypergradient error from a recycle space (U, C = HU):
+    """The Galerkin estimate of the hypergradient error from recycle spaces (U, C = HU),
+    per sample:
 
         Jᵀ(w_k − w*) = −JᵀH⁻¹r_k ≈ −JᵀU (UᵀHU)⁻¹ Uᵀ r_k,
 
-    and with the GSVD JᵀU S = U_J diag(c) X⁻¹…, SᵀUᵀHUS = V_H diag(s) …,
+    and with the GSVD of (JᵀU S, SᵀUᵀHUS) (S orthonormal coordinates of U),
     ‖JᵀU(UᵀHU)⁻¹Uᵀr‖ = ‖M r‖ with M = diag(σ)[sel] V_H[:, sel]ᵀ Sᵀ Uᵀ, σ = c/s.
-    ``M`` is (sel × n); ``sigma`` the generalised singular values kept.
+    ``M`` is (B, sel, n); ``zero_block`` (B,) marks samples whose JᵀU is zero.
     """
 
     M: Any
     sigma: Any
-    zero_block: bool = False
+    zero_block: Any
 
-    def estimate(self, r: Any) -> float:
-        v = self.M @ r
-        return math.sqrt(float(v @ v))
+    def estimate(self, R: Any) -> Any:
+        """‖M_i r_i‖ for the rows r_i of R (B, n): a (B,) array."""
+        xp = array_namespace(R)
+        v = (self.M @ R[..., None])[..., 0]
+        return xp.sqrt(xp.sum(v * v, axis=-1))
 
     @classmethod
     def from_space(
         cls, U: Any, C: Any, JU: Any, *, keep: int | None = None, rank_tol: float = 1e-12
     ) -> HypergradientErrorEstimator:
-        """Build M from U, C = HU and JᵀU (p × k); ``keep`` largest σ (all by default)."""
+        """Build M from U, C = HU (B, n, k) and JᵀU (B, p, k); ``keep`` largest σ (all by
+        default).  Padding (zero) columns of U get σ = 0 and contribute nothing."""
         xp = array_namespace(U, C, JU)
         Ut = xp.matrix_transpose(U)
-        S = orthonormal_coordinates(Ut @ U, rank_tol)
+        S, kept = orthonormal_coordinates(Ut @ U, rank_tol)
         St = xp.matrix_transpose(S)
-        dec = gsvd(JU @ S, symmetrize(St @ (Ut @ C) @ S))
-        sel = dec.sigma.shape[0] if keep is None else min(keep, dec.sigma.shape[0])
-        scaled = xp.matrix_transpose(dec.left[:, :sel]) * dec.sigma[:sel, None]
-        zero = not bool(xp.any(JU != 0))
-        return cls(M=(scaled @ St) @ Ut, sigma=dec.sigma[:sel], zero_block=zero)
+        G = symmetrize(St @ (Ut @ C) @ S) + diag_embed(xp.astype(~kept, U.dtype))
+        dec = gsvd(JU @ S, G)
+        sel = dec.sigma.shape[-1] if keep is None else min(keep, dec.sigma.shape[-1])
+        rows = xp.matrix_transpose(dec.left[..., :sel]) * dec.sigma[..., :sel, None]
+        zero = ~xp.any(xp.reshape(JU != 0, (JU.shape[0], -1)), axis=1)
+        return cls(M=rows @ St @ Ut, sigma=dec.sigma[..., :sel], zero_block=zero)
+
+
+class HypergradientErrorRule:
+    """Stop sample i when safety·‖M_i r_k‖ ≤ max(rtol·‖M_i b_i‖, atol) (the new stopping
+    criterion, NSC).
+
+    ‖M b‖ is the same Galerkin estimate of the hypergradient norm itself, so ``rtol`` is a
+    relative hypergradient error.  Samples whose estimator is zero (no recycle space yet,
+    JᵀU = 0) use ``fallback`` (``active`` is False for them) and ``reason`` says so.
+    ``estimates`` records safety·‖M r_k‖ / ‖M b‖ — the estimated *relative* hypergradient
+    error, a (B,) array — at every check (iteration 0 first).
+    """
+
+    needs_residual = True
+    batch = True
+
+    def __init__(
+        self,
+        estimator: HypergradientErrorEstimator | None,
+        b: Any,
+        *,
+        rtol: float = 1e-3,
+        atol: float = 0.0,
+        safety: float = 1.0,
+        fallback: ResidualRule | None = None,
+    ) -> None:
+        check_tolerances(rtol, atol)
+        if not (math.isfinite(safety) and safety > 0):
+            raise ValueError(f"safety must be a finite number > 0, got {safety!r}")
+        xp = array_namespace(b)
+        self.estimator, self.safety = estimator, safety
+        self.fallback = fallback if fallback is not None else ResidualRule(rtol, atol)
+        self.estimates: list[Any] = []
+        if estimator is None:
+            self.scale = xp.zeros(b.shape[:1], dtype=b.dtype, device=device_of(b))
+            self.active = self.scale > 0
+            self.reason = "no recycle space yet: residual rule used"
+        else:
+            self.scale = estimator.estimate(b)
+            self.active = ~estimator.zero_block & (self.scale > 0)
+            self.reason = "" if bool(xp.all(self.active)) else (
+                "JᵀU (UᵀHU)⁻¹Uᵀ b is zero (kept block is zero): residual rule used")
+        self.threshold = xp.maximum(rtol * self.scale, xp.full_like(self.scale, atol))
+
+    def __call__(self, state: IterationState) -> Any:
+        fallback = self.fallback(state)
+        if self.estimator is None:
+            return fallback
+        xp = array_namespace(state.residual)
+        est = self.safety * self.estimator.estimate(state.residual)
+        self.estimates.append(est / xp.where(self.scale > 0, self.scale,
+                                             xp.ones_like(self.scale)))
+        return xp.where(self.active, est <= self.threshold, fallback)
 
 
 @dataclass(frozen=True)
@@ -128,52 +212,17 @@ class StopConfig:
         if self.hg_rtol is not None:
             check_tolerances(self.hg_rtol, 0.0)
 
-
-class HypergradientErrorRule:
-    """Stop when safety·‖M r_k‖ ≤ max(rtol·‖M b‖, atol) (the new stopping criterion, NSC).
-
-    ‖M b‖ is the same Galerkin estimate of the hypergradient norm itself, so ``rtol`` is a
-    relative hypergradient error.  When the estimator is identically zero (JᵀU = 0, no
-    recycle space yet) the rule falls back to ``fallback`` and says so in ``reason``.
-    ``estimates`` records safety·‖M r_k‖ / ‖M b‖ — the estimated *relative* hypergradient
-    error — at every check (iteration 0 first).
-    """
-
-    needs_residual = True
-
-    def __init__(
-        self,
-        estimator: HypergradientErrorEstimator | None,
-        b: Any,
-        *,
-        rtol: float = 1e-3,
-        atol: float = 0.0,
-        safety: float = 1.0,
-        fallback: ResidualRule | None = None,
-    ) -> None:
-        check_tolerances(rtol, atol)
-        if not (math.isfinite(safety) and safety > 0):
-            raise ValueError(f"safety must be a finite number > 0, got {safety!r}")
-        self.estimator, self.safety = estimator, safety
-        self.fallback = fallback if fallback is not None else ResidualRule(rtol, atol)
-        self.estimates: list[float] = []
-        self.reason = ""
-        scale = estimator.estimate(b) if estimator is not None else 0.0
-        if estimator is None:
-            self.reason = "no recycle space yet: residual rule used"
-        elif estimator.zero_block or not scale > 0.0:
-            self.reason = "JᵀU (UᵀHU)⁻¹Uᵀ b is zero (kept block is zero): residual rule used"
-        self.scale = scale
-        self.threshold = max(rtol * scale, atol)
-
-    @property
-    def active(self) -> bool:
-        """False when the rule fell back to the residual rule."""
-        return not self.reason
-
-    def __call__(self, state: IterationState) -> bool:
-        if not self.active:
-            return self.fallback(state)
-        est = self.safety * self.estimator.estimate(state.residual)
-        self.estimates.append(est / self.scale)
-        return est <= self.threshold
+    def rule(self, space: Any, jac_t: Any, b: Any) -> Any:
+        """The rule for right-hand sides ``b`` (B, n) with recycle space ``space`` (B, n, k)
+        or None; ``jac_t`` maps (B, n, k) → (B, p, k)."""
+        if self.kind == "residual":
+            return ResidualRule(self.rtol, self.atol)
+        if jac_t is None:
+            raise ValueError("the hypergradient stopping rule needs a jac_t operator")
+        estimator = None
+        if space is not None:
+            estimator = HypergradientErrorEstimator.from_space(
+                space.U, space.C, jac_t(space.U), keep=self.keep)
+        return HypergradientErrorRule(
+            estimator, b, rtol=self.rtol if self.hg_rtol is None else self.hg_rtol,
+            atol=self.atol, safety=self.safety, fallback=ResidualRule(self.rtol, self.atol))
