@@ -33,8 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from backends import get_backend, tune_cpu_allocator
-from framework.lowerlevel import lbfgs
-from framework.lowerlevel_batched import lbfgs_batched
+from framework.optim import lbfgs
 from problems.batched import BatchedImagingProblem
 from problems.datasets import load_embedded_mnist
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
@@ -152,23 +151,24 @@ def main() -> None:
 
     batched_runs = []
     sequential_runs = []
-    t_lb = timed(lambda: batched_runs.append(lbfgs_batched(
+    t_lb = timed(lambda: batched_runs.append(lbfgs(
         fun, grad, X, gtol=args.gtol, rows_value_and_grad=rows_value_and_grad)), 1)
     t_ls = timed(lambda: sequential_runs.append([solve_one(i) for i in range(B)]), 1)
     rb, rs = batched_runs[-1], sequential_runs[-1]
     its_s = [r.iterations for r in rs]
-    Xb = be.to_numpy(rb.X)
+    Xb = be.to_numpy(rb.x)
     diff = max(
         np.linalg.norm(Xb[i] - be.to_numpy(r.x)) / np.linalg.norm(be.to_numpy(r.x))
         for i, r in enumerate(rs)
     )
     evals_s = sum(r.f_evals for r in rs)
     print(f"\nL-BFGS, {B} lower-level problems from y, gtol={args.gtol} (ms per solve of all {B}):")
-    print(f"  {B} sequential lbfgs            {t_ls:9.1f}   iterations "
+    print(f"  {B} sequential lbfgs on (n,)     {t_ls:9.1f}   iterations "
           f"{min(its_s)}..{max(its_s)}, f/grad evaluations {evals_s}")
-    print(f"  lbfgs_batched                   {t_lb:9.1f}   (×{t_ls / t_lb:.2f})   iterations "
-          f"{min(rb.iterations)}..{max(rb.iterations)}, batched f/grad calls {rb.f_evals}, "
-          f"per-sample evaluations {sum(rb.sample_f_evals)}")
+    print(f"  lbfgs on (B, n)                 {t_lb:9.1f}   (×{t_ls / t_lb:.2f})   iterations "
+          f"{min(rb.iterations)}..{max(rb.iterations)}, batched f/grad calls "
+          f"{rb.evaluation_rounds}, "
+          f"per-sample evaluations {sum(rb.f_evals)}")
     print(f"  all converged: batched {rb.all_converged}, sequential "
           f"{all(r.converged for r in rs)}; max relative difference of solutions {diff:.2e}")
 

@@ -29,7 +29,7 @@ from framework.krylov.batched import rminres_batched
 from framework.krylov.batched_recycle import BatchedCarry, BatchedRecycler
 from framework.krylov.batched_stopping import BatchedHypergradientRule
 from framework.krylov.recycle import RecycleCarry
-from framework.lowerlevel_batched import lbfgs_batched
+from framework.optim import lbfgs
 from problems.batched import BatchedImagingProblem
 from problems.imaging import ImagingProblem
 
@@ -116,7 +116,7 @@ class BatchedBilevelEngine(BilevelEngine):
         guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
         X0 = self._stack(xp, "x", indices, guess) if cfg.warm_start else None
         X0 = guess if X0 is None else X0
-        lower = lbfgs_batched(
+        lower = lbfgs(
             lambda X: batch.lower_objective(X, theta),
             lambda X: batch.lower_grad(X, theta),
             X0,
@@ -127,7 +127,7 @@ class BatchedBilevelEngine(BilevelEngine):
             rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
                 X, theta),
         )
-        X = lower.X
+        X = lower.x
         t1 = time.perf_counter()
         after_lower = self.counter.snapshot()
         lin = batch.linearize(X, theta)
@@ -204,8 +204,7 @@ class BatchedBilevelEngine(BilevelEngine):
                 jac_t=1 + selection_jt,
                 jac_t_passes=1 + (1 if selection_jt else 0),
             )
-            lower_counts = Counts(f_evals=lower.sample_f_evals[j],
-                                  grad_evals=lower.sample_f_evals[j])
+            lower_counts = Counts(f_evals=lower.f_evals[j], grad_evals=lower.grad_evals[j])
             records.append(SampleRecord(
                 upper_loss=float(loss_h[j]),
                 lower_iterations=lower.iterations[j],

@@ -14,7 +14,7 @@ from problems.imaging import ImagingProblem
 from problems.linearization import linearize
 from problems.operators import GaussianBlur, Identity, Inpainting, add_relative_noise
 from problems.quadratic import QuadraticProblem
-from problems.tv import TotalVariation, best_tv_weight
+from problems.tv import TotalVariation
 
 __all__ = [
     "BatchedImagingProblem",
@@ -27,7 +27,6 @@ __all__ = [
     "QuadraticProblem",
     "TotalVariation",
     "add_relative_noise",
-    "best_tv_weight",
     "dct_filters",
     "gaussian_filters",
     "linearize",
