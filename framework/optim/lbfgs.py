@@ -28,7 +28,7 @@ import numpy as np
 
 from framework.optim.line_search import search_rows
 from framework.optim.memory import LBFGSMemory
-from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, rowdot
+from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
 
 T = TypeVar("T")
 PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
@@ -96,13 +96,11 @@ class _Samples:
 
     def __init__(self, F: np.ndarray) -> None:
         bsz = len(F)
+        self.running = np.ones(bsz, dtype=bool)
         self.status: list[LBFGSStatus | None] = [None] * bsz
         self.message = [""] * bsz
         self.iterations = np.zeros(bsz, dtype=np.int64)
         self.history = [[float(f)] for f in F]
-
-    def running(self) -> np.ndarray:
-        return np.array([s is None for s in self.status])
 
     def stop(
         self, which: np.ndarray, status: LBFGSStatus, k: int, message: str,
@@ -110,12 +108,12 @@ class _Samples:
     ) -> None:
         """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
         with the sample's k, f, g (‖∇f‖) and tol."""
-        for i in np.flatnonzero(which & self.running()):
-            self.status[i], self.iterations[i] = status, k
+        for i in (which & self.running).nonzero()[0].tolist():
+            self.status[i], self.iterations[i], self.running[i] = status, k, False
             self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=tol[i])
 
     def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
-        for i in np.flatnonzero(accepted):
+        for i in accepted.nonzero()[0].tolist():
             self.history[i].append(float(F[i]))
 
 
@@ -174,28 +172,28 @@ def lbfgs(
 
     def steepest_descent(which: np.ndarray, P: Any, slope: np.ndarray) -> tuple[Any, Any]:
         mem.forget(which)
-        return ev.select(which, -G, P), np.where(which, -gnorm * gnorm, slope)
+        return ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope)
 
+    search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
     for k in range(maxiter):
         stop_converged(k)
-        iterating = log.running()
-        if not iterating.any():
+        iterating = log.running.copy()
+        if not np.count_nonzero(iterating):
             break
         P = mem.direction(G, iterating)
         slope = ev.host(rowdot(xp, G, P))
         not_descent = iterating & ~(slope < 0)
-        if not_descent.any():
+        if np.count_nonzero(not_descent):
             P, slope = steepest_descent(not_descent, P, slope)
         first_step = np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
-        search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
+        remembers = mem.count > 0
         ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope,
-                                     np.where(mem.count > 0, 1.0, first_step), iterating,
-                                     **search)
-        retry = iterating & ~ok & (mem.count > 0)
-        if retry.any():  # drop the memory and try steepest descent once
+                                     choose(remembers, 1.0, first_step), iterating, **search)
+        retry = iterating & ~ok & remembers
+        if np.count_nonzero(retry):  # drop the memory and try steepest descent once
             P, slope = steepest_descent(retry, P, slope)
             ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, first_step, retry, **search)
-            Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), np.where(ok2, Fr, Fn)
+            Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), choose(ok2, Fr, Fn)
             ok = ok | ok2
         log.stop(iterating & ~ok, LBFGSStatus.LINESEARCH_FAILED, k,
                  "line search found no step with sufficient decrease at iteration {k} "
@@ -203,22 +201,22 @@ def lbfgs(
         S, Ydiff = Xn - X, Gn - G
         sy_dev = rowdot(xp, S, Ydiff)
         X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
-        sy, gg = ev.host(xp.stack([sy_dev, rowdot(xp, G, G)]))  # one transfer
+        sy, gg = ev.host(xp.concat([sy_dev, rowdot(xp, G, G)])).reshape(2, -1)  # one transfer
         push = ok & (sy > 0)
-        if push.any():
+        if np.count_nonzero(push):
             rho = 1.0 / ev.select(push, sy_dev, xp.ones_like(sy_dev))
             mem.push(push, S, Ydiff, rho, stopped=~iterating)
-        F = np.where(ok, Fn, F)
-        gnorm = np.where(ok, np.sqrt(gg), gnorm)
+        F = choose(ok, Fn, F)
+        gnorm = choose(ok, np.sqrt(gg), gnorm)
         log.record(ok, F)
-        if callback is not None and ok.any():
+        if callback is not None and np.count_nonzero(ok):
             if single:
                 callback(k + 1, X[0, :], float(F[0]), float(gnorm[0]))
             else:
                 callback(k + 1, X, F.copy(), gnorm.copy())
     else:
         stop_converged(maxiter)
-    log.stop(log.running(), LBFGSStatus.MAXITER, maxiter,
+    log.stop(log.running, LBFGSStatus.MAXITER, maxiter,
              "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
     result = LBFGSResult(
         x=X,

@@ -125,12 +125,12 @@ def search_rows(
     """
     bsz = len(F)
     searches: dict[int, WolfeSearch] = {}
-    alpha = np.zeros(bsz)
-    for i in np.flatnonzero(searching):
+    alpha = [0.0] * bsz
+    for i in searching.nonzero()[0].tolist():
         search = strong_wolfe_search(
             float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials
         )
-        searches[int(i)] = search
+        searches[i] = search
         _, alpha[i] = next(search)
     accepted = np.zeros(bsz, dtype=bool)
     Xa, Ga, Fa = X, G, F.copy()  # accepted trials
@@ -138,29 +138,31 @@ def search_rows(
     while searches:
         pending = np.zeros(bsz, dtype=bool)
         pending[list(searches)] = True
-        Xt = X + ev.column(np.where(pending, alpha, 0.0), X.dtype) * P
+        Xt = ev.step(X, [a if pending[i] else 0.0 for i, a in enumerate(alpha)], P)
         Ft, Gt, st = ev.evaluate(Xt, pending, P)
-        keep = np.zeros(bsz, dtype=bool)
-        take_last = np.zeros(bsz, dtype=bool)
-        take_kept = np.zeros(bsz, dtype=bool)
+        keep, take_last, take_kept = [], [], []
         for i in list(searches):
             fi = float(Ft[i])
             si = float(st[i]) if math.isfinite(fi) else math.nan
             try:
-                keep[i], alpha[i] = searches[i].send((fi, si))
+                kept, alpha[i] = searches[i].send((fi, si))
+                if kept:
+                    keep.append(i)
             except StopIteration as stop:
                 outcome = stop.value[0]
                 del searches[i]
-                take_last[i] = outcome == "last"
-                take_kept[i] = outcome == "kept"
-        if take_kept.any():
-            Xa, Ga = ev.select(take_kept, Xk, Xa), ev.select(take_kept, Gk, Ga)
-            Fa = np.where(take_kept, Fk, Fa)
-        if take_last.any():
-            Xa, Ga = ev.select(take_last, Xt, Xa), ev.select(take_last, Gt, Ga)
-            Fa = np.where(take_last, Ft, Fa)
-        if keep.any():
-            Xk, Gk = ev.select(keep, Xt, Xk), ev.select(keep, Gt, Gk)
-            Fk = np.where(keep, Ft, Fk)
-        accepted |= take_last | take_kept
+                if outcome == "last":
+                    take_last.append(i)
+                elif outcome == "kept":
+                    take_kept.append(i)
+        if take_kept:
+            Xa, Ga = ev.select_rows(take_kept, Xk, Xa), ev.select_rows(take_kept, Gk, Ga)
+            Fa[take_kept] = Fk[take_kept]
+        if take_last:
+            Xa, Ga = ev.select_rows(take_last, Xt, Xa), ev.select_rows(take_last, Gt, Ga)
+            Fa[take_last] = Ft[take_last]
+        if keep:
+            Xk, Gk = ev.select_rows(keep, Xt, Xk), ev.select_rows(keep, Gt, Gk)
+            Fk[keep] = Ft[keep]
+        accepted[take_last + take_kept] = True
     return accepted, Xa, Ga, Fa

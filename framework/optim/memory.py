@@ -4,7 +4,7 @@ Slot a holds the a-th newest pair (s, y, ρ = 1/sᵀy) of every sample as rows o
 arrays and a (B,) array; ρ = 0 marks an empty slot, which the recursion passes through
 unchanged.  The recursion runs over as many slots as the fullest memory among the
 samples still iterating, so a sample's arithmetic is the same alone as in a batch, and a
-single sample does exactly the work of its own memory.
+single sample does exactly the work (and the arithmetic) of a memory kept as a list.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from framework.optim.rows import RowEvaluator, rowdot
 
 
 class LBFGSMemory:
-    """At most ``size`` pairs per sample, newest first; ``count[i]`` pairs of sample i."""
+    """At most ``size`` pairs per sample, newest first; ``count[i]`` pairs of sample i.
+    A sample with pairs has ρ ≠ 0 in its newest slot."""
 
     def __init__(self, ev: RowEvaluator, X: Any, size: int) -> None:
         self.ev, self.xp = ev, ev.xp
@@ -32,23 +33,23 @@ class LBFGSMemory:
 
         ``stopped`` marks samples whose memory is never read again: when every other
         sample pushes, the slots rotate without copies and the stopped rows get an empty
-        newest slot (ρ = 0) instead of keeping theirs.
+        memory (newest slot ρ = 0, count 0) instead of keeping theirs.
         """
-        xp, size = self.xp, len(self.S)
-        if np.all(mask | stopped):
+        xp, select, size = self.xp, self.ev.select, len(self.S)
+        if np.count_nonzero(mask | stopped) == len(mask):
             self.S = [s, *self.S[:-1]]
             self.Y = [y, *self.Y[:-1]]
-            self.rho = [self.ev.select(mask, rho, xp.zeros_like(rho)), *self.rho[:-1]]
-        else:
-            select = self.ev.select
-            # slots at or beyond a sample's count are empty: shift only the used ones
-            for a in range(min(int(self.count[mask].max()) + 1, size) - 1, 0, -1):
-                self.S[a] = select(mask, self.S[a - 1], self.S[a])
-                self.Y[a] = select(mask, self.Y[a - 1], self.Y[a])
-                self.rho[a] = select(mask, self.rho[a - 1], self.rho[a])
-            self.S[0] = select(mask, s, self.S[0])
-            self.Y[0] = select(mask, y, self.Y[0])
-            self.rho[0] = select(mask, rho, self.rho[0])
+            self.rho = [select(mask, rho, xp.zeros_like(rho)), *self.rho[:-1]]
+            self.count = np.where(mask, np.minimum(self.count + 1, size), 0)
+            return
+        # slots at or beyond a sample's count are empty: shift only the used ones
+        for a in range(min(int(self.count[mask].max()) + 1, size) - 1, 0, -1):
+            self.S[a] = select(mask, self.S[a - 1], self.S[a])
+            self.Y[a] = select(mask, self.Y[a - 1], self.Y[a])
+            self.rho[a] = select(mask, self.rho[a - 1], self.rho[a])
+        self.S[0] = select(mask, s, self.S[0])
+        self.Y[0] = select(mask, y, self.Y[0])
+        self.rho[0] = select(mask, rho, self.rho[0])
         self.count = np.where(mask, np.minimum(self.count + 1, size), self.count)
 
     def forget(self, mask: np.ndarray) -> None:
@@ -63,7 +64,7 @@ class LBFGSMemory:
         sample's newest pair (the identity without pairs); rows of samples not
         ``iterating`` are not meaningful."""
         xp = self.xp
-        used = int(self.count[iterating].max()) if iterating.any() else 0
+        used = int(self.count[iterating].max()) if np.count_nonzero(iterating) else 0
         q = G
         alphas = []
         for s, y, rho in zip(self.S[:used], self.Y[:used], self.rho[:used], strict=True):
@@ -71,14 +72,14 @@ class LBFGSMemory:
             alphas.append(a)
             q = q - a[:, None] * y
         if used:
-            rho0 = self.rho[0]
-            gamma_inv = xp.where(rho0 != 0, rho0 * rowdot(xp, self.Y[0], self.Y[0]),
-                                 xp.ones_like(rho0))
-            q = (1.0 / gamma_inv)[:, None] * q
-        for s, y, rho, a in zip(
-            reversed(self.S[:used]), reversed(self.Y[:used]), reversed(self.rho[:used]),
-            reversed(alphas), strict=True,
-        ):
+            rho0, yy = self.rho[0], rowdot(xp, self.Y[0], self.Y[0])
+            if np.count_nonzero(self.count) < len(self.count):  # some rows have no pairs
+                empty = rho0 == 0
+                rho0 = xp.where(empty, xp.ones_like(rho0), rho0)
+                yy = xp.where(empty, xp.ones_like(yy), yy)
+            q = (1.0 / (rho0 * yy))[:, None] * q
+        for s, y, rho, a in zip(reversed(self.S[:used]), reversed(self.Y[:used]),
+                                reversed(self.rho[:used]), reversed(alphas), strict=True):
             b = rho * rowdot(xp, y, q)
             q = q + (a - b)[:, None] * s
         return -q

@@ -29,6 +29,17 @@ def rowdot(xp: Any, a: Any, b: Any) -> Any:
     return xp.linalg.vecdot(a, b, axis=-1)
 
 
+def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
+    """Host (B,) values: ``new`` where ``mask`` holds, else ``old`` (``np.where`` without
+    its cost when the mask is uniform)."""
+    count = np.count_nonzero(mask)
+    if count == len(mask):
+        return np.full(mask.shape, new) if np.ndim(new) == 0 else new
+    if count == 0:
+        return old
+    return np.where(mask, new, old)
+
+
 class RowEvaluator:
     """Evaluations of f and ∇f at the rows of X and the host transfers of an L-BFGS batch.
 
@@ -68,16 +79,29 @@ class RowEvaluator:
         """Rows of ``new`` ((B,) or (B, n)) where the host (B,) ``mask`` holds, else rows
         of ``old``; no device work when the mask is all true or all false (always so for
         B = 1)."""
-        if mask.all():
+        count = np.count_nonzero(mask)
+        if count == self.bsz:
             return new
-        if not mask.any():
+        if count == 0:
             return old
         rows = mask.reshape(mask.shape + (1,) * (new.ndim - 1))
         return self.xp.where(self.xp.asarray(rows, device=self.device), new, old)
 
-    def column(self, values: np.ndarray, dtype: Any) -> Any:
-        """Host (B,) values as a (B, 1) device column (to scale rows)."""
-        return self.xp.asarray(values[:, None], dtype=dtype, device=self.device)
+    def select_rows(self, rows: list[int], new: Any, old: Any) -> Any:
+        """``select`` for the samples ``rows`` (host indices)."""
+        if len(rows) == self.bsz:
+            return new
+        mask = np.zeros(self.bsz, dtype=bool)
+        mask[rows] = True
+        return self.select(mask, new, old)
+
+    def step(self, X: Any, alpha: list[float], P: Any) -> Any:
+        """X + diag(α) P for the host steps α (B,); a scalar multiply when all are equal
+        (the same products)."""
+        if min(alpha) == max(alpha):
+            return X + alpha[0] * P
+        column = self.xp.asarray(np.array(alpha)[:, None], dtype=X.dtype, device=self.device)
+        return X + column * P
 
     def evaluate(
         self, X: Any, rows: np.ndarray, D: Any = None
@@ -88,7 +112,7 @@ class RowEvaluator:
         self.evaluations += 1
         self.sample_evaluations += rows
         if self.rows_value_and_grad is not None:
-            return self._evaluate_subset(X, np.flatnonzero(rows), D)
+            return self._evaluate_subset(X, rows.nonzero()[0], D)
         F, G = self.value_and_grad(X)
         both = self._values_and_dots(F, G, G if D is None else D)
         return both[0], G, both[1]
@@ -96,7 +120,8 @@ class RowEvaluator:
     def _values_and_dots(self, F: Any, G: Any, D: Any) -> np.ndarray:
         """(2, r) host array [f; ∇fᵀd]: one transfer."""
         xp = self.xp
-        return self.host(xp.stack([xp.astype(F, G.dtype), rowdot(xp, G, D)]))
+        both = self.host(xp.concat([xp.astype(F, G.dtype, copy=False), rowdot(xp, G, D)]))
+        return both.reshape(2, -1)
 
     def _evaluate_subset(
         self, X: Any, rows: np.ndarray, D: Any
@@ -126,7 +151,8 @@ def _on_row_zero(xp: Any, value_and_grad: ValueAndGrad) -> ValueAndGrad:
 
     def on_rows(X: Any) -> tuple[Any, Any]:
         f, g = value_and_grad(X[0, :])
-        f = xp.asarray(f, dtype=g.dtype, device=array_api_compat.device(g))
-        return xp.reshape(f, (1,)), xp.reshape(g, (1, g.shape[0]))
+        if not array_api_compat.is_array_api_obj(f):  # a Python number
+            f = xp.asarray(f, dtype=g.dtype, device=array_api_compat.device(g))
+        return f[None], g[None, :]
 
     return on_rows
