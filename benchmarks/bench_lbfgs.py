@@ -105,13 +105,16 @@ def batch_solver(solver: Callable[..., Any], batch: BatchedImagingProblem, theta
     return solve
 
 
-def best_of(solve: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, result = float("inf"), None
+def best_of(solve: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """(best wall time, best CPU time of this process, in ms; the last result)."""
+    wall = cpu = float("inf")
+    result = None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = solve()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3, result
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return wall * 1e3, cpu * 1e3, result
 
 
 def counts(result: Any, code: str, case: str) -> tuple[int, int, int, bool]:
@@ -147,8 +150,12 @@ def main() -> None:
           f"new = framework.optim.lbfgs")
     print(f"timing: {args.rounds} rounds alternating old/new in this process, best of "
           f"{args.repeats} solves each, best over rounds")
-    print(f"\n{'case':>10} {'gtol':>7} {'code':>4} {'iterations':>10} {'rounds':>6} "
-          f"{'evals':>6} {'conv':>5} {'ms/solve':>9} {'ms/iter':>8} {'new/old per iter':>17}")
+    print("columns: iterations (slowest sample), evaluation rounds, sample evaluations, "
+          "converged, wall and CPU ms per solve, CPU ms per iteration, new/old per iteration "
+          "(wall, CPU)")
+    print(f"\n{'case':>6} {'gtol':>6} {'code':>4} {'its':>4} {'rounds':>6} {'evals':>5} "
+          f"{'conv':>5} {'wall':>8} {'cpu':>8} {'cpu/it':>7} {'new/old wall':>12} "
+          f"{'new/old cpu':>11}")
     for case in ("single", "batch"):
         for gtol in args.gtol:
             if case == "single":
@@ -157,21 +164,25 @@ def main() -> None:
             else:
                 solvers = {"old": batch_solver(old_lbfgs_batched, batch, theta, gtol),
                            "new": batch_solver(lbfgs, batch, theta, gtol)}
-            best = {"old": float("inf"), "new": float("inf")}
+            wall = {"old": float("inf"), "new": float("inf")}
+            cpu = dict(wall)
             results: dict[str, Any] = {}
             for _ in range(args.rounds):
                 for code, solve in solvers.items():
-                    ms, results[code] = best_of(solve, args.repeats)
-                    best[code] = min(best[code], ms)
-            per_iteration = {}
-            label = "B = 1" if case == "single" else f"B = {args.batch}"
+                    w, c, results[code] = best_of(solve, args.repeats)
+                    wall[code], cpu[code] = min(wall[code], w), min(cpu[code], c)
+            its = {code: counts(results[code], code, case)[0] for code in wall}
+            label = "B=1" if case == "single" else f"B={args.batch}"
             for code in ("old", "new"):
-                its, rounds, evals, conv = counts(results[code], code, case)
-                per_iteration[code] = best[code] / its
-                ratio = (f"{per_iteration['new'] / per_iteration['old']:17.3f}"
-                         if code == "new" else "")
-                print(f"{label:>10} {gtol:7.0e} {code:>4} {its:10d} {rounds:6d} {evals:6d} "
-                      f"{conv!s:>5} {best[code]:9.2f} {per_iteration[code]:8.3f} {ratio}")
+                _, rounds, evals, conv = counts(results[code], code, case)
+                ratios = ""
+                if code == "new":  # per iteration
+                    r_wall = (wall["new"] / its["new"]) / (wall["old"] / its["old"])
+                    r_cpu = (cpu["new"] / its["new"]) / (cpu["old"] / its["old"])
+                    ratios = f"{r_wall:12.3f} {r_cpu:11.3f}"
+                print(f"{label:>6} {gtol:6.0e} {code:>4} {its[code]:4d} {rounds:6d} {evals:5d} "
+                      f"{conv!s:>5} {wall[code]:8.2f} {cpu[code]:8.2f} "
+                      f"{cpu[code] / its[code]:7.3f} {ratios}")
 
 
 if __name__ == "__main__":

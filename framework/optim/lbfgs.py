@@ -108,6 +108,8 @@ class _Samples:
     ) -> None:
         """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
         with the sample's k, f, g (‖∇f‖) and tol."""
+        if not np.count_nonzero(which):
+            return
         for i in (which & self.running).nonzero()[0].tolist():
             self.status[i], self.iterations[i], self.running[i] = status, k, False
             self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=tol[i])
@@ -182,17 +184,17 @@ def lbfgs(
             break
         P = mem.direction(G, iterating)
         slope = ev.host(rowdot(xp, G, P))
-        not_descent = iterating & ~(slope < 0)
-        if np.count_nonzero(not_descent):
-            P, slope = steepest_descent(not_descent, P, slope)
-        first_step = np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
+        if np.count_nonzero(slope < 0) < bsz:  # not a descent direction: steepest descent
+            P, slope = steepest_descent(iterating & ~(slope < 0), P, slope)
         remembers = mem.count > 0
-        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope,
-                                     choose(remembers, 1.0, first_step), iterating, **search)
+        alpha0 = (np.ones(bsz) if np.count_nonzero(remembers) == bsz
+                  else choose(remembers, 1.0, first_step(gnorm)))
+        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha0, iterating, **search)
         retry = iterating & ~ok & remembers
         if np.count_nonzero(retry):  # drop the memory and try steepest descent once
             P, slope = steepest_descent(retry, P, slope)
-            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, first_step, retry, **search)
+            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, first_step(gnorm), retry,
+                                          **search)
             Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), choose(ok2, Fr, Fn)
             ok = ok | ok2
         log.stop(iterating & ~ok, LBFGSStatus.LINESEARCH_FAILED, k,
@@ -203,7 +205,9 @@ def lbfgs(
         X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
         sy, gg = ev.host(xp.concat([sy_dev, rowdot(xp, G, G)])).reshape(2, -1)  # one transfer
         push = ok & (sy > 0)
-        if np.count_nonzero(push):
+        if np.count_nonzero(push) == bsz:
+            mem.push(push, S, Ydiff, 1.0 / sy_dev, stopped=~iterating)
+        elif np.count_nonzero(push):
             rho = 1.0 / ev.select(push, sy_dev, xp.ones_like(sy_dev))
             mem.push(push, S, Ydiff, rho, stopped=~iterating)
         F = choose(ok, Fn, F)
@@ -231,6 +235,11 @@ def lbfgs(
         host_reads=ev.host_reads,
     )
     return _unwrapped(result) if single else result
+
+
+def first_step(gnorm: np.ndarray) -> np.ndarray:
+    """The first trial step without a memory: min(1, 1/‖∇f‖)."""
+    return np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
 
 
 def _unwrapped(result: LBFGSResult) -> LBFGSResult:

@@ -120,7 +120,8 @@ class RowEvaluator:
     def _values_and_dots(self, F: Any, G: Any, D: Any) -> np.ndarray:
         """(2, r) host array [f; ∇fᵀd]: one transfer."""
         xp = self.xp
-        both = self.host(xp.concat([xp.astype(F, G.dtype, copy=False), rowdot(xp, G, D)]))
+        F = F if F.dtype == G.dtype else xp.astype(F, G.dtype)
+        both = self.host(xp.concat([F, rowdot(xp, G, D)]))
         return both.reshape(2, -1)
 
     def _evaluate_subset(
