@@ -32,7 +32,7 @@ from framework.batched_engine import BatchedBilevelEngine
 from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
-from framework.outer import Adam
+from framework.optim import Adam
 from problems import (
     FieldsOfExperts,
     GaussianBlur,

@@ -26,7 +26,7 @@ from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
-from framework.outer import Adam
+from framework.optim import Adam
 from framework.recording import record_training
 from problems import FieldsOfExperts, ImagingProblem, Inpainting, dct_filters, load_embedded_mnist
 from problems.foe import initial_theta

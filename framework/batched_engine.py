@@ -26,7 +26,7 @@ from framework.engine import BilevelEngine, EngineConfig, StepResult
 from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import ORACLES, RecycleCarry, stack_carries
-from framework.lowerlevel_batched import lbfgs_batched
+from framework.optim import lbfgs
 
 
 def batching_unsupported(problems: Sequence[Any], config: EngineConfig) -> str:
@@ -119,7 +119,7 @@ class BatchedBilevelEngine(BilevelEngine):
         guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
         X0 = self._stack(xp, "x", indices, guess) if cfg.warm_start else None
         X0 = guess if X0 is None else X0
-        lower = lbfgs_batched(
+        lower = lbfgs(
             lambda X: batch.lower_objective(X, theta),
             lambda X: batch.lower_grad(X, theta),
             X0,
@@ -130,7 +130,7 @@ class BatchedBilevelEngine(BilevelEngine):
             rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
                 X, theta),
         )
-        X = lower.X
+        X = lower.x
         t1 = time.perf_counter()
         after_lower = self.counter.snapshot()
         lin = batch.linearize(X, theta)
@@ -206,8 +206,7 @@ class BatchedBilevelEngine(BilevelEngine):
                 jac_t=1 + selection_jt,
                 jac_t_passes=1 + (1 if selection_jt else 0),
             )
-            lower_counts = Counts(f_evals=lower.sample_f_evals[j],
-                                  grad_evals=lower.sample_f_evals[j])
+            lower_counts = Counts(f_evals=lower.f_evals[j], grad_evals=lower.grad_evals[j])
             records.append(SampleRecord(
                 upper_loss=float(loss_h[j]),
                 lower_iterations=lower.iterations[j],

@@ -10,14 +10,15 @@ reconstructions per image:
 * the measurement y itself (when it is an image of the same size);
 * the learned regulariser: L-BFGS on the lower problem at θ (from ``evaluate.theta_path``);
 * Huber-TV with one weight chosen by grid search (``evaluate.tv_grid``, log10 weights) for
-  the best mean PSNR on the first training images (``problems.tv.best_tv_weight`` per
-  image), and, as an optimistic bound, the best weight per held-out image ("TV oracle").
+  the best mean PSNR on the first training images (``best_tv_weight`` per image), and, as
+  an optimistic bound, the best weight per held-out image ("TV oracle").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from framework.config import Config, ConfigError
+from framework.optim import lbfgs
+from problems.base import psnr
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,6 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
 
 
 def _reconstruct(problem: Any, theta: Any, lower: Any) -> Any:
-    from framework.lowerlevel import lbfgs
-
     x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else problem.xp.zeros_like(
         problem.x_true
     )
@@ -111,14 +112,57 @@ def _reconstruct(problem: Any, theta: Any, lower: Any) -> Any:
     ).x
 
 
+@dataclass(frozen=True)
+class TVWeightSearch:
+    """Result of ``best_tv_weight``: the best log10 weight and the PSNR of each grid point."""
+
+    best_theta: float
+    best_psnr: float
+    grid: tuple[float, ...]
+    psnrs: tuple[float, ...]
+
+
+def best_tv_weight(
+    problem_factory: Callable[[], Any],
+    grid: Sequence[float],
+    *,
+    gtol: float = 1e-6,
+    maxiter: int = 500,
+) -> TVWeightSearch:
+    """Grid search over θ = log10(TV weight): solve the lower level (L-BFGS from the data y,
+    or from zeros if y has another shape) for each θ and keep the one with the best PSNR
+    against ``x_true``.  ``problem_factory()`` returns an ``ImagingProblem`` with a TV
+    regulariser (called once)."""
+    if len(grid) == 0:
+        raise ValueError("grid must contain at least one log10 weight")
+    problem = problem_factory()
+    xp, dev, dtype = problem.xp, problem.device, problem.dtype
+    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else xp.zeros(
+        (problem.n,), dtype=dtype, device=dev
+    )
+    psnrs = []
+    for value in grid:
+        theta = xp.asarray([float(value)], dtype=dtype, device=dev)
+        result = lbfgs(
+            lambda x, th=theta: problem.lower_objective(x, th),
+            lambda x, th=theta: problem.lower_grad(x, th),
+            x0,
+            gtol=gtol,
+            maxiter=maxiter,
+        )
+        psnrs.append(psnr(result.x, problem.x_true))
+    best = int(np.argmax(psnrs))
+    return TVWeightSearch(
+        float(grid[best]), psnrs[best], tuple(float(g) for g in grid), tuple(psnrs)
+    )
+
+
 def run_evaluation(
     c: Config, prepared: PreparedEvaluation, out: Path, tracker: Any, say: Any
 ) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
     from backends import get_backend
-    from problems.base import psnr
     from problems.factory import build_problems
-    from problems.tv import best_tv_weight
 
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     lower = c.solver.lower

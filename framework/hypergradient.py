@@ -21,7 +21,7 @@ from framework.krylov.minres import rminres
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
 from framework.krylov.sequence import recycled_solve
 from framework.krylov.stopping import StopConfig
-from framework.lowerlevel import lbfgs
+from framework.optim import lbfgs
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from framework.optim import lbfgs
 from framework.recording import RecordedSequence
 
 CONFIG_VERSION = 1
@@ -47,8 +48,6 @@ class SequenceRecorder:
     def capture(self, engine: Any, theta: Any, indices: Sequence[int], backend: Any) -> None:
         """Record θ (the point the step was evaluated at) and x(θ) of every recorded
         sample; call right after ``engine.evaluate(theta, indices)``."""
-        from framework.lowerlevel import lbfgs
-
         batch = set(int(i) for i in indices)
         row = []
         for pos, i in enumerate(self.samples):

@@ -28,7 +28,7 @@ from backends import get_backend, tune_cpu_allocator
 from backends.threads import choose_num_threads, limited_threads
 from framework import checkpoint, plots
 from framework.config import Config, ConfigError, flatten, to_yaml, validate
-from framework.outer import make_optimizer
+from framework.optim import lbfgs, make_optimizer
 from framework.tracking import OUTPUT_DIR_TAG, SWEEP_TAG, make_tracker, resolve_uri
 from problems.factory import ProblemSet, build_problems
 
@@ -207,8 +207,6 @@ def _batch_loss(engine: Any, indices: Sequence[int], c: Config) -> Callable[[Any
     Each lower problem is solved by L-BFGS warm-started from the sample's current x*; the
     engine's state is read, never changed, so trials do not disturb warm starts/recycling.
     """
-    from framework.lowerlevel import lbfgs
-
     if hasattr(engine, "loss"):
         return lambda theta: float(engine.loss(theta, indices))
 
@@ -528,7 +526,6 @@ def _log_figures(
     per_sample: list[list[float]],
 ) -> None:
     """Write the run's figures to ``<out>/figures`` and log them as artifacts."""
-    from framework.lowerlevel import lbfgs
     from problems.base import psnr
 
     series: dict[str, list[tuple[int, float]]] = {}

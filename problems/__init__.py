@@ -16,7 +16,7 @@ from problems.imaging import ImagingProblem
 from problems.linearization import Linearization
 from problems.operators import GaussianBlur, Identity, Inpainting, add_relative_noise
 from problems.quadratic import QuadraticProblem
-from problems.tv import TotalVariation, best_tv_weight
+from problems.tv import TotalVariation
 
 __all__ = [
     "FieldsOfExperts",
@@ -29,7 +29,6 @@ __all__ = [
     "QuadraticProblem",
     "TotalVariation",
     "add_relative_noise",
-    "best_tv_weight",
     "dct_filters",
     "gaussian_filters",
     "load_bsds300",

@@ -8,13 +8,11 @@ leaving the image (last column for ∂/∂x, last row for ∂/∂y) is zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from problems.base import RowRegularizer, check_theta, psnr
+from problems.base import RowRegularizer, check_theta
 
 LN10 = math.log(10.0)
 
@@ -130,49 +128,3 @@ class TVLinearization:
         ip = xp.sum(xp.reshape(self.ux * wx + self.uy * wy, (bsz, n, b)), axis=1)
         return (LN10 * self.weight) * xp.reshape(ip, (bsz, 1, b))
 
-
-@dataclass(frozen=True)
-class TVWeightSearch:
-    """Result of ``best_tv_weight``: the best log10 weight and the PSNR of each grid point."""
-
-    best_theta: float
-    best_psnr: float
-    grid: tuple[float, ...]
-    psnrs: tuple[float, ...]
-
-
-def best_tv_weight(
-    problem_factory: Callable[[], Any],
-    grid: Sequence[float],
-    *,
-    gtol: float = 1e-6,
-    maxiter: int = 500,
-) -> TVWeightSearch:
-    """Grid search over θ = log10(TV weight): solve the lower level (L-BFGS from the data y,
-    or from zeros if y has another shape) for each θ and keep the one with the best PSNR
-    against ``x_true``.  ``problem_factory()`` returns an ``ImagingProblem`` with a TV
-    regulariser (called once)."""
-    from framework.lowerlevel import lbfgs  # local import: the solver lives in framework
-
-    if len(grid) == 0:
-        raise ValueError("grid must contain at least one log10 weight")
-    problem = problem_factory()
-    xp, dev, dtype = problem.xp, problem.device, problem.dtype
-    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else xp.zeros(
-        (problem.n,), dtype=dtype, device=dev
-    )
-    psnrs = []
-    for value in grid:
-        theta = xp.asarray([float(value)], dtype=dtype, device=dev)
-        result = lbfgs(
-            lambda x, th=theta: problem.lower_objective(x, th),
-            lambda x, th=theta: problem.lower_grad(x, th),
-            x0,
-            gtol=gtol,
-            maxiter=maxiter,
-        )
-        psnrs.append(psnr(result.x, problem.x_true))
-    best = int(np.argmax(psnrs))
-    return TVWeightSearch(
-        float(grid[best]), psnrs[best], tuple(float(g) for g in grid), tuple(psnrs)
-    )

@@ -11,8 +11,7 @@ from framework.hypergradient import HypergradientSettings, SampleState, hypergra
 from framework.krylov import rminres
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
-from framework.lowerlevel import lbfgs
-from framework.outer import Adam
+from framework.optim import Adam, lbfgs
 from problems import (
     FieldsOfExperts,
     GaussianBlur,

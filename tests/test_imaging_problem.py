@@ -11,7 +11,7 @@ from problems.experts import EXPERT_NAMES
 from problems.foe import FieldsOfExperts, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import GaussianBlur, Identity, Inpainting
-from problems.tv import TotalVariation, best_tv_weight
+from problems.tv import TotalVariation
 
 SHAPE = (16, 16)
 N = 256
@@ -194,21 +194,6 @@ def test_non_finite_images_are_named(bad: float) -> None:
 
     with pytest.raises(ValueError, match="image"):
         ImagingProblem.from_image(broken.reshape(SHAPE), get_backend("numpy"), op, reg)
-
-
-def test_best_tv_weight_picks_the_best_grid_point() -> None:
-    from backends import get_backend
-
-    def factory() -> ImagingProblem:
-        return ImagingProblem.from_image(
-            image(), get_backend("numpy"), Identity(SHAPE), TotalVariation(SHAPE), noise_level=0.2
-        )
-
-    grid = [-4.0, -1.5, 3.0]
-    result = best_tv_weight(factory, grid)
-    assert result.grid == tuple(grid) and len(result.psnrs) == 3
-    assert result.best_psnr == max(result.psnrs)
-    assert result.best_theta == -1.5  # neither almost no smoothing nor a flat image
 
 
 def test_float32_keeps_dtype() -> None:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from framework.outer import Adam, GradientDescent, make_optimizer
+from framework.optim import Adam, GradientDescent, make_optimizer
 
 
 def test_adam_matches_hand_computed_steps(backend):

@@ -10,7 +10,7 @@ from framework.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
-from framework.outer import Adam
+from framework.optim import Adam
 from framework.recording import RecordedSequence, record_training
 from problems import QuadraticProblem
 

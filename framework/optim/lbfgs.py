@@ -1,0 +1,252 @@
+"""L-BFGS for B independent problems min_x f_i(x) advanced together (B = 1 for a 1-D x0).
+
+``lbfgs(fun, grad, x0)``: with x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` →
+(B, n) evaluate all rows at once and row i is sample i's iterate; with x0 of shape (n,),
+``fun``/``grad`` take and return one sample's arrays, x0 is promoted to B = 1 and the
+result unwrapped.  Every sample has its own memory (two-loop recursion, at most
+``memory`` pairs, H₀ from its newest pair), its own strong-Wolfe line search
+(``framework.optim.line_search``: Armijo never accepts an increase; when no step gives
+sufficient decrease the memory is dropped and steepest descent is tried once) and its
+own stopping test; a stopped sample's row no longer changes.  A sample's arithmetic does
+not depend on B, so B samples solved together take the iterations and evaluations each
+takes alone.
+
+Host transfers (counted in ``host_reads``): one per evaluation round (f with the slopes
+∇fᵀp, 2B values) and two per iteration (the slopes of the new direction; sᵀy with the
+gradient norms); with ``rows_value_and_grad`` the indices of the searching samples go
+to the device when they are not all of them.  The two-loop recursion stays on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, TypeAlias, TypeVar
+
+import numpy as np
+
+from framework.optim.line_search import search_rows
+from framework.optim.memory import LBFGSMemory
+from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
+
+T = TypeVar("T")
+PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
+
+
+class LBFGSStatus(Enum):
+    """Why a sample's L-BFGS run stopped."""
+
+    CONVERGED = "converged"
+    MAXITER = "maxiter"
+    LINESEARCH_FAILED = "linesearch_failed"
+    NONFINITE = "nonfinite"
+
+
+@dataclass(frozen=True)
+class LBFGSResult:
+    """Outcome of ``lbfgs``; per-sample fields are tuples of length B for a (B, n) x0 and
+    single values for a 1-D x0.
+
+    ``f_evals`` counts each sample's evaluations of f and ∇f (always together);
+    ``f_history`` holds f at every accepted iterate; ``evaluation_rounds`` counts the
+    calls of the evaluation (each evaluates the rows of the samples then searching);
+    ``host_reads`` the transfers of per-sample scalars to the host.
+    """
+
+    x: Any
+    status: PerSample[LBFGSStatus]
+    message: PerSample[str]
+    iterations: PerSample[int]
+    f_evals: PerSample[int]
+    grad_norm: PerSample[float]
+    f: PerSample[float]
+    f_history: PerSample[tuple[float, ...]]
+    evaluation_rounds: int
+    host_reads: int
+
+    @property
+    def converged(self) -> PerSample[bool]:
+        if isinstance(self.status, tuple):
+            return tuple(s is LBFGSStatus.CONVERGED for s in self.status)
+        return self.status is LBFGSStatus.CONVERGED
+
+    @property
+    def all_converged(self) -> bool:
+        converged = self.converged
+        return all(converged) if isinstance(converged, tuple) else converged
+
+    @property
+    def grad_evals(self) -> PerSample[int]:
+        """Evaluations of ∇f: each evaluation gives f and ∇f."""
+        return self.f_evals
+
+
+def check_options(*, c1: float, c2: float, memory: int, maxiter: int) -> None:
+    if not 0 < c1 < c2 < 1:
+        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
+    if memory < 1:
+        raise ValueError(f"memory must be positive; got memory={memory!r}")
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+
+
+class _Samples:
+    """Host bookkeeping per sample: status, message, iterations, f history."""
+
+    def __init__(self, F: np.ndarray) -> None:
+        bsz = len(F)
+        self.running = np.ones(bsz, dtype=bool)
+        self.status: list[LBFGSStatus | None] = [None] * bsz
+        self.message = [""] * bsz
+        self.iterations = np.zeros(bsz, dtype=np.int64)
+        self.history = [[float(f)] for f in F]
+
+    def stop(
+        self, which: np.ndarray, status: LBFGSStatus, k: int, message: str,
+        F: np.ndarray, gnorm: np.ndarray, tol: np.ndarray,
+    ) -> None:
+        """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
+        with the sample's k, f, g (‖∇f‖) and tol."""
+        if not np.count_nonzero(which):
+            return
+        for i in (which & self.running).nonzero()[0].tolist():
+            self.status[i], self.iterations[i], self.running[i] = status, k, False
+            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=tol[i])
+
+    def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
+        for i in accepted.nonzero()[0].tolist():
+            self.history[i].append(float(F[i]))
+
+
+def lbfgs(
+    fun: Callable[[Any], Any],
+    grad: Callable[[Any], Any],
+    x0: Any,
+    *,
+    gtol: float = 1e-8,
+    rtol: float = 0.0,
+    maxiter: int = 1000,
+    memory: int = 10,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    max_linesearch: int = 40,
+    callback: Callable[[int, Any, Any, Any], None] | None = None,
+    value_and_grad: ValueAndGrad | None = None,
+    rows_value_and_grad: RowsValueAndGrad | None = None,
+) -> LBFGSResult:
+    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.
+
+    Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after
+    ``maxiter`` iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or
+    when f_i or ∇f_i is not finite at x0_i (NONFINITE); the others go on.
+
+    ``value_and_grad(x)`` → (f, ∇f), when given, replaces the two calls (a fused
+    evaluation shares their work).  ``rows_value_and_grad(X_rows, rows)`` → ((r,),
+    (r, n)), for a (B, n) x0, replaces both: it evaluates the samples ``rows`` (a host
+    index array of length r) at their iterates ``X_rows``, so evaluations skip the
+    samples that are not searching.  ``callback(k, x, f, grad_norm)`` runs after every
+    iteration in which a sample accepted a step (x as x0 is shaped; f and grad_norm
+    floats for a 1-D x0, else host (B,) arrays).  Arrays stay in x0's namespace and on
+    its device.
+    """
+    check_options(c1=c1, c2=c2, memory=memory, maxiter=maxiter)
+    if x0.ndim not in (1, 2):
+        raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
+    single = x0.ndim == 1
+    if single and rows_value_and_grad is not None:
+        raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
+    X = x0[None, :] if single else x0
+    ev = RowEvaluator(X, fun, grad, value_and_grad=value_and_grad,
+                      rows_value_and_grad=rows_value_and_grad, single_sample=single)
+    xp, bsz = ev.xp, ev.bsz
+    F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
+    gnorm = np.sqrt(gg)
+    tol = np.maximum(gtol, rtol * gnorm)
+    mem = LBFGSMemory(ev, X, memory)
+    log = _Samples(F)
+    log.stop(~(np.isfinite(F) & np.isfinite(gnorm)), LBFGSStatus.NONFINITE, 0,
+             "f or ∇f is not finite at x0 (f={f})", F, gnorm, tol)
+
+    def stop_converged(k: int) -> None:
+        log.stop(gnorm <= tol, LBFGSStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
+                 F, gnorm, tol)
+
+    def steepest_descent(which: np.ndarray, P: Any, slope: np.ndarray) -> tuple[Any, Any]:
+        mem.forget(which)
+        return ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope)
+
+    search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
+    for k in range(maxiter):
+        stop_converged(k)
+        iterating = log.running.copy()
+        if not np.count_nonzero(iterating):
+            break
+        P = mem.direction(G, iterating)
+        slope = ev.host(rowdot(xp, G, P))
+        if np.count_nonzero(slope < 0) < bsz:  # not a descent direction: steepest descent
+            P, slope = steepest_descent(iterating & ~(slope < 0), P, slope)
+        remembers = mem.count > 0
+        alpha0 = (np.ones(bsz) if np.count_nonzero(remembers) == bsz
+                  else choose(remembers, 1.0, first_step(gnorm)))
+        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha0, iterating, **search)
+        retry = iterating & ~ok & remembers
+        if np.count_nonzero(retry):  # drop the memory and try steepest descent once
+            P, slope = steepest_descent(retry, P, slope)
+            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, first_step(gnorm), retry,
+                                          **search)
+            Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), choose(ok2, Fr, Fn)
+            ok = ok | ok2
+        log.stop(iterating & ~ok, LBFGSStatus.LINESEARCH_FAILED, k,
+                 "line search found no step with sufficient decrease at iteration {k} "
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm, tol)
+        S, Ydiff = Xn - X, Gn - G
+        sy_dev = rowdot(xp, S, Ydiff)
+        X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
+        sy, gg = ev.host(xp.concat([sy_dev, rowdot(xp, G, G)])).reshape(2, -1)  # one transfer
+        push = ok & (sy > 0)
+        if np.count_nonzero(push) == bsz:
+            mem.push(push, S, Ydiff, 1.0 / sy_dev, stopped=~iterating)
+        elif np.count_nonzero(push):
+            rho = 1.0 / ev.select(push, sy_dev, xp.ones_like(sy_dev))
+            mem.push(push, S, Ydiff, rho, stopped=~iterating)
+        F = choose(ok, Fn, F)
+        gnorm = choose(ok, np.sqrt(gg), gnorm)
+        log.record(ok, F)
+        if callback is not None and np.count_nonzero(ok):
+            if single:
+                callback(k + 1, X[0, :], float(F[0]), float(gnorm[0]))
+            else:
+                callback(k + 1, X, F.copy(), gnorm.copy())
+    else:
+        stop_converged(maxiter)
+    log.stop(log.running, LBFGSStatus.MAXITER, maxiter,
+             "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
+    result = LBFGSResult(
+        x=X,
+        status=tuple(log.status),
+        message=tuple(log.message),
+        iterations=tuple(int(i) for i in log.iterations),
+        f_evals=tuple(int(e) for e in ev.sample_evaluations),
+        grad_norm=tuple(float(g) for g in gnorm),
+        f=tuple(float(f) for f in F),
+        f_history=tuple(tuple(h) for h in log.history),
+        evaluation_rounds=ev.evaluations,
+        host_reads=ev.host_reads,
+    )
+    return _unwrapped(result) if single else result
+
+
+def first_step(gnorm: np.ndarray) -> np.ndarray:
+    """The first trial step without a memory: min(1, 1/‖∇f‖)."""
+    return np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
+
+
+def _unwrapped(result: LBFGSResult) -> LBFGSResult:
+    """The result of a 1-D x0: x of shape (n,) and the per-sample fields of sample 0."""
+    return replace(
+        result,
+        x=result.x[0, :],
+        **{name: getattr(result, name)[0] for name in
+           ("status", "message", "iterations", "f_evals", "grad_norm", "f", "f_history")},
+    )

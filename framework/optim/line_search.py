@@ -1,0 +1,168 @@
+"""The strong-Wolfe line search, one coroutine per sample, advanced together for a batch.
+
+The search enforces the strong Wolfe conditions (Nocedal & Wright, Algorithms 3.5 and
+3.6: bracketing, then a safeguarded quadratic-interpolation zoom) with
+
+    sufficient decrease  f(x + αp) ≤ f(x) + c1 α ∇f(x)ᵀp   (∇f(x)ᵀp < 0),
+    curvature            |∇f(x + αp)ᵀp| ≤ c2 |∇f(x)ᵀp|.
+
+A trial step that fails sufficient decrease is never accepted, so f never increases.  If
+the zoom runs out of trials after finding a step with sufficient decrease but without the
+curvature condition, that step is taken if it strictly lowers f.  A trial whose computed
+f equals f(x) (round-off level) counts as sufficient decrease only together with the
+curvature condition; this lets a solve reach tight gradient tolerances where f no longer
+changes in floating point.
+
+``strong_wolfe_search`` holds one sample's decisions on host scalars; ``search_rows``
+advances the searches of several samples (rows of a batch) together, one evaluation of
+the searching rows and one host transfer per round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from typing import Any, Literal
+
+import numpy as np
+
+from framework.optim.rows import RowEvaluator
+
+Point = tuple[float, float, float]  # (α, f(x + αp), ∇f(x + αp)ᵀp)
+Outcome = Literal["last", "kept"] | None
+WolfeSearch = Generator[tuple[bool, float], tuple[float, float], tuple[Outcome, bool]]
+
+
+def _interpolate(lo: Point, hi: Point) -> float:
+    """Minimiser of the quadratic through (lo.f, lo.slope, hi.f), kept inside the middle 80 %."""
+    delta = hi[0] - lo[0]
+    left, right = sorted((lo[0] + 0.1 * delta, lo[0] + 0.9 * delta))
+    if math.isfinite(hi[1]):
+        curvature = (hi[1] - lo[1] - lo[2] * delta) / (delta * delta)
+        if curvature > 0:
+            alpha = lo[0] - lo[2] / (2.0 * curvature)
+            if left <= alpha <= right:
+                return alpha
+    return lo[0] + 0.5 * delta
+
+
+def strong_wolfe_search(
+    f0: float, slope0: float, alpha: float, c1: float, c2: float, max_trials: int
+) -> WolfeSearch:
+    """The strong-Wolfe line search of one sample as a coroutine.
+
+    Yields (keep the trial just evaluated?, next α) and receives (f, slope) at that α.
+    Returns ("last" | "kept" | None, curvature holds): accept the last trial, the most
+    recently kept one, or none.
+    """
+
+    def armijo(t: Point) -> bool:
+        return math.isfinite(t[1]) and t[1] <= f0 + c1 * t[0] * slope0
+
+    def curvature(t: Point) -> bool:
+        return abs(t[2]) <= -c2 * slope0
+
+    def zoom(lo: Point, hi: Point, budget: int, lo_is_last: bool) -> WolfeSearch:
+        keep = lo_is_last
+        for _ in range(budget):
+            a = _interpolate(lo, hi)
+            f, s = yield keep, a
+            keep, lo_is_last = False, False
+            t = (a, f, s)
+            if not armijo(t) or t[1] > lo[1]:
+                hi = t
+                continue
+            if curvature(t):
+                return "last", True
+            if t[2] * (hi[0] - lo[0]) >= 0:
+                hi = lo
+            lo = t
+            keep, lo_is_last = True, True
+            if abs(hi[0] - lo[0]) <= 1e-16 * max(1.0, lo[0]):
+                break
+        if lo[0] > 0 and lo[1] < f0:
+            return ("last" if lo_is_last else "kept"), False
+        return None, False
+
+    prev = (0.0, f0, slope0)
+    keep = False
+    for i in range(max_trials):
+        f, s = yield keep, alpha
+        keep = False
+        t = (alpha, f, s)
+        if not armijo(t) or (i > 0 and t[1] > prev[1]):
+            return (yield from zoom(prev, t, max_trials - i - 1, False))
+        if curvature(t):
+            return "last", True
+        if t[2] >= 0:
+            return (yield from zoom(t, prev, max_trials - i - 1, True))
+        prev = t
+        keep = True
+        alpha *= 2.0
+    return ("last", False) if prev[0] > 0 and prev[1] < f0 else (None, False)
+
+
+def search_rows(
+    ev: RowEvaluator,
+    X: Any,
+    G: Any,
+    F: np.ndarray,
+    P: Any,
+    slope: np.ndarray,
+    alpha0: np.ndarray,
+    searching: np.ndarray,
+    *,
+    c1: float,
+    c2: float,
+    max_trials: int,
+) -> tuple[np.ndarray, Any, Any, np.ndarray]:
+    """Run the line searches of the samples in the host mask ``searching`` together along
+    the rows of P from the rows of X (gradients G, values F, slopes ∇fᵀp, first steps α₀).
+
+    Each round evaluates the rows at X + diag(α) P, with α_i = 0 for the samples not
+    searching, and sends each search its (f, slope).  Returns (accepted mask, X_new,
+    G_new, F_new); rows not accepted keep X, G, F.
+    """
+    bsz = len(F)
+    searches: dict[int, WolfeSearch] = {}
+    alpha = [0.0] * bsz
+    for i in searching.nonzero()[0].tolist():
+        search = strong_wolfe_search(
+            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials
+        )
+        searches[i] = search
+        _, alpha[i] = next(search)
+    accepted = np.zeros(bsz, dtype=bool)
+    Xa, Ga, Fa = X, G, F.copy()  # accepted trials
+    Xk, Gk, Fk = X, G, F.copy()  # trials a search asked to keep
+    while searches:
+        pending = np.zeros(bsz, dtype=bool)
+        pending[list(searches)] = True
+        Xt = ev.step(X, [a if pending[i] else 0.0 for i, a in enumerate(alpha)], P)
+        Ft, Gt, st = ev.evaluate(Xt, pending, P)
+        keep, take_last, take_kept = [], [], []
+        for i in list(searches):
+            fi = float(Ft[i])
+            si = float(st[i]) if math.isfinite(fi) else math.nan
+            try:
+                kept, alpha[i] = searches[i].send((fi, si))
+                if kept:
+                    keep.append(i)
+            except StopIteration as stop:
+                outcome = stop.value[0]
+                del searches[i]
+                if outcome == "last":
+                    take_last.append(i)
+                elif outcome == "kept":
+                    take_kept.append(i)
+        if take_kept:
+            Xa, Ga = ev.select_rows(take_kept, Xk, Xa), ev.select_rows(take_kept, Gk, Ga)
+            Fa[take_kept] = Fk[take_kept]
+        if take_last:
+            Xa, Ga = ev.select_rows(take_last, Xt, Xa), ev.select_rows(take_last, Gt, Ga)
+            Fa[take_last] = Ft[take_last]
+        if keep:
+            Xk, Gk = ev.select_rows(keep, Xt, Xk), ev.select_rows(keep, Gt, Gk)
+            Fk[keep] = Ft[keep]
+        accepted[take_last + take_kept] = True
+    return accepted, Xa, Ga, Fa
