@@ -28,8 +28,8 @@ import sys
 import time
 
 from backends import get_backend, tune_cpu_allocator
-from framework.batched_engine import BatchedBilevelEngine
-from framework.engine import BilevelEngine, EngineConfig
+from framework.bilevel.batched_engine import BatchedBilevelEngine
+from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
 from framework.optim import Adam

@@ -22,12 +22,12 @@ import time
 import numpy as np
 
 from backends import get_backend
-from framework.engine import BilevelEngine, EngineConfig
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.bilevel.recording import record_training
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
 from framework.optim import Adam
-from framework.recording import record_training
 from problems import FieldsOfExperts, ImagingProblem, Inpainting, dct_filters, load_embedded_mnist
 from problems.foe import initial_theta
 

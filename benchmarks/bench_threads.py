@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from backends import get_backend  # noqa: E402
 from backends.threads import pool_threads  # noqa: E402
-from framework.config import ProblemConfig  # noqa: E402
+from framework.experiment.config import ProblemConfig  # noqa: E402
 from problems.factory import build_problems  # noqa: E402
 from problems.quadratic import QuadraticProblem  # noqa: E402
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 IDX_IMAGE_MAGIC = 2051
 IDX_LABEL_MAGIC = 2049
@@ -84,16 +85,8 @@ def load_mnist_labels(
 def _read_jpeg_gray(path: Path) -> np.ndarray:
     """A JPEG as grayscale float64 in [0, 1] (ITU-R 601 luma weights)."""
     try:
-        from PIL import Image
-
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-    except ImportError:  # pragma: no cover - Pillow missing
-        import matplotlib.image
-
-        rgb = np.asarray(matplotlib.image.imread(path), dtype=np.float64)
-        if rgb.max() > 1.0:
-            rgb /= 255.0
     except OSError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
     if rgb.ndim == 2:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from framework import checkpoint, tracking
-from framework.runner import run
+from framework.experiment import checkpoint, tracking
+from framework.experiment.runner import run
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -36,7 +36,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("hyperkrylov")
-    return [found] if found else [sys.executable, "-m", "framework.app"]
+    return [found] if found else [sys.executable, "-m", "framework.experiment.app"]
 
 
 def _env(uri: str) -> dict[str, str]:
@@ -136,7 +136,7 @@ def test_mnist_sample_end_to_end(tmp_path, uri):
 
 @pytest.mark.slow
 def test_multirun_sweep_and_compare_table(tmp_path, uri):
-    from framework import compare
+    from framework.experiment import compare
 
     sweep = tmp_path / "sweep"
     result = _hyperkrylov(
@@ -253,7 +253,7 @@ def test_sweep_id_groups_single_runs(tmp_path, uri):
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, uri):
     run(_compose(*QUICK, "recycle.dim=2", "tracking=disabled"), output_dir=tmp_path)
-    from framework.config import ConfigError
+    from framework.experiment.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^recycle\.dim: .*another config"):
         run(_compose(*QUICK, "recycle.dim=3", "tracking=disabled"), output_dir=tmp_path)

@@ -7,13 +7,13 @@ import pytest
 from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
 
 from backends import get_backend
-from framework.batched_engine import (
+from framework.bilevel.batched_engine import (
     BatchedBilevelEngine,
     batching_unsupported,
     create_engine,
     default_check_every,
 )
-from framework.engine import BilevelEngine, EngineConfig
+from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
 from problems import (

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from framework import checkpoint
-from framework.checkpoint import CheckpointError
+from framework.experiment import checkpoint
+from framework.experiment.checkpoint import CheckpointError
 
 
 def _state():

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from framework import compare, tracking
-from framework.tracking import Tracker
+from framework.experiment import compare, tracking
+from framework.experiment.tracking import Tracker
 
 
 def _log_run(name, strategy, dim, its, shadow=None, sweep="s1"):

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
-from framework.config import Config, ConfigError, flatten, validate
+from framework.experiment.config import Config, ConfigError, flatten, validate
 
 GROUP_OPTIONS = {
     "problem": ["mnist_inpainting", "denoise", "quadratic"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from backends import get_backend
-from framework.evaluation import best_tv_weight
+from framework.experiment.evaluate import best_tv_weight
 from problems.imaging import ImagingProblem
 from problems.operators import Identity
 from problems.tv import TotalVariation

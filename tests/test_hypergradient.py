@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from backends import get_backend
-from framework.engine import BilevelEngine, EngineConfig
-from framework.hypergradient import HypergradientSettings, SampleState, hypergradient
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.bilevel.hypergradient import HypergradientSettings, SampleState, hypergradient
 from framework.krylov import rminres
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig

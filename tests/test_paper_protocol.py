@@ -15,15 +15,15 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from backends import get_backend
-from framework import tracking
-from framework.compare import compare_paper, main
-from framework.config import ConfigError, validate
+from framework.bilevel.recording import RecordedSequence
+from framework.experiment import tracking
+from framework.experiment.compare import compare_paper, main
+from framework.experiment.config import ConfigError, validate
+from framework.experiment.paper import format_paper_table
+from framework.experiment.resolve import load_sequence, problem_from_recording, refs_path
+from framework.experiment.runner import engine_config, run
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
-from framework.paper import format_paper_table
-from framework.recording import RecordedSequence
-from framework.resolve import load_sequence, problem_from_recording, refs_path
-from framework.runner import engine_config, run
 from problems.factory import build_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -147,7 +147,7 @@ def test_bad_sequence_path_fails_fast(tmp_path, uri):
 
 def test_console_resolve_with_missing_path_names_the_key(tmp_path):
     script = Path(sys.executable).parent / "hyperkrylov"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "framework.app"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "framework.experiment.app"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     result = subprocess.run(
         [*cmd, "task=resolve", f"sequence.path={tmp_path}/nope.npz",
@@ -272,7 +272,7 @@ def test_record_resumes_with_its_recording(tmp_path, uri):
 
 def test_console_strategy_sweep_tags_the_runs(tmp_path, uri, recorded):
     script = Path(sys.executable).parent / "hyperkrylov"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "framework.app"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "framework.experiment.app"]
     result = subprocess.run(
         [*cmd, "-m", *QUADRATIC, "task=resolve", f"sequence.path={recorded.sequence_path}",
          "method=none,rgen_l_r_nsc", "recycle.dim=3", f"hydra.sweep.dir={tmp_path}/sweep"],

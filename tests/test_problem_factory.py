@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from backends import get_backend
-from framework.config import ProblemConfig
+from framework.experiment.config import ProblemConfig
 from problems.factory import build_problems
 
 

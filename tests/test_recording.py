@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from backends import get_backend
-from framework.engine import BilevelEngine, EngineConfig
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.bilevel.recording import RecordedSequence, record_training
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
 from framework.optim import Adam
-from framework.recording import RecordedSequence, record_training
 from problems import QuadraticProblem
 
 

@@ -13,8 +13,8 @@ from backends.threads import (
     limited_threads,
     pool_threads,
 )
-from framework.config import ConfigError, validate
-from framework.runner import make_engine, run
+from framework.experiment.config import ConfigError, validate
+from framework.experiment.runner import make_engine, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from framework import tracking
-from framework.tracking import NullTracker, Tracker, TrackingError
+from framework.experiment import tracking
+from framework.experiment.tracking import NullTracker, Tracker, TrackingError
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")

@@ -14,9 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.compare import percent_saved
-from framework.resolve import DIM_TAG, LABEL_TAG, SEQUENCE_TAG, STOP_TAG, STRATEGY_TAG, TASK_TAG
-from framework.tracking import RunRecord
+from framework.experiment import plots
+from framework.experiment.resolve import (
+    DIM_TAG,
+    LABEL_TAG,
+    SEQUENCE_TAG,
+    STOP_TAG,
+    STRATEGY_TAG,
+    TASK_TAG,
+)
+from framework.experiment.tracking import RunRecord, percent_saved
 
 HISTORY_KEYS = ("iterations", "cumulative_iterations", "hg_error", "upper_loss")
 STRATEGIES_FIGURE = "paper_strategies.png"
@@ -124,8 +131,6 @@ def format_paper_table(rows: Sequence[PaperRow]) -> str:
 def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path]:
     """Write the strategy figure (the largest dimension of each label, plus ``none``) and,
     when some label was run at ≥ 2 dimensions, the dimension-sweep figure; returns paths."""
-    from framework import plots
-
     folder = Path(folder)
     runs = resolve_runs(records)
     if not runs:

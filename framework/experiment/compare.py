@@ -1,13 +1,13 @@
 """``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
 
-Runs are read through the tracking store (``framework.tracking.read_runs``), optionally
+Runs are read through the tracking store (``framework.experiment.tracking.read_runs``), optionally
 only one sweep (``--sweep <id>`` or ``--sweep latest``; the id is the ``hyperkrylov.sweep_id``
 tag, the sweep's output folder).  Savings are against the run's own shadow baseline
 (warm-started MINRES without recycling on the same systems, ``baseline=shadow``) when it
 was logged, else against a run of the same sweep with ``recycle=none``.
 
 ``--paper`` reports the ``task=resolve`` runs instead (re-solves of one recorded sequence,
-``framework.paper``): a table with totals, hypergradient errors and savings against the
+``framework.experiment.paper``): a table with totals, hypergradient errors and savings against the
 ``none`` run, and the figures ``paper_strategies.png`` / ``paper_dimensions.png``::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
@@ -22,7 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.tracking import SWEEP_TAG, RunRecord, TrackingError, read_runs
+from framework.experiment import paper, plots
+from framework.experiment.paper import format_paper_table
+from framework.experiment.tracking import (
+    SWEEP_TAG,
+    RunRecord,
+    TrackingError,
+    percent_saved,
+    read_runs,
+)
 
 ITERATIONS = "cumulative_krylov_iterations"
 APPLICATIONS = "cumulative_operator_applications"
@@ -55,13 +63,6 @@ class ComparisonRow:
     mean_hg_error: float
     solve_time: float
     wall_time: float
-
-
-def percent_saved(mine: float, reference: float) -> float:
-    """100·(1 − mine/reference); NaN when either is missing or the reference is ≤ 0."""
-    if not (math.isfinite(mine) and math.isfinite(reference)) or reference <= 0:
-        return math.nan
-    return 100.0 * (1.0 - mine / reference)
 
 
 def _application_savings(r: RunRecord) -> float:
@@ -163,8 +164,6 @@ def compare(
     records = read_runs(uri, experiment, sweep_id=sweep, history_keys=HISTORY_KEYS)
     rows = rows_from_records(records)
     if figure is not None:
-        from framework import plots
-
         fig = plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS)
         plots.save(fig, figure)
     return rows
@@ -179,8 +178,6 @@ def compare_paper(
 ) -> tuple[list, list[Path]]:
     """The paper report of the re-solve runs of ``experiment`` (one sweep when given):
     ``(rows, figure paths)``; figures are written to ``folder`` (None: none written)."""
-    from framework import paper
-
     if sweep == "latest":
         sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
         if sweep is None:
@@ -192,8 +189,6 @@ def compare_paper(
 
 
 def _main_paper(args: argparse.Namespace) -> int:
-    from framework.paper import format_paper_table
-
     try:
         rows, figures = compare_paper(
             args.experiment, sweep=args.sweep, uri=args.uri, folder=args.outdir or None

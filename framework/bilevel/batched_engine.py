@@ -22,8 +22,8 @@ from array_api_compat import array_namespace
 
 from backends.counting import Counter, Counts
 from backends.host import host_check_needs_sync, to_host
-from framework.engine import BilevelEngine, EngineConfig, StepResult
-from framework.hypergradient import SampleRecord, SampleState, ShadowRecord
+from framework.bilevel.engine import BilevelEngine, EngineConfig, StepResult
+from framework.bilevel.hypergradient import SampleRecord, SampleState, ShadowRecord
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import ORACLES, RecycleCarry, stack_carries
 from framework.optim import lbfgs

@@ -26,10 +26,22 @@ from omegaconf import DictConfig
 
 from backends import get_backend, tune_cpu_allocator
 from backends.threads import choose_num_threads, limited_threads
-from framework import checkpoint, plots
-from framework.config import Config, ConfigError, flatten, to_yaml, validate
+from framework.experiment import checkpoint, plots
+from framework.experiment.config import Config, ConfigError, flatten, to_yaml, validate
+from framework.experiment.console import say
+from framework.experiment.engine_setup import make_engine
+from framework.experiment.evaluate import prepare_evaluation, run_evaluation
+from framework.experiment.record import SequenceRecorder, problem_config_json
+from framework.experiment.resolve import (
+    load_sequence,
+    method_label,
+    resolve_params,
+    resolve_tags,
+    run_resolve,
+)
+from framework.experiment.tracking import OUTPUT_DIR_TAG, SWEEP_TAG, make_tracker, resolve_uri
 from framework.optim import lbfgs, make_optimizer
-from framework.tracking import OUTPUT_DIR_TAG, SWEEP_TAG, make_tracker, resolve_uri
+from problems.base import psnr
 from problems.factory import ProblemSet, build_problems
 
 THETA_FILE = "theta.npz"
@@ -74,52 +86,6 @@ class RunSummary:
 EngineFactory = Callable[[ProblemSet, Config, Any], Any]
 
 
-def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> Any:
-    """The engine configured from the solver/recycle/stop/baseline groups: the batched
-    engine (all samples of a step in one block solve) when ``solver.batched`` and the
-    configuration allows it, else the per-sample ``BilevelEngine``."""
-    from framework.batched_engine import batching_unsupported, create_engine
-
-    problems = list(problem_set.problems)
-    config = engine_config(cfg)
-    if cfg.solver.batched:
-        reason = batching_unsupported(problems, config)
-        _say("engine: batched" if not reason else f"engine: per-sample ({reason})")
-    else:
-        _say("engine: per-sample (solver.batched=false)")
-    return create_engine(problems, config, backend=backend, batched=cfg.solver.batched,
-                         check_every=cfg.solver.check_every)
-
-
-def engine_config(cfg: Config) -> Any:
-    """``EngineConfig`` (hypergradient settings) from the typed config."""
-    from framework.engine import EngineConfig
-    from framework.krylov.recycle import RecycleConfig
-    from framework.krylov.stopping import StopConfig
-
-    strategy = cfg.recycle.strategy
-    return EngineConfig(
-        recycle=RecycleConfig(
-            strategy=strategy,
-            k=0 if strategy == "none" else cfg.recycle.dim,
-            which=cfg.recycle.which,
-            max_vectors=cfg.solver.max_vectors,
-        ),
-        stop=StopConfig(
-            kind=cfg.stop.rule,
-            rtol=cfg.solver.rtol,
-            atol=cfg.solver.atol,
-            hg_rtol=cfg.stop.tol,
-            safety=cfg.stop.safety,
-        ),
-        krylov_maxiter=cfg.solver.maxiter,
-        lower_gtol=cfg.solver.lower.gtol,
-        lower_maxiter=cfg.solver.lower.maxiter,
-        lower_memory=cfg.solver.lower.memory,
-        shadow_baseline=cfg.baseline.mode == "shadow",
-    )
-
-
 # -- helpers ------------------------------------------------------------------------------
 def _hydra_context() -> tuple[Path | None, dict[str, str]]:
     """The Hydra output dir and sweep tags when running under Hydra."""
@@ -157,15 +123,9 @@ def _run_name(c: Config) -> str:
         return c.tracking.run_name
     dim = "" if c.recycle.strategy == "none" else f"-k{c.recycle.dim}"
     if c.task == "resolve":
-        from framework.resolve import method_label
-
         return f"resolve-{method_label(c.recycle.strategy, c.recycle.which, c.stop.rule)}{dim}"
     prefix = "" if c.task == "train" else f"{c.task}-"
     return f"{prefix}{c.problem.name}-{c.recycle.strategy}{dim}"
-
-
-def _say(message: str) -> None:
-    print(f"hyperkrylov: {message}", flush=True)
 
 
 def _sample_iterations(result: Any, indices: Sequence[int]) -> list[list[float]]:
@@ -242,38 +202,30 @@ def _run_other(
     """``task=resolve`` / ``task=evaluate``: one tracked run, no training loop."""
     tags = {OUTPUT_DIR_TAG: str(out.resolve()), **sweep_tags}
     if c.task == "evaluate":
-        from framework.evaluation import prepare_evaluation
-
         prepared = prepare_evaluation(c)  # bad θ file / held-out range: before any run
     else:
-        from framework.resolve import resolve_tags
-
         tags.update(resolve_tags(c))
     out.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(c.tracking)
     run_id = tracker.start(run_name=_run_name(c), tags=tags)
-    _say(f"output dir {out.resolve()}")
+    say(f"output dir {out.resolve()}")
     if tracker.enabled:
-        _say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
+        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
     try:
         if c.task == "resolve":
-            from framework.resolve import resolve_params, run_resolve
-
             tracker.log_params({**resolve_params(c, recording), **run_params})
             tracker.log_text(to_yaml(c), "config.yaml")
-            summary = run_resolve(c, recording, out, tracker, _say, started)
+            summary = run_resolve(c, recording, out, tracker, say, started)
         else:
-            from framework.evaluation import run_evaluation
-
             tracker.log_params({**flatten(c), **run_params})
             tracker.log_text(to_yaml(c), "config.yaml")
-            summary = run_evaluation(c, prepared, out, tracker, _say)
+            summary = run_evaluation(c, prepared, out, tracker, say)
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     if tracker.enabled:
-        _say(f"MLflow run {run_id} at {tracker.uri}")
+        say(f"MLflow run {run_id} at {tracker.uri}")
     return summary
 
 
@@ -286,7 +238,7 @@ def run(
 ) -> Any:
     """Run (or resume) the experiment described by ``cfg``; see the module docstring.
     ``task=train``/``record`` return a ``RunSummary``, ``task=resolve`` a
-    ``framework.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``.
+    ``framework.experiment.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``.
 
     The whole run holds the BLAS/OpenMP thread limit of ``backend.num_threads``
     (``backends.threads``); the count threadpoolctl reports inside the run is logged as
@@ -297,7 +249,7 @@ def run(
     limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
     with limited_threads(limit) as blas_threads:
         if limit is not None:
-            _say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
+            say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
                  f"{'auto' if c.backend.num_threads is None else c.backend.num_threads})")
         run_params = {"backend.blas_threads": str(blas_threads)}
         return _run(c, started, run_params, output_dir, engine_factory)
@@ -317,8 +269,6 @@ def _run(
     if c.task in ("resolve", "evaluate"):
         recording = None
         if c.task == "resolve":  # a bad recording fails here, before any tracking run exists
-            from framework.resolve import load_sequence
-
             recording = load_sequence(c.sequence.path or "")
         return _run_other(c, out, sweep_tags, started, recording, run_params)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,11 +284,11 @@ def _run(
         run_id=None if state is None else state.get("run_id"),
     )
     uri = tracker.uri if tracker.enabled else None
-    _say(f"output dir {out.resolve()}")
+    say(f"output dir {out.resolve()}")
     if tracker.enabled:
-        _say(f"tracking {uri} experiment {c.tracking.experiment!r} run {run_id}")
+        say(f"tracking {uri} experiment {c.tracking.experiment!r} run {run_id}")
     if state is not None:
-        _say(f"resuming from {ckpt_path} at step {state['step']}")
+        say(f"resuming from {ckpt_path} at step {state['step']}")
     try:
         summary = _loop(c, out, ckpt_path, state, tracker, engine_factory or make_engine, started,
                         run_params)
@@ -347,15 +297,15 @@ def _run(
         tracker.end(status)
         raise
     tracker.end("FINISHED")
-    _say(
+    say(
         f"finished {summary.steps} steps in {summary.wall_time:.1f} s; upper loss "
         f"{summary.initial_loss:.6g} → {summary.final_loss:.6g}"
     )
-    _say(f"results in {out.resolve()} (θ: {summary.theta_path.name})")
+    say(f"results in {out.resolve()} (θ: {summary.theta_path.name})")
     if uri is not None:
-        _say(f"MLflow run {run_id} at {uri}")
+        say(f"MLflow run {run_id} at {uri}")
         if uri.startswith("sqlite:///"):
-            _say(f"browse with: mlflow ui --backend-store-uri {uri}")
+            say(f"browse with: mlflow ui --backend-store-uri {uri}")
     return summary
 
 
@@ -380,8 +330,6 @@ def _loop(
     rng, entropy = _batch_generator(c.seed)
     recorder = None
     if c.task == "record":
-        from framework.record_task import SequenceRecorder
-
         recorder = SequenceRecorder(c.sequence.samples, c.solver.lower)
         if state is not None and "recording" in state:
             recorder.load_state_dict(state["recording"])
@@ -438,7 +386,7 @@ def _loop(
     show = c.progress and sys.stdout.isatty()
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state is not None and state.get("finished") and start >= c.outer.steps:
-        _say("this run had already finished; nothing to do")
+        say("this run had already finished; nothing to do")
     step = start
     try:
         for step in range(start, c.outer.steps):
@@ -474,7 +422,7 @@ def _loop(
     except KeyboardInterrupt:
         bar.close()
         snapshot(step, finished=False)  # resumable; bitwise identity only from periodic ones
-        _say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume")
+        say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume")
         raise
     bar.close()
     snapshot(c.outer.steps, finished=True)
@@ -485,13 +433,11 @@ def _loop(
     tracker.log_artifact(theta_path)
     sequence_path = None
     if recorder is not None:
-        from framework.record_task import problem_config_json
-
         recording = recorder.recording(problem_set.problems, backend, problem_config_json(c))
         sequence_path = recording.save(out / c.sequence.filename).resolve()
         tracker.log_artifact(sequence_path)
         tracker.set_tags({"hyperkrylov.task": "record"})
-        _say(
+        say(
             f"recorded sequence ({recording.steps} steps, samples "
             f"{list(recording.sample_indices)}): {sequence_path}"
         )
@@ -526,8 +472,6 @@ def _log_figures(
     per_sample: list[list[float]],
 ) -> None:
     """Write the run's figures to ``<out>/figures`` and log them as artifacts."""
-    from problems.base import psnr
-
     series: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         for key, value in row.items():

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from backends.counting import Counts
-from framework.hypergradient import (
+from framework.bilevel.hypergradient import (
     HypergradientSettings,
     SampleRecord,
     SampleState,

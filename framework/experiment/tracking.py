@@ -387,3 +387,10 @@ def read_runs(
             )
         )
     return records
+
+
+def percent_saved(mine: float, reference: float) -> float:
+    """100·(1 − mine/reference); NaN when either is missing or the reference is ≤ 0."""
+    if not (math.isfinite(mine) and math.isfinite(reference)) or reference <= 0:
+        return math.nan
+    return 100.0 * (1.0 - mine / reference)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from framework.engine import BilevelEngine
+from framework.bilevel.engine import BilevelEngine
 from framework.krylov.sequence import LinearSystem, solve_sequence
 from framework.krylov.stopping import StopConfig
 

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from framework.config import Config, ConfigError
+from backends import get_backend
+from framework.experiment.config import Config, ConfigError
 from framework.optim import lbfgs
 from problems.base import psnr
+from problems.factory import build_problems
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,6 @@ def run_evaluation(
     c: Config, prepared: PreparedEvaluation, out: Path, tracker: Any, say: Any
 ) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
-    from backends import get_backend
-    from problems.factory import build_problems
-
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     lower = c.solver.lower
     grid = [float(v) for v in c.evaluate.tv_grid]

@@ -29,11 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from framework.config import Config, ConfigError, ProblemConfig
+from backends import get_backend
+from framework.bilevel.recording import RecordedSequence
+from framework.experiment.config import Config, ConfigError, ProblemConfig, flatten
+from framework.experiment.engine_setup import engine_config
 from framework.krylov.selection import DEFAULT_WHICH
 from framework.krylov.sequence import LinearSystem, SequenceResult, solve_sequence
 from framework.krylov.stopping import StopConfig
-from framework.recording import RecordedSequence
+from problems.factory import build_problems
 
 TASK_TAG = "hyperkrylov.task"
 STRATEGY_TAG = "hyperkrylov.strategy"
@@ -90,8 +93,6 @@ def load_sequence(path: str | Path) -> RecordedSequence:
 
 def problem_from_recording(recording: RecordedSequence, sample: int, backend: Any) -> Any:
     """Rebuild recorded sample ``sample`` from the stored config (``build_problems``)."""
-    from problems.factory import build_problems
-
     config = recording.config()
     pcfg = ProblemConfig(**config["problem"])
     problem_set = build_problems(pcfg, backend, int(config.get("seed", 0)))
@@ -162,8 +163,6 @@ class ResolveSummary:
 
 def resolve_params(c: Config, recording: RecordedSequence) -> dict[str, str]:
     """Params of a re-solve run: the solver settings and the recorded problem."""
-    from framework.config import flatten
-
     params = {
         k: v for k, v in flatten(c).items()
         if k.startswith(("recycle.", "stop.", "solver.", "sequence.", "backend."))
@@ -198,9 +197,6 @@ def run_resolve(
 ) -> ResolveSummary:
     """Re-solve the recorded sequence of one sample with ``c``'s solver settings."""
     import time
-
-    from backends import get_backend
-    from framework.runner import engine_config
 
     dtype = recording.config().get("dtype", c.backend.dtype)
     backend = get_backend(c.backend.name, dtype=dtype, device=c.backend.device)

@@ -1,4 +1,4 @@
-"""The ``hyperkrylov`` console command: a Hydra application around ``framework.runner.run``.
+"""The ``hyperkrylov`` console command: a Hydra application around ``runner.run``.
 
 Configs ship inside the package (``conf/``, searched as ``pkg://conf``), so the command
 works from any working directory.  Examples::
@@ -17,8 +17,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework.config import ConfigError, validate
-from framework.tracking import TrackingError, prepare_experiment, resolve_uri
+from framework.experiment.config import ConfigError, validate
+from framework.experiment.runner import run
+from framework.experiment.tracking import TrackingError, prepare_experiment, resolve_uri
 
 CONFIG_PATH = "pkg://conf"
 
@@ -47,8 +48,6 @@ def _without_hydra(config: DictConfig) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float:
-    from framework.runner import run
-
     try:
         summary = run(cfg)
     except ConfigError as exc:

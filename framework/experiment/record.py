@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from framework.bilevel.recording import RecordedSequence
 from framework.optim import lbfgs
-from framework.recording import RecordedSequence
 
 CONFIG_VERSION = 1
 

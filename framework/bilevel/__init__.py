@@ -1,0 +1,1 @@
+"""The bilevel engine: lower-level solves, hypergradients and their recycled Krylov systems."""

@@ -1,0 +1,1 @@
+"""The experiment layer: the Hydra app, tasks, MLflow tracking, checkpoints and reports."""
