@@ -14,7 +14,8 @@ from backends.threads import (
     pool_threads,
 )
 from framework.experiment.config import ConfigError, validate
-from framework.experiment.runner import make_engine, run
+from framework.experiment.engine_setup import make_engine
+from framework.experiment.runner import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
