@@ -23,27 +23,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framework.experiment import paper, plots
+from framework.experiment.names import (
+    BASELINE_HVP,
+    BASELINE_KRYLOV_ITERATIONS,
+    BATCH_SIZE,
+    HG_ERROR_ESTIMATE,
+    HVP,
+    JAC_T,
+    KRYLOV_ITERATIONS,
+    OPERATOR_APPLICATIONS,
+    STEP_TIME,
+    SWEEP_TAG,
+    UPPER_LOSS,
+    cumulative,
+)
 from framework.experiment.paper import format_paper_table
 from framework.experiment.tracking import (
-    SWEEP_TAG,
     RunRecord,
     TrackingError,
     percent_saved,
     read_runs,
 )
 
-ITERATIONS = "cumulative_krylov_iterations"
-APPLICATIONS = "cumulative_operator_applications"
-SHADOW_ITERATIONS = "cumulative_baseline_krylov_iterations"
-HG_ERROR = "hg_error_estimate"
-STEP_TIME = "cumulative_step_time"
+ITERATIONS = cumulative(KRYLOV_ITERATIONS)
+APPLICATIONS = cumulative(OPERATOR_APPLICATIONS)
+SHADOW_ITERATIONS = cumulative(BASELINE_KRYLOV_ITERATIONS)
 FIGURE_KEYS = {
-    "Krylov iterations per outer step": "krylov_iterations",
+    "Krylov iterations per outer step": KRYLOV_ITERATIONS,
     "cumulative Krylov iterations": ITERATIONS,
-    "hypergradient error estimate": HG_ERROR,
-    "upper loss": "upper_loss",
+    "hypergradient error estimate": HG_ERROR_ESTIMATE,
+    "upper loss": UPPER_LOSS,
 }
-HISTORY_KEYS = (*FIGURE_KEYS.values(), "baseline_krylov_iterations")
+HISTORY_KEYS = (*FIGURE_KEYS.values(), BASELINE_KRYLOV_ITERATIONS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +79,9 @@ class ComparisonRow:
 def _application_savings(r: RunRecord) -> float:
     """Operator applications saved against the shadow baseline: recycling's HVPs (solve and
     C = HU) plus the Jᵀ products beyond the one −Jᵀw per system both need."""
-    extra_jt = r.metric("cumulative_jac_t") - r.metric("cumulative_batch_size")
-    mine = r.metric("cumulative_hvp") + extra_jt
-    return percent_saved(mine, r.metric("cumulative_baseline_hvp"))
+    extra_jt = r.metric(cumulative(JAC_T)) - r.metric(cumulative(BATCH_SIZE))
+    mine = r.metric(cumulative(HVP)) + extra_jt
+    return percent_saved(mine, r.metric(cumulative(BASELINE_HVP)))
 
 
 def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
@@ -90,11 +101,11 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             savings, ref = percent_saved(its, baseline), "recycle=none run"
         else:
             savings, ref = math.nan, "-"
-        errors = [v for _, v in r.history.get(HG_ERROR, ()) if math.isfinite(v)]
+        errors = [v for _, v in r.history.get(HG_ERROR_ESTIMATE, ()) if math.isfinite(v)]
         wall = math.nan
         if r.start_time and r.end_time:
             wall = r.end_time - r.start_time
-        steps = len(r.history.get("upper_loss", ())) or int(r.metrics.get("batch_size", 0) > 0)
+        steps = len(r.history.get(UPPER_LOSS, ())) or int(r.metrics.get(BATCH_SIZE, 0) > 0)
         rows.append(
             ComparisonRow(
                 run_id=r.run_id,
@@ -108,7 +119,7 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
                 savings_reference=ref,
                 application_savings_percent=_application_savings(r),
                 mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
-                solve_time=r.metric(STEP_TIME),
+                solve_time=r.metric(cumulative(STEP_TIME)),
                 wall_time=wall,
             )
         )

@@ -15,17 +15,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framework.experiment import plots
-from framework.experiment.resolve import (
+from framework.experiment.config import Task
+from framework.experiment.names import (
+    APPLICATIONS,
     DIM_TAG,
+    HG_ERROR,
+    HVP,
+    ITERATIONS,
+    JAC_T,
     LABEL_TAG,
+    MAX_HG_ERROR,
+    MEAN_HG_ERROR,
+    PASSES,
     SEQUENCE_TAG,
+    SOLVE_TIME,
     STOP_TAG,
     STRATEGY_TAG,
     TASK_TAG,
+    UPPER_LOSS,
+    cumulative,
+    total,
 )
 from framework.experiment.tracking import RunRecord, percent_saved
+from framework.krylov.selection import Strategy
 
-HISTORY_KEYS = ("iterations", "cumulative_iterations", "hg_error", "upper_loss")
+HISTORY_KEYS = (ITERATIONS, cumulative(ITERATIONS), HG_ERROR, UPPER_LOSS)
 STRATEGIES_FIGURE = "paper_strategies.png"
 DIMENSIONS_FIGURE = "paper_dimensions.png"
 
@@ -57,7 +71,7 @@ def resolve_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     """Finished re-solve runs, the latest per (recording, label, dim)."""
     latest: dict[tuple[str, str, str], RunRecord] = {}
     for r in records:
-        if r.tags.get(TASK_TAG) != "resolve" or r.status != "FINISHED":
+        if r.tags.get(TASK_TAG) != Task.resolve or r.status != "FINISHED":
             continue
         key = (r.tags.get(SEQUENCE_TAG, ""), r.tags.get(LABEL_TAG, "?"), r.tags.get(DIM_TAG, "?"))
         if key not in latest or (r.start_time or 0) >= (latest[key].start_time or 0):
@@ -76,18 +90,18 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
             dim=int(r.tags.get(DIM_TAG, "0")),
             stop=r.tags.get(STOP_TAG, "?"),
             sequence=r.tags.get(SEQUENCE_TAG, ""),
-            iterations=r.metric("total_iterations"),
-            hvp=r.metric("total_hvp"),
-            jac_t=r.metric("total_jac_t"),
-            applications=r.metric("total_applications"),
-            passes=r.metric("total_passes"),
-            solve_time=r.metric("total_solve_time"),
-            mean_hg_error=r.metric("mean_hg_error"),
-            max_hg_error=r.metric("max_hg_error"),
+            iterations=r.metric(total(ITERATIONS)),
+            hvp=r.metric(total(HVP)),
+            jac_t=r.metric(total(JAC_T)),
+            applications=r.metric(total(APPLICATIONS)),
+            passes=r.metric(total(PASSES)),
+            solve_time=r.metric(total(SOLVE_TIME)),
+            mean_hg_error=r.metric(MEAN_HG_ERROR),
+            max_hg_error=r.metric(MAX_HG_ERROR),
         )
         for r in runs
     ]
-    base = {row.sequence: row for row in rows if row.strategy == "none"}
+    base = {row.sequence: row for row in rows if row.strategy == Strategy.none}
     out = []
     for row in rows:
         ref = base.get(row.sequence)
@@ -101,7 +115,7 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
                 }
             )
         out.append(row)
-    return sorted(out, key=lambda r: (r.sequence, r.strategy != "none", r.label, r.dim))
+    return sorted(out, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
 
 
 def _f(value: float, spec: str) -> str:
@@ -142,7 +156,7 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
             widest[label].tags.get(DIM_TAG, 0)
         ):
             widest[label] = r
-    ordered = sorted(widest.values(), key=lambda r: (r.tags.get(STRATEGY_TAG) != "none",
+    ordered = sorted(widest.values(), key=lambda r: (r.tags.get(STRATEGY_TAG) != Strategy.none,
                                                    r.start_time or 0.0))
     series = []
     for r in ordered:
@@ -154,10 +168,10 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
     none_total = math.nan
     for r in runs:
         label = r.tags.get(LABEL_TAG, "?")
-        if r.tags.get(STRATEGY_TAG) == "none":
-            none_total = r.metric("total_iterations")
+        if r.tags.get(STRATEGY_TAG) == Strategy.none:
+            none_total = r.metric(total(ITERATIONS))
             continue
-        point = (int(r.tags.get(DIM_TAG, 0)), r.metric("total_iterations"))
+        point = (int(r.tags.get(DIM_TAG, 0)), r.metric(total(ITERATIONS)))
         curves.setdefault(label, []).append(point)
     curves = {k: v for k, v in curves.items() if len(v) >= 2}
     if curves:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from framework.experiment.names import SWEEP_TAG
+
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 MAX_METRICS_PER_BATCH = 1000
-SWEEP_TAG = "hyperkrylov.sweep_id"
-OUTPUT_DIR_TAG = "hyperkrylov.output_dir"
 
 T = TypeVar("T")
 
