@@ -191,38 +191,21 @@ class Config:
     progress: bool = True
 
 
-def register_configs() -> None:
-    """Register the root schema ``config_schema`` in Hydra's ConfigStore.
-
-    ``conf/config.yaml`` lists it first, so every group option is merged into (and
-    type-checked against) the dataclass of its group.
-    """
-    ConfigStore.instance().store(name="config_schema", node=Config)
-
-
-register_configs()
+# The root schema: conf/config.yaml lists ``config_schema`` first, so every group option is
+# merged into (and type-checked against) the dataclass of its group.
+ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 # -- validation ------------------------------------------------------------------------
-# Range checks: (dotted key, lower bound, bound allowed); a None value of an optional key
-# passes.  Everything else is checked by the schema's types and enums or by a rule below.
-_RANGES = (
-    ("problem.num_samples", 0, False), ("problem.num_terms", 0, False),
-    ("problem.start", 0, True), ("problem.noise_level", 0, True), ("problem.gamma", 0, False),
-    ("problem.epsilon", 0, True), ("problem.blur_sigma", 0, False), ("problem.crop", 0, False),
-    ("problem.num_filters", 0, False),
-    ("backend.num_threads", 0, False),
-    ("solver.maxiter", 0, False), ("solver.check_every", 0, False),
-    ("solver.lower.gtol", 0, False), ("solver.lower.maxiter", 0, False),
-    ("solver.lower.memory", 0, False),
-    ("recycle.dim", 0, True), ("recycle.max_vectors", 0, False), ("recycle.rank_tol", 0, True),
-    ("stop.rtol", 0, True), ("stop.atol", 0, True), ("stop.hg_rtol", 0, False),
-    ("stop.safety", 0, False), ("stop.keep", 0, False),
-    ("outer.lr", 0, False), ("outer.steps", 0, False), ("outer.batch_size", 0, False),
-    ("outer.eps", 0, False), ("outer.max_backtracks", 0, True),
-    ("checkpoint.every", 0, True), ("sequence.reference_rtol", 0, False),
-    ("evaluate.num_samples", 0, False), ("evaluate.offset", 0, True),
-)
+# Ranges (a None value of an optional key passes); everything else is checked by the
+# schema's types and enums or by a rule below.
+_POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
+    problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
+    solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
+    stop.keep outer.lr outer.steps outer.batch_size outer.eps sequence.reference_rtol
+    evaluate.num_samples""".split()
+_NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
+    stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
 
 
 def _fail(key: str, message: str) -> None:
@@ -230,11 +213,10 @@ def _fail(key: str, message: str) -> None:
 
 
 def _check_ranges(c: Any) -> None:
-    for key, low, closed in _RANGES:
-        value = reduce(getattr, key.split("."), c)
-        if value is None:
-            continue
-        if not math.isfinite(float(value)) or value < low or (value == low and not closed):
+    for key in (*_POSITIVE, *_NON_NEGATIVE):
+        value, closed = reduce(getattr, key.split("."), c), key in _NON_NEGATIVE
+        ok = value is None or (math.isfinite(value) and (value >= 0 if closed else value > 0))
+        if not ok:
             _fail(key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
 
 

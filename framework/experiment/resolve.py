@@ -32,31 +32,9 @@ import numpy as np
 
 from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
+from framework.experiment import names
 from framework.experiment.config import Config, ConfigError, ProblemConfig, Task, flatten
 from framework.experiment.engine_setup import engine_config
-from framework.experiment.names import (
-    APPLICATIONS,
-    DIM_TAG,
-    HG_ERROR,
-    HG_ERROR_ESTIMATE,
-    HVP,
-    ITERATIONS,
-    JAC_T,
-    LABEL_TAG,
-    MAX_HG_ERROR,
-    MEAN_HG_ERROR,
-    PASSES,
-    RESOLVE_COUNTS,
-    SEQUENCE_TAG,
-    SOLVE_TIME,
-    STOP_TAG,
-    STRATEGY_TAG,
-    TASK_TAG,
-    UPPER_LOSS,
-    WHICH_TAG,
-    cumulative,
-    total,
-)
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.selection import DEFAULT_WHICH, Strategy, Which
 from framework.krylov.sequence import LinearSystem, SequenceResult, solve_sequence
@@ -196,13 +174,13 @@ def recycle_dim(recycle: RecycleConfig) -> int:
 def resolve_tags(c: Config) -> dict[str, str]:
     which = c.recycle.which or ("-" if c.recycle.strategy == Strategy.none else "default")
     return {
-        TASK_TAG: Task.resolve,
-        STRATEGY_TAG: c.recycle.strategy,
-        DIM_TAG: str(recycle_dim(c.recycle)),
-        STOP_TAG: c.stop.kind,
-        WHICH_TAG: which,
-        LABEL_TAG: method_label(c.recycle, c.stop),
-        SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
+        names.TASK_TAG: Task.resolve,
+        names.STRATEGY_TAG: c.recycle.strategy,
+        names.DIM_TAG: str(recycle_dim(c.recycle)),
+        names.STOP_TAG: c.stop.kind,
+        names.WHICH_TAG: which,
+        names.LABEL_TAG: method_label(c.recycle, c.stop),
+        names.SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
     }
 
 
@@ -236,26 +214,27 @@ def run_resolve(
         float(problem.upper_loss(backend.asarray(recording.xs[t, which])))
         for t in range(recording.steps)
     )
-    sums = dict.fromkeys(RESOLVE_COUNTS, 0.0)
+    sums = dict.fromkeys(names.RESOLVE_COUNTS, 0.0)
     for r, loss in zip(result.records, losses, strict=True):
         metrics = {
-            ITERATIONS: r.iterations, HVP: r.hvp, "hvp_passes": r.hvp_passes,
-            JAC_T: r.jac_t, "jac_t_passes": r.jac_t_passes, APPLICATIONS: r.applications,
-            PASSES: r.passes, HG_ERROR: r.hg_error, HG_ERROR_ESTIMATE: r.hg_error_estimate,
+            names.ITERATIONS: r.iterations, names.HVP: r.hvp, "hvp_passes": r.hvp_passes,
+            names.JAC_T: r.jac_t, "jac_t_passes": r.jac_t_passes,
+            names.APPLICATIONS: r.applications, names.PASSES: r.passes,
+            names.HG_ERROR: r.hg_error, names.HG_ERROR_ESTIMATE: r.hg_error_estimate,
             "residual_norm": r.residual_norm, "converged": float(r.converged),
-            "recycle_dim": r.recycle_dim, SOLVE_TIME: r.seconds, UPPER_LOSS: loss,
+            "recycle_dim": r.recycle_dim, names.SOLVE_TIME: r.seconds, names.UPPER_LOSS: loss,
         }
-        for key in RESOLVE_COUNTS:
+        for key in names.RESOLVE_COUNTS:
             sums[key] += float(metrics[key])
-            metrics[cumulative(key)] = sums[key]
+            metrics[names.cumulative(key)] = sums[key]
         tracker.log_metrics(metrics, r.index)
     errors = [r.hg_error for r in result.records]
-    totals = {total(k): v for k, v in sums.items()}
+    totals = {names.total(k): v for k, v in sums.items()}
     totals.update(
         {
             "systems": float(len(result.records)),
-            MEAN_HG_ERROR: float(np.mean(errors)),
-            MAX_HG_ERROR: float(np.max(errors)),
+            names.MEAN_HG_ERROR: float(np.mean(errors)),
+            names.MAX_HG_ERROR: float(np.max(errors)),
             "unconverged": float(sum(not r.converged for r in result.records)),
         }
     )
@@ -263,10 +242,11 @@ def run_resolve(
     label = method_label(c.recycle, c.stop)
     say(
         f"{label} k={recycle_dim(c.recycle)}: "
-        f"{int(sums[ITERATIONS])} iterations, {int(sums[APPLICATIONS])} "
-        f"operator applications, {int(sums[PASSES])} passes over "
-        f"{len(result.records)} systems; hypergradient error mean {totals[MEAN_HG_ERROR]:.3g} "
-        f"max {totals[MAX_HG_ERROR]:.3g}"
+        f"{int(sums[names.ITERATIONS])} iterations, {int(sums[names.APPLICATIONS])} "
+        f"operator applications, {int(sums[names.PASSES])} passes over "
+        f"{len(result.records)} systems; hypergradient error mean "
+        f"{totals[names.MEAN_HG_ERROR]:.3g} "
+        f"max {totals[names.MAX_HG_ERROR]:.3g}"
     )
     return ResolveSummary(
         output_dir=out.resolve(),

@@ -18,12 +18,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from backends.threads import choose_num_threads, limited_threads
-from framework.experiment import checkpoint
+from framework.experiment import checkpoint, names
 from framework.experiment.config import Config, ProblemName, Task, flatten, to_yaml, validate
 from framework.experiment.console import say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
-from framework.experiment.names import JOB_NUM_TAG, OUTPUT_DIR_TAG, OVERRIDES_TAG, SWEEP_TAG
 from framework.experiment.resolve import (
     load_sequence,
     method_label,
@@ -43,9 +42,9 @@ def _hydra_context() -> tuple[Path | None, dict[str, str]]:
     hc = HydraConfig.get()
     tags: dict[str, str] = {}
     if hc.mode == RunMode.MULTIRUN:
-        tags[SWEEP_TAG] = str(hc.sweep.dir)
-        tags[JOB_NUM_TAG] = str(hc.job.num)
-        tags[OVERRIDES_TAG] = " ".join(hc.overrides.task)
+        tags[names.SWEEP_TAG] = str(hc.sweep.dir)
+        tags[names.JOB_NUM_TAG] = str(hc.job.num)
+        tags[names.OVERRIDES_TAG] = " ".join(hc.overrides.task)
     return Path(hc.runtime.output_dir), tags
 
 
@@ -57,44 +56,6 @@ def _run_name(c: Config) -> str:
         return f"resolve-{method_label(c.recycle, c.stop)}{dim}"
     prefix = "" if c.task == Task.train else f"{c.task}-"
     return f"{prefix}{c.problem.name}-{c.recycle.strategy}{dim}"
-
-
-def _run_other(
-    c: Config,
-    out: Path,
-    sweep_tags: dict[str, str],
-    started: float,
-    recording: Any,
-    run_params: dict[str, str],
-) -> Any:
-    """``task=resolve`` / ``task=evaluate``: one tracked run, no training loop."""
-    tags = {OUTPUT_DIR_TAG: str(out.resolve()), **sweep_tags}
-    if c.task == Task.evaluate:
-        prepared = prepare_evaluation(c)  # bad θ file / held-out range: before any run
-    else:
-        tags.update(resolve_tags(c))
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(c.tracking)
-    run_id = tracker.start(run_name=_run_name(c), tags=tags)
-    say(f"output dir {out.resolve()}")
-    if tracker.enabled:
-        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
-    try:
-        if c.task == Task.resolve:
-            tracker.log_params({**resolve_params(c, recording), **run_params})
-            tracker.log_text(to_yaml(c), "config.yaml")
-            summary = run_resolve(c, recording, out, tracker, say, started)
-        else:
-            tracker.log_params({**flatten(c), **run_params})
-            tracker.log_text(to_yaml(c), "config.yaml")
-            summary = run_evaluation(c, prepared, out, tracker, say)
-    except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    tracker.end("FINISHED")
-    if tracker.enabled:
-        say(f"MLflow run {run_id} at {tracker.uri}")
-    return summary
 
 
 def run(
@@ -130,50 +91,53 @@ def _run(
     output_dir: str | Path | None,
     engine_factory: EngineFactory | None,
 ) -> Any:
-    hydra_dir, sweep_tags = _hydra_context()
+    """Everything that can fail on the inputs (a recording, a θ file, a checkpoint of
+    another config) fails before the tracking run is created; then one tracked run."""
+    hydra_dir, tags = _hydra_context()
     if c.tracking.sweep_id:
-        sweep_tags[SWEEP_TAG] = c.tracking.sweep_id
+        tags[names.SWEEP_TAG] = c.tracking.sweep_id
     out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
-    if c.task in (Task.resolve, Task.evaluate):
-        recording = None
-        if c.task == Task.resolve:  # a bad recording fails here, before any tracking run exists
-            recording = load_sequence(c.sequence.path or "")
-        return _run_other(c, out, sweep_tags, started, recording, run_params)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / c.checkpoint.filename
-    state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
-    if state is not None:
-        check_resumable(state, c, ckpt_path)
+    tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
+    state = None
+    if c.task == Task.resolve:
+        recording = load_sequence(c.sequence.path or "")
+        tags.update(resolve_tags(c))
 
+        def work(tracker: Any) -> Any:
+            tracker.log_params({**resolve_params(c, recording), **run_params})
+            tracker.log_text(to_yaml(c), "config.yaml")
+            return run_resolve(c, recording, out, tracker, say, started)
+    elif c.task == Task.evaluate:
+        prepared = prepare_evaluation(c)
+
+        def work(tracker: Any) -> Any:
+            tracker.log_params({**flatten(c), **run_params})
+            tracker.log_text(to_yaml(c), "config.yaml")
+            return run_evaluation(c, prepared, out, tracker, say)
+    else:
+        ckpt_path = out / c.checkpoint.filename
+        state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
+        if state is not None:
+            check_resumable(state, c, ckpt_path)
+
+        def work(tracker: Any) -> Any:
+            return train(c, out, ckpt_path, state, tracker, engine_factory or make_engine,
+                         started, run_params)
+    out.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(c.tracking)  # an unreachable server fails here, before any work
-    run_id = tracker.start(
-        run_name=_run_name(c),
-        tags={OUTPUT_DIR_TAG: str(out.resolve()), **sweep_tags},
-        run_id=None if state is None else state.get("run_id"),
-    )
-    uri = tracker.uri if tracker.enabled else None
+    run_id = tracker.start(run_name=_run_name(c), tags=tags,
+                           run_id=None if state is None else state.get("run_id"))
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
-        say(f"tracking {uri} experiment {c.tracking.experiment!r} run {run_id}")
-    if state is not None:
-        say(f"resuming from {ckpt_path} at step {state['step']}")
+        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
     try:
-        summary = train(c, out, ckpt_path, state, tracker, engine_factory or make_engine, started,
-                        run_params)
+        summary = work(tracker)
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        tracker.end(status)
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
-    say(
-        f"finished {summary.steps} steps in {summary.wall_time:.1f} s; upper loss "
-        f"{summary.initial_loss:.6g} → {summary.final_loss:.6g}"
-    )
-    say(f"results in {out.resolve()} (θ: {summary.theta_path.name})")
-    if uri is not None:
-        say(f"MLflow run {run_id} at {uri}")
-        if uri.startswith("sqlite:///"):
-            say(f"browse with: mlflow ui --backend-store-uri {uri}")
+    if tracker.enabled:
+        say(f"MLflow run {run_id} at {tracker.uri}")
+        if tracker.uri.startswith("sqlite:///"):
+            say(f"browse with: mlflow ui --backend-store-uri {tracker.uri}")
     return summary
-
-

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from framework.experiment.names import SWEEP_TAG
+from framework.experiment import names
 
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -359,7 +359,7 @@ def read_runs(
     exp_id = _experiment_id(client, uri, experiment, create=False)
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
-    flt = f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
     runs = retry(
         client.search_runs, [exp_id], filter_string=flt, order_by=["attributes.start_time ASC"],
         max_results=5000,

@@ -8,7 +8,7 @@ optimiser step per step, a checkpoint every ``checkpoint.every`` steps and at th
 θ, the recording (``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
-``cumulative(key)`` metrics add up the ``TRAIN_COUNTS`` of steps 0..k.
+``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backends import get_backend, tune_cpu_allocator
-from framework.experiment import checkpoint, plots
+from framework.experiment import checkpoint, names, plots
 from framework.experiment.config import (
     BackendName,
     Config,
@@ -38,18 +38,6 @@ from framework.experiment.config import (
     to_yaml,
 )
 from framework.experiment.console import say
-from framework.experiment.names import (
-    BASELINE_KRYLOV_ITERATIONS,
-    BATCH_SIZE,
-    KRYLOV_ITERATIONS,
-    OUTER_BACKTRACKS,
-    OUTER_STEP_SIZE,
-    STEP_TIME,
-    TASK_TAG,
-    TRAIN_COUNTS,
-    UPPER_LOSS,
-    cumulative,
-)
 from framework.experiment.record import SequenceRecorder, problem_config_json
 from framework.experiment.tracking import resolve_uri
 from framework.optim import lbfgs, make_optimizer
@@ -167,6 +155,8 @@ def train(
     run_params: dict[str, str],
 ) -> RunSummary:
     """The outer loop of ``task=train``/``record`` (see the module docstring)."""
+    if state is not None:
+        say(f"resuming from {ckpt_path} at step {state['step']}")
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     if backend.name == BackendName.numpy:
         tune_cpu_allocator()  # batched temporaries: avoid an mmap + page faults per array
@@ -245,22 +235,22 @@ def train(
             update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
             theta = update.theta
             metrics = {k: float(v) for k, v in result.metrics().items()}
-            metrics.setdefault(UPPER_LOSS, float(result.loss))
-            metrics[STEP_TIME] = time.perf_counter() - t0
-            metrics[OUTER_STEP_SIZE] = update.step_size
-            metrics[OUTER_BACKTRACKS] = float(update.backtracks)
-            metrics[BATCH_SIZE] = float(len(indices))
-            for key in TRAIN_COUNTS:
+            metrics.setdefault(names.UPPER_LOSS, float(result.loss))
+            metrics[names.STEP_TIME] = time.perf_counter() - t0
+            metrics[names.OUTER_STEP_SIZE] = update.step_size
+            metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
+            metrics[names.BATCH_SIZE] = float(len(indices))
+            for key in names.TRAIN_COUNTS:
                 if key in metrics:
                     sums[key] = sums.get(key, 0.0) + metrics[key]
-                    metrics[cumulative(key)] = sums[key]
+                    metrics[names.cumulative(key)] = sums[key]
             tracker.log_metrics(metrics, step)
             history.append({"step": float(step), **metrics})
             per_sample.extend([[float(step), *row] for row in _sample_iterations(result, indices)])
             bar.update(1)
             bar.set_postfix(
-                loss=f"{metrics[UPPER_LOSS]:.4g}",
-                krylov=int(metrics.get(KRYLOV_ITERATIONS, 0)),
+                loss=f"{metrics[names.UPPER_LOSS]:.4g}",
+                krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
             if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
                 snapshot(step + 1, finished=False)
@@ -282,13 +272,16 @@ def train(
         recording = recorder.recording(problem_set.problems, backend, problem_config_json(c))
         sequence_path = recording.save(out / c.sequence.filename).resolve()
         tracker.log_artifact(sequence_path)
-        tracker.set_tags({TASK_TAG: Task.record})
+        tracker.set_tags({names.TASK_TAG: Task.record})
         say(
             f"recorded sequence ({recording.steps} steps, samples "
             f"{list(recording.sample_indices)}): {sequence_path}"
         )
     _log_figures(c, out, tracker, problem_set, backend, theta, history, per_sample)
-    losses = [h[UPPER_LOSS] for h in history]
+    losses = [h[names.UPPER_LOSS] for h in history]
+    if losses:
+        say(f"finished {len(history)} steps; upper loss {losses[0]:.6g} → {losses[-1]:.6g}")
+    say(f"results in {out.resolve()} (θ: {theta_path.name})")
     return RunSummary(
         output_dir=out.resolve(),
         checkpoint_path=ckpt_path.resolve(),
@@ -331,10 +324,11 @@ def _log_figures(
         ),
         "cumulative_iterations.png": plots.line(
             series,
-            [cumulative(KRYLOV_ITERATIONS), cumulative(BASELINE_KRYLOV_ITERATIONS)],
+            [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
+                                           names.BASELINE_KRYLOV_ITERATIONS)],
             "cumulative Krylov iterations",
         ),
-        "upper_loss.png": plots.line(series, [UPPER_LOSS], "upper loss"),
+        "upper_loss.png": plots.line(series, [names.UPPER_LOSS], "upper loss"),
     }
     theta_np = backend.to_numpy(theta)
     if c.problem.name != ProblemName.quadratic and c.problem.regularizer == Regularizer.foe:

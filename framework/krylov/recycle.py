@@ -36,12 +36,9 @@ ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
 Operator = Callable[[Any], Any]
 
 
-class Selection(Choice):
-    """Where recycle vectors are selected: against the matrix just solved (``inner``) or
-    against the next one from the whole carried basis (``outer``)."""
-
-    inner = "inner"
-    outer = "outer"
+# Where recycle vectors are selected: against the matrix just solved (``inner``) or against
+# the next one from the whole carried basis (``outer``).
+Selection = Choice("Selection", "inner outer")
 
 
 @dataclass

@@ -36,28 +36,14 @@ from array_api_compat import device as device_of
 from backends.choice import Choice
 from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, symmetrize
 
-
-class Strategy(Choice):
-    """Recycle strategies (config ``recycle.strategy``): ``none``, the five selections
-    above, and the dense oracles ``eig`` (exact eigenvectors, selected like ``ritz``) and
-    ``gsvd`` (exact generalised singular vectors, selected like ``rgen_right``)."""
-
-    none = "none"
-    ritz = "ritz"
-    harmonic_ritz = "harmonic_ritz"
-    rgen_left = "rgen_left"
-    rgen_right = "rgen_right"
-    rgen_both = "rgen_both"
-    eig = "eig"
-    gsvd = "gsvd"
+# Recycle strategies (config ``recycle.strategy``): ``none``, the five selections above, and
+# the dense oracles ``eig`` (exact eigenvectors, selected like ``ritz``) and ``gsvd`` (exact
+# generalised singular vectors, selected like ``rgen_right``).
+Strategy = Choice("Strategy", "none ritz harmonic_ritz rgen_left rgen_right rgen_both eig gsvd")
 
 
-class Which(Choice):
-    """End of the spectrum a selection keeps (config ``recycle.which``)."""
-
-    small = "small"
-    large = "large"
-    mix = "mix"
+# End of the spectrum a selection keeps (config ``recycle.which``).
+Which = Choice("Which", "small large mix")
 
 
 DEFAULT_WHICH = {

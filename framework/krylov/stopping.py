@@ -190,11 +190,8 @@ class HypergradientErrorRule:
         return xp.where(self.active, est <= self.threshold, fallback)
 
 
-class StopKind(Choice):
-    """Stopping rules (config ``stop.kind``)."""
-
-    residual = "residual"
-    hypergradient = "hypergradient"
+# Stopping rules (config ``stop.kind``).
+StopKind = Choice("StopKind", "residual hypergradient")
 
 
 @dataclass

@@ -20,12 +20,8 @@ import numpy as np
 from backends.choice import Choice
 from backends.host import to_host
 
-
-class Optimizer(Choice):
-    """Outer optimisers (config ``outer.name``)."""
-
-    adam = "adam"
-    gd = "gd"
+# Outer optimisers (config ``outer.name``).
+Optimizer = Choice("Optimizer", "adam gd")
 
 
 @dataclass(frozen=True)
