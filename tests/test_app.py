@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from framework.experiment import checkpoint, tracking
+from framework.experiment import checkpoint, names, tracking
 from framework.experiment.runner import run
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
@@ -102,7 +102,7 @@ def test_quadratic_end_to_end_from_another_cwd(tmp_path, uri):
     assert str(out) in result.stdout and record.run_id in result.stdout
     assert record.params["problem.name"] == "quadratic"
     assert record.params["recycle.dim"] == "3" and "seed_entropy" in record.params
-    assert record.tags[tracking.OUTPUT_DIR_TAG] == str(out)
+    assert record.tags[names.OUTPUT_DIR_TAG] == str(out)
     _assert_continuous(record, 4)
     for key in ("hypergradient_norm", "operator_applications", "baseline_krylov_iterations",
                 "cumulative_operator_applications", "lower_iterations"):

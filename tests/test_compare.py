@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from framework.experiment import compare, tracking
+from framework.experiment import compare, names
 from framework.experiment.tracking import Tracker
 
 
 def _log_run(name, strategy, dim, its, shadow=None, sweep="s1"):
     t = Tracker(experiment="cmp")
-    t.start(run_name=name, tags={tracking.SWEEP_TAG: sweep})
+    t.start(run_name=name, tags={names.SWEEP_TAG: sweep})
     t.log_params({"recycle.strategy": strategy, "recycle.dim": dim})
     total = total_shadow = 0.0
     for step, value in enumerate(its):

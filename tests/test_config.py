@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
 
 from framework.experiment.config import Config, ConfigError, flatten, validate
+from framework.experiment.engine_setup import engine_config
+from framework.krylov.recycle import RecycleConfig
+from framework.krylov.selection import Strategy
+from framework.krylov.stopping import StopConfig, StopKind
 
 GROUP_OPTIONS = {
     "problem": ["mnist_inpainting", "denoise", "quadratic"],
@@ -54,7 +59,6 @@ def test_bsds_with_existing_path_validates(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (["recycle.strategy=ritzz"], "recycle.strategy"),
         (["recycle.dim=-3"], "recycle.dim"),
         (["outer.lr=0"], "outer.lr"),
         (["outer.lr=-1e-3"], "outer.lr"),
@@ -63,20 +67,39 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["problem=bsds_deblur", "problem.data_path=/no/such/folder"], "problem.data_path"),
         (["problem.kernel_size=4"], "problem.kernel_size"),
         (["problem.num_samples=40"], "problem.num_samples"),
-        (["recycle.which=middle"], "recycle.which"),
-        (["backend.name=jax"], "backend.name"),
-        (["stop.rule=galerkin"], "stop.rule"),
-        (["baseline.mode=all"], "baseline.mode"),
         (["checkpoint.every=-1"], "checkpoint.every"),
-        (["solver.max_vectors=0"], "solver.max_vectors"),
+        (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
-        (["problem.split=val"], "problem.split"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         validate(_compose(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("recycle.strategy=ritzz", "recycle.strategy"), ("recycle.which=middle", "recycle.which"),
+     ("backend.name=jax", "backend.name"), ("stop.kind=galerkin", "stop.kind"),
+     ("baseline.mode=all", "baseline.mode"), ("problem.split=val", "problem.split"),
+     ("outer.name=sgd", "outer.name"), ("task=fit", "task"), ("recycle.dim=abc", "recycle.dim")],
+)
+def test_unknown_option_names_fail_at_composition_naming_the_key(override, key):
+    """Choices are enums of the schema: Hydra rejects a bad name while composing."""
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(override)
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert info.value.__cause__.full_key == key
+
+
+def test_recycle_and_stop_groups_are_the_library_dataclasses():
+    c = validate(_compose("recycle=rgen_right", "recycle.dim=7", "stop=hypergradient",
+                          "stop.rtol=1e-4", "recycle.max_vectors=20"))
+    assert c.recycle == RecycleConfig(Strategy.rgen_right, 7, max_vectors=20)
+    assert c.stop == StopConfig(StopKind.hypergradient, rtol=1e-4)
+    settings = engine_config(c)
+    assert settings.recycle is c.recycle and settings.stop is c.stop
 
 
 def test_typos_and_wrong_types_fail_at_composition():
@@ -92,7 +115,7 @@ def test_flatten_gives_dotted_string_params():
     flat = flatten(validate(_compose("problem=quadratic")))
     assert flat["problem.name"] == "quadratic"
     assert flat["solver.lower.gtol"] == "1e-06"
-    assert flat["solver.max_vectors"] == "null"
+    assert flat["recycle.max_vectors"] == "null"
     assert len(flat) < 100
     assert all(isinstance(v, str) for v in flat.values())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.experiment import tracking
+from framework.experiment import names, tracking
 from framework.experiment.tracking import NullTracker, Tracker, TrackingError
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
@@ -47,7 +47,7 @@ def test_uri_resolution(tmp_path, monkeypatch):
 
 def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     tracker = Tracker(experiment="unit")
-    run_id = tracker.start(run_name="r1", tags={tracking.SWEEP_TAG: "s1"})
+    run_id = tracker.start(run_name="r1", tags={names.SWEEP_TAG: "s1"})
     params = {f"p{i:03d}": i for i in range(250)}
     params["long"] = "x" * 7000
     tracker.log_params(params)

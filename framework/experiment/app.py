@@ -10,12 +10,15 @@ works from any working directory.  Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import hydra
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ValidationError
 
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
@@ -38,8 +41,6 @@ class TrackingSetup(Callback):
 
 
 def _without_hydra(config: DictConfig) -> DictConfig:
-    from omegaconf import OmegaConf, open_dict
-
     copy = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     with open_dict(copy):
         copy.pop("hydra", None)
@@ -51,17 +52,36 @@ def _main(cfg: DictConfig) -> float:
     try:
         summary = run(cfg)
     except ConfigError as exc:
-        print(f"hyperkrylov: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _config_error(exc)
     except TrackingError as exc:
         print(f"hyperkrylov: tracking error: {exc}", file=sys.stderr)
         sys.exit(3)
     return summary.final_loss
 
 
+def _config_error(exc: ConfigError) -> None:
+    print(f"hyperkrylov: configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Console entry point (arguments are Hydra overrides from ``sys.argv``)."""
-    _main()
+    """Console entry point (arguments are Hydra overrides from ``sys.argv``).
+
+    A bad value (an unknown option name, a wrong type) fails at composition against the
+    schema; it is reported in one line naming the key, exit code 2, like the values
+    ``validate`` rejects.  Other composition errors (an unknown key or group option) exit
+    with code 1.  (``HYDRA_FULL_ERROR`` lets those errors reach this function instead of
+    Hydra's multi-line report.)"""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _main()
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ValidationError):
+            _config_error(ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}"))
+        detail = "" if cause is None else f": {str(cause).splitlines()[0]}"
+        print(f"hyperkrylov: {str(exc).splitlines()[0]}{detail}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

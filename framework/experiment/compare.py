@@ -22,28 +22,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.experiment import paper, plots
+from framework.experiment import names, paper, plots
 from framework.experiment.paper import format_paper_table
 from framework.experiment.tracking import (
-    SWEEP_TAG,
     RunRecord,
     TrackingError,
     percent_saved,
     read_runs,
 )
 
-ITERATIONS = "cumulative_krylov_iterations"
-APPLICATIONS = "cumulative_operator_applications"
-SHADOW_ITERATIONS = "cumulative_baseline_krylov_iterations"
-HG_ERROR = "hg_error_estimate"
-STEP_TIME = "cumulative_step_time"
+ITERATIONS = names.cumulative(names.KRYLOV_ITERATIONS)
+APPLICATIONS = names.cumulative(names.OPERATOR_APPLICATIONS)
+SHADOW_ITERATIONS = names.cumulative(names.BASELINE_KRYLOV_ITERATIONS)
 FIGURE_KEYS = {
-    "Krylov iterations per outer step": "krylov_iterations",
+    "Krylov iterations per outer step": names.KRYLOV_ITERATIONS,
     "cumulative Krylov iterations": ITERATIONS,
-    "hypergradient error estimate": HG_ERROR,
-    "upper loss": "upper_loss",
+    "hypergradient error estimate": names.HG_ERROR_ESTIMATE,
+    "upper loss": names.UPPER_LOSS,
 }
-HISTORY_KEYS = (*FIGURE_KEYS.values(), "baseline_krylov_iterations")
+HISTORY_KEYS = (*FIGURE_KEYS.values(), names.BASELINE_KRYLOV_ITERATIONS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,9 @@ class ComparisonRow:
 def _application_savings(r: RunRecord) -> float:
     """Operator applications saved against the shadow baseline: recycling's HVPs (solve and
     C = HU) plus the Jᵀ products beyond the one −Jᵀw per system both need."""
-    extra_jt = r.metric("cumulative_jac_t") - r.metric("cumulative_batch_size")
-    mine = r.metric("cumulative_hvp") + extra_jt
-    return percent_saved(mine, r.metric("cumulative_baseline_hvp"))
+    total = lambda key: r.metric(names.cumulative(key))  # noqa: E731
+    extra_jt = total(names.JAC_T) - total(names.BATCH_SIZE)
+    return percent_saved(total(names.HVP) + extra_jt, total(names.BASELINE_HVP))
 
 
 def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
@@ -78,23 +75,24 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
     baselines: dict[str, float] = {}
     for r in records:
         if r.params.get("recycle.strategy") == "none":
-            baselines.setdefault(r.tags.get(SWEEP_TAG, ""), r.metric(ITERATIONS))
+            baselines.setdefault(r.tags.get(names.SWEEP_TAG, ""), r.metric(ITERATIONS))
     rows = []
     for r in records:
         its = r.metric(ITERATIONS)
         shadow = r.metric(SHADOW_ITERATIONS)
         if math.isfinite(shadow):
             savings, ref = percent_saved(its, shadow), "shadow"
-        elif r.tags.get(SWEEP_TAG, "") in baselines:
-            baseline = baselines[r.tags.get(SWEEP_TAG, "")]
+        elif r.tags.get(names.SWEEP_TAG, "") in baselines:
+            baseline = baselines[r.tags.get(names.SWEEP_TAG, "")]
             savings, ref = percent_saved(its, baseline), "recycle=none run"
         else:
             savings, ref = math.nan, "-"
-        errors = [v for _, v in r.history.get(HG_ERROR, ()) if math.isfinite(v)]
+        errors = [v for _, v in r.history.get(names.HG_ERROR_ESTIMATE, ()) if math.isfinite(v)]
         wall = math.nan
         if r.start_time and r.end_time:
             wall = r.end_time - r.start_time
-        steps = len(r.history.get("upper_loss", ())) or int(r.metrics.get("batch_size", 0) > 0)
+        steps = len(r.history.get(names.UPPER_LOSS, ()))
+        steps = steps or int(r.metrics.get(names.BATCH_SIZE, 0) > 0)
         rows.append(
             ComparisonRow(
                 run_id=r.run_id,
@@ -108,7 +106,7 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
                 savings_reference=ref,
                 application_savings_percent=_application_savings(r),
                 mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
-                solve_time=r.metric(STEP_TIME),
+                solve_time=r.metric(names.cumulative(names.STEP_TIME)),
                 wall_time=wall,
             )
         )
@@ -142,10 +140,10 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
 
 def latest_sweep(records: Sequence[RunRecord]) -> str | None:
     """The sweep id of the most recently started tagged run."""
-    tagged = [r for r in records if SWEEP_TAG in r.tags]
+    tagged = [r for r in records if names.SWEEP_TAG in r.tags]
     if not tagged:
         return None
-    return max(tagged, key=lambda r: r.start_time or 0.0).tags[SWEEP_TAG]
+    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG]
 
 
 def compare(

@@ -2,37 +2,47 @@
 
 The YAML files in ``conf/`` choose one option per group; the dataclasses here are the
 schema they are merged into (``config_schema`` is the first entry of ``conf/config.yaml``'s
-defaults list), so an unknown key or a value of the wrong type fails at composition.
-``validate`` then checks values (names, ranges, paths) and raises ``ConfigError`` naming
-the bad key, before any data is loaded or any tracking run is created.
+defaults list), so an unknown key, a value of the wrong type or an unknown option name
+(every choice is an enum) fails at composition.  The groups ``recycle`` and ``stop`` are
+the library's own ``RecycleConfig`` and ``StopConfig``.  ``validate`` then checks ranges
+and the rules that tie several keys together and raises ``ConfigError`` naming the bad
+key, before any data is loaded or any tracking run is created.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-PROBLEMS = ("mnist_inpainting", "bsds_deblur", "denoise", "quadratic")
-DATASETS = ("embedded_mnist", "mnist", "bsds300", "none")
-SPLITS = ("train", "test")
-OPERATORS = ("identity", "inpainting", "blur", "none")
-REGULARIZERS = ("foe", "tv", "none")
-EXPERTS = ("l2", "huber", "smooth_l1", "lorentzian")
-LEARN = ("filters", "exponents", "both")
-FILTER_INITS = ("dct", "gaussian")
-BACKENDS = ("numpy", "cupy", "array_api_strict", "torch")
-DTYPES = ("float32", "float64")
-STRATEGIES = ("none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both")
-WHICH = ("small", "large", "mix")
-STOP_RULES = ("residual", "hypergradient")
-OPTIMIZERS = ("adam", "gd")
-BASELINES = ("none", "shadow")
-TASKS = ("train", "record", "resolve", "evaluate")
+from backends.choice import Choice
+from backends.core import BACKEND_NAMES
+from framework.krylov.recycle import RecycleConfig
+from framework.krylov.selection import Strategy
+from framework.krylov.stopping import StopConfig, StopKind
+from framework.optim.outer import Optimizer
+from problems.experts import EXPERT_NAMES
+from problems.foe import LEARN_OPTIONS
+
+# Option names of the groups (enum members equal their strings; the library's own names
+# where a library module owns the idea).
+BackendName = Choice("BackendName", BACKEND_NAMES)
+Expert = Choice("Expert", EXPERT_NAMES)
+Learn = Choice("Learn", LEARN_OPTIONS)
+Task = Choice("Task", "train record resolve evaluate")
+ProblemName = Choice("ProblemName", "mnist_inpainting bsds_deblur denoise quadratic")
+Dataset = Choice("Dataset", "embedded_mnist mnist bsds300 none")
+Split = Choice("Split", "train test")
+OperatorName = Choice("OperatorName", "identity inpainting blur none")
+Regularizer = Choice("Regularizer", "foe tv none")
+FilterInit = Choice("FilterInit", "dct gaussian")
+DType = Choice("DType", "float32 float64")
+Baseline = Choice("Baseline", "none shadow")
 
 
 class ConfigError(ValueError):
@@ -43,25 +53,25 @@ class ConfigError(ValueError):
 class ProblemConfig:
     """One dataset of bilevel samples (fields not used by a problem are ignored)."""
 
-    name: str = "mnist_inpainting"
-    dataset: str = "embedded_mnist"
+    name: ProblemName = ProblemName.mnist_inpainting
+    dataset: Dataset = Dataset.embedded_mnist
     data_path: str | None = None
     num_samples: int = 4
     start: int = 0
-    split: str = "train"  # BSDS300 image folder: train | test
+    split: Split = Split.train  # BSDS300 image folder
     crop: int = 64
-    operator: str = "inpainting"
+    operator: OperatorName = OperatorName.inpainting
     fraction_removed: float = 0.4
     blur_sigma: float = 1.5
     noise_level: float = 0.05
-    regularizer: str = "foe"
+    regularizer: Regularizer = Regularizer.foe
     kernel_size: int = 5
     num_filters: int | None = None
-    filters_init: str = "dct"
+    filters_init: FilterInit = FilterInit.dct
     init_exponent: float = -1.0
-    expert: str = "lorentzian"
+    expert: Expert = Expert.lorentzian
     gamma: float = 0.01
-    learn: str = "both"
+    learn: Learn = Learn.both
     epsilon: float = 1e-6
     # quadratic test problem
     n: int = 30
@@ -71,8 +81,8 @@ class ProblemConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "numpy"
-    dtype: str = "float64"
+    name: BackendName = BackendName.numpy
+    dtype: DType = DType.float64
     device: str | None = None
     # BLAS/OpenMP threads of the run (null: backends.threads.choose_num_threads — one per
     # job on the CPU unless the problem is dense and large; ignored by CuPy)
@@ -88,32 +98,15 @@ class LowerSolverConfig:
 
 @dataclass
 class SolverConfig:
-    rtol: float = 1e-3
-    atol: float = 0.0
     maxiter: int = 500
-    max_vectors: int | None = None
     batched: bool = True
     check_every: int | None = None
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 
 @dataclass
-class RecycleConfig:
-    strategy: str = "ritz"
-    dim: int = 10
-    which: str | None = None
-
-
-@dataclass
-class StopConfig:
-    rule: str = "residual"
-    tol: float = 1e-3
-    safety: float = 1.0
-
-
-@dataclass
 class OuterConfig:
-    name: str = "adam"
+    name: Optimizer = Optimizer.adam
     lr: float = 1e-2
     steps: int = 10
     batch_size: int | None = None
@@ -135,7 +128,7 @@ class TrackingConfig:
 
 @dataclass
 class BaselineConfig:
-    mode: str = "none"
+    mode: Baseline = Baseline.none
 
 
 @dataclass
@@ -172,7 +165,7 @@ class EvaluateConfig:
     num_samples: int = 4
     # null: held-out images follow the training ones in the training split; "test"
     # (BSDS300): images offset, offset + 1, … of the test split
-    split: str | None = None
+    split: Split | None = None
     tv_grid: list[float] = field(
         default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
     )
@@ -185,222 +178,155 @@ class Config:
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
-    recycle: RecycleConfig = field(default_factory=RecycleConfig)
-    stop: StopConfig = field(default_factory=StopConfig)
+    recycle: RecycleConfig = field(default_factory=lambda: RecycleConfig(Strategy.ritz, 10))
+    stop: StopConfig = field(default_factory=lambda: StopConfig(rtol=1e-3))
     outer: OuterConfig = field(default_factory=OuterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    task: str = "train"
+    task: Task = Task.train
     seed: int = 0
     progress: bool = True
 
 
-def register_configs() -> None:
-    """Register the root schema ``config_schema`` in Hydra's ConfigStore.
-
-    ``conf/config.yaml`` lists it first, so every group option is merged into (and
-    type-checked against) the dataclass of its group.
-    """
-    ConfigStore.instance().store(name="config_schema", node=Config)
-
-
-register_configs()
+# The root schema: conf/config.yaml lists ``config_schema`` first, so every group option is
+# merged into (and type-checked against) the dataclass of its group.
+ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 # -- validation ------------------------------------------------------------------------
-def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
+# Ranges (a None value of an optional key passes); everything else is checked by the
+# schema's types and enums or by a rule below.
+_POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
+    problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
+    solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
+    stop.keep outer.lr outer.steps outer.batch_size outer.eps sequence.reference_rtol
+    evaluate.num_samples""".split()
+_NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
+    stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
 
 
-def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) -> None:
-    bad = value is None or not math.isfinite(float(value))
-    bad = bad or (value < 0 if allow_zero else value <= 0)
-    if bad:
-        sign = "non-negative" if allow_zero else "positive"
-        raise ConfigError(f"{key}: must be {sign}; got {value!r}")
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+def _check_ranges(c: Any) -> None:
+    for key in (*_POSITIVE, *_NON_NEGATIVE):
+        value, closed = reduce(getattr, key.split("."), c), key in _NON_NEGATIVE
+        ok = value is None or (math.isfinite(value) and (value >= 0 if closed else value > 0))
+        if not ok:
+            _fail(key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
+
+
+def _within(key: str, value: float, low: float, high: float, *, closed_low: bool) -> None:
+    if not ((low <= value if closed_low else low < value) and value < high):
+        _fail(key, f"must be in {'[' if closed_low else '('}{low}, {high}); got {value!r}")
+
+
+def _plain_file_name(key: str, name: str, suffix: str = "") -> None:
+    if not name or "/" in name or not name.endswith(suffix):
+        _fail(key, f"must be a plain file name{f' ending in {suffix}' if suffix else ''}; "
+                   f"got {name!r}")
+
+
+def _existing_file(key: str, path: str | None, task: str, written_by: str) -> None:
+    if not path:
+        _fail(key, f"required for task={task}; give {key}=/path/to/{written_by}")
+    if not Path(path).expanduser().is_file():
+        _fail(key, f"{path!r} does not exist or is not a file")
+
+
+def _check_split(key: str, split: Split | None, dataset: Dataset, hint: str) -> None:
+    if split not in (None, Split.train) and dataset != Dataset.bsds300:
+        _fail(key, f"only bsds300 has a {split!r} split; dataset {dataset!r} {hint}")
 
 
 def _validate_problem(p: ProblemConfig) -> None:
-    _choice("problem.name", p.name, PROBLEMS)
-    if p.name == "quadratic":
+    if p.name == ProblemName.quadratic:
         if p.n < 3:
-            raise ConfigError(f"problem.n: must be at least 3; got {p.n!r}")
-        _positive("problem.num_terms", p.num_terms)
-        _positive("problem.num_samples", p.num_samples)
+            _fail("problem.n", f"must be at least 3; got {p.n!r}")
         return
-    _choice("problem.dataset", p.dataset, DATASETS[:-1])
-    _choice("problem.operator", p.operator, OPERATORS[:-1])
-    _choice("problem.regularizer", p.regularizer, REGULARIZERS[:-1])
-    _choice("problem.expert", p.expert, EXPERTS)
-    _choice("problem.learn", p.learn, LEARN)
-    _choice("problem.filters_init", p.filters_init, FILTER_INITS)
-    _positive("problem.num_samples", p.num_samples)
-    _positive("problem.start", p.start, allow_zero=True)
-    _choice("problem.split", p.split, SPLITS)
-    if p.split != "train" and p.dataset != "bsds300":
-        raise ConfigError(
-            f"problem.split: only bsds300 has a {p.split!r} split; dataset {p.dataset!r} "
-            "has one set of images (use problem.start to choose them)"
-        )
-    _positive("problem.noise_level", p.noise_level, allow_zero=True)
-    _positive("problem.gamma", p.gamma)
-    _positive("problem.epsilon", p.epsilon, allow_zero=True)
-    _positive("problem.blur_sigma", p.blur_sigma)
-    if not 0.0 <= p.fraction_removed < 1.0:
-        raise ConfigError(
-            f"problem.fraction_removed: must be in [0, 1); got {p.fraction_removed!r}"
-        )
+    for key in ("dataset", "operator", "regularizer"):
+        if getattr(p, key) == "none":
+            _fail(f"problem.{key}", f"'none' is only for problem=quadratic ({p.name!r})")
+    _check_split("problem.split", p.split, p.dataset,
+                 "has one set of images (use problem.start to choose them)")
+    _within("problem.fraction_removed", p.fraction_removed, 0.0, 1.0, closed_low=True)
     if p.kernel_size < 1 or p.kernel_size % 2 == 0:
-        raise ConfigError(
-            f"problem.kernel_size: must be a positive odd integer; got {p.kernel_size!r}"
-        )
-    if p.num_filters is not None:
-        _positive("problem.num_filters", p.num_filters)
-        if p.filters_init == "dct" and p.num_filters > p.kernel_size**2 - 1:
-            raise ConfigError(
-                f"problem.num_filters: at most kernel_size² − 1 = {p.kernel_size**2 - 1} DCT "
-                f"filters exist; got {p.num_filters}"
-            )
-    if p.dataset == "embedded_mnist":
+        _fail("problem.kernel_size", f"must be a positive odd integer; got {p.kernel_size!r}")
+    if (p.num_filters is not None and p.filters_init == FilterInit.dct
+            and p.num_filters > p.kernel_size**2 - 1):
+        _fail("problem.num_filters", f"at most kernel_size² − 1 = {p.kernel_size**2 - 1} DCT "
+                                     f"filters exist; got {p.num_filters}")
+    if p.dataset == Dataset.embedded_mnist:
         if p.start + p.num_samples > 16:
-            raise ConfigError(
-                "problem.num_samples: the embedded MNIST sample holds 16 digits; "
-                f"start + num_samples = {p.start + p.num_samples}"
-            )
+            _fail("problem.num_samples", "the embedded MNIST sample holds 16 digits; "
+                                         f"start + num_samples = {p.start + p.num_samples}")
         return
-    if p.dataset == "bsds300":
-        _positive("problem.crop", p.crop)
     if not p.data_path:
-        raise ConfigError(
-            f"problem.data_path: required for dataset {p.dataset!r}; "
-            "give problem.data_path=/path/to/the/data"
-        )
-    path = Path(p.data_path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"problem.data_path: {str(path)!r} does not exist")
+        _fail("problem.data_path", f"required for dataset {p.dataset!r}; "
+                                   "give problem.data_path=/path/to/the/data")
+    if not Path(p.data_path).expanduser().exists():
+        _fail("problem.data_path", f"{str(Path(p.data_path).expanduser())!r} does not exist")
 
 
 def _validate_task(c: Config) -> None:
     s = c.sequence
-    if not s.filename or "/" in s.filename or not s.filename.endswith(".npz"):
-        raise ConfigError(
-            f"sequence.filename: must be a plain file name ending in .npz; got {s.filename!r}"
-        )
-    _positive("sequence.reference_rtol", s.reference_rtol)
-    if c.task == "record":
-        if not s.samples:
-            raise ConfigError("sequence.samples: give at least one sample index to record")
+    _plain_file_name("sequence.filename", s.filename, ".npz")
+    if c.task == Task.record:
         count = c.problem.num_samples
-        bad = [i for i in s.samples if not 0 <= i < count]
-        if bad or len(set(s.samples)) != len(s.samples):
-            raise ConfigError(
-                f"sequence.samples: must be distinct indices in [0, {count}) "
-                f"(problem.num_samples); got {list(s.samples)!r}"
-            )
-    if c.task == "resolve":
-        if not s.path:
-            raise ConfigError(
-                "sequence.path: required for task=resolve; give sequence.path=/path/to/"
-                "sequence.npz (written by task=record)"
-            )
-        path = Path(s.path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"sequence.path: {str(path)!r} does not exist or is not a file")
-    if c.task == "evaluate":
-        if not c.evaluate.theta_path:
-            raise ConfigError(
-                "evaluate.theta_path: required for task=evaluate; give "
-                "evaluate.theta_path=/path/to/theta.npz (written by a training run)"
-            )
-        if not Path(c.evaluate.theta_path).expanduser().is_file():
-            raise ConfigError(
-                f"evaluate.theta_path: {c.evaluate.theta_path!r} does not exist or is not a file"
-            )
-        _positive("evaluate.num_samples", c.evaluate.num_samples)
-        _positive("evaluate.offset", c.evaluate.offset, allow_zero=True)
-        if c.evaluate.split is not None:
-            _choice("evaluate.split", c.evaluate.split, SPLITS)
-            if c.evaluate.split != "train" and c.problem.dataset != "bsds300":
-                raise ConfigError(
-                    f"evaluate.split: only bsds300 has a {c.evaluate.split!r} split; "
-                    f"dataset {c.problem.dataset!r} takes held-out images after the "
-                    "training ones (leave evaluate.split=null)"
-                )
+        if not s.samples or any(not 0 <= i < count for i in s.samples) or (
+                len(set(s.samples)) != len(s.samples)):
+            _fail("sequence.samples", f"must be one or more distinct indices in [0, {count}) "
+                                      f"(problem.num_samples); got {list(s.samples)!r}")
+    if c.task == Task.resolve:
+        _existing_file("sequence.path", s.path, "resolve", "sequence.npz (written by task=record)")
+    if c.task == Task.evaluate:
+        _existing_file("evaluate.theta_path", c.evaluate.theta_path, "evaluate",
+                       "theta.npz (written by a training run)")
+        _check_split("evaluate.split", c.evaluate.split, c.problem.dataset,
+                     "takes held-out images after the training ones (leave evaluate.split=null)")
         if not c.evaluate.tv_grid:
-            raise ConfigError("evaluate.tv_grid: give at least one log10 TV weight")
+            _fail("evaluate.tv_grid", "give at least one log10 TV weight")
+
+
+def _merged(cfg: DictConfig | Config) -> DictConfig:
+    """``cfg`` merged into the schema (types and enum names checked), or ``ConfigError``
+    naming the key."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{f'{key}: ' if key else ''}{exc}".splitlines()[0]) from exc
 
 
 def validate(cfg: DictConfig | Config) -> Config:
-    """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key."""
-    if isinstance(cfg, DictConfig):
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-            c = OmegaConf.to_object(merged)
-        except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys
-            key = getattr(exc, "full_key", None)
-            prefix = f"{key}: " if key else ""
-            raise ConfigError(f"{prefix}{exc}".splitlines()[0]) from exc
-        assert isinstance(c, Config)
-    else:
-        c = cfg
-    _choice("task", c.task, TASKS)
-    if c.task != "resolve":  # a re-solve takes its problem from the recording
+    """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key.
+
+    Ranges and cross-key rules are checked on the merged config before the typed one is
+    built, so the library dataclasses (``RecycleConfig``, ``StopConfig``) never see a
+    value this function would reject."""
+    c: Any = _merged(cfg)
+    _check_ranges(c)
+    if c.task != Task.resolve:  # a re-solve takes its problem from the recording
         _validate_problem(c.problem)
     _validate_task(c)
-    _choice("backend.name", c.backend.name, BACKENDS)
-    _choice("backend.dtype", c.backend.dtype, DTYPES)
-    if c.backend.num_threads is not None:
-        _positive("backend.num_threads", c.backend.num_threads)
-    _positive("solver.rtol", c.solver.rtol, allow_zero=True)
-    _positive("solver.atol", c.solver.atol, allow_zero=True)
-    if c.solver.rtol == 0 and c.solver.atol == 0 and c.stop.rule == "residual":
-        raise ConfigError("solver.rtol: rtol and atol are both zero; the solver would never stop")
-    _positive("solver.maxiter", c.solver.maxiter)
-    if c.solver.max_vectors is not None:
-        _positive("solver.max_vectors", c.solver.max_vectors)
-    if c.solver.check_every is not None:
-        _positive("solver.check_every", c.solver.check_every)
-    _positive("solver.lower.gtol", c.solver.lower.gtol)
-    _positive("solver.lower.maxiter", c.solver.lower.maxiter)
-    _positive("solver.lower.memory", c.solver.lower.memory)
-    _choice("recycle.strategy", c.recycle.strategy, STRATEGIES)
-    if c.recycle.which is not None:
-        _choice("recycle.which", c.recycle.which, WHICH)
-    if c.recycle.dim < 0 or (c.recycle.strategy != "none" and c.recycle.dim == 0):
-        raise ConfigError(
-            f"recycle.dim: must be positive for strategy {c.recycle.strategy!r}; "
-            f"got {c.recycle.dim!r}"
-        )
-    _choice("stop.rule", c.stop.rule, STOP_RULES)
-    _positive("stop.tol", c.stop.tol)
-    _positive("stop.safety", c.stop.safety)
-    _choice("outer.name", c.outer.name, OPTIMIZERS)
-    _positive("outer.lr", c.outer.lr)
-    _positive("outer.steps", c.outer.steps)
-    if c.outer.batch_size is not None:
-        _positive("outer.batch_size", c.outer.batch_size)
-    b1, b2 = c.outer.betas
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ConfigError(f"outer.betas: each must be in [0, 1); got {tuple(c.outer.betas)!r}")
-    _positive("outer.eps", c.outer.eps)
-    if not 0 < c.outer.shrink < 1:
-        raise ConfigError(f"outer.shrink: must be in (0, 1); got {c.outer.shrink!r}")
-    if not 0 < c.outer.c1 < 1:
-        raise ConfigError(f"outer.c1: must be in (0, 1); got {c.outer.c1!r}")
-    _positive("outer.max_backtracks", c.outer.max_backtracks, allow_zero=True)
+    if c.stop.rtol == 0 and c.stop.atol == 0 and c.stop.kind == StopKind.residual:
+        _fail("stop.rtol", "rtol and atol are both zero; the solver would never stop")
+    if c.recycle.strategy != Strategy.none and c.recycle.dim == 0:
+        _fail("recycle.dim", f"must be positive for strategy {c.recycle.strategy!r}; got 0")
+    for i, beta in enumerate(c.outer.betas):
+        _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
+    _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
+    _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
     if not c.tracking.experiment:
-        raise ConfigError("tracking.experiment: must be a non-empty name")
-    _choice("baseline.mode", c.baseline.mode, BASELINES)
-    _positive("checkpoint.every", c.checkpoint.every, allow_zero=True)
-    if not c.checkpoint.filename or "/" in c.checkpoint.filename:
-        raise ConfigError(
-            f"checkpoint.filename: must be a plain file name; got {c.checkpoint.filename!r}"
-        )
-    return c
+        _fail("tracking.experiment", "must be a non-empty name")
+    _plain_file_name("checkpoint.filename", c.checkpoint.filename)
+    typed = OmegaConf.to_object(c)
+    assert isinstance(typed, Config)
+    return typed
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:

@@ -7,10 +7,8 @@ from typing import Any
 
 from framework.bilevel.batched_engine import batching_unsupported, create_engine
 from framework.bilevel.engine import EngineConfig
-from framework.experiment.config import Config
+from framework.experiment.config import Baseline, Config
 from framework.experiment.console import say
-from framework.krylov.recycle import RecycleConfig
-from framework.krylov.stopping import StopConfig
 from problems.factory import ProblemSet
 
 
@@ -30,25 +28,14 @@ def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> Any:
 
 
 def engine_config(cfg: Config) -> EngineConfig:
-    """``EngineConfig`` (hypergradient settings) from the typed config."""
-    strategy = cfg.recycle.strategy
+    """``EngineConfig`` (hypergradient settings) from the typed config: the groups
+    ``recycle`` and ``stop`` are the library's ``RecycleConfig`` and ``StopConfig``."""
     return EngineConfig(
-        recycle=RecycleConfig(
-            strategy=strategy,
-            k=0 if strategy == "none" else cfg.recycle.dim,
-            which=cfg.recycle.which,
-            max_vectors=cfg.solver.max_vectors,
-        ),
-        stop=StopConfig(
-            kind=cfg.stop.rule,
-            rtol=cfg.solver.rtol,
-            atol=cfg.solver.atol,
-            hg_rtol=cfg.stop.tol,
-            safety=cfg.stop.safety,
-        ),
+        recycle=cfg.recycle,
+        stop=cfg.stop,
         krylov_maxiter=cfg.solver.maxiter,
         lower_gtol=cfg.solver.lower.gtol,
         lower_maxiter=cfg.solver.lower.maxiter,
         lower_memory=cfg.solver.lower.memory,
-        shadow_baseline=cfg.baseline.mode == "shadow",
+        shadow_baseline=cfg.baseline.mode == Baseline.shadow,
     )

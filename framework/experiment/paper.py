@@ -14,18 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.experiment import plots
-from framework.experiment.resolve import (
-    DIM_TAG,
-    LABEL_TAG,
-    SEQUENCE_TAG,
-    STOP_TAG,
-    STRATEGY_TAG,
-    TASK_TAG,
-)
+from framework.experiment import names, plots
+from framework.experiment.config import Task
 from framework.experiment.tracking import RunRecord, percent_saved
+from framework.krylov.selection import Strategy
 
-HISTORY_KEYS = ("iterations", "cumulative_iterations", "hg_error", "upper_loss")
+HISTORY_KEYS = (names.ITERATIONS, names.cumulative(names.ITERATIONS), names.HG_ERROR,
+                names.UPPER_LOSS)
 STRATEGIES_FIGURE = "paper_strategies.png"
 DIMENSIONS_FIGURE = "paper_dimensions.png"
 
@@ -57,9 +52,10 @@ def resolve_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     """Finished re-solve runs, the latest per (recording, label, dim)."""
     latest: dict[tuple[str, str, str], RunRecord] = {}
     for r in records:
-        if r.tags.get(TASK_TAG) != "resolve" or r.status != "FINISHED":
+        if r.tags.get(names.TASK_TAG) != Task.resolve or r.status != "FINISHED":
             continue
-        key = (r.tags.get(SEQUENCE_TAG, ""), r.tags.get(LABEL_TAG, "?"), r.tags.get(DIM_TAG, "?"))
+        key = (r.tags.get(names.SEQUENCE_TAG, ""), r.tags.get(names.LABEL_TAG, "?"),
+               r.tags.get(names.DIM_TAG, "?"))
         if key not in latest or (r.start_time or 0) >= (latest[key].start_time or 0):
             latest[key] = r
     return sorted(latest.values(), key=lambda r: r.start_time or 0.0)
@@ -71,23 +67,23 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
     rows = [
         PaperRow(
             run_id=r.run_id,
-            label=r.tags.get(LABEL_TAG, "?"),
-            strategy=r.tags.get(STRATEGY_TAG, "?"),
-            dim=int(r.tags.get(DIM_TAG, "0")),
-            stop=r.tags.get(STOP_TAG, "?"),
-            sequence=r.tags.get(SEQUENCE_TAG, ""),
-            iterations=r.metric("total_iterations"),
-            hvp=r.metric("total_hvp"),
-            jac_t=r.metric("total_jac_t"),
-            applications=r.metric("total_applications"),
-            passes=r.metric("total_passes"),
-            solve_time=r.metric("total_solve_time"),
-            mean_hg_error=r.metric("mean_hg_error"),
-            max_hg_error=r.metric("max_hg_error"),
+            label=r.tags.get(names.LABEL_TAG, "?"),
+            strategy=r.tags.get(names.STRATEGY_TAG, "?"),
+            dim=int(r.tags.get(names.DIM_TAG, "0")),
+            stop=r.tags.get(names.STOP_TAG, "?"),
+            sequence=r.tags.get(names.SEQUENCE_TAG, ""),
+            iterations=r.metric(names.total(names.ITERATIONS)),
+            hvp=r.metric(names.total(names.HVP)),
+            jac_t=r.metric(names.total(names.JAC_T)),
+            applications=r.metric(names.total(names.APPLICATIONS)),
+            passes=r.metric(names.total(names.PASSES)),
+            solve_time=r.metric(names.total(names.SOLVE_TIME)),
+            mean_hg_error=r.metric(names.MEAN_HG_ERROR),
+            max_hg_error=r.metric(names.MAX_HG_ERROR),
         )
         for r in runs
     ]
-    base = {row.sequence: row for row in rows if row.strategy == "none"}
+    base = {row.sequence: row for row in rows if row.strategy == Strategy.none}
     out = []
     for row in rows:
         ref = base.get(row.sequence)
@@ -101,7 +97,7 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
                 }
             )
         out.append(row)
-    return sorted(out, key=lambda r: (r.sequence, r.strategy != "none", r.label, r.dim))
+    return sorted(out, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
 
 
 def _f(value: float, spec: str) -> str:
@@ -137,27 +133,27 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
         return []
     widest: dict[str, RunRecord] = {}
     for r in runs:
-        label = r.tags.get(LABEL_TAG, "?")
-        if label not in widest or int(r.tags.get(DIM_TAG, 0)) > int(
-            widest[label].tags.get(DIM_TAG, 0)
+        label = r.tags.get(names.LABEL_TAG, "?")
+        if label not in widest or int(r.tags.get(names.DIM_TAG, 0)) > int(
+            widest[label].tags.get(names.DIM_TAG, 0)
         ):
             widest[label] = r
-    ordered = sorted(widest.values(), key=lambda r: (r.tags.get(STRATEGY_TAG) != "none",
-                                                   r.start_time or 0.0))
+    ordered = sorted(widest.values(), key=lambda r: (
+        r.tags.get(names.STRATEGY_TAG) != Strategy.none, r.start_time or 0.0))
     series = []
     for r in ordered:
-        label = r.tags.get(LABEL_TAG, "?")
-        dim = int(r.tags.get(DIM_TAG, 0))
+        label = r.tags.get(names.LABEL_TAG, "?")
+        dim = int(r.tags.get(names.DIM_TAG, 0))
         series.append((label if dim == 0 else f"{label} k={dim}", r.history))
     paths = [plots.save(plots.paper_strategies(series), folder / STRATEGIES_FIGURE)]
     curves: dict[str, list[tuple[int, float]]] = {}
     none_total = math.nan
     for r in runs:
-        label = r.tags.get(LABEL_TAG, "?")
-        if r.tags.get(STRATEGY_TAG) == "none":
-            none_total = r.metric("total_iterations")
+        label = r.tags.get(names.LABEL_TAG, "?")
+        if r.tags.get(names.STRATEGY_TAG) == Strategy.none:
+            none_total = r.metric(names.total(names.ITERATIONS))
             continue
-        point = (int(r.tags.get(DIM_TAG, 0)), r.metric("total_iterations"))
+        point = (int(r.tags.get(names.DIM_TAG, 0)), r.metric(names.total(names.ITERATIONS)))
         curves.setdefault(label, []).append(point)
     curves = {k: v for k, v in curves.items() if len(v) >= 2}
     if curves:

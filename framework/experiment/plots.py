@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from framework.experiment import names
+
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 
@@ -149,10 +151,10 @@ def comparison(runs: Sequence[tuple[str, History]], keys: Mapping[str, str]) -> 
 
 
 PAPER_PANELS = (
-    ("Krylov iterations per system", "iterations", False),
-    ("cumulative Krylov iterations", "cumulative_iterations", False),
-    ("log₁₀ relative hypergradient error", "hg_error", True),
-    ("upper-level cost ℓ(x_t)", "upper_loss", False),
+    ("Krylov iterations per system", names.ITERATIONS, False),
+    ("cumulative Krylov iterations", names.cumulative(names.ITERATIONS), False),
+    ("log₁₀ relative hypergradient error", names.HG_ERROR, True),
+    ("upper-level cost ℓ(x_t)", names.UPPER_LOSS, False),
 )
 
 
@@ -164,13 +166,13 @@ def paper_strategies(runs: Sequence[tuple[str, History]]) -> Any:
     for ax, (title, key, log10) in zip(axes.flat, PAPER_PANELS, strict=True):
         for i, (label, history) in enumerate(runs):
             series = _series(history, key)
-            if series is None or (key == "upper_loss" and i > 0):
+            if series is None or (key == names.UPPER_LOSS and i > 0):
                 continue
             steps, values = series
             if log10:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     values = np.log10(values)
-            ax.plot(steps, values, ".-", ms=3, label=label if key != "upper_loss" else None)
+            ax.plot(steps, values, ".-", ms=3, label=label if key != names.UPPER_LOSS else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("system t (outer step)")
         ax.grid(alpha=0.3)

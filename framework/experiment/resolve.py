@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,41 +32,28 @@ import numpy as np
 
 from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
-from framework.experiment.config import Config, ConfigError, ProblemConfig, flatten
+from framework.experiment import names
+from framework.experiment.config import Config, ConfigError, ProblemConfig, Task, flatten
 from framework.experiment.engine_setup import engine_config
-from framework.krylov.selection import DEFAULT_WHICH
+from framework.krylov.recycle import RecycleConfig
+from framework.krylov.selection import DEFAULT_WHICH, Strategy, Which
 from framework.krylov.sequence import LinearSystem, SequenceResult, solve_sequence
-from framework.krylov.stopping import StopConfig
+from framework.krylov.stopping import StopConfig, StopKind
 from problems.factory import build_problems
 
-TASK_TAG = "hyperkrylov.task"
-STRATEGY_TAG = "hyperkrylov.strategy"
-DIM_TAG = "hyperkrylov.dim"
-STOP_TAG = "hyperkrylov.stop"
-WHICH_TAG = "hyperkrylov.which"
-LABEL_TAG = "hyperkrylov.label"
-SEQUENCE_TAG = "hyperkrylov.sequence"
-COUNT_KEYS = ("iterations", "hvp", "hvp_passes", "jac_t", "jac_t_passes", "applications",
-              "passes", "solve_time")
+_END = {Which.small: "S", Which.large: "L", Which.mix: "M"}
+_PAPER_NAMES = {Strategy.ritz: "Ritz-{}", Strategy.harmonic_ritz: "HRitz-{}",
+                Strategy.rgen_right: "RGen-{}(R)", Strategy.rgen_left: "RGen-{}(L)",
+                Strategy.rgen_both: "RGen-{}(B)"}
 
 
-def method_label(strategy: str, which: str | None, stop_rule: str) -> str:
+def method_label(recycle: RecycleConfig, stop: StopConfig) -> str:
     """The paper's name of a configuration: none, Ritz-S, HRitz-S, RGen-L(R), RGen-L(L),
     RGen-L(B), with "+NSC" for the hypergradient stopping rule."""
-    if strategy == "none":
-        base = "none"
-    else:
-        end = {"small": "S", "large": "L", "mix": "M"}.get(
-            which or DEFAULT_WHICH.get(strategy, "large"), "?"
-        )
-        base = {
-            "ritz": f"Ritz-{end}",
-            "harmonic_ritz": f"HRitz-{end}",
-            "rgen_right": f"RGen-{end}(R)",
-            "rgen_left": f"RGen-{end}(L)",
-            "rgen_both": f"RGen-{end}(B)",
-        }.get(strategy, strategy)
-    return base + ("+NSC" if stop_rule == "hypergradient" else "")
+    strategy = recycle.strategy
+    end = _END[recycle.which or DEFAULT_WHICH.get(strategy, Which.large)]
+    base = _PAPER_NAMES.get(strategy, str(strategy)).format(end)
+    return base + ("+NSC" if stop.kind == StopKind.hypergradient else "")
 
 
 def load_sequence(path: str | Path) -> RecordedSequence:
@@ -178,17 +166,21 @@ def resolve_params(c: Config, recording: RecordedSequence) -> dict[str, str]:
     return params
 
 
+def recycle_dim(recycle: RecycleConfig) -> int:
+    """The recycle dimension a run uses (0 without recycling)."""
+    return recycle.dim if recycle.enabled else 0
+
+
 def resolve_tags(c: Config) -> dict[str, str]:
-    which = c.recycle.which or ("-" if c.recycle.strategy == "none" else "default")
-    dim = 0 if c.recycle.strategy == "none" else c.recycle.dim
+    which = c.recycle.which or ("-" if c.recycle.strategy == Strategy.none else "default")
     return {
-        TASK_TAG: "resolve",
-        STRATEGY_TAG: c.recycle.strategy,
-        DIM_TAG: str(dim),
-        STOP_TAG: c.stop.rule,
-        WHICH_TAG: which,
-        LABEL_TAG: method_label(c.recycle.strategy, c.recycle.which, c.stop.rule),
-        SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
+        names.TASK_TAG: Task.resolve,
+        names.STRATEGY_TAG: c.recycle.strategy,
+        names.DIM_TAG: str(recycle_dim(c.recycle)),
+        names.STOP_TAG: c.stop.kind,
+        names.WHICH_TAG: which,
+        names.LABEL_TAG: method_label(c.recycle, c.stop),
+        names.SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
     }
 
 
@@ -196,8 +188,6 @@ def run_resolve(
     c: Config, recording: RecordedSequence, out: Path, tracker: Any, say: Any, started: float
 ) -> ResolveSummary:
     """Re-solve the recorded sequence of one sample with ``c``'s solver settings."""
-    import time
-
     dtype = recording.config().get("dtype", c.backend.dtype)
     backend = get_backend(c.backend.name, dtype=dtype, device=c.backend.device)
     sample = recording.sample_indices[0] if c.sequence.sample is None else c.sequence.sample
@@ -224,37 +214,39 @@ def run_resolve(
         float(problem.upper_loss(backend.asarray(recording.xs[t, which])))
         for t in range(recording.steps)
     )
-    cumulative = dict.fromkeys(COUNT_KEYS, 0.0)
+    sums = dict.fromkeys(names.RESOLVE_COUNTS, 0.0)
     for r, loss in zip(result.records, losses, strict=True):
         metrics = {
-            "iterations": r.iterations, "hvp": r.hvp, "hvp_passes": r.hvp_passes,
-            "jac_t": r.jac_t, "jac_t_passes": r.jac_t_passes, "applications": r.applications,
-            "passes": r.passes, "hg_error": r.hg_error, "hg_error_estimate": r.hg_error_estimate,
+            names.ITERATIONS: r.iterations, names.HVP: r.hvp, "hvp_passes": r.hvp_passes,
+            names.JAC_T: r.jac_t, "jac_t_passes": r.jac_t_passes,
+            names.APPLICATIONS: r.applications, names.PASSES: r.passes,
+            names.HG_ERROR: r.hg_error, names.HG_ERROR_ESTIMATE: r.hg_error_estimate,
             "residual_norm": r.residual_norm, "converged": float(r.converged),
-            "recycle_dim": r.recycle_dim, "solve_time": r.seconds, "upper_loss": loss,
+            "recycle_dim": r.recycle_dim, names.SOLVE_TIME: r.seconds, names.UPPER_LOSS: loss,
         }
-        for key in COUNT_KEYS:
-            cumulative[key] += float(metrics[key])
-            metrics[f"cumulative_{key}"] = cumulative[key]
+        for key in names.RESOLVE_COUNTS:
+            sums[key] += float(metrics[key])
+            metrics[names.cumulative(key)] = sums[key]
         tracker.log_metrics(metrics, r.index)
     errors = [r.hg_error for r in result.records]
-    totals = {f"total_{k}": v for k, v in cumulative.items()}
+    totals = {names.total(k): v for k, v in sums.items()}
     totals.update(
         {
             "systems": float(len(result.records)),
-            "mean_hg_error": float(np.mean(errors)),
-            "max_hg_error": float(np.max(errors)),
+            names.MEAN_HG_ERROR: float(np.mean(errors)),
+            names.MAX_HG_ERROR: float(np.max(errors)),
             "unconverged": float(sum(not r.converged for r in result.records)),
         }
     )
     tracker.log_metrics(totals, len(result.records))
-    label = method_label(c.recycle.strategy, c.recycle.which, c.stop.rule)
+    label = method_label(c.recycle, c.stop)
     say(
-        f"{label} k={0 if c.recycle.strategy == 'none' else c.recycle.dim}: "
-        f"{int(cumulative['iterations'])} iterations, {int(cumulative['applications'])} "
-        f"operator applications, {int(cumulative['passes'])} passes over "
-        f"{len(result.records)} systems; hypergradient error mean {totals['mean_hg_error']:.3g} "
-        f"max {totals['max_hg_error']:.3g}"
+        f"{label} k={recycle_dim(c.recycle)}: "
+        f"{int(sums[names.ITERATIONS])} iterations, {int(sums[names.APPLICATIONS])} "
+        f"operator applications, {int(sums[names.PASSES])} passes over "
+        f"{len(result.records)} systems; hypergradient error mean "
+        f"{totals[names.MEAN_HG_ERROR]:.3g} "
+        f"max {totals[names.MAX_HG_ERROR]:.3g}"
     )
     return ResolveSummary(
         output_dir=out.resolve(),

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from framework.experiment import names
+
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 MAX_METRICS_PER_BATCH = 1000
-SWEEP_TAG = "hyperkrylov.sweep_id"
-OUTPUT_DIR_TAG = "hyperkrylov.output_dir"
 
 T = TypeVar("T")
 
@@ -359,7 +359,7 @@ def read_runs(
     exp_id = _experiment_id(client, uri, experiment, create=False)
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
-    flt = f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
     runs = retry(
         client.search_runs, [exp_id], filter_string=flt, order_by=["attributes.start_time ASC"],
         max_results=5000,

@@ -27,48 +27,49 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.choice import Choice
 from backends.host import to_host
 from framework.krylov.recycle_space import RecycleSpace, RowOperator
-from framework.krylov.selection import WHICH, Projection, needs_jacobian, select
+from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
-STRATEGIES = ("none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both",
-              "eig", "gsvd")
-ORACLES = {"eig": "ritz", "gsvd": "rgen_right"}
+ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
 Operator = Callable[[Any], Any]
 
 
-@dataclass(frozen=True)
-class RecycleConfig:
-    """How the recycle space is chosen and carried.
+# Where recycle vectors are selected: against the matrix just solved (``inner``) or against
+# the next one from the whole carried basis (``outer``).
+Selection = Choice("Selection", "inner outer")
 
-    ``strategy`` (one of ``STRATEGIES``), ``k`` its dimension, ``which`` end of the
-    spectrum (small/large/mix; None = the strategy's default), ``max_vectors`` the cap s on
-    stored Lanczos vectors (None = keep all), ``selection`` inner/outer.
+
+@dataclass
+class RecycleConfig:
+    """How the recycle space is chosen and carried (also the schema of the config group
+    ``recycle``).
+
+    ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the spectrum (None =
+    the strategy's default), ``max_vectors`` the cap s on stored Lanczos vectors (None =
+    keep all), ``selection`` inner/outer, ``rank_tol`` the relative rank cut of the
+    orthonormalised space.  Names are checked by the enums (and by the config schema).
     """
 
-    strategy: str = "none"
-    k: int = 0
-    which: str | None = None
+    strategy: Strategy = Strategy.none
+    dim: int = 0
+    which: Which | None = None
     max_vectors: int | None = None
-    selection: str = "inner"
+    selection: Selection = Selection.inner
     rank_tol: float = 1e-10
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown recycle strategy {self.strategy!r}; valid names are "
-                             f"{', '.join(STRATEGIES)}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
-            raise ValueError(f"recycle dimension k must be an integer >= 0, got {self.k!r}")
-        if self.which is not None and self.which not in WHICH:
-            raise ValueError(f"which must be one of {', '.join(WHICH)}, got {self.which!r}")
+        self.strategy, self.selection = Strategy(self.strategy), Selection(self.selection)
+        self.which = None if self.which is None else Which(self.which)
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 0:
+            raise ValueError(f"recycle dimension dim must be an integer >= 0, got {self.dim!r}")
         if self.max_vectors is not None and self.max_vectors < 1:
             raise ValueError(f"max_vectors must be >= 1 or None, got {self.max_vectors!r}")
-        if self.selection not in ("inner", "outer"):
-            raise ValueError(f"selection must be 'inner' or 'outer', got {self.selection!r}")
 
     @property
     def enabled(self) -> bool:
-        return self.strategy != "none" and self.k > 0
+        return self.strategy != Strategy.none and self.dim > 0
 
     @property
     def needs_jacobian(self) -> bool:
@@ -219,7 +220,7 @@ class RecycleHarvester:
     def _compress(self, *, final: bool) -> None:
         cfg = self.config
         W, HW, JW = self.current_basis()
-        coef = select(Projection.from_products(W, HW, JW, self.valid), cfg.strategy, cfg.k,
+        coef = select(Projection.from_products(W, HW, JW, self.valid), cfg.strategy, cfg.dim,
                       cfg.which)
         self.Z = W @ coef
         self.zvalid = array_namespace(W).linalg.vector_norm(self.Z, axis=-2) > 0
@@ -279,7 +280,7 @@ class Recycler:
         HW = H(W)
         JW = jac_t(W) if cfg.needs_jacobian else None
         valid = xp.linalg.vector_norm(W, axis=-2) > 0
-        Y = select(Projection.from_products(W, HW, JW, valid), strategy, cfg.k, cfg.which)
+        Y = select(Projection.from_products(W, HW, JW, valid), strategy, cfg.dim, cfg.which)
         return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)
 
     def carry_after(self, result: Any, space: RecycleSpace | None) -> RecycleCarry | None:

@@ -33,34 +33,40 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.choice import Choice
 from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, symmetrize
 
-WHICH = ("small", "large", "mix")
+# Recycle strategies (config ``recycle.strategy``): ``none``, the five selections above, and
+# the dense oracles ``eig`` (exact eigenvectors, selected like ``ritz``) and ``gsvd`` (exact
+# generalised singular vectors, selected like ``rgen_right``).
+Strategy = Choice("Strategy", "none ritz harmonic_ritz rgen_left rgen_right rgen_both eig gsvd")
+
+
+# End of the spectrum a selection keeps (config ``recycle.which``).
+Which = Choice("Which", "small large mix")
+
+
 DEFAULT_WHICH = {
-    "ritz": "small",
-    "harmonic_ritz": "small",
-    "rgen_left": "large",
-    "rgen_right": "large",
-    "rgen_both": "large",
+    Strategy.ritz: Which.small,
+    Strategy.harmonic_ritz: Which.small,
+    Strategy.rgen_left: Which.large,
+    Strategy.rgen_right: Which.large,
+    Strategy.rgen_both: Which.large,
 }
 
 
 def needs_jacobian(strategy: str) -> bool:
-    return strategy.startswith("rgen")
+    return strategy in (Strategy.rgen_left, Strategy.rgen_right, Strategy.rgen_both)
 
 
-def check_selection(strategy: str, k: int, which: str | None) -> str:
+def check_selection(strategy: str, k: int, which: str | None) -> Which:
     """Validate a selection request; returns ``which`` with the strategy's default."""
-    if strategy not in DEFAULT_WHICH:
-        raise ValueError(
-            f"unknown selection strategy {strategy!r}; valid names are {', '.join(DEFAULT_WHICH)}"
-        )
-    which = DEFAULT_WHICH[strategy] if which is None else which
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    if Strategy(strategy) not in DEFAULT_WHICH:
+        raise ValueError(f"{strategy!r} is not a selection; valid names are "
+                         f"{', '.join(DEFAULT_WHICH)}")
     if k < 0:
         raise ValueError(f"recycle dimension k must be >= 0, got {k}")
-    return which
+    return DEFAULT_WHICH[strategy] if which is None else Which(which)
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,10 @@ def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any, dead: Any,
                 rank_tol: float) -> tuple[Any, Any, Any]:
     """Candidate vectors in S-coordinates, their sort key (small = first) and the mask
     of candidates that are padding."""
-    if strategy == "ritz":
+    if strategy == Strategy.ritz:
         theta, Z = xp.linalg.eigh(_separated(xp, Gt, dead))
         return Z, xp.abs(theta), _support(xp, Z, dead)
-    if strategy == "harmonic_ritz":
+    if strategy == Strategy.harmonic_ritz:
         # G z = μ F z with F > 0; harmonic Ritz values θ = 1/μ: |θ| small ⇔ |μ| large
         T, keep = orthonormal_coordinates(Ft + diag_embed(xp.astype(dead, Ft.dtype)), rank_tol)
         A = xp.matrix_transpose(T) @ Gt @ T
@@ -129,10 +135,9 @@ def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any, dead: Any,
     dec = gsvd(Pt, Gt + diag_embed(xp.astype(dead, Gt.dtype)))
     left, right = _normalized(xp, dec.left), _normalized(xp, dec.right)
     invalid = _support(xp, right, dead)
-    side = strategy.removeprefix("rgen_")
-    if side == "left":
+    if strategy == Strategy.rgen_left:
         return left, dec.sigma, invalid
-    if side == "right":
+    if strategy == Strategy.rgen_right:
         return right, dec.sigma, invalid
     agree = xp.sum(left * right, axis=-2)
     signs = xp.sign(agree) + xp.astype(agree == 0, agree.dtype)  # ±1, never 0
@@ -148,9 +153,9 @@ def _chosen(xp: Any, key: Any, invalid: Any, k: int, which: str) -> tuple[Any, A
     valid = ~invalid
     count = xp.sum(xp.astype(valid, rank.dtype), axis=-1, keepdims=True)
     from_top = count - 1 - rank
-    if which == "small":
+    if which == Which.small:
         chosen = rank < k
-    elif which == "large":
+    elif which == Which.large:
         chosen = from_top < k
     else:
         chosen = (rank < k // 2) | (from_top < k - k // 2)

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.choice import Choice
 from backends.host import to_host
 from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, symmetrize
 
@@ -189,16 +190,21 @@ class HypergradientErrorRule:
         return xp.where(self.active, est <= self.threshold, fallback)
 
 
-@dataclass(frozen=True)
+# Stopping rules (config ``stop.kind``).
+StopKind = Choice("StopKind", "residual hypergradient")
+
+
+@dataclass
 class StopConfig:
-    """Which stopping rule a recycled solve uses.
+    """Which stopping rule a recycled solve uses (also the schema of the config group
+    ``stop``).
 
     ``kind="residual"``: ‖r‖ ≤ max(rtol·‖b‖, atol).  ``kind="hypergradient"``: the NSC
     ``HypergradientErrorRule`` with relative tolerance ``hg_rtol`` (defaults to rtol),
     ``safety`` factor and ``keep`` generalised singular values (all when None).
     """
 
-    kind: str = "residual"
+    kind: StopKind = StopKind.residual
     rtol: float = 1e-5
     atol: float = 0.0
     hg_rtol: float | None = None
@@ -206,8 +212,9 @@ class StopConfig:
     keep: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("residual", "hypergradient"):
-            raise ValueError(f"stop kind must be 'residual' or 'hypergradient', got {self.kind!r}")
+        self.kind = StopKind(self.kind)
+        if not (math.isfinite(self.safety) and self.safety > 0):
+            raise ValueError(f"safety must be a finite number > 0, got {self.safety!r}")
         check_tolerances(self.rtol, self.atol)
         if self.hg_rtol is not None:
             check_tolerances(self.hg_rtol, 0.0)
@@ -215,7 +222,7 @@ class StopConfig:
     def rule(self, space: Any, jac_t: Any, b: Any) -> Any:
         """The rule for right-hand sides ``b`` (B, n) with recycle space ``space`` (B, n, k)
         or None; ``jac_t`` maps (B, n, k) → (B, p, k)."""
-        if self.kind == "residual":
+        if self.kind == StopKind.residual:
             return ResidualRule(self.rtol, self.atol)
         if jac_t is None:
             raise ValueError("the hypergradient stopping rule needs a jac_t operator")

@@ -17,7 +17,11 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from backends.choice import Choice
 from backends.host import to_host
+
+# Outer optimisers (config ``outer.name``).
+Optimizer = Choice("Optimizer", "adam gd")
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class Adam(_Masked):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "name": "adam",
+            "name": Optimizer.adam.value,
             "lr": self.lr,
             "betas": [self.beta1, self.beta2],
             "eps": self.eps,
@@ -134,7 +138,7 @@ class Adam(_Masked):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != "adam":
+        if state.get("name") != Optimizer.adam:
             raise ValueError(f"state of optimiser {state.get('name')!r} given to Adam")
         self.lr = float(state["lr"])
         self.beta1, self.beta2 = (float(b) for b in state["betas"])
@@ -204,7 +208,7 @@ class GradientDescent(_Masked):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "name": "gd",
+            "name": Optimizer.gd.value,
             "lr": self.lr,
             "shrink": self.shrink,
             "c1": self.c1,
@@ -213,7 +217,7 @@ class GradientDescent(_Masked):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != "gd":
+        if state.get("name") != Optimizer.gd:
             raise ValueError(f"state of optimiser {state.get('name')!r} given to GradientDescent")
         self.lr = float(state["lr"])
         self.shrink = float(state["shrink"])
@@ -227,10 +231,8 @@ OuterOptimizer = Adam | GradientDescent
 
 def make_optimizer(cfg: Any, mask: Any = None) -> OuterOptimizer:
     """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
-    if cfg.name == "adam":
+    if Optimizer(cfg.name) == Optimizer.adam:
         return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask)
-    if cfg.name == "gd":
-        return GradientDescent(
-            cfg.lr, shrink=cfg.shrink, c1=cfg.c1, max_backtracks=cfg.max_backtracks, mask=mask
-        )
-    raise ValueError(f"outer.name: unknown optimiser {cfg.name!r}; choose adam or gd")
+    return GradientDescent(
+        cfg.lr, shrink=cfg.shrink, c1=cfg.c1, max_backtracks=cfg.max_backtracks, mask=mask
+    )

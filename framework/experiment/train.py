@@ -1,0 +1,354 @@
+"""``task=train`` / ``task=record``: the outer loop, its checkpoints and its figures.
+
+``train(c, out, state, tracker, engine_factory, ...)`` runs (or resumes, from a checkpoint
+``state``) the outer loop: mini-batches from a NumPy generator seeded by
+``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
+resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
+optimiser step per step, a checkpoint every ``checkpoint.every`` steps and at the end, then
+θ, the recording (``task=record``) and the figures.
+
+Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
+``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from backends import get_backend, tune_cpu_allocator
+from framework.experiment import checkpoint, names, plots
+from framework.experiment.config import (
+    BackendName,
+    Config,
+    ConfigError,
+    Optimizer,
+    ProblemName,
+    Regularizer,
+    Task,
+    flatten,
+    to_yaml,
+)
+from framework.experiment.console import say
+from framework.experiment.record import SequenceRecorder, problem_config_json
+from framework.experiment.tracking import resolve_uri
+from framework.optim import lbfgs, make_optimizer
+from problems.base import psnr
+from problems.factory import ProblemSet, build_problems
+
+THETA_FILE = "theta.npz"
+_BATCH_STREAM = 2**31 - 1  # spawn key of the mini-batch generator (distinct from sample seeds)
+EngineFactory = Callable[[ProblemSet, Config, Any], Any]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run produced and where to find it."""
+
+    output_dir: Path
+    checkpoint_path: Path
+    theta_path: Path
+    tracking_uri: str | None
+    experiment: str | None
+    run_id: str | None
+    steps: int
+    resumed_from_step: int | None
+    initial_loss: float
+    final_loss: float
+    cumulative: Mapping[str, float]
+    wall_time: float
+    theta: np.ndarray
+    sequence_path: Path | None = None
+
+
+def _batch_generator(seed: int) -> tuple[np.random.Generator, int]:
+    root = np.random.SeedSequence(seed)
+    ss = np.random.SeedSequence(root.entropy, spawn_key=(_BATCH_STREAM,))
+    return np.random.default_rng(ss), int(root.entropy)
+
+
+def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
+    if size is None or size >= count:
+        return list(range(count))
+    return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
+
+
+def _sample_iterations(result: Any, indices: Sequence[int]) -> list[list[float]]:
+    """(sample, Krylov iterations, shadow iterations or NaN) of each system of a step."""
+    rows = []
+    for pos, record in enumerate(getattr(result, "samples", ()) or ()):
+        index = indices[pos] if pos < len(indices) else pos
+        iters = float(getattr(record, "krylov_iterations", math.nan))
+        shadow = getattr(record, "shadow", None)
+        shadow_iters = getattr(shadow, "iterations", shadow)
+        rows.append([int(index), iters, math.nan if shadow_iters is None else float(shadow_iters)])
+    return rows
+
+
+# Keys that may change between a run and its resumption (length, bookkeeping, display).
+_RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress")
+
+
+def resume_identity(c: Config) -> dict[str, str]:
+    """The flattened config minus the keys a resumed run may change."""
+    return {k: v for k, v in flatten(c).items() if not k.startswith(_RESUMABLE_CHANGES)}
+
+
+def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint written under a different config."""
+    old, new = state.get("config", {}), resume_identity(c)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in changed[:5])
+        raise ConfigError(
+            f"{changed[0]}: {path} was written by a run with another config ({detail}); "
+            "choose another hydra.run.dir, or rerun with the same config to resume"
+        )
+
+
+def _batch_loss(engine: Any, indices: Sequence[int], c: Config) -> Callable[[Any], float]:
+    """loss(θ): the mean upper loss of the batch at trial θ (for Armijo backtracking).
+
+    Each lower problem is solved by L-BFGS warm-started from the sample's current x*; the
+    engine's state is read, never changed, so trials do not disturb warm starts/recycling.
+    """
+    if hasattr(engine, "loss"):
+        return lambda theta: float(engine.loss(theta, indices))
+
+    def loss(theta: Any) -> float:
+        total = 0.0
+        for i in indices:
+            p = engine.problems[i]
+            x0 = engine.states[i].x
+            if x0 is None:
+                x0 = p.y if tuple(p.y.shape) == (p.n,) else p.xp.zeros_like(p.x_true)
+            lower = lbfgs(
+                lambda x, p=p: p.lower_objective(x, theta),
+                lambda x, p=p: p.lower_grad(x, theta),
+                x0,
+                gtol=c.solver.lower.gtol,
+                maxiter=c.solver.lower.maxiter,
+                memory=c.solver.lower.memory,
+            )
+            total += float(p.upper_loss(lower.x))
+        return total / len(indices)
+
+    return loss
+
+
+def train(
+    c: Config,
+    out: Path,
+    ckpt_path: Path,
+    state: dict[str, Any] | None,
+    tracker: Any,
+    engine_factory: EngineFactory,
+    started: float,
+    run_params: dict[str, str],
+) -> RunSummary:
+    """The outer loop of ``task=train``/``record`` (see the module docstring)."""
+    if state is not None:
+        say(f"resuming from {ckpt_path} at step {state['step']}")
+    backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
+    if backend.name == BackendName.numpy:
+        tune_cpu_allocator()  # batched temporaries: avoid an mmap + page faults per array
+    problem_set = build_problems(c.problem, backend, c.seed)
+    engine = engine_factory(problem_set, c, backend)
+    optimizer = make_optimizer(c.outer, mask=problem_set.mask)
+    rng, entropy = _batch_generator(c.seed)
+    recorder = None
+    if c.task == Task.record:
+        recorder = SequenceRecorder(c.sequence.samples, c.solver.lower)
+        if state is not None and "recording" in state:
+            recorder.load_state_dict(state["recording"])
+
+    if state is None:
+        start = 0
+        theta_host = problem_set.theta0
+        history: list[dict[str, float]] = []
+        per_sample: list[list[float]] = []
+        sums: dict[str, float] = {}
+        params = flatten(c)
+        params.update(
+            {
+                "seed_entropy": str(entropy),
+                "num_samples": str(len(problem_set)),
+                "theta_size": str(problem_set.theta0.size),
+                "problem_description": problem_set.description,
+                "backend_device": str(backend.device),
+                **run_params,
+            }
+        )
+        tracker.log_params(params)
+        tracker.log_text(to_yaml(c), "config.yaml")
+    else:
+        start = int(state["step"])
+        theta_host = np.asarray(state["theta"])
+        optimizer.load_state_dict(state["optimizer"])
+        engine.load_state_dict(state["engine"])
+        rng.bit_generator.state = state["rng"]
+        history = list(state["history"])
+        per_sample = [list(r) for r in state["per_sample"]]
+        sums = {k: float(v) for k, v in state["cumulative"].items()}
+    theta = backend.asarray(theta_host)
+
+    def snapshot(step: int, finished: bool) -> None:
+        checkpoint.save(
+            ckpt_path,
+            {
+                "step": step,
+                "finished": finished,
+                "theta": backend.to_numpy(theta),
+                "optimizer": optimizer.state_dict(),
+                "engine": engine.state_dict(),
+                "rng": rng.bit_generator.state,
+                "run_id": tracker.run_id,
+                "history": history,
+                "per_sample": per_sample,
+                "cumulative": sums,
+                "config": resume_identity(c),
+                **({} if recorder is None else {"recording": recorder.state_dict()}),
+            },
+        )
+
+    show = c.progress and sys.stdout.isatty()
+    bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
+    if state is not None and state.get("finished") and start >= c.outer.steps:
+        say("this run had already finished; nothing to do")
+    step = start
+    try:
+        for step in range(start, c.outer.steps):
+            indices = _batch(rng, len(problem_set), c.outer.batch_size)
+            t0 = time.perf_counter()
+            result = engine.evaluate(theta, indices)
+            if recorder is not None:
+                recorder.capture(engine, theta, indices, backend)
+            loss_fn = _batch_loss(engine, indices, c) if c.outer.name == Optimizer.gd else None
+            update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
+            theta = update.theta
+            metrics = {k: float(v) for k, v in result.metrics().items()}
+            metrics.setdefault(names.UPPER_LOSS, float(result.loss))
+            metrics[names.STEP_TIME] = time.perf_counter() - t0
+            metrics[names.OUTER_STEP_SIZE] = update.step_size
+            metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
+            metrics[names.BATCH_SIZE] = float(len(indices))
+            for key in names.TRAIN_COUNTS:
+                if key in metrics:
+                    sums[key] = sums.get(key, 0.0) + metrics[key]
+                    metrics[names.cumulative(key)] = sums[key]
+            tracker.log_metrics(metrics, step)
+            history.append({"step": float(step), **metrics})
+            per_sample.extend([[float(step), *row] for row in _sample_iterations(result, indices)])
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics[names.UPPER_LOSS]:.4g}",
+                krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
+            )
+            if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
+                snapshot(step + 1, finished=False)
+        step = c.outer.steps
+    except KeyboardInterrupt:
+        bar.close()
+        snapshot(step, finished=False)  # resumable; bitwise identity only from periodic ones
+        say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume")
+        raise
+    bar.close()
+    snapshot(c.outer.steps, finished=True)
+
+    theta_np = backend.to_numpy(theta)
+    theta_path = out / THETA_FILE
+    np.savez(theta_path, theta=theta_np)
+    tracker.log_artifact(theta_path)
+    sequence_path = None
+    if recorder is not None:
+        recording = recorder.recording(problem_set.problems, backend, problem_config_json(c))
+        sequence_path = recording.save(out / c.sequence.filename).resolve()
+        tracker.log_artifact(sequence_path)
+        tracker.set_tags({names.TASK_TAG: Task.record})
+        say(
+            f"recorded sequence ({recording.steps} steps, samples "
+            f"{list(recording.sample_indices)}): {sequence_path}"
+        )
+    _log_figures(c, out, tracker, problem_set, backend, theta, history, per_sample)
+    losses = [h[names.UPPER_LOSS] for h in history]
+    if losses:
+        say(f"finished {len(history)} steps; upper loss {losses[0]:.6g} → {losses[-1]:.6g}")
+    say(f"results in {out.resolve()} (θ: {theta_path.name})")
+    return RunSummary(
+        output_dir=out.resolve(),
+        checkpoint_path=ckpt_path.resolve(),
+        theta_path=theta_path.resolve(),
+        tracking_uri=resolve_uri(c.tracking.uri) if tracker.enabled else None,
+        experiment=c.tracking.experiment if tracker.enabled else None,
+        run_id=tracker.run_id,
+        steps=len(history),
+        resumed_from_step=None if state is None else int(state["step"]),
+        initial_loss=losses[0] if losses else math.nan,
+        final_loss=losses[-1] if losses else math.nan,
+        cumulative=dict(sums),
+        wall_time=time.perf_counter() - started,
+        theta=theta_np,
+        sequence_path=sequence_path,
+    )
+
+
+def _log_figures(
+    c: Config,
+    out: Path,
+    tracker: Any,
+    problem_set: ProblemSet,
+    backend: Any,
+    theta: Any,
+    history: list[dict[str, float]],
+    per_sample: list[list[float]],
+) -> None:
+    """Write the run's figures to ``<out>/figures`` and log them as artifacts."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for key, value in row.items():
+            if key != "step":
+                series.setdefault(key, []).append((int(row["step"]), value))
+    rows = [r for r in per_sample if math.isfinite(r[2])]
+    shadow = [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])]
+    figures = {
+        "iterations_per_system.png": plots.iterations_per_system(
+            [(r[0], r[1], r[2]) for r in rows], shadow
+        ),
+        "cumulative_iterations.png": plots.line(
+            series,
+            [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
+                                           names.BASELINE_KRYLOV_ITERATIONS)],
+            "cumulative Krylov iterations",
+        ),
+        "upper_loss.png": plots.line(series, [names.UPPER_LOSS], "upper loss"),
+    }
+    theta_np = backend.to_numpy(theta)
+    if c.problem.name != ProblemName.quadratic and c.problem.regularizer == Regularizer.foe:
+        figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
+    else:
+        figures["parameters.png"] = plots.parameters(theta_np)
+    p = problem_set.problems[0]
+    x0 = p.y if tuple(p.y.shape) == (p.n,) else backend.zeros((p.n,))
+    lower = lbfgs(
+        lambda x: p.lower_objective(x, theta),
+        lambda x: p.lower_grad(x, theta),
+        x0,
+        gtol=c.solver.lower.gtol,
+        maxiter=c.solver.lower.maxiter,
+        memory=c.solver.lower.memory,
+    )
+    x_true, y, x = (backend.to_numpy(a) for a in (p.x_true, p.y, lower.x))
+    figures["reconstruction.png"] = plots.reconstruction(
+        x_true, y, x, tuple(p.image_shape), (psnr(p.y, p.x_true), psnr(lower.x, p.x_true))
+    )
+    for name, fig in figures.items():
+        path = plots.save(fig, out / "figures" / name)
+        tracker.log_artifact(path, "figures")
