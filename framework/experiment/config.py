@@ -92,7 +92,6 @@ class SolverConfig:
     atol: float = 0.0
     maxiter: int = 500
     max_vectors: int | None = None
-    batched: bool = True
     check_every: int | None = None
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
