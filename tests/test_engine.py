@@ -69,8 +69,9 @@ def assert_together_equals_alone(be, problems, cfg, thetas):
         for s in singles:
             # a batch of one: the per-row counts are the problem counter's own
             assert (s.counts.hvp, s.counts.jac_t) == (s.samples[0].hvp, s.samples[0].jac_t)
+        # x*: row round-off (≈ eps) carried through tens of L-BFGS steps on κ ≈ 1e2
         np.testing.assert_allclose([r.upper_loss for r in batch.samples],
-                                   [s.loss for s in singles], rtol=1e-12)
+                                   [s.loss for s in singles], rtol=1e-10)
         # NSC estimates only decide against rtol (the equal iterations show the decisions
         # agree); at that scale they must agree too
         np.testing.assert_allclose([r.hg_error_estimate for r in batch.samples],
@@ -92,7 +93,7 @@ def assert_together_equals_alone(be, problems, cfg, thetas):
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     B=st.integers(1, 4),
-    n=st.integers(12, 30),
+    n=st.integers(48, 96),
     strategy=st.sampled_from(STRATEGIES),
     k=st.integers(1, 4),
     outer=st.booleans(),
@@ -106,8 +107,12 @@ def test_batch_equals_each_alone_on_the_quadratic(B, n, strategy, k, outer, nsc,
     cfg = EngineConfig(
         recycle=RecycleConfig(strategy, k, max_vectors=None if outer else cap,
                               selection="outer" if outer else "inner"),
-        stop=StopConfig("hypergradient" if nsc else "residual", rtol=1e-10),
-        lower_gtol=1e-7, lower_newton_steps=newton, shadow_baseline=True,
+        # rtol reached in far fewer than n iterations: MINRES's residual is not yet at the
+        # round-off plateau where small systems end (there rounding decides the stop)
+        stop=StopConfig("hypergradient" if nsc else "residual", rtol=1e-6),
+        # gtol well above where L-BFGS stalls on round-off (‖∇f‖ ≈ 1e-8; at 1e-7 the
+        # Prescott kernels flip an iteration), so no stopping test sits at a rounding tie
+        lower_gtol=1e-5, lower_newton_steps=newton, shadow_baseline=True,
     )
     problems = [QuadraticProblem(n=n, num_terms=3, seed=s, backend=be) for s in range(B)]
     together, alone = assert_together_equals_alone(
@@ -120,7 +125,7 @@ def test_batch_equals_each_alone_on_the_quadratic(B, n, strategy, k, outer, nsc,
 def test_batch_equals_each_alone_under_array_api_strict():
     be = get_backend("array_api_strict", dtype="float64", device="device1")
     cfg = EngineConfig(recycle=RecycleConfig("rgen_right", 3, max_vectors=5),
-                       stop=StopConfig("hypergradient", rtol=1e-6), lower_gtol=1e-7,
+                       stop=StopConfig("hypergradient", rtol=1e-6), lower_gtol=1e-5,
                        lower_newton_steps=2, shadow_baseline=True)
     problems = [QuadraticProblem(n=n, num_terms=3, seed=s, backend=be)
                 for s, n in enumerate((20, 20, 20))]
@@ -163,10 +168,12 @@ def test_engine_on_the_quadratic_problem_matches_the_closed_form(backend):
     # B = 3 samples with their own A_i, G_ij, y_i solved together; the mean hypergradient
     # must match the mean of the dense host references within the first-order error bound
     # of the tolerances the two solves were run to (lower gtol, Krylov rtol)
-    gtol, rtol = 1e-7, 1e-10  # a gtol L-BFGS reaches (its line search stalls near 1e-8)
+    # L-BFGS's line search stalls near ‖∇f‖ ≈ 1e-8 and, under some BLAS kernels (Haswell),
+    # above gtol = 1e-7: the Newton polish on the batch reaches gtol on every kernel
+    gtol, rtol = 1e-7, 1e-10
     problems = [QuadraticProblem(n=40, num_terms=3, seed=s, backend=backend) for s in range(3)]
     cfg = EngineConfig(recycle=RecycleConfig("ritz", 4), stop=StopConfig(rtol=rtol),
-                       lower_gtol=gtol)
+                       lower_gtol=gtol, lower_newton_steps=2)
     engine = BilevelEngine(problems, cfg, backend=backend)
     for t in range(3):
         th = THETA + 0.05 * t
