@@ -19,9 +19,10 @@ from framework.bilevel.recording import RecordedSequence
 from framework.experiment import tracking
 from framework.experiment.compare import compare_paper, main
 from framework.experiment.config import ConfigError, validate
+from framework.experiment.engine_setup import engine_config
 from framework.experiment.paper import format_paper_table
 from framework.experiment.resolve import load_sequence, problem_from_recording, refs_path
-from framework.experiment.runner import engine_config, run
+from framework.experiment.runner import run
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
 from problems.factory import build_problems
