@@ -1,19 +1,21 @@
-"""Batched vs one-by-one hypergradients: time per outer step on a mini-batch.
+"""The one engine's mini-batch step: B samples together vs each alone, and vs the
+pre-redesign batched engine, side by side in one run.
 
 B MNIST inpainting samples (embedded digits, 28×28, 50 % removed, 5 % noise), FoE with 24
-DCT 5×5 Lorentzian filters; both engines start from the same θ and take the same Adam
-steps (the batched engine reproduces the per-sample one, so the work is identical), with
-Ritz recycling (k configurable).  The engines are stepped in turn (one-by-one, batched,
-one-by-one, …) so that both see the same machine load; time per outer step is the median
-over the steps after the first, and the speed-up is the median of the per-step ratios.
+DCT 5×5 Lorentzian filters, Ritz recycling (k configurable), MINRES rtol 1e-3, L-BFGS
+gtol 1e-6, Adam steps from the same θ.  Three runs, each in its own worker process,
+stepped in turn (old, together, alone, old, …) so that all see the same machine load:
 
-    python benchmarks/bench_batched_engine.py [--batch 16] [--steps 6] [--k 5]
-        [--backends numpy cupy] [--dataset mnist|bsds --data ../shared/data] [--sigma 3]
+* ``old``: ``BatchedBilevelEngine`` of tag ``pre-redesign`` (imported in a subprocess whose
+  cwd is a temporary git worktree of the tag);
+* ``together``: this tree's ``BilevelEngine.evaluate(θ)`` on all B samples (one batch);
+* ``alone``: the same engine class evaluating the B samples one at a time (B batches of one).
 
-GPU check (issue 6): B = 64 BSDS 64×64 crops, blur σ = 3, CuPy vs NumPy in one run:
+Prints ms/step (median of steps 2..), per-step Krylov and L-BFGS iterations, HVP and Jᵀ
+applications (per-sample sums; ``old`` reports its formula counts), measured passes, the
+ratios and the BLAS thread count.
 
-    python benchmarks/bench_batched_engine.py --dataset bsds --batch 64 --crop 64 \
-        --backends numpy cupy --skip-unbatched --steps 4
+    python benchmarks/bench_batched_engine.py [--batch 16] [--steps 6] [--k 5] [--tag pre-redesign]
 """
 
 from __future__ import annotations
@@ -23,90 +25,68 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-from backends import get_backend, tune_cpu_allocator
-from framework.bilevel.batched_engine import BatchedBilevelEngine
-from framework.bilevel.engine import BilevelEngine, EngineConfig
-from framework.krylov.recycle import RecycleConfig
-from framework.krylov.stopping import StopConfig
-from framework.optim import Adam
-from problems import (
-    FieldsOfExperts,
-    GaussianBlur,
-    ImagingProblem,
-    Inpainting,
-    dct_filters,
-    load_bsds300,
-    load_embedded_mnist,
-)
-from problems.foe import initial_theta
+MODES = ("old", "together", "alone")
 
 
-def build(be, args):
-    if args.dataset == "mnist":
-        images = load_embedded_mnist().images[: args.batch]
-        shape = (28, 28)
+def _engine(mode: str, problems, cfg, be):
+    if mode == "old":
+        from framework.batched_engine import BatchedBilevelEngine
 
-        def op(i):
-            return Inpainting(shape, 0.5, seed=i)
+        return BatchedBilevelEngine(problems, cfg, backend=be)
+    from framework.bilevel.engine import BilevelEngine
 
-        noise = 0.05
+    return BilevelEngine(problems, cfg, backend=be)
+
+
+def worker(mode: str, batch: int, k: int) -> None:
+    """Build the run of ``mode`` from the cwd's tree; answer one JSON line per 'step'."""
+    sys.path.insert(0, os.getcwd())
+    from backends import get_backend, tune_cpu_allocator
+
+    if mode == "old":
+        from framework.engine import EngineConfig
+        from framework.outer import Adam
     else:
-        images = load_bsds300(args.data + "/bsds300", "train", crop=args.crop, count=args.batch)
-        shape = (args.crop, args.crop)
+        from framework.bilevel.engine import EngineConfig
+        from framework.optim import Adam
+    from framework.krylov.recycle import RecycleConfig
+    from framework.krylov.stopping import StopConfig
+    from problems import FieldsOfExperts, ImagingProblem, Inpainting, load_embedded_mnist
+    from problems.foe import dct_filters, initial_theta
 
-        def op(i):
-            return GaussianBlur(shape, args.sigma)
-
-        noise = 0.2
-    reg = FieldsOfExperts(shape, 5, 24, expert="lorentzian")
-    return [ImagingProblem.from_image(img, be, op(i), reg, noise_level=noise, seed=i)
-            for i, img in enumerate(images)]
-
-
-class Run:
-    """One engine's outer run: its own θ and Adam state, step times and last result."""
-
-    def __init__(self, name, engine, theta0, sync, peak):
-        self.name, self.engine, self.sync, self.peak = name, engine, sync, peak
-        self.theta, self.adam = theta0, Adam(lr=1e-2)
-        self.times, self.iters, self.result = [], [], None
-
-    def step(self):
+    tune_cpu_allocator()
+    be = get_backend("numpy")
+    reg = FieldsOfExperts((28, 28), 5, 24, expert="lorentzian")
+    problems = [ImagingProblem.from_image(img, be, Inpainting((28, 28), 0.5, seed=i), reg,
+                                          noise_level=0.05, seed=i)
+                for i, img in enumerate(load_embedded_mnist().images[:batch])]
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", k), stop=StopConfig(rtol=1e-3),
+                       lower_gtol=1e-6)
+    engine = _engine(mode, problems, cfg, be)
+    theta, adam = be.asarray(initial_theta(dct_filters(5), -1.0)), Adam(lr=1e-2)
+    groups = [[j] for j in range(batch)] if mode == "alone" else [list(range(batch))]
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
-        result = self.engine.evaluate(self.theta)
-        self.theta = self.adam.step(self.theta, result.grad).theta
-        self.sync()
-        self.times.append(time.perf_counter() - t0)
-        self.iters.append(sum(r.krylov_iterations for r in result.samples))
-        self.result = result
-        self.peak()
-
-
-def run_interleaved(runs, steps):
-    """Step the engines in turn (A, B, A, B, …) so that both see the same machine load;
-    the per-step ratio is then measured side by side."""
-    for _ in range(steps):
-        for r in runs:
-            r.step()
-
-
-def gpu_memory_probe(backend_name: str):
-    """A callable recording the CuPy pool's high-water mark (no-op elsewhere)."""
-    state = {"peak": 0}
-    if backend_name != "cupy":
-        return (lambda: None), state
-    import cupy
-
-    pool = cupy.get_default_memory_pool()
-
-    def probe() -> None:
-        state["peak"] = max(state["peak"], pool.total_bytes())
-
-    return probe, state
+        results = [engine.evaluate(theta, g) for g in groups]
+        grad = sum(r.grad for r in results) / len(results)
+        theta = adam.step(theta, grad).theta
+        seconds = time.perf_counter() - t0
+        metrics = [r.metrics() for r in results]
+        total = lambda key, ms=metrics: sum(m.get(key, 0.0) for m in ms)  # noqa: E731
+        passes = total("batch_passes") if mode == "old" else total("operator_passes")
+        print(json.dumps({
+            "ms": seconds * 1e3, "loss": sum(r.loss for r in results) / len(results),
+            "krylov": total("krylov_iterations"), "lower": total("lower_iterations"),
+            "hvp": total("hvp"), "jac_t": total("jac_t"), "passes": passes,
+        }), flush=True)
 
 
 def main() -> None:
@@ -114,74 +94,60 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--backends", nargs="+", default=["numpy"])
-    parser.add_argument("--dataset", choices=["mnist", "bsds"], default="mnist")
-    parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--crop", type=int, default=64)
-    parser.add_argument("--sigma", type=float, default=3.0)
-    parser.add_argument("--check-every", type=int, default=None,
-                        help="batched host checks (default: 1 on the CPU, 8 on a GPU)")
-    parser.add_argument("--skip-unbatched", action="store_true")
+    parser.add_argument("--tag", default="pre-redesign")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tuned = tune_cpu_allocator()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
+        return
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    from threadpoolctl import threadpool_info
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()
+            if i.get("user_api") == "blas"]
     print("command:", " ".join([sys.executable, *sys.argv]))
-    print(f"inputs: backends {args.backends}, B = {args.batch} {args.dataset} samples, FoE 24 "
-          f"DCT 5×5 Lorentzian, Ritz k = {args.k}, MINRES rtol 1e-3, L-BFGS gtol 1e-6, "
-          f"{args.steps} Adam steps (median of steps 2..), engines stepped in turn, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
-          f"glibc heap tuning {'on' if tuned else 'off'}")
-    cfg = EngineConfig(recycle=RecycleConfig("ritz", args.k), stop=StopConfig(rtol=1e-3),
-                       lower_gtol=1e-6)
-    per_step = {}
-    for backend_name in args.backends:
-        be = get_backend(backend_name)
-        problems = build(be, args)
-        n = problems[0].n
-        theta0 = be.asarray(initial_theta(dct_filters(5), -1.0))
-        runs = []
-        if not args.skip_unbatched:
-            runs.append(Run("one-by-one", BilevelEngine(problems, cfg, backend=be), theta0,
-                            be.sync, lambda: None))
-        probe, mem = gpu_memory_probe(backend_name)
-        batched = BatchedBilevelEngine(problems, cfg, backend=be, check_every=args.check_every)
-        runs.append(Run("batched", batched, theta0, be.sync, probe))
-        print(f"{backend_name:<6} batched engine checks convergence every "
-              f"{batched.check_every} iteration(s)")
-        run_interleaved(runs, args.steps)
-        for r in runs:
-            step = statistics.median(r.times[1:]) if len(r.times) > 1 else r.times[0]
-            per_step[(backend_name, r.name)] = step
-            m = r.result.metrics()
-            apps = m.get("batch_applications", m["operator_applications"])
-            passes = m.get("batch_passes", m["operator_passes"])
-            samples = r.result.samples
-            hess_time = sum(x.time_krylov + x.time_recycle + x.time_jac for x in samples)
-            lower_time = sum(x.time_lower for x in samples)
-            line = (f"{backend_name:<6} {r.name:<11} {step * 1e3:9.1f} ms/step  Krylov "
-                    f"iterations/step {r.iters[-1]:5d}  last step: applications {apps:.0f}, "
-                    f"passes {passes:.0f}, {apps / hess_time:.0f} Hessian-phase "
-                    f"applications/s; lower level {lower_time * 1e3:.0f} ms, Hessian phase "
-                    f"{hess_time * 1e3:.0f} ms")
-            if "batch_host_syncs" in m:
-                line += f"; host syncs {m['batch_host_syncs']:.0f}"
-            if backend_name == "cupy" and r.name == "batched":
-                line += f", peak GPU pool {mem['peak'] / 2**20:.1f} MiB"
-            print(line)
-        if len(runs) == 2:
-            ratios = [a / b for a, b in zip(runs[0].times[1:], runs[1].times[1:], strict=True)]
-            per_step[(backend_name, "ratios")] = ratios
-        recycle_bytes = n * (2 * args.k) * 8
-        print(f"{backend_name:<6} recycle state per sample: U and C, n·2k·8 = {recycle_bytes} B "
-              f"(n = {n}); the harvest adds n·(m+1)·8 B while a solve runs")
-    for backend_name in args.backends:
-        ratios = per_step.get((backend_name, "ratios"))
-        if ratios:
-            print(f"speed-up batched vs one-by-one on {backend_name}: median "
-                  f"{statistics.median(ratios):.2f}× (per-step ratios of interleaved steps "
-                  f"2..{args.steps}: {min(ratios):.2f}–{max(ratios):.2f}×)")
-    if ("numpy", "batched") in per_step and ("cupy", "batched") in per_step:
-        ratio = per_step[("numpy", "batched")] / per_step[("cupy", "batched")]
-        print(f"speed-up CuPy vs NumPy (batched): {ratio:.2f}×")
+    print(f"inputs: B = {args.batch} MNIST inpainting samples, FoE 24 DCT 5×5 Lorentzian, "
+          f"Ritz k = {args.k}, MINRES rtol 1e-3, L-BFGS gtol 1e-6, {args.steps} Adam steps "
+          f"(median of steps 2..), runs stepped in turn; BLAS (threadpoolctl): {blas}; "
+          f"old = BatchedBilevelEngine of tag {args.tag}")
+    with tempfile.TemporaryDirectory() as tmp:
+        old_tree = os.path.join(tmp, "old")
+        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-q", old_tree,
+                        args.tag], check=True)
+        procs = {}
+        try:
+            for mode in MODES:
+                procs[mode] = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--worker", mode,
+                     str(args.batch), str(args.k)],
+                    cwd=old_tree if mode == "old" else root, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True)
+                json.loads(procs[mode].stdout.readline())
+            steps = {mode: [] for mode in MODES}
+            for _ in range(args.steps):
+                for mode in MODES:
+                    procs[mode].stdin.write("step\n")
+                    procs[mode].stdin.flush()
+                    steps[mode].append(json.loads(procs[mode].stdout.readline()))
+        finally:
+            for p in procs.values():
+                p.stdin.close()
+                p.wait()
+            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", old_tree],
+                           check=True)
+    ms = {m: statistics.median(s["ms"] for s in steps[m][1:]) for m in MODES}
+    print(f"{'run':<9} {'ms/step':>9} {'Krylov it':>10} {'L-BFGS it':>10} {'HVP':>7} "
+          f"{'Jᵀ':>5} {'passes':>7} {'loss (last step)':>18}   (counts: sums over all steps)")
+    for m in MODES:
+        s = steps[m]
+        tot = lambda key, s=s: int(sum(x[key] for x in s))  # noqa: E731
+        print(f"{m:<9} {ms[m]:>9.1f} {tot('krylov'):>10} {tot('lower'):>10} {tot('hvp'):>7} "
+              f"{tot('jac_t'):>5} {tot('passes'):>7} {s[-1]['loss']:>18.12f}")
+    ratio = lambda a, b: statistics.median(  # noqa: E731
+        x["ms"] / y["ms"] for x, y in zip(steps[a][1:], steps[b][1:], strict=True))
+    print(f"together/old (per-step ratio, median): {ratio('together', 'old'):.3f}×; "
+          f"alone/together: {ratio('alone', 'together'):.2f}×")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,6 @@ def test_batched_on_gpu_matches_numpy(cupy_backend):
 
 
 def test_gpu_arrays_check_every_eight(cupy_backend):
-    from framework.bilevel.batched_engine import default_check_every
+    from framework.bilevel.engine import default_check_every
 
     assert default_check_every(cupy_backend.asarray(np.zeros(3))) == 8

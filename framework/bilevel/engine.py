@@ -1,107 +1,127 @@
-"""The outer loop's workhorse: hypergradients of a set of samples at θ.
+"""The bilevel engine: hypergradients of a mini-batch of samples at θ, solved as one batch.
 
-``BilevelEngine.evaluate(θ, indices)`` solves the given samples at θ and returns the mean
-upper loss, the mean hypergradient and one record per sample.  Each sample's warm starts
-and recycle carry live in the engine (one ``SampleState`` per sample), so the call is the
-unit a later scheduler can ship to a worker.
+``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` (B = 1 is a batch
+of one) through
+
+    X* = argmin_X f(X, θ)          one L-BFGS over the rows (per-sample line searches and
+                                   convergence masks), optionally polished by Newton steps
+                                   (MINRES on the rows still above gtol)
+    H(X*, θ) W = ∇ℓ(X*)            one RMINRES over the rows (per-sample Lanczos scalars,
+                                   recycle spaces, freezing; residual or NSC rule per row)
+    ∇θ ℓ = mean_i −J_i(x_i*, θ)ᵀ w_i
+
+and returns the mean upper loss and hypergradient with one record per sample.  Each
+sample's warm starts and recycle carry (``SampleState``) live in the engine, so any
+subset of samples can be evaluated at any step.  Counts are measured: per-sample Krylov
+and L-BFGS figures come from the solvers' per-sample results, every other operator
+application is counted per row (``RowTally``), and the batch's passes come from the
+problem's counter.  Times are measured per phase for the batch.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
-from backends.counting import Counts
-from framework.bilevel.hypergradient import (
-    HypergradientSettings,
+from backends.counting import Counter
+from backends.host import host_check_needs_sync, to_host
+from framework.bilevel.records import (
+    PhaseTimes,
     SampleRecord,
     SampleState,
-    hypergradient,
+    ShadowRecord,
+    StepResult,
 )
-from framework.krylov.recycle import RecycleCarry, Recycler
-
-EngineConfig = HypergradientSettings
+from framework.krylov.minres import rminres
+from framework.krylov.recycle import ORACLES, RecycleCarry, RecycleConfig, Recycler, stack_carries
+from framework.krylov.stopping import StopConfig, StopKind
+from framework.optim import lbfgs
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples;
-    ``batch_counts`` is what a batched solve spent in total and ``host_syncs`` its
-    host transfers in the L-BFGS and Krylov loops (None when unbatched)."""
+class EngineConfig:
+    """Tolerances of the two inner solves and the recycling/stopping choices.
 
-    loss: float
-    grad: Any
-    indices: tuple[int, ...]
-    samples: tuple[SampleRecord, ...] = field(repr=False)
-    batch_counts: Counts | None = None
-    host_syncs: int | None = None
+    ``lower_newton_steps`` > 0 polishes the L-BFGS solution with up to that many Newton
+    steps (each a tight MINRES solve with the Hessian; its HVPs are counted): L-BFGS
+    stalls at ‖∇f‖ ≈ 1e-9 where f no longer changes in floating point, Newton does not.
+    """
 
-    def metrics(self) -> dict[str, float]:
-        """Per-step figures for logging (sums over the samples unless named mean_)."""
-        recs = self.samples
-        total = lambda f: float(sum(f(r) for r in recs))  # noqa: E731
-        out = {
-            "upper_loss": self.loss,
-            "hypergradient_norm": float(_host_norm(self.grad)),
-            "lower_iterations": total(lambda r: r.lower_iterations),
-            "lower_grad_evals": total(lambda r: r.lower_counts.grad_evals),
-            "lower_hvp": total(lambda r: r.lower_counts.hvp),
-            "krylov_iterations": total(lambda r: r.krylov_iterations),
-            "hvp": total(lambda r: r.counts.hvp),
-            "hvp_passes": total(lambda r: r.counts.hvp_passes),
-            "jac_t": total(lambda r: r.counts.jac_t),
-            "jac_t_passes": total(lambda r: r.counts.jac_t_passes),
-            "operator_applications": total(lambda r: r.counts.applications),
-            "operator_passes": total(lambda r: r.counts.passes),
-            "recycle_dim": total(lambda r: r.recycle_dim) / len(recs),
-            "krylov_converged_fraction": total(lambda r: r.krylov_converged) / len(recs),
-            "lower_converged_fraction": total(lambda r: r.lower_converged) / len(recs),
-            "time_lower": total(lambda r: r.time_lower),
-            "time_recycle": total(lambda r: r.time_recycle),
-            "time_krylov": total(lambda r: r.time_krylov),
-            "time_jac": total(lambda r: r.time_jac),
-        }
-        if self.batch_counts is not None:
-            # what a batched solve really spent (frozen samples' rows included)
-            out["batch_passes"] = float(self.batch_counts.passes)
-            out["batch_applications"] = float(self.batch_counts.applications)
-        if self.host_syncs is not None:
-            # transfers of per-sample scalars to the host (each a GPU synchronisation)
-            out["batch_host_syncs"] = float(self.host_syncs)
-        estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
-        if estimates:
-            out["hg_error_estimate"] = float(np.mean(estimates))
-        shadows = [r.shadow for r in recs if r.shadow is not None]
-        if len(shadows) == len(recs):
-            it = float(sum(s.iterations for s in shadows))
-            hvp = float(sum(s.hvp for s in shadows))
-            out["baseline_krylov_iterations"] = it
-            out["baseline_hvp"] = hvp
-            out["savings_iterations"] = 1.0 - out["krylov_iterations"] / it if it else 0.0
-            # recycling's applications: HVPs of the Hessian solve (incl. C = HU) plus the
-            # Jᵀ products spent on selection/NSC beyond the one −Jᵀw both need
-            extra_jt = out["jac_t"] - len(recs)
-            mine = total(lambda r: r.counts.hvp) + extra_jt
-            out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
-        return out
+    recycle: RecycleConfig = field(default_factory=RecycleConfig)
+    stop: StopConfig = field(default_factory=lambda: StopConfig(rtol=1e-3))
+    krylov_maxiter: int | None = None
+    lower_gtol: float = 1e-6
+    lower_rtol: float = 0.0
+    lower_maxiter: int = 500
+    lower_memory: int = 10
+    lower_newton_steps: int = 0
+    warm_start: bool = True
+    shadow_baseline: bool = False
 
 
-def _host_norm(a: Any) -> float:
-    from array_api_compat import array_namespace
+NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
 
-    xp = array_namespace(a)
-    return math.sqrt(float(xp.sum(a * a)))
+
+def default_check_every(like: Any) -> int:
+    """Iterations between the Krylov solver's host checks for arrays like ``like``:
+    every iteration on the CPU, where a check is free; every 8 on a GPU, where each check
+    synchronises (the frozen samples' extra iterations are masked, results unchanged)."""
+    return 8 if host_check_needs_sync(like) else 1
+
+
+class RowTally:
+    """Counts, per row of a batch, the operator applications of blocks (B, n[, b]): the
+    non-zero columns of each row (zero columns are padding: samples with fewer recycle
+    vectors, or Lanczos vectors past a row's own iterations).  Tallies stay on the device
+    until ``read``."""
+
+    def __init__(self, like: Any) -> None:
+        self.xp = array_namespace(like)
+        self.zero = self.xp.zeros(like.shape[:1], dtype=self.xp.int64, device=device_of(like))
+        self.tallies = {"hvp": self.zero, "jac_t": self.zero}
+
+    def counted(self, op: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
+        xp = self.xp
+
+        def apply(V: Any) -> Any:
+            live = xp.any(V != 0, axis=-2) if V.ndim == 3 else xp.any(V != 0, axis=-1)
+            if V.ndim == 3:
+                live = xp.sum(xp.astype(live, xp.int64), axis=-1)
+            self.tallies[kind] = self.tallies[kind] + xp.astype(live, xp.int64)
+            return op(V)
+
+        return apply
+
+    def read(self) -> dict[str, list[int]]:
+        """The per-row tallies on the host (one transfer)."""
+        both = to_host(self.xp.stack([self.tallies["hvp"], self.tallies["jac_t"]]))
+        return {"hvp": [int(v) for v in both[0]], "jac_t": [int(v) for v in both[1]]}
+
+
+@dataclass(frozen=True)
+class LowerSolve:
+    """The lower-level solutions of a batch and their per-row figures."""
+
+    X: Any
+    iterations: tuple[int, ...]
+    converged: tuple[bool, ...]
+    grad_evals: tuple[int, ...]
+    hvp: tuple[int, ...]
+    host_syncs: int
 
 
 class BilevelEngine:
-    """Hypergradients over a dataset of ``problems`` with per-sample state.
+    """Hypergradients over a dataset of ``problems`` (single-sample problems of one
+    batch-first type, with ``concat``) with per-sample state.
 
     ``backend`` (from ``backends.get_backend``) is used only to move state to and from
-    the host for checkpoints.
+    the host for checkpoints; ``check_every`` sets the Krylov solver's host checks
+    (default ``default_check_every``).
     """
 
     def __init__(
@@ -110,42 +130,239 @@ class BilevelEngine:
         config: EngineConfig | None = None,
         *,
         backend: Any = None,
+        check_every: int | None = None,
     ) -> None:
         if not problems:
             raise ValueError("problems must hold at least one sample")
         shapes = {tuple(p.theta_shape) for p in problems}
         if len(shapes) != 1:
             raise ValueError(f"all samples must share one theta shape, got {sorted(shapes)}")
+        if len({type(p) for p in problems}) > 1 or not all(hasattr(p, "concat") for p in problems):
+            raise ValueError("the engine needs samples of one batch-first problem type "
+                             "(with concat)")
         self.problems = list(problems)
         self.config = config if config is not None else EngineConfig()
         self.backend = backend
         self.theta_shape = shapes.pop()
+        if check_every is None:
+            check_every = default_check_every(self.problems[0].y)
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive integer; got {check_every!r}")
+        self.check_every = check_every
         self.recycler = Recycler(self.config.recycle)
         self.states = [SampleState() for _ in self.problems]
+        self.counter = Counter()
+        self._batch_cache: tuple[tuple[int, ...], Any] | None = None
 
     def __len__(self) -> int:
         return len(self.problems)
 
-    def evaluate(self, theta: Any, indices: Sequence[int] | None = None) -> StepResult:
-        """Solve samples ``indices`` (all when None) at θ; update their states."""
-        from array_api_compat import array_namespace
-
+    def _indices(self, indices: Sequence[int] | None) -> tuple[int, ...]:
         indices = tuple(range(len(self.problems))) if indices is None else tuple(indices)
         if not indices:
             raise ValueError("indices must name at least one sample")
-        xp = array_namespace(theta)
-        grad_sum = None
-        loss_sum = 0.0
-        records = []
-        for i in indices:
-            grad, self.states[i], record = hypergradient(
-                self.problems[i], theta, self.states[i], self.config, self.recycler
+        return indices
+
+    def _batch(self, indices: tuple[int, ...]) -> Any:
+        """The samples ``indices`` as one batch-first problem counting in ``self.counter``."""
+        if self._batch_cache is None or self._batch_cache[0] != indices:
+            batch = type(self.problems[0]).concat(
+                [self.problems[i] for i in indices], counter=self.counter
             )
-            grad_sum = grad if grad_sum is None else grad_sum + grad
-            loss_sum += record.upper_loss
-            records.append(record)
-        grad = xp.reshape(grad_sum / len(indices), self.theta_shape)
-        return StepResult(loss_sum / len(indices), grad, indices, tuple(records))
+            self._batch_cache = (indices, batch)
+        return self._batch_cache[1]
+
+    def _stack(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
+        """Stack the samples' state ``name``; None when no sample has one yet, rows of
+        ``fill`` for those that lack it."""
+        rows = [getattr(self.states[i], name) for i in indices]
+        if all(r is None for r in rows):
+            return None
+        return xp.stack([fill[j, ...] if r is None else r for j, r in enumerate(rows)])
+
+    # -- the lower level ------------------------------------------------------------------
+    def _lower_start(self, xp: Any, batch: Any, indices: tuple[int, ...]) -> Any:
+        guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
+        X0 = self._stack(xp, "x", indices, guess) if self.config.warm_start else None
+        return guess if X0 is None else X0
+
+    def _solve_lower(self, batch: Any, theta: Any, X0: Any) -> LowerSolve:
+        cfg = self.config
+        lower = lbfgs(
+            lambda X: batch.lower_objective(X, theta),
+            lambda X: batch.lower_grad(X, theta),
+            X0,
+            gtol=cfg.lower_gtol,
+            rtol=cfg.lower_rtol,
+            maxiter=cfg.lower_maxiter,
+            memory=cfg.lower_memory,
+            rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
+                X, theta),
+        )
+        if not cfg.lower_newton_steps:
+            return LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
+                              (0,) * batch.batch_size, lower.host_reads)
+        polished = self._newton_polish(batch, theta, lower.x)
+        return LowerSolve(
+            polished.X, lower.iterations, polished.converged,
+            tuple(a + b for a, b in zip(lower.grad_evals, polished.grad_evals, strict=True)),
+            polished.hvp, lower.host_reads + polished.host_syncs,
+        )
+
+    def _newton_polish(self, batch: Any, theta: Any, X: Any) -> LowerSolve:
+        """Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ > lower_gtol (one
+        MINRES over those rows to ``NEWTON_RTOL`` per step), until every row meets gtol
+        or ``lower_newton_steps`` steps are spent."""
+        xp = array_namespace(X)
+        cfg = self.config
+        B = batch.batch_size
+        rows = [X[j, ...] for j in range(B)]
+        grad_evals, hvp, converged = [0] * B, [0] * B, [False] * B
+        active, syncs = list(range(B)), 0
+        for step in range(cfg.lower_newton_steps + 1):
+            sub = batch.subset(active)
+            Xa = xp.stack([rows[j] for j in active])
+            G = sub.lower_grad(Xa, theta)
+            norms = to_host(xp.linalg.vector_norm(G, axis=1))
+            syncs += 1
+            still = []
+            for r, j in enumerate(active):
+                grad_evals[j] += 1
+                converged[j] = bool(norms[r] <= cfg.lower_gtol)
+                if not converged[j]:
+                    still.append(r)
+            if step == cfg.lower_newton_steps or not still:
+                break
+            keep = [active[r] for r in still]
+            pick = xp.asarray(still, dtype=xp.int64, device=device_of(G))
+            Xs, Gs = xp.take(Xa, pick, axis=0), xp.take(G, pick, axis=0)
+            res = rminres(batch.subset(keep).linearize(Xs, theta), Gs, rtol=NEWTON_RTOL,
+                          true_residual=False)
+            syncs += res.host_syncs
+            for r, j in enumerate(keep):
+                hvp[j] += res.matvecs[r]
+                rows[j] = rows[j] - res.x[r, ...]
+            active = keep
+        return LowerSolve(xp.stack(rows), (), tuple(converged), tuple(grad_evals),
+                          tuple(hvp), syncs)
+
+    def lower_solutions(self, theta: Any, indices: Sequence[int] | None = None, *,
+                        x0: Any = None) -> Any:
+        """x*(θ) of samples ``indices`` as rows (B, n), warm-started from ``x0`` (B, n) or
+        the samples' states; the states are read, never changed."""
+        indices = self._indices(indices)
+        batch = self._batch(indices)
+        xp = array_namespace(theta)
+        X0 = self._lower_start(xp, batch, indices) if x0 is None else x0
+        return self._solve_lower(batch, theta, X0).X
+
+    def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
+        """The mean upper loss of samples ``indices`` at θ (lower solves warm-started from
+        the states, which are not changed): for line searches of the outer optimiser."""
+        indices = self._indices(indices)
+        losses = self._batch(indices).upper_loss(self.lower_solutions(theta, indices))
+        return float(array_namespace(losses).mean(losses))
+
+    # -- one step ---------------------------------------------------------------------------
+    def evaluate(self, theta: Any, indices: Sequence[int] | None = None) -> StepResult:
+        """Solve samples ``indices`` (all when None) at θ as one batch; update their states."""
+        indices = self._indices(indices)
+        cfg = self.config
+        batch = self._batch(indices)
+        xp = array_namespace(theta)
+        B = len(indices)
+        t0 = time.perf_counter()
+        start = self.counter.snapshot()
+        lower = self._solve_lower(batch, theta, self._lower_start(xp, batch, indices))
+        X = lower.X
+        t1 = time.perf_counter()
+        after_lower = self.counter.snapshot()
+        lin = batch.linearize(X, theta)
+        G = batch.upper_grad(X)
+        tally = RowTally(G)
+        H, J = tally.counted(lin.hvp, "hvp"), tally.counted(lin.jac_t, "jac_t")
+        W0 = self._stack(xp, "w", indices, xp.zeros_like(G)) if cfg.warm_start else None
+        carry_in = stack_carries([self.states[i].carry for i in indices], G[0, ...])
+        space = self.recycler.prepare(carry_in, H, J, like=G)
+        stop = cfg.stop
+        rule = None
+        if stop.kind == StopKind.hypergradient and space is not None:
+            rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
+        t2 = time.perf_counter()
+        res = rminres(
+            lin.hvp, G, x0=W0, recycle=space, rtol=stop.rtol, atol=stop.atol,
+            maxiter=cfg.krylov_maxiter, check_every=self.check_every,
+            harvest=self.recycler.harvester(J), stop=rule, true_residual=False,
+        )
+        t3 = time.perf_counter()
+        grads = -J(res.x)
+        t4 = time.perf_counter()
+        after_hessian = self.counter.snapshot()
+        applied = tally.read()
+        syncs = lower.host_syncs + res.host_syncs + 1
+
+        shadows: list[ShadowRecord | None] = [None] * B
+        W_shadow = None
+        if cfg.shadow_baseline:
+            base = rminres(
+                lin.hvp, G,
+                x0=self._stack(xp, "w_shadow", indices, xp.zeros_like(G))
+                if cfg.warm_start else None,
+                rtol=stop.rtol, atol=stop.atol, maxiter=cfg.krylov_maxiter,
+                check_every=self.check_every, true_residual=False,
+            )
+            W_shadow = base.x
+            syncs += base.host_syncs
+            shadows = [ShadowRecord(base.iterations[j], base.matvecs[j]) for j in range(B)]
+        t5 = time.perf_counter()
+
+        losses = to_host(batch.upper_loss(X))
+        dims = (0,) * B if space is None else space.dims
+        estimates = active = None
+        if rule is not None:
+            estimates = to_host(xp.stack(rule.estimates, axis=1))
+            active = to_host(rule.active)
+        records = []
+        for j, i in enumerate(indices):
+            estimate = float("nan")
+            if estimates is not None and active[j]:
+                estimate = float(estimates[j, res.iterations[j]])
+            records.append(SampleRecord(
+                upper_loss=float(losses[j]),
+                lower_iterations=lower.iterations[j],
+                lower_converged=lower.converged[j],
+                lower_grad_evals=lower.grad_evals[j],
+                lower_hvp=lower.hvp[j],
+                krylov_iterations=res.iterations[j],
+                krylov_converged=res.converged[j],
+                krylov_status=res.status[j].value,
+                recycle_dim=dims[j],
+                hvp=res.matvecs[j] + applied["hvp"][j],
+                jac_t=applied["jac_t"][j],
+                hg_error_estimate=estimate,
+                shadow=shadows[j],
+            ))
+            self.states[i] = SampleState(
+                x=X[j, ...], w=res.x[j, ...], carry=self._carry_after(res, space, j),
+                w_shadow=None if W_shadow is None else W_shadow[j, ...],
+            )
+        grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
+        return StepResult(
+            float(sum(losses)) / B, grad, indices, tuple(records),
+            counts=after_hessian - after_lower, lower_counts=after_lower - start,
+            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
+        )
+
+    def _carry_after(self, res: Any, space: Any, j: int) -> RecycleCarry | None:
+        """Sample j's carry after the solve: its harvest, or its unchanged space when
+        nothing was harvested (the oracles select afresh every time)."""
+        if res.harvest is not None:
+            carry = res.harvest.sample(j)
+        elif space is not None and self.config.recycle.strategy not in ORACLES:
+            carry = RecycleCarry(space.U, selected=True).sample(j)
+        else:
+            return None
+        return carry if carry.basis.shape[-1] > 0 else None
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -189,3 +406,7 @@ class BilevelEngine:
                 )
             )
         self.states = states
+
+
+__all__ = ["BilevelEngine", "EngineConfig", "PhaseTimes", "RowTally", "SampleRecord",
+           "SampleState", "ShadowRecord", "StepResult", "default_check_every"]

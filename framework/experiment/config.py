@@ -99,7 +99,6 @@ class LowerSolverConfig:
 @dataclass
 class SolverConfig:
     maxiter: int = 500
-    batched: bool = True
     check_every: int | None = None
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 

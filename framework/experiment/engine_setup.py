@@ -5,25 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from framework.bilevel.batched_engine import batching_unsupported, create_engine
-from framework.bilevel.engine import EngineConfig
+from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.experiment.config import Baseline, Config
-from framework.experiment.console import say
 from problems.factory import ProblemSet
 
 
-def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> Any:
-    """The engine configured from the solver/recycle/stop/baseline groups: the batched
-    engine (all samples of a step in one block solve) when ``solver.batched`` and the
-    configuration allows it, else the per-sample ``BilevelEngine``."""
-    problems = list(problem_set.problems)
-    config = engine_config(cfg)
-    if cfg.solver.batched:
-        reason = batching_unsupported(problems, config)
-        say("engine: batched" if not reason else f"engine: per-sample ({reason})")
-    else:
-        say("engine: per-sample (solver.batched=false)")
-    return create_engine(problems, config, backend=backend, batched=cfg.solver.batched,
+def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> BilevelEngine:
+    """The engine (each mini-batch solved as one batch) configured from the
+    solver/recycle/stop/baseline groups."""
+    return BilevelEngine(list(problem_set.problems), engine_config(cfg), backend=backend,
                          check_every=cfg.solver.check_every)
 
 

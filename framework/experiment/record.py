@@ -1,8 +1,9 @@
 """``task=record``: capture θ_t and the recorded samples' x_t = x(θ_t) inside the run loop.
 
 At every outer step the runner evaluates a mini-batch at θ_t; a recorded sample that is
-in the batch contributes the engine's own lower-level solution, one that is not is
-solved here by L-BFGS (warm-started from its previous recorded x), so every recorded
+in the batch contributes the engine's own lower-level solution; those that are not are
+solved together by the engine's lower solver (warm-started from their previous recorded
+x, the engine's states unchanged), so every recorded
 step holds x(θ_t) of every recorded sample.  The result is a ``RecordedSequence`` whose
 ``problem_config`` JSON (``{"problem": ..., "seed": ..., "dtype": ...}``) is enough for
 ``problems.factory.build_problems`` to rebuild the samples (``problem_from_recording``).
@@ -16,9 +17,9 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from framework.bilevel.recording import RecordedSequence
-from framework.optim import lbfgs
 
 CONFIG_VERSION = 1
 
@@ -39,21 +40,23 @@ def problem_config_json(c: Any) -> str:
 class SequenceRecorder:
     """Collects θ_t and x_t of ``samples`` step by step (host NumPy copies)."""
 
-    def __init__(self, samples: Sequence[int], lower: Any) -> None:
+    def __init__(self, samples: Sequence[int]) -> None:
         self.samples = tuple(int(i) for i in samples)
-        self.lower = lower  # solver.lower config: gtol, maxiter, memory
         self.thetas: list[np.ndarray] = []
         self.xs: list[np.ndarray] = []
 
     def capture(self, engine: Any, theta: Any, indices: Sequence[int], backend: Any) -> None:
         """Record θ (the point the step was evaluated at) and x(θ) of every recorded
-        sample; call right after ``engine.evaluate(theta, indices)``."""
+        sample; call right after ``engine.evaluate(theta, indices)``.  Samples outside
+        the batch are solved together by the engine's lower solver, warm-started from
+        their last recorded x (or their state)."""
         batch = set(int(i) for i in indices)
-        row = []
+        row: list[Any] = [None] * len(self.samples)
+        missing, starts = [], []
         for pos, i in enumerate(self.samples):
             state_x = engine.states[i].x
             if i in batch and state_x is not None:
-                row.append(backend.to_numpy(state_x))
+                row[pos] = backend.to_numpy(state_x)
                 continue
             p = engine.problems[i]
             if self.xs:
@@ -62,17 +65,14 @@ class SequenceRecorder:
                 x0 = state_x
             else:
                 x0 = p.y if tuple(p.y.shape) == (p.n,) else p.xp.zeros_like(p.x_true)
-            fused = getattr(p, "lower_value_and_grad", None)
-            result = lbfgs(
-                lambda x, p=p: p.lower_objective(x, theta),
-                lambda x, p=p: p.lower_grad(x, theta),
-                x0,
-                gtol=self.lower.gtol,
-                maxiter=self.lower.maxiter,
-                memory=self.lower.memory,
-                value_and_grad=None if fused is None else (lambda x, f=fused: f(x, theta)),
-            )
-            row.append(backend.to_numpy(result.x))
+            missing.append(pos)
+            starts.append(x0)
+        if missing:
+            xp = array_namespace(theta)
+            X = engine.lower_solutions(theta, [self.samples[pos] for pos in missing],
+                                       x0=xp.stack(starts))
+            for r, pos in enumerate(missing):
+                row[pos] = backend.to_numpy(X[r, ...])
         self.thetas.append(np.array(backend.to_numpy(theta), copy=True))
         self.xs.append(np.stack(row))
 

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,36 +115,6 @@ def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
         )
 
 
-def _batch_loss(engine: Any, indices: Sequence[int], c: Config) -> Callable[[Any], float]:
-    """loss(θ): the mean upper loss of the batch at trial θ (for Armijo backtracking).
-
-    Each lower problem is solved by L-BFGS warm-started from the sample's current x*; the
-    engine's state is read, never changed, so trials do not disturb warm starts/recycling.
-    """
-    if hasattr(engine, "loss"):
-        return lambda theta: float(engine.loss(theta, indices))
-
-    def loss(theta: Any) -> float:
-        total = 0.0
-        for i in indices:
-            p = engine.problems[i]
-            x0 = engine.states[i].x
-            if x0 is None:
-                x0 = p.y if tuple(p.y.shape) == (p.n,) else p.xp.zeros_like(p.x_true)
-            lower = lbfgs(
-                lambda x, p=p: p.lower_objective(x, theta),
-                lambda x, p=p: p.lower_grad(x, theta),
-                x0,
-                gtol=c.solver.lower.gtol,
-                maxiter=c.solver.lower.maxiter,
-                memory=c.solver.lower.memory,
-            )
-            total += float(p.upper_loss(lower.x))
-        return total / len(indices)
-
-    return loss
-
-
 def train(
     c: Config,
     out: Path,
@@ -231,7 +202,8 @@ def train(
             result = engine.evaluate(theta, indices)
             if recorder is not None:
                 recorder.capture(engine, theta, indices, backend)
-            loss_fn = _batch_loss(engine, indices, c) if c.outer.name == Optimizer.gd else None
+            gd = c.outer.name == Optimizer.gd
+            loss_fn = partial(engine.loss, indices=indices) if gd else None
             update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
             theta = update.theta
             metrics = {k: float(v) for k, v in result.metrics().items()}

@@ -1,0 +1,145 @@
+"""What one evaluation of the bilevel engine reports: per-sample records (counts measured
+per row), the batch's measured passes and phase times, and the step's metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from backends.counting import Counts
+from framework.krylov.recycle import RecycleCarry
+
+
+@dataclass(frozen=True)
+class SampleState:
+    """Warm starts (x*, w), the recycle carry, and the shadow baseline's own warm start."""
+
+    x: Any = None
+    w: Any = None
+    carry: RecycleCarry | None = None
+    w_shadow: Any = None
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """The same Hessian system solved without recycling (warm-started from its own
+    previous solution): what recycling is compared against.  ``hvp``: the sample's
+    operator applications (the solver's per-sample count)."""
+
+    iterations: int
+    hvp: int
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Figures of one sample's hypergradient, measured for its row of the batch.
+
+    ``hvp``/``jac_t``: applications to this sample's operators in the Hessian phase
+    (Krylov iterations and the initial residual from the solver's per-sample count; the
+    recycle set-up, selection, NSC set-up and −Jᵀw counted per row as the non-zero
+    columns applied).  ``lower_*``: the lower-level solve (L-BFGS's per-sample
+    evaluations, plus the gradients and MINRES applications of a Newton polish).  The
+    shadow baseline is not included."""
+
+    upper_loss: float
+    lower_iterations: int
+    lower_converged: bool
+    lower_grad_evals: int
+    lower_hvp: int
+    krylov_iterations: int
+    krylov_converged: bool
+    krylov_status: str
+    recycle_dim: int
+    hvp: int
+    jac_t: int
+    hg_error_estimate: float
+    shadow: ShadowRecord | None = None
+
+    @property
+    def applications(self) -> int:
+        return self.hvp + self.jac_t
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Wall-clock seconds of each phase of one batch evaluation (the whole batch, not
+    per sample): lower solve, recycle/stopping set-up, Krylov solve, −Jᵀw, shadow."""
+
+    lower: float
+    recycle: float
+    krylov: float
+    jac: float
+    shadow: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples.
+
+    ``counts`` is what the batch's Hessian phase spent as counted by the problem's
+    counter (passes: batched operator calls; applications: every row of every call,
+    frozen and padding included); ``lower_counts`` the same for the lower solve;
+    ``host_syncs`` the transfers of per-sample scalars to the host."""
+
+    loss: float
+    grad: Any
+    indices: tuple[int, ...]
+    samples: tuple[SampleRecord, ...] = field(repr=False)
+    counts: Counts
+    lower_counts: Counts
+    times: PhaseTimes
+    host_syncs: int
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step figures for logging (sums over the samples unless named mean_ or
+        fraction; passes, batch applications and times are the batch's)."""
+        recs = self.samples
+        total = lambda f: float(sum(f(r) for r in recs))  # noqa: E731
+        out = {
+            "upper_loss": self.loss,
+            "hypergradient_norm": _norm(self.grad),
+            "lower_iterations": total(lambda r: r.lower_iterations),
+            "lower_grad_evals": total(lambda r: r.lower_grad_evals),
+            "lower_hvp": total(lambda r: r.lower_hvp),
+            "krylov_iterations": total(lambda r: r.krylov_iterations),
+            "hvp": total(lambda r: r.hvp),
+            "hvp_passes": float(self.counts.hvp_passes),
+            "jac_t": total(lambda r: r.jac_t),
+            "jac_t_passes": float(self.counts.jac_t_passes),
+            "operator_applications": total(lambda r: r.applications),
+            "operator_passes": float(self.counts.passes),
+            "batch_applications": float(self.counts.applications),
+            "batch_host_syncs": float(self.host_syncs),
+            "recycle_dim": total(lambda r: r.recycle_dim) / len(recs),
+            "krylov_converged_fraction": total(lambda r: r.krylov_converged) / len(recs),
+            "lower_converged_fraction": total(lambda r: r.lower_converged) / len(recs),
+            "time_lower": self.times.lower,
+            "time_recycle": self.times.recycle,
+            "time_krylov": self.times.krylov,
+            "time_jac": self.times.jac,
+        }
+        estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
+        if estimates:
+            out["hg_error_estimate"] = float(np.mean(estimates))
+        shadows = [r.shadow for r in recs if r.shadow is not None]
+        if len(shadows) == len(recs):
+            it = float(sum(s.iterations for s in shadows))
+            hvp = float(sum(s.hvp for s in shadows))
+            out["baseline_krylov_iterations"] = it
+            out["baseline_hvp"] = hvp
+            out["time_shadow"] = self.times.shadow
+            out["savings_iterations"] = 1.0 - out["krylov_iterations"] / it if it else 0.0
+            # recycling's applications: HVPs of the Hessian solve (incl. C = HU) plus the
+            # Jᵀ products spent on selection/NSC beyond the one −Jᵀw both need
+            mine = out["hvp"] + out["jac_t"] - len(recs)
+            out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
+        return out
+
+
+def _norm(a: Any) -> float:
+    xp = array_namespace(a)
+    return math.sqrt(float(xp.sum(a * a)))
