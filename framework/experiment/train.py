@@ -137,7 +137,7 @@ def train(
     rng, entropy = _batch_generator(c.seed)
     recorder = None
     if c.task == Task.record:
-        recorder = SequenceRecorder(c.sequence.samples, c.solver.lower)
+        recorder = SequenceRecorder(c.sequence.samples)
         if state is not None and "recording" in state:
             recorder.load_state_dict(state["recording"])
 
