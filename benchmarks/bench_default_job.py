@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"cpus: {os.cpu_count()}; environment without {', '.join(THREAD_VARIABLES)}")
+    print(f"cpus: {os.cpu_count()}; environment without {', '.join(THREAD_VARIABLES)}; "
+          "each job's BLAS threads: backend.num_threads (auto: 1), as the job prints")
     cases = [("alone", ()), ("pair", ()), ("pair, num_threads=2", ("backend.num_threads=2",))]
     for r in range(args.rounds):
         for name, extra in cases:

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from backends import get_backend
+from backends.threads import pool_threads
 from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.bilevel.recording import record_training
 from framework.krylov.recycle import RecycleConfig
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--save", type=str, default=None, help="write the recording (.npz)")
     args = parser.parse_args()
     print("command:", " ".join([sys.executable, *sys.argv]))
+    print(f"BLAS threads (threadpoolctl): {pool_threads()}")
     print(f"inputs: embedded MNIST digit {args.sample}, 28×28, inpainting 70 % removed, "
           f"noise 0.05, FoE 24 DCT 5×5 Lorentzian filters, θ₀ exponent −1, Adam lr "
           f"{args.lr}, {args.steps} recorded steps (lower gtol 1e-8)")

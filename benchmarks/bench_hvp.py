@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from backends import get_backend
+from backends.threads import pool_threads
 from problems.datasets import load_embedded_mnist
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
 from problems.imaging import ImagingProblem
@@ -59,6 +60,7 @@ def main() -> None:
     v30 = backend.asarray(rng.standard_normal((problem.n, 30)))
 
     print("command:", " ".join([sys.executable, *sys.argv]))
+    print(f"BLAS threads (threadpoolctl): {pool_threads()}")
     print(f"inputs: MNIST digit 0 {shape}, {operator!r}, {regularizer!r}, "
           f"theta = DCT filters with exponent -1, numpy {np.__version__}, float64")
     t1 = best_time(lambda: problem.hvp(x, theta, v1), args.repeats, args.number)

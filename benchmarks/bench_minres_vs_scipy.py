@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from backends.threads import pool_threads
 from framework.krylov import rminres
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print("command:", " ".join([sys.executable, *sys.argv]))
+    print(f"BLAS threads (threadpoolctl): {pool_threads()}")
     print(f"inputs: 2-D Laplacian + diag U(0.01, 0.1), {args.iters} iterations, "
           f"best of {args.repeats}, numpy {np.__version__}")
     print(f"{'n':>9} {'scipy µs/it':>12} {'rminres µs/it':>14} {'ratio':>6}")

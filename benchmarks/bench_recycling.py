@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from backends.threads import pool_threads
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.sequence import solve_sequence
 from framework.krylov.stopping import StopConfig
@@ -38,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     k = args.k
     print("command:", " ".join([sys.executable, *sys.argv]))
+    print(f"BLAS threads (threadpoolctl): {pool_threads()}")
     print(f"inputs: n = {args.side**2}, {args.count} systems, k = {k}, rtol = {args.rtol}, "
           f"seed = {args.seed}, p = 20 (Jᵀ rows)")
     seq = drifting_sequence(side=args.side, count=args.count, seed=args.seed)
