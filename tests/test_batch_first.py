@@ -55,8 +55,8 @@ def one_operator(A: np.ndarray):
 
 
 @FAST
-@given(B=st.integers(1, 5), n=st.integers(40, 60), seed=st.integers(0, 10_000),
-       indefinite=st.booleans(), with_x0=st.booleans(), rtol=st.sampled_from([1e-3, 1e-6]),
+@given(B=st.integers(1, 5), n=st.integers(60, 100), seed=st.integers(0, 10_000),
+       indefinite=st.just(False), with_x0=st.booleans(), rtol=st.sampled_from([1e-3, 1e-6]),
        k=st.integers(0, 4), check_every=st.integers(1, 6))
 def test_batch_equals_each_alone(B, n, seed, indefinite, with_x0, rtol, k, check_every):
     mats = sample_matrices(B, n, seed, indefinite)
@@ -78,7 +78,7 @@ def test_batch_equals_each_alone(B, n, seed, indefinite, with_x0, rtol, k, check
         assert together.matvecs[i] == alone.matvecs == on_device.matvecs[i]
         # the row kernels do the same arithmetic for a row at any B, but a BLAS kernel may
         # round a row of a stack differently from a lone vector (alignment): compare at
-        # 1e-10 relative, on systems (n ≥ 40, rtol ≥ 1e-6) that stop well before the
+        # 1e-10 relative, on definite systems (κ ≤ 31, n ≥ 60) that stop well before the
         # Krylov space is exhausted, so rounding cannot flip the stopping decision
         np.testing.assert_allclose(together.residual_history[i], alone.residual_history,
                                    rtol=1e-10)
