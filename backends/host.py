@@ -27,6 +27,13 @@ def to_host(a: Any) -> np.ndarray:
     return np.array(a, copy=True)
 
 
+def host_list(a: Any) -> list:
+    """The values of a small 1-D array as a Python list (no copy for NumPy)."""
+    if isinstance(a, np.ndarray):
+        return a.tolist()
+    return to_host(a).tolist()
+
+
 def host_check_needs_sync(a: Any) -> bool:
     """Whether reading a value of ``a`` on the host waits for a GPU (CuPy or CUDA PyTorch).
 

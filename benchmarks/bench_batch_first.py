@@ -2,8 +2,9 @@
 
 Side by side in one run, alternating: the new ``rminres`` at B = 1 (a 1-D right-hand
 side) against the old unbatched ``rminres``, and at B = 16 against the old
-``rminres_batched``, from tag ``pre-redesign`` (imported in a subprocess whose cwd is a
-temporary git worktree of the tag).  Operators:
+``rminres_batched``, from tag ``pre-redesign`` (a temporary git worktree, imported in the
+same process by ``benchmarks.trees``: old and new alternate under the same load).
+Operators:
 
 * ``foe``: the linearised FoE Hessian of the first embedded MNIST digit (28×28,
   inpainting 50 %, 24 DCT 5×5 filters, Lorentzian experts; as benchmarks/bench_hvp.py);
@@ -12,10 +13,11 @@ temporary git worktree of the tag).  Operators:
 
 B = 16 solves 16 right-hand sides against the same operator (one block application per
 pass).  Each solve runs to rtol = 1e-8 (maxiter 2000); µs/iteration = wall time / passes,
-best of ``--repeats``.  Prints iterations (which must agree at B = 1), µs/iteration, the
-ratio new/old and the BLAS thread count.
+best of ``--repeats`` × ``--rounds``.  Prints iterations (which must agree at B = 1),
+µs/iteration, the ratio new/old, each tree's operator alone (µs per pass: the two trees'
+problem code differ too) and the BLAS thread count.
 
-    python benchmarks/bench_batch_first.py [--repeats 7] [--tag pre-redesign]
+    python benchmarks/bench_batch_first.py [--repeats 5] [--rounds 6] [--tag pre-redesign]
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.trees import ROOT, Tree, blas_threads, checkout
 
 RTOL, MAXITER, BATCH = 1e-8, 2000, 16
 
@@ -59,9 +62,9 @@ def _operator(case: str):
     return (lambda v: np.asarray(lin(v))), problem.n
 
 
-def worker(case: str, batch: int, old: bool, repeats: int) -> dict:
-    """Time the solver of the cwd's tree; returns iterations and best µs per pass."""
-    sys.path.insert(0, os.getcwd())
+def solver(case: str, batch: int, old: bool) -> tuple:
+    """(solve, apply) closures for the active tree: ``solve()`` runs one solve and
+    returns (iterations, passes); ``apply()`` applies the operator to one block."""
     import numpy as np
 
     from framework.krylov import rminres
@@ -69,22 +72,29 @@ def worker(case: str, batch: int, old: bool, repeats: int) -> dict:
     A, n = _operator(case)
     b = np.random.default_rng(1).standard_normal((batch, n))
     if batch == 1:
-        solve = lambda: rminres(A, b[0], rtol=RTOL, maxiter=MAXITER, true_residual=False)  # noqa: E731
+        def solve() -> tuple:
+            r = rminres(A, b[0], rtol=RTOL, maxiter=MAXITER, true_residual=False)
+            return r.iterations, r.iterations
+        return solve, (lambda: A(b[0])), n
+    rows = lambda V: A(V.T).T  # noqa: E731  one block application per pass
+    if old:
+        from framework.krylov.batched import rminres_batched as batched
     else:
-        rows = lambda V: A(V.T).T  # noqa: E731  one block application per pass
-        if old:
-            from framework.krylov.batched import rminres_batched as batched
-        else:
-            batched = rminres
-        solve = lambda: batched(rows, b, rtol=RTOL, maxiter=MAXITER)  # noqa: E731
-    best, result = float("inf"), None
+        batched = rminres
+
+    def solve() -> tuple:
+        r = batched(rows, b, rtol=RTOL, maxiter=MAXITER)
+        return list(r.iterations), max(r.iterations)
+    return solve, (lambda: rows(b)), n
+
+
+def _best(call: Any, repeats: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = solve()
+        out = call()
         best = min(best, time.perf_counter() - t0)
-    its = result.iterations if batch == 1 else list(result.iterations)
-    passes = its if batch == 1 else max(its)
-    return {"iterations": its, "us_per_iteration": best / passes * 1e6, "n": n}
+    return best, out
 
 
 def _show(iterations: int | list[int]) -> str:
@@ -93,59 +103,40 @@ def _show(iterations: int | list[int]) -> str:
     return f"max {max(iterations)}, sum {sum(iterations)}"
 
 
-def _run(cwd: str, case: str, batch: int, old: bool, repeats: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(batch),
-           "old" if old else "new", str(repeats)]
-    out = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="solves per subprocess")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating old/new rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="solves per round (best)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating old/new rounds")
     parser.add_argument("--tag", default="pre-redesign")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        case, batch, which, repeats = args.worker
-        print(json.dumps(worker(case, int(batch), which == "old", int(repeats))))
-        return
-    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
-    from threadpoolctl import threadpool_info
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     print("command:", " ".join([sys.executable, *sys.argv]))
-    blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()
-            if i.get("user_api") == "blas"]
-    print(f"BLAS (threadpoolctl): {blas}; rtol {RTOL}, best of {args.repeats} solves x "
-          f"{args.rounds} alternating rounds; old = tag {args.tag}")
-    with tempfile.TemporaryDirectory() as tmp:
-        old_tree = os.path.join(tmp, "old")
-        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-q", old_tree,
-                        args.tag], check=True)
-        try:
-            print(f"{'case':>8} {'B':>3} {'n':>6} {'iterations old':>16} {'iterations new':>16} "
-                  f"{'old µs/it':>10} {'new µs/it':>10} {'new/old':>8}")
-            for case in ("foe", "laplace"):
-                for batch in (1, BATCH):
-                    old = new = None
-                    for _ in range(args.rounds):
-                        o = _run(old_tree, case, batch, True, args.repeats)
-                        w = _run(root, case, batch, False, args.repeats)
-                        if old is None or o["us_per_iteration"] < old["us_per_iteration"]:
-                            old = o
-                        if new is None or w["us_per_iteration"] < new["us_per_iteration"]:
-                            new = w
-                    io, iw = old["iterations"], new["iterations"]
-                    same = "same" if io == iw else "DIFFERENT"
-                    print(f"{case:>8} {batch:>3} {new['n']:>6} {_show(io):>16} {_show(iw):>16} "
-                          f"{old['us_per_iteration']:>10.1f} {new['us_per_iteration']:>10.1f} "
-                          f"{new['us_per_iteration'] / old['us_per_iteration']:>8.3f}  "
-                          f"iterations {same}")
-        finally:
-            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", old_tree],
-                           check=True)
+    print(f"BLAS (threadpoolctl): {blas_threads()}; rtol {RTOL}; best of {args.repeats} solves "
+          f"x {args.rounds} alternating rounds, both trees in one process; old = tag {args.tag}")
+    print(f"{'case':>8} {'B':>3} {'n':>6} {'iterations old':>16} {'iterations new':>16} "
+          f"{'old µs/it':>10} {'new µs/it':>10} {'new/old':>8} {'op old':>8} {'op new':>8}")
+    with checkout(args.tag) as old_root:
+        trees = {"old": Tree(old_root), "new": Tree(ROOT)}
+        for case in ("foe", "laplace"):
+            for batch in (1, BATCH):
+                built = {}
+                for name, tree in trees.items():
+                    with tree.active():
+                        built[name] = solver(case, batch, name == "old")
+                        built[name][0]()  # first call: imports, caches
+                best = {name: [float("inf")] * 2 for name in trees}
+                its = {}
+                for _ in range(args.rounds):
+                    for name in trees:
+                        solve, apply, n = built[name]
+                        t, (its[name], passes) = _best(solve, args.repeats)
+                        op, _ = _best(apply, 3 * args.repeats)
+                        best[name] = [min(best[name][0], t / passes * 1e6),
+                                      min(best[name][1], op * 1e6)]
+                (o, o_op), (w, w_op) = best["old"], best["new"]
+                same = "same" if its["old"] == its["new"] else "DIFFERENT"
+                print(f"{case:>8} {batch:>3} {n:>6} {_show(its['old']):>16} "
+                      f"{_show(its['new']):>16} {o:>10.1f} {w:>10.1f} {w / o:>8.3f} "
+                      f"{o_op:>8.1f} {w_op:>8.1f}  iterations {same}")
 
 
 if __name__ == "__main__":

@@ -13,27 +13,42 @@ scalars:
   arrays and ``rotate`` runs once for the batch; nothing is read on the host except one
   "is any sample running?" flag every ``check_every`` iterations.
 
-Both hand the vector kernels one (B, len(COEFFICIENTS)) device array per iteration.  A
-sample that is not updated (frozen: converged, exact, broken down, non-finite) gets the
-identity rotation and zero step, so its iterate no longer changes.
+Both hand the vector kernels the coefficients as ``Columns``: one entry per name in
+``COEFFICIENTS``, each a (B, 1) device array that scales rows, or a Python float when
+B = 1 on the host (a float scales a row without a device array).  A sample that is not
+updated (frozen: converged, exact, broken down, non-finite) gets the identity rotation
+and zero step, so its iterate no longer changes.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from backends.host import to_host
+from backends.host import host_list, to_host
 
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
-# columns of the per-iteration coefficient array handed to the vector kernels
-COEFFICIENTS = ("gamma", "delta", "epsilon", "phi", "beta_div", "res_keep", "res_add",
-                "harvest_beta", "update")
+
+
+class Columns(NamedTuple):
+    """The per-iteration coefficients handed to the vector kernels, each a row scale."""
+
+    gamma: Any
+    delta: Any
+    epsilon: Any
+    phi: Any
+    beta_div: Any
+    res_keep: Any
+    res_add: Any
+    harvest_beta: Any
+    update: Any
+
+
+COEFFICIENTS = Columns._fields
 
 
 class FloatOps:
@@ -46,6 +61,7 @@ class FloatOps:
     isfinite = staticmethod(math.isfinite)
     not_ = staticmethod(operator.not_)
     count = staticmethod(int)
+    every = staticmethod(bool)  # one sample: its flag is known on the host
 
 
 class ArrayOps:
@@ -68,9 +84,13 @@ class ArrayOps:
     def count(self, mask: Any) -> Any:
         return self.xp.astype(mask, self.xp.int64)
 
+    @staticmethod
+    def every(mask: Any) -> bool:
+        """Unknown without a host read: always mask (no synchronisation)."""
+        return False
 
-@dataclass(frozen=True)
-class Rotation:
+
+class Rotation(NamedTuple):
     """One sample's (or, as arrays, every sample's) running scalars: the previous
     sub-diagonal β_k, the last two rotations (c, s), φ̄, the ‖T̄‖ estimate, the status
     code, the iteration count and whether the sample is still running."""
@@ -90,37 +110,42 @@ class Rotation:
 def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tuple:
     """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations,
     form the new one, and return (the updated scalars, the coefficients in the order of
-    ``COEFFICIENTS``, the residual estimate |φ̄|, and the events (update, exact))."""
+    ``COEFFICIENTS``, the residual estimate |φ̄|, and the events (update, exact)).
+
+    Samples that are not updated get the idle coefficients (identity rotation, zero
+    step); the masking is skipped when every sample is known to be updated (a running
+    sample on the host), so the common step is the plain formulas."""
     sub = st.beta
     epsilon = st.s_prev * sub
     delta_bar = st.c_prev * sub
     delta = st.c * delta_bar + st.s * alpha
     gamma_bar = -st.s * delta_bar + st.c * alpha
     gamma = ops.hypot(gamma_bar, beta_next)
-    anorm = ops.where(st.live, ops.maximum(st.anorm, ops.abs(alpha) + sub + beta_next),
-                      st.anorm)
+    anorm = ops.maximum(st.anorm, ops.abs(alpha) + sub + beta_next)
     finite = ops.isfinite(alpha) & ops.isfinite(beta_next)
     singular = gamma <= tol * anorm  # T_k singular: keep the last iterate
     update = st.live & finite & ops.not_(singular)
-    status = ops.where(st.live & ops.not_(finite), NONFINITE, st.status)
-    status = ops.where(st.live & finite & singular, BREAKDOWN, status)
-    gamma_safe = ops.where(update, gamma, 1.0)
-    c = ops.where(update, gamma_bar / gamma_safe, 1.0)
-    s = ops.where(update, beta_next / gamma_safe, 0.0)
-    phi = ops.where(update, c * st.phibar, 0.0)
-    phibar = ops.where(update, -s * st.phibar, st.phibar)
+    every = ops.every(update)
+    status = st.status
+    if not every:
+        anorm = ops.where(st.live, anorm, st.anorm)
+        status = ops.where(st.live & ops.not_(finite), NONFINITE, status)
+        status = ops.where(st.live & finite & singular, BREAKDOWN, status)
+        gamma = ops.where(update, gamma, 1.0)
+    c, s = gamma_bar / gamma, beta_next / gamma
+    phi, phibar = c * st.phibar, -s * st.phibar
     exact = update & (beta_next <= tol * anorm)  # invariant subspace: the iterate solves
-    coefficients = (
-        gamma_safe,
-        ops.where(update, delta, 0.0),
-        ops.where(update, epsilon, 0.0),
-        phi,
-        ops.where(finite & (beta_next > 0), beta_next, 1.0),
-        ops.where(update, s * s, 1.0),
-        ops.where(update, phibar * c, 0.0),
-        ops.where(exact, 0.0, beta_next),
-        ops.where(update, 1.0, 0.0),
-    )
+    beta_div = ops.where(finite & (beta_next > 0), beta_next, 1.0)
+    harvest_beta = ops.where(exact, 0.0, beta_next)
+    stepped = (delta, epsilon, phi, s * s, phibar * c, 1.0)
+    if not every:
+        c, s, phibar = (ops.where(update, v, idle) for v, idle in
+                        ((c, 1.0), (s, 0.0), (phibar, st.phibar)))
+        stepped = tuple(ops.where(update, v, idle) for v, idle in
+                        zip(stepped, (0.0, 0.0, 0.0, 1.0, 0.0, 0.0), strict=True))
+    delta, epsilon, phi, res_keep, res_add, updated = stepped
+    coefficients = Columns(gamma, delta, epsilon, phi, beta_div, res_keep, res_add,
+                           harvest_beta, updated)
     new = Rotation(beta_next, c, st.c, s, st.s, phibar, anorm, status,
                    st.iterations + ops.count(update), update & ops.not_(exact))
     return new, coefficients, ops.abs(phibar), (update, exact)
@@ -130,9 +155,11 @@ def conclude(ops: Any, st: Rotation, update: Any, exact: Any, met: Any) -> Rotat
     """Statuses after the stopping test: exact, converged (``met`` on an updated sample),
     or still running."""
     converged = update & ops.not_(exact) & met
+    if ops.every(ops.not_(converged | exact)):
+        return st
     status = ops.where(exact, EXACT, st.status)
     status = ops.where(converged, CONVERGED, status)
-    return replace(st, status=status, live=st.live & ops.not_(converged))
+    return st._replace(status=status, live=st.live & ops.not_(converged))
 
 
 def start(ops: Any, beta1: Any, met: Any, finite: Any, zero: Any) -> Rotation:
@@ -146,41 +173,68 @@ def start(ops: Any, beta1: Any, met: Any, finite: Any, zero: Any) -> Rotation:
 
 
 class HostScalars:
-    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free."""
+    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free.
 
-    syncs_per_iteration = 2  # α and β_{k+1} are read each iteration
+    With ``thresholds`` (the default rule ‖r_i‖ ≤ t_i) the rule is tested in ``rotate``;
+    otherwise the caller tests its rule and hands the result to ``conclude``."""
 
-    def __init__(self, like: Any, beta1: Any, met: Any) -> None:
+    syncs_per_iteration = 2  # α and ‖p‖² are read each iteration
+
+    def __init__(self, like: Any, beta1: Any, met: Any, thresholds: Any = None) -> None:
         self.xp = array_namespace(like)
         self.dtype, self.device = like.dtype, device_of(like)
-        b1 = [float(v) for v in to_host(beta1)]
-        ok = [bool(v) for v in to_host(met)]
-        self.rows = [start(FloatOps, v, m, math.isfinite(v), 0.0) for v, m in zip(b1, ok,
-                                                                                strict=True)]
+        b1 = host_list(beta1)
+        self.rows = [start(FloatOps, v, bool(m), math.isfinite(v), 0.0)
+                     for v, m in zip(b1, met, strict=True)]
+        self.thresholds = thresholds  # a list of floats
         self.events: list[tuple[bool, bool]] = []
         self.rnorms = b1
+        self.nonfinite = False
+        self.live = any(r.live for r in self.rows)
 
     def running(self) -> bool:
-        return any(r.live for r in self.rows)
+        return self.live
 
-    def rotate(self, alpha: Any, beta_next: Any, tol: float) -> Any:
-        alphas, betas = to_host(alpha).tolist(), to_host(beta_next).tolist()
+    def alpha(self, values: Any) -> Any:
+        """Record α_k; returns it as a row scale (a float for B = 1, else (B, 1))."""
+        self.alphas = host_list(values)
+        return self.alphas[0] if len(self.rows) == 1 else values[:, None]
+
+    def rotate(self, beta_squared: Any, tol: float) -> Columns:
+        """β_{k+1} = √‖p‖², the rotation of every sample (and the default rule)."""
+        self.betas = betas = [math.sqrt(v) for v in host_list(beta_squared)]
         coefficients, self.events, self.rnorms = [], [], []
-        for i, row in enumerate(self.rows):
-            self.rows[i], coef, rnorm, events = rotate(FloatOps, row, alphas[i], betas[i], tol)
+        rows, thresholds = self.rows, self.thresholds
+        for i, row in enumerate(rows):
+            row, coef, rnorm, events = rotate(FloatOps, row, self.alphas[i], betas[i], tol)
+            if thresholds is not None:
+                row = conclude(FloatOps, row, *events, rnorm <= thresholds[i])
+            rows[i] = row
             coefficients.append(coef)
             self.events.append(events)
             self.rnorms.append(rnorm)
-        return self.xp.asarray(coefficients, dtype=self.dtype, device=self.device)
+        self.coefficients = coefficients
+        self.nonfinite = not all(math.isfinite(b) for b in betas)
+        self.live = any(r.live for r in rows)
+        if len(coefficients) == 1:
+            return coefficients[0]
+        table = self.xp.asarray(coefficients, dtype=self.dtype, device=self.device)
+        return Columns(*(table[:, j:j + 1] for j in range(len(COEFFICIENTS))))
+
+    def finite_rows(self) -> Any:
+        """(B,) mask of the samples whose β_{k+1} is finite."""
+        return self.xp.asarray([math.isfinite(b) for b in self.betas], device=self.device)
+
+    def harvest_inputs(self) -> tuple[Any, Any]:
+        """(B,) arrays of the last step's harvested β_{k+1} and its update mask."""
+        xp, rows = self.xp, self.coefficients
+        return (xp.asarray([c[7] for c in rows], dtype=self.dtype, device=self.device),
+                xp.asarray([c[8] > 0 for c in rows], device=self.device))
 
     def conclude(self, met: Any) -> None:
-        met = [bool(v) for v in met]
-        self.rows = [conclude(FloatOps, r, u, e, m)
+        self.rows = [conclude(FloatOps, r, u, e, bool(m))
                      for r, (u, e), m in zip(self.rows, self.events, met, strict=True)]
-
-    def nonfinite_rows(self, beta_next: Any) -> bool:
-        """Whether some row's β_{k+1} is not finite (then its vectors need zeroing)."""
-        return any(not math.isfinite(r.beta) for r in self.rows)
+        self.live = any(r.live for r in self.rows)
 
     def summary(self) -> tuple[list[int], list[int]]:
         return [r.status for r in self.rows], [r.iterations for r in self.rows]
@@ -190,30 +244,43 @@ class DeviceScalars:
     """Per-sample scalars as (B,) device arrays; the host sees one flag per check."""
 
     syncs_per_iteration = 0
+    nonfinite = True  # unknown without a sync: always zero non-finite rows (cheap on a GPU)
 
-    def __init__(self, like: Any, beta1: Any, met: Any) -> None:
+    def __init__(self, like: Any, beta1: Any, met: Any, thresholds: Any = None) -> None:
         self.xp = xp = array_namespace(like)
         self.ops = ArrayOps(xp, beta1)
         zero = xp.zeros_like(beta1)
         self.state = start(self.ops, beta1, met, xp.isfinite(beta1), zero)
-        self.state = replace(self.state, iterations=xp.zeros(beta1.shape, dtype=xp.int64,
+        self.state = self.state._replace(iterations=xp.zeros(beta1.shape, dtype=xp.int64,
                                                              device=device_of(beta1)))
+        self.thresholds = thresholds
         self.events = None
         self.rnorms = beta1
 
     def running(self) -> bool:
         return bool(self.xp.any(self.state.live))
 
-    def rotate(self, alpha: Any, beta_next: Any, tol: float) -> Any:
-        self.state, coef, self.rnorms, self.events = rotate(self.ops, self.state, alpha,
-                                                            beta_next, tol)
-        return self.xp.stack(coef, axis=1)
+    def alpha(self, values: Any) -> Any:
+        self.alphas = values
+        return values[:, None]
+
+    def rotate(self, beta_squared: Any, tol: float) -> Columns:
+        self.betas = self.xp.sqrt(beta_squared)
+        self.state, coef, self.rnorms, self.events = rotate(self.ops, self.state, self.alphas,
+                                                            self.betas, tol)
+        if self.thresholds is not None:
+            self.conclude(self.rnorms <= self.thresholds)
+        self.coefficients = coef
+        return Columns(*(c[:, None] for c in coef))
+
+    def finite_rows(self) -> Any:
+        return self.xp.isfinite(self.betas)
+
+    def harvest_inputs(self) -> tuple[Any, Any]:
+        return self.coefficients[7], self.coefficients[8] > 0
 
     def conclude(self, met: Any) -> None:
         self.state = conclude(self.ops, self.state, *self.events, met)
-
-    def nonfinite_rows(self, beta_next: Any) -> bool:
-        return True  # unknown without a sync: always zero non-finite rows (cheap on a GPU)
 
     def summary(self) -> tuple[list[int], list[int]]:
         st = self.state

@@ -245,15 +245,17 @@ class _Solve:
         beta1 = self._norms(r)
         self.b_norm = self._norms(self.b)
         Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars
-        self.scalars = Scalars(self.b, beta1, self._met(0, beta1, r))
+        thresholds = None
+        if self.thresholds is not None:
+            thresholds = self.device_thresholds if Scalars is DeviceScalars else self.thresholds
+        self.scalars = Scalars(self.b, beta1, self._met(0, beta1, r), thresholds)
         self.history = [self.scalars.rnorms]
         self.residual = r if self.keep_residual else None
         safe = xp.where(beta1 > 0, beta1, xp.ones_like(beta1))
         v = r / safe[:, None]
         if self.harvest is not None:
             self.harvest.begin(self.U, self.C, v, beta1, self._live())
-        self.v_prev = xp.zeros_like(v)
-        self.beta = xp.zeros_like(self.b[:, :1])
+        self.v_prev = self.beta = None
         self.d = [None, None]
         self.e = [None, None]
         syncs, step = 1, 0
@@ -295,30 +297,35 @@ class _Solve:
         if self.C is not None:  # (I − CCᵀ)Av, with b_k = CᵀAv_k for the U-part
             bcol = bmtv(self.C, p)
             p = p - bmv(self.C, bcol)
-        p = p - self.beta * self.v_prev  # not in place: A may return a buffer it owns
+            if self.v_prev is not None:
+                p -= self.beta * self.v_prev
+        elif self.v_prev is not None:  # a new array: A may return a buffer it owns
+            p = p - self.beta * self.v_prev
+        else:
+            p = xp.asarray(p, copy=True)
         alpha = xp.vecdot(v, p)
-        p -= alpha[:, None] * v
+        p -= self.scalars.alpha(alpha) * v
         if self.C is not None:  # second projection keeps V ⟂ C to working precision
             p -= bmv(self.C, bmtv(self.C, p))
-        beta_next = self._norms(p)
-        coef = self.scalars.rotate(alpha, beta_next, self.tol)
-        gamma, delta, epsilon, phi, beta_div = (coef[:, j:j + 1] for j in range(5))
-        self.x += phi * _direction(self.d, v, gamma, delta, epsilon)
+        col = self.scalars.rotate(xp.vecdot(p, p), self.tol)  # (and the default rule)
+        self.x += col.phi * _direction(self.d, v, col)
         if bcol is not None:
-            self.z += phi * _direction(self.e, bcol, gamma, delta, epsilon)
-        v_next = p / beta_div
-        if self.scalars.nonfinite_rows(beta_next):
-            v_next = xp.where(xp.isfinite(beta_next)[:, None], v_next, 0.0)
+            self.z += col.phi * _direction(self.e, bcol, col)
+        p /= col.beta_div  # p is this solve's own array: it becomes v_{k+1}
+        if self.scalars.nonfinite:
+            p = xp.where(self.scalars.finite_rows()[:, None], p, 0.0)
         if self.harvest is not None:
-            self.harvest.step(alpha, coef[:, 7], bcol, v_next, coef[:, 8] > 0)
+            beta_kept, updated = self.scalars.harvest_inputs()
+            self.harvest.step(alpha, beta_kept, bcol, p, updated)
         if self.keep_residual:
-            self.residual = coef[:, 5:6] * self.residual + coef[:, 6:7] * v_next
+            self.residual = col.res_keep * self.residual + col.res_add * p
         self.history.append(self.scalars.rnorms)
         if self.callback is not None:
             self.callback(self._iterate())
-        self.scalars.conclude(self._met(step, self.scalars.rnorms, self.residual))
-        self.v_prev, self.beta = v, beta_div
-        return v_next
+        if self.thresholds is None:
+            self.scalars.conclude(self._met(step, self.scalars.rnorms, self.residual))
+        self.v_prev, self.beta = v, col.beta_div
+        return p
 
     def _met(self, iteration: int, rnorms: Any, residual: Any) -> Any:
         """The stopping rule per sample (in the scalars' home: host bools or a device
@@ -375,14 +382,21 @@ class _Solve:
         )
 
 
-def _direction(prev: list[Any], v: Any, gamma: Any, delta: Any, epsilon: Any) -> Any:
+def _direction(prev: list[Any], v: Any, col: Any) -> Any:
     """d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ per row (absent terms skipped); ``prev``
-    holds [d_{k−1}, d_{k−2}] and is shifted.  The same recurrence carries the
-    recycle-space coefficients (v_k → b_k = CᵀAv_k)."""
-    d = v / gamma
-    if prev[0] is not None:
-        d = d - (delta / gamma) * prev[0]
-    if prev[1] is not None:
-        d = d - (epsilon / gamma) * prev[1]
-    prev[1], prev[0] = prev[0], d
+    holds [d_{k−1}, d_{k−2}] and is shifted, d_k reusing d_{k−2}'s storage.  The same
+    recurrence carries the recycle-space coefficients (v_k → b_k = CᵀAv_k)."""
+    d1, d2 = prev
+    if d2 is not None:
+        d = d2
+        d *= -col.epsilon
+        d -= col.delta * d1
+        d += v
+        d /= col.gamma
+    elif d1 is not None:
+        d = v - col.delta * d1
+        d /= col.gamma
+    else:
+        d = v / col.gamma
+    prev[1], prev[0] = d1, d
     return d
