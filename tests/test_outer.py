@@ -143,4 +143,4 @@ def test_make_optimizer_from_config():
     Cfg.name = "sgd"
     with pytest.raises(ValueError, match="unknown Optimizer .sgd.; valid names are adam, gd"):
         make_optimizer(Cfg())
-    assert math.isclose(Adam(0.1, (0.9, 0.99)).beta2, 0.99)
+    assert math.isclose(Adam(0.1, (0.9, 0.99)).betas[1], 0.99)

@@ -30,6 +30,7 @@ from array_api_compat import device as device_of
 
 from backends.host import host_check_needs_sync, to_host
 from framework.krylov.givens import DeviceScalars, HostScalars
+from framework.krylov.operators import batch_operator, check_symmetric, shifted, single_operator
 from framework.krylov.recycle_space import RecycleSpace, RowOperator, bmtv, bmv
 from framework.krylov.stopping import (
     IterationState,
@@ -60,7 +61,8 @@ _MESSAGES = {
     Status.MAXITER: "reached maxiter before the stopping rule was satisfied",
     Status.BREAKDOWN: "the projected tridiagonal matrix became singular (A is singular "
     "on the Krylov space); the iterate is the last well-defined one",
-    Status.NONFINITE: "a non-finite value appeared (the operator returned NaN or inf)",
+    Status.NONFINITE: "a non-finite value appeared (the operator returned NaN or inf, or "
+    "the preconditioner is not positive definite)",
 }
 # status codes of framework.krylov.givens, in order
 _CODES = (Status.MAXITER, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status.BREAKDOWN,
@@ -76,7 +78,8 @@ class KrylovResult:
     check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
     recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
     ``passes`` counts the batched operator calls made (each applies all B operators,
-    frozen samples included); ``host_syncs`` the host reads of per-sample scalars.
+    frozen samples included; the symmetry check's included), ``preconditioner_passes``
+    those of M; ``host_syncs`` the host reads of per-sample scalars.
     """
 
     x: Any
@@ -90,6 +93,7 @@ class KrylovResult:
     passes: int
     host_syncs: int
     harvest: Any = None
+    preconditioner_passes: int = 0
 
     @property
     def message(self) -> Any:
@@ -106,6 +110,7 @@ class KrylovResult:
             self.x[i, ...], self.converged[i], self.status[i], self.iterations[i],
             self.matvecs[i], self.check_matvecs[i], self.residual_norm[i],
             self.residual_history[i], self.passes, self.host_syncs, harvest,
+            self.preconditioner_passes,
         )
 
 
@@ -137,12 +142,17 @@ def rminres(
     true_residual: bool = True,
     check_every: int = 1,
     scalars: str | None = None,
+    M: Any = None,
+    shift: float = 0.0,
+    check: bool = False,
 ) -> KrylovResult:
     """Solve A x = b for symmetric A by (recycled) MINRES, for one or B systems.
 
     A : callable, (B, n) → (B, n) for a 2-D ``b`` (and (B, n, k) → (B, n, k) for
         recycle-space set-up); for a 1-D ``b`` the user's (n,) → (n,) operator.  Wrap it
-        in ``CountingOperator`` to count applications.
+        in ``CountingOperator`` to count applications.  A dense array ((n, n), or
+        (B, n, n) per sample), a sparse matrix or a SciPy ``LinearOperator`` is applied
+        by ``@`` (``framework.krylov.operators``).
     b : array (B, n) or (n,);  x0 : same shape, optional (zero saves one pass).
     recycle : RecycleSpace with U, C of shape (B, n, k) (or (n, k)), C = AU.
     rtol, atol : the default rule ‖r_i‖ ≤ max(rtol·‖b_i‖, atol), ignored with ``stop``.
@@ -156,12 +166,18 @@ def rminres(
     true_residual : compute ‖b − Ax‖ at exit (one pass, ``check_matvecs``).
     check_every : iterations between host checks when the scalars live on a GPU.
     scalars : "host" or "device" (default: device when a host read synchronises).
+    M : symmetric positive definite preconditioner M ≈ A⁻¹ (an operator like A), as
+        SciPy's; the residual estimates and the default rule are then in the M-norm,
+        ‖r‖_M ≤ max(rtol·‖b‖_M, atol) with ‖r‖_M = (rᵀMr)^½.  Not combined with recycling
+        or harvesting yet.
+    shift : solve (A − shift·I) x = b.
+    check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
     """
     if b.ndim == 1:
         return _solve_one(A, b, x0=x0, recycle=recycle, rtol=rtol, atol=atol,
                           maxiter=maxiter, stop=stop, callback=callback, harvest=harvest,
                           true_residual=true_residual, check_every=check_every,
-                          scalars=scalars)
+                          scalars=scalars, M=M, shift=shift, check=check)
     xp = array_namespace(b)
     if b.ndim != 2:
         raise ValueError(f"b must have shape (n,) or (B, n), got {tuple(b.shape)}")
@@ -186,13 +202,28 @@ def rminres(
         scalars = "device" if host_check_needs_sync(b) else "host"
     if scalars not in ("host", "device"):
         raise ValueError(f"scalars must be 'host' or 'device', got {scalars!r}")
-    solve = _Solve(A, b, recycle, stop if stop is not None else ResidualRule(rtol, atol),
-                   harvest, callback, scalars)
+    rule = stop if stop is not None else ResidualRule(rtol, atol)
+    if M is not None and (recycle is not None or harvest is not None
+                          or getattr(rule, "needs_residual", False)):
+        raise ValueError("a preconditioner M cannot be combined with recycling (recycle=, "
+                         "harvest=) or a stopping rule that needs the residual yet; drop M "
+                         "or those")
+    A = batch_operator(A)
+    if shift:
+        A = shifted(A, shift)
+    M = None if M is None else batch_operator(M)
+    if check:
+        check_symmetric(A, b, "A")
+        if M is not None:
+            check_symmetric(M, b, "the preconditioner M")
+    solve = _Solve(A, b, recycle, rule, harvest, callback, scalars, M)
+    solve.passes = 2 if check else 0
+    solve.preconditioner_passes = 2 if check and M is not None else 0
     return solve.run(x0, maxiter, check_every, true_residual)
 
 
-def _solve_one(A: Callable[[Any], Any], b: Any, *, x0: Any, recycle: Any, stop: Any,
-               callback: Any, **options: Any) -> KrylovResult:
+def _solve_one(A: Any, b: Any, *, x0: Any, recycle: Any, stop: Any, callback: Any,
+               M: Any, **options: Any) -> KrylovResult:
     """The 1-D call: promote b, x0, the recycle space, the rule and the callback to a
     batch of one, solve, and unwrap."""
     xp = array_namespace(b)
@@ -208,8 +239,10 @@ def _solve_one(A: Callable[[Any], Any], b: Any, *, x0: Any, recycle: Any, stop: 
             raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
                              f"{tuple(recycle.C.shape)} must both be ({n}, k)")
         recycle = recycle.promoted()
+    M = None if M is None else RowOperator(single_operator(M))
     result = rminres(
-        RowOperator(A), b[None, :], x0=None if x0 is None else x0[None, :], recycle=recycle,
+        RowOperator(single_operator(A)), b[None, :], x0=None if x0 is None else x0[None, :],
+        recycle=recycle, M=M,
         stop=stop if stop is None or isinstance(stop, ResidualRule)
         or getattr(stop, "batch", False) else SingleSampleRule(stop),
         callback=None if callback is None else (lambda X: callback(X[0, :])), **options,
@@ -221,29 +254,38 @@ class _Solve:
     """State of one batched solve; ``run`` is the algorithm."""
 
     def __init__(self, A: Any, b: Any, recycle: Any, rule: Any, harvest: Any,
-                 callback: Any, scalars: str) -> None:
+                 callback: Any, scalars: str, M: Any = None) -> None:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
+        self.M = M
         self.U = None if recycle is None else recycle.U
         self.C = None if recycle is None else recycle.C
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
-        self.thresholds = None
-        if isinstance(rule, ResidualRule):  # the default rule is tested in the scalar step
-            self.thresholds = [rule.threshold(float(v)) for v in to_host(self._norms(b))]
-            self.device_thresholds = self.xp.asarray(self.thresholds, dtype=b.dtype,
-                                                     device=device_of(b))
-        self.passes = 0
+        self.passes = self.preconditioner_passes = 0
 
-    def _norms(self, R: Any) -> Any:
-        return self.xp.sqrt(self.xp.vecdot(R, R))
+    def _norms(self, R: Any, Z: Any = None) -> Any:
+        """Row norms (rᵀr)^½, or the M-norms (rᵀMr)^½ given Z = MR."""
+        return self.xp.sqrt(self.xp.vecdot(R, R if Z is None else Z))
+
+    def _precondition(self, R: Any) -> Any:
+        if self.M is None:
+            return R
+        self.preconditioner_passes += 1
+        return self.M(R)
 
     def run(self, x0: Any, maxiter: int, check_every: int, true_residual: bool) -> KrylovResult:
         xp = self.xp
         r = self._start(x0)
-        beta1 = self._norms(r)
-        self.b_norm = self._norms(self.b)
+        z = self._precondition(r)
+        beta1 = self._norms(r, z)
+        self.b_norm = self._norms(self.b, None if self.M is None else self._precondition(self.b))
+        self.thresholds = None
+        if isinstance(self.rule, ResidualRule):  # the default rule is tested in the scalars
+            self.thresholds = [self.rule.threshold(v) for v in to_host(self.b_norm).tolist()]
+            self.device_thresholds = xp.asarray(self.thresholds, dtype=self.b.dtype,
+                                                device=device_of(self.b))
         Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars
         thresholds = None
         if self.thresholds is not None:
@@ -251,11 +293,12 @@ class _Solve:
         self.scalars = Scalars(self.b, beta1, self._met(0, beta1, r), thresholds)
         self.history = [self.scalars.rnorms]
         self.residual = r if self.keep_residual else None
-        safe = xp.where(beta1 > 0, beta1, xp.ones_like(beta1))
-        v = r / safe[:, None]
+        safe = xp.where(beta1 > 0, beta1, xp.ones_like(beta1))[:, None]
+        self.u = r / safe  # residual space; with M the Lanczos vectors are v = M u
+        v = self.u if self.M is None else z / safe
         if self.harvest is not None:
             self.harvest.begin(self.U, self.C, v, beta1, self._live())
-        self.v_prev = self.beta = None
+        self.u_prev = self.beta = None
         self.d = [None, None]
         self.e = [None, None]
         syncs, step = 1, 0
@@ -297,23 +340,29 @@ class _Solve:
         if self.C is not None:  # (I − CCᵀ)Av, with b_k = CᵀAv_k for the U-part
             bcol = bmtv(self.C, p)
             p = p - bmv(self.C, bcol)
-            if self.v_prev is not None:
-                p -= self.beta * self.v_prev
-        elif self.v_prev is not None:  # a new array: A may return a buffer it owns
-            p = p - self.beta * self.v_prev
+            if self.u_prev is not None:
+                p -= self.beta * self.u_prev
+        elif self.u_prev is not None:  # a new array: A may return a buffer it owns
+            p = p - self.beta * self.u_prev
         else:
             p = xp.asarray(p, copy=True)
         alpha = xp.vecdot(v, p)
-        p -= self.scalars.alpha(alpha) * v
+        p -= self.scalars.alpha(alpha) * self.u
         if self.C is not None:  # second projection keeps V ⟂ C to working precision
             p -= bmv(self.C, bmtv(self.C, p))
-        col = self.scalars.rotate(xp.vecdot(p, p), self.tol)  # (and the default rule)
+        q = self._precondition(p)
+        col = self.scalars.rotate(xp.vecdot(p, q), self.tol)  # (and the default rule)
         self.x += col.phi * _direction(self.d, v, col)
         if bcol is not None:
             self.z += col.phi * _direction(self.e, bcol, col)
-        p /= col.beta_div  # p is this solve's own array: it becomes v_{k+1}
+        p /= col.beta_div  # p is this solve's own array: it becomes u_{k+1}
+        if self.M is not None:
+            q = q / col.beta_div
         if self.scalars.nonfinite:
-            p = xp.where(self.scalars.finite_rows()[:, None], p, 0.0)
+            finite = self.scalars.finite_rows()[:, None]
+            p, q = xp.where(finite, p, 0.0), xp.where(finite, q, 0.0)
+        if self.M is None:
+            q = p
         if self.harvest is not None:
             beta_kept, updated = self.scalars.harvest_inputs()
             self.harvest.step(alpha, beta_kept, bcol, p, updated)
@@ -324,8 +373,8 @@ class _Solve:
             self.callback(self._iterate())
         if self.thresholds is None:
             self.scalars.conclude(self._met(step, self.scalars.rnorms, self.residual))
-        self.v_prev, self.beta = v, col.beta_div
-        return p
+        self.u_prev, self.u, self.beta = self.u, p, col.beta_div
+        return q
 
     def _met(self, iteration: int, rnorms: Any, residual: Any) -> Any:
         """The stopping rule per sample (in the scalars' home: host bools or a device
@@ -377,6 +426,7 @@ class _Solve:
             residual_norm=tuple(norms),
             residual_history=per_sample,
             passes=self.passes,
+            preconditioner_passes=self.preconditioner_passes,
             host_syncs=syncs + 1,
             harvest=self.harvest.finish() if self.harvest is not None else None,
         )

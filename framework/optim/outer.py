@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import array_api_compat
 import numpy as np
@@ -47,39 +47,63 @@ def _like(host: np.ndarray | None, theta: Any) -> Any:
     return xp.asarray(host, dtype=theta.dtype, device=array_api_compat.device(theta))
 
 
-def _check_shapes(theta: Any, grad: Any) -> None:
-    if tuple(theta.shape) != tuple(grad.shape):
-        raise ValueError(
-            f"grad has shape {tuple(grad.shape)}; expected θ's shape {tuple(theta.shape)}"
-        )
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
-class _Masked:
-    """Shared mask handling: the mask is kept on the host and moved to θ's device."""
+def _array(value: Any) -> np.ndarray | None:
+    return None if value is None else np.array(value)
 
-    def __init__(self, mask: Any = None) -> None:
+
+class _Outer:
+    """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
+    and the checkpoint state, ``STATE`` mapping each saved attribute to its type."""
+
+    name: Any
+    STATE: ClassVar[dict[str, Callable[[Any], Any]]]
+
+    def __init__(self, lr: float, mask: Any) -> None:
+        _require(lr > 0, f"lr must be positive; got lr={lr!r}")
+        self.lr, self.t = float(lr), 0
         self._mask_host = None if mask is None else _host(mask).astype(np.float64)
         self._mask_dev: Any = None
 
     def _masked(self, theta: Any, grad: Any) -> Any:
-        _check_shapes(theta, grad)
+        _require(tuple(theta.shape) == tuple(grad.shape), f"grad has shape "
+                 f"{tuple(grad.shape)}; expected θ's shape {tuple(theta.shape)}")
         if self._mask_host is None:
             return grad
-        if self._mask_host.size != math.prod(theta.shape):
-            raise ValueError(
-                f"mask has {self._mask_host.size} entries; θ has shape {tuple(theta.shape)}"
-            )
+        _require(self._mask_host.size == math.prod(theta.shape), f"mask has "
+                 f"{self._mask_host.size} entries; θ has shape {tuple(theta.shape)}")
         if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
             self._mask_dev = _like(self._mask_host.reshape(tuple(theta.shape)), theta)
         return grad * self._mask_dev
 
+    def state_dict(self) -> dict[str, Any]:
+        """Host NumPy arrays and Python scalars (checkpointable)."""
+        state = {key: getattr(self, key) for key in self.STATE}
+        return {"name": self.name.value, **{k: _host(v) if k in ("m", "v") else v
+                                           for k, v in state.items()}}
 
-class Adam(_Masked):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state of optimiser {state.get('name')!r} given to "
+                             f"{type(self).__name__}")
+        for key, kind in self.STATE.items():
+            setattr(self, key, kind(state[key]))
+
+
+class Adam(_Outer):
     """Adam (Kingma & Ba 2015) with bias correction:
 
     m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr · m̂ / (√v̂ + eps),
     m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ).
     """
+
+    name = Optimizer.adam
+    STATE: ClassVar = {"lr": float, "betas": lambda b: tuple(float(x) for x in b), "eps": float,
+             "t": int, "m": _array, "v": _array}
 
     def __init__(
         self,
@@ -89,18 +113,14 @@ class Adam(_Masked):
         *,
         mask: Any = None,
     ) -> None:
-        super().__init__(mask)
-        if not lr > 0:
-            raise ValueError(f"lr must be positive; got lr={lr!r}")
-        b1, b2 = (float(b) for b in betas)
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must lie in [0, 1); got betas={tuple(betas)!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive; got eps={eps!r}")
-        self.lr, self.beta1, self.beta2, self.eps = float(lr), b1, b2, float(eps)
-        self.t = 0
-        self._m: Any = None
-        self._v: Any = None
+        super().__init__(lr, mask)
+        self.betas = tuple(float(b) for b in betas)
+        _require(all(0 <= b < 1 for b in self.betas),
+                 f"betas must lie in [0, 1); got betas={tuple(betas)!r}")
+        _require(eps > 0, f"eps must be positive; got eps={eps!r}")
+        self.eps = float(eps)
+        self.m: Any = None
+        self.v: Any = None
 
     def step(
         self,
@@ -114,41 +134,21 @@ class Adam(_Masked):
         del loss, loss_fn
         xp = array_api_compat.array_namespace(theta, grad)
         g = self._masked(theta, grad)
-        if isinstance(self._m, np.ndarray):  # restored from a checkpoint
-            self._m, self._v = _like(self._m, theta), _like(self._v, theta)
-        if self._m is None:
-            self._m, self._v = xp.zeros_like(theta), xp.zeros_like(theta)
+        b1, b2 = self.betas
+        if isinstance(self.m, np.ndarray):  # restored from a checkpoint
+            self.m, self.v = _like(self.m, theta), _like(self.v, theta)
+        if self.m is None:
+            self.m, self.v = xp.zeros_like(theta), xp.zeros_like(theta)
         self.t += 1
-        self._m = self.beta1 * self._m + (1.0 - self.beta1) * g
-        self._v = self.beta2 * self._v + (1.0 - self.beta2) * (g * g)
-        m_hat = self._m / (1.0 - self.beta1**self.t)
-        v_hat = self._v / (1.0 - self.beta2**self.t)
+        self.m = b1 * self.m + (1.0 - b1) * g
+        self.v = b2 * self.v + (1.0 - b2) * (g * g)
+        m_hat = self.m / (1.0 - b1**self.t)
+        v_hat = self.v / (1.0 - b2**self.t)
         new = theta - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
         return OuterStep(new, self.lr, 0, True, 0)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "name": Optimizer.adam.value,
-            "lr": self.lr,
-            "betas": [self.beta1, self.beta2],
-            "eps": self.eps,
-            "t": self.t,
-            "m": _host(self._m),
-            "v": _host(self._v),
-        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != Optimizer.adam:
-            raise ValueError(f"state of optimiser {state.get('name')!r} given to Adam")
-        self.lr = float(state["lr"])
-        self.beta1, self.beta2 = (float(b) for b in state["betas"])
-        self.eps = float(state["eps"])
-        self.t = int(state["t"])
-        self._m = None if state["m"] is None else np.array(state["m"])
-        self._v = None if state["v"] is None else np.array(state["v"])
-
-
-class GradientDescent(_Masked):
+class GradientDescent(_Outer):
     """θ ← θ − α g with Armijo backtracking on the upper loss.
 
     Trials α = lr, lr·shrink, lr·shrink², …; accepted when
@@ -156,6 +156,9 @@ class GradientDescent(_Masked):
     ``max_backtracks`` refused trials θ is returned unchanged (``accepted=False``).
     Without ``loss_fn`` (or with ``max_backtracks=0``) the plain step α = lr is taken.
     """
+
+    name = Optimizer.gd
+    STATE: ClassVar = {"lr": float, "shrink": float, "c1": float, "max_backtracks": int, "t": int}
 
     def __init__(
         self,
@@ -166,18 +169,13 @@ class GradientDescent(_Masked):
         max_backtracks: int = 10,
         mask: Any = None,
     ) -> None:
-        super().__init__(mask)
-        if not lr > 0:
-            raise ValueError(f"lr must be positive; got lr={lr!r}")
-        if not 0 < shrink < 1:
-            raise ValueError(f"shrink must be in (0, 1); got shrink={shrink!r}")
-        if not 0 < c1 < 1:
-            raise ValueError(f"c1 must be in (0, 1); got c1={c1!r}")
-        if max_backtracks < 0:
-            raise ValueError(f"max_backtracks must be non-negative; got {max_backtracks!r}")
-        self.lr, self.shrink, self.c1 = float(lr), float(shrink), float(c1)
+        super().__init__(lr, mask)
+        _require(0 < shrink < 1, f"shrink must be in (0, 1); got shrink={shrink!r}")
+        _require(0 < c1 < 1, f"c1 must be in (0, 1); got c1={c1!r}")
+        _require(max_backtracks >= 0,
+                 f"max_backtracks must be non-negative; got {max_backtracks!r}")
+        self.shrink, self.c1 = float(shrink), float(c1)
         self.max_backtracks = int(max_backtracks)
-        self.t = 0
 
     def step(
         self,
@@ -205,25 +203,6 @@ class GradientDescent(_Masked):
             if trial < self.max_backtracks:
                 alpha *= self.shrink
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "name": Optimizer.gd.value,
-            "lr": self.lr,
-            "shrink": self.shrink,
-            "c1": self.c1,
-            "max_backtracks": self.max_backtracks,
-            "t": self.t,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != Optimizer.gd:
-            raise ValueError(f"state of optimiser {state.get('name')!r} given to GradientDescent")
-        self.lr = float(state["lr"])
-        self.shrink = float(state["shrink"])
-        self.c1 = float(state["c1"])
-        self.max_backtracks = int(state["max_backtracks"])
-        self.t = int(state["t"])
 
 
 OuterOptimizer = Adam | GradientDescent

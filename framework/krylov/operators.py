@@ -1,0 +1,72 @@
+"""Operators as ``rminres`` takes them (as SciPy's ``minres`` does): callables, dense
+arrays of any array-API namespace, sparse matrices and SciPy ``LinearOperator``s, and
+the shifted operator A − σI and the symmetry check of SciPy's ``check=True``.
+
+A matrix is used through ``@``: for a 1-D right-hand side it maps (n,) → (n,) and
+(n, k) → (n, k); for a batch, one (n, n) matrix serves every row of (B, n) (one product
+with the block of rows) and a (B, n, n) array gives each sample its own matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from backends.host import host_list
+
+Operator = Callable[[Any], Any]
+
+
+def is_matrix(A: Any) -> bool:
+    """Arrays, sparse matrices and ``LinearOperator``s (which are callable but take
+    their vectors as columns) rather than a function of the rows."""
+    return hasattr(A, "shape") and (not callable(A) or hasattr(A, "matvec"))
+
+
+def single_operator(A: Any) -> Operator:
+    """A callable for one system: (n,) → (n,) and (n, k) → (n, k)."""
+    return (lambda v: A @ v) if is_matrix(A) else A
+
+
+def batch_operator(A: Any) -> Operator:
+    """A callable on rows: (B, n) → (B, n) and blocks (B, n, k) → (B, n, k)."""
+    if not is_matrix(A):
+        return A
+    if len(A.shape) == 3:  # one matrix per sample
+        return lambda V: A @ V if V.ndim == 3 else (A @ V[..., None])[..., 0]
+
+    def apply(V: Any) -> Any:
+        if V.ndim == 2:
+            return (A @ V.T).T  # the block of rows as columns: one product
+        xp = array_namespace(V)
+        return xp.stack([A @ V[i, ...] for i in range(V.shape[0])])
+
+    return apply
+
+
+def shifted(A: Operator, shift: float) -> Operator:
+    """v ↦ A v − σ v."""
+    return lambda V: A(V) - shift * V
+
+
+def check_symmetric(A: Operator, like: Any, name: str) -> None:
+    """SciPy's symmetry test on a pseudo-random vector w per row: with y = A w,
+    |yᵀy − wᵀ(A y)| ≤ (yᵀy + ε) ε^{1/3}; ``ValueError`` naming ``name`` otherwise.
+    (Two passes of A.)"""
+    xp = array_namespace(like)
+    index = xp.reshape(xp.arange(like.shape[0] * like.shape[1], dtype=like.dtype,
+                                 device=device_of(like)), tuple(like.shape))
+    w = xp.sin(index * 12.9898 + 78.233) * 43758.5453
+    w = w - xp.floor(w) - 0.5  # a fixed hash of the index, uniform on [−½, ½)
+    y = A(w)
+    s, t = xp.vecdot(y, y), xp.vecdot(w, A(y))
+    eps = float(xp.finfo(like.dtype).eps)
+    bad = host_list(xp.abs(s - t) > (s + eps) * eps ** (1.0 / 3.0))
+    if any(bad):
+        rows = [i for i, b in enumerate(bad) if b]
+        raise ValueError(f"{name} is not symmetric (SciPy's check failed for sample(s) "
+                         f"{rows}); MINRES needs a symmetric operator — pass check=False "
+                         "to skip the test")
