@@ -142,7 +142,9 @@ def test_recycling_an_invariant_subspace_deflates(backend):
         op, backend.asarray(b), x0=backend.asarray(x0), rtol=1e-10, recycle=space
     )
     assert op.applications - before == rec.iterations + 2  # initial residual + check
-    assert rec.converged and plain.converged
+    # without deflation (κ = 1e5) the recurrence estimate meets 1e-10 but the true residual
+    # drifts above it (8.8e-10‖b‖): reported as DRIFTED, not converged
+    assert rec.converged and plain.status in (Status.CONVERGED, Status.DRIFTED)
     x = backend.to_numpy(rec.x)
     assert np.linalg.norm(b - A @ x) <= 1e-9 * np.linalg.norm(b)
     assert np.linalg.norm(x - exact) <= 1e-7 * np.linalg.norm(exact)

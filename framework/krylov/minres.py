@@ -49,6 +49,7 @@ class Status(enum.Enum):
     MAXITER = "maxiter"
     BREAKDOWN = "breakdown"
     NONFINITE = "nonfinite"
+    DRIFTED = "drifted"
 
     @property
     def message(self) -> str:
@@ -61,6 +62,9 @@ _MESSAGES = {
     Status.MAXITER: "reached maxiter before the stopping rule was satisfied",
     Status.BREAKDOWN: "the projected tridiagonal matrix became singular (A is singular "
     "on the Krylov space); the iterate is the last well-defined one",
+    Status.DRIFTED: "the residual estimate met the tolerance but the true residual ‖b − Ax‖ "
+    "does not (the recurrence drifted by rounding on an ill-conditioned system); restart "
+    "with x0=result.x or loosen the tolerance",
     Status.NONFINITE: "a non-finite value appeared (the operator returned NaN or inf, or "
     "the preconditioner is not positive definite)",
 }
@@ -114,7 +118,12 @@ class KrylovResult:
         )
 
 
-def _check_rows(xp: Any, name: str, v: Any, shape: tuple[int, ...]) -> None:
+def _check_rows(xp: Any, name: str, v: Any, shape: tuple[int, ...], dtype: Any = None) -> None:
+    if not xp.isdtype(v.dtype, "real floating"):
+        raise ValueError(f"{name} must be a real floating-point array, got dtype {v.dtype}; "
+                         "convert it (e.g. to float64)")
+    if dtype is not None and v.dtype != dtype:
+        raise ValueError(f"{name} has dtype {v.dtype} but b has {dtype}; pass both in one dtype")
     if tuple(v.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(v.shape)}")
     if not bool(xp.all(xp.isfinite(v))):
@@ -188,7 +197,7 @@ def rminres(
                          f"{tuple(shape)} does not match b of shape {tuple(b.shape)}")
     _check_rows(xp, "b", b, (B, n))
     if x0 is not None:
-        _check_rows(xp, "x0", x0, (B, n))
+        _check_rows(xp, "x0", x0, (B, n), b.dtype)
     check_tolerances(rtol, atol)
     maxiter = _check_count("maxiter", 5 * n if maxiter is None else maxiter)
     check_every = _check_count("check_every", check_every)
@@ -212,6 +221,8 @@ def rminres(
     if shift:
         A = shifted(A, shift)
     M = None if M is None else batch_operator(M)
+    if recycle is not None:
+        recycle.validate(A if check else None)
     if check:
         check_symmetric(A, b, "A")
         if M is not None:
@@ -233,7 +244,7 @@ def _solve_one(A: Any, b: Any, *, x0: Any, recycle: Any, stop: Any, callback: An
         raise ValueError(f"operator shape {tuple(shape)} does not match b of shape ({n},)")
     _check_rows(xp, "b", b, (n,))
     if x0 is not None:
-        _check_rows(xp, "x0", x0, (n,))
+        _check_rows(xp, "x0", x0, (n,), b.dtype)
     if recycle is not None:
         if recycle.U.ndim != 2 or recycle.U.shape != recycle.C.shape or recycle.U.shape[0] != n:
             raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
@@ -319,8 +330,8 @@ class _Solve:
         if x0 is None:
             self.x = xp.zeros_like(self.b)
             r = xp.asarray(self.b, copy=True)
-        else:
-            self.x = xp.asarray(x0, copy=True)
+        else:  # a zero right-hand side has the solution 0, whatever x0
+            self.x = xp.where(self._norms(self.b)[:, None] > 0, x0, 0.0)
             r = self.b - self.A(self.x)
             self.passes += 1
         self.z = None  # coefficients of −U in the iterate: x = x_V − U z
@@ -412,10 +423,19 @@ class _Solve:
         norms = [h[-1] for h in per_sample]
         checks = [0] * len(codes)
         if true_residual:
-            true = to_host(self._norms(self.b - self.A(x))).tolist()
+            statuses = list(statuses)
+            r = self.b - self.A(x)
+            true = to_host(self._norms(r)).tolist()
+            ruled = true if self.M is None else to_host(self._norms(r, self.M(r))).tolist()
             for i, s in enumerate(statuses):
                 if s is not Status.NONFINITE:
                     norms[i], checks[i] = float(true[i]), 1
+                # EXACT with a zero tolerance (run to maxiter) means solved to rounding
+                if (self.thresholds is not None and ruled[i] > self.thresholds[i]
+                        and (s is Status.CONVERGED or (s is Status.EXACT
+                                                       and self.thresholds[i] > 0))):
+                    statuses[i] = Status.DRIFTED
+            statuses = tuple(statuses)
         return KrylovResult(
             x=x,
             converged=tuple(s in (Status.CONVERGED, Status.EXACT) for s in statuses),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
 from backends.host import to_host
 
@@ -63,6 +64,31 @@ class RecycleSpace:
     def k(self) -> int:
         """The dimension of a single-system space (the largest one of a batch)."""
         return max(self.dims)
+
+    def validate(self, A: Callable[[Any], Any] | None = None) -> None:
+        """``ValueError`` naming the defect: non-finite U or C, CᵢᵀCᵢ not the identity on
+        the non-zero columns (to √ε), or — given the batch operator A — C not A U on a
+        probe combination (relative 1e-6: a space kept from another matrix)."""
+        xp = array_namespace(self.C)
+        U, C = self.promoted().U, self.promoted().C
+        for name, X in (("U", U), ("C", C)):
+            if not bool(xp.all(xp.isfinite(X))):
+                raise ValueError(f"recycle space {name} contains NaN or inf")
+        live = xp.astype(xp.linalg.vector_norm(C, axis=1) > 0, C.dtype)
+        gram = xp.matrix_transpose(C) @ C
+        eye = xp.eye(C.shape[-1], dtype=C.dtype, device=device_of(C)) * live[:, None, :]
+        error = float(xp.max(xp.abs(gram - eye))) if C.shape[-1] else 0.0
+        if error > float(xp.finfo(C.dtype).eps) ** 0.5:
+            raise ValueError(f"recycle space C is not orthonormal (max |CᵀC − I| = {error:.1e}); "
+                             "build the space with RecycleSpace.from_basis")
+        if A is None or C.shape[-1] == 0:
+            return
+        w = xp.ones(tuple(C.shape[::2]), dtype=C.dtype, device=device_of(C)) * live
+        Cw = bmv(C, w)
+        gap = xp.linalg.vector_norm(A(bmv(U, w)) - Cw, axis=1)
+        if bool(xp.any(gap > 1e-6 * xp.linalg.vector_norm(Cw, axis=1))):
+            raise ValueError("recycle space C is not A U for this operator (a space kept from "
+                             "another matrix?); rebuild it with RecycleSpace.from_basis")
 
     def promoted(self) -> RecycleSpace:
         """A single-system space as a batch of one."""
