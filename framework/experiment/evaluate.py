@@ -5,20 +5,21 @@ problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, or, w
 ``evaluate.split=test`` (BSDS300), the test folder's images from ``evaluate.offset`` on;
 the same forward operator and noise model; each image's mask and noise come from the child of
 ``seed`` for its index, so held-out images never reuse a training image's draws.  Three
-reconstructions per image:
+reconstructions per image, each the lower-level solution x*(θ) of the bilevel engine (one
+batched L-BFGS over the images, from the data y, or from zeros if y has another shape):
 
 * the measurement y itself (when it is an image of the same size);
-* the learned regulariser: L-BFGS on the lower problem at θ (from ``evaluate.theta_path``);
+* the learned regulariser at θ (from ``evaluate.theta_path``);
 * Huber-TV with one weight chosen by grid search (``evaluate.tv_grid``, log10 weights) for
-  the best mean PSNR on the first training images (``best_tv_weight`` per image), and, as
-  an optimistic bound, the best weight per held-out image ("TV oracle").
+  the best mean PSNR on the first training images (``best_tv_weight``), and, as an
+  optimistic bound, the best weight per held-out image ("TV oracle").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from backends import get_backend
-from framework.experiment.config import Config, ConfigError
-from framework.optim import lbfgs
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.experiment.config import Config, ConfigError, LowerSolverConfig
 from problems.base import psnr
 from problems.factory import build_problems
 
@@ -98,65 +99,48 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
     return PreparedEvaluation(theta, held_out, tv_train, tv_held_out)
 
 
-def _reconstruct(problem: Any, theta: Any, lower: Any) -> Any:
-    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else problem.xp.zeros_like(
-        problem.x_true
-    )
-    fused = getattr(problem, "lower_value_and_grad", None)
-    return lbfgs(
-        lambda x: problem.lower_objective(x, theta),
-        lambda x: problem.lower_grad(x, theta),
-        x0,
-        gtol=lower.gtol,
-        maxiter=lower.maxiter,
-        memory=lower.memory,
-        value_and_grad=None if fused is None else (lambda x: fused(x, theta)),
-    ).x
+def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
+    """PSNR of x*(θ) of each of the engine's images (all solved as one batch)."""
+    X = engine.lower_solutions(theta)
+    return np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
+
+
+def lower_engine(problems: Sequence[Any], lower: LowerSolverConfig) -> BilevelEngine:
+    """A bilevel engine over ``problems`` that solves their lower level as ``lower`` says."""
+    config = EngineConfig(lower_gtol=lower.gtol, lower_maxiter=lower.maxiter,
+                          lower_memory=lower.memory)
+    return BilevelEngine(problems, config)
 
 
 @dataclass(frozen=True)
 class TVWeightSearch:
-    """Result of ``best_tv_weight``: the best log10 weight and the PSNR of each grid point."""
+    """Result of ``best_tv_weight``: the PSNR of every image at every grid point."""
 
-    best_theta: float
-    best_psnr: float
     grid: tuple[float, ...]
-    psnrs: tuple[float, ...]
+    psnrs: np.ndarray  # (len(grid), images)
+
+    @property
+    def best_theta(self) -> float:
+        """The log10 weight with the best mean PSNR over the images."""
+        return self.grid[int(np.argmax(self.psnrs.mean(axis=1)))]
+
+    @property
+    def best_psnr(self) -> float:
+        return float(self.psnrs.mean(axis=1).max())
 
 
 def best_tv_weight(
-    problem_factory: Callable[[], Any],
-    grid: Sequence[float],
-    *,
-    gtol: float = 1e-6,
-    maxiter: int = 500,
+    problems: Sequence[Any], grid: Sequence[float], lower: LowerSolverConfig | None = None
 ) -> TVWeightSearch:
-    """Grid search over θ = log10(TV weight): solve the lower level (L-BFGS from the data y,
-    or from zeros if y has another shape) for each θ and keep the one with the best PSNR
-    against ``x_true``.  ``problem_factory()`` returns an ``ImagingProblem`` with a TV
-    regulariser (called once)."""
+    """Grid search over θ = log10(TV weight): the PSNR against ``x_true`` of x*(θ) of each
+    of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``."""
     if len(grid) == 0:
         raise ValueError("grid must contain at least one log10 weight")
-    problem = problem_factory()
-    xp, dev, dtype = problem.xp, problem.device, problem.dtype
-    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else xp.zeros(
-        (problem.n,), dtype=dtype, device=dev
-    )
-    psnrs = []
-    for value in grid:
-        theta = xp.asarray([float(value)], dtype=dtype, device=dev)
-        result = lbfgs(
-            lambda x, th=theta: problem.lower_objective(x, th),
-            lambda x, th=theta: problem.lower_grad(x, th),
-            x0,
-            gtol=gtol,
-            maxiter=maxiter,
-        )
-        psnrs.append(psnr(result.x, problem.x_true))
-    best = int(np.argmax(psnrs))
-    return TVWeightSearch(
-        float(grid[best]), psnrs[best], tuple(float(g) for g in grid), tuple(psnrs)
-    )
+    engine = lower_engine(problems, lower or LowerSolverConfig())
+    xp, dtype, device = problems[0].xp, problems[0].dtype, problems[0].device
+    psnrs = [reconstruction_psnrs(engine, xp.asarray([float(g)], dtype=dtype, device=device))
+             for g in grid]
+    return TVWeightSearch(tuple(float(g) for g in grid), np.stack(psnrs))
 
 
 def run_evaluation(
@@ -164,29 +148,23 @@ def run_evaluation(
 ) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
-    lower = c.solver.lower
-    grid = [float(v) for v in c.evaluate.tv_grid]
+    lower, grid = c.solver.lower, [float(v) for v in c.evaluate.tv_grid]
     train_tv = build_problems(prepared.tv_train, backend, c.seed).problems
-    curves = [
-        best_tv_weight(lambda p=p: p, grid, gtol=lower.gtol, maxiter=lower.maxiter).psnrs
-        for p in train_tv
-    ]
-    tv_weight = grid[int(np.argmax(np.mean(curves, axis=0)))]
+    tv_weight = best_tv_weight(train_tv, grid, lower).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = build_problems(prepared.held_out, backend, c.seed).problems
-    tv = build_problems(prepared.tv_held_out, backend, c.seed).problems
-    theta = backend.asarray(prepared.theta)
-    tv_theta = backend.asarray(np.array([tv_weight]))
+    learned_psnrs = reconstruction_psnrs(lower_engine(learned, lower),
+                                         backend.asarray(prepared.theta))
+    tv = best_tv_weight(build_problems(prepared.tv_held_out, backend, c.seed).problems, grid,
+                        lower).psnrs
     rows = []
-    for j, (p, q) in enumerate(zip(learned, tv, strict=True)):
-        measured = psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan
-        oracle = best_tv_weight(lambda q=q: q, grid, gtol=lower.gtol, maxiter=lower.maxiter)
+    for j, p in enumerate(learned):
         row = EvaluationRow(
             image=prepared.held_out.start + j,
-            psnr_measurement=measured,
-            psnr_learned=psnr(_reconstruct(p, theta, lower), p.x_true),
-            psnr_tv=psnr(_reconstruct(q, tv_theta, lower), q.x_true),
-            psnr_tv_oracle=oracle.best_psnr,
+            psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
+            psnr_learned=float(learned_psnrs[j]),
+            psnr_tv=float(tv[grid.index(tv_weight), j]),
+            psnr_tv_oracle=float(tv[:, j].max()),
         )
         rows.append(row)
         tracker.log_metrics({k: v for k, v in dataclasses.asdict(row).items() if k != "image"}, j)
