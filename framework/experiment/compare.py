@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framework.experiment import names, paper, plots
-from framework.experiment.paper import PaperRow, fmt, format_paper_table, markdown_table
+from framework.experiment.console import fmt, markdown_table
+from framework.experiment.paper import PaperRow, format_paper_table
 from framework.experiment.tracking import (
     RunRecord,
     TrackingError,

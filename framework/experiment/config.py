@@ -232,7 +232,7 @@ def _existing_file(key: str, path: str | None, task: str, written_by: str) -> No
 
 def _check_split(key: str, split: Split | None, dataset: Dataset, hint: str) -> None:
     _check(split in (None, Split.train) or dataset == Dataset.bsds300, key,
-           f"only bsds300 has a {split!r} split; dataset {dataset!r} {hint}")
+           f"only bsds300 has a '{split}' split; dataset '{dataset}' {hint}")
 
 
 def _validate_problem(p: ProblemConfig) -> None:
@@ -241,7 +241,7 @@ def _validate_problem(p: ProblemConfig) -> None:
         return
     for key in ("dataset", "operator", "regularizer"):
         _check(getattr(p, key) != "none", f"problem.{key}",
-               f"'none' is only for problem=quadratic ({p.name!r})")
+               f"'none' is only for problem=quadratic ({p.name})")
     _check_split("problem.split", p.split, p.dataset,
                  "has one set of images (use problem.start to choose them)")
     _within("problem.fraction_removed", p.fraction_removed, 0.0, 1.0, closed_low=True)
@@ -255,7 +255,7 @@ def _validate_problem(p: ProblemConfig) -> None:
         _check(p.start + p.num_samples <= 16, "problem.num_samples", "the embedded MNIST "
                f"sample holds 16 digits; start + num_samples = {p.start + p.num_samples}")
         return
-    _check(p.data_path, "problem.data_path", f"required for dataset {p.dataset!r}; "
+    _check(p.data_path, "problem.data_path", f"required for dataset {p.dataset}; "
            "give problem.data_path=/path/to/the/data")
     path = Path(p.data_path or "").expanduser()
     _check(path.exists(), "problem.data_path", f"{str(path)!r} does not exist")
@@ -297,7 +297,7 @@ def validate(cfg: DictConfig | Config) -> Config:
     _check(c.stop.rtol > 0 or c.stop.atol > 0 or c.stop.kind != StopKind.residual, "stop.rtol",
            "rtol and atol are both zero; the solver would never stop")
     _check(c.recycle.strategy == Strategy.none or c.recycle.dim > 0, "recycle.dim",
-           f"must be positive for strategy {c.recycle.strategy!r}; got 0")
+           f"must be positive for strategy {c.recycle.strategy}; got 0")
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)

@@ -28,17 +28,18 @@ import numpy as np
 
 from backends import get_backend
 from framework.bilevel.engine import BilevelEngine, EngineConfig
-from framework.experiment.config import Config, ConfigError, LowerSolverConfig
+from framework.experiment.config import Config, ConfigError, LowerSolverConfig, ProblemConfig
+from framework.experiment.console import fmt, markdown_table
 from problems.base import psnr
 from problems.factory import build_problems
+
+PSNR_FIELDS = ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")
 
 
 @dataclass(frozen=True)
 class PreparedEvaluation:
     theta: np.ndarray
-    held_out: Any  # ProblemConfig of the held-out images
-    tv_train: Any  # ProblemConfig of the TV training images (weight selection)
-    tv_held_out: Any
+    held_out: ProblemConfig  # the held-out images
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,7 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
             f"{start}..{start + c.evaluate.num_samples - 1} do not exist (lower "
             "problem.num_samples or evaluate.num_samples)"
         )
-    tv_train = dataclasses.replace(
-        p, regularizer="tv", num_samples=min(p.num_samples, c.evaluate.num_samples)
-    )
-    tv_held_out = dataclasses.replace(held_out, regularizer="tv")
-    return PreparedEvaluation(theta, held_out, tv_train, tv_held_out)
+    return PreparedEvaluation(theta, held_out)
 
 
 def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
@@ -149,14 +146,16 @@ def run_evaluation(
     """Reconstruct the held-out images three ways and log their PSNRs."""
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     lower, grid = c.solver.lower, [float(v) for v in c.evaluate.tv_grid]
-    train_tv = build_problems(prepared.tv_train, backend, c.seed).problems
+    count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
+    tv_train = dataclasses.replace(c.problem, regularizer="tv", num_samples=count)
+    train_tv = build_problems(tv_train, backend, c.seed).problems
     tv_weight = best_tv_weight(train_tv, grid, lower).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = build_problems(prepared.held_out, backend, c.seed).problems
     learned_psnrs = reconstruction_psnrs(lower_engine(learned, lower),
                                          backend.asarray(prepared.theta))
-    tv = best_tv_weight(build_problems(prepared.tv_held_out, backend, c.seed).problems, grid,
-                        lower).psnrs
+    tv_held_out = dataclasses.replace(prepared.held_out, regularizer="tv")
+    tv = best_tv_weight(build_problems(tv_held_out, backend, c.seed).problems, grid, lower).psnrs
     rows = []
     for j, p in enumerate(learned):
         row = EvaluationRow(
@@ -169,8 +168,7 @@ def run_evaluation(
         rows.append(row)
         tracker.log_metrics({k: v for k, v in dataclasses.asdict(row).items() if k != "image"}, j)
     summary = EvaluationSummary(out.resolve(), tracker.run_id, tuple(rows), tv_weight)
-    means = {f"mean_{k}": summary.mean(k) for k in
-             ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")}
+    means = {f"mean_{k}": summary.mean(k) for k in PSNR_FIELDS}
     tracker.log_metrics({**means, "tv_log10_weight": tv_weight}, len(rows))
     table = format_evaluation(summary)
     (out / "psnr.txt").write_text(table + "\n")
@@ -180,13 +178,8 @@ def run_evaluation(
 
 
 def format_evaluation(summary: EvaluationSummary) -> str:
-    """A text table: one row per held-out image plus the mean (PSNR in dB)."""
-    head = f"{'image':>6} {'measurement':>12} {'learned':>9} {'Huber-TV':>9} {'TV oracle':>10}"
-    lines = [head, "-" * len(head)]
-    for r in summary.rows:
-        lines.append(f"{r.image:>6} {r.psnr_measurement:>12.2f} {r.psnr_learned:>9.2f} "
-                     f"{r.psnr_tv:>9.2f} {r.psnr_tv_oracle:>10.2f}")
-    lines.append(f"{'mean':>6} {summary.mean('psnr_measurement'):>12.2f} "
-                 f"{summary.mean('psnr_learned'):>9.2f} {summary.mean('psnr_tv'):>9.2f} "
-                 f"{summary.mean('psnr_tv_oracle'):>10.2f}")
-    return "\n".join(lines)
+    """A Markdown table: one row per held-out image plus the mean (PSNR in dB)."""
+    body = [(str(r.image), *(fmt(getattr(r, k), ".2f") for k in PSNR_FIELDS))
+            for r in summary.rows]
+    body.append(("mean", *(fmt(summary.mean(k), ".2f") for k in PSNR_FIELDS)))
+    return markdown_table(("image", "measurement", "learned", "Huber-TV", "TV oracle"), body)

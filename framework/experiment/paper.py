@@ -17,6 +17,7 @@ from pathlib import Path
 
 from framework.experiment import names, plots
 from framework.experiment.config import Task
+from framework.experiment.console import fmt, markdown_table
 from framework.experiment.tracking import RunRecord, percent_saved
 from framework.krylov.selection import Strategy
 
@@ -103,20 +104,6 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
         for row in rows
     ]
     return sorted(rows, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
-
-
-def fmt(value: float, spec: str) -> str:
-    """``value`` formatted by ``spec``; "-" when it is NaN or infinite (not logged)."""
-    return "-" if not math.isfinite(value) else format(value, spec)
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A Markdown table with padded columns."""
-    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
 
 
 def format_paper_table(rows: Sequence[PaperRow]) -> str:
