@@ -28,8 +28,9 @@ import numpy as np
 
 from backends import get_backend
 from framework.bilevel.engine import BilevelEngine, EngineConfig
-from framework.experiment.config import Config, ConfigError, LowerSolverConfig, ProblemConfig
+from framework.experiment.config import Config, ConfigError, ProblemConfig
 from framework.experiment.console import fmt, markdown_table
+from framework.experiment.engine_setup import engine_config
 from problems.base import psnr
 from problems.factory import build_problems
 
@@ -102,13 +103,6 @@ def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
     return np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
 
 
-def lower_engine(problems: Sequence[Any], lower: LowerSolverConfig) -> BilevelEngine:
-    """A bilevel engine over ``problems`` that solves their lower level as ``lower`` says."""
-    config = EngineConfig(lower_gtol=lower.gtol, lower_maxiter=lower.maxiter,
-                          lower_memory=lower.memory)
-    return BilevelEngine(problems, config)
-
-
 @dataclass(frozen=True)
 class TVWeightSearch:
     """Result of ``best_tv_weight``: the PSNR of every image at every grid point."""
@@ -127,13 +121,14 @@ class TVWeightSearch:
 
 
 def best_tv_weight(
-    problems: Sequence[Any], grid: Sequence[float], lower: LowerSolverConfig | None = None
+    problems: Sequence[Any], grid: Sequence[float], config: EngineConfig | None = None
 ) -> TVWeightSearch:
     """Grid search over θ = log10(TV weight): the PSNR against ``x_true`` of x*(θ) of each
-    of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``."""
+    of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``,
+    solved with the lower-level settings of ``config``."""
     if len(grid) == 0:
         raise ValueError("grid must contain at least one log10 weight")
-    engine = lower_engine(problems, lower or LowerSolverConfig())
+    engine = BilevelEngine(problems, config)
     xp, dtype, device = problems[0].xp, problems[0].dtype, problems[0].device
     psnrs = [reconstruction_psnrs(engine, xp.asarray([float(g)], dtype=dtype, device=device))
              for g in grid]
@@ -145,17 +140,17 @@ def run_evaluation(
 ) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
-    lower, grid = c.solver.lower, [float(v) for v in c.evaluate.tv_grid]
+    config, grid = engine_config(c), [float(v) for v in c.evaluate.tv_grid]
     count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
     tv_train = dataclasses.replace(c.problem, regularizer="tv", num_samples=count)
     train_tv = build_problems(tv_train, backend, c.seed).problems
-    tv_weight = best_tv_weight(train_tv, grid, lower).best_theta
+    tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = build_problems(prepared.held_out, backend, c.seed).problems
-    learned_psnrs = reconstruction_psnrs(lower_engine(learned, lower),
+    learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config),
                                          backend.asarray(prepared.theta))
     tv_held_out = dataclasses.replace(prepared.held_out, regularizer="tv")
-    tv = best_tv_weight(build_problems(tv_held_out, backend, c.seed).problems, grid, lower).psnrs
+    tv = best_tv_weight(build_problems(tv_held_out, backend, c.seed).problems, grid, config).psnrs
     rows = []
     for j, p in enumerate(learned):
         row = EvaluationRow(

@@ -7,12 +7,10 @@ own recycling, and its hypergradients are compared with references from a tight 
 recording and sample and cached next to it as ``<stem>.refs.npz`` (keyed by the
 recording's SHA-256 and the tolerance; rewritten atomically when stale).
 
-Per system t the run logs, at MLflow step t: ``iterations``, ``hvp``, ``hvp_passes``,
-``jac_t``, ``jac_t_passes``, ``applications``, ``passes``, ``hg_error`` (relative error of
-−Jᵀw against the reference), ``hg_error_estimate`` (the NSC estimate; NaN without NSC),
-``residual_norm``, ``converged``, ``recycle_dim``, ``solve_time`` and ``upper_loss``
-(ℓ(x_t) of the recorded sample), plus ``cumulative_*`` of the counts; at the end the
-totals ``total_*``, ``mean_hg_error`` and ``max_hg_error``.
+Per system t (MLflow step t) the run logs the ``SystemRecord`` figures (``hg_error``: the
+relative error of −Jᵀw against the reference), ``solve_time``, ``upper_loss`` (ℓ(x_t) of
+the recorded sample) and ``cumulative_*`` of ``names.RESOLVE_COUNTS``; at the end
+``total_*``, ``mean_hg_error`` and ``max_hg_error``.
 """
 
 from __future__ import annotations
