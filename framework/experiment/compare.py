@@ -129,9 +129,7 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
 def latest_sweep(records: Sequence[RunRecord]) -> str | None:
     """The sweep id of the most recently started tagged run."""
     tagged = [r for r in records if names.SWEEP_TAG in r.tags]
-    if not tagged:
-        return None
-    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG]
+    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG] if tagged else None
 
 
 def _read(

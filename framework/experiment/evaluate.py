@@ -80,14 +80,9 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
         raise ConfigError(
             f"evaluate.theta_path: cannot read θ from {str(path)!r} ({exc})"
         ) from exc
-    split = c.evaluate.split or p.split
-    if split != p.split:  # another folder: its images from offset on
-        start = c.evaluate.offset
-    else:
-        start = p.start + p.num_samples + c.evaluate.offset
-    held_out = dataclasses.replace(
-        p, split=split, start=start, num_samples=c.evaluate.num_samples
-    )
+    split = c.evaluate.split or p.split  # another folder: its images from offset on
+    start = c.evaluate.offset + (p.start + p.num_samples if split == p.split else 0)
+    held_out = dataclasses.replace(p, split=split, start=start, num_samples=c.evaluate.num_samples)
     if p.dataset == "embedded_mnist" and start + c.evaluate.num_samples > 16:
         raise ConfigError(
             f"evaluate.num_samples: the embedded MNIST sample holds 16 digits; held-out images "

@@ -23,6 +23,9 @@ from framework.krylov.selection import Strategy
 
 HISTORY_KEYS = (names.ITERATIONS, names.cumulative(names.ITERATIONS), names.HG_ERROR,
                 names.UPPER_LOSS)
+# The re-solve totals ``names.total(key)`` that are ``PaperRow`` fields of the same name.
+TOTALS = (names.ITERATIONS, names.HVP, names.JAC_T, names.APPLICATIONS, names.PASSES,
+          names.SOLVE_TIME)
 STRATEGIES_FIGURE = "paper_strategies.png"
 DIMENSIONS_FIGURE = "paper_dimensions.png"
 
@@ -81,12 +84,7 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
             dim=_dim(r),
             stop=r.tags.get(names.STOP_TAG, "?"),
             sequence=r.tags.get(names.SEQUENCE_TAG, ""),
-            iterations=r.metric(names.total(names.ITERATIONS)),
-            hvp=r.metric(names.total(names.HVP)),
-            jac_t=r.metric(names.total(names.JAC_T)),
-            applications=r.metric(names.total(names.APPLICATIONS)),
-            passes=r.metric(names.total(names.PASSES)),
-            solve_time=r.metric(names.total(names.SOLVE_TIME)),
+            **{key: r.metric(names.total(key)) for key in TOTALS},
             mean_hg_error=r.metric(names.MEAN_HG_ERROR),
             max_hg_error=r.metric(names.MAX_HG_ERROR),
         )
