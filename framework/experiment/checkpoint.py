@@ -1,18 +1,12 @@
-"""Atomic save and restore of a whole run state (a nested dict) in one ``.npz`` file.
+"""Atomic save and restore of a nested state (run checkpoints, caches) in one ``.npz``.
 
-Format (version 1).  The state is a nested structure of dicts (string keys), lists,
-NumPy arrays and JSON scalars (None, bool, int — any size, float, str).  ``save``
-writes one uncompressed NumPy ``.npz`` archive holding
-
-* ``__state__.json`` — a uint8 array with the UTF-8 JSON of the structure, every array
-  replaced by ``{"__ndarray__": "<key>"}`` (tuples are stored as lists);
-* ``<key>`` — one member per array (``a0``, ``a1``, …), dtype and shape preserved, no
-  pickling (object arrays are refused).
-
-NumPy scalars become Python scalars; floats round-trip exactly (JSON uses ``repr``,
-NaN/±inf included).  The write is atomic: a temporary file in the same directory is
-written, flushed and fsync-ed, then ``os.replace``-d over the target (and the directory
-fsync-ed), so a crash leaves either the old or the new checkpoint, never a torn one.
+Format (version 1): the state is dicts (string keys), lists (tuples are stored as lists),
+NumPy arrays and JSON scalars.  The archive holds ``__state__.json`` (a uint8 array of
+the UTF-8 JSON of the structure, each array replaced by ``{"__ndarray__": "<key>"}``) and
+one member per array (``a0``, ``a1``, …; dtype and shape kept, no pickling: object arrays
+are refused).  NumPy scalars become Python scalars; floats round-trip exactly (NaN/±inf
+included).  The file is written to a temporary file in the same folder, fsync-ed and
+``os.replace``-d over the target, so a crash leaves the old or the new file, never a torn one.
 """
 
 from __future__ import annotations

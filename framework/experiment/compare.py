@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framework.experiment import names, paper, plots
-from framework.experiment.paper import format_paper_table
+from framework.experiment.console import fmt, markdown_table
+from framework.experiment.paper import PaperRow, format_paper_table
 from framework.experiment.tracking import (
     RunRecord,
     TrackingError,
@@ -78,28 +79,23 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             baselines.setdefault(r.tags.get(names.SWEEP_TAG, ""), r.metric(ITERATIONS))
     rows = []
     for r in records:
-        its = r.metric(ITERATIONS)
-        shadow = r.metric(SHADOW_ITERATIONS)
+        its, shadow = r.metric(ITERATIONS), r.metric(SHADOW_ITERATIONS)
+        baseline = baselines.get(r.tags.get(names.SWEEP_TAG, ""))
         if math.isfinite(shadow):
             savings, ref = percent_saved(its, shadow), "shadow"
-        elif r.tags.get(names.SWEEP_TAG, "") in baselines:
-            baseline = baselines[r.tags.get(names.SWEEP_TAG, "")]
+        elif baseline is not None:
             savings, ref = percent_saved(its, baseline), "recycle=none run"
         else:
             savings, ref = math.nan, "-"
         errors = [v for _, v in r.history.get(names.HG_ERROR_ESTIMATE, ()) if math.isfinite(v)]
-        wall = math.nan
-        if r.start_time and r.end_time:
-            wall = r.end_time - r.start_time
         steps = len(r.history.get(names.UPPER_LOSS, ()))
-        steps = steps or int(r.metrics.get(names.BATCH_SIZE, 0) > 0)
         rows.append(
             ComparisonRow(
                 run_id=r.run_id,
                 name=r.name,
                 strategy=r.params.get("recycle.strategy", "?"),
                 dim=r.params.get("recycle.dim", "?"),
-                steps=steps,
+                steps=steps or int(r.metrics.get(names.BATCH_SIZE, 0) > 0),
                 krylov_iterations=its,
                 applications=r.metric(APPLICATIONS),
                 savings_percent=savings,
@@ -107,43 +103,44 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
                 application_savings_percent=_application_savings(r),
                 mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
                 solve_time=r.metric(names.cumulative(names.STEP_TIME)),
-                wall_time=wall,
+                wall_time=r.end_time - r.start_time if r.start_time and r.end_time else math.nan,
             )
         )
     return rows
 
 
-def _fmt(value: float, spec: str) -> str:
-    return "-" if not math.isfinite(value) else format(value, spec)
-
-
 def format_table(rows: Sequence[ComparisonRow]) -> str:
-    """A fixed-width text table of ``rows``."""
+    """A Markdown table of ``rows``."""
     header = (
         "run", "strategy", "dim", "steps", "Krylov its", "op. applications", "its saved %",
         "apps saved %", "vs", "mean HG err", "solve s", "wall s",
     )
-    body = [
+    return markdown_table(header, [
         (
-            r.name, r.strategy, r.dim, str(r.steps), _fmt(r.krylov_iterations, ".0f"),
-            _fmt(r.applications, ".0f"), _fmt(r.savings_percent, ".1f"),
-            _fmt(r.application_savings_percent, ".1f"), r.savings_reference,
-            _fmt(r.mean_hg_error, ".3g"), _fmt(r.solve_time, ".1f"), _fmt(r.wall_time, ".1f"),
+            r.name, r.strategy, r.dim, str(r.steps), fmt(r.krylov_iterations, ".0f"),
+            fmt(r.applications, ".0f"), fmt(r.savings_percent, ".1f"),
+            fmt(r.application_savings_percent, ".1f"), r.savings_reference,
+            fmt(r.mean_hg_error, ".3g"), fmt(r.solve_time, ".1f"), fmt(r.wall_time, ".1f"),
         )
         for r in rows
-    ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in
-             (header, tuple("-" * w for w in widths), *body)]
-    return "\n".join(line.rstrip() for line in lines)
+    ])
 
 
 def latest_sweep(records: Sequence[RunRecord]) -> str | None:
     """The sweep id of the most recently started tagged run."""
     tagged = [r for r in records if names.SWEEP_TAG in r.tags]
-    if not tagged:
-        return None
-    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG]
+    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG] if tagged else None
+
+
+def _read(
+    experiment: str, sweep: str | None, uri: str | None, history_keys: Sequence[str]
+) -> list[RunRecord]:
+    """The runs of ``experiment``: all, those of one sweep, or (``"latest"``) the newest."""
+    if sweep == "latest":
+        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
+        if sweep is None:
+            raise TrackingError(f"experiment {experiment!r} has no sweep runs")
+    return read_runs(uri, experiment, sweep_id=sweep, history_keys=history_keys)
 
 
 def compare(
@@ -155,16 +152,10 @@ def compare(
 ) -> list[ComparisonRow]:
     """Rows of the runs of ``experiment`` (one sweep when ``sweep`` is given; ``"latest"``
     picks the newest) and, when ``figure`` is a path, the comparison figure as PNG there."""
-    if sweep == "latest":
-        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
-        if sweep is None:
-            raise TrackingError(f"experiment {experiment!r} has no sweep runs")
-    records = read_runs(uri, experiment, sweep_id=sweep, history_keys=HISTORY_KEYS)
-    rows = rows_from_records(records)
+    records = _read(experiment, sweep, uri, HISTORY_KEYS)
     if figure is not None:
-        fig = plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS)
-        plots.save(fig, figure)
-    return rows
+        plots.save(plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS), figure)
+    return rows_from_records(records)
 
 
 def compare_paper(
@@ -173,38 +164,12 @@ def compare_paper(
     sweep: str | None = None,
     uri: str | None = None,
     folder: str | Path | None = ".",
-) -> tuple[list, list[Path]]:
+) -> tuple[list[PaperRow], list[Path]]:
     """The paper report of the re-solve runs of ``experiment`` (one sweep when given):
     ``(rows, figure paths)``; figures are written to ``folder`` (None: none written)."""
-    if sweep == "latest":
-        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
-        if sweep is None:
-            raise TrackingError(f"experiment {experiment!r} has no sweep runs")
-    records = read_runs(uri, experiment, sweep_id=sweep, history_keys=paper.HISTORY_KEYS)
-    rows = paper.paper_rows(records)
+    records = _read(experiment, sweep, uri, paper.HISTORY_KEYS)
     figures = [] if folder is None else paper.paper_figures(records, folder)
-    return rows, figures
-
-
-def _main_paper(args: argparse.Namespace) -> int:
-    try:
-        rows, figures = compare_paper(
-            args.experiment, sweep=args.sweep, uri=args.uri, folder=args.outdir or None
-        )
-    except TrackingError as exc:
-        print(f"hyperkrylov-compare: {exc}", file=sys.stderr)
-        return 1
-    if not rows:
-        print(
-            f"hyperkrylov-compare: no finished task=resolve runs in experiment "
-            f"{args.experiment!r}" + (f" sweep {args.sweep!r}" if args.sweep else ""),
-            file=sys.stderr,
-        )
-        return 1
-    print(format_paper_table(rows))
-    for path in figures:
-        print(f"figure: {path.resolve()}")
-    return 0
+    return paper.paper_rows(records), figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,21 +199,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--outdir", default=".", help="folder for the --paper figures ('' for none)"
     )
     args = parser.parse_args(argv)
-    if args.paper:
-        return _main_paper(args)
+    where = {"experiment": args.experiment, "sweep": args.sweep, "uri": args.uri}
     try:
-        rows = compare(
-            args.experiment, sweep=args.sweep, uri=args.uri, figure=args.figure or None
-        )
+        if args.paper:
+            rows, figures = compare_paper(**where, folder=args.outdir or None)
+            table = format_paper_table(rows)
+        else:
+            rows = compare(**where, figure=args.figure or None)
+            table = format_table(rows)
+            figures = [Path(args.figure)] if args.figure else []
     except TrackingError as exc:
         print(f"hyperkrylov-compare: {exc}", file=sys.stderr)
         return 1
     if not rows:
-        print(f"hyperkrylov-compare: no runs found in experiment {args.experiment!r}")
+        runs = "finished task=resolve runs" if args.paper else "runs"
+        sweep = f" sweep {args.sweep!r}" if args.sweep else ""
+        print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{sweep}",
+              file=sys.stderr)
         return 1
-    print(format_table(rows))
-    if args.figure:
-        print(f"\nfigure: {Path(args.figure).resolve()}")
+    print(table)
+    for path in figures:
+        print(f"figure: {path.resolve()}")
     return 0
 
 

@@ -1,12 +1,10 @@
-"""Structured experiment configuration: dataclass schemas, Hydra registration, validation.
+"""The experiment configuration: dataclass schemas, their Hydra registration, ``validate``.
 
-The YAML files in ``conf/`` choose one option per group; the dataclasses here are the
-schema they are merged into (``config_schema`` is the first entry of ``conf/config.yaml``'s
-defaults list), so an unknown key, a value of the wrong type or an unknown option name
-(every choice is an enum) fails at composition.  The groups ``recycle`` and ``stop`` are
-the library's own ``RecycleConfig`` and ``StopConfig``.  ``validate`` then checks ranges
-and the rules that tie several keys together and raises ``ConfigError`` naming the bad
-key, before any data is loaded or any tracking run is created.
+``config_schema`` comes first in ``conf/config.yaml``'s defaults, so every group option is
+merged into its dataclass: an unknown key, a wrong type or an unknown option name (every
+choice is an enum) fails at composition.  ``recycle`` and ``stop`` are the library's own
+``RecycleConfig`` and ``StopConfig``.  ``validate`` checks ranges and the rules that tie
+keys together, raising ``ConfigError`` naming the key before any work starts.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -155,15 +153,13 @@ class SequenceConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``task=evaluate``: PSNR of a learned θ against the best Huber-TV and the measurement
-    on held-out images ``problem.start + problem.num_samples + offset`` onwards, or on
-    images ``offset`` onwards of another ``split`` (BSDS300's test folder)."""
+    """``task=evaluate``: held-out images from ``problem.start + problem.num_samples +
+    offset`` on in the training split (``split=null``), or from ``offset`` on in another
+    split (BSDS300's test folder); ``tv_grid``: the log10 Huber-TV weights tried."""
 
     theta_path: str | None = None
     offset: int = 0
     num_samples: int = 4
-    # null: held-out images follow the training ones in the training split; "test"
-    # (BSDS300): images offset, offset + 1, … of the test split
     split: Split | None = None
     tv_grid: list[float] = field(
         default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
@@ -195,9 +191,7 @@ class Config:
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-# -- validation ------------------------------------------------------------------------
-# Ranges (a None value of an optional key passes); everything else is checked by the
-# schema's types and enums or by a rule below.
+# -- validation: ranges (None passes) and rules across keys --------------------------------
 _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
@@ -207,79 +201,74 @@ _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim
     stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
 
 
-def _fail(key: str, message: str) -> None:
-    raise ConfigError(f"{key}: {message}")
+def _check(ok: Any, key: str, message: str) -> None:
+    """Raise ``ConfigError("<key>: <message>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
 
 
 def _check_ranges(c: Any) -> None:
     for key in (*_POSITIVE, *_NON_NEGATIVE):
         value, closed = reduce(getattr, key.split("."), c), key in _NON_NEGATIVE
         ok = value is None or (math.isfinite(value) and (value >= 0 if closed else value > 0))
-        if not ok:
-            _fail(key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
+        _check(ok, key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
 
 
 def _within(key: str, value: float, low: float, high: float, *, closed_low: bool) -> None:
-    if not ((low <= value if closed_low else low < value) and value < high):
-        _fail(key, f"must be in {'[' if closed_low else '('}{low}, {high}); got {value!r}")
+    ok = (low <= value if closed_low else low < value) and value < high
+    _check(ok, key, f"must be in {'[' if closed_low else '('}{low}, {high}); got {value!r}")
 
 
 def _plain_file_name(key: str, name: str, suffix: str = "") -> None:
-    if not name or "/" in name or not name.endswith(suffix):
-        _fail(key, f"must be a plain file name{f' ending in {suffix}' if suffix else ''}; "
-                   f"got {name!r}")
+    _check(name and "/" not in name and name.endswith(suffix), key,
+           f"must be a plain file name{f' ending in {suffix}' if suffix else ''}; got {name!r}")
 
 
 def _existing_file(key: str, path: str | None, task: str, written_by: str) -> None:
-    if not path:
-        _fail(key, f"required for task={task}; give {key}=/path/to/{written_by}")
-    if not Path(path).expanduser().is_file():
-        _fail(key, f"{path!r} does not exist or is not a file")
+    _check(path, key, f"required for task={task}; give {key}=/path/to/{written_by}")
+    _check(Path(path or "").expanduser().is_file(), key,
+           f"{path!r} does not exist or is not a file")
 
 
 def _check_split(key: str, split: Split | None, dataset: Dataset, hint: str) -> None:
-    if split not in (None, Split.train) and dataset != Dataset.bsds300:
-        _fail(key, f"only bsds300 has a {split!r} split; dataset {dataset!r} {hint}")
+    _check(split in (None, Split.train) or dataset == Dataset.bsds300, key,
+           f"only bsds300 has a '{split}' split; dataset '{dataset}' {hint}")
 
 
 def _validate_problem(p: ProblemConfig) -> None:
     if p.name == ProblemName.quadratic:
-        if p.n < 3:
-            _fail("problem.n", f"must be at least 3; got {p.n!r}")
+        _check(p.n >= 3, "problem.n", f"must be at least 3; got {p.n!r}")
         return
     for key in ("dataset", "operator", "regularizer"):
-        if getattr(p, key) == "none":
-            _fail(f"problem.{key}", f"'none' is only for problem=quadratic ({p.name!r})")
+        _check(getattr(p, key) != "none", f"problem.{key}",
+               f"'none' is only for problem=quadratic ({p.name})")
     _check_split("problem.split", p.split, p.dataset,
                  "has one set of images (use problem.start to choose them)")
     _within("problem.fraction_removed", p.fraction_removed, 0.0, 1.0, closed_low=True)
-    if p.kernel_size < 1 or p.kernel_size % 2 == 0:
-        _fail("problem.kernel_size", f"must be a positive odd integer; got {p.kernel_size!r}")
-    if (p.num_filters is not None and p.filters_init == FilterInit.dct
-            and p.num_filters > p.kernel_size**2 - 1):
-        _fail("problem.num_filters", f"at most kernel_size² − 1 = {p.kernel_size**2 - 1} DCT "
-                                     f"filters exist; got {p.num_filters}")
+    _check(p.kernel_size >= 1 and p.kernel_size % 2 == 1, "problem.kernel_size",
+           f"must be a positive odd integer; got {p.kernel_size!r}")
+    most = p.kernel_size**2 - 1
+    _check(p.num_filters is None or p.filters_init != FilterInit.dct or p.num_filters <= most,
+           "problem.num_filters", f"at most kernel_size² − 1 = {most} DCT filters exist; "
+           f"got {p.num_filters}")
     if p.dataset == Dataset.embedded_mnist:
-        if p.start + p.num_samples > 16:
-            _fail("problem.num_samples", "the embedded MNIST sample holds 16 digits; "
-                                         f"start + num_samples = {p.start + p.num_samples}")
+        _check(p.start + p.num_samples <= 16, "problem.num_samples", "the embedded MNIST "
+               f"sample holds 16 digits; start + num_samples = {p.start + p.num_samples}")
         return
-    if not p.data_path:
-        _fail("problem.data_path", f"required for dataset {p.dataset!r}; "
-                                   "give problem.data_path=/path/to/the/data")
-    if not Path(p.data_path).expanduser().exists():
-        _fail("problem.data_path", f"{str(Path(p.data_path).expanduser())!r} does not exist")
+    _check(p.data_path, "problem.data_path", f"required for dataset {p.dataset}; "
+           "give problem.data_path=/path/to/the/data")
+    path = Path(p.data_path or "").expanduser()
+    _check(path.exists(), "problem.data_path", f"{str(path)!r} does not exist")
 
 
 def _validate_task(c: Config) -> None:
-    s = c.sequence
+    s, count = c.sequence, c.problem.num_samples
     _plain_file_name("sequence.filename", s.filename, ".npz")
     if c.task == Task.record:
-        count = c.problem.num_samples
-        if not s.samples or any(not 0 <= i < count for i in s.samples) or (
-                len(set(s.samples)) != len(s.samples)):
-            _fail("sequence.samples", f"must be one or more distinct indices in [0, {count}) "
-                                      f"(problem.num_samples); got {list(s.samples)!r}")
+        distinct = len(set(s.samples)) == len(s.samples)
+        _check(s.samples and distinct and all(0 <= i < count for i in s.samples),
+               "sequence.samples", f"must be one or more distinct indices in [0, {count}) "
+               f"(problem.num_samples); got {list(s.samples)!r}")
     if c.task == Task.resolve:
         _existing_file("sequence.path", s.path, "resolve", "sequence.npz (written by task=record)")
     if c.task == Task.evaluate:
@@ -287,60 +276,48 @@ def _validate_task(c: Config) -> None:
                        "theta.npz (written by a training run)")
         _check_split("evaluate.split", c.evaluate.split, c.problem.dataset,
                      "takes held-out images after the training ones (leave evaluate.split=null)")
-        if not c.evaluate.tv_grid:
-            _fail("evaluate.tv_grid", "give at least one log10 TV weight")
-
-
-def _merged(cfg: DictConfig | Config) -> DictConfig:
-    """``cfg`` merged into the schema (types and enum names checked), or ``ConfigError``
-    naming the key."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{f'{key}: ' if key else ''}{exc}".splitlines()[0]) from exc
+        _check(c.evaluate.tv_grid, "evaluate.tv_grid", "give at least one log10 TV weight")
 
 
 def validate(cfg: DictConfig | Config) -> Config:
     """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key.
 
-    Ranges and cross-key rules are checked on the merged config before the typed one is
-    built, so the library dataclasses (``RecycleConfig``, ``StopConfig``) never see a
-    value this function would reject."""
-    c: Any = _merged(cfg)
+    The checks run on ``cfg`` merged into the schema, before the typed config is built,
+    so the library dataclasses (``RecycleConfig``, ``StopConfig``) never see a value
+    this function would reject."""
+    try:
+        c: Any = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{f'{key}: ' if key else ''}{exc}".splitlines()[0]) from exc
     _check_ranges(c)
     if c.task != Task.resolve:  # a re-solve takes its problem from the recording
         _validate_problem(c.problem)
     _validate_task(c)
-    if c.stop.rtol == 0 and c.stop.atol == 0 and c.stop.kind == StopKind.residual:
-        _fail("stop.rtol", "rtol and atol are both zero; the solver would never stop")
-    if c.recycle.strategy != Strategy.none and c.recycle.dim == 0:
-        _fail("recycle.dim", f"must be positive for strategy {c.recycle.strategy!r}; got 0")
+    _check(c.stop.rtol > 0 or c.stop.atol > 0 or c.stop.kind != StopKind.residual, "stop.rtol",
+           "rtol and atol are both zero; the solver would never stop")
+    _check(c.recycle.strategy == Strategy.none or c.recycle.dim > 0, "recycle.dim",
+           f"must be positive for strategy {c.recycle.strategy}; got 0")
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
     _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
-    if not c.tracking.experiment:
-        _fail("tracking.experiment", "must be a non-empty name")
+    _check(c.tracking.experiment, "tracking.experiment", "must be a non-empty name")
     _plain_file_name("checkpoint.filename", c.checkpoint.filename)
-    typed = OmegaConf.to_object(c)
-    assert isinstance(typed, Config)
-    return typed
+    return cast(Config, OmegaConf.to_object(c))
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten a (nested) config to ``{"a.b": "value"}`` with string values (for params)."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    elif not isinstance(cfg, dict):
+    """A typed config (or a nested dict) as ``{"a.b": "value"}``, string values, None as
+    "null" (MLflow params)."""
+    if not isinstance(cfg, dict):
         cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     out: dict[str, str] = {}
     for key, value in cfg.items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, prefix=f"{name}."))
+            out.update(flatten(value, prefix=f"{prefix}{key}."))
         else:
-            out[name] = "null" if value is None else str(value)
+            out[f"{prefix}{key}"] = "null" if value is None else str(value)
     return out
 
 

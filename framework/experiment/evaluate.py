@@ -5,20 +5,21 @@ problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, or, w
 ``evaluate.split=test`` (BSDS300), the test folder's images from ``evaluate.offset`` on;
 the same forward operator and noise model; each image's mask and noise come from the child of
 ``seed`` for its index, so held-out images never reuse a training image's draws.  Three
-reconstructions per image:
+reconstructions per image, each the lower-level solution x*(θ) of the bilevel engine (one
+batched L-BFGS over the images, from the data y, or from zeros if y has another shape):
 
 * the measurement y itself (when it is an image of the same size);
-* the learned regulariser: L-BFGS on the lower problem at θ (from ``evaluate.theta_path``);
+* the learned regulariser at θ (from ``evaluate.theta_path``);
 * Huber-TV with one weight chosen by grid search (``evaluate.tv_grid``, log10 weights) for
-  the best mean PSNR on the first training images (``best_tv_weight`` per image), and, as
-  an optimistic bound, the best weight per held-out image ("TV oracle").
+  the best mean PSNR on the first training images (``best_tv_weight``), and, as an
+  optimistic bound, the best weight per held-out image ("TV oracle").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,20 @@ from typing import Any
 import numpy as np
 
 from backends import get_backend
-from framework.experiment.config import Config, ConfigError
-from framework.optim import lbfgs
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.experiment.config import Config, ConfigError, ProblemConfig
+from framework.experiment.console import fmt, markdown_table
+from framework.experiment.engine_setup import engine_config
 from problems.base import psnr
 from problems.factory import build_problems
+
+PSNR_FIELDS = ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")
 
 
 @dataclass(frozen=True)
 class PreparedEvaluation:
     theta: np.ndarray
-    held_out: Any  # ProblemConfig of the held-out images
-    tv_train: Any  # ProblemConfig of the TV training images (weight selection)
-    tv_held_out: Any
+    held_out: ProblemConfig  # the held-out images
 
 
 @dataclass(frozen=True)
@@ -77,86 +80,54 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
         raise ConfigError(
             f"evaluate.theta_path: cannot read θ from {str(path)!r} ({exc})"
         ) from exc
-    split = c.evaluate.split or p.split
-    if split != p.split:  # another folder: its images from offset on
-        start = c.evaluate.offset
-    else:
-        start = p.start + p.num_samples + c.evaluate.offset
-    held_out = dataclasses.replace(
-        p, split=split, start=start, num_samples=c.evaluate.num_samples
-    )
+    split = c.evaluate.split or p.split  # another folder: its images from offset on
+    start = c.evaluate.offset + (p.start + p.num_samples if split == p.split else 0)
+    held_out = dataclasses.replace(p, split=split, start=start, num_samples=c.evaluate.num_samples)
     if p.dataset == "embedded_mnist" and start + c.evaluate.num_samples > 16:
         raise ConfigError(
             f"evaluate.num_samples: the embedded MNIST sample holds 16 digits; held-out images "
             f"{start}..{start + c.evaluate.num_samples - 1} do not exist (lower "
             "problem.num_samples or evaluate.num_samples)"
         )
-    tv_train = dataclasses.replace(
-        p, regularizer="tv", num_samples=min(p.num_samples, c.evaluate.num_samples)
-    )
-    tv_held_out = dataclasses.replace(held_out, regularizer="tv")
-    return PreparedEvaluation(theta, held_out, tv_train, tv_held_out)
+    return PreparedEvaluation(theta, held_out)
 
 
-def _reconstruct(problem: Any, theta: Any, lower: Any) -> Any:
-    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else problem.xp.zeros_like(
-        problem.x_true
-    )
-    fused = getattr(problem, "lower_value_and_grad", None)
-    return lbfgs(
-        lambda x: problem.lower_objective(x, theta),
-        lambda x: problem.lower_grad(x, theta),
-        x0,
-        gtol=lower.gtol,
-        maxiter=lower.maxiter,
-        memory=lower.memory,
-        value_and_grad=None if fused is None else (lambda x: fused(x, theta)),
-    ).x
+def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
+    """PSNR of x*(θ) of each of the engine's images (all solved as one batch)."""
+    X = engine.lower_solutions(theta)
+    return np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
 
 
 @dataclass(frozen=True)
 class TVWeightSearch:
-    """Result of ``best_tv_weight``: the best log10 weight and the PSNR of each grid point."""
+    """Result of ``best_tv_weight``: the PSNR of every image at every grid point."""
 
-    best_theta: float
-    best_psnr: float
     grid: tuple[float, ...]
-    psnrs: tuple[float, ...]
+    psnrs: np.ndarray  # (len(grid), images)
+
+    @property
+    def best_theta(self) -> float:
+        """The log10 weight with the best mean PSNR over the images."""
+        return self.grid[int(np.argmax(self.psnrs.mean(axis=1)))]
+
+    @property
+    def best_psnr(self) -> float:
+        return float(self.psnrs.mean(axis=1).max())
 
 
 def best_tv_weight(
-    problem_factory: Callable[[], Any],
-    grid: Sequence[float],
-    *,
-    gtol: float = 1e-6,
-    maxiter: int = 500,
+    problems: Sequence[Any], grid: Sequence[float], config: EngineConfig | None = None
 ) -> TVWeightSearch:
-    """Grid search over θ = log10(TV weight): solve the lower level (L-BFGS from the data y,
-    or from zeros if y has another shape) for each θ and keep the one with the best PSNR
-    against ``x_true``.  ``problem_factory()`` returns an ``ImagingProblem`` with a TV
-    regulariser (called once)."""
+    """Grid search over θ = log10(TV weight): the PSNR against ``x_true`` of x*(θ) of each
+    of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``,
+    solved with the lower-level settings of ``config``."""
     if len(grid) == 0:
         raise ValueError("grid must contain at least one log10 weight")
-    problem = problem_factory()
-    xp, dev, dtype = problem.xp, problem.device, problem.dtype
-    x0 = problem.y if tuple(problem.y.shape) == (problem.n,) else xp.zeros(
-        (problem.n,), dtype=dtype, device=dev
-    )
-    psnrs = []
-    for value in grid:
-        theta = xp.asarray([float(value)], dtype=dtype, device=dev)
-        result = lbfgs(
-            lambda x, th=theta: problem.lower_objective(x, th),
-            lambda x, th=theta: problem.lower_grad(x, th),
-            x0,
-            gtol=gtol,
-            maxiter=maxiter,
-        )
-        psnrs.append(psnr(result.x, problem.x_true))
-    best = int(np.argmax(psnrs))
-    return TVWeightSearch(
-        float(grid[best]), psnrs[best], tuple(float(g) for g in grid), tuple(psnrs)
-    )
+    engine = BilevelEngine(problems, config)
+    xp, dtype, device = problems[0].xp, problems[0].dtype, problems[0].device
+    psnrs = [reconstruction_psnrs(engine, xp.asarray([float(g)], dtype=dtype, device=device))
+             for g in grid]
+    return TVWeightSearch(tuple(float(g) for g in grid), np.stack(psnrs))
 
 
 def run_evaluation(
@@ -164,35 +135,30 @@ def run_evaluation(
 ) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
-    lower = c.solver.lower
-    grid = [float(v) for v in c.evaluate.tv_grid]
-    train_tv = build_problems(prepared.tv_train, backend, c.seed).problems
-    curves = [
-        best_tv_weight(lambda p=p: p, grid, gtol=lower.gtol, maxiter=lower.maxiter).psnrs
-        for p in train_tv
-    ]
-    tv_weight = grid[int(np.argmax(np.mean(curves, axis=0)))]
+    config, grid = engine_config(c), [float(v) for v in c.evaluate.tv_grid]
+    count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
+    tv_train = dataclasses.replace(c.problem, regularizer="tv", num_samples=count)
+    train_tv = build_problems(tv_train, backend, c.seed).problems
+    tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = build_problems(prepared.held_out, backend, c.seed).problems
-    tv = build_problems(prepared.tv_held_out, backend, c.seed).problems
-    theta = backend.asarray(prepared.theta)
-    tv_theta = backend.asarray(np.array([tv_weight]))
+    learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config),
+                                         backend.asarray(prepared.theta))
+    tv_held_out = dataclasses.replace(prepared.held_out, regularizer="tv")
+    tv = best_tv_weight(build_problems(tv_held_out, backend, c.seed).problems, grid, config).psnrs
     rows = []
-    for j, (p, q) in enumerate(zip(learned, tv, strict=True)):
-        measured = psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan
-        oracle = best_tv_weight(lambda q=q: q, grid, gtol=lower.gtol, maxiter=lower.maxiter)
+    for j, p in enumerate(learned):
         row = EvaluationRow(
             image=prepared.held_out.start + j,
-            psnr_measurement=measured,
-            psnr_learned=psnr(_reconstruct(p, theta, lower), p.x_true),
-            psnr_tv=psnr(_reconstruct(q, tv_theta, lower), q.x_true),
-            psnr_tv_oracle=oracle.best_psnr,
+            psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
+            psnr_learned=float(learned_psnrs[j]),
+            psnr_tv=float(tv[grid.index(tv_weight), j]),
+            psnr_tv_oracle=float(tv[:, j].max()),
         )
         rows.append(row)
         tracker.log_metrics({k: v for k, v in dataclasses.asdict(row).items() if k != "image"}, j)
     summary = EvaluationSummary(out.resolve(), tracker.run_id, tuple(rows), tv_weight)
-    means = {f"mean_{k}": summary.mean(k) for k in
-             ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")}
+    means = {f"mean_{k}": summary.mean(k) for k in PSNR_FIELDS}
     tracker.log_metrics({**means, "tv_log10_weight": tv_weight}, len(rows))
     table = format_evaluation(summary)
     (out / "psnr.txt").write_text(table + "\n")
@@ -202,13 +168,8 @@ def run_evaluation(
 
 
 def format_evaluation(summary: EvaluationSummary) -> str:
-    """A text table: one row per held-out image plus the mean (PSNR in dB)."""
-    head = f"{'image':>6} {'measurement':>12} {'learned':>9} {'Huber-TV':>9} {'TV oracle':>10}"
-    lines = [head, "-" * len(head)]
-    for r in summary.rows:
-        lines.append(f"{r.image:>6} {r.psnr_measurement:>12.2f} {r.psnr_learned:>9.2f} "
-                     f"{r.psnr_tv:>9.2f} {r.psnr_tv_oracle:>10.2f}")
-    lines.append(f"{'mean':>6} {summary.mean('psnr_measurement'):>12.2f} "
-                 f"{summary.mean('psnr_learned'):>9.2f} {summary.mean('psnr_tv'):>9.2f} "
-                 f"{summary.mean('psnr_tv_oracle'):>10.2f}")
-    return "\n".join(lines)
+    """A Markdown table: one row per held-out image plus the mean (PSNR in dB)."""
+    body = [(str(r.image), *(fmt(getattr(r, k), ".2f") for k in PSNR_FIELDS))
+            for r in summary.rows]
+    body.append(("mean", *(fmt(summary.mean(k), ".2f") for k in PSNR_FIELDS)))
+    return markdown_table(("image", "measurement", "learned", "Huber-TV", "TV oracle"), body)

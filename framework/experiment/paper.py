@@ -9,6 +9,7 @@ run of the same recording: 100 · (1 − mine / none).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,11 +17,15 @@ from pathlib import Path
 
 from framework.experiment import names, plots
 from framework.experiment.config import Task
+from framework.experiment.console import fmt, markdown_table
 from framework.experiment.tracking import RunRecord, percent_saved
 from framework.krylov.selection import Strategy
 
 HISTORY_KEYS = (names.ITERATIONS, names.cumulative(names.ITERATIONS), names.HG_ERROR,
                 names.UPPER_LOSS)
+# The re-solve totals ``names.total(key)`` that are ``PaperRow`` fields of the same name.
+TOTALS = (names.ITERATIONS, names.HVP, names.JAC_T, names.APPLICATIONS, names.PASSES,
+          names.SOLVE_TIME)
 STRATEGIES_FIGURE = "paper_strategies.png"
 DIMENSIONS_FIGURE = "paper_dimensions.png"
 
@@ -48,60 +53,55 @@ class PaperRow:
     pass_savings: float = math.nan
 
 
+def _label(r: RunRecord) -> str:
+    return r.tags.get(names.LABEL_TAG, "?")
+
+
+def _dim(r: RunRecord) -> int:
+    return int(r.tags.get(names.DIM_TAG, 0))
+
+
+def _is_none(r: RunRecord) -> bool:
+    return r.tags.get(names.STRATEGY_TAG) == Strategy.none
+
+
 def resolve_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     """Finished re-solve runs, the latest per (recording, label, dim)."""
     latest: dict[tuple[str, str, str], RunRecord] = {}
-    for r in records:
-        if r.tags.get(names.TASK_TAG) != Task.resolve or r.status != "FINISHED":
-            continue
-        key = (r.tags.get(names.SEQUENCE_TAG, ""), r.tags.get(names.LABEL_TAG, "?"),
-               r.tags.get(names.DIM_TAG, "?"))
-        if key not in latest or (r.start_time or 0) >= (latest[key].start_time or 0):
-            latest[key] = r
+    for r in sorted(records, key=lambda r: r.start_time or 0.0):
+        if r.tags.get(names.TASK_TAG) == Task.resolve and r.status == "FINISHED":
+            latest[r.tags.get(names.SEQUENCE_TAG, ""), _label(r), r.tags.get(names.DIM_TAG)] = r
     return sorted(latest.values(), key=lambda r: r.start_time or 0.0)
 
 
 def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
     """One ``PaperRow`` per re-solve run (``resolve_runs``), with savings vs ``none``."""
-    runs = resolve_runs(records)
     rows = [
         PaperRow(
             run_id=r.run_id,
-            label=r.tags.get(names.LABEL_TAG, "?"),
+            label=_label(r),
             strategy=r.tags.get(names.STRATEGY_TAG, "?"),
-            dim=int(r.tags.get(names.DIM_TAG, "0")),
+            dim=_dim(r),
             stop=r.tags.get(names.STOP_TAG, "?"),
             sequence=r.tags.get(names.SEQUENCE_TAG, ""),
-            iterations=r.metric(names.total(names.ITERATIONS)),
-            hvp=r.metric(names.total(names.HVP)),
-            jac_t=r.metric(names.total(names.JAC_T)),
-            applications=r.metric(names.total(names.APPLICATIONS)),
-            passes=r.metric(names.total(names.PASSES)),
-            solve_time=r.metric(names.total(names.SOLVE_TIME)),
+            **{key: r.metric(names.total(key)) for key in TOTALS},
             mean_hg_error=r.metric(names.MEAN_HG_ERROR),
             max_hg_error=r.metric(names.MAX_HG_ERROR),
         )
-        for r in runs
+        for r in resolve_runs(records)
     ]
     base = {row.sequence: row for row in rows if row.strategy == Strategy.none}
-    out = []
-    for row in rows:
-        ref = base.get(row.sequence)
-        if ref is not None:
-            row = PaperRow(
-                **{
-                    **row.__dict__,
-                    "iteration_savings": percent_saved(row.iterations, ref.iterations),
-                    "application_savings": percent_saved(row.applications, ref.applications),
-                    "pass_savings": percent_saved(row.passes, ref.passes),
-                }
-            )
-        out.append(row)
-    return sorted(out, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
-
-
-def _f(value: float, spec: str) -> str:
-    return "-" if not math.isfinite(value) else format(value, spec)
+    rows = [
+        row if row.sequence not in base else dataclasses.replace(
+            row,
+            iteration_savings=percent_saved(row.iterations, base[row.sequence].iterations),
+            application_savings=percent_saved(row.applications,
+                                              base[row.sequence].applications),
+            pass_savings=percent_saved(row.passes, base[row.sequence].passes),
+        )
+        for row in rows
+    ]
+    return sorted(rows, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
 
 
 def format_paper_table(rows: Sequence[PaperRow]) -> str:
@@ -109,54 +109,37 @@ def format_paper_table(rows: Sequence[PaperRow]) -> str:
     header = ("strategy", "dim", "stop", "iterations", "HVP", "Jᵀ", "applications (HVP+Jᵀ)",
               "passes", "solve s", "mean HG err", "max HG err", "its saved %",
               "apps saved %", "passes saved %")
-    body = [
-        (r.label, str(r.dim), r.stop, _f(r.iterations, ".0f"), _f(r.hvp, ".0f"),
-         _f(r.jac_t, ".0f"), _f(r.applications, ".0f"), _f(r.passes, ".0f"),
-         _f(r.solve_time, ".2f"), _f(r.mean_hg_error, ".2e"), _f(r.max_hg_error, ".2e"),
-         _f(r.iteration_savings, ".1f"), _f(r.application_savings, ".1f"),
-         _f(r.pass_savings, ".1f"))
+    return markdown_table(header, [
+        (r.label, str(r.dim), r.stop, fmt(r.iterations, ".0f"), fmt(r.hvp, ".0f"),
+         fmt(r.jac_t, ".0f"), fmt(r.applications, ".0f"), fmt(r.passes, ".0f"),
+         fmt(r.solve_time, ".2f"), fmt(r.mean_hg_error, ".2e"), fmt(r.max_hg_error, ".2e"),
+         fmt(r.iteration_savings, ".1f"), fmt(r.application_savings, ".1f"),
+         fmt(r.pass_savings, ".1f"))
         for r in rows
-    ]
-    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
+    ])
 
 
 def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path]:
     """Write the strategy figure (the largest dimension of each label, plus ``none``) and,
     when some label was run at ≥ 2 dimensions, the dimension-sweep figure; returns paths."""
-    folder = Path(folder)
     runs = resolve_runs(records)
     if not runs:
         return []
     widest: dict[str, RunRecord] = {}
-    for r in runs:
-        label = r.tags.get(names.LABEL_TAG, "?")
-        if label not in widest or int(r.tags.get(names.DIM_TAG, 0)) > int(
-            widest[label].tags.get(names.DIM_TAG, 0)
-        ):
-            widest[label] = r
-    ordered = sorted(widest.values(), key=lambda r: (
-        r.tags.get(names.STRATEGY_TAG) != Strategy.none, r.start_time or 0.0))
-    series = []
-    for r in ordered:
-        label = r.tags.get(names.LABEL_TAG, "?")
-        dim = int(r.tags.get(names.DIM_TAG, 0))
-        series.append((label if dim == 0 else f"{label} k={dim}", r.history))
-    paths = [plots.save(plots.paper_strategies(series), folder / STRATEGIES_FIGURE)]
+    for r in sorted(runs, key=_dim, reverse=True):  # stable: the first run of the largest dim
+        widest.setdefault(_label(r), r)
+    ordered = sorted(widest.values(), key=lambda r: (not _is_none(r), r.start_time or 0.0))
+    series = [(_label(r) if _dim(r) == 0 else f"{_label(r)} k={_dim(r)}", r.history)
+              for r in ordered]
+    paths = [plots.save(plots.paper_strategies(series), Path(folder) / STRATEGIES_FIGURE)]
+    total = names.total(names.ITERATIONS)
+    none_total = next((r.metric(total) for r in reversed(runs) if _is_none(r)), math.nan)
     curves: dict[str, list[tuple[int, float]]] = {}
-    none_total = math.nan
     for r in runs:
-        label = r.tags.get(names.LABEL_TAG, "?")
-        if r.tags.get(names.STRATEGY_TAG) == Strategy.none:
-            none_total = r.metric(names.total(names.ITERATIONS))
-            continue
-        point = (int(r.tags.get(names.DIM_TAG, 0)), r.metric(names.total(names.ITERATIONS)))
-        curves.setdefault(label, []).append(point)
+        if not _is_none(r):
+            curves.setdefault(_label(r), []).append((_dim(r), r.metric(total)))
     curves = {k: v for k, v in curves.items() if len(v) >= 2}
     if curves:
-        fig = plots.dimension_sweep(curves, none_total)
-        paths.append(plots.save(fig, folder / DIMENSIONS_FIGURE))
+        paths.append(plots.save(plots.dimension_sweep(curves, none_total),
+                                Path(folder) / DIMENSIONS_FIGURE))
     return paths

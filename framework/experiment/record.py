@@ -17,7 +17,6 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from framework.bilevel.recording import RecordedSequence
 
@@ -49,28 +48,15 @@ class SequenceRecorder:
         """Record θ (the point the step was evaluated at) and x(θ) of every recorded
         sample; call right after ``engine.evaluate(theta, indices)``.  Samples outside
         the batch are solved together by the engine's lower solver, warm-started from
-        their last recorded x (or their state)."""
+        their last recorded x (at the first step: from their state or the data)."""
         batch = set(int(i) for i in indices)
-        row: list[Any] = [None] * len(self.samples)
-        missing, starts = [], []
-        for pos, i in enumerate(self.samples):
-            state_x = engine.states[i].x
-            if i in batch and state_x is not None:
-                row[pos] = backend.to_numpy(state_x)
-                continue
-            p = engine.problems[i]
-            if self.xs:
-                x0 = backend.asarray(self.xs[-1][pos])
-            elif state_x is not None:
-                x0 = state_x
-            else:
-                x0 = p.y if tuple(p.y.shape) == (p.n,) else p.xp.zeros_like(p.x_true)
-            missing.append(pos)
-            starts.append(x0)
+        row = [backend.to_numpy(engine.states[i].x)
+               if i in batch and engine.states[i].x is not None else None
+               for i in self.samples]
+        missing = [pos for pos, x in enumerate(row) if x is None]
         if missing:
-            xp = array_namespace(theta)
-            X = engine.lower_solutions(theta, [self.samples[pos] for pos in missing],
-                                       x0=xp.stack(starts))
+            x0 = backend.asarray(self.xs[-1][missing]) if self.xs else None
+            X = engine.lower_solutions(theta, [self.samples[pos] for pos in missing], x0=x0)
             for r, pos in enumerate(missing):
                 row[pos] = backend.to_numpy(X[r, ...])
         self.thetas.append(np.array(backend.to_numpy(theta), copy=True))

@@ -7,21 +7,18 @@ own recycling, and its hypergradients are compared with references from a tight 
 recording and sample and cached next to it as ``<stem>.refs.npz`` (keyed by the
 recording's SHA-256 and the tolerance; rewritten atomically when stale).
 
-Per system t the run logs, at MLflow step t: ``iterations``, ``hvp``, ``hvp_passes``,
-``jac_t``, ``jac_t_passes``, ``applications``, ``passes``, ``hg_error`` (relative error of
-−Jᵀw against the reference), ``hg_error_estimate`` (the NSC estimate; NaN without NSC),
-``residual_norm``, ``converged``, ``recycle_dim``, ``solve_time`` and ``upper_loss``
-(ℓ(x_t) of the recorded sample), plus ``cumulative_*`` of the counts; at the end the
-totals ``total_*``, ``mean_hg_error`` and ``max_hg_error``.
+Per system t (MLflow step t) the run logs the ``SystemRecord`` figures (``hg_error``: the
+relative error of −Jᵀw against the reference), ``solve_time``, ``upper_loss`` (ℓ(x_t) of
+the recorded sample) and ``cumulative_*`` of ``names.RESOLVE_COUNTS``; at the end
+``total_*``, ``mean_hg_error`` and ``max_hg_error``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -32,7 +29,7 @@ import numpy as np
 
 from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
-from framework.experiment import names
+from framework.experiment import checkpoint, names
 from framework.experiment.config import Config, ConfigError, ProblemConfig, Task, flatten
 from framework.experiment.engine_setup import engine_config
 from framework.krylov.recycle import RecycleConfig
@@ -45,6 +42,10 @@ _END = {Which.small: "S", Which.large: "L", Which.mix: "M"}
 _PAPER_NAMES = {Strategy.ritz: "Ritz-{}", Strategy.harmonic_ritz: "HRitz-{}",
                 Strategy.rgen_right: "RGen-{}(R)", Strategy.rgen_left: "RGen-{}(L)",
                 Strategy.rgen_both: "RGen-{}(B)"}
+# Per-system metrics that are fields of ``SystemRecord`` under the same name.
+_SYSTEM_METRICS = (names.ITERATIONS, names.HVP, "hvp_passes", names.JAC_T, "jac_t_passes",
+                   names.APPLICATIONS, names.PASSES, names.HG_ERROR, names.HG_ERROR_ESTIMATE,
+                   "residual_norm", "converged", "recycle_dim")
 
 
 def method_label(recycle: RecycleConfig, stop: StopConfig) -> str:
@@ -87,14 +88,6 @@ def problem_from_recording(recording: RecordedSequence, sample: int, backend: An
     return problem_set.problems[sample]
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def refs_path(sequence_path: str | Path) -> Path:
     """``<folder>/<stem>.refs.npz`` next to the recording."""
     p = Path(sequence_path)
@@ -106,29 +99,20 @@ def reference_hypergradients(
 ) -> tuple[np.ndarray, bool]:
     """−Jᵀw* of every system (tight MINRES at ``rtol``), from the cache when it matches the
     recording's digest and the tolerance; returns (references, taken_from_cache)."""
-    cache = refs_path(sequence_path)
-    digest = _digest(Path(sequence_path))
-    key = f"sample_{sample}"
-    stored: dict[str, np.ndarray] = {}
-    if cache.is_file():
-        try:
-            with np.load(cache) as data:
-                stored = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile):
-            stored = {}
-        fresh = str(stored.get("digest", "")) == digest and float(stored.get("rtol", -1)) == rtol
-        if not fresh:
-            stored = {}
-        elif key in stored and stored[key].shape[0] == len(systems):
-            return stored[key], True
+    cache, key = refs_path(sequence_path), f"sample_{sample}"
+    with Path(sequence_path).open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    stored: dict[str, Any] = {}
+    with contextlib.suppress(checkpoint.CheckpointError):  # missing or unreadable: rewritten
+        stored = checkpoint.load(cache)
+    if stored.get("digest") != digest or stored.get("rtol") != rtol:
+        stored = {"digest": digest, "rtol": rtol}
+    elif key in stored and stored[key].shape[0] == len(systems):
+        return stored[key], True
     tight = solve_sequence(systems, stop=StopConfig(rtol=rtol))
-    refs = np.stack([backend.to_numpy(r.hypergradient) for r in tight.records])
-    stored.update({key: refs, "digest": np.asarray(digest), "rtol": np.asarray(rtol)})
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".refs-", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **stored)
-    os.replace(tmp, cache)
-    return refs, False
+    stored[key] = np.stack([backend.to_numpy(r.hypergradient) for r in tight.records])
+    checkpoint.save(cache, stored)
+    return stored[key], False
 
 
 @dataclass(frozen=True)
@@ -151,18 +135,19 @@ class ResolveSummary:
 
 def resolve_params(c: Config, recording: RecordedSequence) -> dict[str, str]:
     """Params of a re-solve run: the solver settings and the recorded problem."""
+    config = recording.config()
     params = {
         k: v for k, v in flatten(c).items()
         if k.startswith(("recycle.", "stop.", "solver.", "sequence.", "backend."))
     }
-    params["task"] = c.task
-    params["seed"] = str(c.seed)
-    config = recording.config()
-    for k, v in config["problem"].items():
-        params[f"recorded.problem.{k}"] = "null" if v is None else str(v)
-    params["recorded.seed"] = str(config.get("seed"))
-    params["recorded.steps"] = str(recording.steps)
-    params["recorded.samples"] = json.dumps(list(recording.sample_indices))
+    params.update(flatten(config["problem"], prefix="recorded.problem."))
+    params.update({
+        "task": c.task,
+        "seed": str(c.seed),
+        "recorded.seed": str(config.get("seed")),
+        "recorded.steps": str(recording.steps),
+        "recorded.samples": json.dumps(list(recording.sample_indices)),
+    })
     return params
 
 
@@ -216,38 +201,26 @@ def run_resolve(
     )
     sums = dict.fromkeys(names.RESOLVE_COUNTS, 0.0)
     for r, loss in zip(result.records, losses, strict=True):
-        metrics = {
-            names.ITERATIONS: r.iterations, names.HVP: r.hvp, "hvp_passes": r.hvp_passes,
-            names.JAC_T: r.jac_t, "jac_t_passes": r.jac_t_passes,
-            names.APPLICATIONS: r.applications, names.PASSES: r.passes,
-            names.HG_ERROR: r.hg_error, names.HG_ERROR_ESTIMATE: r.hg_error_estimate,
-            "residual_norm": r.residual_norm, "converged": float(r.converged),
-            "recycle_dim": r.recycle_dim, names.SOLVE_TIME: r.seconds, names.UPPER_LOSS: loss,
-        }
+        metrics = {key: float(getattr(r, key)) for key in _SYSTEM_METRICS}
+        metrics.update({names.SOLVE_TIME: r.seconds, names.UPPER_LOSS: loss})
         for key in names.RESOLVE_COUNTS:
             sums[key] += float(metrics[key])
             metrics[names.cumulative(key)] = sums[key]
         tracker.log_metrics(metrics, r.index)
     errors = [r.hg_error for r in result.records]
-    totals = {names.total(k): v for k, v in sums.items()}
-    totals.update(
-        {
-            "systems": float(len(result.records)),
-            names.MEAN_HG_ERROR: float(np.mean(errors)),
-            names.MAX_HG_ERROR: float(np.max(errors)),
-            "unconverged": float(sum(not r.converged for r in result.records)),
-        }
-    )
+    totals = {
+        **{names.total(k): v for k, v in sums.items()},
+        "systems": float(len(result.records)),
+        names.MEAN_HG_ERROR: float(np.mean(errors)),
+        names.MAX_HG_ERROR: float(np.max(errors)),
+        "unconverged": float(sum(not r.converged for r in result.records)),
+    }
     tracker.log_metrics(totals, len(result.records))
     label = method_label(c.recycle, c.stop)
-    say(
-        f"{label} k={recycle_dim(c.recycle)}: "
-        f"{int(sums[names.ITERATIONS])} iterations, {int(sums[names.APPLICATIONS])} "
-        f"operator applications, {int(sums[names.PASSES])} passes over "
-        f"{len(result.records)} systems; hypergradient error mean "
-        f"{totals[names.MEAN_HG_ERROR]:.3g} "
-        f"max {totals[names.MAX_HG_ERROR]:.3g}"
-    )
+    say(f"{label} k={recycle_dim(c.recycle)}: {int(sums[names.ITERATIONS])} iterations, "
+        f"{int(sums[names.APPLICATIONS])} operator applications, {int(sums[names.PASSES])} "
+        f"passes over {len(result.records)} systems; hypergradient error mean "
+        f"{totals[names.MEAN_HG_ERROR]:.3g} max {totals[names.MAX_HG_ERROR]:.3g}")
     return ResolveSummary(
         output_dir=out.resolve(),
         run_id=tracker.run_id,

@@ -83,15 +83,10 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
 
 
 def _sample_iterations(result: Any, indices: Sequence[int]) -> list[list[float]]:
-    """(sample, Krylov iterations, shadow iterations or NaN) of each system of a step."""
-    rows = []
-    for pos, record in enumerate(getattr(result, "samples", ()) or ()):
-        index = indices[pos] if pos < len(indices) else pos
-        iters = float(getattr(record, "krylov_iterations", math.nan))
-        shadow = getattr(record, "shadow", None)
-        shadow_iters = getattr(shadow, "iterations", shadow)
-        rows.append([int(index), iters, math.nan if shadow_iters is None else float(shadow_iters)])
-    return rows
+    """[sample, Krylov iterations, shadow iterations or NaN] of each system of a step."""
+    return [[int(i), float(s.krylov_iterations),
+             math.nan if s.shadow is None else float(s.shadow.iterations)]
+            for i, s in zip(indices, result.samples, strict=True)]
 
 
 # Keys that may change between a run and its resumption (length, bookkeeping, display).
