@@ -231,7 +231,7 @@ class _Solve:
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
         self.thresholds = None
         if isinstance(rule, ResidualRule):  # the default rule is tested in the scalar step
-            self.thresholds = [rule.threshold(float(v)) for v in to_host(self._norms(b))]
+            self.thresholds = rule.thresholds(to_host(self._norms(b)).tolist())
             self.device_thresholds = self.xp.asarray(self.thresholds, dtype=b.dtype,
                                                      device=device_of(b))
         self.passes = 0
