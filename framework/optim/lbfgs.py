@@ -71,14 +71,8 @@ def lbfgs(
     its device.
     """
     check_options(c1=c1, c2=c2, memory=memory, maxiter=maxiter)
-    if x0.ndim not in (1, 2):
-        raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
-    single = x0.ndim == 1
-    if single and rows_value_and_grad is not None:
-        raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
-    X = x0[None, :] if single else x0
-    ev = RowEvaluator(X, fun, grad, value_and_grad=value_and_grad,
-                      rows_value_and_grad=rows_value_and_grad, single_sample=single)
+    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
+                                          rows_value_and_grad=rows_value_and_grad)
     xp, bsz = ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)

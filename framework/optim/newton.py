@@ -89,14 +89,8 @@ def newton_krylov(
     if maxiter < 0 or max_backtracks < 1:
         raise ValueError(f"need maxiter >= 0 and max_backtracks >= 1; got maxiter={maxiter!r}, "
                          f"max_backtracks={max_backtracks!r}")
-    if x0.ndim not in (1, 2):
-        raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
-    single = x0.ndim == 1
-    if single and rows_value_and_grad is not None:
-        raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
-    X = x0[None, :] if single else x0
-    ev = RowEvaluator(X, fun, grad, value_and_grad=value_and_grad,
-                      rows_value_and_grad=rows_value_and_grad, single_sample=single)
+    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
+                                          rows_value_and_grad=rows_value_and_grad)
     if single:
         solve = _on_row_zero(solve)
     xp, bsz = ev.xp, ev.bsz

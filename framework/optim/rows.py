@@ -70,6 +70,22 @@ class RowEvaluator:
         self.host_reads = 0
         self.sample_evaluations = np.zeros(self.bsz, dtype=np.int64)
 
+    @classmethod
+    def at_start(
+        cls, x0: Any, fun: Callable[[Any], Any], grad: Callable[[Any], Any], *,
+        value_and_grad: ValueAndGrad | None, rows_value_and_grad: RowsValueAndGrad | None,
+    ) -> tuple[RowEvaluator, Any, bool]:
+        """(evaluator, rows X (B, n), whether x0 was one sample (n,)) for a start x0."""
+        if x0.ndim not in (1, 2):
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
+        single = x0.ndim == 1
+        if single and rows_value_and_grad is not None:
+            raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
+        X = x0[None, :] if single else x0
+        ev = cls(X, fun, grad, value_and_grad=value_and_grad,
+                 rows_value_and_grad=rows_value_and_grad, single_sample=single)
+        return ev, X, single
+
     def host(self, a: Any) -> np.ndarray:
         """Small device values to the host as float64: the documented, counted transfer."""
         self.host_reads += 1
