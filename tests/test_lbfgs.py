@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends import get_backend
-from framework.optim import LBFGSStatus, lbfgs
+from framework.optim import MinimizeStatus, lbfgs
 from problems.datasets import load_embedded_mnist
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
 from problems.imaging import ImagingProblem
@@ -43,7 +43,7 @@ def test_converges_on_foe_inpainting(backend) -> None:
         gtol=1e-8,
         maxiter=2000,
     )
-    assert result.converged and result.status is LBFGSStatus.CONVERGED, result.message
+    assert result.converged and result.status is MinimizeStatus.CONVERGED, result.message
     assert device_of(result.x) == backend.device
     true_norm = np.linalg.norm(backend.to_numpy(problem.lower_grad(result.x, theta)))
     assert true_norm <= 1e-8 and result.grad_norm == pytest.approx(true_norm, rel=1e-12)
@@ -151,13 +151,13 @@ def test_maxiter_status_is_reported() -> None:
         maxiter=2,
     )
     assert not result.converged
-    assert result.status is LBFGSStatus.MAXITER and result.iterations == 2
+    assert result.status is MinimizeStatus.MAXITER and result.iterations == 2
     assert "maxiter=2" in result.message
 
 
 def test_wrong_gradient_gives_linesearch_failure() -> None:
     result = lbfgs(lambda x: np.sum(x * x), lambda x: -2.0 * x, np.ones(4))
-    assert result.status is LBFGSStatus.LINESEARCH_FAILED and not result.converged
+    assert result.status is MinimizeStatus.LINESEARCH_FAILED and not result.converged
     assert "line search" in result.message
     np.testing.assert_array_equal(result.x, np.ones(4))  # no increase was accepted
     assert result.f_history == (4.0,)
@@ -165,7 +165,7 @@ def test_wrong_gradient_gives_linesearch_failure() -> None:
 
 def test_non_finite_start_and_bad_arguments() -> None:
     result = lbfgs(lambda x: np.inf + np.sum(x), lambda x: np.ones_like(x), np.array([1.0, -1.0]))
-    assert result.status is LBFGSStatus.NONFINITE
+    assert result.status is MinimizeStatus.NONFINITE
     with pytest.raises(ValueError, match="memory"):
         lbfgs(lambda x: np.sum(x * x), lambda x: 2 * x, np.ones(2), memory=0)
     with pytest.raises(ValueError, match="c1"):
@@ -304,7 +304,7 @@ def test_failing_sample_does_not_stop_others(backend) -> None:
     probs = RowProblems(backend, [10.0, 1e3, 5.0], flip=(1,))
     X0 = backend.asarray(np.random.default_rng(2).standard_normal((3, N)))
     res = lbfgs(probs.fun, probs.grad, X0, **OPTS)
-    assert res.status[1] is LBFGSStatus.LINESEARCH_FAILED
+    assert res.status[1] is MinimizeStatus.LINESEARCH_FAILED
     assert res.converged == (True, False, True)
     Xb = backend.to_numpy(res.x)
     # a failed line search never moves the row past an increase of f
@@ -319,8 +319,8 @@ def test_nonfinite_start_and_maxiter() -> None:
     X0 = np.random.default_rng(3).standard_normal((3, N))
     X0[0, 0] = np.nan
     res = lbfgs(probs.fun, probs.grad, X0, gtol=1e-10, maxiter=5)
-    assert res.status[0] is LBFGSStatus.NONFINITE
-    assert res.status[1] is LBFGSStatus.MAXITER and res.iterations[1] == 5
+    assert res.status[0] is MinimizeStatus.NONFINITE
+    assert res.status[1] is MinimizeStatus.MAXITER and res.iterations[1] == 5
     assert np.isnan(res.x[0, 0]) and np.all(np.isfinite(res.x[1:]))
     with pytest.raises(ValueError, match="x0"):
         lbfgs(probs.fun, probs.grad, X0[None])
@@ -369,7 +369,7 @@ def test_batch_together_equals_each_alone(log_kappas, n, seed, memory, gtol, sub
                 rows_value_and_grad=probs.rows_value_and_grad if subsets else None, **opts)
     check_each_alone(be, res, probs, X0, opts, bitwise=False)
     # two host transfers per iteration the batch ran, including a sample's last, failed one
-    ran = max(k + (s is LBFGSStatus.LINESEARCH_FAILED)
+    ran = max(k + (s is MinimizeStatus.LINESEARCH_FAILED)
               for k, s in zip(res.iterations, res.status, strict=True))
     assert res.host_reads == res.evaluation_rounds + 2 * ran
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
@@ -303,9 +305,31 @@ def test_unreachable_tolerance_is_refused():
 
 def test_residual_rule_threshold():
     rule = ResidualRule(rtol=1e-3, atol=1e-2)
-    assert rule.threshold(1.0) == 1e-2 and rule.threshold(100.0) == pytest.approx(0.1)
+    low, high = rule.thresholds([1.0, 100.0])
+    assert low == 1e-2 and high == pytest.approx(0.1)
     with pytest.raises(ValueError, match="rtol"):
         ResidualRule(rtol=-1)
+    with pytest.raises(ValueError, match="rtol"):
+        ResidualRule(rtol=(1e-3, math.nan))
+
+
+def test_per_row_relative_tolerances_equal_each_row_alone():
+    # a rule with one rtol per row stops each row where a solve of that row alone with
+    # its own scalar rtol stops (the same iterations, the same iterate bitwise)
+    rng = np.random.default_rng(3)
+    Q = np.linalg.qr(rng.standard_normal((2, 40, 40)))[0]
+    A = Q @ (np.linspace(-3.0, 5.0, 40)[None, :, None] * np.swapaxes(Q, 1, 2))
+    b = rng.standard_normal((2, 40))
+    rtols = (1e-2, 1e-8)
+    def rows_of(A):
+        return lambda V: np.einsum("bij,bj->bi", A, V)
+
+    batch = rminres(rows_of(A), b, stop=ResidualRule(rtols), true_residual=False)
+    for i, rtol in enumerate(rtols):
+        alone = rminres(rows_of(A[i : i + 1]), b[i : i + 1], rtol=rtol, true_residual=False)
+        assert batch.iterations[i] == alone.iterations[0] and batch.converged[i]
+        np.testing.assert_array_equal(batch.x[i], alone.x[0])
+    assert batch.iterations[0] < batch.iterations[1]
 
 
 def test_identity_operator_returning_its_input_is_safe():

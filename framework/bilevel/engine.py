@@ -3,9 +3,10 @@
 ``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` (B = 1 is a batch
 of one) through
 
-    X* = argmin_X f(X, θ)          one L-BFGS over the rows (per-sample line searches and
-                                   convergence masks), optionally polished by Newton steps
-                                   (MINRES on the rows still above gtol)
+    X* = argmin_X f(X, θ)          one L-BFGS or inexact Newton–Krylov over the rows
+                                   (per-sample line searches and convergence masks),
+                                   optionally polished by Newton steps (MINRES on the
+                                   rows still above gtol)
     H(X*, θ) W = ∇ℓ(X*)            one RMINRES over the rows (per-sample Lanczos scalars,
                                    recycle spaces, freezing; residual or NSC rule per row)
     ∇θ ℓ = mean_i −J_i(x_i*, θ)ᵀ w_i
@@ -28,6 +29,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from backends.choice import Choice
 from backends.counting import Counter
 from backends.host import host_check_needs_sync, to_host
 from framework.bilevel.records import (
@@ -39,8 +41,11 @@ from framework.bilevel.records import (
 )
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import ORACLES, RecycleCarry, RecycleConfig, Recycler, stack_carries
-from framework.krylov.stopping import StopConfig, StopKind
-from framework.optim import lbfgs
+from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
+from framework.optim import lbfgs, newton_krylov
+from framework.optim.rows import scatter_rows
+
+LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class EngineConfig:
     ``lower_newton_steps`` > 0 polishes the L-BFGS solution with up to that many Newton
     steps (each a tight MINRES solve with the Hessian; its HVPs are counted): L-BFGS
     stalls at ‖∇f‖ ≈ 1e-9 where f no longer changes in floating point, Newton does not.
+    ``lower_solver`` chooses L-BFGS or inexact Newton with MINRES on the Hessian
+    (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -60,6 +67,7 @@ class EngineConfig:
     lower_maxiter: int = 500
     lower_memory: int = 10
     lower_newton_steps: int = 0
+    lower_solver: LowerSolver = LowerSolver.lbfgs
     warm_start: bool = True
     shadow_baseline: bool = False
 
@@ -188,26 +196,53 @@ class BilevelEngine:
 
     def _solve_lower(self, batch: Any, theta: Any, X0: Any) -> LowerSolve:
         cfg = self.config
-        lower = lbfgs(
-            lambda X: batch.lower_objective(X, theta),
-            lambda X: batch.lower_grad(X, theta),
-            X0,
-            gtol=cfg.lower_gtol,
-            rtol=cfg.lower_rtol,
-            maxiter=cfg.lower_maxiter,
-            memory=cfg.lower_memory,
+        options = dict(
+            gtol=cfg.lower_gtol, rtol=cfg.lower_rtol, maxiter=cfg.lower_maxiter,
             rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
                 X, theta),
         )
+        fun, grad = (lambda X: batch.lower_objective(X, theta),
+                     lambda X: batch.lower_grad(X, theta))
+        solve_syncs: list[int] = []
+        if cfg.lower_solver == LowerSolver.newton_krylov:
+            lower = newton_krylov(fun, grad, X0, self._newton_step(batch, theta, solve_syncs),
+                                  **options)
+        else:
+            lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
+        syncs = lower.host_reads + sum(solve_syncs)
         if not cfg.lower_newton_steps:
             return LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
-                              (0,) * batch.batch_size, lower.host_reads)
+                              lower.hvp, syncs)
         polished = self._newton_polish(batch, theta, lower.x)
         return LowerSolve(
             polished.X, lower.iterations, polished.converged,
             tuple(a + b for a, b in zip(lower.grad_evals, polished.grad_evals, strict=True)),
-            polished.hvp, lower.host_reads + polished.host_syncs,
+            tuple(a + b for a, b in zip(lower.hvp, polished.hvp, strict=True)),
+            syncs + polished.host_syncs,
         )
+
+    def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
+        """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
+        iterating, H_i p_i = −∇f_i to relative residual η_i; its host reads go to
+        ``syncs``."""
+
+        def solve(X: Any, G: Any, eta: Any, rows: Any) -> tuple[Any, Any]:
+            xp = array_namespace(X)
+            keep = rows.nonzero()[0].tolist()
+            if len(keep) < batch.batch_size:
+                pick = xp.asarray(keep, dtype=xp.int64, device=device_of(X))
+                X, G = xp.take(X, pick, axis=0), xp.take(G, pick, axis=0)
+            res = rminres(batch.subset(keep).linearize(X, theta), -G,
+                          stop=ResidualRule(tuple(float(e) for e in eta[keep])),
+                          maxiter=self.config.krylov_maxiter, check_every=self.check_every,
+                          true_residual=False)
+            syncs.append(res.host_syncs)
+            hvp = [0] * batch.batch_size
+            for r, j in enumerate(keep):
+                hvp[j] = res.matvecs[r]
+            return scatter_rows(res.x, keep, batch.batch_size), hvp
+
+        return solve
 
     def _newton_polish(self, batch: Any, theta: Any, X: Any) -> LowerSolve:
         """Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ > lower_gtol (one
@@ -408,5 +443,5 @@ class BilevelEngine:
         self.states = states
 
 
-__all__ = ["BilevelEngine", "EngineConfig", "PhaseTimes", "RowTally", "SampleRecord",
+__all__ = ["BilevelEngine", "EngineConfig", "LowerSolver", "PhaseTimes", "RowTally", "SampleRecord",
            "SampleState", "ShadowRecord", "StepResult", "default_check_every"]

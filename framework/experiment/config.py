@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backends.choice import Choice
 from backends.core import BACKEND_NAMES
+from framework.bilevel.engine import LowerSolver
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
@@ -89,6 +90,7 @@ class BackendConfig:
 
 @dataclass
 class LowerSolverConfig:
+    name: LowerSolver = LowerSolver.lbfgs
     gtol: float = 1e-6
     maxiter: int = 500
     memory: int = 10

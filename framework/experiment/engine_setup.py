@@ -27,5 +27,6 @@ def engine_config(cfg: Config) -> EngineConfig:
         lower_gtol=cfg.solver.lower.gtol,
         lower_maxiter=cfg.solver.lower.maxiter,
         lower_memory=cfg.solver.lower.memory,
+        lower_solver=cfg.solver.lower.name,
         shadow_baseline=cfg.baseline.mode == Baseline.shadow,
     )

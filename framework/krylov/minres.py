@@ -294,7 +294,7 @@ class _Solve:
         self.b_norm = self._norms(self.b, None if self.M is None else self._precondition(self.b))
         self.thresholds = None
         if isinstance(self.rule, ResidualRule):  # the default rule is tested in the scalars
-            self.thresholds = [self.rule.threshold(v) for v in to_host(self.b_norm).tolist()]
+            self.thresholds = self.rule.thresholds(to_host(self.b_norm).tolist())
             self.device_thresholds = xp.asarray(self.thresholds, dtype=self.b.dtype,
                                                 device=device_of(self.b))
         Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars

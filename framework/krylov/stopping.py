@@ -60,23 +60,33 @@ def check_reachable(rtol: float, atol: float, dtype_eps: float) -> None:
 
 @dataclass(frozen=True)
 class ResidualRule:
-    """Stop when ‖r_k‖ ≤ max(rtol·‖b‖, atol) (the residual norm is the MINRES estimate)."""
+    """Stop when ‖r_k‖ ≤ max(rtol·‖b‖, atol) (the residual norm is the MINRES estimate);
+    ``rtol`` is one value for every row or a tuple of one per row of a batch."""
 
-    rtol: float = 1e-5
+    rtol: float | tuple[float, ...] = 1e-5
     atol: float = 0.0
     needs_residual: bool = False
 
     def __post_init__(self) -> None:
-        check_tolerances(self.rtol, self.atol)
+        for rtol in self._rtols(1):
+            check_tolerances(rtol, self.atol)
 
-    def threshold(self, b_norm: float) -> float:
-        return max(self.rtol * b_norm, self.atol)
+    def _rtols(self, rows: int) -> tuple[float, ...]:
+        return self.rtol if isinstance(self.rtol, tuple) else (self.rtol,) * rows
+
+    def thresholds(self, b_norms: list[float]) -> list[float]:
+        """The thresholds of rows with right-hand sides of norms ``b_norms``."""
+        rtols = self._rtols(len(b_norms))
+        return [max(r * b, self.atol) for r, b in zip(rtols, b_norms, strict=True)]
 
     def __call__(self, state: IterationState) -> Any:
         if isinstance(state.b_norm, float):
-            return state.residual_norm <= self.threshold(state.b_norm)
+            return state.residual_norm <= self.thresholds([state.b_norm])[0]
         xp = array_namespace(state.b_norm)
-        limit = xp.maximum(self.rtol * state.b_norm, xp.full_like(state.b_norm, self.atol))
+        rtol = self.rtol
+        if isinstance(rtol, tuple):
+            rtol = xp.asarray(rtol, dtype=state.b_norm.dtype, device=device_of(state.b_norm))
+        limit = xp.maximum(rtol * state.b_norm, xp.full_like(state.b_norm, self.atol))
         return state.residual_norm <= limit
 
 

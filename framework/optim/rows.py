@@ -70,6 +70,22 @@ class RowEvaluator:
         self.host_reads = 0
         self.sample_evaluations = np.zeros(self.bsz, dtype=np.int64)
 
+    @classmethod
+    def at_start(
+        cls, x0: Any, fun: Callable[[Any], Any], grad: Callable[[Any], Any], *,
+        value_and_grad: ValueAndGrad | None, rows_value_and_grad: RowsValueAndGrad | None,
+    ) -> tuple[RowEvaluator, Any, bool]:
+        """(evaluator, rows X (B, n), whether x0 was one sample (n,)) for a start x0."""
+        if x0.ndim not in (1, 2):
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
+        single = x0.ndim == 1
+        if single and rows_value_and_grad is not None:
+            raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
+        X = x0[None, :] if single else x0
+        ev = cls(X, fun, grad, value_and_grad=value_and_grad,
+                 rows_value_and_grad=rows_value_and_grad, single_sample=single)
+        return ev, X, single
+
     def host(self, a: Any) -> np.ndarray:
         """Small device values to the host as float64: the documented, counted transfer."""
         self.host_reads += 1
@@ -139,12 +155,19 @@ class RowEvaluator:
         both = self._values_and_dots(Fr, Gr, Gr if D is None else xp.take(D, index, axis=0))
         F, dots = np.zeros(bsz), np.zeros(bsz)
         F[rows], dots[rows] = both[0], both[1]
-        # scatter by a gather: row i of the result is row where[i] of [Gr; 0]
-        where = np.full(bsz, len(rows))
-        where[rows] = np.arange(len(rows))
-        padded = xp.concat([Gr, xp.zeros((1, Gr.shape[1]), dtype=Gr.dtype, device=self.device)])
-        G = xp.take(padded, xp.asarray(where, dtype=xp.int64, device=self.device), axis=0)
-        return F, G, dots
+        return F, scatter_rows(Gr, rows, bsz), dots
+
+
+def scatter_rows(R: Any, rows: np.ndarray | list[int], bsz: int) -> Any:
+    """The (B, n) array whose rows ``rows`` (host indices) are the rows of R (r, n) and
+    whose other rows are zero: a gather, row i taken from row where[i] of [R; 0]."""
+    xp, device = array_api_compat.array_namespace(R), array_api_compat.device(R)
+    if len(rows) == bsz:
+        return R
+    where = np.full(bsz, len(rows))
+    where[rows] = np.arange(len(rows))
+    padded = xp.concat([R, xp.zeros((1, R.shape[1]), dtype=R.dtype, device=device)])
+    return xp.take(padded, xp.asarray(where, dtype=xp.int64, device=device), axis=0)
 
 
 def _on_row_zero(xp: Any, value_and_grad: ValueAndGrad) -> ValueAndGrad:

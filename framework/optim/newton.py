@@ -1,0 +1,184 @@
+"""Inexact Newton–Krylov for B independent problems min_x f_i(x) advanced together.
+
+``newton_krylov(fun, grad, x0, solve)``: rows of X (B, n) are the samples' iterates, as
+in ``lbfgs`` (a 1-D x0 is promoted to B = 1 and the result unwrapped).  The inner linear
+solve is injected: ``solve(X, G, eta, rows)`` → (P, hvp) returns, for the samples in the
+host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤ η_i‖g_i‖ (H_i = ∇²f_i(x_i); rows
+outside the mask zero) and each sample's Hessian-vector products (host ints (B,)); for
+a 1-D x0 it takes and returns one sample's arrays: ``solve(x, g, eta)`` → (p, hvp).
+MINRES suits it: it needs no definiteness.  Iteration k of sample i:
+
+1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
+   0.9 η_{k−1}² when that exceeds 0.1, η₀ = η_max (``forcing="eisenstat_walker"``); or
+   η_k = √‖g_k‖ (``"sqrt"``); capped at η_max and never below 0.5·tol_i/‖g_k‖ (the last
+   step is not over-solved) or ``ETA_MIN``;
+2. the inner solve gives p_i; it is used only when ∇f_iᵀp_i < 0: an indefinite Hessian
+   (non-convex experts) can give a Newton direction that points uphill, and then the
+   steepest-descent direction −g_i (first step min(1, 1/‖g_i‖)) is taken instead;
+3. backtracking α ← α/2 from α = 1 accepts a trial with Armijo's sufficient decrease
+   f(x + αp) ≤ f(x) + c1 α ∇fᵀp, or — once f no longer changes in floating point — one
+   with f(x + αp) ≤ f(x) and ‖∇f(x + αp)‖ < ‖∇f(x)‖: the computed f never increases.  A
+   Newton direction without such a trial in ``max_backtracks`` halvings is replaced by
+   −g_i once; a sample whose steepest-descent search fails too stops
+   (LINESEARCH_FAILED).
+
+Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
+iterations (MAXITER), or when f_i or ∇f_i is not finite at x0_i (NONFINITE).  A sample's
+arithmetic does not depend on B when the solve's rows do not (MINRES with host scalars).
+Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and one per
+iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from backends.choice import Choice
+from framework.optim.lbfgs import first_step
+from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog
+from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
+
+Forcing = Choice("Forcing", "eisenstat_walker sqrt")
+LinearSolve = Callable[..., tuple[Any, Any]]
+ETA_MIN = 1e-12  # smallest forcing term: MINRES's recurrence residual stays reliable above
+
+
+def forcing_terms(
+    kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None, prev_eta: np.ndarray,
+    tol: np.ndarray, eta_max: float,
+) -> np.ndarray:
+    """The relative residuals η (B,) the inner solves must reach (see the module doc)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == Forcing.sqrt:
+            eta = np.sqrt(gnorm)
+        elif prev_gnorm is None:
+            eta = np.full(gnorm.shape, eta_max)
+        else:
+            eta = 0.9 * (gnorm / prev_gnorm) ** 2
+            safeguard = 0.9 * prev_eta**2
+            eta = np.where(safeguard > 0.1, np.maximum(eta, safeguard), eta)
+        eta = np.minimum(eta_max, np.maximum(eta, 0.5 * tol / gnorm))
+    return np.maximum(np.nan_to_num(eta, nan=eta_max), ETA_MIN)
+
+
+def newton_krylov(
+    fun: Callable[[Any], Any],
+    grad: Callable[[Any], Any],
+    x0: Any,
+    solve: LinearSolve,
+    *,
+    gtol: float = 1e-8,
+    rtol: float = 0.0,
+    maxiter: int = 100,
+    forcing: str = Forcing.eisenstat_walker,
+    eta_max: float = 0.5,
+    c1: float = 1e-4,
+    max_backtracks: int = 30,
+    value_and_grad: ValueAndGrad | None = None,
+    rows_value_and_grad: RowsValueAndGrad | None = None,
+) -> MinimizeResult:
+    """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from
+    ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``."""
+    forcing = Forcing(forcing)
+    if not 0 < c1 < 1 or not 0 < eta_max < 1:
+        raise ValueError(f"need 0 < c1 < 1 and 0 < eta_max < 1; got c1={c1!r}, "
+                         f"eta_max={eta_max!r}")
+    if maxiter < 0 or max_backtracks < 1:
+        raise ValueError(f"need maxiter >= 0 and max_backtracks >= 1; got maxiter={maxiter!r}, "
+                         f"max_backtracks={max_backtracks!r}")
+    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
+                                          rows_value_and_grad=rows_value_and_grad)
+    if single:
+        solve = _on_row_zero(solve)
+    xp, bsz = ev.xp, ev.bsz
+    F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
+    gnorm = np.sqrt(gg)
+    tol = np.maximum(gtol, rtol * gnorm)
+    log = SampleLog(F)
+    log.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
+             "f or ∇f is not finite at x0 (f={f})", F, gnorm, tol)
+    hvp = np.zeros(bsz, dtype=np.int64)
+    eta, prev_gnorm = np.full(bsz, eta_max), None
+    for k in range(maxiter + 1):
+        log.stop(gnorm <= tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
+                 F, gnorm, tol)
+        iterating = log.running.copy()
+        if k == maxiter or not np.count_nonzero(iterating):
+            break
+        eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, tol, eta_max)
+        P, counts = solve(X, G, eta, iterating)
+        hvp += np.where(iterating, np.asarray(counts, dtype=np.int64), 0)
+        slope = ev.host(rowdot(xp, G, P))
+        newton = iterating & (slope < 0)
+        P, slope, alpha = _steepest_descent(ev, iterating & ~newton, G, gnorm, P, slope,
+                                            np.ones(bsz))
+        ok, Xn, Gn, Fn, gn = _backtrack(ev, X, G, F, gnorm, P, slope, alpha, newton, iterating,
+                                        c1, max_backtracks)
+        log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
+                 "backtracking found no step that lowers f at iteration {k} "
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm, tol)
+        prev_gnorm = gnorm
+        X, G, F, gnorm = ev.select(ok, Xn, X), ev.select(ok, Gn, G), Fn, gn
+        log.record(ok, F)
+    log.stop(log.running, MinimizeStatus.MAXITER, maxiter,
+             "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
+    return log.result(X, F, gnorm, ev.sample_evaluations, hvp, ev.evaluations, ev.host_reads,
+                      single)
+
+
+def _steepest_descent(
+    ev: RowEvaluator, which: np.ndarray, G: Any, gnorm: np.ndarray, P: Any,
+    slope: np.ndarray, alpha: np.ndarray,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(P, slope, first step) with the rows ``which`` turned to −∇f, slope −‖∇f‖² and
+    first step min(1, 1/‖∇f‖)."""
+    if not np.count_nonzero(which):
+        return P, slope, alpha
+    return (ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope),
+            choose(which, first_step(gnorm), alpha))
+
+
+def _backtrack(
+    ev: RowEvaluator, X: Any, G: Any, F: np.ndarray, gnorm: np.ndarray, P: Any,
+    slope: np.ndarray, alpha: np.ndarray, newton: np.ndarray, searching: np.ndarray,
+    c1: float, max_backtracks: int,
+) -> tuple[np.ndarray, Any, Any, np.ndarray, np.ndarray]:
+    """Backtracking of the rows ``searching`` together, one evaluation of the pending rows
+    per round.  Returns (accepted, X, ∇f, f, ‖∇f‖) with the accepted trials' rows (the
+    others keep theirs)."""
+    accepted = np.zeros(len(F), dtype=bool)
+    trials = np.zeros(len(F), dtype=np.int64)
+    Xa, Ga, Fa, gna = X, G, F.copy(), gnorm.copy()
+    pending, newton = searching.copy(), newton.copy()
+    while np.count_nonzero(pending):
+        Xt = ev.step(X, choose(pending, alpha, np.zeros(len(F))).tolist(), P)
+        Ft, Gt, ggt = ev.evaluate(Xt, pending)
+        gnt = np.sqrt(ggt)
+        with np.errstate(invalid="ignore"):
+            take = pending & ((Ft <= F + c1 * alpha * slope) | ((Ft <= F) & (gnt < gnorm)))
+        if np.count_nonzero(take):
+            Xa, Ga = ev.select(take, Xt, Xa), ev.select(take, Gt, Ga)
+            Fa, gna = choose(take, Ft, Fa), choose(take, gnt, gna)
+            accepted |= take
+            pending &= ~take
+        trials += pending
+        alpha = choose(pending, 0.5 * alpha, alpha)
+        exhausted = pending & (trials >= max_backtracks)
+        retry = exhausted & newton  # a Newton direction failed: steepest descent once
+        P, slope, alpha = _steepest_descent(ev, retry, G, gnorm, P, slope, alpha)
+        trials[retry], newton[retry] = 0, False
+        pending &= ~(exhausted & ~retry)
+    return accepted, Xa, Ga, Fa, gna
+
+
+def _on_row_zero(solve: LinearSolve) -> LinearSolve:
+    """A single-sample solve (x, g, η) → (p, hvp) as a solve of one row."""
+
+    def on_rows(X: Any, G: Any, eta: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
+        p, count = solve(X[0, :], G[0, :], float(eta[0]))
+        return p[None, :], np.array([count])
+
+    return on_rows

@@ -1,0 +1,117 @@
+"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample: why each
+sample stopped, its counts and its f history; the host bookkeeping that records them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, TypeAlias, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
+
+
+class MinimizeStatus(Enum):
+    """Why a sample's minimisation stopped."""
+
+    CONVERGED = "converged"
+    MAXITER = "maxiter"
+    LINESEARCH_FAILED = "linesearch_failed"
+    NONFINITE = "nonfinite"
+
+
+@dataclass(frozen=True)
+class MinimizeResult:
+    """Outcome of a batch minimiser; per-sample fields are tuples of length B for a (B, n)
+    x0 and single values for a 1-D x0.
+
+    ``f_evals`` counts each sample's evaluations of f and ∇f (always together); ``hvp``
+    its Hessian-vector products (0 for L-BFGS); ``f_history`` holds f at every accepted
+    iterate; ``evaluation_rounds`` counts the calls of the evaluation (each evaluates the
+    rows of the samples then searching); ``host_reads`` the transfers of per-sample
+    scalars to the host made by the minimiser itself.
+    """
+
+    x: Any
+    status: PerSample[MinimizeStatus]
+    message: PerSample[str]
+    iterations: PerSample[int]
+    f_evals: PerSample[int]
+    hvp: PerSample[int]
+    grad_norm: PerSample[float]
+    f: PerSample[float]
+    f_history: PerSample[tuple[float, ...]]
+    evaluation_rounds: int
+    host_reads: int
+
+    @property
+    def converged(self) -> PerSample[bool]:
+        if isinstance(self.status, tuple):
+            return tuple(s is MinimizeStatus.CONVERGED for s in self.status)
+        return self.status is MinimizeStatus.CONVERGED
+
+    @property
+    def all_converged(self) -> bool:
+        converged = self.converged
+        return all(converged) if isinstance(converged, tuple) else converged
+
+    @property
+    def grad_evals(self) -> PerSample[int]:
+        """Evaluations of ∇f: each evaluation gives f and ∇f."""
+        return self.f_evals
+
+
+class SampleLog:
+    """Host bookkeeping per sample: status, message, iterations, f history."""
+
+    def __init__(self, F: np.ndarray) -> None:
+        bsz = len(F)
+        self.running = np.ones(bsz, dtype=bool)
+        self.status: list[MinimizeStatus | None] = [None] * bsz
+        self.message = [""] * bsz
+        self.iterations = np.zeros(bsz, dtype=np.int64)
+        self.history = [[float(f)] for f in F]
+
+    def stop(
+        self, which: np.ndarray, status: MinimizeStatus, k: int, message: str,
+        F: np.ndarray, gnorm: np.ndarray, tol: np.ndarray,
+    ) -> None:
+        """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
+        with the sample's k, f, g (‖∇f‖) and tol."""
+        if not np.count_nonzero(which):
+            return
+        for i in (which & self.running).nonzero()[0].tolist():
+            self.status[i], self.iterations[i], self.running[i] = status, k, False
+            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=tol[i])
+
+    def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
+        for i in accepted.nonzero()[0].tolist():
+            self.history[i].append(float(F[i]))
+
+    def result(self, X: Any, F: np.ndarray, gnorm: np.ndarray, f_evals: np.ndarray,
+               hvp: np.ndarray, evaluation_rounds: int, host_reads: int,
+               single: bool) -> MinimizeResult:
+        """The result of a run that ended at rows X (unwrapped for a 1-D x0)."""
+        result = MinimizeResult(
+            x=X,
+            status=tuple(self.status),
+            message=tuple(self.message),
+            iterations=tuple(int(i) for i in self.iterations),
+            f_evals=tuple(int(e) for e in f_evals),
+            hvp=tuple(int(h) for h in hvp),
+            grad_norm=tuple(float(g) for g in gnorm),
+            f=tuple(float(f) for f in F),
+            f_history=tuple(tuple(h) for h in self.history),
+            evaluation_rounds=evaluation_rounds,
+            host_reads=host_reads,
+        )
+        if not single:
+            return result
+        return replace(
+            result,
+            x=X[0, :],
+            **{name: getattr(result, name)[0] for name in ("status", "message", "iterations",
+               "f_evals", "hvp", "grad_norm", "f", "f_history")},
+        )
