@@ -11,7 +11,7 @@ Numerical methods take their array namespace and device from their inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat
@@ -76,12 +76,6 @@ class Problem(Protocol):
         ...
 
 
-def namespace_and_device(*arrays: Any) -> tuple[Any, Any]:
-    """The common array namespace and the device of the first array."""
-    xp = array_api_compat.array_namespace(*arrays)
-    return xp, array_api_compat.device(arrays[0])
-
-
 def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
     """(B, n) rows of ``x`` and whether ``x`` was one point (n,) (then B = 1)."""
     if x.ndim == 1 and x.shape[0] == n:
@@ -92,8 +86,8 @@ def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
 
 
 def from_rows(xp: Any, out: Any, single: bool) -> Any:
-    """Undo ``as_rows`` on a per-sample result (B, ...) → (...) for one point."""
-    return xp.reshape(out, tuple(out.shape[1:])) if single else out
+    """Undo ``as_rows`` on a per-sample result (B, ...) → (...) for one point (None stays)."""
+    return xp.reshape(out, tuple(out.shape[1:])) if single and out is not None else out
 
 
 def as_blocks(v: Any, n: int, batch_size: int, single: bool, name: str) -> Any:
@@ -152,14 +146,24 @@ def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
     return key
 
 
-def check_same_type(cls: type, problems: Sequence[Any]) -> Any:
-    """The first of ``problems`` after checking there is one and all are ``cls``."""
-    if len(problems) == 0:
-        raise ValueError(f"problems must contain at least one {cls.__name__}")
-    for i, pr in enumerate(problems):
-        if not isinstance(pr, cls):
-            raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not a {cls.__name__}")
-    return problems[0]
+def check_agree(
+    label: str, items: Sequence[Any], shared: dict[str, Callable[[Any], Any]],
+    cls: type | None = None,
+) -> Any:
+    """The first of ``items`` after checking there is one, each is a ``cls`` (if given) and
+    all agree on each ``shared`` property (its name → its value for an item)."""
+    if len(items) == 0:
+        raise ValueError(f"{label} must contain at least one {cls.__name__ if cls else 'item'}")
+    first = items[0]
+    for i, item in enumerate(items):
+        if cls is not None and not isinstance(item, cls):
+            raise ValueError(f"{label}[{i}] is a {type(item).__name__}, not a {cls.__name__}")
+        for name, key in shared.items():
+            if key(item) != key(first):
+                raise ValueError(
+                    f"{label}[{i}] has {name} {key(item)!r}; {label}[0] has {key(first)!r}"
+                )
+    return first
 
 
 class RowRegularizer:
@@ -185,11 +189,10 @@ class RowRegularizer:
         self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
         """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
-        xp, _ = namespace_and_device(x, theta)
+        xp = array_api_compat.array_namespace(x, theta)
         X, single = as_rows(x, self.n, "x")
-        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return (None if out_value is None else from_rows(xp, out_value, single),
-                None if out_grad is None else from_rows(xp, out_grad, single))
+        out = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
 
 
 class SampleBatch:
@@ -197,7 +200,8 @@ class SampleBatch:
     loss ℓ_i(x) = ½‖x − x_true,i‖², single-sample views and cached subsets.
 
     Subclasses set ``n``, ``batch_size``, ``X_true`` (B, n), ``Y`` (B, m), ``counter`` and
-    implement ``linearize`` and ``_select(rows)`` (the samples ``rows`` as a new problem).
+    implement ``_rows_value_and_grad`` (f and ∇ₓf of rows X (B, n), uncounted),
+    ``linearize`` and ``_select(rows)`` (the samples ``rows`` as a new problem).
     """
 
     n: int
@@ -245,6 +249,30 @@ class SampleBatch:
         rows, single = self._rows(x)
         xp = array_api_compat.array_namespace(rows)
         return from_rows(xp, rows - self.X_true, single)
+
+    def _rows_value_and_grad(
+        self, X: Any, theta: Any, *, value: bool, grad: bool
+    ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool) -> tuple[Any, Any]:
+        X, single = self._rows(x)
+        xp = array_api_compat.array_namespace(X)
+        out = self._rows_value_and_grad(X, theta, value=value, grad=grad)
+        if value:
+            self.counter.add("f", self.batch_size)
+        if grad:
+            self.counter.add("grad", self.batch_size)
+        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
+
+    def lower_objective(self, x: Any, theta: Any) -> Any:
+        return self._value_and_grad(x, theta, value=True, grad=False)[0]
+
+    def lower_grad(self, x: Any, theta: Any) -> Any:
+        return self._value_and_grad(x, theta, value=False, grad=True)[1]
+
+    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        return self._value_and_grad(x, theta, value=True, grad=True)
 
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
         return self.linearize(x, theta).hvp(v)

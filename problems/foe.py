@@ -23,7 +23,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from problems.base import RowRegularizer, check_theta, namespace_and_device, pad_zeros_2d
+from problems.base import RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
 LN10 = math.log(10.0)
@@ -202,7 +202,7 @@ class FieldsOfExperts(RowRegularizer):
 
         ``filters`` has shape (F, K, K) or (F, K²) on v's device.
         """
-        xp, _ = namespace_and_device(v, filters)
+        xp = array_api_compat.array_namespace(v, filters)
         filters = xp.reshape(filters, (filters.shape[0], self.kernel_size**2))
         v3 = xp.reshape(v, (1, self.n, 1)) if v.ndim == 1 else v
         bsz, _, b = v3.shape
@@ -213,7 +213,7 @@ class FieldsOfExperts(RowRegularizer):
 
     def convolve_adjoint(self, u: Any, filters: Any) -> Any:
         """Σ_f (adjoint of k_f ∗)(u_f): u (F, n) → (n,); u (F, B, n, b) → (B, n, b)."""
-        xp, _ = namespace_and_device(u, filters)
+        xp = array_api_compat.array_namespace(u, filters)
         f = filters.shape[0]
         filters = xp.reshape(filters, (f, self.kernel_size**2))
         if u.ndim == 2:

@@ -18,7 +18,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from problems.base import namespace_and_device, pad_zeros_2d
+from problems.base import check_agree, pad_zeros_2d
 
 
 class _Operator:
@@ -225,35 +225,15 @@ class GaussianBlur(_Operator):
         return f"GaussianBlur(image_shape={self.image_shape}, sigma={self.sigma})"
 
 
-OPERATOR_KINDS = (Identity, Inpainting, GaussianBlur)
-
-
 def stack_operators(operators: Sequence[Any]) -> Any:
     """One operator for the samples of ``operators`` (in order): all ``Identity``, all
     ``Inpainting`` (masks stacked) or all ``GaussianBlur`` with one σ, on one image shape."""
-    first = operators[0]
-    kind = type(first)
-    if kind not in OPERATOR_KINDS:
-        raise ValueError(
-            f"operators: unsupported forward operator {kind.__name__}; "
-            f"use one of {', '.join(k.__name__ for k in OPERATOR_KINDS)}"
-        )
-    for i, op in enumerate(operators):
-        if type(op) is not kind:
-            raise ValueError(
-                f"operators: sample {i} has a {type(op).__name__}, sample 0 a {kind.__name__}"
-            )
-        if tuple(op.image_shape) != tuple(first.image_shape):
-            raise ValueError(
-                f"operators: sample {i} acts on images {op.image_shape}, "
-                f"sample 0 on {first.image_shape}"
-            )
-        if kind is GaussianBlur and op.sigma != first.sigma:
-            raise ValueError(
-                f"operators: blur must share sigma; sample {i} has sigma={op.sigma}, "
-                f"sample 0 sigma={first.sigma}"
-            )
-    if kind is not Inpainting:
+    first = check_agree("operators", operators, {
+        "kind": lambda op: type(op).__name__,
+        "image shape": lambda op: op.image_shape,
+        "sigma": lambda op: getattr(op, "sigma", None),
+    }, _Operator)
+    if not isinstance(first, Inpainting):
         return first
     seeds: list[Any] = []
     for op in operators:
@@ -271,9 +251,9 @@ def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
     """
     if not noise_level >= 0 or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a non-negative number; got {noise_level!r}")
-    xp, dev = namespace_and_device(clean)
+    xp = array_api_compat.array_namespace(clean)
     e = np.random.default_rng(seed).standard_normal(tuple(clean.shape))
     e /= np.linalg.norm(e)
-    noise = xp.asarray(e, dtype=clean.dtype, device=dev)
+    noise = xp.asarray(e, dtype=clean.dtype, device=array_api_compat.device(clean))
     scale = noise_level * xp.sqrt(xp.sum(clean * clean))
     return clean + scale * noise
