@@ -24,7 +24,6 @@ from problems.base import check_agree, pad_zeros_2d
 class _Operator:
     """Shared bookkeeping for square image-to-image operators."""
 
-    symmetric = False
     batch_size: int | None = None  # None: acts on any batch
 
     def __init__(self, image_shape: tuple[int, ...]) -> None:
@@ -35,14 +34,12 @@ class _Operator:
     def __call__(self, v: Any) -> Any:
         return self.apply(v)
 
-    def _blocks(self, v: Any) -> Any:
-        """v as (B, n, b) blocks (checked)."""
+    def _on_blocks(self, kernel: Any, v: Any) -> Any:
+        """``kernel`` (xp, (B, n, b)) → (B, n, b) applied to v promoted to blocks (checked)."""
         xp = array_api_compat.array_namespace(v)
         bsz = 1 if v.ndim == 1 else v.shape[0]
         ok = v.ndim in (1, 2, 3) and v.shape[min(v.ndim, 2) - 1] == self.n
-        if ok and self.batch_size is not None:
-            ok = bsz == self.batch_size
-        if not ok:
+        if not ok or self.batch_size not in (None, bsz):
             want = "(n,), (B, n) or (B, n, b)" if self.batch_size is None else (
                 f"({self.n},) for one sample or ({self.batch_size}, n[, b])"
             )
@@ -50,22 +47,18 @@ class _Operator:
                 f"{type(self).__name__} for n={self.n} applied to an array of shape "
                 f"{tuple(v.shape)}; expected {want}"
             )
-        if v.ndim == 3:
-            return v
-        return xp.reshape(v, (bsz, self.n, 1))
+        v3 = v if v.ndim == 3 else xp.reshape(v, (bsz, self.n, 1))
+        return xp.reshape(kernel(xp, v3), v.shape)
 
     def apply(self, v: Any) -> Any:
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.apply3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.apply3, v)
 
     def adjoint(self, v: Any) -> Any:
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.adjoint3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.adjoint3, v)
 
     def normal(self, v: Any) -> Any:
         """AᵀA v."""
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.normal3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.normal3, v)
 
     def apply3(self, xp: Any, v3: Any) -> Any:
         raise NotImplementedError
@@ -85,8 +78,6 @@ class _Operator:
 class Identity(_Operator):
     """A = I (denoising)."""
 
-    symmetric = True
-
     def apply3(self, xp: Any, v3: Any) -> Any:
         return v3
 
@@ -104,8 +95,6 @@ class Inpainting(_Operator):
     exactly round(fraction_removed · n) removed pixels are chosen by
     ``numpy.random.default_rng(seed)``.
     """
-
-    symmetric = True
 
     def __init__(
         self, image_shape: tuple[int, ...], fraction_removed: float, seed: int = 0
@@ -186,8 +175,6 @@ class GaussianBlur(_Operator):
     The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
     """
 
-    symmetric = True
-
     def __init__(self, image_shape: tuple[int, int], sigma: float) -> None:
         if len(image_shape) != 2:
             raise ValueError(f"GaussianBlur needs a 2-D image_shape; got {image_shape!r}")
@@ -195,9 +182,8 @@ class GaussianBlur(_Operator):
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number; got sigma={sigma!r}")
         self.sigma = float(sigma)
-        self.kernel = gaussian_kernel_1d(self.sigma)
-        self.radius = (self.kernel.size - 1) // 2
-        self._taps = [float(t) for t in self.kernel]
+        self._taps = [float(t) for t in gaussian_kernel_1d(self.sigma)]
+        self.radius = len(self._taps) // 2
 
     def _blur_axis(self, xp: Any, img: Any, axis: int) -> Any:
         """1-D zero-boundary convolution of ``img`` (B, H, W, b) along image axis 0 or 1."""
