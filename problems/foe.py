@@ -146,14 +146,7 @@ class FieldsOfExperts(RowRegularizer):
         grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
         padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
         padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
-        # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
-        #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r)
-        shifts = [
-            padded[2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
-            for a in range(k)
-            for c in range(k)
-        ]
-        return xp.reshape(xp.stack(shifts, axis=0), (k * k, -1))
+        return xp.reshape(self._shifts(xp, padded, ()), (k * k, -1))
 
     def stack_samples(self, xp: Any, v3: Any) -> Any:
         """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
@@ -162,12 +155,21 @@ class FieldsOfExperts(RowRegularizer):
         r = k // 2
         bsz, n, b = v3.shape
         img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
-        shifts = [
-            img[:, 2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
+        return xp.reshape(self._shifts(xp, img, (slice(None),)), (k * k, bsz, n, b))
+
+    def _shifts(self, xp: Any, padded: Any, lead: tuple[slice, ...]) -> Any:
+        """The K² windows of ``padded`` (image axes after ``lead``, padded by r) stacked on
+        a new axis 0, window a·K + c ↔ k[a, c]: (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a,
+        j + r − c] = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]."""
+        h, w = self.image_shape
+        k = self.kernel_size
+        r = k // 2
+        windows = [
+            padded[(*lead, slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)]
             for a in range(k)
             for c in range(k)
         ]
-        return xp.reshape(xp.stack(shifts, axis=0), (k * k, bsz, n, b))
+        return xp.stack(windows, axis=0)
 
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
         """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
@@ -186,13 +188,9 @@ class FieldsOfExperts(RowRegularizer):
                 rows = slice(2 * r - a, 2 * r - a + h)
                 cols = slice(2 * r - c, 2 * r - c + w)
                 buf[rows, cols, :] += mixed[a * k + c, ...]
-        return self.to_rows(xp, buf[r : r + h, r : r + w, :], bsz, b)
-
-    def to_rows(self, xp: Any, grid: Any, bsz: int, b: int) -> Any:
-        """(H, W, B·b) or (n, B·b) pixel-major → a fresh row-major (B, n, b) array."""
+        grid = buf[r : r + h, r : r + w, :]  # pixel-major → a fresh row-major (B, n, b)
         if bsz == 1:
             return xp.reshape(xp.asarray(grid, copy=True), (1, self.n, b))
-        dev = array_api_compat.device(grid)
         out = xp.empty((bsz, self.n, b), dtype=grid.dtype, device=dev)
         out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
         return out
@@ -228,11 +226,6 @@ class FieldsOfExperts(RowRegularizer):
         sx = self.stack(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
         return sx, xp.matmul(filters, sx)
 
-    def _per_sample(self, xp: Any, phi: Any, scales: Any, bsz: int) -> Any:
-        """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) pixel-major → (B,)."""
-        per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
-        return xp.sum(scales[:, None] * per_filter, axis=0)
-
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
@@ -246,8 +239,9 @@ class FieldsOfExperts(RowRegularizer):
         else:
             phi = self.expert.value(z) if value else None
             u = self.expert.d1(z) if grad else None
-        if value:
-            out_value = self._per_sample(xp, phi, scales, bsz)
+        if value:  # Σ_f 10^{p_f} Σ_j φ_fj per sample, from the pixel-major (F, n·B)
+            per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
+            out_value = xp.sum(scales[:, None] * per_filter, axis=0)
         if grad:
             u *= scales[:, None]
             out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))

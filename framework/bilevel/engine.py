@@ -65,6 +65,7 @@ class EngineConfig:
 
 
 NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
+WARM_STARTS = ("x", "w", "w_shadow")  # the arrays of a ``SampleState`` besides its carry
 
 
 def default_check_every(like: Any) -> int:
@@ -372,14 +373,10 @@ class BilevelEngine:
         to_np = self.backend.to_numpy
         samples = []
         for s in self.states:
-            entry: dict[str, Any] = {}
-            for name in ("x", "w", "w_shadow"):
-                value = getattr(s, name)
-                if value is not None:
-                    entry[name] = to_np(value)
+            arrays = {name: getattr(s, name) for name in WARM_STARTS}
+            entry = {name: to_np(a) for name, a in arrays.items() if a is not None}
             if s.carry is not None:
-                entry["carry_basis"] = to_np(s.carry.basis)
-                entry["carry_selected"] = bool(s.carry.selected)
+                entry.update(carry_basis=to_np(s.carry.basis), carry_selected=s.carry.selected)
             samples.append(entry)
         return {"samples": samples}
 
@@ -392,21 +389,11 @@ class BilevelEngine:
                 f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
             )
         put = self.backend.asarray
-        states = []
-        for entry in samples:
-            carry = None
-            if "carry_basis" in entry:
-                carry = RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
-            states.append(
-                SampleState(
-                    x=put(entry["x"]) if "x" in entry else None,
-                    w=put(entry["w"]) if "w" in entry else None,
-                    carry=carry,
-                    w_shadow=put(entry["w_shadow"]) if "w_shadow" in entry else None,
-                )
+        self.states = [
+            SampleState(
+                **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
+                carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
+                if "carry_basis" in entry else None,
             )
-        self.states = states
-
-
-__all__ = ["BilevelEngine", "EngineConfig", "PhaseTimes", "RowTally", "SampleRecord",
-           "SampleState", "ShadowRecord", "StepResult", "default_check_every"]
+            for entry in samples
+        ]
