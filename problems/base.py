@@ -1,4 +1,4 @@
-"""Batch-first problems: the ``Problem`` protocol, the shared sample bookkeeping and helpers.
+"""Batch-first problems: the ``Problem`` base class (contract and shared bookkeeping), helpers.
 
 Conventions: a problem holds B samples (``batch_size``); images are flattened row-major,
 so a batch of points has shape (B, n) and a block of b vectors per sample (B, n, b).  A
@@ -12,68 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import array_api_compat
 
 from backends.counting import Counter
-
-
-@runtime_checkable
-class Problem(Protocol):
-    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators.
-
-    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
-    process a block in one pass and count it as one pass of B·b applications.
-    """
-
-    n: int
-    batch_size: int
-    image_shape: tuple[int, ...]
-    theta_shape: tuple[int, ...]
-    counter: Counter
-    xp: Any
-    device: Any
-    dtype: Any
-    X_true: Any
-    Y: Any
-    theta_mask: Any
-
-    def lower_objective(self, x: Any, theta: Any) -> Any:
-        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
-        ...
-
-    def lower_grad(self, x: Any, theta: Any) -> Any:
-        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
-        ...
-
-    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        """(f, ∇ₓf) sharing their work (counts B 'f' and B 'grad')."""
-        ...
-
-    def linearize(self, x: Any, theta: Any) -> Any:
-        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
-        ...
-
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        """∇²ₓₓf v: x (n,) with v (n,) or (n, b); X (B, n) with V (B, n) or (B, n, b)."""
-        ...
-
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
-        ...
-
-    def upper_loss(self, x: Any) -> Any:
-        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
-        ...
-
-    def upper_grad(self, x: Any) -> Any:
-        """x_i − x_true,i, shaped like x."""
-        ...
-
-    def subset(self, rows: Sequence[int]) -> Any:
-        """Samples ``rows`` as a problem of their own, sharing this one's counter."""
-        ...
 
 
 def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
@@ -195,20 +138,29 @@ class RowRegularizer:
         return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
 
 
-class SampleBatch:
-    """Bookkeeping every batch-first problem shares: points promoted to rows, the upper
-    loss ℓ_i(x) = ½‖x − x_true,i‖², single-sample views and cached subsets.
+class Problem:
+    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators,
+    and the bookkeeping every batch-first problem shares (points promoted to rows,
+    single-sample views, cached subsets).
 
-    Subclasses set ``n``, ``batch_size``, ``X_true`` (B, n), ``Y`` (B, m), ``counter`` and
-    implement ``_rows_value_and_grad`` (f and ∇ₓf of rows X (B, n), uncounted),
-    ``linearize`` and ``_select(rows)`` (the samples ``rows`` as a new problem).
+    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
+    process a block in one pass and count it as one pass of B·b applications.  Subclasses
+    set the attributes below and implement ``_rows_value_and_grad`` (f and ∇ₓf of rows
+    X (B, n), uncounted), ``linearize`` and ``_select(rows)`` (samples ``rows`` as a new
+    problem).
     """
 
     n: int
     batch_size: int
+    image_shape: tuple[int, ...]
+    theta_shape: tuple[int, ...]
+    counter: Counter
+    xp: Any
+    device: Any
+    dtype: Any
     X_true: Any
     Y: Any
-    counter: Counter
+    theta_mask: Any
     _subsets: dict[tuple[int, ...], Any]
 
     def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
@@ -240,12 +192,14 @@ class SampleBatch:
         return self._sample_row(self.Y, "y")
 
     def upper_loss(self, x: Any) -> Any:
+        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
         rows, single = self._rows(x)
         xp = array_api_compat.array_namespace(rows)
         r = rows - self.X_true
         return from_rows(xp, 0.5 * xp.sum(r * r, axis=1), single)
 
     def upper_grad(self, x: Any) -> Any:
+        """x_i − x_true,i, shaped like x."""
         rows, single = self._rows(x)
         xp = array_api_compat.array_namespace(rows)
         return from_rows(xp, rows - self.X_true, single)
@@ -266,29 +220,35 @@ class SampleBatch:
         return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
 
     def lower_objective(self, x: Any, theta: Any) -> Any:
+        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
         return self._value_and_grad(x, theta, value=True, grad=False)[0]
 
     def lower_grad(self, x: Any, theta: Any) -> Any:
+        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
         return self._value_and_grad(x, theta, value=False, grad=True)[1]
 
     def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        """(f, ∇ₓf) sharing their work (counts B 'f' and B 'grad')."""
         return self._value_and_grad(x, theta, value=True, grad=True)
 
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
+        """∇²ₓₓf v: x (n,) with v (n,) or (n, b); X (B, n) with V (B, n) or (B, n, b)."""
         return self.linearize(x, theta).hvp(v)
 
     def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
+        """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
         return self.linearize(x, theta).jac_t(w)
 
     def linearize(self, x: Any, theta: Any) -> Any:
+        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
         raise NotImplementedError
 
     def _select(self, rows: tuple[int, ...]) -> Any:
         raise NotImplementedError
 
     def subset(self, rows: Sequence[int]) -> Any:
-        """Samples ``rows`` (host indices, in that order) as a problem sharing this one's
-        counter; the last few subsets are cached."""
+        """Samples ``rows`` (host indices, in that order) as a problem of their own, sharing
+        this one's counter; the last few subsets are cached."""
         key = check_rows(rows, self.batch_size)
         if key == tuple(range(self.batch_size)):
             return self

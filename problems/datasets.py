@@ -89,9 +89,7 @@ def _read_jpeg_gray(path: Path) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
     except OSError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    if rgb.ndim == 2:
-        return rgb
-    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def load_bsds300(

@@ -18,7 +18,7 @@ import numpy as np
 
 from backends.counting import Counter
 from problems.base import (
-    SampleBatch,
+    Problem,
     as_rows,
     check_agree,
     check_finite,
@@ -28,8 +28,8 @@ from problems.linearization import Linearization
 from problems.operators import add_relative_noise, stack_operators
 
 
-class ImagingProblem(SampleBatch):
-    """B imaging samples implementing the ``Problem`` protocol.
+class ImagingProblem(Problem):
+    """B imaging samples: a ``Problem``.
 
     ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
     ``operator`` is a forward operator (``problems.operators``) for those samples and

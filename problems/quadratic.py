@@ -18,7 +18,7 @@ import scipy.linalg
 
 from backends.core import get_backend
 from backends.counting import Counter
-from problems.base import SampleBatch, check_agree, check_theta
+from problems.base import Problem, check_agree, check_theta
 from problems.linearization import Linearization
 
 
@@ -29,7 +29,7 @@ def _difference_matrix(n: int, order: int) -> np.ndarray:
     return d
 
 
-class QuadraticProblem(SampleBatch):
+class QuadraticProblem(Problem):
     """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
 
     D_1 is the first difference, D_2 the second difference, further D_j are random
