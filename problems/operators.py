@@ -93,11 +93,13 @@ class Inpainting(_Operator):
 
     ``masks`` (host NumPy, float 0/1, shape (B, n)) marks the kept pixels; one sample's
     exactly round(fraction_removed · n) removed pixels are chosen by
-    ``numpy.random.default_rng(seed)``.
+    ``numpy.random.default_rng(seed)``.  Given ``masks``, the operator holds those samples
+    (``seed``: their seeds, for the record).
     """
 
     def __init__(
-        self, image_shape: tuple[int, ...], fraction_removed: float, seed: int = 0
+        self, image_shape: tuple[int, ...], fraction_removed: float, seed: Any = 0, *,
+        masks: np.ndarray | None = None,
     ) -> None:
         super().__init__(image_shape)
         fraction = float(fraction_removed)
@@ -107,24 +109,13 @@ class Inpainting(_Operator):
             )
         self.fraction_removed = fraction
         self.seed = seed
-        removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
-        mask = np.ones(self.n)
-        mask[removed] = 0.0
-        self._set_masks(mask[None, :])
-
-    def _set_masks(self, masks: np.ndarray) -> None:
-        self.masks = masks
-        self.batch_size = int(masks.shape[0])
+        if masks is None:
+            removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
+            masks = np.ones((1, self.n))
+            masks[0, removed] = 0.0
+        self.masks = np.asarray(masks, dtype=np.float64)
+        self.batch_size = int(self.masks.shape[0])
         self._device_masks: dict[tuple[str, str, str], Any] = {}
-
-    @classmethod
-    def from_masks(cls, image_shape: tuple[int, ...], masks: np.ndarray,
-                   fraction_removed: float, seeds: Any) -> Inpainting:
-        op = cls.__new__(cls)
-        _Operator.__init__(op, image_shape)
-        op.fraction_removed, op.seed = fraction_removed, seeds
-        op._set_masks(np.asarray(masks, dtype=np.float64))
-        return op
 
     @property
     def mask(self) -> np.ndarray:
@@ -149,9 +140,8 @@ class Inpainting(_Operator):
 
     def rows(self, rows: Sequence[int]) -> Inpainting:
         seeds = self.seed if isinstance(self.seed, int) else tuple(self.seed[r] for r in rows)
-        return Inpainting.from_masks(
-            self.image_shape, self.masks[list(rows)], self.fraction_removed, seeds
-        )
+        return Inpainting(self.image_shape, self.fraction_removed, seeds,
+                          masks=self.masks[list(rows)])
 
     def __repr__(self) -> str:
         return (
@@ -224,10 +214,8 @@ def stack_operators(operators: Sequence[Any]) -> Any:
     seeds: list[Any] = []
     for op in operators:
         seeds.extend([op.seed] if isinstance(op.seed, int) else op.seed)
-    return Inpainting.from_masks(
-        first.image_shape, np.concatenate([op.masks for op in operators]),
-        first.fraction_removed, tuple(seeds),
-    )
+    return Inpainting(first.image_shape, first.fraction_removed, tuple(seeds),
+                      masks=np.concatenate([op.masks for op in operators]))
 
 
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
