@@ -109,11 +109,18 @@ def check_agree(
     return first
 
 
-class RowRegularizer:
-    """Public single-point/batch API of a regulariser from its ``rows_value_and_grad``
-    (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+LN10 = math.log(10.0)  # regularisers weight by 10^θ
 
-    n: int
+
+class RowRegularizer:
+    """A regulariser of (H, W) images: its public single-point/batch API from its
+    ``rows_value_and_grad`` (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+
+    def __init__(self, image_shape: tuple[int, int]) -> None:
+        if len(image_shape) != 2:
+            raise ValueError(f"image_shape must be (H, W); got image_shape={image_shape!r}")
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.n = self.image_shape[0] * self.image_shape[1]
 
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True

@@ -23,10 +23,9 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from problems.base import RowRegularizer, check_theta, pad_zeros_2d
+from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
-LN10 = math.log(10.0)
 LEARN_OPTIONS = ("filters", "exponents", "both")
 
 
@@ -87,21 +86,29 @@ class FieldsOfExperts(RowRegularizer):
         gamma: float = 0.01,
         learn: Literal["filters", "exponents", "both"] = "both",
     ) -> None:
-        if len(image_shape) != 2:
-            raise ValueError(f"image_shape must be (H, W); got image_shape={image_shape!r}")
+        super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
         if num_filters < 1:
             raise ValueError(f"num_filters must be positive; got {num_filters!r}")
         if learn not in LEARN_OPTIONS:
             raise ValueError(f"learn must be one of {LEARN_OPTIONS}; got learn={learn!r}")
-        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.n = self.image_shape[0] * self.image_shape[1]
         self.kernel_size = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)
         self.learn = learn
         self.theta_shape = (self.num_filters, self.kernel_size**2 + 1)
+        # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
+        #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
+        # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
+        h, w = self.image_shape
+        k = self.kernel_size
+        r = k // 2
+        self.windows = [
+            (slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)
+            for a in range(k)
+            for c in range(k)
+        ]
 
     def __repr__(self) -> str:
         return (
@@ -146,7 +153,7 @@ class FieldsOfExperts(RowRegularizer):
         grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
         padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
         padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
-        return xp.reshape(self._shifts(xp, padded, ()), (k * k, -1))
+        return xp.reshape(xp.stack([padded[win] for win in self.windows], axis=0), (k * k, -1))
 
     def stack_samples(self, xp: Any, v3: Any) -> Any:
         """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
@@ -155,21 +162,8 @@ class FieldsOfExperts(RowRegularizer):
         r = k // 2
         bsz, n, b = v3.shape
         img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
-        return xp.reshape(self._shifts(xp, img, (slice(None),)), (k * k, bsz, n, b))
-
-    def _shifts(self, xp: Any, padded: Any, lead: tuple[slice, ...]) -> Any:
-        """The K² windows of ``padded`` (image axes after ``lead``, padded by r) stacked on
-        a new axis 0, window a·K + c ↔ k[a, c]: (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a,
-        j + r − c] = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]."""
-        h, w = self.image_shape
-        k = self.kernel_size
-        r = k // 2
-        windows = [
-            padded[(*lead, slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)]
-            for a in range(k)
-            for c in range(k)
-        ]
-        return xp.stack(windows, axis=0)
+        shifted = xp.stack([img[:, *win] for win in self.windows], axis=0)
+        return xp.reshape(shifted, (k * k, bsz, n, b))
 
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
         """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
@@ -183,11 +177,8 @@ class FieldsOfExperts(RowRegularizer):
         # shifted plane into a buffer padded by 2r, then crop
         dev = array_api_compat.device(u)
         buf = xp.zeros((h + 2 * r, w + 2 * r, bsz * b), dtype=u.dtype, device=dev)
-        for a in range(k):
-            for c in range(k):
-                rows = slice(2 * r - a, 2 * r - a + h)
-                cols = slice(2 * r - c, 2 * r - c + w)
-                buf[rows, cols, :] += mixed[a * k + c, ...]
+        for i, win in enumerate(self.windows):
+            buf[win] += mixed[i, ...]
         grid = buf[r : r + h, r : r + w, :]  # pixel-major → a fresh row-major (B, n, b)
         if bsz == 1:
             return xp.reshape(xp.asarray(grid, copy=True), (1, self.n, b))
