@@ -1,12 +1,7 @@
 """Bilevel learning problems, batch-first: one instance holds B samples (lower level
 f_i(x, θ), upper loss ℓ_i(x)); a single sample is B = 1.
 
-Modules: ``base`` (the ``Problem`` protocol, shared sample bookkeeping, array helpers),
-``linearization`` (∇²f and Jᵀ frozen at a point), ``operators`` (forward operators and
-noise), ``experts`` and ``foe`` (Fields of Experts), ``tv`` (smoothed total variation),
-``imaging`` (the imaging problem), ``quadratic`` (a closed-form test problem),
-``sequences`` (synthetic system sequences), ``factory`` (samples from a config) and
-``datasets`` (MNIST / BSDS300 loaders and the embedded MNIST sample).
+Each module states what it owns (see the layout table in README.md).
 """
 
 from problems.base import Problem, psnr

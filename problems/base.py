@@ -1,4 +1,4 @@
-"""Batch-first problems: the ``Problem`` protocol, the shared sample bookkeeping and helpers.
+"""Batch-first problems: the ``Problem`` base class (contract and shared bookkeeping), helpers.
 
 Conventions: a problem holds B samples (``batch_size``); images are flattened row-major,
 so a batch of points has shape (B, n) and a block of b vectors per sample (B, n, b).  A
@@ -11,75 +11,12 @@ Numerical methods take their array namespace and device from their inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import array_api_compat
 
 from backends.counting import Counter
-
-
-@runtime_checkable
-class Problem(Protocol):
-    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators.
-
-    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
-    process a block in one pass and count it as one pass of B·b applications.
-    """
-
-    n: int
-    batch_size: int
-    image_shape: tuple[int, ...]
-    theta_shape: tuple[int, ...]
-    counter: Counter
-    xp: Any
-    device: Any
-    dtype: Any
-    X_true: Any
-    Y: Any
-    theta_mask: Any
-
-    def lower_objective(self, x: Any, theta: Any) -> Any:
-        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
-        ...
-
-    def lower_grad(self, x: Any, theta: Any) -> Any:
-        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
-        ...
-
-    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        """(f, ∇ₓf) sharing their work (counts B 'f' and B 'grad')."""
-        ...
-
-    def linearize(self, x: Any, theta: Any) -> Any:
-        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
-        ...
-
-    def hvp(self, x: Any, theta: Any, v: Any) -> Any:
-        """∇²ₓₓf v: x (n,) with v (n,) or (n, b); X (B, n) with V (B, n) or (B, n, b)."""
-        ...
-
-    def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
-        """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
-        ...
-
-    def upper_loss(self, x: Any) -> Any:
-        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
-        ...
-
-    def upper_grad(self, x: Any) -> Any:
-        """x_i − x_true,i, shaped like x."""
-        ...
-
-    def subset(self, rows: Sequence[int]) -> Any:
-        """Samples ``rows`` as a problem of their own, sharing this one's counter."""
-        ...
-
-
-def namespace_and_device(*arrays: Any) -> tuple[Any, Any]:
-    """The common array namespace and the device of the first array."""
-    xp = array_api_compat.array_namespace(*arrays)
-    return xp, array_api_compat.device(arrays[0])
 
 
 def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
@@ -92,8 +29,8 @@ def as_rows(x: Any, n: int, name: str) -> tuple[Any, bool]:
 
 
 def from_rows(xp: Any, out: Any, single: bool) -> Any:
-    """Undo ``as_rows`` on a per-sample result (B, ...) → (...) for one point."""
-    return xp.reshape(out, tuple(out.shape[1:])) if single else out
+    """Undo ``as_rows`` on a per-sample result (B, ...) → (...) for one point (None stays)."""
+    return xp.reshape(out, tuple(out.shape[1:])) if single and out is not None else out
 
 
 def as_blocks(v: Any, n: int, batch_size: int, single: bool, name: str) -> Any:
@@ -152,21 +89,38 @@ def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
     return key
 
 
-def check_same_type(cls: type, problems: Sequence[Any]) -> Any:
-    """The first of ``problems`` after checking there is one and all are ``cls``."""
-    if len(problems) == 0:
-        raise ValueError(f"problems must contain at least one {cls.__name__}")
-    for i, pr in enumerate(problems):
-        if not isinstance(pr, cls):
-            raise ValueError(f"problems[{i}] is a {type(pr).__name__}, not a {cls.__name__}")
-    return problems[0]
+def check_agree(
+    label: str, items: Sequence[Any], shared: dict[str, Callable[[Any], Any]],
+    cls: type | None = None,
+) -> Any:
+    """The first of ``items`` after checking there is one, each is a ``cls`` (if given) and
+    all agree on each ``shared`` property (its name → its value for an item)."""
+    if len(items) == 0:
+        raise ValueError(f"{label} must contain at least one {cls.__name__ if cls else 'item'}")
+    first = items[0]
+    for i, item in enumerate(items):
+        if cls is not None and not isinstance(item, cls):
+            raise ValueError(f"{label}[{i}] is a {type(item).__name__}, not a {cls.__name__}")
+        for name, key in shared.items():
+            if key(item) != key(first):
+                raise ValueError(
+                    f"{label}[{i}] has {name} {key(item)!r}; {label}[0] has {key(first)!r}"
+                )
+    return first
+
+
+LN10 = math.log(10.0)  # regularisers weight by 10^θ
 
 
 class RowRegularizer:
-    """Public single-point/batch API of a regulariser from its ``rows_value_and_grad``
-    (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+    """A regulariser of (H, W) images: its public single-point/batch API from its
+    ``rows_value_and_grad`` (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
 
-    n: int
+    def __init__(self, image_shape: tuple[int, int]) -> None:
+        if len(image_shape) != 2:
+            raise ValueError(f"image_shape must be (H, W); got image_shape={image_shape!r}")
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.n = self.image_shape[0] * self.image_shape[1]
 
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
@@ -185,26 +139,35 @@ class RowRegularizer:
         self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
         """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
-        xp, _ = namespace_and_device(x, theta)
+        xp = array_api_compat.array_namespace(x, theta)
         X, single = as_rows(x, self.n, "x")
-        out_value, out_grad = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return (None if out_value is None else from_rows(xp, out_value, single),
-                None if out_grad is None else from_rows(xp, out_grad, single))
+        out = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
 
 
-class SampleBatch:
-    """Bookkeeping every batch-first problem shares: points promoted to rows, the upper
-    loss ℓ_i(x) = ½‖x − x_true,i‖², single-sample views and cached subsets.
+class Problem:
+    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators,
+    and the bookkeeping every batch-first problem shares (points promoted to rows,
+    single-sample views, cached subsets).
 
-    Subclasses set ``n``, ``batch_size``, ``X_true`` (B, n), ``Y`` (B, m), ``counter`` and
-    implement ``linearize`` and ``_select(rows)`` (the samples ``rows`` as a new problem).
+    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
+    process a block in one pass and count it as one pass of B·b applications.  Subclasses
+    set the attributes below and implement ``_rows_value_and_grad`` (f and ∇ₓf of rows
+    X (B, n), uncounted), ``linearize`` and ``_select(rows)`` (samples ``rows`` as a new
+    problem).
     """
 
     n: int
     batch_size: int
+    image_shape: tuple[int, ...]
+    theta_shape: tuple[int, ...]
+    counter: Counter
+    xp: Any
+    device: Any
+    dtype: Any
     X_true: Any
     Y: Any
-    counter: Counter
+    theta_mask: Any
     _subsets: dict[tuple[int, ...], Any]
 
     def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
@@ -236,31 +199,63 @@ class SampleBatch:
         return self._sample_row(self.Y, "y")
 
     def upper_loss(self, x: Any) -> Any:
+        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
         rows, single = self._rows(x)
         xp = array_api_compat.array_namespace(rows)
         r = rows - self.X_true
         return from_rows(xp, 0.5 * xp.sum(r * r, axis=1), single)
 
     def upper_grad(self, x: Any) -> Any:
+        """x_i − x_true,i, shaped like x."""
         rows, single = self._rows(x)
         xp = array_api_compat.array_namespace(rows)
         return from_rows(xp, rows - self.X_true, single)
 
+    def _rows_value_and_grad(
+        self, X: Any, theta: Any, *, value: bool, grad: bool
+    ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool) -> tuple[Any, Any]:
+        X, single = self._rows(x)
+        xp = array_api_compat.array_namespace(X)
+        out = self._rows_value_and_grad(X, theta, value=value, grad=grad)
+        if value:
+            self.counter.add("f", self.batch_size)
+        if grad:
+            self.counter.add("grad", self.batch_size)
+        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
+
+    def lower_objective(self, x: Any, theta: Any) -> Any:
+        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
+        return self._value_and_grad(x, theta, value=True, grad=False)[0]
+
+    def lower_grad(self, x: Any, theta: Any) -> Any:
+        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
+        return self._value_and_grad(x, theta, value=False, grad=True)[1]
+
+    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
+        """(f, ∇ₓf) sharing their work (counts B 'f' and B 'grad')."""
+        return self._value_and_grad(x, theta, value=True, grad=True)
+
     def hvp(self, x: Any, theta: Any, v: Any) -> Any:
+        """∇²ₓₓf v: x (n,) with v (n,) or (n, b); X (B, n) with V (B, n) or (B, n, b)."""
         return self.linearize(x, theta).hvp(v)
 
     def jac_t(self, x: Any, theta: Any, w: Any) -> Any:
+        """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
         return self.linearize(x, theta).jac_t(w)
 
     def linearize(self, x: Any, theta: Any) -> Any:
+        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
         raise NotImplementedError
 
     def _select(self, rows: tuple[int, ...]) -> Any:
         raise NotImplementedError
 
     def subset(self, rows: Sequence[int]) -> Any:
-        """Samples ``rows`` (host indices, in that order) as a problem sharing this one's
-        counter; the last few subsets are cached."""
+        """Samples ``rows`` (host indices, in that order) as a problem of their own, sharing
+        this one's counter; the last few subsets are cached."""
         key = check_rows(rows, self.batch_size)
         if key == tuple(range(self.batch_size)):
             return self

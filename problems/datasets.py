@@ -8,6 +8,7 @@ BSDS300: D. Martin, C. Fowlkes, D. Tal and J. Malik (ICCV 2001), research use; n
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,45 +42,44 @@ def _check_count(total: int, count: int | None, start: int, path: Path) -> int:
     return count
 
 
+def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np.ndarray:
+    """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...).
+
+    The file has a big-endian uint32 header (``magic``, N, then the item's dimensions:
+    magic 2051 images (N, rows, cols), 2049 labels (N,)) followed by uint8 data."""
+    path = Path(path)
+    data = _read_bytes(path)
+    kind = "image" if magic == IDX_IMAGE_MAGIC else "label"
+    header = 4 * (1 + magic - 2048)  # the last byte of the magic is the number of dimensions
+    if len(data) < header:
+        raise ValueError(f"{path} is not an IDX {kind} file: only {len(data)} bytes")
+    found, total, *shape = (int(v) for v in np.frombuffer(data[:header], dtype=">u4"))
+    if found != magic:
+        raise ValueError(f"{path} is not an IDX {kind} file: magic {found}, expected {magic}")
+    size = math.prod(shape)
+    if len(data) != header + total * size:
+        raise ValueError(
+            f"{path} is corrupt: header announces {'×'.join(map(str, [total, *shape]))} items "
+            f"but the file holds {len(data) - header} bytes of data"
+        )
+    count = _check_count(total, count, start, path)
+    items = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=header + start * size)
+    return items.reshape(count, *shape)
+
+
 def load_mnist(
     path: str | Path, *, count: int | None = None, start: int = 0
 ) -> np.ndarray:
-    """Read an IDX image file (gzip or raw): float64 in [0, 1] of shape (N, rows, cols).
-
-    The file has a 16-byte big-endian header (magic 2051, N, rows, cols) then uint8 pixels.
-    ``start`` / ``count`` select images [start, start + count).
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 16:
-        raise ValueError(f"{path} is not an IDX image file: only {len(data)} bytes")
-    magic, total, rows, cols = (int(v) for v in np.frombuffer(data[:16], dtype=">u4"))
-    if magic != IDX_IMAGE_MAGIC:
-        raise ValueError(f"{path} is not an IDX image file: magic {magic}, expected 2051")
-    if len(data) != 16 + total * rows * cols:
-        raise ValueError(
-            f"{path} is corrupt: header announces {total}×{rows}×{cols} pixels but the file "
-            f"holds {len(data) - 16} bytes of data"
-        )
-    count = _check_count(total, count, start, path)
-    size = rows * cols
-    pixels = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=16 + start * size)
-    return pixels.reshape(count, rows, cols).astype(np.float64) / 255.0
+    """Read an IDX image file (gzip or raw): float64 in [0, 1] of shape (N, rows, cols);
+    ``start`` / ``count`` select images [start, start + count)."""
+    return _read_idx(path, IDX_IMAGE_MAGIC, count, start).astype(np.float64) / 255.0
 
 
 def load_mnist_labels(
     path: str | Path, *, count: int | None = None, start: int = 0
 ) -> np.ndarray:
-    """Read an IDX label file (8-byte header, magic 2049): uint8 labels of shape (N,)."""
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 8:
-        raise ValueError(f"{path} is not an IDX label file: only {len(data)} bytes")
-    magic, total = (int(v) for v in np.frombuffer(data[:8], dtype=">u4"))
-    if magic != IDX_LABEL_MAGIC or len(data) != 8 + total:
-        raise ValueError(f"{path} is not a valid IDX label file (magic {magic})")
-    count = _check_count(total, count, start, path)
-    return np.frombuffer(data, dtype=np.uint8, count=count, offset=8 + start).copy()
+    """Read an IDX label file (gzip or raw): uint8 labels of shape (N,)."""
+    return _read_idx(path, IDX_LABEL_MAGIC, count, start).copy()
 
 
 def _read_jpeg_gray(path: Path) -> np.ndarray:
@@ -89,9 +89,7 @@ def _read_jpeg_gray(path: Path) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
     except OSError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    if rgb.ndim == 2:
-        return rgb
-    return rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def load_bsds300(

@@ -19,40 +19,15 @@ def _xp(z: Any) -> Any:
 # the derivative they need.  The hot ones update fresh temporaries in place (standard
 # array-API in-place operators, dtype preserved): with NumPy, allocating a new temporary
 # per operation costs several times the arithmetic for arrays of this size.
-def _l2_value(z: Any, gamma: float) -> Any:
-    return 0.5 * z * z
-
-
-def _l2_d1(z: Any, gamma: float) -> Any:
-    return _xp(z).asarray(z, copy=True)  # a fresh array: callers may scale it in place
-
-
-def _l2_d2(z: Any, gamma: float) -> Any:
-    return _xp(z).ones_like(z)
-
-
 def _huber_value(z: Any, gamma: float) -> Any:
     xp = _xp(z)
     a = xp.abs(z)
     return xp.where(a <= gamma, z * z / (2.0 * gamma), a - gamma / 2.0)
 
 
-def _huber_d1(z: Any, gamma: float) -> Any:
-    xp = _xp(z)
-    return xp.clip(z / gamma, -1.0, 1.0)
-
-
 def _huber_d2(z: Any, gamma: float) -> Any:
     xp = _xp(z)
     return xp.where(xp.abs(z) <= gamma, xp.full_like(z, 1.0 / gamma), xp.zeros_like(z))
-
-
-def _smooth_l1_value(z: Any, gamma: float) -> Any:
-    return _xp(z).sqrt(gamma * gamma + z * z)
-
-
-def _smooth_l1_d1(z: Any, gamma: float) -> Any:
-    return z / _xp(z).sqrt(gamma * gamma + z * z)
 
 
 def _smooth_l1_d2(z: Any, gamma: float) -> Any:
@@ -61,10 +36,6 @@ def _smooth_l1_d2(z: Any, gamma: float) -> Any:
     out = _xp(z).sqrt(q)
     out *= q
     return (gamma * gamma) / out
-
-
-def _lorentzian_value(z: Any, gamma: float) -> Any:
-    return _xp(z).log1p(z * z)
 
 
 def _lorentzian_d1(z: Any, gamma: float) -> Any:
@@ -103,10 +74,18 @@ _VALUE_D1: dict[str, Callable[[Any, float], tuple[Any, Any]]] = {
     "lorentzian": _lorentzian_value_d1,
 }
 _FUNCTIONS: dict[str, tuple[_Fn, _Fn, _Fn]] = {
-    "l2": (_l2_value, _l2_d1, _l2_d2),
-    "huber": (_huber_value, _huber_d1, _huber_d2),
-    "smooth_l1": (_smooth_l1_value, _smooth_l1_d1, _smooth_l1_d2),
-    "lorentzian": (_lorentzian_value, _lorentzian_d1, _lorentzian_d2),
+    "l2": (
+        lambda z, gamma: 0.5 * z * z,
+        lambda z, gamma: _xp(z).asarray(z, copy=True),  # fresh: callers scale it in place
+        lambda z, gamma: _xp(z).ones_like(z),
+    ),
+    "huber": (_huber_value, lambda z, gamma: _xp(z).clip(z / gamma, -1.0, 1.0), _huber_d2),
+    "smooth_l1": (
+        lambda z, gamma: _xp(z).sqrt(gamma * gamma + z * z),
+        lambda z, gamma: z / _xp(z).sqrt(gamma * gamma + z * z),
+        _smooth_l1_d2,
+    ),
+    "lorentzian": (lambda z, gamma: _xp(z).log1p(z * z), _lorentzian_d1, _lorentzian_d2),
 }
 
 

@@ -43,8 +43,6 @@ def _split(cfg: Any) -> str:
 
 
 def _sample_seeds(seed: int, count: int, split: str = "train") -> list[int]:
-    # the test split draws from its own seed sequence, so its image j does not share
-    # noise with training image j
     entropy = seed if split == "train" else [seed, 1]
     children = np.random.SeedSequence(entropy).spawn(count)
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
@@ -92,29 +90,20 @@ def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.n
         filters = dct_filters(k)[:count]
     else:
         filters = gaussian_filters(k, count, seed=seed)
-    reg = FieldsOfExperts(
-        shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn
-    )
+    reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn)
     return reg, initial_theta(filters, cfg.init_exponent)
 
 
 def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     """Construct the samples described by ``cfg`` (a ``ProblemConfig``) on ``backend``."""
-    # child j of the seed belongs to image index j (so an image gets the same mask and
-    # noise in any range, and held-out images never reuse a training image's draws);
-    # the child after the range seeds the regulariser (for start = 0: child num_samples)
+    # child j seeds image index j (module docstring); the child after the range seeds the
+    # regulariser (for start = 0: child num_samples)
     first = cfg.start
     seeds = _sample_seeds(seed, first + cfg.num_samples + 1, _split(cfg))[first:]
     if cfg.name == "quadratic":
         problems = tuple(
-            QuadraticProblem(
-                cfg.n,
-                cfg.num_terms,
-                seed=s,
-                noise_level=cfg.noise_level,
-                coupling=cfg.coupling,
-                backend=backend,
-            )
+            QuadraticProblem(cfg.n, cfg.num_terms, seed=s, noise_level=cfg.noise_level,
+                             coupling=cfg.coupling, backend=backend)
             for s in seeds[:-1]
         )
         theta0 = np.zeros(problems[0].theta_shape)
@@ -123,14 +112,11 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     images = _images(cfg)
     shape = (int(images.shape[1]), int(images.shape[2]))
     reg, theta0 = _regularizer(cfg, shape, seeds[-1])
-    problems = []
-    for image, s in zip(images, seeds[:-1], strict=True):
-        op = _operator(cfg, shape, s)
-        problems.append(
-            ImagingProblem.from_image(
-                image, backend, op, reg, noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon
-            )
-        )
+    problems = [
+        ImagingProblem.from_image(image, backend, _operator(cfg, shape, s), reg,
+                                  noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon)
+        for image, s in zip(images, seeds[:-1], strict=True)
+    ]
     mask = reg.mask_host().reshape(theta0.shape)
     desc = (
         f"{cfg.name}: {len(problems)} × {shape[0]}×{shape[1]} {cfg.dataset} images, "

@@ -23,10 +23,9 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from problems.base import RowRegularizer, check_theta, namespace_and_device, pad_zeros_2d
+from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
-LN10 = math.log(10.0)
 LEARN_OPTIONS = ("filters", "exponents", "both")
 
 
@@ -87,21 +86,29 @@ class FieldsOfExperts(RowRegularizer):
         gamma: float = 0.01,
         learn: Literal["filters", "exponents", "both"] = "both",
     ) -> None:
-        if len(image_shape) != 2:
-            raise ValueError(f"image_shape must be (H, W); got image_shape={image_shape!r}")
+        super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
         if num_filters < 1:
             raise ValueError(f"num_filters must be positive; got {num_filters!r}")
         if learn not in LEARN_OPTIONS:
             raise ValueError(f"learn must be one of {LEARN_OPTIONS}; got learn={learn!r}")
-        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.n = self.image_shape[0] * self.image_shape[1]
         self.kernel_size = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)
         self.learn = learn
         self.theta_shape = (self.num_filters, self.kernel_size**2 + 1)
+        # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
+        #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
+        # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
+        h, w = self.image_shape
+        k = self.kernel_size
+        r = k // 2
+        self.windows = [
+            (slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)
+            for a in range(k)
+            for c in range(k)
+        ]
 
     def __repr__(self) -> str:
         return (
@@ -146,14 +153,7 @@ class FieldsOfExperts(RowRegularizer):
         grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
         padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
         padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
-        # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
-        #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r)
-        shifts = [
-            padded[2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
-            for a in range(k)
-            for c in range(k)
-        ]
-        return xp.reshape(xp.stack(shifts, axis=0), (k * k, -1))
+        return xp.reshape(xp.stack([padded[win] for win in self.windows], axis=0), (k * k, -1))
 
     def stack_samples(self, xp: Any, v3: Any) -> Any:
         """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
@@ -162,12 +162,8 @@ class FieldsOfExperts(RowRegularizer):
         r = k // 2
         bsz, n, b = v3.shape
         img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
-        shifts = [
-            img[:, 2 * r - a : 2 * r - a + h, 2 * r - c : 2 * r - c + w, :]
-            for a in range(k)
-            for c in range(k)
-        ]
-        return xp.reshape(xp.stack(shifts, axis=0), (k * k, bsz, n, b))
+        shifted = xp.stack([img[:, *win] for win in self.windows], axis=0)
+        return xp.reshape(shifted, (k * k, bsz, n, b))
 
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
         """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
@@ -181,18 +177,11 @@ class FieldsOfExperts(RowRegularizer):
         # shifted plane into a buffer padded by 2r, then crop
         dev = array_api_compat.device(u)
         buf = xp.zeros((h + 2 * r, w + 2 * r, bsz * b), dtype=u.dtype, device=dev)
-        for a in range(k):
-            for c in range(k):
-                rows = slice(2 * r - a, 2 * r - a + h)
-                cols = slice(2 * r - c, 2 * r - c + w)
-                buf[rows, cols, :] += mixed[a * k + c, ...]
-        return self.to_rows(xp, buf[r : r + h, r : r + w, :], bsz, b)
-
-    def to_rows(self, xp: Any, grid: Any, bsz: int, b: int) -> Any:
-        """(H, W, B·b) or (n, B·b) pixel-major → a fresh row-major (B, n, b) array."""
+        for i, win in enumerate(self.windows):
+            buf[win] += mixed[i, ...]
+        grid = buf[r : r + h, r : r + w, :]  # pixel-major → a fresh row-major (B, n, b)
         if bsz == 1:
             return xp.reshape(xp.asarray(grid, copy=True), (1, self.n, b))
-        dev = array_api_compat.device(grid)
         out = xp.empty((bsz, self.n, b), dtype=grid.dtype, device=dev)
         out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
         return out
@@ -202,7 +191,7 @@ class FieldsOfExperts(RowRegularizer):
 
         ``filters`` has shape (F, K, K) or (F, K²) on v's device.
         """
-        xp, _ = namespace_and_device(v, filters)
+        xp = array_api_compat.array_namespace(v, filters)
         filters = xp.reshape(filters, (filters.shape[0], self.kernel_size**2))
         v3 = xp.reshape(v, (1, self.n, 1)) if v.ndim == 1 else v
         bsz, _, b = v3.shape
@@ -213,7 +202,7 @@ class FieldsOfExperts(RowRegularizer):
 
     def convolve_adjoint(self, u: Any, filters: Any) -> Any:
         """Σ_f (adjoint of k_f ∗)(u_f): u (F, n) → (n,); u (F, B, n, b) → (B, n, b)."""
-        xp, _ = namespace_and_device(u, filters)
+        xp = array_api_compat.array_namespace(u, filters)
         f = filters.shape[0]
         filters = xp.reshape(filters, (f, self.kernel_size**2))
         if u.ndim == 2:
@@ -228,11 +217,6 @@ class FieldsOfExperts(RowRegularizer):
         sx = self.stack(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
         return sx, xp.matmul(filters, sx)
 
-    def _per_sample(self, xp: Any, phi: Any, scales: Any, bsz: int) -> Any:
-        """Σ_f 10^{p_f} Σ_j φ_fj for each sample: (F, n·B) pixel-major → (B,)."""
-        per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
-        return xp.sum(scales[:, None] * per_filter, axis=0)
-
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
@@ -246,8 +230,9 @@ class FieldsOfExperts(RowRegularizer):
         else:
             phi = self.expert.value(z) if value else None
             u = self.expert.d1(z) if grad else None
-        if value:
-            out_value = self._per_sample(xp, phi, scales, bsz)
+        if value:  # Σ_f 10^{p_f} Σ_j φ_fj per sample, from the pixel-major (F, n·B)
+            per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
+            out_value = xp.sum(scales[:, None] * per_filter, axis=0)
         if grad:
             u *= scales[:, None]
             out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))

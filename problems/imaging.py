@@ -18,19 +18,18 @@ import numpy as np
 
 from backends.counting import Counter
 from problems.base import (
-    SampleBatch,
+    Problem,
     as_rows,
+    check_agree,
     check_finite,
-    check_same_type,
     check_theta,
-    from_rows,
 )
 from problems.linearization import Linearization
 from problems.operators import add_relative_noise, stack_operators
 
 
-class ImagingProblem(SampleBatch):
-    """B imaging samples implementing the ``Problem`` protocol.
+class ImagingProblem(Problem):
+    """B imaging samples: a ``Problem``.
 
     ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
     ``operator`` is a forward operator (``problems.operators``) for those samples and
@@ -111,27 +110,12 @@ class ImagingProblem(SampleBatch):
     ) -> ImagingProblem:
         """The samples of ``problems`` as one batch (validated: image shape, regulariser,
         ε, device and dtype, operator kind)."""
-        first = check_same_type(ImagingProblem, problems)
-        for i, pr in enumerate(problems):
-            if pr.image_shape != first.image_shape:
-                raise ValueError(
-                    f"problems[{i}] has image shape {pr.image_shape}; "
-                    f"problems[0] has {first.image_shape}"
-                )
-            if pr.regularizer.batch_key() != first.regularizer.batch_key():
-                raise ValueError(
-                    f"problems[{i}] has regulariser {pr.regularizer!r}; "
-                    f"problems[0] has {first.regularizer!r}"
-                )
-            if pr.epsilon != first.epsilon:
-                raise ValueError(
-                    f"problems[{i}] has epsilon={pr.epsilon}; problems[0] has {first.epsilon}"
-                )
-            if pr.xp is not first.xp or pr.device != first.device or pr.dtype != first.dtype:
-                raise ValueError(
-                    f"problems[{i}] lives on {pr.device!r} ({pr.dtype}); "
-                    f"problems[0] on {first.device!r} ({first.dtype})"
-                )
+        first = check_agree("problems", problems, {
+            "image shape": lambda pr: pr.image_shape,
+            "regulariser": lambda pr: pr.regularizer.batch_key(),
+            "epsilon": lambda pr: pr.epsilon,
+            "array namespace, device and dtype": lambda pr: (pr.xp.__name__, pr.device, pr.dtype),
+        }, ImagingProblem)
         xp = first.xp
         return cls(
             xp.concat([pr.X_true for pr in problems], axis=0),
@@ -159,16 +143,11 @@ class ImagingProblem(SampleBatch):
     def _theta(self, theta: Any) -> Any:
         return check_theta(self.xp, theta, self.theta_shape)
 
-    def _value_and_grad(
-        self, x: Any, theta: Any, *, value: bool, grad: bool
+    def _rows_value_and_grad(
+        self, X: Any, theta: Any, *, value: bool, grad: bool
     ) -> tuple[Any, Any]:
-        X, single = self._rows(x)
         xp = array_api_compat.array_namespace(X)
         theta = self._theta(theta)
-        if value:
-            self.counter.add("f", self.batch_size)
-        if grad:
-            self.counter.add("grad", self.batch_size)
         bsz, n = X.shape
         r = self.operator.apply3(xp, xp.reshape(X, (bsz, n, 1)))
         r = xp.reshape(r, (bsz, n)) - self.Y
@@ -177,23 +156,11 @@ class ImagingProblem(SampleBatch):
         out_value = out_grad = None
         if value:
             ridge = (0.5 * self.epsilon) * xp.sum(X * X, axis=1)
-            out_value = from_rows(xp, 0.5 * xp.sum(r * r, axis=1) + reg_value + ridge, single)
+            out_value = 0.5 * xp.sum(r * r, axis=1) + reg_value + ridge
         if grad:
             data = xp.reshape(self.operator.adjoint3(xp, xp.reshape(r, (bsz, n, 1))), (bsz, n))
-            out_grad = from_rows(xp, data + reg_grad + self.epsilon * X, single)
+            out_grad = data + reg_grad + self.epsilon * X
         return out_value, out_grad
-
-    def lower_objective(self, x: Any, theta: Any) -> Any:
-        """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
-        return self._value_and_grad(x, theta, value=True, grad=False)[0]
-
-    def lower_grad(self, x: Any, theta: Any) -> Any:
-        """∇ₓf_i(x_i, θ), shaped like x (counts B 'grad')."""
-        return self._value_and_grad(x, theta, value=False, grad=True)[1]
-
-    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        """(f_i, ∇ₓf_i) sharing the regulariser's work (counts B 'f' and B 'grad')."""
-        return self._value_and_grad(x, theta, value=True, grad=True)
 
     def linearize(self, x: Any, theta: Any) -> Linearization:
         """Freeze (x, θ): the returned object applies ∇²ₓₓf_i and Jᵀ with the x-dependent

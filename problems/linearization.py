@@ -36,12 +36,9 @@ class Linearization:
     def __call__(self, v: Any) -> Any:
         return self.hvp(v)
 
-    def _blocks(self, v: Any, name: str) -> Any:
-        return as_blocks(v, self.n, self.batch_size, self.single, name)
-
     def hvp(self, v: Any) -> Any:
         """∇²ₓₓf_i v_i, shaped like v."""
-        v3 = self._blocks(v, "v")
+        v3 = as_blocks(v, self.n, self.batch_size, self.single, "v")
         self.problem.counter.add("hvp", self.batch_size * int(v3.shape[2]))
         out = self._hvp3(v3)
         return from_blocks(array_api_compat.array_namespace(v), out, v.ndim, self.single)
@@ -49,7 +46,7 @@ class Linearization:
     def jac_t(self, w: Any) -> Any:
         """∂θ⟨∇ₓf_i, w_i⟩ masked by ``theta_mask``: (n,) → (p,), (n, b) → (p, b);
         (B, n) → (B, p), (B, n, b) → (B, p, b)."""
-        w3 = self._blocks(w, "w")
+        w3 = as_blocks(w, self.n, self.batch_size, self.single, "w")
         self.problem.counter.add("jac_t", self.batch_size * int(w3.shape[2]))
         if self._mask is None:
             self._mask = self.problem.theta_mask[None, :, None]

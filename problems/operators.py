@@ -18,13 +18,12 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from problems.base import namespace_and_device, pad_zeros_2d
+from problems.base import check_agree, pad_zeros_2d
 
 
 class _Operator:
     """Shared bookkeeping for square image-to-image operators."""
 
-    symmetric = False
     batch_size: int | None = None  # None: acts on any batch
 
     def __init__(self, image_shape: tuple[int, ...]) -> None:
@@ -35,14 +34,12 @@ class _Operator:
     def __call__(self, v: Any) -> Any:
         return self.apply(v)
 
-    def _blocks(self, v: Any) -> Any:
-        """v as (B, n, b) blocks (checked)."""
+    def _on_blocks(self, kernel: Any, v: Any) -> Any:
+        """``kernel`` (xp, (B, n, b)) → (B, n, b) applied to v promoted to blocks (checked)."""
         xp = array_api_compat.array_namespace(v)
         bsz = 1 if v.ndim == 1 else v.shape[0]
         ok = v.ndim in (1, 2, 3) and v.shape[min(v.ndim, 2) - 1] == self.n
-        if ok and self.batch_size is not None:
-            ok = bsz == self.batch_size
-        if not ok:
+        if not ok or self.batch_size not in (None, bsz):
             want = "(n,), (B, n) or (B, n, b)" if self.batch_size is None else (
                 f"({self.n},) for one sample or ({self.batch_size}, n[, b])"
             )
@@ -50,22 +47,18 @@ class _Operator:
                 f"{type(self).__name__} for n={self.n} applied to an array of shape "
                 f"{tuple(v.shape)}; expected {want}"
             )
-        if v.ndim == 3:
-            return v
-        return xp.reshape(v, (bsz, self.n, 1))
+        v3 = v if v.ndim == 3 else xp.reshape(v, (bsz, self.n, 1))
+        return xp.reshape(kernel(xp, v3), v.shape)
 
     def apply(self, v: Any) -> Any:
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.apply3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.apply3, v)
 
     def adjoint(self, v: Any) -> Any:
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.adjoint3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.adjoint3, v)
 
     def normal(self, v: Any) -> Any:
         """AᵀA v."""
-        xp = array_api_compat.array_namespace(v)
-        return xp.reshape(self.normal3(xp, self._blocks(v)), v.shape)
+        return self._on_blocks(self.normal3, v)
 
     def apply3(self, xp: Any, v3: Any) -> Any:
         raise NotImplementedError
@@ -85,8 +78,6 @@ class _Operator:
 class Identity(_Operator):
     """A = I (denoising)."""
 
-    symmetric = True
-
     def apply3(self, xp: Any, v3: Any) -> Any:
         return v3
 
@@ -102,13 +93,13 @@ class Inpainting(_Operator):
 
     ``masks`` (host NumPy, float 0/1, shape (B, n)) marks the kept pixels; one sample's
     exactly round(fraction_removed · n) removed pixels are chosen by
-    ``numpy.random.default_rng(seed)``.
+    ``numpy.random.default_rng(seed)``.  Given ``masks``, the operator holds those samples
+    (``seed``: their seeds, for the record).
     """
 
-    symmetric = True
-
     def __init__(
-        self, image_shape: tuple[int, ...], fraction_removed: float, seed: int = 0
+        self, image_shape: tuple[int, ...], fraction_removed: float, seed: Any = 0, *,
+        masks: np.ndarray | None = None,
     ) -> None:
         super().__init__(image_shape)
         fraction = float(fraction_removed)
@@ -118,24 +109,13 @@ class Inpainting(_Operator):
             )
         self.fraction_removed = fraction
         self.seed = seed
-        removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
-        mask = np.ones(self.n)
-        mask[removed] = 0.0
-        self._set_masks(mask[None, :])
-
-    def _set_masks(self, masks: np.ndarray) -> None:
-        self.masks = masks
-        self.batch_size = int(masks.shape[0])
+        if masks is None:
+            removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
+            masks = np.ones((1, self.n))
+            masks[0, removed] = 0.0
+        self.masks = np.asarray(masks, dtype=np.float64)
+        self.batch_size = int(self.masks.shape[0])
         self._device_masks: dict[tuple[str, str, str], Any] = {}
-
-    @classmethod
-    def from_masks(cls, image_shape: tuple[int, ...], masks: np.ndarray,
-                   fraction_removed: float, seeds: Any) -> Inpainting:
-        op = cls.__new__(cls)
-        _Operator.__init__(op, image_shape)
-        op.fraction_removed, op.seed = fraction_removed, seeds
-        op._set_masks(np.asarray(masks, dtype=np.float64))
-        return op
 
     @property
     def mask(self) -> np.ndarray:
@@ -160,9 +140,8 @@ class Inpainting(_Operator):
 
     def rows(self, rows: Sequence[int]) -> Inpainting:
         seeds = self.seed if isinstance(self.seed, int) else tuple(self.seed[r] for r in rows)
-        return Inpainting.from_masks(
-            self.image_shape, self.masks[list(rows)], self.fraction_removed, seeds
-        )
+        return Inpainting(self.image_shape, self.fraction_removed, seeds,
+                          masks=self.masks[list(rows)])
 
     def __repr__(self) -> str:
         return (
@@ -186,8 +165,6 @@ class GaussianBlur(_Operator):
     The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
     """
 
-    symmetric = True
-
     def __init__(self, image_shape: tuple[int, int], sigma: float) -> None:
         if len(image_shape) != 2:
             raise ValueError(f"GaussianBlur needs a 2-D image_shape; got {image_shape!r}")
@@ -195,9 +172,8 @@ class GaussianBlur(_Operator):
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number; got sigma={sigma!r}")
         self.sigma = float(sigma)
-        self.kernel = gaussian_kernel_1d(self.sigma)
-        self.radius = (self.kernel.size - 1) // 2
-        self._taps = [float(t) for t in self.kernel]
+        self._taps = [float(t) for t in gaussian_kernel_1d(self.sigma)]
+        self.radius = len(self._taps) // 2
 
     def _blur_axis(self, xp: Any, img: Any, axis: int) -> Any:
         """1-D zero-boundary convolution of ``img`` (B, H, W, b) along image axis 0 or 1."""
@@ -225,43 +201,21 @@ class GaussianBlur(_Operator):
         return f"GaussianBlur(image_shape={self.image_shape}, sigma={self.sigma})"
 
 
-OPERATOR_KINDS = (Identity, Inpainting, GaussianBlur)
-
-
 def stack_operators(operators: Sequence[Any]) -> Any:
     """One operator for the samples of ``operators`` (in order): all ``Identity``, all
     ``Inpainting`` (masks stacked) or all ``GaussianBlur`` with one σ, on one image shape."""
-    first = operators[0]
-    kind = type(first)
-    if kind not in OPERATOR_KINDS:
-        raise ValueError(
-            f"operators: unsupported forward operator {kind.__name__}; "
-            f"use one of {', '.join(k.__name__ for k in OPERATOR_KINDS)}"
-        )
-    for i, op in enumerate(operators):
-        if type(op) is not kind:
-            raise ValueError(
-                f"operators: sample {i} has a {type(op).__name__}, sample 0 a {kind.__name__}"
-            )
-        if tuple(op.image_shape) != tuple(first.image_shape):
-            raise ValueError(
-                f"operators: sample {i} acts on images {op.image_shape}, "
-                f"sample 0 on {first.image_shape}"
-            )
-        if kind is GaussianBlur and op.sigma != first.sigma:
-            raise ValueError(
-                f"operators: blur must share sigma; sample {i} has sigma={op.sigma}, "
-                f"sample 0 sigma={first.sigma}"
-            )
-    if kind is not Inpainting:
+    first = check_agree("operators", operators, {
+        "kind": lambda op: type(op).__name__,
+        "image shape": lambda op: op.image_shape,
+        "sigma": lambda op: getattr(op, "sigma", None),
+    }, _Operator)
+    if not isinstance(first, Inpainting):
         return first
     seeds: list[Any] = []
     for op in operators:
         seeds.extend([op.seed] if isinstance(op.seed, int) else op.seed)
-    return Inpainting.from_masks(
-        first.image_shape, np.concatenate([op.masks for op in operators]),
-        first.fraction_removed, tuple(seeds),
-    )
+    return Inpainting(first.image_shape, first.fraction_removed, tuple(seeds),
+                      masks=np.concatenate([op.masks for op in operators]))
 
 
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
@@ -271,9 +225,9 @@ def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
     """
     if not noise_level >= 0 or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a non-negative number; got {noise_level!r}")
-    xp, dev = namespace_and_device(clean)
+    xp = array_api_compat.array_namespace(clean)
     e = np.random.default_rng(seed).standard_normal(tuple(clean.shape))
     e /= np.linalg.norm(e)
-    noise = xp.asarray(e, dtype=clean.dtype, device=dev)
+    noise = xp.asarray(e, dtype=clean.dtype, device=array_api_compat.device(clean))
     scale = noise_level * xp.sqrt(xp.sum(clean * clean))
     return clean + scale * noise

@@ -18,7 +18,7 @@ import scipy.linalg
 
 from backends.core import get_backend
 from backends.counting import Counter
-from problems.base import SampleBatch, check_same_type, check_theta, from_rows
+from problems.base import Problem, check_agree, check_theta
 from problems.linearization import Linearization
 
 
@@ -29,7 +29,7 @@ def _difference_matrix(n: int, order: int) -> np.ndarray:
     return d
 
 
-class QuadraticProblem(SampleBatch):
+class QuadraticProblem(Problem):
     """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
 
     D_1 is the first difference, D_2 the second difference, further D_j are random
@@ -68,14 +68,13 @@ class QuadraticProblem(SampleBatch):
         e = rng.standard_normal(n)
         y = clean + noise_level * np.linalg.norm(clean) * e / np.linalg.norm(e)
         g = np.stack([d.T @ d for d in ds])  # (q, n, n)
-        self._setup(a[None], g[None], y[None], x_true[None],
+        self._setup((a[None], g[None], y[None], x_true[None]),
                     backend if backend is not None else get_backend("numpy"), counter)
 
-    def _setup(self, a: np.ndarray, g: np.ndarray, y: np.ndarray, x_true: np.ndarray,
-               backend: Any, counter: Counter | None) -> None:
-        """Host data with a leading sample axis → device arrays."""
-        self._backend = backend
-        self._a_rows, self._g_rows, self._y_rows, self._x_true_rows = a, g, y, x_true
+    def _setup(self, host: tuple[np.ndarray, ...], backend: Any, counter: Counter | None) -> None:
+        """Host data (A, G, y, x_true) with a leading sample axis → device arrays."""
+        self._backend, self._host = backend, host
+        a, g, y, x_true = self._a_rows, self._g_rows, self._y_rows, self._x_true_rows = host
         self.batch_size, self.n = int(a.shape[0]), int(a.shape[1])
         self.image_shape = (self.n,)
         self.theta_shape = (int(g.shape[1]),)
@@ -95,24 +94,20 @@ class QuadraticProblem(SampleBatch):
         cls, problems: Sequence[QuadraticProblem], *, counter: Counter | None = None
     ) -> QuadraticProblem:
         """The samples of ``problems`` (same n, number of terms and backend) as one batch."""
-        first = check_same_type(QuadraticProblem, problems)
-        for i, pr in enumerate(problems):
-            if (pr.n, pr.theta_shape) != (first.n, first.theta_shape):
-                raise ValueError(
-                    f"problems[{i}] has n={pr.n}, theta shape {pr.theta_shape}; "
-                    f"problems[0] n={first.n}, {first.theta_shape}"
-                )
-        out = cls.__new__(cls)
-        out._setup(*(np.concatenate([getattr(pr, name) for pr in problems])
-                     for name in ("_a_rows", "_g_rows", "_y_rows", "_x_true_rows")),
-                   first._backend, counter)
-        return out
+        first = check_agree("problems", problems, {
+            "n": lambda pr: pr.n, "theta shape": lambda pr: pr.theta_shape}, QuadraticProblem)
+        host = tuple(np.concatenate([pr._host[k] for pr in problems]) for k in range(4))
+        return cls._from_host(host, first._backend, counter)
 
     def _select(self, rows: tuple[int, ...]) -> QuadraticProblem:
-        out = QuadraticProblem.__new__(QuadraticProblem)
-        idx = list(rows)
-        out._setup(self._a_rows[idx], self._g_rows[idx], self._y_rows[idx],
-                   self._x_true_rows[idx], self._backend, self.counter)
+        return self._from_host(tuple(h[list(rows)] for h in self._host), self._backend,
+                               self.counter)
+
+    @classmethod
+    def _from_host(cls, host: tuple[np.ndarray, ...], backend: Any,
+                   counter: Counter | None) -> QuadraticProblem:
+        out = cls.__new__(cls)
+        out._setup(host, backend, counter)
         return out
 
     def __repr__(self) -> str:
@@ -128,31 +123,19 @@ class QuadraticProblem(SampleBatch):
         gv = xp.matmul(self.G, v3[:, None, :, :])  # (B, q, n, b)
         return xp.sum(weights[None, :, None, None] * gv, axis=1)
 
-    def _value_and_grad(self, x: Any, theta: Any, *, value: bool,
-                        grad: bool) -> tuple[Any, Any]:
-        X, single = self._rows(x)
+    def _rows_value_and_grad(
+        self, X: Any, theta: Any, *, value: bool, grad: bool
+    ) -> tuple[Any, Any]:
         xp = array_api_compat.array_namespace(X)
         x3 = X[:, :, None]
         reg = self._reg_matvec(self._weights(theta), x3)[:, :, 0]
         out_value = out_grad = None
         if value:
-            self.counter.add("f", self.batch_size)
             r = xp.matmul(self.A, x3)[:, :, 0] - self.Y
-            out_value = from_rows(
-                xp, 0.5 * xp.sum(r * r, axis=1) + 0.5 * xp.sum(X * reg, axis=1), single)
+            out_value = 0.5 * xp.sum(r * r, axis=1) + 0.5 * xp.sum(X * reg, axis=1)
         if grad:
-            self.counter.add("grad", self.batch_size)
-            out_grad = from_rows(xp, xp.matmul(self.AtA, x3)[:, :, 0] - self.Aty + reg, single)
+            out_grad = xp.matmul(self.AtA, x3)[:, :, 0] - self.Aty + reg
         return out_value, out_grad
-
-    def lower_objective(self, x: Any, theta: Any) -> Any:
-        return self._value_and_grad(x, theta, value=True, grad=False)[0]
-
-    def lower_grad(self, x: Any, theta: Any) -> Any:
-        return self._value_and_grad(x, theta, value=False, grad=True)[1]
-
-    def lower_value_and_grad(self, x: Any, theta: Any) -> tuple[Any, Any]:
-        return self._value_and_grad(x, theta, value=True, grad=True)
 
     def linearize(self, x: Any, theta: Any) -> Linearization:
         """H_i = A_iᵀA_i + Σ_j e^{θ_j} G_ij and Jᵀ: w ↦ (e^{θ_j} x_iᵀG_ij w)_j at (x, θ)."""

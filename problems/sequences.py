@@ -70,27 +70,22 @@ class DriftingSequence:
                 with_reference: bool = False) -> list[SyntheticSystem]:
         put = (lambda a: a) if backend is None else backend.asarray
         J = put(self.J)
-        out = []
-        for t in range(len(self.rhs)):
-            diag = put(self.diagonals[t])
-            H = _operator(diag, self.side)
-            jac_t = (lambda w, J=J: _jt(J, w)) if with_jacobian else None
-            ref = put(self.reference_hypergradient(t)) if with_reference else None
-            out.append(SyntheticSystem(H=H, g=put(self.rhs[t]), jac_t=jac_t, reference=ref))
-        return out
 
+        def hessian(diag: Any) -> Callable[[Any], Any]:
+            column = diag[:, None]
+            return lambda v: laplacian_2d(v, self.side) + (diag if v.ndim == 1 else column) * v
 
-def _operator(diag: Any, side: int) -> Any:
-    def apply(v: Any) -> Any:
-        d = diag if v.ndim == 1 else diag[:, None]
-        return laplacian_2d(v, side) + d * v
+        def jac_t(w: Any) -> Any:
+            return array_namespace(J, w).matrix_transpose(J) @ w
 
-    return apply
-
-
-def _jt(J: Any, w: Any) -> Any:
-    xp = array_namespace(J, w)
-    return xp.matrix_transpose(J) @ w
+        return [
+            SyntheticSystem(
+                H=hessian(put(self.diagonals[t])), g=put(self.rhs[t]),
+                jac_t=jac_t if with_jacobian else None,
+                reference=put(self.reference_hypergradient(t)) if with_reference else None,
+            )
+            for t in range(len(self.rhs))
+        ]
 
 
 def drifting_sequence(

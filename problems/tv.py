@@ -7,14 +7,11 @@ leaving the image (last column for ∂/∂x, last row for ∂/∂y) is zero.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from problems.base import RowRegularizer, check_theta
-
-LN10 = math.log(10.0)
+from problems.base import LN10, RowRegularizer, check_theta
 
 
 class TotalVariation(RowRegularizer):
@@ -25,12 +22,9 @@ class TotalVariation(RowRegularizer):
     """
 
     def __init__(self, image_shape: tuple[int, int], *, gamma: float = 0.01) -> None:
-        if len(image_shape) != 2:
-            raise ValueError(f"image_shape must be (H, W); got image_shape={image_shape!r}")
+        super().__init__(image_shape)
         if not gamma > 0:
             raise ValueError(f"gamma must be positive; got gamma={gamma!r}")
-        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.n = self.image_shape[0] * self.image_shape[1]
         self.gamma = float(gamma)
         self.theta_shape = (1,)
 

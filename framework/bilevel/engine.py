@@ -21,9 +21,11 @@ problem's counter.  Times are measured per phase for the batch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -73,6 +75,7 @@ class EngineConfig:
 
 
 NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
+WARM_STARTS = ("x", "w", "w_shadow")  # the arrays of a ``SampleState`` besides its carry
 
 
 def default_check_every(like: Any) -> int:
@@ -97,10 +100,8 @@ class RowTally:
         xp = self.xp
 
         def apply(V: Any) -> Any:
-            live = xp.any(V != 0, axis=-2) if V.ndim == 3 else xp.any(V != 0, axis=-1)
-            if V.ndim == 3:
-                live = xp.sum(xp.astype(live, xp.int64), axis=-1)
-            self.tallies[kind] = self.tallies[kind] + xp.astype(live, xp.int64)
+            live = xp.any((V if V.ndim == 3 else V[..., None]) != 0, axis=-2)  # (B, b)
+            self.tallies[kind] = self.tallies[kind] + xp.sum(xp.astype(live, xp.int64), axis=-1)
             return op(V)
 
         return apply
@@ -180,18 +181,18 @@ class BilevelEngine:
             self._batch_cache = (indices, batch)
         return self._batch_cache[1]
 
-    def _stack(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
-        """Stack the samples' state ``name``; None when no sample has one yet, rows of
-        ``fill`` for those that lack it."""
+    def _warm_start(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
+        """Stack the samples' state ``name``; None when warm starts are off or no sample
+        has one yet, rows of ``fill`` for those that lack it."""
         rows = [getattr(self.states[i], name) for i in indices]
-        if all(r is None for r in rows):
+        if not self.config.warm_start or all(r is None for r in rows):
             return None
         return xp.stack([fill[j, ...] if r is None else r for j, r in enumerate(rows)])
 
     # -- the lower level ------------------------------------------------------------------
     def _lower_start(self, xp: Any, batch: Any, indices: tuple[int, ...]) -> Any:
         guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
-        X0 = self._stack(xp, "x", indices, guess) if self.config.warm_start else None
+        X0 = self._warm_start(xp, "x", indices, guess)
         return guess if X0 is None else X0
 
     def _solve_lower(self, batch: Any, theta: Any, X0: Any) -> LowerSolve:
@@ -260,12 +261,10 @@ class BilevelEngine:
             G = sub.lower_grad(Xa, theta)
             norms = to_host(xp.linalg.vector_norm(G, axis=1))
             syncs += 1
-            still = []
             for r, j in enumerate(active):
                 grad_evals[j] += 1
                 converged[j] = bool(norms[r] <= cfg.lower_gtol)
-                if not converged[j]:
-                    still.append(r)
+            still = [r for r, j in enumerate(active) if not converged[j]]
             if step == cfg.lower_newton_steps or not still:
                 break
             keep = [active[r] for r in still]
@@ -315,20 +314,19 @@ class BilevelEngine:
         lin = batch.linearize(X, theta)
         G = batch.upper_grad(X)
         tally = RowTally(G)
+        W0 = self._warm_start(xp, "w", indices, xp.zeros_like(G))
         H, J = tally.counted(lin.hvp, "hvp"), tally.counted(lin.jac_t, "jac_t")
-        W0 = self._stack(xp, "w", indices, xp.zeros_like(G)) if cfg.warm_start else None
         carry_in = stack_carries([self.states[i].carry for i in indices], G[0, ...])
         space = self.recycler.prepare(carry_in, H, J, like=G)
         stop = cfg.stop
         rule = None
         if stop.kind == StopKind.hypergradient and space is not None:
             rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
+        solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
+                        maxiter=cfg.krylov_maxiter, check_every=self.check_every,
+                        true_residual=False)
         t2 = time.perf_counter()
-        res = rminres(
-            lin.hvp, G, x0=W0, recycle=space, rtol=stop.rtol, atol=stop.atol,
-            maxiter=cfg.krylov_maxiter, check_every=self.check_every,
-            harvest=self.recycler.harvester(J), stop=rule, true_residual=False,
-        )
+        res = solve(x0=W0, recycle=space, harvest=self.recycler.harvester(J), stop=rule)
         t3 = time.perf_counter()
         grads = -J(res.x)
         t4 = time.perf_counter()
@@ -339,13 +337,7 @@ class BilevelEngine:
         shadows: list[ShadowRecord | None] = [None] * B
         W_shadow = None
         if cfg.shadow_baseline:
-            base = rminres(
-                lin.hvp, G,
-                x0=self._stack(xp, "w_shadow", indices, xp.zeros_like(G))
-                if cfg.warm_start else None,
-                rtol=stop.rtol, atol=stop.atol, maxiter=cfg.krylov_maxiter,
-                check_every=self.check_every, true_residual=False,
-            )
+            base = solve(x0=self._warm_start(xp, "w_shadow", indices, xp.zeros_like(G)))
             W_shadow = base.x
             syncs += base.host_syncs
             shadows = [ShadowRecord(base.iterations[j], base.matvecs[j]) for j in range(B)]
@@ -353,15 +345,13 @@ class BilevelEngine:
 
         losses = to_host(batch.upper_loss(X))
         dims = (0,) * B if space is None else space.dims
-        estimates = active = None
+        estimates = [math.nan] * B
         if rule is not None:
-            estimates = to_host(xp.stack(rule.estimates, axis=1))
-            active = to_host(rule.active)
+            table, active = to_host(xp.stack(rule.estimates, axis=1)), to_host(rule.active)
+            estimates = [float(table[j, res.iterations[j]]) if active[j] else math.nan
+                         for j in range(B)]
         records = []
         for j, i in enumerate(indices):
-            estimate = float("nan")
-            if estimates is not None and active[j]:
-                estimate = float(estimates[j, res.iterations[j]])
             records.append(SampleRecord(
                 upper_loss=float(losses[j]),
                 lower_iterations=lower.iterations[j],
@@ -374,7 +364,7 @@ class BilevelEngine:
                 recycle_dim=dims[j],
                 hvp=res.matvecs[j] + applied["hvp"][j],
                 jac_t=applied["jac_t"][j],
-                hg_error_estimate=estimate,
+                hg_error_estimate=estimates[j],
                 shadow=shadows[j],
             ))
             self.states[i] = SampleState(
@@ -407,14 +397,10 @@ class BilevelEngine:
         to_np = self.backend.to_numpy
         samples = []
         for s in self.states:
-            entry: dict[str, Any] = {}
-            for name in ("x", "w", "w_shadow"):
-                value = getattr(s, name)
-                if value is not None:
-                    entry[name] = to_np(value)
+            arrays = {name: getattr(s, name) for name in WARM_STARTS}
+            entry = {name: to_np(a) for name, a in arrays.items() if a is not None}
             if s.carry is not None:
-                entry["carry_basis"] = to_np(s.carry.basis)
-                entry["carry_selected"] = bool(s.carry.selected)
+                entry.update(carry_basis=to_np(s.carry.basis), carry_selected=s.carry.selected)
             samples.append(entry)
         return {"samples": samples}
 
@@ -427,21 +413,11 @@ class BilevelEngine:
                 f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
             )
         put = self.backend.asarray
-        states = []
-        for entry in samples:
-            carry = None
-            if "carry_basis" in entry:
-                carry = RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
-            states.append(
-                SampleState(
-                    x=put(entry["x"]) if "x" in entry else None,
-                    w=put(entry["w"]) if "w" in entry else None,
-                    carry=carry,
-                    w_shadow=put(entry["w_shadow"]) if "w_shadow" in entry else None,
-                )
+        self.states = [
+            SampleState(
+                **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
+                carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
+                if "carry_basis" in entry else None,
             )
-        self.states = states
-
-
-__all__ = ["BilevelEngine", "EngineConfig", "LowerSolver", "PhaseTimes", "RowTally", "SampleRecord",
-           "SampleState", "ShadowRecord", "StepResult", "default_check_every"]
+            for entry in samples
+        ]

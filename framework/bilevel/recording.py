@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +40,15 @@ class RecordedSequence:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        np.savez_compressed(
-            path,
-            thetas=self.thetas,
-            xs=self.xs,
-            x_true=self.x_true,
-            y=self.y,
-            sample_indices=np.asarray(self.sample_indices),
-            problem_config=np.asarray(self.problem_config),
-        )
+        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+        np.savez_compressed(path, **arrays)
         return path if path.suffix == ".npz" else path.with_suffix(".npz")
 
     @classmethod
     def load(cls, path: str | Path) -> RecordedSequence:
         with np.load(Path(path)) as data:
             return cls(
-                thetas=data["thetas"],
-                xs=data["xs"],
-                x_true=data["x_true"],
-                y=data["y"],
+                **{name: data[name] for name in ("thetas", "xs", "x_true", "y")},
                 sample_indices=tuple(int(i) for i in data["sample_indices"]),
                 problem_config=str(data["problem_config"]),
             )
@@ -81,21 +72,13 @@ class RecordedSequence:
         for t in range(self.steps):
             theta = backend.asarray(self.thetas[t])
             x = backend.asarray(self.xs[t, which])
-            H = _bind(problem.hvp, x, theta)
-            J = _bind(problem.jac_t, x, theta)
-            g = problem.upper_grad(x)
-            out.append(LinearSystem(H=H, g=g, jac_t=J))
+            out.append(LinearSystem(H=partial(problem.hvp, x, theta), g=problem.upper_grad(x),
+                                    jac_t=partial(problem.jac_t, x, theta)))
         if references:
             tight = solve_sequence(out, stop=StopConfig(rtol=reference_rtol))
-            out = [
-                LinearSystem(s.H, s.g, s.jac_t, r.hypergradient)
-                for s, r in zip(out, tight.records, strict=True)
-            ]
+            out = [replace(s, reference=r.hypergradient)
+                   for s, r in zip(out, tight.records, strict=True)]
         return out
-
-
-def _bind(fn: Any, x: Any, theta: Any) -> Any:
-    return lambda v: fn(x, theta, v)
 
 
 def record_training(

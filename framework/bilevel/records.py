@@ -98,25 +98,22 @@ class StepResult:
         """Per-step figures for logging (sums over the samples unless named mean_ or
         fraction; passes, batch applications and times are the batch's)."""
         recs = self.samples
-        total = lambda f: float(sum(f(r) for r in recs))  # noqa: E731
+        total = lambda name: float(sum(getattr(r, name) for r in recs))  # noqa: E731
+        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "krylov_iterations", "hvp")
         out = {
             "upper_loss": self.loss,
             "hypergradient_norm": _norm(self.grad),
-            "lower_iterations": total(lambda r: r.lower_iterations),
-            "lower_grad_evals": total(lambda r: r.lower_grad_evals),
-            "lower_hvp": total(lambda r: r.lower_hvp),
-            "krylov_iterations": total(lambda r: r.krylov_iterations),
-            "hvp": total(lambda r: r.hvp),
+            **{name: total(name) for name in summed},
             "hvp_passes": float(self.counts.hvp_passes),
-            "jac_t": total(lambda r: r.jac_t),
+            "jac_t": total("jac_t"),
             "jac_t_passes": float(self.counts.jac_t_passes),
-            "operator_applications": total(lambda r: r.applications),
+            "operator_applications": total("applications"),
             "operator_passes": float(self.counts.passes),
             "batch_applications": float(self.counts.applications),
             "batch_host_syncs": float(self.host_syncs),
-            "recycle_dim": total(lambda r: r.recycle_dim) / len(recs),
-            "krylov_converged_fraction": total(lambda r: r.krylov_converged) / len(recs),
-            "lower_converged_fraction": total(lambda r: r.lower_converged) / len(recs),
+            "recycle_dim": total("recycle_dim") / len(recs),
+            "krylov_converged_fraction": total("krylov_converged") / len(recs),
+            "lower_converged_fraction": total("lower_converged") / len(recs),
             "time_lower": self.times.lower,
             "time_recycle": self.times.recycle,
             "time_krylov": self.times.krylov,
