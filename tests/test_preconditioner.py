@@ -1,0 +1,130 @@
+"""The FFT preconditioner of the FoE imaging Hessians: M is the inverse of the periodic
+approximation built densely from circulant matrices, symmetric positive definite, the
+same on every namespace, and it cuts MINRES iterations where the Hessian is far from
+the identity (blur with weak regularisation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends import get_backend
+from framework.krylov import rminres
+from problems.datasets import load_embedded_mnist
+from problems.foe import FieldsOfExperts, dct_filters, initial_theta
+from problems.imaging import ImagingProblem
+from problems.operators import GaussianBlur, Identity, Inpainting, gaussian_kernel_1d
+from problems.preconditioners import fft_preconditioner
+from problems.tv import TotalVariation
+
+
+def circulant(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The periodic convolution x ↦ Σ_{a,c} k[a, c] x[i − a, j − c] as a dense matrix."""
+    h, w = shape
+    n = h * w
+    C = np.zeros((n, n))
+    for col in range(n):
+        e = np.zeros(n)
+        e[col] = 1.0
+        img = e.reshape(shape)
+        out = np.zeros(shape)
+        for a in range(kernel.shape[0]):
+            for c in range(kernel.shape[1]):
+                out += kernel[a, c] * np.roll(img, (a, c), axis=(0, 1))
+        C[:, col] = out.reshape(-1)
+    return C
+
+
+def dense(apply, n: int) -> np.ndarray:
+    return np.stack([apply(np.eye(n)[j][None, :])[0] for j in range(n)], axis=1)
+
+
+@pytest.mark.parametrize("operator", ["identity", "inpainting", "blur"])
+def test_fft_preconditioner_inverts_the_periodic_approximation(operator):
+    shape = (12, 13)
+    n = shape[0] * shape[1]
+    rng = np.random.default_rng(0)
+    reg = FieldsOfExperts(shape, 3, 2, expert="l2")  # φ'' = 1: c_f = 10^{p_f}
+    ops = {"identity": Identity(shape), "inpainting": Inpainting(shape, 0.3, seed=1),
+           "blur": GaussianBlur(shape, 1.0)}
+    be = get_backend("numpy")
+    problem = ImagingProblem.from_image(rng.random(shape), be, ops[operator], reg,
+                                        noise_level=0.0, epsilon=1e-3)
+    filters = rng.standard_normal((2, 9))
+    exponents = np.array([-0.5, 0.3])
+    theta = np.concatenate([filters, exponents[:, None]], axis=1)
+    M = dense(fft_preconditioner(problem, problem.Y, theta), n)
+    P = 1e-3 * np.eye(n)
+    for f in range(2):
+        C = circulant(filters[f].reshape(3, 3), shape)
+        P += 10.0 ** exponents[f] * C.T @ C
+    if operator == "identity":
+        P += np.eye(n)
+    elif operator == "inpainting":
+        P += ops["inpainting"].masks.mean() * np.eye(n)
+    else:
+        g = gaussian_kernel_1d(1.0)
+        G = circulant(np.outer(g, g), shape)
+        P += G.T @ G
+    np.testing.assert_allclose(M @ P, np.eye(n), atol=1e-10 * np.linalg.cond(P))
+    np.testing.assert_allclose(M, M.T, atol=1e-14 * np.abs(M).max())
+    assert np.linalg.eigvalsh((M + M.T) / 2).min() > 0
+
+
+def test_non_convex_expert_weights_are_clipped_so_m_stays_positive_definite():
+    image = 20.0 * load_embedded_mnist().images[0]  # responses beyond the convex zone
+    be = get_backend("numpy")
+    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
+    problem = ImagingProblem.from_image(image, be, GaussianBlur(image.shape, 1.5), reg,
+                                        noise_level=0.05, seed=0)
+    theta = initial_theta(dct_filters(5), 1.0)
+    x = problem.Y
+    lin = reg.linearize(np, x, theta.reshape(reg.theta_shape))
+    assert (lin.weight() < 0).any()
+    apply = fft_preconditioner(problem, x, theta)
+    v = np.random.default_rng(1).standard_normal((3, problem.n))
+    Mv = np.stack([apply(row[None, :])[0] for row in v])
+    gram = v @ Mv.T
+    np.testing.assert_allclose(gram, gram.T, rtol=1e-10)
+    assert np.linalg.eigvalsh(gram).min() > 0
+
+
+def test_same_preconditioner_on_every_namespace(backend):
+    image = load_embedded_mnist().images[1]
+    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
+    theta = initial_theta(dct_filters(5), -1.0)
+    v = np.random.default_rng(2).standard_normal((1, image.size))
+    outputs = []
+    for be in (get_backend("numpy"), backend):
+        problem = ImagingProblem.from_image(image, be, Inpainting(image.shape, 0.4, seed=0),
+                                            reg, noise_level=0.05, seed=0)
+        apply = fft_preconditioner(problem, problem.Y, be.asarray(theta))
+        outputs.append(be.to_numpy(apply(be.asarray(v))))
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_preconditioner_cuts_iterations_on_a_weakly_regularised_deblurring():
+    image = load_embedded_mnist().images[0]
+    be = get_backend("numpy")
+    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
+    problem = ImagingProblem.from_image(image, be, GaussianBlur(image.shape, 1.5), reg,
+                                        noise_level=0.05, seed=0)
+    theta = initial_theta(dct_filters(5), -3.0)
+    H = problem.linearize(problem.y, theta)
+    g = np.random.default_rng(0).standard_normal(problem.n)
+    plain = rminres(H, g, rtol=1e-6)
+    pre = rminres(H, g, rtol=1e-6, M=fft_preconditioner(problem, problem.y, theta),
+                  check=True)
+    assert plain.converged and pre.converged
+    # measured 40 → 19 iterations; the preconditioner must at least halve them less 20 %
+    assert pre.iterations <= 0.6 * plain.iterations
+    np.testing.assert_allclose(pre.x, plain.x, rtol=1e-4 * np.linalg.norm(plain.x))
+
+
+def test_tv_problems_are_refused_with_a_clear_message():
+    shape = (8, 8)
+    be = get_backend("numpy")
+    problem = ImagingProblem.from_image(np.zeros(shape), be, Identity(shape),
+                                        TotalVariation(shape), noise_level=0.0)
+    with pytest.raises(ValueError, match="built for Fields of Experts"):
+        fft_preconditioner(problem, problem.Y, np.zeros(1))
