@@ -47,7 +47,7 @@ def test_uri_resolution(tmp_path, monkeypatch):
 
 def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     tracker = Tracker(experiment="unit")
-    run_id = tracker.start(run_name="r1", tags={names.SWEEP_TAG: "s1"})
+    tracker.start(run_name="r1", tags={names.SWEEP_TAG: "s1"})
     params = {f"p{i:03d}": i for i in range(250)}
     params["long"] = "x" * 7000
     tracker.log_params(params)
@@ -59,7 +59,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     tracker.end()
 
     (record,) = tracking.read_runs(None, "unit", sweep_id="s1")
-    assert record.run_id == run_id and record.name == "r1" and record.status == "FINISHED"
+    assert record.run_id == tracker.run_id and record.name == "r1" and record.status == "FINISHED"
     assert len(record.params) == 251 and len(record.params["long"]) == 6000
     assert record.history["loss"] == ((0, 1.0), (1, 0.5), (2, 1 / 3))
     assert "skip" not in record.metrics
@@ -73,11 +73,13 @@ def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
 
 def test_resume_continues_the_same_run(uri):
     first = Tracker(experiment="unit")
-    run_id = first.start(run_name="r")
+    first.start(run_name="r")
     first.log_params({"a": 1, "b": 2})
-    first.log_metrics({"loss": 3.0}, 0)  # killed here: the run stays RUNNING
+    first.log_metrics({"loss": 3.0}, 0)
+    first._worker.shutdown(wait=True)  # killed here, its writes done: the run stays RUNNING
     second = Tracker(experiment="unit")
-    assert second.start(run_id=run_id) == run_id
+    second.start(run_id=first.run_id)
+    assert second.run_id == first.run_id
     second.log_params({"a": 1, "b": 5, "c": 3})  # b changed: recorded as a tag, no error
     second.log_metrics({"loss": 2.0}, 1)
     second.end()
@@ -101,7 +103,7 @@ def test_deleted_experiment_and_missing_experiment(uri):
     client = MlflowClient(uri)
     client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
     with pytest.raises(TrackingError, match="deleted"):
-        Tracker(experiment="gone")
+        Tracker(experiment="gone").end()
     with pytest.raises(TrackingError, match="no MLflow experiment"):
         tracking.read_runs(None, "never")
 

@@ -9,6 +9,7 @@ run each (``framework.experiment.resolve`` / ``framework.experiment.evaluate``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from framework.experiment.resolve import (
     resolve_tags,
     run_resolve,
 )
-from framework.experiment.tracking import make_tracker
+from framework.experiment.tracking import TrackingError, make_tracker
 from framework.experiment.train import EngineFactory, check_resumable, train
 
 
@@ -124,20 +125,22 @@ def _run(
             return train(c, out, ckpt_path, state, tracker, engine_factory or make_engine,
                          started, run_params)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(c.tracking)  # an unreachable server fails here, before any work
-    run_id = tracker.start(run_name=_run_name(c), tags=tags,
-                           run_id=None if state is None else state.get("run_id"))
+    # Opens the store in the background; an unreachable server fails here, before any work.
+    tracker = make_tracker(c.tracking)
+    tracker.start(run_name=_run_name(c), tags=tags,
+                  run_id=None if state is None else state.get("run_id"))
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
-        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
+        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")
     try:
         summary = work(tracker)
     except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        with contextlib.suppress(TrackingError):  # the first error is the one to report
+            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     if tracker.enabled:
-        say(f"MLflow run {run_id} at {tracker.uri}")
+        say(f"MLflow run {tracker.run_id} at {tracker.uri}")
         if tracker.uri.startswith("sqlite:///"):
             say(f"browse with: mlflow ui --backend-store-uri {tracker.uri}")
     return summary
