@@ -149,3 +149,29 @@ def test_default_store_is_mlflow_folder_of_cwd(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow" / "mlflow.db").is_file()
     assert list((tmp_path / "mlflow" / "artifacts").rglob("f.txt"))
     assert not (tmp_path / "mlflow" / "__init__.py").exists()
+
+
+def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
+    tracker = Tracker(experiment="unit")
+    tracker.start(run_name="r")
+    tracker.log_params({"bad?name": 1})  # MLflow rejects the key, on the writer thread
+    tracker._worker.submit(lambda: None).result()  # the writer got past it
+    with pytest.raises(TrackingError, match="bad\\?name") as info:
+        tracker.log_metrics({"loss": 1.0}, 0)
+    assert "\n" not in str(info.value) and str(info.value).startswith("MLflow ")
+    with pytest.raises(TrackingError, match="bad\\?name"):
+        tracker.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.status == "RUNNING" and record.params == {} and record.metrics == {}
+
+
+def test_writes_return_before_the_store_exists_and_all_reach_it(uri, tmp_path):
+    tracker = Tracker(experiment="unit")  # the store of `uri` is created on the writer thread
+    tracker.start(run_name="r")
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert tracker._worker._work_queue.qsize() > 0  # queued behind the store's creation
+    tracker.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.history["loss"] == tuple((s, float(s)) for s in range(5))
+    assert record.status == "FINISHED" and tracker.run_ready

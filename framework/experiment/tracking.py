@@ -8,7 +8,8 @@ tracking server chooses its own artifact store.
 Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file:
 the experiment is created once up front (``prepare_experiment``, called by the sweep's
 Hydra callback) and every write retries with exponential backoff while SQLite reports
-"database is locked".  mlflow is imported lazily, so a disabled tracker costs nothing.
+"database is locked".  mlflow is imported lazily (by a run's ``Tracker``, on its writer
+thread), so a disabled tracker costs nothing.
 """
 
 from __future__ import annotations
@@ -67,21 +68,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise ``TrackingError`` when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            if response.status >= 500:
-                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise TrackingError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        return
+    except urllib.error.HTTPError as exc:  # an answer; 5xx: the server is broken
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-            "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
-            "tracking=disabled"
-        ) from exc
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+        "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
+        "tracking=disabled"
+    )
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -153,9 +153,9 @@ def _experiment_id(client: Any, uri: str, name: str, *, create: bool) -> str | N
     return exp.experiment_id
 
 
-def prepare_experiment(uri: str, name: str) -> str:
+def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
     """Create the experiment ``name`` (and the SQLite schema) once; return its id."""
-    client = _client(uri)
+    client = client or _client(uri)
     with _store_lock(uri):
         exp_id = _experiment_id(client, uri, name, create=True)
     assert exp_id is not None
@@ -186,10 +186,7 @@ class Tracker:
 
     def _open(self) -> None:
         self._client = _client(self.uri)
-        with _store_lock(self.uri):
-            self.experiment_id = _experiment_id(
-                self._client, self.uri, self.experiment, create=True
-            )
+        self.experiment_id = prepare_experiment(self.uri, self.experiment, self._client)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T | None:
         if self._failure is None:
@@ -373,26 +370,26 @@ def read_runs(
     )
     records = []
     for run in runs:
-        keys = list(run.data.metrics) if history_keys is None else [
-            k for k in history_keys if k in run.data.metrics
+        info, data = run.info, run.data
+        keys = data.metrics if history_keys is None else [
+            k for k in history_keys if k in data.metrics
         ]
-        history = {}
-        for key in keys:
-            points = retry(client.get_metric_history, run.info.run_id, key)
-            history[key] = tuple(sorted((int(m.step), float(m.value)) for m in points))
-        records.append(
-            RunRecord(
-                run_id=run.info.run_id,
-                name=run.info.run_name or run.info.run_id,
-                status=run.info.status,
-                start_time=None if run.info.start_time is None else run.info.start_time / 1000,
-                end_time=None if run.info.end_time is None else run.info.end_time / 1000,
-                params=dict(run.data.params),
-                tags=dict(run.data.tags),
-                metrics={k: float(v) for k, v in run.data.metrics.items() if not math.isnan(v)},
-                history=history,
-            )
-        )
+        history = {
+            key: tuple(sorted((int(m.step), float(m.value))
+                              for m in retry(client.get_metric_history, info.run_id, key)))
+            for key in keys
+        }
+        records.append(RunRecord(
+            run_id=info.run_id,
+            name=info.run_name or info.run_id,
+            status=info.status,
+            start_time=None if info.start_time is None else info.start_time / 1000,
+            end_time=None if info.end_time is None else info.end_time / 1000,
+            params=dict(data.params),
+            tags=dict(data.tags),
+            metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
+            history=history,
+        ))
     return records
 
 
