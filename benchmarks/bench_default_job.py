@@ -33,7 +33,6 @@ from pathlib import Path
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                     "MLFLOW_TRACKING_URI", "PYTHONPATH")
-Job = tuple[subprocess.Popen, float]
 
 
 def _command(source: str | None) -> tuple[list[str], dict[str, str]]:
@@ -47,14 +46,14 @@ def _command(source: str | None) -> tuple[list[str], dict[str, str]]:
     return [found], env
 
 
-def _start(source: str | None, folder: Path, *overrides: str) -> Job:
+def _start(source: str | None, folder: Path, *overrides: str) -> tuple[subprocess.Popen, float]:
     command, env = _command(source)
     proc = subprocess.Popen([*command, *overrides], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, time.perf_counter()
 
 
-def _finish(job: Job) -> str:
+def _finish(job: tuple[subprocess.Popen, float]) -> str:
     proc, started = job
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -79,16 +78,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--source", action="append", help="checkout to run (repeatable)")
-    parser.add_argument("--cases", default="alone,pair,pair2", help="of alone,pair,pair2")
     args = parser.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(f"cpus: {os.cpu_count()}; environment without {', '.join(THREAD_VARIABLES)}; "
           "each job's BLAS threads: backend.num_threads (auto: 1), as the job prints")
-    cases = {"alone": ("alone", ()), "pair": ("pair", ()),
-             "pair2": ("pair, num_threads=2", ("backend.num_threads=2",))}
+    cases = [("alone", ()), ("pair", ()), ("pair, num_threads=2", ("backend.num_threads=2",))]
     for r in range(args.rounds):
-        for key in args.cases.split(","):
-            name, extra = cases[key]
+        for name, extra in cases:
             for source in args.source or [None]:
                 load = os.getloadavg()[0]
                 times = ", ".join(_case(source, name.split(",")[0], *extra))

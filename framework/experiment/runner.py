@@ -9,7 +9,6 @@ run each (``framework.experiment.resolve`` / ``framework.experiment.evaluate``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from framework.experiment.resolve import (
     resolve_tags,
     run_resolve,
 )
-from framework.experiment.tracking import TrackingError, make_tracker
+from framework.experiment.tracking import make_tracker
 from framework.experiment.train import EngineFactory, check_resumable, train
 
 
@@ -125,8 +124,7 @@ def _run(
             return train(c, out, ckpt_path, state, tracker, engine_factory or make_engine,
                          started, run_params)
     out.mkdir(parents=True, exist_ok=True)
-    # Opens the store in the background; an unreachable server fails here, before any work.
-    tracker = make_tracker(c.tracking)
+    tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
     tracker.start(run_name=_run_name(c), tags=tags,
                   run_id=None if state is None else state.get("run_id"))
     say(f"output dir {out.resolve()}")
@@ -135,8 +133,7 @@ def _run(
     try:
         summary = work(tracker)
     except BaseException as exc:
-        with contextlib.suppress(TrackingError):  # the first error is the one to report
-            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     if tracker.enabled:

@@ -176,7 +176,6 @@ class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = "hyperkrylov") -> None:
         self.uri = resolve_uri(uri)
         self.experiment = experiment
-        self.experiment_id: str | None = None
         check_reachable(self.uri)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
         self._failure: Exception | None = None
@@ -201,7 +200,7 @@ class Tracker:
         if exc is not None:
             first = (str(exc).splitlines() or [""])[0]
             if not isinstance(exc, TrackingError):
-                first = f"{self.describe()}: {type(exc).__name__}: {first}"
+                first = f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
             raise TrackingError(first) from exc
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T | None]:
@@ -293,14 +292,13 @@ class Tracker:
         self._write(self._call, "log_text", text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED (or FAILED / KILLED) once every write is done."""
+        """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
+        ending FINISHED raises a failure (a failed run reports its own error)."""
         if self._run is not None:
             self._worker.submit(self._guarded, self._call, "set_terminated", status)
         self._worker.shutdown(wait=True)
-        self._raise_failure()
-
-    def describe(self) -> str:
-        return f"MLflow {self.uri} experiment {self.experiment!r}"
+        if status == "FINISHED":
+            self._raise_failure()
 
 
 class NullTracker:
@@ -308,8 +306,6 @@ class NullTracker:
 
     enabled = False
     uri: str | None = None
-    experiment = ""
-    experiment_id = None
     run_id = None
     run_ready = True
 

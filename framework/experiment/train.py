@@ -4,9 +4,8 @@
 ``state``) the outer loop: mini-batches from a NumPy generator seeded by
 ``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
 resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps (deferred until the
-tracking run, which it names, exists) and at the end, then θ, the recording
-(``task=record``) and the figures.
+optimiser step per step, a checkpoint every ``checkpoint.every`` steps (once the tracking
+run it names exists) and at the end, then θ, the recording (``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
@@ -291,11 +290,10 @@ def _log_figures(
         for key, value in row.items():
             if key != "step":
                 series.setdefault(key, []).append((int(row["step"]), value))
-    rows = [r for r in per_sample if math.isfinite(r[2])]
-    shadow = [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])]
     figures = {
         "iterations_per_system.png": plots.iterations_per_system(
-            [(r[0], r[1], r[2]) for r in rows], shadow
+            [(r[0], r[1], r[2]) for r in per_sample if math.isfinite(r[2])],
+            [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])],
         ),
         "cumulative_iterations.png": plots.line(
             series,
