@@ -47,7 +47,7 @@ def test_uri_resolution(tmp_path, monkeypatch):
 
 def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     tracker = Tracker(experiment="unit")
-    run_id = tracker.start(run_name="r1", tags={names.SWEEP_TAG: "s1"})
+    tracker.start(run_name="r1", tags={names.SWEEP_TAG: "s1"})
     params = {f"p{i:03d}": i for i in range(250)}
     params["long"] = "x" * 7000
     tracker.log_params(params)
@@ -59,7 +59,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     tracker.end()
 
     (record,) = tracking.read_runs(None, "unit", sweep_id="s1")
-    assert record.run_id == run_id and record.name == "r1" and record.status == "FINISHED"
+    assert record.run_id == tracker.run_id and record.name == "r1" and record.status == "FINISHED"
     assert len(record.params) == 251 and len(record.params["long"]) == 6000
     assert record.history["loss"] == ((0, 1.0), (1, 0.5), (2, 1 / 3))
     assert "skip" not in record.metrics
@@ -73,11 +73,13 @@ def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
 
 def test_resume_continues_the_same_run(uri):
     first = Tracker(experiment="unit")
-    run_id = first.start(run_name="r")
+    first.start(run_name="r")
     first.log_params({"a": 1, "b": 2})
-    first.log_metrics({"loss": 3.0}, 0)  # killed here: the run stays RUNNING
+    first.log_metrics({"loss": 3.0}, 0)
+    first._worker.shutdown(wait=True)  # killed here, its writes done: the run stays RUNNING
     second = Tracker(experiment="unit")
-    assert second.start(run_id=run_id) == run_id
+    second.start(run_id=first.run_id)
+    assert second.run_id == first.run_id
     second.log_params({"a": 1, "b": 5, "c": 3})  # b changed: recorded as a tag, no error
     second.log_metrics({"loss": 2.0}, 1)
     second.end()
@@ -101,7 +103,7 @@ def test_deleted_experiment_and_missing_experiment(uri):
     client = MlflowClient(uri)
     client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
     with pytest.raises(TrackingError, match="deleted"):
-        Tracker(experiment="gone")
+        Tracker(experiment="gone").end()
     with pytest.raises(TrackingError, match="no MLflow experiment"):
         tracking.read_runs(None, "never")
 
@@ -147,3 +149,29 @@ def test_default_store_is_mlflow_folder_of_cwd(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow" / "mlflow.db").is_file()
     assert list((tmp_path / "mlflow" / "artifacts").rglob("f.txt"))
     assert not (tmp_path / "mlflow" / "__init__.py").exists()
+
+
+def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
+    tracker = Tracker(experiment="unit")
+    tracker.start(run_name="r")
+    tracker.log_params({"bad?name": 1})  # MLflow rejects the key, on the writer thread
+    tracker._worker.submit(lambda: None).result()  # the writer got past it
+    with pytest.raises(TrackingError, match="bad\\?name") as info:
+        tracker.log_metrics({"loss": 1.0}, 0)
+    assert "\n" not in str(info.value) and str(info.value).startswith("MLflow ")
+    with pytest.raises(TrackingError, match="bad\\?name"):
+        tracker.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.status == "RUNNING" and record.params == {} and record.metrics == {}
+
+
+def test_writes_return_before_the_store_exists_and_all_reach_it(uri, tmp_path):
+    tracker = Tracker(experiment="unit")  # the store of `uri` is created on the writer thread
+    tracker.start(run_name="r")
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert tracker._worker._work_queue.qsize() > 0  # queued behind the store's creation
+    tracker.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.history["loss"] == tuple((s, float(s)) for s in range(5))
+    assert record.status == "FINISHED" and tracker.run_ready

@@ -60,7 +60,7 @@ def iterations_per_system(
     return fig
 
 
-def line(history: History, keys: Sequence[str], ylabel: str, *, logy: bool = False) -> Any:
+def line(history: History, keys: Sequence[str], ylabel: str) -> Any:
     """A line per metric key against the step."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
@@ -69,25 +69,25 @@ def line(history: History, keys: Sequence[str], ylabel: str, *, logy: bool = Fal
             ax.plot(*series, ".-", label=key)
     ax.set_xlabel("outer step")
     ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
 
 def filters(theta: np.ndarray, kernel_size: int) -> Any:
-    """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight)."""
-    theta = np.asarray(theta)
-    count = theta.shape[0]
-    cols = min(count, 8)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < count:
-            ax.imshow(theta[i, :-1].reshape(kernel_size, kernel_size), cmap="gray")
-            ax.set_title(f"10^{theta[i, -1]:.2f}", fontsize=7)
+    """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight), each scaled
+    to its own range, tiled 8 to a row in one image (one Axes: cheap to draw)."""
+    theta, k = np.asarray(theta), kernel_size
+    cols = min(theta.shape[0], 8)
+    tiles = np.full((math.ceil(theta.shape[0] / cols) * (k + 1), cols * (k + 1)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.3 * cols, 1.4 * tiles.shape[0] / (k + 1)))
+    for i, row in enumerate(theta):
+        top, left = divmod(i, cols)
+        top, left, f = top * (k + 1) + 1, left * (k + 1), row[:-1].reshape(k, k)
+        tiles[top : top + k, left : left + k] = (f - f.min()) / (np.ptp(f) or 1.0)
+        ax.text(left + (k - 1) / 2, top - 0.7, f"10^{row[-1]:.2f}", ha="center", fontsize=7)
+    ax.imshow(tiles, cmap="gray")
+    ax.axis("off")
     fig.suptitle("learned filters (weight 10^p)", fontsize=9)
     return fig
 
@@ -138,14 +138,17 @@ def comparison(runs: Sequence[tuple[str, History]], keys: Mapping[str, str]) -> 
             positive = [h for _, h in runs if _series(h, key) is not None]
             if positive and all(min(v for _, v in h[key]) > 0 for h in positive):
                 ax.set_yscale("log")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if not handles:
-        for ax in axes.flat:
-            handles, labels = ax.get_legend_handles_labels()
-            if handles:
-                break
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    return _legend_below(fig, axes, columns=4)
+
+
+def _legend_below(fig: Any, axes: np.ndarray, columns: int) -> Any:
+    """One legend under the panels, from the first panel with labelled lines."""
+    for ax in axes.flat:
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), columns),
+                       fontsize=8)
+            break
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
@@ -176,11 +179,7 @@ def paper_strategies(runs: Sequence[tuple[str, History]]) -> Any:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("system t (outer step)")
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig
+    return _legend_below(fig, axes, columns=6)
 
 
 def dimension_sweep(

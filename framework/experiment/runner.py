@@ -124,12 +124,12 @@ def _run(
             return train(c, out, ckpt_path, state, tracker, engine_factory or make_engine,
                          started, run_params)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(c.tracking)  # an unreachable server fails here, before any work
-    run_id = tracker.start(run_name=_run_name(c), tags=tags,
-                           run_id=None if state is None else state.get("run_id"))
+    tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
+    tracker.start(run_name=_run_name(c), tags=tags,
+                  run_id=None if state is None else state.get("run_id"))
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
-        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r} run {run_id}")
+        say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")
     try:
         summary = work(tracker)
     except BaseException as exc:
@@ -137,7 +137,7 @@ def _run(
         raise
     tracker.end("FINISHED")
     if tracker.enabled:
-        say(f"MLflow run {run_id} at {tracker.uri}")
+        say(f"MLflow run {tracker.run_id} at {tracker.uri}")
         if tracker.uri.startswith("sqlite:///"):
             say(f"browse with: mlflow ui --backend-store-uri {tracker.uri}")
     return summary

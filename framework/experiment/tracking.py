@@ -8,7 +8,8 @@ tracking server chooses its own artifact store.
 Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file:
 the experiment is created once up front (``prepare_experiment``, called by the sweep's
 Hydra callback) and every write retries with exponential backoff while SQLite reports
-"database is locked".  mlflow is imported lazily, so a disabled tracker costs nothing.
+"database is locked".  mlflow is imported lazily (by a run's ``Tracker``, on its writer
+thread), so a disabled tracker costs nothing.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from framework.experiment import names
 
-MAX_PARAMS_PER_BATCH = 100
-MAX_PARAM_LENGTH = 6000
-MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
 
 T = TypeVar("T")
 
@@ -68,21 +68,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise ``TrackingError`` when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            if response.status >= 500:
-                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise TrackingError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        return
+    except urllib.error.HTTPError as exc:  # an answer; 5xx: the server is broken
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-            "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
-            "tracking=disabled"
-        ) from exc
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+        "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
+        "tracking=disabled"
+    )
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -154,138 +153,64 @@ def _experiment_id(client: Any, uri: str, name: str, *, create: bool) -> str | N
     return exp.experiment_id
 
 
-def prepare_experiment(uri: str, name: str) -> str:
+def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
     """Create the experiment ``name`` (and the SQLite schema) once; return its id."""
-    client = _client(uri)
+    client = client or _client(uri)
     with _store_lock(uri):
         exp_id = _experiment_id(client, uri, name, create=True)
     assert exp_id is not None
     return exp_id
 
 
-def _param_value(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
-
-
 class Tracker:
-    """One MLflow run: params, stepped metrics, tags and artifacts."""
+    """One MLflow run, written in call order by one background thread.
+
+    Opening the store (for a new SQLite file: importing mlflow and creating the schema, some
+    seconds) and every write run on that thread while the computation goes on; ``run_id``
+    waits for the run to exist and ``end`` for every write.  An http(s) server that does not
+    answer is reported at once; any other failure stops the writes and is raised as one
+    ``TrackingError`` by the next call, ``run_id`` or ``end``."""
 
     enabled = True
 
     def __init__(self, uri: str | None = None, experiment: str = "hyperkrylov") -> None:
         self.uri = resolve_uri(uri)
         self.experiment = experiment
-        self.run_id: str | None = None
+        check_reachable(self.uri)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._failure: Exception | None = None
+        self._run: Future[str | None] | None = None
+        self._active: str | None = None  # the run id, as the worker knows it
+        self._submit(self._open)
+
+    def _open(self) -> None:
         self._client = _client(self.uri)
-        with _store_lock(self.uri):
-            self.experiment_id = _experiment_id(self._client, self.uri, experiment, create=True)
+        self.experiment_id = prepare_experiment(self.uri, self.experiment, self._client)
 
-    def start(
-        self,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        run_id: str | None = None,
-    ) -> str:
-        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
-        if run_id is not None:
-            run = retry(self._client.get_run, run_id)
-            if run.info.experiment_id != self.experiment_id:
-                raise TrackingError(
-                    f"run {run_id} belongs to experiment {run.info.experiment_id}, "
-                    f"not {self.experiment!r}"
-                )
-            retry(self._client.update_run, run_id, status="RUNNING")
-            self.run_id = run_id
-        else:
-            run = retry(
-                self._client.create_run,
-                self.experiment_id,
-                run_name=run_name,
-                tags=dict(tags or {}),
-            )
-            self.run_id = run.info.run_id
-        if run_id is not None and tags:
-            self.set_tags(tags)
-        return self.run_id
-
-    def _require_run(self) -> str:
-        if self.run_id is None:
-            raise TrackingError("no active run: call Tracker.start() first")
-        return self.run_id
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params in batches of 100 (values cut to 6000 characters).
-
-        On a resumed run, params already logged are skipped; a changed value is recorded
-        as the tag ``resume.<key>`` (MLflow forbids changing a param within a run).
-        """
-        from mlflow.entities import Param
-
-        run_id = self._require_run()
-        existing = retry(self._client.get_run, run_id).data.params
-        items, changed = [], {}
-        for key, value in params.items():
-            text = _param_value(value)
-            if key not in existing:
-                items.append(Param(key, text))
-            elif existing[key] != text:
-                changed[f"resume.{key}"] = text
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            retry(self._client.log_batch, run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
-        if changed:
-            self.set_tags(changed)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
-        from mlflow.entities import Metric
-
-        run_id = self._require_run()
-        stamp = int(time.time() * 1000)
-        items = []
-        for key, value in metrics.items():
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T | None:
+        if self._failure is None:
             try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            items.append(Metric(key, number, stamp, int(step)))
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            retry(self._client.log_batch, run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+                return fn(*args)
+            except Exception as exc:
+                self._failure = exc
+        return None
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
+    def _raise_failure(self) -> None:
+        exc = self._failure
+        if exc is not None:
+            first = (str(exc).splitlines() or [""])[0]
+            if not isinstance(exc, TrackingError):
+                first = f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
+            raise TrackingError(first) from exc
 
-        run_id = self._require_run()
-        items = [RunTag(k, _param_value(v)) for k, v in tags.items()]
-        if items:
-            retry(self._client.log_batch, run_id, tags=items)
+    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T | None]:
+        self._raise_failure()
+        return self._worker.submit(self._guarded, fn, *args)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        retry(self._client.log_artifact, self._require_run(), str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        retry(self._client.log_text, self._require_run(), text, artifact_file)
-
-    def end(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED (or FAILED / KILLED)."""
-        if self.run_id is not None:
-            retry(self._client.set_terminated, self.run_id, status)
-
-    def describe(self) -> str:
-        return f"MLflow {self.uri} experiment {self.experiment!r} run {self.run_id}"
-
-
-class NullTracker:
-    """A tracker that records nothing (``tracking.enabled=false``, tests, benchmarks)."""
-
-    enabled = False
-    uri: str | None = None
-    experiment = ""
-    experiment_id = None
-
-    def __init__(self) -> None:
-        self.run_id: str | None = None
+    def _write(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._run is None:
+            raise TrackingError("no active run: call Tracker.start() first")
+        self._submit(fn, *args)
 
     def start(
         self,
@@ -294,25 +219,100 @@ class NullTracker:
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
     ) -> None:
-        return None
+        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
+        self._run = self._submit(self._start, run_name, dict(tags or {}), run_id)
+
+    def _start(self, run_name: str | None, tags: dict[str, str], run_id: str | None) -> str:
+        if run_id is None:
+            run = retry(self._client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+            self._active = run.info.run_id
+            return self._active
+        run = retry(self._client.get_run, run_id)
+        if run.info.experiment_id != self.experiment_id:
+            raise TrackingError(
+                f"run {run_id} belongs to experiment {run.info.experiment_id}, "
+                f"not {self.experiment!r}"
+            )
+        retry(self._client.update_run, run_id, status="RUNNING")
+        self._active = run_id
+        self._log_batch(tags=tags.items())
+        return run_id
+
+    @property
+    def run_ready(self) -> bool:
+        """Whether ``run_id`` answers without waiting."""
+        return self._run is None or self._run.done()
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id, once it exists (None before ``start``)."""
+        run_id = None if self._run is None else self._run.result()
+        self._raise_failure()
+        return run_id
+
+    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
+        """``log_batch`` of (key, value[, timestamp, step]) tuples; MLflow splits the batches
+        and cuts values to its length limits."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        retry(self._client.log_batch, self._active, [Metric(*m) for m in metrics],
+              [Param(*p) for p in params], [RunTag(k, str(v)) for k, v in tags])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
+        """Log params.  On a resumed run, params already logged are skipped; a changed value is
+        recorded as the tag ``resume.<key>`` (MLflow forbids changing a param within a run)."""
+        self._write(self._log_params, {key: str(value) for key, value in params.items()})
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        existing = retry(self._client.get_run, self._active).data.params
+        self._log_batch(
+            params=[(k, v) for k, v in params.items() if k not in existing],
+            tags=[(f"resume.{k}", v) for k, v in params.items()
+                  if k in existing and existing[k] != v[:MAX_PARAM_LENGTH]],
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
+        """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
+        stamp, numbers = int(time.time() * 1000), []
+        for key, value in metrics.items():
+            with contextlib.suppress(TypeError, ValueError):
+                numbers.append((key, float(value), stamp, int(step)))
+        self._write(self._log_batch, numbers)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
+        self._write(self._log_batch, (), (), list(tags.items()))
+
+    def _call(self, method: str, *args: Any) -> None:
+        retry(getattr(self._client, method), self._active, *args)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
+        self._write(self._call, "log_artifact", str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        pass
+        self._write(self._call, "log_text", text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        pass
+        """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
+        ending FINISHED raises a failure (a failed run reports its own error)."""
+        if self._run is not None:
+            self._worker.submit(self._guarded, self._call, "set_terminated", status)
+        self._worker.shutdown(wait=True)
+        if status == "FINISHED":
+            self._raise_failure()
+
+
+class NullTracker:
+    """A tracker that records nothing (``tracking.enabled=false``, tests, benchmarks)."""
+
+    enabled = False
+    uri: str | None = None
+    run_id = None
+    run_ready = True
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
 
     def describe(self) -> str:
         return "tracking disabled"
@@ -366,26 +366,26 @@ def read_runs(
     )
     records = []
     for run in runs:
-        keys = list(run.data.metrics) if history_keys is None else [
-            k for k in history_keys if k in run.data.metrics
+        info, data = run.info, run.data
+        keys = data.metrics if history_keys is None else [
+            k for k in history_keys if k in data.metrics
         ]
-        history = {}
-        for key in keys:
-            points = retry(client.get_metric_history, run.info.run_id, key)
-            history[key] = tuple(sorted((int(m.step), float(m.value)) for m in points))
-        records.append(
-            RunRecord(
-                run_id=run.info.run_id,
-                name=run.info.run_name or run.info.run_id,
-                status=run.info.status,
-                start_time=None if run.info.start_time is None else run.info.start_time / 1000,
-                end_time=None if run.info.end_time is None else run.info.end_time / 1000,
-                params=dict(run.data.params),
-                tags=dict(run.data.tags),
-                metrics={k: float(v) for k, v in run.data.metrics.items() if not math.isnan(v)},
-                history=history,
-            )
-        )
+        history = {
+            key: tuple(sorted((int(m.step), float(m.value))
+                              for m in retry(client.get_metric_history, info.run_id, key)))
+            for key in keys
+        }
+        records.append(RunRecord(
+            run_id=info.run_id,
+            name=info.run_name or info.run_id,
+            status=info.status,
+            start_time=None if info.start_time is None else info.start_time / 1000,
+            end_time=None if info.end_time is None else info.end_time / 1000,
+            params=dict(data.params),
+            tags=dict(data.tags),
+            metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
+            history=history,
+        ))
     return records
 
 

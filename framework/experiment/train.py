@@ -4,8 +4,8 @@
 ``state``) the outer loop: mini-batches from a NumPy generator seeded by
 ``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
 resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps and at the end, then
-θ, the recording (``task=record``) and the figures.
+optimiser step per step, a checkpoint every ``checkpoint.every`` steps (once the tracking
+run it names exists) and at the end, then θ, the recording (``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
@@ -189,7 +189,7 @@ def train(
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state is not None and state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
-    step = start
+    step, due = start, False
     try:
         for step in range(start, c.outer.steps):
             indices = _batch(rng, len(problem_set), c.outer.batch_size)
@@ -219,8 +219,10 @@ def train(
                 loss=f"{metrics[names.UPPER_LOSS]:.4g}",
                 krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
-            if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
+            due |= bool(c.checkpoint.every) and (step + 1) % c.checkpoint.every == 0
+            if due and tracker.run_ready:  # a checkpoint names its run: wait for it to exist
                 snapshot(step + 1, finished=False)
+                due = False
         step = c.outer.steps
     except KeyboardInterrupt:
         bar.close()
@@ -283,11 +285,10 @@ def _log_figures(
         for key, value in row.items():
             if key != "step":
                 series.setdefault(key, []).append((int(row["step"]), value))
-    rows = [r for r in per_sample if math.isfinite(r[2])]
-    shadow = [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])]
     figures = {
         "iterations_per_system.png": plots.iterations_per_system(
-            [(r[0], r[1], r[2]) for r in rows], shadow
+            [(r[0], r[1], r[2]) for r in per_sample if math.isfinite(r[2])],
+            [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])],
         ),
         "cumulative_iterations.png": plots.line(
             series,
