@@ -239,16 +239,17 @@ class Tracker:
         return run_id
 
     @property
-    def run_ready(self) -> bool:
-        """Whether ``run_id`` answers without waiting."""
-        return self._run is None or self._run.done()
-
-    @property
     def run_id(self) -> str | None:
         """The run's id, once it exists (None before ``start``)."""
         run_id = None if self._run is None else self._run.result()
         self._raise_failure()
         return run_id
+
+    def flush(self) -> None:
+        """Wait until every write so far is in the store (a checkpoint must not name
+        metrics that a kill could still lose)."""
+        self._worker.submit(lambda: None).result()
+        self._raise_failure()
 
     def _log_batch(self, metrics=(), params=(), tags=()) -> None:
         """``log_batch`` of (key, value[, timestamp, step]) tuples; MLflow splits the batches
@@ -307,12 +308,12 @@ class NullTracker:
     enabled = False
     uri: str | None = None
     run_id = None
-    run_ready = True
 
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
+    flush = _ignore
 
     def describe(self) -> str:
         return "tracking disabled"

@@ -4,8 +4,9 @@
 ``state``) the outer loop: mini-batches from a NumPy generator seeded by
 ``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
 resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps (once the tracking
-run it names exists) and at the end, then θ, the recording (``task=record``) and the figures.
+optimiser step per step, a checkpoint every ``checkpoint.every`` steps (the first waits
+for the tracking run it names, which opens in the background) and at the end, then θ,
+the recording (``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
@@ -167,6 +168,7 @@ def train(
     theta = backend.asarray(theta_host)
 
     def snapshot(step: int, finished: bool) -> None:
+        tracker.flush()  # the metrics before ``step`` are in the store before the checkpoint
         checkpoint.save(
             ckpt_path,
             {
@@ -189,7 +191,7 @@ def train(
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state is not None and state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
-    step, due = start, False
+    step = start
     try:
         for step in range(start, c.outer.steps):
             indices = _batch(rng, len(problem_set), c.outer.batch_size)
@@ -219,10 +221,8 @@ def train(
                 loss=f"{metrics[names.UPPER_LOSS]:.4g}",
                 krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
-            due |= bool(c.checkpoint.every) and (step + 1) % c.checkpoint.every == 0
-            if due and tracker.run_ready:  # a checkpoint names its run: wait for it to exist
-                snapshot(step + 1, finished=False)
-                due = False
+            if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
+                snapshot(step + 1, finished=False)  # names its run: waits for it to exist
         step = c.outer.steps
     except KeyboardInterrupt:
         bar.close()
