@@ -71,6 +71,9 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
+        (["solver.preconditioner=fft"], "solver.preconditioner"),  # with recycling
+        (["solver.preconditioner=fft", "recycle=none", "problem.regularizer=tv"],
+         "solver.preconditioner"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -83,7 +86,8 @@ def test_bad_values_name_the_key(overrides, key):
     [("recycle.strategy=ritzz", "recycle.strategy"), ("recycle.which=middle", "recycle.which"),
      ("backend.name=jax", "backend.name"), ("stop.kind=galerkin", "stop.kind"),
      ("baseline.mode=all", "baseline.mode"), ("problem.split=val", "problem.split"),
-     ("outer.name=sgd", "outer.name"), ("task=fit", "task"), ("recycle.dim=abc", "recycle.dim")],
+     ("outer.name=sgd", "outer.name"), ("task=fit", "task"), ("recycle.dim=abc", "recycle.dim"),
+     ("solver.preconditioner=ilu", "solver.preconditioner")],
 )
 def test_unknown_option_names_fail_at_composition_naming_the_key(override, key):
     """Choices are enums of the schema: Hydra rejects a bad name while composing."""

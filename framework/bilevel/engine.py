@@ -46,8 +46,10 @@ from framework.krylov.recycle import ORACLES, RecycleCarry, RecycleConfig, Recyc
 from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
 from framework.optim import lbfgs, newton_krylov
 from framework.optim.rows import scatter_rows
+from problems.preconditioners import fft_preconditioner
 
 LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
+Preconditioner = Choice("Preconditioner", "none fft")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class EngineConfig:
     stalls at ‖∇f‖ ≈ 1e-9 where f no longer changes in floating point, Newton does not.
     ``lower_solver`` chooses L-BFGS or inexact Newton with MINRES on the Hessian
     (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
+    ``preconditioner="fft"`` preconditions the Hessian solves (hypergradient and Newton)
+    with ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; not with
+    recycling of the hypergradient solve).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -70,6 +75,7 @@ class EngineConfig:
     lower_memory: int = 10
     lower_newton_steps: int = 0
     lower_solver: LowerSolver = LowerSolver.lbfgs
+    preconditioner: Preconditioner = Preconditioner.none
     warm_start: bool = True
     shadow_baseline: bool = False
 
@@ -222,6 +228,11 @@ class BilevelEngine:
             syncs + polished.host_syncs,
         )
 
+    def _preconditioner(self, batch: Any, X: Any, theta: Any) -> Callable[[Any], Any] | None:
+        if self.config.preconditioner == Preconditioner.none:
+            return None
+        return fft_preconditioner(batch, X, theta)
+
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
         iterating, H_i p_i = −∇f_i to relative residual η_i; its host reads go to
@@ -233,7 +244,8 @@ class BilevelEngine:
             if len(keep) < batch.batch_size:
                 pick = xp.asarray(keep, dtype=xp.int64, device=device_of(X))
                 X, G = xp.take(X, pick, axis=0), xp.take(G, pick, axis=0)
-            res = rminres(batch.subset(keep).linearize(X, theta), -G,
+            sub = batch.subset(keep)
+            res = rminres(sub.linearize(X, theta), -G, M=self._preconditioner(sub, X, theta),
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
@@ -324,7 +336,7 @@ class BilevelEngine:
             rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
         solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
-                        true_residual=False)
+                        true_residual=False, M=self._preconditioner(batch, X, theta))
         t2 = time.perf_counter()
         res = solve(x0=W0, recycle=space, harvest=self.recycler.harvester(J), stop=rule)
         t3 = time.perf_counter()

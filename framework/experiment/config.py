@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backends.choice import Choice
 from backends.core import BACKEND_NAMES
-from framework.bilevel.engine import LowerSolver
+from framework.bilevel.engine import LowerSolver, Preconditioner
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
@@ -100,6 +100,7 @@ class LowerSolverConfig:
 class SolverConfig:
     maxiter: int = 500
     check_every: int | None = None
+    preconditioner: Preconditioner = Preconditioner.none
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 
@@ -300,6 +301,13 @@ def validate(cfg: DictConfig | Config) -> Config:
            "rtol and atol are both zero; the solver would never stop")
     _check(c.recycle.strategy == Strategy.none or c.recycle.dim > 0, "recycle.dim",
            f"must be positive for strategy {c.recycle.strategy}; got 0")
+    if c.solver.preconditioner == Preconditioner.fft:
+        _check(c.recycle.strategy == Strategy.none, "solver.preconditioner",
+               "fft is not combined with recycling yet; add recycle=none")
+        _check(c.task != Task.resolve, "solver.preconditioner",
+               "task=resolve re-solves a recording without a preconditioner; use none")
+        _check(c.problem.regularizer == Regularizer.foe, "solver.preconditioner",
+               "fft is built for the FoE regulariser; use none")
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)

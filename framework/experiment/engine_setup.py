@@ -28,5 +28,6 @@ def engine_config(cfg: Config) -> EngineConfig:
         lower_maxiter=cfg.solver.lower.maxiter,
         lower_memory=cfg.solver.lower.memory,
         lower_solver=cfg.solver.lower.name,
+        preconditioner=cfg.solver.preconditioner,
         shadow_baseline=cfg.baseline.mode == Baseline.shadow,
     )
