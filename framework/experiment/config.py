@@ -90,7 +90,7 @@ class BackendConfig:
 
 @dataclass
 class LowerSolverConfig:
-    name: LowerSolver = LowerSolver.lbfgs
+    name: LowerSolver = LowerSolver.newton_krylov
     gtol: float = 1e-6
     maxiter: int = 500
     memory: int = 10
