@@ -89,11 +89,16 @@ def test_x0_is_used():
 @pytest.mark.parametrize("shift", [0.5, -2.0])
 def test_shift_solves_the_shifted_system(shift):
     A, b = sample_problem()
-    res = rminres(A, b, shift=shift, rtol=1e-12)
-    shifted = rminres(A - shift * np.eye(10), b, rtol=1e-12)
-    assert res.iterations == shifted.iterations
-    np.testing.assert_allclose(res.x, shifted.x, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(res.x, np.linalg.solve(A - shift * np.eye(10), b), rtol=1e-8)
+    As = A - shift * np.eye(10)
+    res = rminres(A, b, shift=shift, rtol=1e-10)
+    assert res.converged
+    # ‖x − x*‖ ≤ κ(A − σI)·‖r‖/‖b‖·‖x*‖ with ‖r‖ ≤ 1e-10‖b‖ (the status checked the true
+    # residual); the iteration count may differ by one from a solve with the explicit
+    # matrix, whose products round differently
+    exact = np.linalg.solve(As, b)
+    bound = np.linalg.cond(As) * 1e-10 * np.linalg.norm(exact)
+    assert np.linalg.norm(res.x - exact) <= bound
+    assert np.linalg.norm(b - As @ res.x) <= 1e-10 * np.linalg.norm(b)
 
 
 def test_asymmetric_operator_fails_the_check():
