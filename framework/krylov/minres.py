@@ -28,7 +28,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from backends.host import host_check_needs_sync, to_host
+from backends.host import host_check_needs_sync, host_list, to_host
 from framework.krylov.givens import DeviceScalars, HostScalars
 from framework.krylov.operators import batch_operator, check_symmetric, shifted, single_operator
 from framework.krylov.recycle_space import RecycleSpace, RowOperator, bmtv, bmv
@@ -294,7 +294,7 @@ class _Solve:
         self.b_norm = self._norms(self.b, None if self.M is None else self._precondition(self.b))
         self.thresholds = None
         if isinstance(self.rule, ResidualRule):  # the default rule is tested in the scalars
-            self.thresholds = self.rule.thresholds(to_host(self.b_norm).tolist())
+            self.thresholds = self.rule.thresholds(host_list(self.b_norm))
             self.device_thresholds = xp.asarray(self.thresholds, dtype=self.b.dtype,
                                                 device=device_of(self.b))
         Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars
@@ -392,7 +392,7 @@ class _Solve:
         mask)."""
         host = self.scalar_kind == "host"
         if host and not isinstance(rnorms, list):
-            rnorms = to_host(rnorms).tolist()
+            rnorms = host_list(rnorms)
         if self.thresholds is not None and host:
             return [r <= t for r, t in zip(rnorms, self.thresholds, strict=True)]
         if self.thresholds is not None:
@@ -416,7 +416,7 @@ class _Solve:
         statuses = tuple(_CODES[int(c)] for c in codes)
         history = self.history
         if self.scalar_kind == "device":
-            history = [to_host(h).tolist() for h in history]
+            history = [host_list(h) for h in history]
         per_sample = tuple(tuple(float(h[i]) for h in history[: iterations[i] + 1])
                            for i in range(len(codes)))
         x = self._iterate()
@@ -425,8 +425,8 @@ class _Solve:
         if true_residual:
             statuses = list(statuses)
             r = self.b - self.A(x)
-            true = to_host(self._norms(r)).tolist()
-            ruled = true if self.M is None else to_host(self._norms(r, self.M(r))).tolist()
+            true = host_list(self._norms(r))
+            ruled = true if self.M is None else host_list(self._norms(r, self.M(r)))
             for i, s in enumerate(statuses):
                 if s is not Status.NONFINITE:
                     norms[i], checks[i] = float(true[i]), 1
