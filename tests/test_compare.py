@@ -7,7 +7,7 @@ import math
 import pytest
 
 from framework.experiment import compare, names
-from framework.experiment.tracking import Tracker
+from framework.experiment.tracker import Tracker
 
 
 def _log_run(name, strategy, dim, its, shadow=None, sweep="s1"):

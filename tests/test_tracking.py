@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from framework.experiment import names, tracking
-from framework.experiment.tracking import NullTracker, Tracker, TrackingError
+from framework.experiment import checkpoint, names, tracking
+from framework.experiment.tracker import NullTracker, Tracker, make_tracker
+from framework.experiment.tracking import TrackingError
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -76,10 +78,11 @@ def test_resume_continues_the_same_run(uri):
     first.start(run_name="r")
     first.log_params({"a": 1, "b": 2})
     first.log_metrics({"loss": 3.0}, 0)
-    first._worker.shutdown(wait=True)  # killed here, its writes done: the run stays RUNNING
+    first.flush()
+    run_id = first.run_id  # abandoned here, its writes done: the run stays RUNNING
     second = Tracker(experiment="unit")
-    second.start(run_id=first.run_id)
-    assert second.run_id == first.run_id
+    second.start(run_id=run_id)
+    assert second.run_id == run_id
     second.log_params({"a": 1, "b": 5, "c": 3})  # b changed: recorded as a tag, no error
     second.log_metrics({"loss": 2.0}, 1)
     second.end()
@@ -124,7 +127,7 @@ def test_retry_backs_off_while_database_is_locked():
 
 def test_null_tracker_records_nothing(tmp_path):
     before = set(sys.modules)
-    t = tracking.make_tracker(type("C", (), {"enabled": False})())
+    t = make_tracker(type("C", (), {"enabled": False})())
     assert isinstance(t, NullTracker) and not t.enabled
     assert t.start(run_name="x") is None
     t.log_params({"a": 1})
@@ -138,7 +141,7 @@ def test_null_tracker_records_nothing(tmp_path):
 def test_default_store_is_mlflow_folder_of_cwd(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    tracker = tracking.make_tracker(
+    tracker = make_tracker(
         type("C", (), {"enabled": True, "uri": None, "experiment": "default"})()
     )
     tracker.start(run_name="r")
@@ -154,11 +157,12 @@ def test_default_store_is_mlflow_folder_of_cwd(tmp_path, monkeypatch):
 def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
     tracker = Tracker(experiment="unit")
     tracker.start(run_name="r")
-    tracker.log_params({"bad?name": 1})  # MLflow rejects the key, on the writer thread
-    tracker._worker.submit(lambda: None).result()  # the writer got past it
+    tracker.log_params({"bad?name": 1})  # MLflow rejects the key, in the writer process
     with pytest.raises(TrackingError, match="bad\\?name") as info:
-        tracker.log_metrics({"loss": 1.0}, 0)
+        tracker.flush()  # the writer got past it
     assert "\n" not in str(info.value) and str(info.value).startswith("MLflow ")
+    with pytest.raises(TrackingError, match="bad\\?name"):
+        tracker.log_metrics({"loss": 1.0}, 0)
     with pytest.raises(TrackingError, match="bad\\?name"):
         tracker.end()
     (record,) = tracking.read_runs(None, "unit")
@@ -166,12 +170,35 @@ def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
 
 
 def test_writes_return_before_the_store_exists_and_all_reach_it(uri, tmp_path):
-    tracker = Tracker(experiment="unit")  # the store of `uri` is created on the writer thread
-    tracker.start(run_name="r")
-    for step in range(5):
-        tracker.log_metrics({"loss": float(step)}, step)
-    assert tracker._worker._work_queue.qsize() > 0  # queued behind the store's creation
+    db = tracking.sqlite_path(uri)
+    with tracking._store_lock(uri):  # the writer waits here to create the store
+        tracker = Tracker(experiment="unit")
+        tracker.start(run_name="r")
+        for step in range(5):
+            tracker.log_metrics({"loss": float(step)}, step)
+        tracker.save_checkpoint(tmp_path / "ckpt.npz", {"step": 5})
+        assert not db.exists() and not (tmp_path / "ckpt.npz").exists()
     tracker.end()
     (record,) = tracking.read_runs(None, "unit")
     assert record.history["loss"] == tuple((s, float(s)) for s in range(5))
     assert record.status == "FINISHED"
+    # the checkpoint was written after the metrics before it, naming the run
+    assert checkpoint.load(tmp_path / "ckpt.npz") == {"step": 5, "run_id": record.run_id}
+
+
+def test_the_writer_exits_when_its_run_is_killed(uri, tmp_path):
+    script = (
+        "import os, signal; from framework.experiment.tracker import Tracker\n"
+        "t = Tracker(experiment='unit'); t.start(run_name='r'); t.flush()\n"
+        "print(t._writer.process.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    writer = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Path(f"/proc/{writer}").exists():
+        if "Z" in Path(f"/proc/{writer}/stat").read_text().split(")")[-1].split()[:1]:
+            break  # exited, not yet reaped
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the writer process {writer} outlived its killed run")

@@ -31,7 +31,7 @@ from framework.experiment.resolve import (
     resolve_tags,
     run_resolve,
 )
-from framework.experiment.tracking import make_tracker
+from framework.experiment.tracker import make_tracker
 from framework.experiment.train import EngineFactory, check_resumable, train
 
 

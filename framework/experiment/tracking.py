@@ -8,8 +8,9 @@ tracking server chooses its own artifact store.
 Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file:
 the experiment is created once up front (``prepare_experiment``, called by the sweep's
 Hydra callback) and every write retries with exponential backoff while SQLite reports
-"database is locked".  mlflow is imported lazily (by a run's ``Tracker``, on its writer
-thread), so a disabled tracker costs nothing.
+"database is locked".  A run's tracker (``framework.experiment.tracker``) sends its writes
+to a writer process, this module run as a script (``_serve``), so neither a run's
+interpreter nor a disabled tracker imports mlflow.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import random
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from framework.experiment import names
+from framework.experiment import checkpoint, names
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
 
@@ -162,168 +164,105 @@ def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
     return exp_id
 
 
-class Tracker:
-    """One MLflow run, written in call order by one background thread.
+# -- the writer process (run as a script by framework.experiment.tracker) ----------------
+class _Writer:
+    """The writer process's side: the MLflow client and the active run."""
 
-    Opening the store (for a new SQLite file: importing mlflow and creating the schema, some
-    seconds) and every write run on that thread while the computation goes on; ``run_id``
-    waits for the run to exist and ``end`` for every write.  An http(s) server that does not
-    answer is reported at once; any other failure stops the writes and is raised as one
-    ``TrackingError`` by the next call, ``run_id`` or ``end``."""
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.experiment_id: str | None = None
+        self.active: str | None = None
+        self.uri, self.experiment = "", ""
 
-    enabled = True
+    def open(self, uri: str, experiment: str) -> None:
+        self.uri, self.experiment = uri, experiment
+        self.client = _client(uri)
+        self.experiment_id = prepare_experiment(uri, experiment, self.client)
 
-    def __init__(self, uri: str | None = None, experiment: str = "hyperkrylov") -> None:
-        self.uri = resolve_uri(uri)
-        self.experiment = experiment
-        check_reachable(self.uri)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
-        self._failure: Exception | None = None
-        self._run: Future[str | None] | None = None
-        self._active: str | None = None  # the run id, as the worker knows it
-        self._submit(self._open)
-
-    def _open(self) -> None:
-        self._client = _client(self.uri)
-        self.experiment_id = prepare_experiment(self.uri, self.experiment, self._client)
-
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T | None:
-        if self._failure is None:
-            try:
-                return fn(*args)
-            except Exception as exc:
-                self._failure = exc
-        return None
-
-    def _raise_failure(self) -> None:
-        exc = self._failure
-        if exc is not None:
-            first = (str(exc).splitlines() or [""])[0]
-            if not isinstance(exc, TrackingError):
-                first = f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
-            raise TrackingError(first) from exc
-
-    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T | None]:
-        self._raise_failure()
-        return self._worker.submit(self._guarded, fn, *args)
-
-    def _write(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._run is None:
-            raise TrackingError("no active run: call Tracker.start() first")
-        self._submit(fn, *args)
-
-    def start(
-        self,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        run_id: str | None = None,
-    ) -> None:
-        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
-        self._run = self._submit(self._start, run_name, dict(tags or {}), run_id)
-
-    def _start(self, run_name: str | None, tags: dict[str, str], run_id: str | None) -> str:
+    def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None) -> None:
         if run_id is None:
-            run = retry(self._client.create_run, self.experiment_id, run_name=run_name, tags=tags)
-            self._active = run.info.run_id
-            return self._active
-        run = retry(self._client.get_run, run_id)
+            run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+            self.active = run.info.run_id
+            return
+        run = retry(self.client.get_run, run_id)
         if run.info.experiment_id != self.experiment_id:
             raise TrackingError(
                 f"run {run_id} belongs to experiment {run.info.experiment_id}, "
                 f"not {self.experiment!r}"
             )
-        retry(self._client.update_run, run_id, status="RUNNING")
-        self._active = run_id
-        self._log_batch(tags=tags.items())
-        return run_id
+        retry(self.client.update_run, run_id, status="RUNNING")
+        self.active = run_id
+        self.log_batch(tags=tags.items())
 
-    @property
     def run_id(self) -> str | None:
-        """The run's id, once it exists (None before ``start``)."""
-        run_id = None if self._run is None else self._run.result()
-        self._raise_failure()
-        return run_id
+        return self.active
+
+    close = run_id
 
     def flush(self) -> None:
-        """Wait until every write so far is in the store (a checkpoint must not name
-        metrics that a kill could still lose)."""
-        self._worker.submit(lambda: None).result()
-        self._raise_failure()
+        return None
 
-    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
+    def checkpoint(self, path: str, state: dict[str, Any]) -> None:
+        checkpoint.save(path, {**state, "run_id": self.active})
+
+    def log_batch(self, metrics=(), params=(), tags=()) -> None:
         """``log_batch`` of (key, value[, timestamp, step]) tuples; MLflow splits the batches
         and cuts values to its length limits."""
         from mlflow.entities import Metric, Param, RunTag
 
-        retry(self._client.log_batch, self._active, [Metric(*m) for m in metrics],
+        retry(self.client.log_batch, self.active, [Metric(*m) for m in metrics],
               [Param(*p) for p in params], [RunTag(k, str(v)) for k, v in tags])
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params.  On a resumed run, params already logged are skipped; a changed value is
-        recorded as the tag ``resume.<key>`` (MLflow forbids changing a param within a run)."""
-        self._write(self._log_params, {key: str(value) for key, value in params.items()})
-
-    def _log_params(self, params: dict[str, str]) -> None:
-        existing = retry(self._client.get_run, self._active).data.params
-        self._log_batch(
+    def log_params(self, params: dict[str, str]) -> None:
+        existing = retry(self.client.get_run, self.active).data.params
+        self.log_batch(
             params=[(k, v) for k, v in params.items() if k not in existing],
             tags=[(f"resume.{k}", v) for k, v in params.items()
                   if k in existing and existing[k] != v[:MAX_PARAM_LENGTH]],
         )
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
-        stamp, numbers = int(time.time() * 1000), []
-        for key, value in metrics.items():
-            with contextlib.suppress(TypeError, ValueError):
-                numbers.append((key, float(value), stamp, int(step)))
-        self._write(self._log_batch, numbers)
+    def call(self, method: str, *args: Any) -> None:
+        retry(getattr(self.client, method), self.active, *args)
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._write(self._log_batch, (), (), list(tags.items()))
-
-    def _call(self, method: str, *args: Any) -> None:
-        retry(getattr(self._client, method), self._active, *args)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._write(self._call, "log_artifact", str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._write(self._call, "log_text", text, artifact_file)
-
-    def end(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
-        ending FINISHED raises a failure (a failed run reports its own error)."""
-        if self._run is not None:
-            self._worker.submit(self._guarded, self._call, "set_terminated", status)
-        self._worker.shutdown(wait=True)
-        if status == "FINISHED":
-            self._raise_failure()
+    def describe(self, exc: Exception) -> str:
+        """One line for a failure (the parent raises it as a ``TrackingError``)."""
+        first = (str(exc).splitlines() or [""])[0]
+        if isinstance(exc, TrackingError | checkpoint.CheckpointError):
+            return first
+        return f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
 
 
-class NullTracker:
-    """A tracker that records nothing (``tracking.enabled=false``, tests, benchmarks)."""
+def _serve() -> None:
+    """The writer process (see ``framework.experiment.tracker``): run the requests from
+    stdin in order until EOF, each for the run (``_Writer``) its key names.
 
-    enabled = False
-    uri: str | None = None
-    run_id = None
-
-    def _ignore(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
-    flush = _ignore
-
-    def describe(self) -> str:
-        return "tracking disabled"
-
-
-def make_tracker(cfg: Any) -> Tracker | NullTracker:
-    """A ``Tracker`` for a ``TrackingConfig`` (``NullTracker`` when ``enabled`` is false)."""
-    if not cfg.enabled:
-        return NullTracker()
-    return Tracker(cfg.uri, cfg.experiment)
+    Replies and failures are pickled to the original stdout as (key, kind, payload); what a
+    library prints goes to stderr.  After a run's first failure its requests are only
+    answered, not run."""
+    inbox, outbox = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    writers: dict[int, _Writer] = {}
+    failed: set[int] = set()
+    while True:
+        try:
+            key, op, args, reply = pickle.load(inbox)
+        except EOFError:  # the parent ended or was killed
+            return
+        writer = writers.setdefault(key, _Writer())
+        value = None
+        if key not in failed:
+            try:
+                value = getattr(writer, op)(*args)
+            except Exception as exc:
+                failed.add(key)
+                pickle.dump((key, "failed", writer.describe(exc)), outbox)
+        if reply:
+            pickle.dump((key, "reply", value), outbox)
+        outbox.flush()
+        if op == "close":
+            writers.pop(key, None)
+            failed.discard(key)
 
 
 # -- reading runs back (the compare view) ------------------------------------------------
@@ -395,3 +334,7 @@ def percent_saved(mine: float, reference: float) -> float:
     if not (math.isfinite(mine) and math.isfinite(reference)) or reference <= 0:
         return math.nan
     return 100.0 * (1.0 - mine / reference)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -4,9 +4,9 @@
 ``state``) the outer loop: mini-batches from a NumPy generator seeded by
 ``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
 resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps (the first waits
-for the tracking run it names, which opens in the background) and at the end, then θ,
-the recording (``task=record``) and the figures.
+optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
+tracker after the metrics it follows, without waiting for the store) and at the end, then
+θ, the recording (``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backends import get_backend, tune_cpu_allocator
-from framework.experiment import checkpoint, names, plots
+from framework.experiment import names, plots
 from framework.experiment.config import (
     BackendName,
     Config,
@@ -167,9 +167,10 @@ def train(
         sums = {k: float(v) for k, v in state["cumulative"].items()}
     theta = backend.asarray(theta_host)
 
+    identity = resume_identity(c)
+
     def snapshot(step: int, finished: bool) -> None:
-        tracker.flush()  # the metrics before ``step`` are in the store before the checkpoint
-        checkpoint.save(
+        tracker.save_checkpoint(  # written after the metrics before ``step`` are in the store
             ckpt_path,
             {
                 "step": step,
@@ -178,11 +179,10 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "engine": engine.state_dict(),
                 "rng": rng.bit_generator.state,
-                "run_id": tracker.run_id,
                 "history": history,
                 "per_sample": per_sample,
                 "cumulative": sums,
-                "config": resume_identity(c),
+                "config": identity,
                 **({} if recorder is None else {"recording": recorder.state_dict()}),
             },
         )
@@ -222,11 +222,12 @@ def train(
                 krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
             if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
-                snapshot(step + 1, finished=False)  # names its run: waits for it to exist
+                snapshot(step + 1, finished=False)
         step = c.outer.steps
     except KeyboardInterrupt:
         bar.close()
         snapshot(step, finished=False)  # resumable; bitwise identity only from periodic ones
+        tracker.flush()  # the checkpoint is on disk before we say so
         say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume")
         raise
     bar.close()

@@ -1,0 +1,239 @@
+"""A run's MLflow tracker: writes go to a writer process, in call order, without waiting.
+
+``Tracker`` is one MLflow run.  mlflow itself is imported, stores opened (for a new SQLite
+file: creating its schema, some seconds) and every write made by a writer process
+(``python -m framework.experiment.tracking``), so tracking runs beside the computation on
+another core instead of sharing its interpreter.  One writer serves every tracker of this
+interpreter, one after another (a Hydra sweep with the basic launcher, a test session pays
+for importing mlflow once).  A call pickles its write (so later changes to its arrays do not
+matter) and returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
+
+Failures: an http(s) server that does not answer is reported at once; any other failure
+stops that run's writes and is raised as one ``TrackingError`` line by its next call.  The
+writer runs in its own session, so Ctrl-C reaches only this process (the run then ends
+KILLED); when this process dies, the writer writes what it was sent and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from framework.experiment import checkpoint
+from framework.experiment.tracking import TrackingError, check_reachable, resolve_uri
+
+_GONE = object()  # the writer process ended before it replied
+
+
+class _WriterProcess:
+    """The writer process of this interpreter and the threads that feed and read its pipes."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "framework.experiment.tracking"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
+        )
+        self.pid = os.getpid()  # a forked interpreter must start its own writer
+        self.trackers: dict[int, Tracker] = {}
+        self.keys = itertools.count()
+        self.gone: str | None = None
+        self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        threading.Thread(target=self._feed, name="mlflow-feed", daemon=True).start()
+        threading.Thread(target=self._read, name="mlflow-read", daemon=True).start()
+
+    def usable(self) -> bool:
+        return self.gone is None and self.pid == os.getpid()
+
+    def send(self, key: int, op: str, args: tuple[Any, ...], reply: bool) -> None:
+        self.outbox.put(pickle.dumps((key, op, args, reply), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _feed(self) -> None:
+        """Write queued requests to the pipe (a full pipe blocks this thread only)."""
+        pipe = self.process.stdin
+        while True:
+            message = self.outbox.get()
+            try:
+                pipe.write(message)
+                pipe.flush()
+            except (OSError, ValueError):  # the writer is gone: ``_read`` reports it
+                return
+
+    def _read(self) -> None:
+        """Hand each reply and failure to its tracker; on the writer's end, fail them all."""
+        while True:
+            try:
+                key, kind, payload = pickle.load(self.process.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            tracker = self.trackers.get(key)
+            if tracker is None:
+                continue
+            if kind == "failed":
+                tracker.failure = tracker.failure or payload
+            else:
+                tracker.replies.put(payload)
+        code = self.process.wait()
+        self.gone = f"the MLflow writer process exited (code {code})"
+        for tracker in list(self.trackers.values()):
+            tracker.failure = tracker.failure or self.gone
+            tracker.replies.put(_GONE)
+
+
+_shared: _WriterProcess | None = None
+_shared_lock = threading.Lock()
+
+
+def _writer_process() -> _WriterProcess:
+    """This interpreter's writer process, started on first use (again if it died)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.usable():
+            _shared = _WriterProcess()
+        return _shared
+
+
+class Tracker:
+    """One MLflow run (see the module docstring)."""
+
+    enabled = True
+
+    def __init__(self, uri: str | None = None, experiment: str = "hyperkrylov") -> None:
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        check_reachable(self.uri)
+        self.failure: str | None = None
+        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._started = self._ended = False
+        self._run_id: str | None = None
+        self._writer = _writer_process()
+        self._key = next(self._writer.keys)
+        self._writer.trackers[self._key] = self
+        self._send("open", self.uri, experiment)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise TrackingError(self.failure)
+
+    def _send(self, op: str, *args: Any, reply: bool = False) -> Any:
+        self.failure = self.failure or self._writer.gone
+        self._raise_failure()
+        if self._ended:
+            raise TrackingError(f"the MLflow run at {self.uri} has ended")
+        self._writer.send(self._key, op, args, reply)
+        if not reply:
+            return None
+        value = self.replies.get()
+        self._raise_failure()
+        return value
+
+    def _write(self, op: str, *args: Any) -> None:
+        if not self._started:
+            raise TrackingError("no active run: call Tracker.start() first")
+        self._send(op, *args)
+
+    def start(
+        self,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
+        self._send("start", run_name, {k: str(v) for k, v in (tags or {}).items()}, run_id)
+        self._started = True
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id, once it exists (None before ``start``)."""
+        if self._started and self._run_id is None:
+            self._run_id = self._send("run_id", reply=True)
+        return self._run_id
+
+    def flush(self) -> None:
+        """Wait until every write so far is in the store."""
+        self._send("flush", reply=True)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params.  On a resumed run, params already logged are skipped; a changed value is
+        recorded as the tag ``resume.<key>`` (MLflow forbids changing a param within a run)."""
+        self._write("log_params", {key: str(value) for key, value in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
+        stamp, numbers = int(time.time() * 1000), []
+        for key, value in metrics.items():
+            with contextlib.suppress(TypeError, ValueError):
+                numbers.append((key, float(value), stamp, int(step)))
+        self._write("log_batch", numbers)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._write("log_batch", (), (), [(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._write("call", "log_artifact", str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._write("call", "log_text", text, artifact_file)
+
+    def save_checkpoint(self, path: str | Path, state: dict[str, Any]) -> None:
+        """``checkpoint.save`` of ``state`` with the run's id as ``state["run_id"]``, made
+        once every write before it is in the store: a checkpoint never names metrics that a
+        kill could still lose, and the computation does not wait for the store."""
+        self._write("checkpoint", str(path), state)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
+        ending FINISHED raises a failure (a failed run reports its own error)."""
+        if self._ended:
+            return
+        try:
+            if self._started:
+                self._send("call", "set_terminated", status)
+            run_id = self._send("close", reply=True)
+            self._run_id = self._run_id or run_id
+        except TrackingError:
+            if status == "FINISHED":
+                raise
+        finally:
+            self._ended = True
+            self._writer.trackers.pop(self._key, None)
+
+
+class NullTracker:
+    """A tracker that records nothing (``tracking.enabled=false``, tests, benchmarks)."""
+
+    enabled = False
+    uri: str | None = None
+    run_id = None
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
+    flush = _ignore
+
+    def save_checkpoint(self, path: str | Path, state: dict[str, Any]) -> None:
+        checkpoint.save(path, {**state, "run_id": None})
+
+    def describe(self) -> str:
+        return "tracking disabled"
+
+
+def make_tracker(cfg: Any) -> Tracker | NullTracker:
+    """A ``Tracker`` for a ``TrackingConfig`` (``NullTracker`` when ``enabled`` is false)."""
+    if not cfg.enabled:
+        return NullTracker()
+    return Tracker(cfg.uri, cfg.experiment)
