@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 
 from framework.experiment import checkpoint, names, tracking
@@ -69,8 +70,19 @@ def test_run_logs_params_metrics_tags_and_artifacts(uri, tmp_path):
     artifacts = tmp_path / "artifacts"
     assert sorted(p.name for p in artifacts.rglob("*") if p.is_file()) == [
         "config.yaml",
+        "requirements.txt",
         "theta.npz",
     ]
+    # the tags mlflow.start_run would add, and the source tree's commit (a git checkout here)
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True)
+    assert record.tags["mlflow.user"] and record.tags["mlflow.source.type"] == "LOCAL"
+    assert record.tags["mlflow.source.name"] == sys.argv[0]
+    if head.returncode == 0:
+        assert record.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    (requirements,) = artifacts.rglob("requirements.txt")
+    assert f"numpy=={numpy.__version__}\n" in requirements.read_text()
 
 
 def test_resume_continues_the_same_run(uri):

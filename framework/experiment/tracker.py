@@ -152,7 +152,8 @@ class Tracker:
         run_id: str | None = None,
     ) -> None:
         """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
-        self._send("start", run_name, {k: str(v) for k, v in (tags or {}).items()}, run_id)
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        self._send("start", run_name, tags, run_id, sys.argv[0])
         self._started = True
 
     @property

@@ -16,18 +16,20 @@ interpreter nor a disabled tracker imports mlflow.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
 import os
 import pickle
-import random
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import filelock
+import tenacity
 
 from framework.experiment import checkpoint, names
 
@@ -93,14 +95,12 @@ def _is_locked(exc: BaseException) -> bool:
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 10, base: float = 0.05, **kw: Any) -> T:
     """Call ``fn`` and retry with jittered exponential backoff while SQLite is locked."""
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kw)
-        except Exception as exc:
-            if not _is_locked(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(base * 2**attempt * (1.0 + random.random()))
-    raise AssertionError("unreachable")
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_is_locked),
+        wait=tenacity.wait_random_exponential(multiplier=base),
+        stop=tenacity.stop_after_attempt(attempts),
+        reraise=True,
+    )(fn, *args, **kw)
 
 
 @contextlib.contextmanager
@@ -110,15 +110,8 @@ def _store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    (db.parent / "artifacts").mkdir(exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "a") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except (ImportError, OSError):  # no flock (Windows, some network file systems)
-            pass
+    (db.parent / "artifacts").mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(db.parent / f".{db.name}.lock"):
         yield
 
 
@@ -179,10 +172,14 @@ class _Writer:
         self.client = _client(uri)
         self.experiment_id = prepare_experiment(uri, experiment, self.client)
 
-    def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None) -> None:
+    def start(
+        self, run_name: str | None, tags: dict[str, str], run_id: str | None, command: str
+    ) -> None:
         if run_id is None:
-            run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+            run = retry(self.client.create_run, self.experiment_id, run_name=run_name,
+                        tags=_standard_tags(tags, command))
             self.active = run.info.run_id
+            self.call("log_text", _requirements(), "requirements.txt")
             return
         run = retry(self.client.get_run, run_id)
         if run.info.experiment_id != self.experiment_id:
@@ -230,6 +227,31 @@ class _Writer:
         if isinstance(exc, TrackingError | checkpoint.CheckpointError):
             return first
         return f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
+
+
+def _standard_tags(tags: dict[str, str], command: str) -> dict[str, str]:
+    """``tags`` plus the tags ``mlflow.start_run`` adds (user, source name and type, from
+    MLflow's run-context providers, as if run by ``command``) and the git commit, branch and
+    remote of hyperkrylov's own source tree when it is a git checkout."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils, mlflow_tags
+
+    sys.argv[0] = command  # what the providers read as the run's main file
+    source = str(Path(__file__).resolve().parents[2])
+    git = {
+        mlflow_tags.MLFLOW_GIT_COMMIT: git_utils.get_git_commit(source),
+        mlflow_tags.MLFLOW_GIT_BRANCH: git_utils.get_git_branch(source),
+        mlflow_tags.MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(source),
+    }
+    return {**resolve_tags(tags), **{k: v for k, v in git.items() if v}}
+
+
+def _requirements() -> str:
+    """The installed distributions, one ``name==version`` per line (pip freeze style)."""
+    found = {
+        (d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()
+    }
+    return "".join(f"{name}=={version}\n" for name, version in sorted(found.items()) if name)
 
 
 def _serve() -> None:
