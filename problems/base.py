@@ -113,8 +113,8 @@ LN10 = math.log(10.0)  # regularisers weight by 10^θ
 
 
 class RowRegularizer:
-    """A regulariser of (H, W) images: its public single-point/batch API from its
-    ``rows_value_and_grad`` (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+    """A regulariser of (H, W) images; subclasses implement ``rows_value_and_grad``
+    (xp, X (B, n), θ) → (R_θ(x_i) (B,) or None, ∇R(x_i) (B, n) or None) and ``linearize``."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:
@@ -129,20 +129,9 @@ class RowRegularizer:
 
     def value(self, x: Any, theta: Any) -> Any:
         """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
-        return self.value_and_grad(x, theta, grad=False)[0]
-
-    def grad(self, x: Any, theta: Any) -> Any:
-        """∇R(x_i), shaped like x."""
-        return self.value_and_grad(x, theta, value=False)[1]
-
-    def value_and_grad(
-        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
-    ) -> tuple[Any, Any]:
-        """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
         xp = array_api_compat.array_namespace(x, theta)
         X, single = as_rows(x, self.n, "x")
-        out = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
+        return from_rows(xp, self.rows_value_and_grad(xp, X, theta, grad=False)[0], single)
 
 
 class Problem:
@@ -201,15 +190,13 @@ class Problem:
     def upper_loss(self, x: Any) -> Any:
         """½‖x_i − x_true,i‖²: 0-d or (B,)."""
         rows, single = self._rows(x)
-        xp = array_api_compat.array_namespace(rows)
         r = rows - self.X_true
-        return from_rows(xp, 0.5 * xp.sum(r * r, axis=1), single)
+        return from_rows(self.xp, 0.5 * self.xp.sum(r * r, axis=1), single)
 
     def upper_grad(self, x: Any) -> Any:
         """x_i − x_true,i, shaped like x."""
         rows, single = self._rows(x)
-        xp = array_api_compat.array_namespace(rows)
-        return from_rows(xp, rows - self.X_true, single)
+        return from_rows(self.xp, rows - self.X_true, single)
 
     def _rows_value_and_grad(
         self, X: Any, theta: Any, *, value: bool, grad: bool

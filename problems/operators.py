@@ -1,12 +1,7 @@
-"""Forward operators A (with adjoints) on batches of flattened images, per-sample data.
-
-Every operator maps one image (n,) → (n,), a batch (B, n) → (B, n) and a batch of blocks
-(B, n, b) → (B, n, b) (output the image's size) and exposes ``apply`` (A), ``adjoint``
-(Aᵀ), ``normal`` (AᵀA), ``image_shape``, ``n`` and ``shape``.  ``Identity`` and
-``GaussianBlur`` act on any batch; an ``Inpainting`` holds one mask per sample (B, n), so
-it applies to batches of its own ``batch_size``.  ``stack_operators`` joins the operators
-of B samples into one (same kind, image shape and blur width).  Host constants (the masks)
-are moved to the input's device once and cached per device.
+"""Forward operators A on flattened images: ``apply`` (A), ``adjoint`` (Aᵀ), ``normal`` (AᵀA)
+map one image (n,), a batch (B, n) or blocks (B, n, b) to the same shape.  ``Identity`` and
+``GaussianBlur`` act on any batch; an ``Inpainting`` holds one mask per sample (B, n),
+moved to the input's device once and cached.  ``stack_operators`` joins samples' operators.
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ from problems.base import check_agree, pad_zeros_2d
 
 
 class _Operator:
-    """Shared bookkeeping for square image-to-image operators."""
+    """Shared bookkeeping for square image-to-image operators; subclasses implement
+    ``apply3`` and ``adjoint3`` (xp, blocks (B, n, b)) → (B, n, b)."""
 
     batch_size: int | None = None  # None: acts on any batch
 
@@ -60,12 +56,6 @@ class _Operator:
         """AᵀA v."""
         return self._on_blocks(self.normal3, v)
 
-    def apply3(self, xp: Any, v3: Any) -> Any:
-        raise NotImplementedError
-
-    def adjoint3(self, xp: Any, v3: Any) -> Any:
-        raise NotImplementedError
-
     def normal3(self, xp: Any, v3: Any) -> Any:
         """AᵀA on blocks (B, n, b) (a fresh array)."""
         return self.adjoint3(xp, self.apply3(xp, v3))
@@ -89,13 +79,9 @@ class Identity(_Operator):
 
 
 class Inpainting(_Operator):
-    """A_i = diag(mask_i): a seeded ``fraction_removed`` of the pixels is set to zero.
-
-    ``masks`` (host NumPy, float 0/1, shape (B, n)) marks the kept pixels; one sample's
-    exactly round(fraction_removed · n) removed pixels are chosen by
-    ``numpy.random.default_rng(seed)``.  Given ``masks``, the operator holds those samples
-    (``seed``: their seeds, for the record).
-    """
+    """A_i = diag(mask_i): exactly round(fraction_removed · n) pixels, drawn by
+    ``numpy.random.default_rng(seed)``, are set to zero.  Given host 0/1 ``masks`` (B, n),
+    the operator holds those samples (``seed``: their seeds, for the record)."""
 
     def __init__(
         self, image_shape: tuple[int, ...], fraction_removed: float, seed: Any = 0, *,

@@ -42,7 +42,7 @@ def fft_symbol(problem: Any, X: Any, theta: Any) -> Any:
     dev, dtype = array_api_compat.device(X), X.dtype
     h, w = reg.image_shape
     k, f, bsz = reg.kernel_size, reg.num_filters, X.shape[0]
-    filters, scales = reg.split(xp, problem._theta(theta))
+    filters, scales = reg.split(xp, theta)
     _, z = reg.responses(xp, X, filters)  # (F, n·B), pixel-major
     weight = reg.expert.d2(z) * scales[:, None]
     c = xp.mean(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), axis=1)  # (F, B)
