@@ -78,16 +78,6 @@ def load_mnist_labels(path: str | Path, *, count: int | None = None, start: int 
     return _read_idx(path, IDX_LABEL_MAGIC, count, start).copy()
 
 
-def _read_jpeg_gray(path: Path) -> np.ndarray:
-    """A JPEG as grayscale float64 in [0, 1] (ITU-R 601 luma weights)."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-    except OSError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    return rgb @ np.array([0.299, 0.587, 0.114])
-
-
 def load_bsds300(
     root: str | Path,
     split: str = "train",
@@ -117,7 +107,12 @@ def load_bsds300(
         files = files[:count]
     crops = np.empty((len(files), crop, crop))
     for i, path in enumerate(files):
-        gray = _read_jpeg_gray(path)
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+        except OSError as exc:
+            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+        gray = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma
         h, w = gray.shape
         if crop > min(h, w):
             raise ValueError(f"crop={crop} is larger than image {path} ({h}×{w})")

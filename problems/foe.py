@@ -43,10 +43,8 @@ def dct_filters(kernel_size: int) -> np.ndarray:
 
 
 def gaussian_filters(kernel_size: int, num_filters: int, seed: int = 0) -> np.ndarray:
-    """Seeded random filters: i.i.d. N(0, 1) entries, then each made zero-mean, unit norm.
-
-    Returns shape (num_filters, K, K).
-    """
+    """Seeded random filters (num_filters, K, K): i.i.d. N(0, 1) entries, then each made
+    zero-mean and unit-norm."""
     k = int(kernel_size)
     rng = np.random.default_rng(seed)
     filters = rng.standard_normal((num_filters, k, k))
@@ -68,7 +66,7 @@ class FieldsOfExperts(RowRegularizer):
 
     ``learn`` selects the learned parameters ("filters", "exponents" or "both"); the
     others are masked out of the problem's Jᵀ.  ``gamma`` is the Huber / smooth-ℓ1
-    parameter.  ``linearize`` freezes a batch (B, n) for ∇²R V and Jᵀ W.
+    parameter.
     """
 
     def __init__(
@@ -113,13 +111,10 @@ class FieldsOfExperts(RowRegularizer):
         )
 
     def batch_key(self) -> tuple[Any, ...]:
-        """What two samples' regularisers must share to be solved as one batch."""
         return ("foe", self.image_shape, self.kernel_size, self.num_filters, self.expert,
                 self.learn)
 
-    # -- parameters ----------------------------------------------------------------
     def mask_host(self) -> np.ndarray:
-        """Flat (p,) 0/1 host mask of the learned entries of θ."""
         mask = np.zeros(self.theta_shape)
         mask[:, :-1] = self.learn != "exponents"
         mask[:, -1] = self.learn != "filters"
@@ -133,10 +128,8 @@ class FieldsOfExperts(RowRegularizer):
 
     # -- convolutions in the batch-last layout -----------------------------------------
     def stack(self, xp: Any, v3: Any) -> Any:
-        """Shifted copies of the padded batch (B, n, b): (K², n·B·b), row a·K + c ↔ k[a, c].
-
-        Column (j, i, c) holds pixel j of sample i, block column c.
-        """
+        """Shifted copies of the padded batch (B, n, b): (K², n·B·b), row a·K + c ↔ k[a, c];
+        column (j, i, c) holds pixel j of sample i, block column c."""
         h, w = self.image_shape
         k, r = self.kernel_size, self.radius
         bsz, _, b = v3.shape
@@ -174,7 +167,6 @@ class FieldsOfExperts(RowRegularizer):
         out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
         return out
 
-    # -- R and ∇R ------------------------------------------------------------------------
     def responses(self, xp: Any, X: Any, filters: Any) -> tuple[Any, Any]:
         """The stack of X (K², n·B) and the filter responses z = k ∗ x (F, n·B)."""
         sx = self.stack(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
@@ -183,7 +175,6 @@ class FieldsOfExperts(RowRegularizer):
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
-        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
         bsz = X.shape[0]
         filters, scales = self.split(xp, theta)
         _, z = self.responses(xp, X, filters)
@@ -202,7 +193,6 @@ class FieldsOfExperts(RowRegularizer):
         return out_value, out_grad
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:
-        """∇²R and Jᵀ frozen at a batch X (B, n)."""
         return FoELinearization(self, xp, X, theta)
 
 

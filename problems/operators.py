@@ -110,16 +110,13 @@ class Inpainting(_Operator):
             raise ValueError(f"an Inpainting of {self.batch_size} samples has masks, not mask")
         return self.masks[0]
 
-    def device_masks(self, xp: Any, device: Any, dtype: Any) -> Any:
-        """The masks as a (B, n, 1) array of ``dtype`` on ``device`` (cached)."""
-        key = (xp.__name__, repr(device), repr(dtype))
-        if key not in self._device_masks:
-            m = xp.asarray(self.masks, dtype=dtype, device=device)
-            self._device_masks[key] = xp.reshape(m, (self.batch_size, self.n, 1))
-        return self._device_masks[key]
-
     def apply3(self, xp: Any, v3: Any) -> Any:
-        return v3 * self.device_masks(xp, array_api_compat.device(v3), v3.dtype)
+        device = array_api_compat.device(v3)
+        key = (xp.__name__, repr(device), repr(v3.dtype))
+        if key not in self._device_masks:  # the masks (B, n, 1) on v3's device, cached
+            m = xp.asarray(self.masks, dtype=v3.dtype, device=device)
+            self._device_masks[key] = xp.reshape(m, (self.batch_size, self.n, 1))
+        return v3 * self._device_masks[key]
 
     adjoint3 = apply3
     normal3 = apply3
@@ -205,10 +202,8 @@ def stack_operators(operators: Sequence[Any]) -> Any:
 
 
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
-    """Return y = clean + δ‖clean‖ e/‖e‖ with e ~ N(0, I) from ``default_rng(seed)`` (host).
-
-    The noise is drawn on the host, then copied to ``clean``'s device and dtype.
-    """
+    """y = clean + δ‖clean‖ e/‖e‖ with e ~ N(0, I) drawn on the host by ``default_rng(seed)``,
+    then copied to ``clean``'s device and dtype."""
     if not noise_level >= 0 or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a non-negative number; got {noise_level!r}")
     xp = array_api_compat.array_namespace(clean)

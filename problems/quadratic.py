@@ -147,12 +147,11 @@ class QuadraticProblem(Problem):
     # -- host references (sample ``sample`` of the batch) ---------------------------------
     @property
     def _x_true_host(self) -> np.ndarray:
-        """x_true of a single-sample problem (host)."""
         return self._sample_row(self._x_true_rows, "x_true")
 
     @property
     def _g_host(self) -> np.ndarray:
-        """G_j = D_jᵀD_j (q, n, n) of a single-sample problem (host)."""
+        """G_j = D_jᵀD_j (q, n, n)."""
         return self._sample_row(self._g_rows, "G")
 
     def _hessian_host(self, theta: Any, sample: int = 0) -> tuple[np.ndarray, np.ndarray]:
