@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +67,7 @@ def _lorentzian_d2(z: Any, gamma: float) -> Any:
     return out
 
 
-_Fn = Callable[[Any, float], Any]
-_FUNCTIONS: dict[str, tuple[_Fn, _Fn, _Fn]] = {
+_FUNCTIONS = {
     "l2": (
         lambda z, gamma: 0.5 * z * z,
         lambda z, gamma: _xp(z).asarray(z, copy=True),  # fresh: callers scale it in place

@@ -1,11 +1,9 @@
 """Build the samples of a run from its ``problem`` config: ``build_problems``.
 
-Every random choice (noise, inpainting masks, the quadratic problem's matrices, random
-filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, child j for
-image index j (``problem.start`` + position), so the same config and seed always give the
-same data, an image keeps its mask and noise whichever range loads it, and held-out
-images never share a training image's draws (BSDS300's test split has its own sequence,
-``SeedSequence([seed, 1])``).
+Every random draw (noise, masks, the quadratic matrices, random filters) is seeded by child j
+of ``numpy.random.SeedSequence(seed)`` for image index j (``problem.start`` + position), so an
+image keeps its mask and noise whichever range loads it and held-out images never share a
+training image's draws (BSDS300's test split: ``SeedSequence([seed, 1])``).
 """
 
 from __future__ import annotations

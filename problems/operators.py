@@ -21,6 +21,7 @@ class _Operator:
     ``apply3`` and ``adjoint3`` (xp, blocks (B, n, b)) → (B, n, b)."""
 
     batch_size: int | None = None  # None: acts on any batch
+    parameters: tuple[str, ...] = ()  # shown by repr after image_shape
 
     def __init__(self, image_shape: tuple[int, ...]) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -29,6 +30,10 @@ class _Operator:
 
     def __call__(self, v: Any) -> Any:
         return self.apply(v)
+
+    def __repr__(self) -> str:
+        shown = "".join(f", {name}={getattr(self, name)}" for name in self.parameters)
+        return f"{type(self).__name__}(image_shape={self.image_shape}{shown})"
 
     def _on_blocks(self, kernel: Any, v: Any) -> Any:
         """``kernel`` (xp, (B, n, b)) → (B, n, b) applied to v promoted to blocks (checked)."""
@@ -74,14 +79,13 @@ class Identity(_Operator):
     adjoint3 = apply3
     normal3 = apply3
 
-    def __repr__(self) -> str:
-        return f"Identity(image_shape={self.image_shape})"
-
 
 class Inpainting(_Operator):
     """A_i = diag(mask_i): exactly round(fraction_removed · n) pixels, drawn by
     ``numpy.random.default_rng(seed)``, are set to zero.  Given host 0/1 ``masks`` (B, n),
     the operator holds those samples (``seed``: their seeds, for the record)."""
+
+    parameters = ("fraction_removed", "seed")
 
     def __init__(
         self, image_shape: tuple[int, ...], fraction_removed: float, seed: Any = 0, *,
@@ -126,12 +130,6 @@ class Inpainting(_Operator):
         return Inpainting(self.image_shape, self.fraction_removed, seeds,
                           masks=self.masks[list(rows)])
 
-    def __repr__(self) -> str:
-        return (
-            f"Inpainting(image_shape={self.image_shape}, "
-            f"fraction_removed={self.fraction_removed}, seed={self.seed})"
-        )
-
 
 def gaussian_kernel_1d(sigma: float) -> np.ndarray:
     """Normalised 1-D Gaussian of radius c = int(sigma / 0.3 + 1), length 2c + 1."""
@@ -147,6 +145,8 @@ class GaussianBlur(_Operator):
     Applied separably (a 1-D convolution along rows, then along columns) to (B, H, W, b).
     The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
     """
+
+    parameters = ("sigma",)
 
     def __init__(self, image_shape: tuple[int, int], sigma: float) -> None:
         if len(image_shape) != 2:
@@ -179,9 +179,6 @@ class GaussianBlur(_Operator):
         return xp.reshape(img, (bsz, n, b))
 
     adjoint3 = apply3
-
-    def __repr__(self) -> str:
-        return f"GaussianBlur(image_shape={self.image_shape}, sigma={self.sigma})"
 
 
 def stack_operators(operators: Sequence[Any]) -> Any:
