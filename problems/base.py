@@ -67,15 +67,7 @@ def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
     p = theta_size(theta_shape)
     if shape == (p,):
         return xp.reshape(theta, tuple(theta_shape))
-    raise ValueError(
-        f"theta has shape {shape}; expected {tuple(theta_shape)} (or flat ({p},))"
-    )
-
-
-def check_finite(xp: Any, a: Any, name: str) -> None:
-    """Raise ValueError naming ``name`` if ``a`` holds NaN or ±inf (a device sync: use at setup)."""
-    if not bool(xp.all(xp.isfinite(a))):
-        raise ValueError(f"{name} contains NaN or inf values")
+    raise ValueError(f"theta has shape {shape}; expected {tuple(theta_shape)} (or flat ({p},))")
 
 
 def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
@@ -90,16 +82,15 @@ def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
 
 
 def check_agree(
-    label: str, items: Sequence[Any], shared: dict[str, Callable[[Any], Any]],
-    cls: type | None = None,
+    label: str, items: Sequence[Any], shared: dict[str, Callable[[Any], Any]], cls: type
 ) -> Any:
-    """The first of ``items`` after checking there is one, each is a ``cls`` (if given) and
-    all agree on each ``shared`` property (its name → its value for an item)."""
+    """The first of ``items`` after checking there is one, each is a ``cls`` and all agree
+    on each ``shared`` property (its name → its value for an item)."""
     if len(items) == 0:
-        raise ValueError(f"{label} must contain at least one {cls.__name__ if cls else 'item'}")
+        raise ValueError(f"{label} must contain at least one {cls.__name__}")
     first = items[0]
     for i, item in enumerate(items):
-        if cls is not None and not isinstance(item, cls):
+        if not isinstance(item, cls):
             raise ValueError(f"{label}[{i}] is a {type(item).__name__}, not a {cls.__name__}")
         for name, key in shared.items():
             if key(item) != key(first):
@@ -113,8 +104,12 @@ LN10 = math.log(10.0)  # regularisers weight by 10^θ
 
 
 class RowRegularizer:
-    """A regulariser of (H, W) images: its public single-point/batch API from its
-    ``rows_value_and_grad`` (xp, X (B, n), θ) → ((B,) or None, (B, n) or None)."""
+    """A regulariser of (H, W) images.  Subclasses set ``theta_shape`` and implement
+    ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
+    (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (∇²R and Jᵀ
+    frozen at X: ``hvp``/``jac_t`` on blocks (B, n, b)), ``mask_host()`` (flat 0/1 host
+    mask of the learned entries of θ) and ``batch_key()`` (what two samples' regularisers
+    must share to be solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:
@@ -122,27 +117,11 @@ class RowRegularizer:
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.n = self.image_shape[0] * self.image_shape[1]
 
-    def rows_value_and_grad(
-        self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
-    ) -> tuple[Any, Any]:
-        raise NotImplementedError
-
     def value(self, x: Any, theta: Any) -> Any:
         """R_θ(x_i): 0-d for x (n,), (B,) for X (B, n)."""
-        return self.value_and_grad(x, theta, grad=False)[0]
-
-    def grad(self, x: Any, theta: Any) -> Any:
-        """∇R(x_i), shaped like x."""
-        return self.value_and_grad(x, theta, value=False)[1]
-
-    def value_and_grad(
-        self, x: Any, theta: Any, *, value: bool = True, grad: bool = True
-    ) -> tuple[Any, Any]:
-        """(R_θ(x_i), ∇R(x_i)) sharing their work (either may be skipped: None)."""
         xp = array_api_compat.array_namespace(x, theta)
         X, single = as_rows(x, self.n, "x")
-        out = self.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
-        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
+        return from_rows(xp, self.rows_value_and_grad(xp, X, theta, grad=False)[0], single)
 
 
 class Problem:
@@ -152,9 +131,9 @@ class Problem:
 
     Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
     process a block in one pass and count it as one pass of B·b applications.  Subclasses
-    set the attributes below and implement ``_rows_value_and_grad`` (f and ∇ₓf of rows
-    X (B, n), uncounted), ``linearize`` and ``_select(rows)`` (samples ``rows`` as a new
-    problem).
+    set the attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)``
+    (f (B,) and ∇ₓf (B, n) of rows X (B, n), uncounted; None where not asked),
+    ``linearize`` and ``_select(rows)`` (samples ``rows`` as a new problem).
     """
 
     n: int
@@ -168,7 +147,6 @@ class Problem:
     X_true: Any
     Y: Any
     theta_mask: Any
-    _subsets: dict[tuple[int, ...], Any]
 
     def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
         """x promoted to (B, n); one point (n,) only for a single-sample problem."""
@@ -201,30 +179,22 @@ class Problem:
     def upper_loss(self, x: Any) -> Any:
         """½‖x_i − x_true,i‖²: 0-d or (B,)."""
         rows, single = self._rows(x)
-        xp = array_api_compat.array_namespace(rows)
         r = rows - self.X_true
-        return from_rows(xp, 0.5 * xp.sum(r * r, axis=1), single)
+        return from_rows(self.xp, 0.5 * self.xp.sum(r * r, axis=1), single)
 
     def upper_grad(self, x: Any) -> Any:
         """x_i − x_true,i, shaped like x."""
         rows, single = self._rows(x)
-        xp = array_api_compat.array_namespace(rows)
-        return from_rows(xp, rows - self.X_true, single)
-
-    def _rows_value_and_grad(
-        self, X: Any, theta: Any, *, value: bool, grad: bool
-    ) -> tuple[Any, Any]:
-        raise NotImplementedError
+        return from_rows(self.xp, rows - self.X_true, single)
 
     def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool) -> tuple[Any, Any]:
         X, single = self._rows(x)
-        xp = array_api_compat.array_namespace(X)
         out = self._rows_value_and_grad(X, theta, value=value, grad=grad)
         if value:
             self.counter.add("f", self.batch_size)
         if grad:
             self.counter.add("grad", self.batch_size)
-        return from_rows(xp, out[0], single), from_rows(xp, out[1], single)
+        return from_rows(self.xp, out[0], single), from_rows(self.xp, out[1], single)
 
     def lower_objective(self, x: Any, theta: Any) -> Any:
         """f_i(x_i, θ): 0-d for x (n,), (B,) for X (B, n) (counts B 'f')."""
@@ -248,9 +218,6 @@ class Problem:
 
     def linearize(self, x: Any, theta: Any) -> Any:
         """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
-        raise NotImplementedError
-
-    def _select(self, rows: tuple[int, ...]) -> Any:
         raise NotImplementedError
 
     def subset(self, rows: Sequence[int]) -> Any:

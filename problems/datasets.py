@@ -20,14 +20,14 @@ IDX_LABEL_MAGIC = 2049
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, decompressed if it is a gzip file."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    with path.open("rb") as fh:
-        head = fh.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+    data = path.read_bytes()
+    if data[:2] != b"\x1f\x8b":
+        return data
     try:
-        with opener(path, "rb") as fh:
-            return fh.read()
+        return gzip.decompress(data)
     except (OSError, EOFError) as exc:
         raise ValueError(f"cannot read {path}: corrupt or truncated file ({exc})") from exc
 
@@ -67,29 +67,15 @@ def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np
     return items.reshape(count, *shape)
 
 
-def load_mnist(
-    path: str | Path, *, count: int | None = None, start: int = 0
-) -> np.ndarray:
+def load_mnist(path: str | Path, *, count: int | None = None, start: int = 0) -> np.ndarray:
     """Read an IDX image file (gzip or raw): float64 in [0, 1] of shape (N, rows, cols);
     ``start`` / ``count`` select images [start, start + count)."""
     return _read_idx(path, IDX_IMAGE_MAGIC, count, start).astype(np.float64) / 255.0
 
 
-def load_mnist_labels(
-    path: str | Path, *, count: int | None = None, start: int = 0
-) -> np.ndarray:
+def load_mnist_labels(path: str | Path, *, count: int | None = None, start: int = 0) -> np.ndarray:
     """Read an IDX label file (gzip or raw): uint8 labels of shape (N,)."""
     return _read_idx(path, IDX_LABEL_MAGIC, count, start).copy()
-
-
-def _read_jpeg_gray(path: Path) -> np.ndarray:
-    """A JPEG as grayscale float64 in [0, 1] (ITU-R 601 luma weights)."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-    except OSError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def load_bsds300(
@@ -121,7 +107,12 @@ def load_bsds300(
         files = files[:count]
     crops = np.empty((len(files), crop, crop))
     for i, path in enumerate(files):
-        gray = _read_jpeg_gray(path)
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+        except OSError as exc:
+            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+        gray = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma
         h, w = gray.shape
         if crop > min(h, w):
             raise ValueError(f"crop={crop} is larger than image {path} ({h}×{w})")

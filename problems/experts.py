@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +67,7 @@ def _lorentzian_d2(z: Any, gamma: float) -> Any:
     return out
 
 
-_Fn = Callable[[Any, float], Any]
-# fused (φ, φ') where sharing work pays; other experts call the two functions
-_VALUE_D1: dict[str, Callable[[Any, float], tuple[Any, Any]]] = {
-    "lorentzian": _lorentzian_value_d1,
-}
-_FUNCTIONS: dict[str, tuple[_Fn, _Fn, _Fn]] = {
+_FUNCTIONS = {
     "l2": (
         lambda z, gamma: 0.5 * z * z,
         lambda z, gamma: _xp(z).asarray(z, copy=True),  # fresh: callers scale it in place
@@ -106,10 +100,6 @@ class Expert:
         if not self.gamma > 0:
             raise ValueError(f"expert gamma must be positive; got gamma={self.gamma!r}")
 
-    def all(self, z: Any) -> tuple[Any, Any, Any]:
-        """(φ(z), φ'(z), φ''(z)) elementwise."""
-        return self.value(z), self.d1(z), self.d2(z)
-
     def value(self, z: Any) -> Any:
         """φ(z) elementwise."""
         return _FUNCTIONS[self.name][0](z, self.gamma)
@@ -119,10 +109,9 @@ class Expert:
         return _FUNCTIONS[self.name][1](z, self.gamma)
 
     def value_and_d1(self, z: Any) -> tuple[Any, Any]:
-        """(φ(z), φ'(z)) elementwise, sharing the work both need."""
-        fused = _VALUE_D1.get(self.name)
-        if fused is not None:
-            return fused(z, self.gamma)
+        """(φ(z), φ'(z)) elementwise, sharing the work both need (fused for lorentzian)."""
+        if self.name == "lorentzian":
+            return _lorentzian_value_d1(z, self.gamma)
         return self.value(z), self.d1(z)
 
     def d2(self, z: Any) -> Any:

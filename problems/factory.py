@@ -1,11 +1,9 @@
 """Build the samples of a run from its ``problem`` config: ``build_problems``.
 
-Every random choice (noise, inpainting masks, the quadratic problem's matrices, random
-filters) is drawn from seeds spawned by ``numpy.random.SeedSequence(seed)``, child j for
-image index j (``problem.start`` + position), so the same config and seed always give the
-same data, an image keeps its mask and noise whichever range loads it, and held-out
-images never share a training image's draws (BSDS300's test split has its own sequence,
-``SeedSequence([seed, 1])``).
+Every random draw (noise, masks, the quadratic matrices, random filters) is seeded by child j
+of ``numpy.random.SeedSequence(seed)`` for image index j (``problem.start`` + position), so an
+image keeps its mask and noise whichever range loads it and held-out images never share a
+training image's draws (BSDS300's test split: ``SeedSequence([seed, 1])``).
 """
 
 from __future__ import annotations
@@ -38,10 +36,6 @@ class ProblemSet:
         return len(self.problems)
 
 
-def _split(cfg: Any) -> str:
-    return getattr(cfg, "split", "train")
-
-
 def _sample_seeds(seed: int, count: int, split: str = "train") -> list[int]:
     entropy = seed if split == "train" else [seed, 1]
     children = np.random.SeedSequence(entropy).spawn(count)
@@ -64,7 +58,7 @@ def _images(cfg: Any) -> np.ndarray:
         return load_mnist(path, count=cfg.num_samples, start=cfg.start)
     if cfg.dataset == "bsds300":
         count = cfg.start + cfg.num_samples
-        crops = load_bsds300(cfg.data_path, _split(cfg), crop=cfg.crop, count=count)
+        crops = load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=count)
         return crops[cfg.start :]
     raise ValueError(f"problem.dataset: unknown dataset {cfg.dataset!r}")
 
@@ -99,7 +93,7 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     # child j seeds image index j (module docstring); the child after the range seeds the
     # regulariser (for start = 0: child num_samples)
     first = cfg.start
-    seeds = _sample_seeds(seed, first + cfg.num_samples + 1, _split(cfg))[first:]
+    seeds = _sample_seeds(seed, first + cfg.num_samples + 1, cfg.split)[first:]
     if cfg.name == "quadratic":
         problems = tuple(
             QuadraticProblem(cfg.n, cfg.num_terms, seed=s, noise_level=cfg.noise_level,

@@ -1,18 +1,14 @@
 """Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j), batch-first.
 
 θ has shape (F, K·K + 1): row f holds filter k_f flattened row-major, then the exponent
-p_f; it is shared by the batch.  ∗ is the true 2-D convolution (kernel flipped) with zero
-boundary and output the image's size, i.e. ``scipy.signal.convolve2d(x, k, mode="same")``
-for odd K.
+p_f.  ∗ is the true 2-D convolution with zero boundary and output the image's size, i.e.
+``scipy.signal.convolve2d(x, k, mode="same")`` for odd K.
 
-Layout: a batch of blocks (B, n, b) is laid out *batch-last*, (H, W, B·b), so that every
-shifted copy of the zero-padded batch is a slice whose rows are contiguous runs of W·B·b
-numbers.  The K² shifted copies are stacked once, (K², n·B·b), and all F filters act in
-one matmul (F, K²) @ (K², n·B·b); the adjoint (a correlation) is one matmul
-(K², F) @ (F, n·B·b) followed by K² shifted additions.  Filter responses stay in this
-pixel-major layout (F, n·B) and results are turned back into rows (B, n, b) at the end.
-Jᵀ contracts over each sample's pixels and uses the sample-major layout (K², B, n, b)
-(the same array when B = 1).
+Layout: a batch of blocks (B, n, b) is laid out batch-last, (H, W, B·b), so that each of
+the K² shifted copies of the zero-padded batch is a slice of contiguous rows; stacked
+once, (K², n·B·b), all F filters act in one matmul, and the adjoint is one matmul
+followed by K² shifted additions.  Filter responses stay pixel-major (F, n·B); Jᵀ
+contracts over each sample's pixels in the sample-major layout (K², B, n, b).
 """
 
 from __future__ import annotations
@@ -47,10 +43,8 @@ def dct_filters(kernel_size: int) -> np.ndarray:
 
 
 def gaussian_filters(kernel_size: int, num_filters: int, seed: int = 0) -> np.ndarray:
-    """Seeded random filters: i.i.d. N(0, 1) entries, then each made zero-mean, unit norm.
-
-    Returns shape (num_filters, K, K).
-    """
+    """Seeded random filters (num_filters, K, K): i.i.d. N(0, 1) entries, then each made
+    zero-mean and unit-norm."""
     k = int(kernel_size)
     rng = np.random.default_rng(seed)
     filters = rng.standard_normal((num_filters, k, k))
@@ -72,8 +66,7 @@ class FieldsOfExperts(RowRegularizer):
 
     ``learn`` selects the learned parameters ("filters", "exponents" or "both"); the
     others are masked out of the problem's Jᵀ.  ``gamma`` is the Huber / smooth-ℓ1
-    parameter.  ``value``/``grad``/``value_and_grad`` take one image (n,) or a batch
-    (B, n); ``linearize`` freezes a batch (B, n) for ∇²R V and Jᵀ W.
+    parameter.
     """
 
     def __init__(
@@ -103,7 +96,7 @@ class FieldsOfExperts(RowRegularizer):
         # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
         h, w = self.image_shape
         k = self.kernel_size
-        r = k // 2
+        r = self.radius = k // 2
         self.windows = [
             (slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)
             for a in range(k)
@@ -118,18 +111,13 @@ class FieldsOfExperts(RowRegularizer):
         )
 
     def batch_key(self) -> tuple[Any, ...]:
-        """What two samples' regularisers must share to be solved as one batch."""
         return ("foe", self.image_shape, self.kernel_size, self.num_filters, self.expert,
                 self.learn)
 
-    # -- parameters ----------------------------------------------------------------
     def mask_host(self) -> np.ndarray:
-        """Flat (p,) 0/1 host mask of the learned entries of θ."""
         mask = np.zeros(self.theta_shape)
-        if self.learn in ("filters", "both"):
-            mask[:, :-1] = 1.0
-        if self.learn in ("exponents", "both"):
-            mask[:, -1] = 1.0
+        mask[:, :-1] = self.learn != "exponents"
+        mask[:, -1] = self.learn != "filters"
         return mask.reshape(-1)
 
     def split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
@@ -140,13 +128,10 @@ class FieldsOfExperts(RowRegularizer):
 
     # -- convolutions in the batch-last layout -----------------------------------------
     def stack(self, xp: Any, v3: Any) -> Any:
-        """Shifted copies of the padded batch (B, n, b): (K², n·B·b), row a·K + c ↔ k[a, c].
-
-        Column (j, i, c) holds pixel j of sample i, block column c.
-        """
+        """Shifted copies of the padded batch (B, n, b): (K², n·B·b), row a·K + c ↔ k[a, c];
+        column (j, i, c) holds pixel j of sample i, block column c."""
         h, w = self.image_shape
-        k = self.kernel_size
-        r = k // 2
+        k, r = self.kernel_size, self.radius
         bsz, _, b = v3.shape
         dev = array_api_compat.device(v3)
         padded = xp.zeros((h + 2 * r, w + 2 * r, bsz, b), dtype=v3.dtype, device=dev)
@@ -158,8 +143,7 @@ class FieldsOfExperts(RowRegularizer):
     def stack_samples(self, xp: Any, v3: Any) -> Any:
         """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
         h, w = self.image_shape
-        k = self.kernel_size
-        r = k // 2
+        k, r = self.kernel_size, self.radius
         bsz, n, b = v3.shape
         img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
         shifted = xp.stack([img[:, *win] for win in self.windows], axis=0)
@@ -168,11 +152,8 @@ class FieldsOfExperts(RowRegularizer):
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
         """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
         h, w = self.image_shape
-        k = self.kernel_size
-        r = k // 2
-        mixed = xp.reshape(
-            xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, bsz * b)
-        )
+        k, r = self.kernel_size, self.radius
+        mixed = xp.reshape(xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, bsz * b))
         # out[i, j] = Σ_{a,c} mixed[a·K + c, i + a − r, j + c − r] (zero outside): scatter each
         # shifted plane into a buffer padded by 2r, then crop
         dev = array_api_compat.device(u)
@@ -186,32 +167,6 @@ class FieldsOfExperts(RowRegularizer):
         out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
         return out
 
-    def convolve(self, v: Any, filters: Any) -> Any:
-        """(k_f ∗ v) for all filters: v (n,) → (F, n); V (B, n, b) → (F, B, n, b).
-
-        ``filters`` has shape (F, K, K) or (F, K²) on v's device.
-        """
-        xp = array_api_compat.array_namespace(v, filters)
-        filters = xp.reshape(filters, (filters.shape[0], self.kernel_size**2))
-        v3 = xp.reshape(v, (1, self.n, 1)) if v.ndim == 1 else v
-        bsz, _, b = v3.shape
-        z = xp.matmul(filters, self.stack(xp, v3))
-        if v.ndim == 1:
-            return z
-        return xp.permute_dims(xp.reshape(z, (filters.shape[0], self.n, bsz, b)), (0, 2, 1, 3))
-
-    def convolve_adjoint(self, u: Any, filters: Any) -> Any:
-        """Σ_f (adjoint of k_f ∗)(u_f): u (F, n) → (n,); u (F, B, n, b) → (B, n, b)."""
-        xp = array_api_compat.array_namespace(u, filters)
-        f = filters.shape[0]
-        filters = xp.reshape(filters, (f, self.kernel_size**2))
-        if u.ndim == 2:
-            return xp.reshape(self.adjoint(xp, filters, u, 1, 1), (self.n,))
-        _, bsz, n, b = u.shape
-        pixel_major = xp.reshape(xp.permute_dims(u, (0, 2, 1, 3)), (f, n * bsz * b))
-        return self.adjoint(xp, filters, pixel_major, bsz, b)
-
-    # -- R and ∇R ------------------------------------------------------------------------
     def responses(self, xp: Any, X: Any, filters: Any) -> tuple[Any, Any]:
         """The stack of X (K², n·B) and the filter responses z = k ∗ x (F, n·B)."""
         sx = self.stack(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
@@ -220,7 +175,6 @@ class FieldsOfExperts(RowRegularizer):
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
-        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
         bsz = X.shape[0]
         filters, scales = self.split(xp, theta)
         _, z = self.responses(xp, X, filters)
@@ -239,24 +193,17 @@ class FieldsOfExperts(RowRegularizer):
         return out_value, out_grad
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:
-        """∇²R and Jᵀ frozen at a batch X (B, n)."""
         return FoELinearization(self, xp, X, theta)
 
 
 class FoELinearization:
-    """The quantities of ∇²R and Jᵀ that depend only on (X, θ), computed once.
-
-    Kept: the filters, 10^{p_f}, the stack of X and z = k ∗ x (pixel-major); on first use,
-    φ''(z)·10^{p_f} (for ``hvp``) and the sample-major stack of X, φ'(z), φ''(z) (for
-    ``jac_t``; for B > 1 recomputed in that layout, cheaper than a transposing copy; for
-    B = 1 the layouts coincide).  Each ``hvp`` costs the two convolutions k ∗ v and its
-    adjoint.
-    """
+    """What ∇²R and Jᵀ need from (X, θ), computed once: the stack of X and z = k ∗ x
+    (pixel-major); on first use 10^{p_f} φ''(z) for ``hvp`` and, for ``jac_t``, the
+    sample-major stack, φ'(z), φ''(z) (recomputed in that layout for B > 1: cheaper than a
+    transposing copy)."""
 
     def __init__(self, reg: FieldsOfExperts, xp: Any, X: Any, theta: Any) -> None:
-        self.reg, self.xp = reg, xp
-        self.X = X
-        self.batch_size = X.shape[0]
+        self.reg, self.xp, self.X = reg, xp, X
         self.filters, self.scales = reg.split(xp, theta)
         self.sx, self.z = reg.responses(xp, X, self.filters)
         self._weight: Any = None

@@ -1,11 +1,4 @@
-"""The imaging problem f_i(x, θ) = ½‖A_i x − y_i‖² + R_θ(x) + (ε/2)‖x‖², batch-first.
-
-One ``ImagingProblem`` holds B samples (rows of ``X_true`` and ``Y``, one forward operator
-A_i each, one regulariser and one θ); a single sample is B = 1, and its methods also take
-one point x (n,).  ``ImagingProblem.concat`` joins samples into one batch and ``subset``
-selects some.  Every method processes the whole batch (and a block of b vectors per
-sample) in one pass and counts B (or B·b) evaluations / applications in ``counter``.
-"""
+"""The imaging problem f_i(x, θ) = ½‖A_i x − y_i‖² + R_θ(x) + (ε/2)‖x‖², batch-first."""
 
 from __future__ import annotations
 
@@ -17,25 +10,19 @@ import array_api_compat
 import numpy as np
 
 from backends.counting import Counter
-from problems.base import (
-    Problem,
-    as_rows,
-    check_agree,
-    check_finite,
-    check_theta,
-)
+from problems.base import Problem, as_rows, check_agree
 from problems.linearization import Linearization
 from problems.operators import add_relative_noise, stack_operators
 
 
 class ImagingProblem(Problem):
-    """B imaging samples: a ``Problem``.
+    """B imaging samples (rows of ``X_true`` and ``Y``, one forward operator A_i each, one
+    regulariser and one θ): a ``Problem``; ``concat`` joins samples into one batch.
 
     ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
-    ``operator`` is a forward operator (``problems.operators``) for those samples and
-    ``regularizer`` a ``FieldsOfExperts`` or ``TotalVariation``.  Inputs are checked for
-    NaN/inf once, here (checking in every HVP would sync the device); θ shapes are
-    checked every call.
+    ``operator`` is from ``problems.operators`` and ``regularizer`` a ``FieldsOfExperts``
+    or ``TotalVariation`` (which checks θ's shape every call).  Inputs are checked for
+    NaN/inf once, here (checking in every HVP would sync the device).
     """
 
     def __init__(
@@ -49,8 +36,7 @@ class ImagingProblem(Problem):
         counter: Counter | None = None,
         checked: bool = False,
     ) -> None:
-        xp = array_api_compat.array_namespace(x_true, y)
-        self.xp = xp
+        self.xp = xp = array_api_compat.array_namespace(x_true, y)
         self.device = array_api_compat.device(x_true)
         self.dtype = x_true.dtype
         self.image_shape = tuple(regularizer.image_shape)
@@ -61,7 +47,8 @@ class ImagingProblem(Problem):
             raise ValueError(f"y holds {Y.shape[0]} samples; x_true holds {X_true.shape[0]}")
         if not checked:
             for name, a in (("x_true", X_true), ("y", Y)):
-                check_finite(xp, a, name)
+                if not bool(xp.all(xp.isfinite(a))):  # a device sync: checked once, here
+                    raise ValueError(f"{name} contains NaN or inf values")
         if operator.n != self.n:
             raise ValueError(f"operator acts on n={operator.n} unknowns; expected n={self.n}")
         self.batch_size = int(X_true.shape[0])
@@ -140,14 +127,10 @@ class ImagingProblem(Problem):
             f"epsilon={self.epsilon})"
         )
 
-    def _theta(self, theta: Any) -> Any:
-        return check_theta(self.xp, theta, self.theta_shape)
-
     def _rows_value_and_grad(
         self, X: Any, theta: Any, *, value: bool, grad: bool
     ) -> tuple[Any, Any]:
         xp = array_api_compat.array_namespace(X)
-        theta = self._theta(theta)
         bsz, n = X.shape
         r = self.operator.apply3(xp, xp.reshape(X, (bsz, n, 1)))
         r = xp.reshape(r, (bsz, n)) - self.Y
@@ -167,7 +150,7 @@ class ImagingProblem(Problem):
         work done once, counted here like ``hvp``/``jac_t``."""
         X, single = self._rows(x)
         xp = array_api_compat.array_namespace(X, theta)
-        reg = self.regularizer.linearize(xp, X, self._theta(theta))
+        reg = self.regularizer.linearize(xp, X, theta)
         operator, epsilon = self.operator, self.epsilon
 
         def hvp3(v3: Any) -> Any:

@@ -1,10 +1,9 @@
 """``Linearization``: ∇²ₓₓf and Jᵀ of a batch-first problem frozen at (X, θ).
 
-The problem computes once what depends only on (X, θ) (FoE: k_f ∗ x and φ''(k_f ∗ x);
-TV: ∇x and its unit directions) and hands over two kernels on blocks, ``hvp3`` (B, n, b)
-→ (B, n, b) and ``jac_t3`` (B, n, b) → (B, p, b).  This object promotes inputs (one point:
-v (n,) or (n, b); a batch: V (B, n) or (B, n, b)), counts each call as one pass of B·b
-applications in ``problem.counter``, masks Jᵀ by ``problem.theta_mask`` and unwraps.
+The problem computes once what depends only on (X, θ) and hands over two kernels on blocks,
+``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3`` (B, n, b) → (B, p, b).  This object promotes
+inputs (v (n,) or (n, b) for one point; V (B, n) or (B, n, b)), counts each call as one pass
+of B·b applications in ``problem.counter``, masks Jᵀ by ``problem.theta_mask`` and unwraps.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ class Linearization:
         self.batch_size, self.n, self.p = problem.batch_size, problem.n, problem.p
         self.shape = (problem.n, problem.n)
         self.dtype = problem.dtype
-        self._mask = None
 
     def __call__(self, v: Any) -> Any:
         return self.hvp(v)
@@ -48,8 +46,6 @@ class Linearization:
         (B, n) → (B, p), (B, n, b) → (B, p, b)."""
         w3 = as_blocks(w, self.n, self.batch_size, self.single, "w")
         self.problem.counter.add("jac_t", self.batch_size * int(w3.shape[2]))
-        if self._mask is None:
-            self._mask = self.problem.theta_mask[None, :, None]
         out = self._jac_t3(w3)
-        out *= self._mask
+        out *= self.problem.theta_mask[None, :, None]
         return from_blocks(array_api_compat.array_namespace(w), out, w.ndim, self.single)

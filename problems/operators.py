@@ -1,12 +1,7 @@
-"""Forward operators A (with adjoints) on batches of flattened images, per-sample data.
-
-Every operator maps one image (n,) → (n,), a batch (B, n) → (B, n) and a batch of blocks
-(B, n, b) → (B, n, b) (output the image's size) and exposes ``apply`` (A), ``adjoint``
-(Aᵀ), ``normal`` (AᵀA), ``image_shape``, ``n`` and ``shape``.  ``Identity`` and
-``GaussianBlur`` act on any batch; an ``Inpainting`` holds one mask per sample (B, n), so
-it applies to batches of its own ``batch_size``.  ``stack_operators`` joins the operators
-of B samples into one (same kind, image shape and blur width).  Host constants (the masks)
-are moved to the input's device once and cached per device.
+"""Forward operators A on flattened images: ``apply`` (A), ``adjoint`` (Aᵀ), ``normal`` (AᵀA)
+map one image (n,), a batch (B, n) or blocks (B, n, b) to the same shape.  ``Identity`` and
+``GaussianBlur`` act on any batch; an ``Inpainting`` holds one mask per sample (B, n),
+moved to the input's device once and cached.  ``stack_operators`` joins samples' operators.
 """
 
 from __future__ import annotations
@@ -22,9 +17,11 @@ from problems.base import check_agree, pad_zeros_2d
 
 
 class _Operator:
-    """Shared bookkeeping for square image-to-image operators."""
+    """Shared bookkeeping for square image-to-image operators; subclasses implement
+    ``apply3`` and ``adjoint3`` (xp, blocks (B, n, b)) → (B, n, b)."""
 
     batch_size: int | None = None  # None: acts on any batch
+    parameters: tuple[str, ...] = ()  # shown by repr after image_shape
 
     def __init__(self, image_shape: tuple[int, ...]) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -33,6 +30,10 @@ class _Operator:
 
     def __call__(self, v: Any) -> Any:
         return self.apply(v)
+
+    def __repr__(self) -> str:
+        shown = "".join(f", {name}={getattr(self, name)}" for name in self.parameters)
+        return f"{type(self).__name__}(image_shape={self.image_shape}{shown})"
 
     def _on_blocks(self, kernel: Any, v: Any) -> Any:
         """``kernel`` (xp, (B, n, b)) → (B, n, b) applied to v promoted to blocks (checked)."""
@@ -60,12 +61,6 @@ class _Operator:
         """AᵀA v."""
         return self._on_blocks(self.normal3, v)
 
-    def apply3(self, xp: Any, v3: Any) -> Any:
-        raise NotImplementedError
-
-    def adjoint3(self, xp: Any, v3: Any) -> Any:
-        raise NotImplementedError
-
     def normal3(self, xp: Any, v3: Any) -> Any:
         """AᵀA on blocks (B, n, b) (a fresh array)."""
         return self.adjoint3(xp, self.apply3(xp, v3))
@@ -84,18 +79,13 @@ class Identity(_Operator):
     adjoint3 = apply3
     normal3 = apply3
 
-    def __repr__(self) -> str:
-        return f"Identity(image_shape={self.image_shape})"
-
 
 class Inpainting(_Operator):
-    """A_i = diag(mask_i): a seeded ``fraction_removed`` of the pixels is set to zero.
+    """A_i = diag(mask_i): exactly round(fraction_removed · n) pixels, drawn by
+    ``numpy.random.default_rng(seed)``, are set to zero.  Given host 0/1 ``masks`` (B, n),
+    the operator holds those samples (``seed``: their seeds, for the record)."""
 
-    ``masks`` (host NumPy, float 0/1, shape (B, n)) marks the kept pixels; one sample's
-    exactly round(fraction_removed · n) removed pixels are chosen by
-    ``numpy.random.default_rng(seed)``.  Given ``masks``, the operator holds those samples
-    (``seed``: their seeds, for the record).
-    """
+    parameters = ("fraction_removed", "seed")
 
     def __init__(
         self, image_shape: tuple[int, ...], fraction_removed: float, seed: Any = 0, *,
@@ -124,16 +114,13 @@ class Inpainting(_Operator):
             raise ValueError(f"an Inpainting of {self.batch_size} samples has masks, not mask")
         return self.masks[0]
 
-    def device_masks(self, xp: Any, device: Any, dtype: Any) -> Any:
-        """The masks as a (B, n, 1) array of ``dtype`` on ``device`` (cached)."""
-        key = (xp.__name__, repr(device), repr(dtype))
-        if key not in self._device_masks:
-            m = xp.asarray(self.masks, dtype=dtype, device=device)
-            self._device_masks[key] = xp.reshape(m, (self.batch_size, self.n, 1))
-        return self._device_masks[key]
-
     def apply3(self, xp: Any, v3: Any) -> Any:
-        return v3 * self.device_masks(xp, array_api_compat.device(v3), v3.dtype)
+        device = array_api_compat.device(v3)
+        key = (xp.__name__, repr(device), repr(v3.dtype))
+        if key not in self._device_masks:  # the masks (B, n, 1) on v3's device, cached
+            m = xp.asarray(self.masks, dtype=v3.dtype, device=device)
+            self._device_masks[key] = xp.reshape(m, (self.batch_size, self.n, 1))
+        return v3 * self._device_masks[key]
 
     adjoint3 = apply3
     normal3 = apply3
@@ -142,12 +129,6 @@ class Inpainting(_Operator):
         seeds = self.seed if isinstance(self.seed, int) else tuple(self.seed[r] for r in rows)
         return Inpainting(self.image_shape, self.fraction_removed, seeds,
                           masks=self.masks[list(rows)])
-
-    def __repr__(self) -> str:
-        return (
-            f"Inpainting(image_shape={self.image_shape}, "
-            f"fraction_removed={self.fraction_removed}, seed={self.seed})"
-        )
 
 
 def gaussian_kernel_1d(sigma: float) -> np.ndarray:
@@ -164,6 +145,8 @@ class GaussianBlur(_Operator):
     Applied separably (a 1-D convolution along rows, then along columns) to (B, H, W, b).
     The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
     """
+
+    parameters = ("sigma",)
 
     def __init__(self, image_shape: tuple[int, int], sigma: float) -> None:
         if len(image_shape) != 2:
@@ -197,9 +180,6 @@ class GaussianBlur(_Operator):
 
     adjoint3 = apply3
 
-    def __repr__(self) -> str:
-        return f"GaussianBlur(image_shape={self.image_shape}, sigma={self.sigma})"
-
 
 def stack_operators(operators: Sequence[Any]) -> Any:
     """One operator for the samples of ``operators`` (in order): all ``Identity``, all
@@ -219,10 +199,8 @@ def stack_operators(operators: Sequence[Any]) -> Any:
 
 
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
-    """Return y = clean + δ‖clean‖ e/‖e‖ with e ~ N(0, I) from ``default_rng(seed)`` (host).
-
-    The noise is drawn on the host, then copied to ``clean``'s device and dtype.
-    """
+    """y = clean + δ‖clean‖ e/‖e‖ with e ~ N(0, I) drawn on the host by ``default_rng(seed)``,
+    then copied to ``clean``'s device and dtype."""
     if not noise_level >= 0 or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a non-negative number; got {noise_level!r}")
     xp = array_api_compat.array_namespace(clean)

@@ -32,23 +32,24 @@ def _power(xp: Any, kernels: Any, shape: tuple[int, int]) -> Any:
     return xp.abs(xp.fft.rfftn(kernels, s=shape, axes=(-2, -1))) ** 2
 
 
-def fft_symbol(problem: Any, X: Any, theta: Any) -> Any:
-    """D (B, h, w // 2 + 1) of the samples of ``problem`` at rows X (B, n) and θ."""
+def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]:
+    """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹."""
     reg, op = problem.regularizer, problem.operator
     if not isinstance(reg, FieldsOfExperts):
         raise ValueError(f"the FFT preconditioner is built for Fields of Experts, not {reg!r}; "
                          "use solver.preconditioner=none")
     xp = array_api_compat.array_namespace(X)
+    X = X if X.ndim == 2 else xp.reshape(X, (1, -1))
     dev, dtype = array_api_compat.device(X), X.dtype
     h, w = reg.image_shape
     k, f, bsz = reg.kernel_size, reg.num_filters, X.shape[0]
-    filters, scales = reg.split(xp, problem._theta(theta))
+    filters, scales = reg.split(xp, theta)
     _, z = reg.responses(xp, X, filters)  # (F, n·B), pixel-major
     weight = reg.expert.d2(z) * scales[:, None]
     c = xp.mean(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), axis=1)  # (F, B)
     powers = _power(xp, xp.reshape(filters, (f, k, k)), (h, w))  # (F, h, w')
     D = xp.reshape(xp.matmul(xp.matrix_transpose(c), xp.reshape(powers, (f, -1))),
-                   (bsz, h, -1))
+                   (bsz, h, -1))  # the symbol D_i (B, h, w // 2 + 1)
     if isinstance(op, Identity):
         D = D + 1.0
     elif isinstance(op, Inpainting):
@@ -59,15 +60,7 @@ def fft_symbol(problem: Any, X: Any, theta: Any) -> Any:
         D = D + _power(xp, xp.asarray(np.outer(g, g)[None], dtype=dtype, device=dev), (h, w))
     else:
         raise ValueError(f"no FFT symbol for the forward operator {op!r}")
-    return D + problem.epsilon
-
-
-def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]:
-    """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹."""
-    xp = array_api_compat.array_namespace(X)
-    rows = X if X.ndim == 2 else xp.reshape(X, (1, -1))
-    D = fft_symbol(problem, rows, theta)
-    h, w = problem.regularizer.image_shape
+    D = D + problem.epsilon
 
     def apply(V: Any) -> Any:
         images = xp.reshape(V, (-1, h, w))

@@ -22,13 +22,6 @@ from problems.base import Problem, check_agree, check_theta
 from problems.linearization import Linearization
 
 
-def _difference_matrix(n: int, order: int) -> np.ndarray:
-    d = np.eye(n)
-    for _ in range(order):
-        d = d[1:] - d[:-1]
-    return d
-
-
 class QuadraticProblem(Problem):
     """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
 
@@ -57,9 +50,8 @@ class QuadraticProblem(Problem):
         a = np.eye(n) + coupling * rng.standard_normal((n, n)) / (2.0 * np.sqrt(n))
         ds = []
         for i in range(num_terms):
-            if i < 2:
-                d = _difference_matrix(n, i + 1)
-                ds.append(np.vstack([d, np.zeros((n - d.shape[0], n))]))
+            if i < 2:  # difference of order i + 1, zero-padded to n rows
+                ds.append(np.vstack([np.diff(np.eye(n), i + 1, axis=0), np.zeros((i + 1, n))]))
             else:
                 ds.append(rng.standard_normal((n, n)) / np.sqrt(n))
         t = np.linspace(0.0, 1.0, n)
@@ -155,12 +147,11 @@ class QuadraticProblem(Problem):
     # -- host references (sample ``sample`` of the batch) ---------------------------------
     @property
     def _x_true_host(self) -> np.ndarray:
-        """x_true of a single-sample problem (host)."""
         return self._sample_row(self._x_true_rows, "x_true")
 
     @property
     def _g_host(self) -> np.ndarray:
-        """G_j = D_jᵀD_j (q, n, n) of a single-sample problem (host)."""
+        """G_j = D_jᵀD_j (q, n, n)."""
         return self._sample_row(self._g_rows, "G")
 
     def _hessian_host(self, theta: Any, sample: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -20,9 +20,8 @@ from array_api_compat import array_namespace
 
 @dataclass(frozen=True)
 class SyntheticSystem:
-    """One system H w = g of the sequence, with its Jᵀ operator (or None) and the reference
-    hypergradient −Jᵀw* (or None); the fields ``framework.krylov.sequence.solve_sequence``
-    reads from a system."""
+    """One system H w = g, its Jᵀ operator and the reference hypergradient −Jᵀw* (or None),
+    as ``framework.krylov.sequence.solve_sequence`` reads them."""
 
     H: Callable[[Any], Any]
     g: Any
@@ -33,8 +32,7 @@ class SyntheticSystem:
 def laplacian_2d(x: Any, side: int) -> Any:
     """Apply the 5-point Dirichlet Laplacian to x of shape (n,) or (n, b), n = side²."""
     xp = array_namespace(x)
-    block = x.ndim == 2
-    cols = x.shape[1] if block else 1
+    cols = x.shape[1] if x.ndim == 2 else 1
     img = xp.reshape(x, (side, side, cols))
     out = 4.0 * img
     out[1:, :, :] -= img[:-1, :, :]
@@ -53,18 +51,12 @@ class DriftingSequence:
     rhs: tuple[np.ndarray, ...]
     J: np.ndarray
 
-    @property
-    def n(self) -> int:
-        return self.side * self.side
-
-    def sparse_matrix(self, t: int) -> Any:
-        one = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(self.side, self.side))
-        eye = sp.identity(self.side)
-        return (sp.kron(one, eye) + sp.kron(eye, one) + sp.diags(self.diagonals[t])).tocsc()
-
     def reference_hypergradient(self, t: int) -> np.ndarray:
         """−Jᵀ H_t⁻¹ g_t by a sparse direct solve on the host."""
-        return -self.J.T @ spla.spsolve(self.sparse_matrix(t), self.rhs[t])
+        one = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(self.side, self.side))
+        eye = sp.identity(self.side)
+        h = (sp.kron(one, eye) + sp.kron(eye, one) + sp.diags(self.diagonals[t])).tocsc()
+        return -self.J.T @ spla.spsolve(h, self.rhs[t])
 
     def systems(self, backend: Any = None, *, with_jacobian: bool = False,
                 with_reference: bool = False) -> list[SyntheticSystem]:

@@ -15,11 +15,8 @@ from problems.base import LN10, RowRegularizer, check_theta
 
 
 class TotalVariation(RowRegularizer):
-    """Huber-TV regulariser for images of ``image_shape`` (θ = log10 of the weight).
-
-    ``value``/``grad``/``value_and_grad`` take one image (n,) or a batch (B, n);
-    ``linearize`` freezes a batch for ∇²R V and Jᵀ W.  Differences act on (B, H, W, b).
-    """
+    """Huber-TV regulariser for images of ``image_shape`` (θ = log10 of the weight);
+    differences act on (B, H, W, b)."""
 
     def __init__(self, image_shape: tuple[int, int], *, gamma: float = 0.01) -> None:
         super().__init__(image_shape)
@@ -32,13 +29,11 @@ class TotalVariation(RowRegularizer):
         return f"TotalVariation(image_shape={self.image_shape}, gamma={self.gamma})"
 
     def batch_key(self) -> tuple[Any, ...]:
-        """What two samples' regularisers must share to be solved as one batch."""
         return ("tv", self.image_shape, self.gamma)
 
     def mask_host(self) -> np.ndarray:
         return np.ones(1)
 
-    # -- differences on blocks (B, n, b) ----------------------------------------------------
     def diff(self, xp: Any, v3: Any) -> tuple[Any, Any]:
         """Forward differences (dx, dy) of V (B, n, b), each (B, H, W, b), zero at the last
         column / row."""
@@ -69,11 +64,9 @@ class TotalVariation(RowRegularizer):
         dx, dy = self.diff(xp, xp.reshape(X, (X.shape[0], self.n, 1)))
         return dx, dy, xp.sqrt(dx * dx + dy * dy)
 
-    # -- R and ∇R ---------------------------------------------------------------------------
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
-        """``value_and_grad`` of a batch X (B, n): ((B,) or None, (B, n) or None)."""
         bsz = X.shape[0]
         dx, dy, t = self.field(xp, X)
         g = self.gamma
@@ -89,7 +82,6 @@ class TotalVariation(RowRegularizer):
         return out_value, out_grad
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> TVLinearization:
-        """∇²R and Jᵀ frozen at a batch X (B, n)."""
         return TVLinearization(self, xp, X, theta)
 
 

@@ -31,7 +31,8 @@ def test_convolution_matches_scipy(backend, k: int) -> None:
     img = rng.standard_normal(SHAPE)
     filters = rng.standard_normal((3, k, k))
     foe = FieldsOfExperts(SHAPE, k, 3)
-    z = foe.convolve(backend.asarray(img.ravel()), backend.asarray(filters))
+    x = backend.asarray(img.reshape(1, N))
+    _, z = foe.responses(backend.xp, x, backend.asarray(filters.reshape(3, k * k)))
     assert device_of(z) == backend.device
     ref = np.stack([scipy.signal.convolve2d(img, f, mode="same").ravel() for f in filters])
     np.testing.assert_allclose(backend.to_numpy(z), ref, rtol=0, atol=1e-13)
@@ -39,16 +40,18 @@ def test_convolution_matches_scipy(backend, k: int) -> None:
 
 def test_convolution_block_and_adjoint(backend) -> None:
     rng = np.random.default_rng(0)
+    xp = backend.xp
     foe = FieldsOfExperts(SHAPE, 5, 4)
     filters = backend.asarray(rng.standard_normal((4, 25)))
     vh = rng.standard_normal((2, N, 3))  # two samples, a block of 3 each
-    uh = rng.standard_normal((4, 2, N, 3))
-    zb = backend.to_numpy(foe.convolve(backend.asarray(vh), filters))
+    uh = rng.standard_normal((4, N, 2, 3))  # pixel-major, as the stack's columns
+    zb = backend.to_numpy(xp.matmul(filters, foe.stack(xp, backend.asarray(vh))))
+    zb = zb.reshape(4, N, 2, 3)
     for i in range(2):
         for j in range(3):
-            zj = backend.to_numpy(foe.convolve(backend.asarray(vh[i, :, j]), filters))
-            np.testing.assert_allclose(zb[:, i, :, j], zj, atol=1e-14)
-    adj = foe.convolve_adjoint(backend.asarray(uh), filters)
+            _, zj = foe.responses(xp, backend.asarray(vh[i, :, j].reshape(1, N)), filters)
+            np.testing.assert_allclose(zb[:, :, i, j], backend.to_numpy(zj), atol=1e-14)
+    adj = foe.adjoint(xp, filters, backend.asarray(uh.reshape(4, -1)), 2, 3)
     assert device_of(adj) == backend.device
     lhs = float(np.sum(zb * uh))
     rhs = float(np.sum(vh * backend.to_numpy(adj)))
@@ -60,7 +63,7 @@ def test_expert_derivatives(name: str) -> None:
     gamma = 0.3
     expert = Expert(name, gamma)
     z = np.linspace(-2.0, 2.0, 41) + 0.0123  # avoid the Huber kinks at ±γ
-    phi, d1, d2 = expert.all(z)
+    phi, d1, d2 = expert.value(z), expert.d1(z), expert.d2(z)
     np.testing.assert_allclose(phi, numpy_phi(name, z, gamma), rtol=1e-12)
     h = 1e-6
     fd1 = (numpy_phi(name, z + h, gamma) - numpy_phi(name, z - h, gamma)) / (2 * h)
