@@ -184,6 +184,8 @@ class HostScalars:
         self.xp = array_namespace(like)
         self.dtype, self.device = like.dtype, device_of(like)
         b1 = host_list(beta1)
+        if met is None:  # the default rule
+            met = [v <= t for v, t in zip(b1, thresholds, strict=True)]
         self.rows = [start(FloatOps, v, bool(m), math.isfinite(v), 0.0)
                      for v, m in zip(b1, met, strict=True)]
         self.thresholds = thresholds  # a list of floats
@@ -249,10 +251,8 @@ class DeviceScalars:
     def __init__(self, like: Any, beta1: Any, met: Any, thresholds: Any = None) -> None:
         self.xp = xp = array_namespace(like)
         self.ops = ArrayOps(xp, beta1)
-        zero = xp.zeros_like(beta1)
-        self.state = start(self.ops, beta1, met, xp.isfinite(beta1), zero)
-        self.state = self.state._replace(iterations=xp.zeros(beta1.shape, dtype=xp.int64,
-                                                             device=device_of(beta1)))
+        met = beta1 <= thresholds if met is None else met  # None: the default rule
+        self.state = start(self.ops, beta1, met, xp.isfinite(beta1), xp.zeros_like(beta1))
         self.thresholds = thresholds
         self.events = None
         self.rnorms = beta1
