@@ -1,20 +1,19 @@
 """MINRES with an optional recycle space (RMINRES), batch-first, against the array API.
 
 B symmetric systems A_i x_i = b_i are solved together: vectors are rows of (B, n) arrays
-and the operator maps (B, n) → (B, n) (one *pass* applies every sample's operator).  A
-1-D ``b`` of shape (n,) is promoted to B = 1 with the user's 1-D operator, and the result
-unwrapped.  Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the
-non-zero columns; zero columns are padding) the solver
+and one *pass* of the operator maps (B, n) → (B, n).  A 1-D ``b`` is a batch of one.
+Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the non-zero columns;
+zero columns are padding) the solver
 
 * projects the start:  x₀ ← x₀ + U Cᵀr₀,  r₀ ← (I − CCᵀ) r₀;
 * runs Lanczos on (I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m with B_m = CᵀAV_m;
 * returns the minimal-residual iterate x_m = x₀ + V_m y − U B_m y with
   y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
-Per iteration: one pass, two row-wise inner products and a few row updates; the Lanczos
-and Givens scalars are a small dense step (``framework.krylov.givens``) kept on the host
-on the CPU and on the device on a GPU.  A sample that meets its stopping rule freezes at
-exactly the iteration where it would stop alone; the others run on.
+Per iteration: one pass, two row-wise inner products and a few row updates; the scalars
+are a small dense step (``framework.krylov.givens``) on the host (CPU) or device (GPU).
+A sample that meets its stopping rule freezes at exactly the iteration where it would
+stop alone; the others run on.
 """
 
 from __future__ import annotations
@@ -288,7 +287,9 @@ class _Solve:
         self.u = r / safe  # residual space; with M the Lanczos vectors are v = M u
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
-            self.harvest.begin(self.U, self.C, v, beta1, self._live())
+            live = (xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
+                    if host else self.scalars.state.live)
+            self.harvest.begin(self.U, self.C, v, beta1, live)
         self.u_prev = self.beta = None
         self.d = [None, None]
         self.e = [None, None]
@@ -373,11 +374,6 @@ class _Solve:
             rnorms = self.xp.asarray(rnorms, dtype=self.b.dtype, device=device_of(self.b))
         met = self.rule(IterationState(iteration, rnorms, self.b_norm, residual))
         return met if self.scalar_kind == "device" else [bool(m) for m in to_host(met)]
-
-    def _live(self) -> Any:
-        if self.scalar_kind == "host":
-            return self.xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
-        return self.scalars.state.live
 
     def _iterate(self) -> Any:
         return self.x if self.z is None else self.x - bmv(self.U, self.z)
