@@ -1,23 +1,15 @@
 """The per-sample scalar step of MINRES: Lanczos scalars → Givens rotation → coefficients.
 
-Every iteration each sample i contributes a new column (β_k, α_k, β_{k+1}) of its
-tridiagonal T̄; the two previous rotations and a new one reduce it, giving the direction
-recurrence d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ and the step φ along d_k.  This module
-does that small dense step once, written against an ``ops`` table, for two homes of the
-scalars:
-
-* ``HostScalars`` (the CPU, where a host read costs nothing): the scalars are Python
-  floats, one ``rotate`` call per sample — a documented small dense step of a few
-  microseconds, so a batch of one costs what the classic single-vector solver costs;
-* ``DeviceScalars`` (a GPU, where a host read synchronises): the scalars are (B,) device
-  arrays and ``rotate`` runs once for the batch; nothing is read on the host except one
-  "is any sample running?" flag every ``check_every`` iterations.
-
-Both hand the vector kernels the coefficients as ``Columns``: one entry per name in
-``COEFFICIENTS``, each a (B, 1) device array that scales rows, or a Python float when
-B = 1 on the host (a float scales a row without a device array).  A sample that is not
-updated (frozen: converged, exact, broken down, non-finite) gets the identity rotation
-and zero step, so its iterate no longer changes.
+Each iteration sample i adds a column (β_k, α_k, β_{k+1}) to its tridiagonal T̄; the two
+previous rotations and a new one reduce it, giving the direction recurrence
+d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ and the step φ along d_k.  ``rotate`` is written
+once against an ``ops`` table for two homes of the scalars: ``HostScalars`` (Python floats,
+one call per sample: a few microseconds, so B = 1 costs what a classic solver costs) and
+``DeviceScalars`` ((B,) device arrays, one call per batch; the host reads one "is any
+sample running?" flag every ``check_every`` iterations).  The vector kernels get the
+coefficients as ``Columns`` of (B, 1) row scales (Python floats for B = 1 on the host).  A
+frozen sample (converged, exact, broken down, non-finite) gets the identity rotation and
+zero step, so its iterate no longer changes.
 """
 
 from __future__ import annotations
@@ -47,8 +39,6 @@ class Columns(NamedTuple):
     harvest_beta: Any
     update: Any
 
-
-COEFFICIENTS = Columns._fields
 
 
 class FloatOps:
@@ -109,8 +99,8 @@ class Rotation(NamedTuple):
 
 def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tuple:
     """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations,
-    form the new one, and return (the updated scalars, the coefficients in the order of
-    ``COEFFICIENTS``, the residual estimate |φ̄|, and the events (update, exact)).
+    form the new one, and return (the updated scalars, the ``Columns``, the residual
+    estimate |φ̄|, and the events (update, exact)).
 
     Samples that are not updated get the idle coefficients (identity rotation, zero
     step); the masking is skipped when every sample is known to be updated (a running
@@ -184,6 +174,8 @@ class HostScalars:
         self.xp = array_namespace(like)
         self.dtype, self.device = like.dtype, device_of(like)
         b1 = host_list(beta1)
+        if met is None:  # the default rule
+            met = [v <= t for v, t in zip(b1, thresholds, strict=True)]
         self.rows = [start(FloatOps, v, bool(m), math.isfinite(v), 0.0)
                      for v, m in zip(b1, met, strict=True)]
         self.thresholds = thresholds  # a list of floats
@@ -219,7 +211,7 @@ class HostScalars:
         if len(coefficients) == 1:
             return coefficients[0]
         table = self.xp.asarray(coefficients, dtype=self.dtype, device=self.device)
-        return Columns(*(table[:, j:j + 1] for j in range(len(COEFFICIENTS))))
+        return Columns(*(table[:, j:j + 1] for j in range(len(Columns._fields))))
 
     def finite_rows(self) -> Any:
         """(B,) mask of the samples whose β_{k+1} is finite."""
@@ -228,8 +220,8 @@ class HostScalars:
     def harvest_inputs(self) -> tuple[Any, Any]:
         """(B,) arrays of the last step's harvested β_{k+1} and its update mask."""
         xp, rows = self.xp, self.coefficients
-        return (xp.asarray([c[7] for c in rows], dtype=self.dtype, device=self.device),
-                xp.asarray([c[8] > 0 for c in rows], device=self.device))
+        return (xp.asarray([c.harvest_beta for c in rows], dtype=self.dtype, device=self.device),
+                xp.asarray([c.update > 0 for c in rows], device=self.device))
 
     def conclude(self, met: Any) -> None:
         self.rows = [conclude(FloatOps, r, u, e, bool(m))
@@ -249,10 +241,8 @@ class DeviceScalars:
     def __init__(self, like: Any, beta1: Any, met: Any, thresholds: Any = None) -> None:
         self.xp = xp = array_namespace(like)
         self.ops = ArrayOps(xp, beta1)
-        zero = xp.zeros_like(beta1)
-        self.state = start(self.ops, beta1, met, xp.isfinite(beta1), zero)
-        self.state = self.state._replace(iterations=xp.zeros(beta1.shape, dtype=xp.int64,
-                                                             device=device_of(beta1)))
+        met = beta1 <= thresholds if met is None else met  # None: the default rule
+        self.state = start(self.ops, beta1, met, xp.isfinite(beta1), xp.zeros_like(beta1))
         self.thresholds = thresholds
         self.events = None
         self.rnorms = beta1
@@ -277,7 +267,7 @@ class DeviceScalars:
         return self.xp.isfinite(self.betas)
 
     def harvest_inputs(self) -> tuple[Any, Any]:
-        return self.coefficients[7], self.coefficients[8] > 0
+        return self.coefficients.harvest_beta, self.coefficients.update > 0
 
     def conclude(self, met: Any) -> None:
         self.state = conclude(self.ops, self.state, *self.events, met)

@@ -6,8 +6,7 @@ During RMINRES the solver runs Lanczos on (I − CCᵀ)A restricted to range(C)^
 
 A *harvester* receives, for all samples at once, the tridiagonal entries ((B,) arrays),
 the columns of B ((B, k)), the basis vectors ((B, n) rows) and which samples were updated
-this iteration; the recycling strategies (``framework.krylov.recycle``) build the next
-recycle space from what it keeps.  The solver itself needs none of it.
+this iteration; the solver itself needs none of it.
 """
 
 from __future__ import annotations

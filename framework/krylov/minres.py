@@ -1,20 +1,19 @@
 """MINRES with an optional recycle space (RMINRES), batch-first, against the array API.
 
 B symmetric systems A_i x_i = b_i are solved together: vectors are rows of (B, n) arrays
-and the operator maps (B, n) → (B, n) (one *pass* applies every sample's operator).  A
-1-D ``b`` of shape (n,) is promoted to B = 1 with the user's 1-D operator, and the result
-unwrapped.  Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the
-non-zero columns; zero columns are padding) the solver
+and one *pass* of the operator maps (B, n) → (B, n).  A 1-D ``b`` is a batch of one.
+Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the non-zero columns;
+zero columns are padding) the solver
 
 * projects the start:  x₀ ← x₀ + U Cᵀr₀,  r₀ ← (I − CCᵀ) r₀;
 * runs Lanczos on (I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m with B_m = CᵀAV_m;
 * returns the minimal-residual iterate x_m = x₀ + V_m y − U B_m y with
   y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
-Per iteration: one pass, two row-wise inner products and a few row updates; the Lanczos
-and Givens scalars are a small dense step (``framework.krylov.givens``) kept on the host
-on the CPU and on the device on a GPU.  A sample that meets its stopping rule freezes at
-exactly the iteration where it would stop alone; the others run on.
+Per iteration: one pass, two row-wise inner products and a few row updates; the scalars
+are a small dense step (``framework.krylov.givens``) on the host (CPU) or device (GPU).
+A sample that meets its stopping rule freezes at exactly the iteration where it would
+stop alone; the others run on.
 """
 
 from __future__ import annotations
@@ -136,6 +135,30 @@ def _check_count(name: str, value: Any) -> int:
     return int(value)
 
 
+def _check_inputs(xp: Any, A: Any, b: Any, x0: Any, recycle: RecycleSpace | None,
+                  rtol: float, atol: float, stop: Any) -> None:
+    """b (n,) or (B, n), the shapes of a matrix A, x0 and the recycle space, the tolerances."""
+    if b.ndim not in (1, 2):
+        raise ValueError(f"b must have shape (n,) or (B, n), got {tuple(b.shape)}")
+    n, rows = int(b.shape[-1]), tuple(b.shape)
+    shape = getattr(A, "shape", None)
+    if shape is not None and b.ndim == 1 and tuple(shape) != (n, n):
+        raise ValueError(f"operator shape {tuple(shape)} does not match b of shape ({n},)")
+    if shape is not None and b.ndim == 2 and tuple(shape)[-2:] != (n, n):
+        raise ValueError(f"b must have {shape[-1]} entries per row: operator shape "
+                         f"{tuple(shape)} does not match b of shape {rows}")
+    _check_rows(xp, "b", b, rows)
+    if x0 is not None:
+        _check_rows(xp, "x0", x0, rows, b.dtype)
+    if recycle is not None and (recycle.U.shape != recycle.C.shape or recycle.U.ndim != b.ndim + 1
+                                or tuple(recycle.U.shape[:-1]) != rows):
+        raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
+                         f"{tuple(recycle.C.shape)} must both be ({', '.join(map(str, rows))}, k)")
+    check_tolerances(rtol, atol)
+    if stop is None:
+        check_reachable(rtol, atol, float(xp.finfo(b.dtype).eps))
+
+
 def rminres(
     A: Callable[[Any], Any],
     b: Any,
@@ -158,10 +181,9 @@ def rminres(
     """Solve A x = b for symmetric A by (recycled) MINRES, for one or B systems.
 
     A : callable, (B, n) → (B, n) for a 2-D ``b`` (and (B, n, k) → (B, n, k) for
-        recycle-space set-up); for a 1-D ``b`` the user's (n,) → (n,) operator.  Wrap it
-        in ``CountingOperator`` to count applications.  A dense array ((n, n), or
-        (B, n, n) per sample), a sparse matrix or a SciPy ``LinearOperator`` is applied
-        by ``@`` (``framework.krylov.operators``).
+        recycle-space set-up); for a 1-D ``b`` the user's (n,) → (n,) operator.  A dense
+        array ((n, n), or (B, n, n) per sample), a sparse matrix or a SciPy
+        ``LinearOperator`` is applied by ``@`` (``framework.krylov.operators``).
     b : array (B, n) or (n,);  x0 : same shape, optional (zero saves one pass).
     recycle : RecycleSpace with U, C of shape (B, n, k) (or (n, k)), C = AU.
     rtol, atol : the default rule ‖r_i‖ ≤ max(rtol·‖b_i‖, atol), ignored with ``stop``.
@@ -176,47 +198,34 @@ def rminres(
     check_every : iterations between host checks when the scalars live on a GPU.
     scalars : "host" or "device" (default: device when a host read synchronises).
     M : symmetric positive definite preconditioner M ≈ A⁻¹ (an operator like A), as
-        SciPy's; the residual estimates and the default rule are then in the M-norm,
-        ‖r‖_M ≤ max(rtol·‖b‖_M, atol) with ‖r‖_M = (rᵀMr)^½.  Not combined with recycling
-        or harvesting yet.
+        SciPy's; residual estimates and the default rule are then in the M-norm
+        ‖r‖_M = (rᵀMr)^½.  Not combined with recycling or harvesting yet.
     shift : solve (A − shift·I) x = b.
     check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
     """
-    if b.ndim == 1:
-        return _solve_one(A, b, x0=x0, recycle=recycle, rtol=rtol, atol=atol,
-                          maxiter=maxiter, stop=stop, callback=callback, harvest=harvest,
-                          true_residual=true_residual, check_every=check_every,
-                          scalars=scalars, M=M, shift=shift, check=check)
     xp = array_namespace(b)
-    if b.ndim != 2:
-        raise ValueError(f"b must have shape (n,) or (B, n), got {tuple(b.shape)}")
-    B, n = int(b.shape[0]), int(b.shape[1])
-    shape = getattr(A, "shape", None)
-    if shape is not None and tuple(shape)[-2:] != (n, n):
-        raise ValueError(f"b must have {shape[-1]} entries per row: operator shape "
-                         f"{tuple(shape)} does not match b of shape {tuple(b.shape)}")
-    _check_rows(xp, "b", b, (B, n))
-    if x0 is not None:
-        _check_rows(xp, "x0", x0, (B, n), b.dtype)
-    check_tolerances(rtol, atol)
-    maxiter = _check_count("maxiter", 5 * n if maxiter is None else maxiter)
+    _check_inputs(xp, A, b, x0, recycle, rtol, atol, stop)
+    maxiter = _check_count("maxiter", 5 * int(b.shape[-1]) if maxiter is None else maxiter)
     check_every = _check_count("check_every", check_every)
-    if stop is None:
-        check_reachable(rtol, atol, float(xp.finfo(b.dtype).eps))
-    if recycle is not None and (recycle.U.shape != recycle.C.shape or recycle.U.ndim != 3
-                                or tuple(recycle.U.shape[:2]) != (B, n)):
-        raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
-                         f"{tuple(recycle.C.shape)} must both be ({B}, {n}, k)")
     if scalars is None:
         scalars = "device" if host_check_needs_sync(b) else "host"
     if scalars not in ("host", "device"):
         raise ValueError(f"scalars must be 'host' or 'device', got {scalars!r}")
+    single = b.ndim == 1  # one system: a batch of one with the user's 1-D operators
     rule = stop if stop is not None else ResidualRule(rtol, atol)
+    if single and not (isinstance(rule, ResidualRule) or getattr(rule, "batch", False)):
+        rule = SingleSampleRule(rule)
     if M is not None and (recycle is not None or harvest is not None
                           or getattr(rule, "needs_residual", False)):
         raise ValueError("a preconditioner M cannot be combined with recycling (recycle=, "
                          "harvest=) or a stopping rule that needs the residual yet; drop M "
                          "or those")
+    if single:
+        A, b = RowOperator(single_operator(A)), b[None, :]
+        x0 = None if x0 is None else x0[None, :]
+        recycle = None if recycle is None else recycle.promoted()
+        M = None if M is None else RowOperator(single_operator(M))
+        callback = None if callback is None else (lambda X, f=callback: f(X[0, :]))
     A = batch_operator(A)
     if shift:
         A = shifted(A, shift)
@@ -227,45 +236,16 @@ def rminres(
         check_symmetric(A, b, "A")
         if M is not None:
             check_symmetric(M, b, "the preconditioner M")
-    solve = _Solve(A, b, recycle, rule, harvest, callback, scalars, M)
-    solve.passes = 2 if check else 0
-    solve.preconditioner_passes = 2 if check and M is not None else 0
-    return solve.run(x0, maxiter, check_every, true_residual)
-
-
-def _solve_one(A: Any, b: Any, *, x0: Any, recycle: Any, stop: Any, callback: Any,
-               M: Any, **options: Any) -> KrylovResult:
-    """The 1-D call: promote b, x0, the recycle space, the rule and the callback to a
-    batch of one, solve, and unwrap."""
-    xp = array_namespace(b)
-    n = int(b.shape[0])
-    shape = getattr(A, "shape", None)
-    if shape is not None and tuple(shape) != (n, n):
-        raise ValueError(f"operator shape {tuple(shape)} does not match b of shape ({n},)")
-    _check_rows(xp, "b", b, (n,))
-    if x0 is not None:
-        _check_rows(xp, "x0", x0, (n,), b.dtype)
-    if recycle is not None:
-        if recycle.U.ndim != 2 or recycle.U.shape != recycle.C.shape or recycle.U.shape[0] != n:
-            raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
-                             f"{tuple(recycle.C.shape)} must both be ({n}, k)")
-        recycle = recycle.promoted()
-    M = None if M is None else RowOperator(single_operator(M))
-    result = rminres(
-        RowOperator(single_operator(A)), b[None, :], x0=None if x0 is None else x0[None, :],
-        recycle=recycle, M=M,
-        stop=stop if stop is None or isinstance(stop, ResidualRule)
-        or getattr(stop, "batch", False) else SingleSampleRule(stop),
-        callback=None if callback is None else (lambda X: callback(X[0, :])), **options,
-    )
-    return result.sample(0)
+    result = _Solve(A, b, recycle, rule, harvest, callback, scalars, M, check).run(
+        x0, maxiter, check_every, true_residual)
+    return result.sample(0) if single else result
 
 
 class _Solve:
     """State of one batched solve; ``run`` is the algorithm."""
 
     def __init__(self, A: Any, b: Any, recycle: Any, rule: Any, harvest: Any,
-                 callback: Any, scalars: str, M: Any = None) -> None:
+                 callback: Any, scalars: str, M: Any, checked: bool) -> None:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
         self.M = M
@@ -274,7 +254,8 @@ class _Solve:
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
-        self.passes = self.preconditioner_passes = 0
+        self.passes = 2 if checked else 0  # the symmetry check's passes
+        self.preconditioner_passes = 2 if checked and M is not None else 0
 
     def _norms(self, R: Any, Z: Any = None) -> Any:
         """Row norms (rᵀr)^½, or the M-norms (rᵀMr)^½ given Z = MR."""
@@ -292,23 +273,23 @@ class _Solve:
         z = self._precondition(r)
         beta1 = self._norms(r, z)
         self.b_norm = self._norms(self.b, None if self.M is None else self._precondition(self.b))
-        self.thresholds = None
+        host = self.scalar_kind == "host"
+        self.thresholds = limits = None
         if isinstance(self.rule, ResidualRule):  # the default rule is tested in the scalars
-            self.thresholds = self.rule.thresholds(host_list(self.b_norm))
-            self.device_thresholds = xp.asarray(self.thresholds, dtype=self.b.dtype,
-                                                device=device_of(self.b))
-        Scalars = HostScalars if self.scalar_kind == "host" else DeviceScalars
-        thresholds = None
-        if self.thresholds is not None:
-            thresholds = self.device_thresholds if Scalars is DeviceScalars else self.thresholds
-        self.scalars = Scalars(self.b, beta1, self._met(0, beta1, r), thresholds)
+            self.thresholds = limits = self.rule.thresholds(host_list(self.b_norm))
+            if not host:
+                limits = xp.asarray(limits, dtype=self.b.dtype, device=device_of(self.b))
+        met = self._met(0, beta1, r) if limits is None else None
+        self.scalars = (HostScalars if host else DeviceScalars)(self.b, beta1, met, limits)
         self.history = [self.scalars.rnorms]
         self.residual = r if self.keep_residual else None
         safe = xp.where(beta1 > 0, beta1, xp.ones_like(beta1))[:, None]
         self.u = r / safe  # residual space; with M the Lanczos vectors are v = M u
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
-            self.harvest.begin(self.U, self.C, v, beta1, self._live())
+            live = (xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
+                    if host else self.scalars.state.live)
+            self.harvest.begin(self.U, self.C, v, beta1, live)
         self.u_prev = self.beta = None
         self.d = [None, None]
         self.e = [None, None]
@@ -388,32 +369,18 @@ class _Solve:
         return q
 
     def _met(self, iteration: int, rnorms: Any, residual: Any) -> Any:
-        """The stopping rule per sample (in the scalars' home: host bools or a device
-        mask)."""
-        host = self.scalar_kind == "host"
-        if host and not isinstance(rnorms, list):
-            rnorms = host_list(rnorms)
-        if self.thresholds is not None and host:
-            return [r <= t for r, t in zip(rnorms, self.thresholds, strict=True)]
-        if self.thresholds is not None:
-            return rnorms <= self.device_thresholds
-        rn = rnorms
-        if host:
-            rn = self.xp.asarray(rnorms, dtype=self.b.dtype, device=device_of(self.b))
-        met = self.rule(IterationState(iteration, rn, self.b_norm, residual))
-        return [bool(m) for m in to_host(met)] if self.scalar_kind == "host" else met
-
-    def _live(self) -> Any:
-        if self.scalar_kind == "host":
-            return self.xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
-        return self.scalars.state.live
+        """The stopping rule per sample: host bools, or a device mask."""
+        if isinstance(rnorms, list):
+            rnorms = self.xp.asarray(rnorms, dtype=self.b.dtype, device=device_of(self.b))
+        met = self.rule(IterationState(iteration, rnorms, self.b_norm, residual))
+        return met if self.scalar_kind == "device" else [bool(m) for m in to_host(met)]
 
     def _iterate(self) -> Any:
         return self.x if self.z is None else self.x - bmv(self.U, self.z)
 
     def _finish(self, true_residual: bool, syncs: int) -> KrylovResult:
         codes, iterations = self.scalars.summary()
-        statuses = tuple(_CODES[int(c)] for c in codes)
+        statuses = [_CODES[int(c)] for c in codes]
         history = self.history
         if self.scalar_kind == "device":
             history = [host_list(h) for h in history]
@@ -423,7 +390,6 @@ class _Solve:
         norms = [h[-1] for h in per_sample]
         checks = [0] * len(codes)
         if true_residual:
-            statuses = list(statuses)
             r = self.b - self.A(x)
             true = host_list(self._norms(r))
             ruled = true if self.M is None else host_list(self._norms(r, self.M(r)))
@@ -435,7 +401,7 @@ class _Solve:
                         and (s is Status.CONVERGED or (s is Status.EXACT
                                                        and self.thresholds[i] > 0))):
                     statuses[i] = Status.DRIFTED
-            statuses = tuple(statuses)
+        statuses = tuple(statuses)
         return KrylovResult(
             x=x,
             converged=tuple(s in (Status.CONVERGED, Status.EXACT) for s in statuses),

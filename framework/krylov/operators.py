@@ -1,10 +1,7 @@
-"""Operators as ``rminres`` takes them (as SciPy's ``minres`` does): callables, dense
-arrays of any array-API namespace, sparse matrices and SciPy ``LinearOperator``s, and
-the shifted operator A − σI and the symmetry check of SciPy's ``check=True``.
-
-A matrix is used through ``@``: for a 1-D right-hand side it maps (n,) → (n,) and
-(n, k) → (n, k); for a batch, one (n, n) matrix serves every row of (B, n) (one product
-with the block of rows) and a (B, n, n) array gives each sample its own matrix.
+"""Operators as ``rminres`` (like SciPy's ``minres``) takes them: callables, dense arrays,
+sparse matrices and ``LinearOperator``s (applied by ``@``; for a batch one (n, n) matrix
+serves every row, a (B, n, n) array gives each sample its own); the shift A − σI and the
+symmetry check of SciPy's ``check=True``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,15 @@
 """Carrying recycle spaces from one batch of linear systems to the next.
 
-After a solve, a ``RecycleHarvester`` (given to ``rminres`` as ``harvest=``) receives the
-Lanczos process of every sample and chooses its next recycle vectors from
-W_i = [U_i, V_i] *against the matrix just solved* ("inner" selection): HW comes from the
-Lanczos relation, HW = [C, V_{m+1}T̄ + CB], without any operator application; each
-sample's own iterations (and non-padding recycle columns) are its valid columns.  With a
-cap s on stored Lanczos vectors (``max_vectors``) it compresses [Z, V_s] to k vectors
-whenever s steps are complete (a "cycle"), carrying HZ (and JᵀZ) as combinations, so
-memory stays O(Bn(k + s)) whatever the iteration count.
-
-Before the next solve, ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for
-H: C = HU by one block application of k vectors, then an orthonormalising (rank-revealing)
-QR/SVD.  "Outer" selection instead keeps all of W and selects against the next H
-(dim W applications, counted by the operator).  The dense oracles ``eig`` and ``gsvd``
-select from the whole space (W = I: n applications; tests and small n only).  Operators
-map (B, n, k) → (B, n, k); single-system calls ((n, k) carries, 1-D operators) are
-promoted to a batch of one.
+A ``RecycleHarvester`` (``rminres(harvest=...)``) chooses each sample's next recycle vectors
+from W_i = [U_i, V_i] against the matrix just solved ("inner" selection), with
+HW = [C, V_{m+1}T̄ + CB] from the Lanczos relation (no operator application); each sample's
+own iterations and non-padding recycle columns are its valid columns.  With a cap s on
+stored Lanczos vectors (``max_vectors``) it compresses [Z, V_s] to k vectors every s steps
+(a "cycle"), carrying HZ (and JᵀZ) as combinations: memory stays O(Bn(k + s)).
+``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the next H (C = HU: k
+applications).  "Outer" selection keeps all of W and selects against the next H (dim W
+applications); the dense oracles ``eig`` and ``gsvd`` select from the whole space (n
+applications; tests and small n only).
 """
 
 from __future__ import annotations
@@ -28,8 +22,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
-from backends.host import to_host
-from framework.krylov.recycle_space import RecycleSpace, RowOperator
+from framework.krylov.recycle_space import RecycleSpace, RowOperator, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
 ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
@@ -76,13 +69,6 @@ class RecycleConfig:
         return needs_jacobian(ORACLES.get(self.strategy, self.strategy))
 
 
-def _widths(basis: Any) -> list[int]:
-    """Non-zero columns per sample of a (B, n, D) basis (a host read)."""
-    xp = array_namespace(basis)
-    alive = xp.sum(xp.astype(xp.linalg.vector_norm(basis, axis=-2) > 0, xp.int64), axis=-1)
-    return [int(v) for v in to_host(alive)]
-
-
 @dataclass(frozen=True)
 class RecycleCarry:
     """What travels from one solve to the next: the chosen vectors U (``selected``) or,
@@ -95,11 +81,11 @@ class RecycleCarry:
     @property
     def size(self) -> int:
         """Vectors carried (the largest count of a batch)."""
-        return max(_widths(self.basis if self.basis.ndim == 3 else self.basis[None, ...]))
+        return max(widths(self.basis if self.basis.ndim == 3 else self.basis[None, ...]))
 
     def sample(self, i: int) -> RecycleCarry:
         """Sample i's carry, (n, D_i) without its padding columns."""
-        width = _widths(self.basis[i:i + 1, ...])[0]
+        width = widths(self.basis[i:i + 1, ...])[0]
         return RecycleCarry(self.basis[i, :, :width], self.selected)
 
 
@@ -127,7 +113,6 @@ class RecycleHarvester:
         self.cycles = 0
         self._begun = False
 
-    # -- Harvester protocol -------------------------------------------------------------
     def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
         xp = array_namespace(v1)
         self._begun = True
@@ -166,9 +151,8 @@ class RecycleHarvester:
             self._compress(final=True)
         if self.Z is None:
             return None
-        return RecycleCarry(self.Z[..., : max(_widths(self.Z))], selected=True)
+        return RecycleCarry(self.Z[..., : max(widths(self.Z))], selected=True)
 
-    # -- internals ----------------------------------------------------------------------
     def _lanczos_products(self) -> tuple[Any, Any]:
         """V (B, n, m) of the current cycle and HV = β v_{j−1} + α v_j + β v_{j+1} + C b
         (the Lanczos relation: no operator application)."""

@@ -24,6 +24,13 @@ def bmtv(M: Any, v: Any) -> Any:
     return (xp.matrix_transpose(M) @ v[..., None])[..., 0]
 
 
+def widths(basis: Any) -> list[int]:
+    """Non-zero columns per sample of a (B, n, D) basis (a host read)."""
+    xp = array_namespace(basis)
+    alive = xp.sum(xp.astype(xp.linalg.vector_norm(basis, axis=-2) > 0, xp.int64), axis=-1)
+    return [int(v) for v in to_host(alive)]
+
+
 class RowOperator:
     """A 1-D operator ((n,) → (n,), (n, k) → (n, k)) seen as a batch of one:
     (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
@@ -55,10 +62,7 @@ class RecycleSpace:
     @property
     def dims(self) -> tuple[int, ...]:
         """Each sample's dimension (its non-zero columns); a host read."""
-        xp = array_namespace(self.C)
-        C = self.C if self.C.ndim == 3 else self.C[None, ...]
-        alive = xp.sum(xp.astype(xp.linalg.vector_norm(C, axis=1) > 0, xp.int64), axis=1)
-        return tuple(int(v) for v in to_host(alive))
+        return tuple(widths(self.promoted().C))
 
     @property
     def k(self) -> int:

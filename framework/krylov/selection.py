@@ -59,16 +59,6 @@ def needs_jacobian(strategy: str) -> bool:
     return strategy in (Strategy.rgen_left, Strategy.rgen_right, Strategy.rgen_both)
 
 
-def check_selection(strategy: str, k: int, which: str | None) -> Which:
-    """Validate a selection request; returns ``which`` with the strategy's default."""
-    if Strategy(strategy) not in DEFAULT_WHICH:
-        raise ValueError(f"{strategy!r} is not a selection; valid names are "
-                         f"{', '.join(DEFAULT_WHICH)}")
-    if k < 0:
-        raise ValueError(f"recycle dimension k must be >= 0, got {k}")
-    return DEFAULT_WHICH[strategy] if which is None else Which(which)
-
-
 @dataclass(frozen=True)
 class Projection:
     """Projected matrices of masked bases: gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW,
@@ -166,7 +156,12 @@ def select(proj: Projection, strategy: str, k: int, which: str | None = None, *,
            rank_tol: float = 1e-12) -> Any:
     """Coefficients Y (B, D, k) (or (D, k)) of the chosen vectors in the masked basis; a
     sample with fewer than k valid directions gets zero columns after its own."""
-    which = check_selection(strategy, k, which)
+    if Strategy(strategy) not in DEFAULT_WHICH:
+        raise ValueError(f"{strategy!r} is not a selection; valid names are "
+                         f"{', '.join(DEFAULT_WHICH)}")
+    if k < 0:
+        raise ValueError(f"recycle dimension k must be >= 0, got {k}")
+    which = DEFAULT_WHICH[strategy] if which is None else Which(which)
     if needs_jacobian(strategy) and proj.P is None:
         raise ValueError(f"strategy {strategy!r} needs Jᵀ products: pass a jac_t operator")
     xp = array_namespace(proj.gram)

@@ -27,8 +27,6 @@ class RecycledSolve:
     carry: RecycleCarry | None
     space: RecycleSpace | None
     rule: Any
-    time_prepare: float
-    time_solve: float
 
     @property
     def hg_error_estimate(self) -> float:
@@ -54,24 +52,12 @@ def recycled_solve(
     """Prepare the recycle space for H from ``carry``, solve H w = g by RMINRES with the
     configured stopping rule, and harvest the carry for the next system."""
     stop = stop if stop is not None else StopConfig()
-    t0 = time.perf_counter()
     space = recycler.prepare(carry, H, jac_t, like=g)
     rows_jac_t = None if jac_t is None else RowOperator(jac_t, check=False)
     rule = stop.rule(None if space is None else space.promoted(), rows_jac_t, g[None, :])
-    t1 = time.perf_counter()
-    result = rminres(
-        H,
-        g,
-        x0=x0,
-        recycle=space,
-        stop=rule,
-        maxiter=maxiter,
-        harvest=recycler.harvester(rows_jac_t),
-        true_residual=False,
-    )
-    new_carry = recycler.carry_after(result, space)
-    t2 = time.perf_counter()
-    return RecycledSolve(result, new_carry, space, rule, t1 - t0, t2 - t1)
+    result = rminres(H, g, x0=x0, recycle=space, stop=rule, maxiter=maxiter,
+                     harvest=recycler.harvester(rows_jac_t), true_residual=False)
+    return RecycledSolve(result, recycler.carry_after(result, space), space, rule)
 
 
 @dataclass(frozen=True)
@@ -150,8 +136,7 @@ def solve_sequence(
     ``jac_t`` its hypergradient −Jᵀw is formed (one application) and, given a
     ``reference``, its relative error reported."""
     recycler = Recycler(recycle if recycle is not None else RecycleConfig())
-    carry = None
-    w = None
+    carry = w = None
     records = []
     for index, system in enumerate(systems):
         counter = Counter()
@@ -161,21 +146,10 @@ def solve_sequence(
         if system.jac_t is not None:
             J = CountingOperator(system.jac_t, n, counter=counter, kind="jac_t")
         t0 = time.perf_counter()
-        solve = recycled_solve(
-            H,
-            system.g,
-            recycler=recycler,
-            carry=carry,
-            x0=w if warm_start else None,
-            jac_t=J,
-            stop=stop,
-            maxiter=maxiter,
-        )
-        res = solve.result
-        carry = solve.carry
-        w = res.x
-        hypergradient = None
-        hg_error = math.nan
+        solve = recycled_solve(H, system.g, recycler=recycler, carry=carry,
+                               x0=w if warm_start else None, jac_t=J, stop=stop, maxiter=maxiter)
+        res, carry, w = solve.result, solve.carry, solve.result.x
+        hypergradient, hg_error = None, math.nan
         if J is not None:
             hypergradient = -J(w)
             if system.reference is not None:

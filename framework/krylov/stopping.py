@@ -1,11 +1,10 @@
 """Stopping rules for Krylov solves, per sample of a batch.
 
-A rule is called once before the first iteration and after every iteration with an
-:class:`IterationState` of the whole batch and returns a (B,) boolean mask (True: this
-sample stops).  A rule that sets ``needs_residual = True`` receives the residual rows,
-which the solver then keeps by recurrence (no extra operator applications).  A rule
-written for one system (``state.residual_norm`` a float, returning a bool) is used for
-a 1-D right-hand side through ``SingleSampleRule``.
+A rule is called before the first iteration and after every iteration with the batch's
+``IterationState`` and returns a (B,) boolean mask (True: the sample stops).  With
+``needs_residual = True`` it also gets the residual rows (kept by recurrence, no extra
+applications).  A rule for one system (floats in, a bool out) serves a 1-D right-hand side
+through ``SingleSampleRule``.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, sy
 
 @dataclass(frozen=True)
 class IterationState:
-    """What a stopping rule sees: the iteration, the residual-norm estimates and ‖b‖
-    per sample ((B,) device arrays; floats for a single-system rule), and the residual
-    rows when the rule asked for them."""
+    """What a rule sees: the iteration, the residual-norm estimates and ‖b‖ ((B,) arrays;
+    floats for a single-system rule), and the residual rows when it asked for them."""
 
     iteration: int
     residual_norm: Any
@@ -42,15 +40,13 @@ class StopRule(Protocol):
 
 
 def check_tolerances(rtol: float, atol: float) -> None:
-    """Raise ``ValueError`` naming the argument when a tolerance is negative or not finite."""
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_reachable(rtol: float, atol: float, dtype_eps: float) -> None:
-    """Raise ``ValueError`` for a relative tolerance no iterate can reach in this dtype
-    (0 < rtol < eps with atol = 0); rtol = 0 (run to maxiter) stays allowed."""
+    """Refuse 0 < rtol < eps with atol = 0 (unreachable; rtol = 0 runs to maxiter)."""
     if atol == 0 and 0 < rtol < dtype_eps:
         raise ValueError(
             f"rtol={rtol!r} is below the machine epsilon {dtype_eps:.2g} of the data's dtype "
@@ -148,15 +144,11 @@ class HypergradientErrorEstimator:
 
 
 class HypergradientErrorRule:
-    """Stop sample i when safety·‖M_i r_k‖ ≤ max(rtol·‖M_i b_i‖, atol) (the new stopping
-    criterion, NSC).
-
-    ‖M b‖ is the same Galerkin estimate of the hypergradient norm itself, so ``rtol`` is a
-    relative hypergradient error.  Samples whose estimator is zero (no recycle space yet,
-    JᵀU = 0) use ``fallback`` (``active`` is False for them) and ``reason`` says so.
-    ``estimates`` records safety·‖M r_k‖ / ‖M b‖ — the estimated *relative* hypergradient
-    error, a (B,) array — at every check (iteration 0 first).
-    """
+    """The new stopping criterion (NSC): stop sample i when safety·‖M_i r_k‖ ≤
+    max(rtol·‖M_i b_i‖, atol), ‖M b‖ estimating the hypergradient norm (``rtol`` is a
+    relative hypergradient error).  Samples with a zero estimator (no recycle space yet,
+    JᵀU = 0) use ``fallback`` (``active`` False, ``reason`` says why).  ``estimates``
+    records safety·‖M r_k‖ / ‖M b‖, the estimated relative error, at every check."""
 
     needs_residual = True
     batch = True
@@ -206,13 +198,10 @@ StopKind = Choice("StopKind", "residual hypergradient")
 
 @dataclass
 class StopConfig:
-    """Which stopping rule a recycled solve uses (also the schema of the config group
-    ``stop``).
-
-    ``kind="residual"``: ‖r‖ ≤ max(rtol·‖b‖, atol).  ``kind="hypergradient"``: the NSC
-    ``HypergradientErrorRule`` with relative tolerance ``hg_rtol`` (defaults to rtol),
-    ``safety`` factor and ``keep`` generalised singular values (all when None).
-    """
+    """The stopping rule of a recycled solve (schema of the config group ``stop``):
+    ``residual``, ‖r‖ ≤ max(rtol·‖b‖, atol), or ``hypergradient``, the NSC with relative
+    tolerance ``hg_rtol`` (default rtol), ``safety`` and ``keep`` generalised singular
+    values (all when None)."""
 
     kind: StopKind = StopKind.residual
     rtol: float = 1e-5
