@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "torch")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -20,16 +20,17 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """An array namespace bound to one device and one floating dtype.
 
-    ``asarray`` moves host data onto the device, ``to_numpy`` brings (small) arrays back
-    to the host, ``sync`` waits for queued device work (a no-op on the CPU).
+    ``asarray`` moves host data onto the device, ``to_numpy(a)`` returns a NumPy copy of
+    a (small) array, ``sync()`` blocks until queued device work has finished (for timing;
+    a no-op on the CPU).
     """
 
     name: str
-    xp: Any
+    xp: Any = field(repr=False)
     device: Any
     dtype: Any
-    _to_numpy: Callable[[Any], np.ndarray]
-    _sync: Callable[[], None]
+    to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
+    sync: Callable[[], None] = field(repr=False)
 
     def asarray(self, data: Any, *, dtype: Any = None) -> Any:
         """Copy host data (NumPy array, list, scalar) to this backend's device."""
@@ -38,19 +39,8 @@ class Backend:
             dtype = self.dtype
         return self.xp.asarray(host, dtype=dtype, device=self.device)
 
-    def to_numpy(self, array: Any) -> np.ndarray:
-        """Return a NumPy copy of ``array`` on the host."""
-        return self._to_numpy(array)
-
-    def sync(self) -> None:
-        """Block until all queued work on the device has finished (for timing)."""
-        self._sync()
-
     def zeros(self, shape: int | tuple[int, ...]) -> Any:
         return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def __repr__(self) -> str:
-        return f"Backend(name={self.name!r}, device={self.device!r}, dtype={self.dtype!r})"
 
 
 def available_backends() -> tuple[str, ...]:
@@ -140,26 +130,23 @@ def _torch_backend(dtype: Any, device: Any) -> Backend:
 
 _FACTORIES = {
     "numpy": _numpy_backend,
-    "array_api_strict": _strict_backend,
     "cupy": _cupy_backend,
+    "array_api_strict": _strict_backend,
     "torch": _torch_backend,
 }
+BACKEND_NAMES = tuple(_FACTORIES)
 
 
 def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = None) -> Backend:
-    """Return the backend ``name`` (one of ``numpy``, ``cupy``, ``array_api_strict``,
-    ``torch``) with floating ``dtype`` on ``device`` (library default when ``None``).
+    """Return the backend ``name`` (one of ``BACKEND_NAMES``) with floating ``dtype`` on
+    ``device`` (library default when ``None``).
 
     Raises ``ValueError`` for an unknown name, dtype or device and
     ``BackendUnavailableError`` when the library or its device is missing.
     """
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}"
-        ) from None
-    return factory(dtype, device)
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}")
+    return _FACTORIES[name](dtype, device)
 
 
 def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
@@ -171,9 +158,6 @@ def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
     environment variables ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do)
     removes that.  Returns True when applied (glibc only; elsewhere a no-op).
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     if not name:
         return False
