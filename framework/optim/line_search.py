@@ -133,8 +133,16 @@ def search_rows(
         searches[i] = search
         _, alpha[i] = next(search)
     accepted = np.zeros(bsz, dtype=bool)
-    Xa, Ga, Fa = X, G, F.copy()  # accepted trials
-    Xk, Gk, Fk = X, G, F.copy()  # trials a search asked to keep
+    taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
+
+    def put(rows: list[int], source: tuple, target: tuple) -> tuple:
+        """``target`` with the rows ``rows`` of ``source`` (X, G, F)."""
+        if not rows:
+            return target
+        target[2][rows] = source[2][rows]
+        return ev.select_rows(rows, source[0], target[0]), \
+            ev.select_rows(rows, source[1], target[1]), target[2]
+
     while searches:
         pending = np.zeros(bsz, dtype=bool)
         pending[list(searches)] = True
@@ -145,8 +153,8 @@ def search_rows(
             fi = float(Ft[i])
             si = float(st[i]) if math.isfinite(fi) else math.nan
             try:
-                kept, alpha[i] = searches[i].send((fi, si))
-                if kept:
+                keeps, alpha[i] = searches[i].send((fi, si))
+                if keeps:
                     keep.append(i)
             except StopIteration as stop:
                 outcome = stop.value[0]
@@ -155,14 +163,7 @@ def search_rows(
                     take_last.append(i)
                 elif outcome == "kept":
                     take_kept.append(i)
-        if take_kept:
-            Xa, Ga = ev.select_rows(take_kept, Xk, Xa), ev.select_rows(take_kept, Gk, Ga)
-            Fa[take_kept] = Fk[take_kept]
-        if take_last:
-            Xa, Ga = ev.select_rows(take_last, Xt, Xa), ev.select_rows(take_last, Gt, Ga)
-            Fa[take_last] = Ft[take_last]
-        if keep:
-            Xk, Gk = ev.select_rows(keep, Xt, Xk), ev.select_rows(keep, Gt, Gk)
-            Fk[keep] = Ft[keep]
+        taken = put(take_last, (Xt, Gt, Ft), put(take_kept, kept, taken))
+        kept = put(keep, (Xt, Gt, Ft), kept)
         accepted[take_last + take_kept] = True
-    return accepted, Xa, Ga, Fa
+    return accepted, *taken

@@ -89,26 +89,22 @@ def newton_krylov(
     if maxiter < 0 or max_backtracks < 1:
         raise ValueError(f"need maxiter >= 0 and max_backtracks >= 1; got maxiter={maxiter!r}, "
                          f"max_backtracks={max_backtracks!r}")
-    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
-                                          rows_value_and_grad=rows_value_and_grad)
-    if single:
+    ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
+                      rows_value_and_grad=rows_value_and_grad)
+    if ev.single:
         solve = _on_row_zero(solve)
-    xp, bsz = ev.xp, ev.bsz
+    X, xp, bsz = ev.X0, ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)
-    tol = np.maximum(gtol, rtol * gnorm)
-    log = SampleLog(F)
-    log.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
-             "f or ∇f is not finite at x0 (f={f})", F, gnorm, tol)
+    log = SampleLog(F, gnorm, gtol, rtol)
     hvp = np.zeros(bsz, dtype=np.int64)
     eta, prev_gnorm = np.full(bsz, eta_max), None
     for k in range(maxiter + 1):
-        log.stop(gnorm <= tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
-                 F, gnorm, tol)
+        log.stop_converged(k, F, gnorm)
         iterating = log.running.copy()
         if k == maxiter or not np.count_nonzero(iterating):
             break
-        eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, tol, eta_max)
+        eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
         P, counts = solve(X, G, eta, iterating)
         hvp += np.where(iterating, np.asarray(counts, dtype=np.int64), 0)
         slope = ev.host(rowdot(xp, G, P))
@@ -119,14 +115,11 @@ def newton_krylov(
                                         c1, max_backtracks)
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "backtracking found no step that lowers f at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm, tol)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
         prev_gnorm = gnorm
         X, G, F, gnorm = ev.select(ok, Xn, X), ev.select(ok, Gn, G), Fn, gn
         log.record(ok, F)
-    log.stop(log.running, MinimizeStatus.MAXITER, maxiter,
-             "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
-    return log.result(X, F, gnorm, ev.sample_evaluations, hvp, ev.evaluations, ev.host_reads,
-                      single)
+    return log.result(maxiter, X, F, gnorm, ev, hvp)
 
 
 def _steepest_descent(

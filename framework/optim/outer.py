@@ -40,9 +40,7 @@ def _host(a: Any) -> np.ndarray | None:
     return None if a is None else to_host(a)
 
 
-def _like(host: np.ndarray | None, theta: Any) -> Any:
-    if host is None:
-        return None
+def _like(host: np.ndarray, theta: Any) -> Any:
     xp = array_api_compat.array_namespace(theta)
     return xp.asarray(host, dtype=theta.dtype, device=array_api_compat.device(theta))
 
@@ -79,6 +77,20 @@ class _Outer:
         if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
             self._mask_dev = _like(self._mask_host.reshape(tuple(theta.shape)), theta)
         return grad * self._mask_dev
+
+    def step(
+        self,
+        theta: Any,
+        grad: Any,
+        *,
+        loss: float | None = None,
+        loss_fn: Callable[[Any], float] | None = None,
+    ) -> OuterStep:
+        """One update of θ with gradient ``grad`` (masked); ``loss`` is the upper loss at θ
+        and ``loss_fn`` evaluates it (gradient descent's backtracking; Adam uses neither)."""
+        g = self._masked(theta, grad)
+        self.t += 1
+        return self._update(array_api_compat.array_namespace(theta, grad), theta, g, loss, loss_fn)
 
     def state_dict(self) -> dict[str, Any]:
         """Host NumPy arrays and Python scalars (checkpointable)."""
@@ -122,24 +134,12 @@ class Adam(_Outer):
         self.m: Any = None
         self.v: Any = None
 
-    def step(
-        self,
-        theta: Any,
-        grad: Any,
-        *,
-        loss: float | None = None,
-        loss_fn: Callable[[Any], float] | None = None,
-    ) -> OuterStep:
-        """One Adam update of θ with gradient ``grad`` (``loss``/``loss_fn`` are unused)."""
-        del loss, loss_fn
-        xp = array_api_compat.array_namespace(theta, grad)
-        g = self._masked(theta, grad)
+    def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         b1, b2 = self.betas
         if isinstance(self.m, np.ndarray):  # restored from a checkpoint
             self.m, self.v = _like(self.m, theta), _like(self.v, theta)
         if self.m is None:
             self.m, self.v = xp.zeros_like(theta), xp.zeros_like(theta)
-        self.t += 1
         self.m = b1 * self.m + (1.0 - b1) * g
         self.v = b2 * self.v + (1.0 - b2) * (g * g)
         m_hat = self.m / (1.0 - b1**self.t)
@@ -177,18 +177,7 @@ class GradientDescent(_Outer):
         self.shrink, self.c1 = float(shrink), float(c1)
         self.max_backtracks = int(max_backtracks)
 
-    def step(
-        self,
-        theta: Any,
-        grad: Any,
-        *,
-        loss: float | None = None,
-        loss_fn: Callable[[Any], float] | None = None,
-    ) -> OuterStep:
-        """One (backtracking) gradient step; ``loss`` is the upper loss at θ."""
-        xp = array_api_compat.array_namespace(theta, grad)
-        g = self._masked(theta, grad)
-        self.t += 1
+    def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
             return OuterStep(theta - self.lr * g, self.lr, 0, True, 0)
         if loss is None:
