@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from backends.host import to_host
+
 
 class BackendUnavailableError(RuntimeError):
     """The requested array library or device is not usable on this machine."""
@@ -20,16 +22,15 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """An array namespace bound to one device and one floating dtype.
 
-    ``asarray`` moves host data onto the device, ``to_numpy(a)`` returns a NumPy copy of
-    a (small) array, ``sync()`` blocks until queued device work has finished (for timing;
-    a no-op on the CPU).
+    ``asarray`` moves host data onto the device, ``to_numpy`` (``backends.host.to_host``)
+    returns a NumPy copy of a (small) array, ``sync()`` blocks until queued device work has
+    finished (for timing; a no-op on the CPU).
     """
 
     name: str
     xp: Any = field(repr=False)
     device: Any
     dtype: Any
-    to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
     sync: Callable[[], None] = field(repr=False)
 
     def asarray(self, data: Any, *, dtype: Any = None) -> Any:
@@ -38,6 +39,8 @@ class Backend:
         if dtype is None and np.issubdtype(host.dtype, np.floating):
             dtype = self.dtype
         return self.xp.asarray(host, dtype=dtype, device=self.device)
+
+    to_numpy = staticmethod(to_host)
 
     def zeros(self, shape: int | tuple[int, ...]) -> Any:
         return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
@@ -75,7 +78,7 @@ def _import(module: str, hint: str) -> Any:
 def _numpy_backend(dtype: Any, device: Any) -> Backend:
     if device not in (None, "cpu"):
         raise ValueError(f"NumPy runs on the CPU only; device={device!r} is not valid")
-    return Backend("numpy", np, "cpu", _dtype(np, dtype), np.asarray, lambda: None)
+    return Backend("numpy", np, "cpu", _dtype(np, dtype), lambda: None)
 
 
 def _strict_backend(dtype: Any, device: Any) -> Backend:
@@ -87,12 +90,7 @@ def _strict_backend(dtype: Any, device: Any) -> Backend:
         dev = xp.Device(device) if isinstance(device, str) else device
         if dev not in devices:
             raise ValueError(f"array_api_strict has no device {device!r}; choose one of {devices}")
-    cpu = xp.Device("CPU_DEVICE")
-
-    def to_numpy(a: Any) -> np.ndarray:
-        return np.asarray(a.to_device(cpu) if a.device != cpu else a)
-
-    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), to_numpy, lambda: None)
+    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), lambda: None)
 
 
 def _cupy_backend(dtype: Any, device: Any) -> Backend:
@@ -111,9 +109,7 @@ def _cupy_backend(dtype: Any, device: Any) -> Backend:
         raise ValueError(f"CUDA device {device!r} does not exist ({count} visible)")
     dev = cp.cuda.Device(index)
     xp = importlib.import_module("array_api_compat.cupy")
-    return Backend(
-        "cupy", xp, dev, _dtype(xp, dtype), cp.asnumpy, lambda: cp.cuda.runtime.deviceSynchronize()
-    )
+    return Backend("cupy", xp, dev, _dtype(xp, dtype), cp.cuda.runtime.deviceSynchronize)
 
 
 def _torch_backend(dtype: Any, device: Any) -> Backend:
@@ -123,9 +119,7 @@ def _torch_backend(dtype: Any, device: Any) -> Backend:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("PyTorch has no usable CUDA device on this machine")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    return Backend(
-        "torch", xp, dev, _dtype(xp, dtype), lambda a: a.detach().cpu().numpy(), sync
-    )
+    return Backend("torch", xp, dev, _dtype(xp, dtype), sync)
 
 
 _FACTORIES = {

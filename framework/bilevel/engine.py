@@ -250,10 +250,9 @@ class BilevelEngine:
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
             syncs.append(res.host_syncs)
-            hvp = [0] * batch.batch_size
-            for r, j in enumerate(keep):
-                hvp[j] = res.matvecs[r]
-            return scatter_rows(res.x, keep, batch.batch_size), hvp
+            hvp = dict(zip(keep, res.matvecs, strict=True))
+            return scatter_rows(res.x, keep, batch.batch_size), [
+                hvp.get(j, 0) for j in range(batch.batch_size)]
 
         return solve
 
@@ -346,13 +345,10 @@ class BilevelEngine:
         applied = tally.read()
         syncs = lower.host_syncs + res.host_syncs + 1
 
-        shadows: list[ShadowRecord | None] = [None] * B
-        W_shadow = None
+        base = None
         if cfg.shadow_baseline:
             base = solve(x0=self._warm_start(xp, "w_shadow", indices, xp.zeros_like(G)))
-            W_shadow = base.x
             syncs += base.host_syncs
-            shadows = [ShadowRecord(base.iterations[j], base.matvecs[j]) for j in range(B)]
         t5 = time.perf_counter()
 
         losses = to_host(batch.upper_loss(X))
@@ -377,11 +373,11 @@ class BilevelEngine:
                 hvp=res.matvecs[j] + applied["hvp"][j],
                 jac_t=applied["jac_t"][j],
                 hg_error_estimate=estimates[j],
-                shadow=shadows[j],
+                shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
                 x=X[j, ...], w=res.x[j, ...], carry=self._carry_after(res, space, j),
-                w_shadow=None if W_shadow is None else W_shadow[j, ...],
+                w_shadow=None if base is None else base.x[j, ...],
             )
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
@@ -419,12 +415,12 @@ class BilevelEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.backend is None:
             raise ValueError("load_state_dict needs the engine's backend (pass backend=...)")
+        put = self.backend.asarray
         samples = state["samples"]
         if len(samples) != len(self.problems):
             raise ValueError(
                 f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
             )
-        put = self.backend.asarray
         self.states = [
             SampleState(
                 **{name: put(entry[name]) for name in WARM_STARTS if name in entry},

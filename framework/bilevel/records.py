@@ -124,10 +124,8 @@ class StepResult:
             out["hg_error_estimate"] = float(np.mean(estimates))
         shadows = [r.shadow for r in recs if r.shadow is not None]
         if len(shadows) == len(recs):
-            it = float(sum(s.iterations for s in shadows))
-            hvp = float(sum(s.hvp for s in shadows))
-            out["baseline_krylov_iterations"] = it
-            out["baseline_hvp"] = hvp
+            out["baseline_krylov_iterations"] = it = float(sum(s.iterations for s in shadows))
+            out["baseline_hvp"] = hvp = float(sum(s.hvp for s in shadows))
             out["time_shadow"] = self.times.shadow
             out["savings_iterations"] = 1.0 - out["krylov_iterations"] / it if it else 0.0
             # recycling's applications: HVPs of the Hessian solve (incl. C = HU) plus the

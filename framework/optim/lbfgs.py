@@ -1,15 +1,12 @@
 """L-BFGS for B independent problems min_x f_i(x) advanced together (B = 1 for a 1-D x0).
 
-``lbfgs(fun, grad, x0)``: with x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` →
-(B, n) evaluate all rows at once and row i is sample i's iterate; with x0 of shape (n,),
-``fun``/``grad`` take and return one sample's arrays, x0 is promoted to B = 1 and the
-result unwrapped.  Every sample has its own memory (two-loop recursion, at most
-``memory`` pairs, H₀ from its newest pair), its own strong-Wolfe line search
-(``framework.optim.line_search``: Armijo never accepts an increase; when no step gives
-sufficient decrease the memory is dropped and steepest descent is tried once) and its
-own stopping test; a stopped sample's row no longer changes.  A sample's arithmetic does
-not depend on B, so B samples solved together take the iterations and evaluations each
-takes alone.
+With x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` → (B, n) evaluate all rows at
+once; with x0 of shape (n,) they take and return one sample's arrays and the result is
+unwrapped.  Every sample has its own memory (``framework.optim.memory``), strong-Wolfe line
+search (``framework.optim.line_search``; when no step gives sufficient decrease the memory
+is dropped and steepest descent is tried once) and stopping test; a stopped sample's row
+no longer changes.  A sample's arithmetic does not depend on B, so B samples solved
+together take the iterations and evaluations each takes alone.
 
 Host transfers (counted in ``host_reads``): one per evaluation round (f with the slopes
 ∇fᵀp, 2B values) and two per iteration (the slopes of the new direction; sᵀy with the
@@ -46,11 +43,10 @@ def lbfgs(
     value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
-    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.
-
-    Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after
-    ``maxiter`` iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or
-    when f_i or ∇f_i is not finite at x0_i (NONFINITE); the others go on.
+    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.  Sample i
+    stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
+    iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or when f_i or
+    ∇f_i is not finite at x0_i (NONFINITE); the others go on.
 
     ``value_and_grad(x)`` → (f, ∇f), when given, replaces the two calls (a fused
     evaluation shares their work).  ``rows_value_and_grad(X_rows, rows)`` → ((r,),

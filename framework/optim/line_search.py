@@ -14,8 +14,7 @@ curvature condition; this lets a solve reach tight gradient tolerances where f n
 changes in floating point.
 
 ``strong_wolfe_search`` holds one sample's decisions on host scalars; ``search_rows``
-advances the searches of several samples (rows of a batch) together, one evaluation of
-the searching rows and one host transfer per round.
+advances those of several samples (rows of a batch) together.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Inexact Newton–Krylov for B independent problems min_x f_i(x) advanced together.
 
-``newton_krylov(fun, grad, x0, solve)``: rows of X (B, n) are the samples' iterates, as
-in ``lbfgs`` (a 1-D x0 is promoted to B = 1 and the result unwrapped).  The inner linear
-solve is injected: ``solve(X, G, eta, rows)`` → (P, hvp) returns, for the samples in the
-host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤ η_i‖g_i‖ (H_i = ∇²f_i(x_i); rows
-outside the mask zero) and each sample's Hessian-vector products (host ints (B,)); for
-a 1-D x0 it takes and returns one sample's arrays: ``solve(x, g, eta)`` → (p, hvp).
-MINRES suits it: it needs no definiteness.  Iteration k of sample i:
+Shapes as in ``lbfgs``.  The inner solve is injected: ``solve(X, G, eta, rows)`` → (P,
+hvp) returns, for the samples in the host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤
+η_i‖g_i‖ (H_i = ∇²f_i(x_i); other rows zero) and each sample's Hessian-vector products
+(host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).  MINRES suits it: it
+needs no definiteness.  Iteration k of sample i:
 
 1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
    0.9 η_{k−1}² when that exceeds 0.1, η₀ = η_max (``forcing="eisenstat_walker"``); or
@@ -22,9 +20,8 @@ MINRES suits it: it needs no definiteness.  Iteration k of sample i:
    −g_i once; a sample whose steepest-descent search fails too stops
    (LINESEARCH_FAILED).
 
-Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
-iterations (MAXITER), or when f_i or ∇f_i is not finite at x0_i (NONFINITE).  A sample's
-arithmetic does not depend on B when the solve's rows do not (MINRES with host scalars).
+Stopping as in ``lbfgs``.  A sample's arithmetic does not depend on B when the solve's
+rows do not (MINRES with host scalars).
 Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and one per
 iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
 """

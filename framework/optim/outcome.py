@@ -1,5 +1,5 @@
-"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample: why each
-sample stopped, its counts and its f history; the host bookkeeping that records them."""
+"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, and the host
+bookkeeping that records it."""
 
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ class MinimizeResult:
         return all(converged) if isinstance(converged, tuple) else converged
 
     @property
-    def grad_evals(self) -> PerSample[int]:
-        """Evaluations of ∇f: each evaluation gives f and ∇f."""
+    def grad_evals(self) -> PerSample[int]:  # each evaluation gives f and ∇f
         return self.f_evals
 
 

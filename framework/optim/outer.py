@@ -189,8 +189,7 @@ class GradientDescent(_Outer):
             value = float(loss_fn(candidate))
             if math.isfinite(value) and value <= loss - self.c1 * alpha * gg:
                 return OuterStep(candidate, alpha, trial, True, trial + 1)
-            if trial < self.max_backtracks:
-                alpha *= self.shrink
+            alpha *= self.shrink
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
 
 

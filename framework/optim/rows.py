@@ -1,12 +1,5 @@
-"""Counted evaluations of the rows of a batch of iterates, and counted host transfers.
-
-An L-BFGS batch holds B samples' iterates as the rows of X (B, n).  ``RowEvaluator``
-evaluates f (B,) and ∇f (B, n) at X, counts the evaluations per sample and per call, and
-brings per-sample scalars to the host in one counted transfer per round (a
-synchronisation on a GPU).  With a row evaluator (``rows_value_and_grad``) only the rows
-of the samples still searching are gathered and evaluated; otherwise every row is
-evaluated and the others are ignored.  A single sample (a 1-D x0 promoted to B = 1) is
-evaluated by the caller's single-sample functions on row 0.
+"""Counted evaluations of the rows of a batch of iterates (B samples' iterates as the rows
+of X (B, n)), and counted host transfers of per-sample scalars (a synchronisation on a GPU).
 """
 
 from __future__ import annotations
@@ -43,8 +36,9 @@ def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
 
 
 class RowEvaluator:
-    """Evaluations of f and ∇f at the rows of X and the host transfers of an L-BFGS batch,
-    for a start x0 of shape (n,) (``single``: promoted to the rows ``X0`` (1, n)) or (B, n).
+    """Evaluations of f and ∇f at the rows of X and the host transfers of a batch, for a
+    start x0 of shape (B, n) or (n,) (``single``: promoted to rows ``X0`` (1, n) and
+    evaluated by the caller's single-sample functions on row 0).
 
     ``evaluations`` counts the calls (one per line-search round, plus the one at x0);
     ``sample_evaluations[i]`` the evaluations of sample i; ``host_reads`` the transfers.
