@@ -132,12 +132,9 @@ BACKEND_NAMES = tuple(_FACTORIES)
 
 
 def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = None) -> Backend:
-    """Return the backend ``name`` (one of ``BACKEND_NAMES``) with floating ``dtype`` on
-    ``device`` (library default when ``None``).
-
-    Raises ``ValueError`` for an unknown name, dtype or device and
-    ``BackendUnavailableError`` when the library or its device is missing.
-    """
+    """The backend ``name`` (one of ``BACKEND_NAMES``) with floating ``dtype`` on ``device``
+    (library default when ``None``).  Raises ``ValueError`` for an unknown name, dtype or
+    device and ``BackendUnavailableError`` when the library or its device is missing."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}")
     return _FACTORIES[name](dtype, device)
@@ -156,8 +153,7 @@ def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
     if not name:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3

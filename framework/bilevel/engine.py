@@ -181,10 +181,8 @@ class BilevelEngine:
     def _batch(self, indices: tuple[int, ...]) -> Any:
         """The samples ``indices`` as one batch-first problem counting in ``self.counter``."""
         if self._batch_cache is None or self._batch_cache[0] != indices:
-            batch = type(self.problems[0]).concat(
-                [self.problems[i] for i in indices], counter=self.counter
-            )
-            self._batch_cache = (indices, batch)
+            chosen = [self.problems[i] for i in indices]
+            self._batch_cache = (indices, type(chosen[0]).concat(chosen, counter=self.counter))
         return self._batch_cache[1]
 
     def _warm_start(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
@@ -216,17 +214,9 @@ class BilevelEngine:
                                   **options)
         else:
             lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
-        syncs = lower.host_reads + sum(solve_syncs)
-        if not cfg.lower_newton_steps:
-            return LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
-                              lower.hvp, syncs)
-        polished = self._newton_polish(batch, theta, lower.x)
-        return LowerSolve(
-            polished.X, lower.iterations, polished.converged,
-            tuple(a + b for a, b in zip(lower.grad_evals, polished.grad_evals, strict=True)),
-            tuple(a + b for a, b in zip(lower.hvp, polished.hvp, strict=True)),
-            syncs + polished.host_syncs,
-        )
+        solved = LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
+                            lower.hvp, lower.host_reads + sum(solve_syncs))
+        return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
     def _preconditioner(self, batch: Any, X: Any, theta: Any) -> Callable[[Any], Any] | None:
         if self.config.preconditioner == Preconditioner.none:
@@ -256,16 +246,16 @@ class BilevelEngine:
 
         return solve
 
-    def _newton_polish(self, batch: Any, theta: Any, X: Any) -> LowerSolve:
-        """Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ > lower_gtol (one
-        MINRES over those rows to ``NEWTON_RTOL`` per step), until every row meets gtol
-        or ``lower_newton_steps`` steps are spent."""
-        xp = array_namespace(X)
+    def _newton_polish(self, batch: Any, theta: Any, solved: LowerSolve) -> LowerSolve:
+        """``solved`` after Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ >
+        lower_gtol (one MINRES over those rows to ``NEWTON_RTOL`` per step), until every
+        row meets gtol or ``lower_newton_steps`` steps are spent; its counts added."""
+        xp = array_namespace(solved.X)
         cfg = self.config
         B = batch.batch_size
-        rows = [X[j, ...] for j in range(B)]
-        grad_evals, hvp, converged = [0] * B, [0] * B, [False] * B
-        active, syncs = list(range(B)), 0
+        rows = [solved.X[j, ...] for j in range(B)]
+        grad_evals, hvp, converged = list(solved.grad_evals), list(solved.hvp), [False] * B
+        active, syncs = list(range(B)), solved.host_syncs
         for step in range(cfg.lower_newton_steps + 1):
             sub = batch.subset(active)
             Xa = xp.stack([rows[j] for j in active])
@@ -288,8 +278,8 @@ class BilevelEngine:
                 hvp[j] += res.matvecs[r]
                 rows[j] = rows[j] - res.x[r, ...]
             active = keep
-        return LowerSolve(xp.stack(rows), (), tuple(converged), tuple(grad_evals),
-                          tuple(hvp), syncs)
+        return LowerSolve(xp.stack(rows), solved.iterations, tuple(converged),
+                          tuple(grad_evals), tuple(hvp), syncs)
 
     def lower_solutions(self, theta: Any, indices: Sequence[int] | None = None, *,
                         x0: Any = None) -> Any:

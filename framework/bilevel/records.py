@@ -4,7 +4,7 @@ per row), the batch's measured passes and phase times, and the step's metrics.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,10 +114,7 @@ class StepResult:
             "recycle_dim": total("recycle_dim") / len(recs),
             "krylov_converged_fraction": total("krylov_converged") / len(recs),
             "lower_converged_fraction": total("lower_converged") / len(recs),
-            "time_lower": self.times.lower,
-            "time_recycle": self.times.recycle,
-            "time_krylov": self.times.krylov,
-            "time_jac": self.times.jac,
+            **{f"time_{phase}": t for phase, t in asdict(self.times).items() if phase != "shadow"},
         }
         estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
         if estimates:

@@ -126,10 +126,8 @@ def search_rows(
     searches: dict[int, WolfeSearch] = {}
     alpha = [0.0] * bsz
     for i in searching.nonzero()[0].tolist():
-        search = strong_wolfe_search(
-            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials
-        )
-        searches[i] = search
+        search = searches[i] = strong_wolfe_search(
+            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
         _, alpha[i] = next(search)
     accepted = np.zeros(bsz, dtype=bool)
     taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
@@ -147,7 +145,8 @@ def search_rows(
         pending[list(searches)] = True
         Xt = ev.step(X, [a if pending[i] else 0.0 for i, a in enumerate(alpha)], P)
         Ft, Gt, st = ev.evaluate(Xt, pending, P)
-        keep, take_last, take_kept = [], [], []
+        keep: list[int] = []
+        take: dict[Outcome, list[int]] = {"last": [], "kept": [], None: []}
         for i in list(searches):
             fi = float(Ft[i])
             si = float(st[i]) if math.isfinite(fi) else math.nan
@@ -156,13 +155,9 @@ def search_rows(
                 if keeps:
                     keep.append(i)
             except StopIteration as stop:
-                outcome = stop.value[0]
                 del searches[i]
-                if outcome == "last":
-                    take_last.append(i)
-                elif outcome == "kept":
-                    take_kept.append(i)
-        taken = put(take_last, (Xt, Gt, Ft), put(take_kept, kept, taken))
+                take[stop.value[0]].append(i)
+        taken = put(take["last"], (Xt, Gt, Ft), put(take["kept"], kept, taken))
         kept = put(keep, (Xt, Gt, Ft), kept)
-        accepted[take_last + take_kept] = True
+        accepted[take["last"] + take["kept"]] = True
     return accepted, *taken

@@ -50,13 +50,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _array(value: Any) -> np.ndarray | None:
-    return None if value is None else np.array(value)
-
-
 class _Outer:
     """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
-    and the checkpoint state, ``STATE`` mapping each saved attribute to its type."""
+    and the checkpoint state, ``STATE`` mapping each saved attribute to its type (``_host``:
+    an array, saved and restored as a host NumPy copy)."""
 
     name: Any
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
@@ -94,9 +91,8 @@ class _Outer:
 
     def state_dict(self) -> dict[str, Any]:
         """Host NumPy arrays and Python scalars (checkpointable)."""
-        state = {key: getattr(self, key) for key in self.STATE}
-        return {"name": self.name.value, **{k: _host(v) if k in ("m", "v") else v
-                                           for k, v in state.items()}}
+        return {"name": self.name.value,
+                **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -115,7 +111,7 @@ class Adam(_Outer):
 
     name = Optimizer.adam
     STATE: ClassVar = {"lr": float, "betas": lambda b: tuple(float(x) for x in b), "eps": float,
-             "t": int, "m": _array, "v": _array}
+             "t": int, "m": _host, "v": _host}
 
     def __init__(
         self,
