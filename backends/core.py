@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "torch")
+from backends.host import to_host
 
 
 class BackendUnavailableError(RuntimeError):
@@ -20,16 +22,16 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """An array namespace bound to one device and one floating dtype.
 
-    ``asarray`` moves host data onto the device, ``to_numpy`` brings (small) arrays back
-    to the host, ``sync`` waits for queued device work (a no-op on the CPU).
+    ``asarray`` moves host data onto the device, ``to_numpy`` (``backends.host.to_host``)
+    returns a NumPy copy of a (small) array, ``sync()`` blocks until queued device work has
+    finished (for timing; a no-op on the CPU).
     """
 
     name: str
-    xp: Any
+    xp: Any = field(repr=False)
     device: Any
     dtype: Any
-    _to_numpy: Callable[[Any], np.ndarray]
-    _sync: Callable[[], None]
+    sync: Callable[[], None] = field(repr=False)
 
     def asarray(self, data: Any, *, dtype: Any = None) -> Any:
         """Copy host data (NumPy array, list, scalar) to this backend's device."""
@@ -38,19 +40,10 @@ class Backend:
             dtype = self.dtype
         return self.xp.asarray(host, dtype=dtype, device=self.device)
 
-    def to_numpy(self, array: Any) -> np.ndarray:
-        """Return a NumPy copy of ``array`` on the host."""
-        return self._to_numpy(array)
-
-    def sync(self) -> None:
-        """Block until all queued work on the device has finished (for timing)."""
-        self._sync()
+    to_numpy = staticmethod(to_host)
 
     def zeros(self, shape: int | tuple[int, ...]) -> Any:
         return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def __repr__(self) -> str:
-        return f"Backend(name={self.name!r}, device={self.device!r}, dtype={self.dtype!r})"
 
 
 def available_backends() -> tuple[str, ...]:
@@ -85,7 +78,7 @@ def _import(module: str, hint: str) -> Any:
 def _numpy_backend(dtype: Any, device: Any) -> Backend:
     if device not in (None, "cpu"):
         raise ValueError(f"NumPy runs on the CPU only; device={device!r} is not valid")
-    return Backend("numpy", np, "cpu", _dtype(np, dtype), np.asarray, lambda: None)
+    return Backend("numpy", np, "cpu", _dtype(np, dtype), lambda: None)
 
 
 def _strict_backend(dtype: Any, device: Any) -> Backend:
@@ -97,12 +90,7 @@ def _strict_backend(dtype: Any, device: Any) -> Backend:
         dev = xp.Device(device) if isinstance(device, str) else device
         if dev not in devices:
             raise ValueError(f"array_api_strict has no device {device!r}; choose one of {devices}")
-    cpu = xp.Device("CPU_DEVICE")
-
-    def to_numpy(a: Any) -> np.ndarray:
-        return np.asarray(a.to_device(cpu) if a.device != cpu else a)
-
-    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), to_numpy, lambda: None)
+    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), lambda: None)
 
 
 def _cupy_backend(dtype: Any, device: Any) -> Backend:
@@ -121,9 +109,7 @@ def _cupy_backend(dtype: Any, device: Any) -> Backend:
         raise ValueError(f"CUDA device {device!r} does not exist ({count} visible)")
     dev = cp.cuda.Device(index)
     xp = importlib.import_module("array_api_compat.cupy")
-    return Backend(
-        "cupy", xp, dev, _dtype(xp, dtype), cp.asnumpy, lambda: cp.cuda.runtime.deviceSynchronize()
-    )
+    return Backend("cupy", xp, dev, _dtype(xp, dtype), cp.cuda.runtime.deviceSynchronize)
 
 
 def _torch_backend(dtype: Any, device: Any) -> Backend:
@@ -133,33 +119,25 @@ def _torch_backend(dtype: Any, device: Any) -> Backend:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("PyTorch has no usable CUDA device on this machine")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    return Backend(
-        "torch", xp, dev, _dtype(xp, dtype), lambda a: a.detach().cpu().numpy(), sync
-    )
+    return Backend("torch", xp, dev, _dtype(xp, dtype), sync)
 
 
 _FACTORIES = {
     "numpy": _numpy_backend,
-    "array_api_strict": _strict_backend,
     "cupy": _cupy_backend,
+    "array_api_strict": _strict_backend,
     "torch": _torch_backend,
 }
+BACKEND_NAMES = tuple(_FACTORIES)
 
 
 def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = None) -> Backend:
-    """Return the backend ``name`` (one of ``numpy``, ``cupy``, ``array_api_strict``,
-    ``torch``) with floating ``dtype`` on ``device`` (library default when ``None``).
-
-    Raises ``ValueError`` for an unknown name, dtype or device and
-    ``BackendUnavailableError`` when the library or its device is missing.
-    """
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}"
-        ) from None
-    return factory(dtype, device)
+    """The backend ``name`` (one of ``BACKEND_NAMES``) with floating ``dtype`` on ``device``
+    (library default when ``None``).  Raises ``ValueError`` for an unknown name, dtype or
+    device and ``BackendUnavailableError`` when the library or its device is missing."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; valid names are {', '.join(BACKEND_NAMES)}")
+    return _FACTORIES[name](dtype, device)
 
 
 def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
@@ -171,15 +149,11 @@ def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
     environment variables ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do)
     removes that.  Returns True when applied (glibc only; elsewhere a no-op).
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3

@@ -23,16 +23,9 @@ class Counts:
     f_evals: int = 0
     grad_evals: int = 0
 
-    def _combine(self, other: Counts, sign: int) -> Counts:
-        names = [f.name for f in fields(self)]
-        values = {k: getattr(self, k) + sign * getattr(other, k) for k in names}
-        return Counts(**values)
-
     def __sub__(self, other: Counts) -> Counts:
-        return self._combine(other, -1)
-
-    def __add__(self, other: Counts) -> Counts:
-        return self._combine(other, 1)
+        names = [f.name for f in fields(self)]
+        return Counts(**{k: getattr(self, k) - getattr(other, k) for k in names})
 
     @property
     def applications(self) -> int:
@@ -69,11 +62,6 @@ class Counter:
             self._counts[key] = 0
 
 
-def block_size(v: Any) -> int:
-    """Number of vectors in ``v``: 1 for shape (n,), b for shape (n, b)."""
-    return 1 if v.ndim == 1 else int(v.shape[1])
-
-
 class CountingOperator:
     """Wrap ``apply(v)`` (v of shape (n,) or (n, b)) so every application is counted.
 
@@ -97,7 +85,7 @@ class CountingOperator:
     def __call__(self, v: Any) -> Any:
         if v.shape[0] != self.shape[1]:
             raise ValueError(f"operator of shape {self.shape} applied to array of shape {v.shape}")
-        self.counter.add(self.kind, block_size(v))
+        self.counter.add(self.kind, 1 if v.ndim == 1 else int(v.shape[1]))
         return self._apply(v)
 
     @property
@@ -108,7 +96,3 @@ class CountingOperator:
     def passes(self) -> int:
         return getattr(self.counter.snapshot(), self.kind + "_passes")
 
-
-def matrix_operator(A: Any, *, counter: Counter | None = None) -> CountingOperator:
-    """A counted operator from an explicit (dense or scipy-sparse-like) matrix ``A``."""
-    return CountingOperator(lambda v: A @ v, A.shape[0], counter=counter)

@@ -29,17 +29,12 @@ def to_host(a: Any) -> np.ndarray:
 
 def host_list(a: Any) -> list:
     """The values of a small 1-D array as a Python list (no copy for NumPy)."""
-    if isinstance(a, np.ndarray):
-        return a.tolist()
-    return to_host(a).tolist()
+    return (a if isinstance(a, np.ndarray) else to_host(a)).tolist()
 
 
 def host_check_needs_sync(a: Any) -> bool:
-    """Whether reading a value of ``a`` on the host waits for a GPU (CuPy or CUDA PyTorch).
-
-    On the CPU (NumPy, array-api-strict, CPU PyTorch) a host check costs nothing, so
-    loops may check every iteration; on a GPU each check stalls the queue.
-    """
+    """Whether reading a value of ``a`` on the host waits for a GPU (CuPy or CUDA PyTorch)
+    and stalls its queue; on the CPU a host check costs nothing."""
     if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
         return True
     dev = getattr(a, "device", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -39,12 +39,8 @@ def available_cores() -> int:
 def choose_num_threads(
     backend: str, requested: int | None, *, dense_entries: int = 0
 ) -> int | None:
-    """The thread limit for a run on ``backend`` (None: leave the pools alone).
-
-    ``requested`` (``backend.num_threads``) wins when given; otherwise one thread, or
-    every available core when the problem multiplies dense matrices of at least
-    ``DENSE_THREADED_ENTRIES`` entries.
-    """
+    """The thread limit for a run on ``backend`` (None: leave the pools alone), chosen as
+    the module doc says from ``requested`` (``backend.num_threads``) and ``dense_entries``."""
     if backend not in HOST_BACKENDS:
         return None
     if requested is not None:
@@ -65,8 +61,5 @@ def pool_threads(user_api: str = "blas") -> int | None:
 def limited_threads(num_threads: int | None) -> Iterator[int | None]:
     """Limit the BLAS and OpenMP pools to ``num_threads`` inside the block (restored on
     exit); yields the BLAS thread count threadpoolctl then reports."""
-    if num_threads is None:
-        yield pool_threads()
-        return
-    with threadpool_limits(limits=int(num_threads)):
+    with nullcontext() if num_threads is None else threadpool_limits(limits=int(num_threads)):
         yield pool_threads()

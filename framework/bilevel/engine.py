@@ -181,10 +181,8 @@ class BilevelEngine:
     def _batch(self, indices: tuple[int, ...]) -> Any:
         """The samples ``indices`` as one batch-first problem counting in ``self.counter``."""
         if self._batch_cache is None or self._batch_cache[0] != indices:
-            batch = type(self.problems[0]).concat(
-                [self.problems[i] for i in indices], counter=self.counter
-            )
-            self._batch_cache = (indices, batch)
+            chosen = [self.problems[i] for i in indices]
+            self._batch_cache = (indices, type(chosen[0]).concat(chosen, counter=self.counter))
         return self._batch_cache[1]
 
     def _warm_start(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
@@ -216,17 +214,9 @@ class BilevelEngine:
                                   **options)
         else:
             lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
-        syncs = lower.host_reads + sum(solve_syncs)
-        if not cfg.lower_newton_steps:
-            return LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
-                              lower.hvp, syncs)
-        polished = self._newton_polish(batch, theta, lower.x)
-        return LowerSolve(
-            polished.X, lower.iterations, polished.converged,
-            tuple(a + b for a, b in zip(lower.grad_evals, polished.grad_evals, strict=True)),
-            tuple(a + b for a, b in zip(lower.hvp, polished.hvp, strict=True)),
-            syncs + polished.host_syncs,
-        )
+        solved = LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
+                            lower.hvp, lower.host_reads + sum(solve_syncs))
+        return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
     def _preconditioner(self, batch: Any, X: Any, theta: Any) -> Callable[[Any], Any] | None:
         if self.config.preconditioner == Preconditioner.none:
@@ -250,23 +240,22 @@ class BilevelEngine:
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
             syncs.append(res.host_syncs)
-            hvp = [0] * batch.batch_size
-            for r, j in enumerate(keep):
-                hvp[j] = res.matvecs[r]
-            return scatter_rows(res.x, keep, batch.batch_size), hvp
+            hvp = dict(zip(keep, res.matvecs, strict=True))
+            return scatter_rows(res.x, keep, batch.batch_size), [
+                hvp.get(j, 0) for j in range(batch.batch_size)]
 
         return solve
 
-    def _newton_polish(self, batch: Any, theta: Any, X: Any) -> LowerSolve:
-        """Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ > lower_gtol (one
-        MINRES over those rows to ``NEWTON_RTOL`` per step), until every row meets gtol
-        or ``lower_newton_steps`` steps are spent."""
-        xp = array_namespace(X)
+    def _newton_polish(self, batch: Any, theta: Any, solved: LowerSolve) -> LowerSolve:
+        """``solved`` after Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ >
+        lower_gtol (one MINRES over those rows to ``NEWTON_RTOL`` per step), until every
+        row meets gtol or ``lower_newton_steps`` steps are spent; its counts added."""
+        xp = array_namespace(solved.X)
         cfg = self.config
         B = batch.batch_size
-        rows = [X[j, ...] for j in range(B)]
-        grad_evals, hvp, converged = [0] * B, [0] * B, [False] * B
-        active, syncs = list(range(B)), 0
+        rows = [solved.X[j, ...] for j in range(B)]
+        grad_evals, hvp, converged = list(solved.grad_evals), list(solved.hvp), [False] * B
+        active, syncs = list(range(B)), solved.host_syncs
         for step in range(cfg.lower_newton_steps + 1):
             sub = batch.subset(active)
             Xa = xp.stack([rows[j] for j in active])
@@ -289,8 +278,8 @@ class BilevelEngine:
                 hvp[j] += res.matvecs[r]
                 rows[j] = rows[j] - res.x[r, ...]
             active = keep
-        return LowerSolve(xp.stack(rows), (), tuple(converged), tuple(grad_evals),
-                          tuple(hvp), syncs)
+        return LowerSolve(xp.stack(rows), solved.iterations, tuple(converged),
+                          tuple(grad_evals), tuple(hvp), syncs)
 
     def lower_solutions(self, theta: Any, indices: Sequence[int] | None = None, *,
                         x0: Any = None) -> Any:
@@ -346,13 +335,10 @@ class BilevelEngine:
         applied = tally.read()
         syncs = lower.host_syncs + res.host_syncs + 1
 
-        shadows: list[ShadowRecord | None] = [None] * B
-        W_shadow = None
+        base = None
         if cfg.shadow_baseline:
             base = solve(x0=self._warm_start(xp, "w_shadow", indices, xp.zeros_like(G)))
-            W_shadow = base.x
             syncs += base.host_syncs
-            shadows = [ShadowRecord(base.iterations[j], base.matvecs[j]) for j in range(B)]
         t5 = time.perf_counter()
 
         losses = to_host(batch.upper_loss(X))
@@ -377,11 +363,11 @@ class BilevelEngine:
                 hvp=res.matvecs[j] + applied["hvp"][j],
                 jac_t=applied["jac_t"][j],
                 hg_error_estimate=estimates[j],
-                shadow=shadows[j],
+                shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
                 x=X[j, ...], w=res.x[j, ...], carry=self._carry_after(res, space, j),
-                w_shadow=None if W_shadow is None else W_shadow[j, ...],
+                w_shadow=None if base is None else base.x[j, ...],
             )
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
@@ -419,12 +405,12 @@ class BilevelEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.backend is None:
             raise ValueError("load_state_dict needs the engine's backend (pass backend=...)")
+        put = self.backend.asarray
         samples = state["samples"]
         if len(samples) != len(self.problems):
             raise ValueError(
                 f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
             )
-        put = self.backend.asarray
         self.states = [
             SampleState(
                 **{name: put(entry[name]) for name in WARM_STARTS if name in entry},

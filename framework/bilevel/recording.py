@@ -105,12 +105,11 @@ def record_training(
         losses.append(result.loss)
         theta = optimizer.step(theta, result.grad).theta
     problems = [engine.problems[i] for i in idx]
-    recording = RecordedSequence(
+    return RecordedSequence(
         thetas=np.stack(thetas),
         xs=np.stack(xs),
         x_true=np.stack([to_np(p.x_true) for p in problems]),
         y=np.stack([to_np(p.y) for p in problems]),
         sample_indices=idx,
         problem_config=json.dumps(problem_config or {}),
-    )
-    return recording, losses
+    ), losses

@@ -4,7 +4,7 @@ per row), the batch's measured passes and phase times, and the step's metrics.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,20 +114,15 @@ class StepResult:
             "recycle_dim": total("recycle_dim") / len(recs),
             "krylov_converged_fraction": total("krylov_converged") / len(recs),
             "lower_converged_fraction": total("lower_converged") / len(recs),
-            "time_lower": self.times.lower,
-            "time_recycle": self.times.recycle,
-            "time_krylov": self.times.krylov,
-            "time_jac": self.times.jac,
+            **{f"time_{phase}": t for phase, t in asdict(self.times).items() if phase != "shadow"},
         }
         estimates = [r.hg_error_estimate for r in recs if math.isfinite(r.hg_error_estimate)]
         if estimates:
             out["hg_error_estimate"] = float(np.mean(estimates))
         shadows = [r.shadow for r in recs if r.shadow is not None]
         if len(shadows) == len(recs):
-            it = float(sum(s.iterations for s in shadows))
-            hvp = float(sum(s.hvp for s in shadows))
-            out["baseline_krylov_iterations"] = it
-            out["baseline_hvp"] = hvp
+            out["baseline_krylov_iterations"] = it = float(sum(s.iterations for s in shadows))
+            out["baseline_hvp"] = hvp = float(sum(s.hvp for s in shadows))
             out["time_shadow"] = self.times.shadow
             out["savings_iterations"] = 1.0 - out["krylov_iterations"] / it if it else 0.0
             # recycling's applications: HVPs of the Hessian solve (incl. C = HU) plus the

@@ -1,15 +1,12 @@
 """L-BFGS for B independent problems min_x f_i(x) advanced together (B = 1 for a 1-D x0).
 
-``lbfgs(fun, grad, x0)``: with x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` →
-(B, n) evaluate all rows at once and row i is sample i's iterate; with x0 of shape (n,),
-``fun``/``grad`` take and return one sample's arrays, x0 is promoted to B = 1 and the
-result unwrapped.  Every sample has its own memory (two-loop recursion, at most
-``memory`` pairs, H₀ from its newest pair), its own strong-Wolfe line search
-(``framework.optim.line_search``: Armijo never accepts an increase; when no step gives
-sufficient decrease the memory is dropped and steepest descent is tried once) and its
-own stopping test; a stopped sample's row no longer changes.  A sample's arithmetic does
-not depend on B, so B samples solved together take the iterations and evaluations each
-takes alone.
+With x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` → (B, n) evaluate all rows at
+once; with x0 of shape (n,) they take and return one sample's arrays and the result is
+unwrapped.  Every sample has its own memory (``framework.optim.memory``), strong-Wolfe line
+search (``framework.optim.line_search``; when no step gives sufficient decrease the memory
+is dropped and steepest descent is tried once) and stopping test; a stopped sample's row
+no longer changes.  A sample's arithmetic does not depend on B, so B samples solved
+together take the iterations and evaluations each takes alone.
 
 Host transfers (counted in ``host_reads``): one per evaluation round (f with the slopes
 ∇fᵀp, 2B values) and two per iteration (the slopes of the new direction; sᵀy with the
@@ -30,15 +27,6 @@ from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog
 from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
 
 
-def check_options(*, c1: float, c2: float, memory: int, maxiter: int) -> None:
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
-    if memory < 1:
-        raise ValueError(f"memory must be positive; got memory={memory!r}")
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
-
-
 def lbfgs(
     fun: Callable[[Any], Any],
     grad: Callable[[Any], Any],
@@ -55,11 +43,10 @@ def lbfgs(
     value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
-    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.
-
-    Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after
-    ``maxiter`` iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or
-    when f_i or ∇f_i is not finite at x0_i (NONFINITE); the others go on.
+    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.  Sample i
+    stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
+    iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or when f_i or
+    ∇f_i is not finite at x0_i (NONFINITE); the others go on.
 
     ``value_and_grad(x)`` → (f, ∇f), when given, replaces the two calls (a fused
     evaluation shares their work).  ``rows_value_and_grad(X_rows, rows)`` → ((r,),
@@ -70,21 +57,19 @@ def lbfgs(
     floats for a 1-D x0, else host (B,) arrays).  Arrays stay in x0's namespace and on
     its device.
     """
-    check_options(c1=c1, c2=c2, memory=memory, maxiter=maxiter)
-    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
-                                          rows_value_and_grad=rows_value_and_grad)
-    xp, bsz = ev.xp, ev.bsz
+    if not 0 < c1 < c2 < 1:
+        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
+    if memory < 1:
+        raise ValueError(f"memory must be positive; got memory={memory!r}")
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+    ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
+                      rows_value_and_grad=rows_value_and_grad)
+    X, xp, bsz = ev.X0, ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)
-    tol = np.maximum(gtol, rtol * gnorm)
     mem = LBFGSMemory(ev, X, memory)
-    log = SampleLog(F)
-    log.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
-             "f or ∇f is not finite at x0 (f={f})", F, gnorm, tol)
-
-    def stop_converged(k: int) -> None:
-        log.stop(gnorm <= tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
-                 F, gnorm, tol)
+    log = SampleLog(F, gnorm, gtol, rtol)
 
     def steepest_descent(which: np.ndarray, P: Any, slope: np.ndarray) -> tuple[Any, Any]:
         mem.forget(which)
@@ -92,7 +77,7 @@ def lbfgs(
 
     search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
     for k in range(maxiter):
-        stop_converged(k)
+        log.stop_converged(k, F, gnorm)
         iterating = log.running.copy()
         if not np.count_nonzero(iterating):
             break
@@ -113,7 +98,7 @@ def lbfgs(
             ok = ok | ok2
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "line search found no step with sufficient decrease at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm, tol)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
         S, Ydiff = Xn - X, Gn - G
         sy_dev = rowdot(xp, S, Ydiff)
         X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
@@ -128,16 +113,13 @@ def lbfgs(
         gnorm = choose(ok, np.sqrt(gg), gnorm)
         log.record(ok, F)
         if callback is not None and np.count_nonzero(ok):
-            if single:
+            if ev.single:
                 callback(k + 1, X[0, :], float(F[0]), float(gnorm[0]))
             else:
                 callback(k + 1, X, F.copy(), gnorm.copy())
     else:
-        stop_converged(maxiter)
-    log.stop(log.running, MinimizeStatus.MAXITER, maxiter,
-             "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
-    return log.result(X, F, gnorm, ev.sample_evaluations, np.zeros(bsz, dtype=np.int64),
-                      ev.evaluations, ev.host_reads, single)
+        log.stop_converged(maxiter, F, gnorm)
+    return log.result(maxiter, X, F, gnorm, ev, np.zeros(bsz, dtype=np.int64))
 
 
 def first_step(gnorm: np.ndarray) -> np.ndarray:

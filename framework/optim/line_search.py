@@ -14,8 +14,7 @@ curvature condition; this lets a solve reach tight gradient tolerances where f n
 changes in floating point.
 
 ``strong_wolfe_search`` holds one sample's decisions on host scalars; ``search_rows``
-advances the searches of several samples (rows of a batch) together, one evaluation of
-the searching rows and one host transfer per round.
+advances those of several samples (rows of a batch) together.
 """
 
 from __future__ import annotations
@@ -127,42 +126,38 @@ def search_rows(
     searches: dict[int, WolfeSearch] = {}
     alpha = [0.0] * bsz
     for i in searching.nonzero()[0].tolist():
-        search = strong_wolfe_search(
-            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials
-        )
-        searches[i] = search
+        search = searches[i] = strong_wolfe_search(
+            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
         _, alpha[i] = next(search)
     accepted = np.zeros(bsz, dtype=bool)
-    Xa, Ga, Fa = X, G, F.copy()  # accepted trials
-    Xk, Gk, Fk = X, G, F.copy()  # trials a search asked to keep
+    taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
+
+    def put(rows: list[int], source: tuple, target: tuple) -> tuple:
+        """``target`` with the rows ``rows`` of ``source`` (X, G, F)."""
+        if not rows:
+            return target
+        target[2][rows] = source[2][rows]
+        return ev.select_rows(rows, source[0], target[0]), \
+            ev.select_rows(rows, source[1], target[1]), target[2]
+
     while searches:
         pending = np.zeros(bsz, dtype=bool)
         pending[list(searches)] = True
         Xt = ev.step(X, [a if pending[i] else 0.0 for i, a in enumerate(alpha)], P)
         Ft, Gt, st = ev.evaluate(Xt, pending, P)
-        keep, take_last, take_kept = [], [], []
+        keep: list[int] = []
+        take: dict[Outcome, list[int]] = {"last": [], "kept": [], None: []}
         for i in list(searches):
             fi = float(Ft[i])
             si = float(st[i]) if math.isfinite(fi) else math.nan
             try:
-                kept, alpha[i] = searches[i].send((fi, si))
-                if kept:
+                keeps, alpha[i] = searches[i].send((fi, si))
+                if keeps:
                     keep.append(i)
             except StopIteration as stop:
-                outcome = stop.value[0]
                 del searches[i]
-                if outcome == "last":
-                    take_last.append(i)
-                elif outcome == "kept":
-                    take_kept.append(i)
-        if take_kept:
-            Xa, Ga = ev.select_rows(take_kept, Xk, Xa), ev.select_rows(take_kept, Gk, Ga)
-            Fa[take_kept] = Fk[take_kept]
-        if take_last:
-            Xa, Ga = ev.select_rows(take_last, Xt, Xa), ev.select_rows(take_last, Gt, Ga)
-            Fa[take_last] = Ft[take_last]
-        if keep:
-            Xk, Gk = ev.select_rows(keep, Xt, Xk), ev.select_rows(keep, Gt, Gk)
-            Fk[keep] = Ft[keep]
-        accepted[take_last + take_kept] = True
-    return accepted, Xa, Ga, Fa
+                take[stop.value[0]].append(i)
+        taken = put(take["last"], (Xt, Gt, Ft), put(take["kept"], kept, taken))
+        kept = put(keep, (Xt, Gt, Ft), kept)
+        accepted[take["last"] + take["kept"]] = True
+    return accepted, *taken

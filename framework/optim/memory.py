@@ -43,17 +43,15 @@ class LBFGSMemory:
             self.count = np.where(mask, np.minimum(self.count + 1, size), 0)
             return
         # slots at or beyond a sample's count are empty: shift only the used ones
-        for a in range(min(int(self.count[mask].max()) + 1, size) - 1, 0, -1):
-            self.S[a] = select(mask, self.S[a - 1], self.S[a])
-            self.Y[a] = select(mask, self.Y[a - 1], self.Y[a])
-            self.rho[a] = select(mask, self.rho[a - 1], self.rho[a])
-        self.S[0] = select(mask, s, self.S[0])
-        self.Y[0] = select(mask, y, self.Y[0])
-        self.rho[0] = select(mask, rho, self.rho[0])
+        used = min(int(self.count[mask].max()) + 1, size)
+        for slots, new in ((self.S, s), (self.Y, y), (self.rho, rho)):
+            for a in range(used - 1, 0, -1):
+                slots[a] = select(mask, slots[a - 1], slots[a])
+            slots[0] = select(mask, new, slots[0])
         self.count = np.where(mask, np.minimum(self.count + 1, size), self.count)
 
     def forget(self, mask: np.ndarray) -> None:
-        """Empty the memories of the samples in ``mask`` (restart from steepest descent)."""
+        """Empty the memories of the samples in ``mask``."""
         used = int(self.count.max())
         zero = self.xp.zeros_like(self.rho[0])
         self.rho[:used] = [self.ev.select(mask, zero, r) for r in self.rho[:used]]

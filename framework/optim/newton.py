@@ -1,12 +1,10 @@
 """Inexact Newton–Krylov for B independent problems min_x f_i(x) advanced together.
 
-``newton_krylov(fun, grad, x0, solve)``: rows of X (B, n) are the samples' iterates, as
-in ``lbfgs`` (a 1-D x0 is promoted to B = 1 and the result unwrapped).  The inner linear
-solve is injected: ``solve(X, G, eta, rows)`` → (P, hvp) returns, for the samples in the
-host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤ η_i‖g_i‖ (H_i = ∇²f_i(x_i); rows
-outside the mask zero) and each sample's Hessian-vector products (host ints (B,)); for
-a 1-D x0 it takes and returns one sample's arrays: ``solve(x, g, eta)`` → (p, hvp).
-MINRES suits it: it needs no definiteness.  Iteration k of sample i:
+Shapes as in ``lbfgs``.  The inner solve is injected: ``solve(X, G, eta, rows)`` → (P,
+hvp) returns, for the samples in the host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤
+η_i‖g_i‖ (H_i = ∇²f_i(x_i); other rows zero) and each sample's Hessian-vector products
+(host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).  MINRES suits it: it
+needs no definiteness.  Iteration k of sample i:
 
 1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
    0.9 η_{k−1}² when that exceeds 0.1, η₀ = η_max (``forcing="eisenstat_walker"``); or
@@ -22,9 +20,8 @@ MINRES suits it: it needs no definiteness.  Iteration k of sample i:
    −g_i once; a sample whose steepest-descent search fails too stops
    (LINESEARCH_FAILED).
 
-Sample i stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
-iterations (MAXITER), or when f_i or ∇f_i is not finite at x0_i (NONFINITE).  A sample's
-arithmetic does not depend on B when the solve's rows do not (MINRES with host scalars).
+Stopping as in ``lbfgs``.  A sample's arithmetic does not depend on B when the solve's
+rows do not (MINRES with host scalars).
 Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and one per
 iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
 """
@@ -89,26 +86,22 @@ def newton_krylov(
     if maxiter < 0 or max_backtracks < 1:
         raise ValueError(f"need maxiter >= 0 and max_backtracks >= 1; got maxiter={maxiter!r}, "
                          f"max_backtracks={max_backtracks!r}")
-    ev, X, single = RowEvaluator.at_start(x0, fun, grad, value_and_grad=value_and_grad,
-                                          rows_value_and_grad=rows_value_and_grad)
-    if single:
+    ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
+                      rows_value_and_grad=rows_value_and_grad)
+    if ev.single:
         solve = _on_row_zero(solve)
-    xp, bsz = ev.xp, ev.bsz
+    X, xp, bsz = ev.X0, ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)
-    tol = np.maximum(gtol, rtol * gnorm)
-    log = SampleLog(F)
-    log.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
-             "f or ∇f is not finite at x0 (f={f})", F, gnorm, tol)
+    log = SampleLog(F, gnorm, gtol, rtol)
     hvp = np.zeros(bsz, dtype=np.int64)
     eta, prev_gnorm = np.full(bsz, eta_max), None
     for k in range(maxiter + 1):
-        log.stop(gnorm <= tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
-                 F, gnorm, tol)
+        log.stop_converged(k, F, gnorm)
         iterating = log.running.copy()
         if k == maxiter or not np.count_nonzero(iterating):
             break
-        eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, tol, eta_max)
+        eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
         P, counts = solve(X, G, eta, iterating)
         hvp += np.where(iterating, np.asarray(counts, dtype=np.int64), 0)
         slope = ev.host(rowdot(xp, G, P))
@@ -119,14 +112,11 @@ def newton_krylov(
                                         c1, max_backtracks)
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "backtracking found no step that lowers f at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm, tol)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
         prev_gnorm = gnorm
         X, G, F, gnorm = ev.select(ok, Xn, X), ev.select(ok, Gn, G), Fn, gn
         log.record(ok, F)
-    log.stop(log.running, MinimizeStatus.MAXITER, maxiter,
-             "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm, tol)
-    return log.result(X, F, gnorm, ev.sample_evaluations, hvp, ev.evaluations, ev.host_reads,
-                      single)
+    return log.result(maxiter, X, F, gnorm, ev, hvp)
 
 
 def _steepest_descent(

@@ -1,13 +1,15 @@
-"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample: why each
-sample stopped, its counts and its f history; the host bookkeeping that records them."""
+"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, and the host
+bookkeeping that records it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
+
+from framework.optim.rows import RowEvaluator
 
 T = TypeVar("T")
 PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
@@ -58,25 +60,29 @@ class MinimizeResult:
         return all(converged) if isinstance(converged, tuple) else converged
 
     @property
-    def grad_evals(self) -> PerSample[int]:
-        """Evaluations of ∇f: each evaluation gives f and ∇f."""
+    def grad_evals(self) -> PerSample[int]:  # each evaluation gives f and ∇f
         return self.f_evals
 
 
 class SampleLog:
-    """Host bookkeeping per sample: status, message, iterations, f history."""
+    """Host bookkeeping per sample: status, message, iterations, f history, and the
+    gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f not finite at x0
+    stops at once (NONFINITE)."""
 
-    def __init__(self, F: np.ndarray) -> None:
+    def __init__(self, F: np.ndarray, gnorm: np.ndarray, gtol: float, rtol: float) -> None:
         bsz = len(F)
         self.running = np.ones(bsz, dtype=bool)
         self.status: list[MinimizeStatus | None] = [None] * bsz
         self.message = [""] * bsz
         self.iterations = np.zeros(bsz, dtype=np.int64)
         self.history = [[float(f)] for f in F]
+        self.tol = np.maximum(gtol, rtol * gnorm)
+        self.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
+                  "f or ∇f is not finite at x0 (f={f})", F, gnorm)
 
     def stop(
         self, which: np.ndarray, status: MinimizeStatus, k: int, message: str,
-        F: np.ndarray, gnorm: np.ndarray, tol: np.ndarray,
+        F: np.ndarray, gnorm: np.ndarray,
     ) -> None:
         """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
         with the sample's k, f, g (‖∇f‖) and tol."""
@@ -84,34 +90,33 @@ class SampleLog:
             return
         for i in (which & self.running).nonzero()[0].tolist():
             self.status[i], self.iterations[i], self.running[i] = status, k, False
-            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=tol[i])
+            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=self.tol[i])
+
+    def stop_converged(self, k: int, F: np.ndarray, gnorm: np.ndarray) -> None:
+        self.stop(gnorm <= self.tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
+                  F, gnorm)
 
     def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
         for i in accepted.nonzero()[0].tolist():
             self.history[i].append(float(F[i]))
 
-    def result(self, X: Any, F: np.ndarray, gnorm: np.ndarray, f_evals: np.ndarray,
-               hvp: np.ndarray, evaluation_rounds: int, host_reads: int,
-               single: bool) -> MinimizeResult:
-        """The result of a run that ended at rows X (unwrapped for a 1-D x0)."""
-        result = MinimizeResult(
-            x=X,
+    def result(self, maxiter: int, X: Any, F: np.ndarray, gnorm: np.ndarray, ev: RowEvaluator,
+               hvp: np.ndarray) -> MinimizeResult:
+        """The result of a run that ended at rows X (unwrapped for a 1-D x0); the samples
+        still running stop at ``maxiter`` (MAXITER)."""
+        self.stop(self.running, MinimizeStatus.MAXITER, maxiter,
+                  "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm)
+        per_sample = dict(
             status=tuple(self.status),
             message=tuple(self.message),
             iterations=tuple(int(i) for i in self.iterations),
-            f_evals=tuple(int(e) for e in f_evals),
+            f_evals=tuple(int(e) for e in ev.sample_evaluations),
             hvp=tuple(int(h) for h in hvp),
             grad_norm=tuple(float(g) for g in gnorm),
             f=tuple(float(f) for f in F),
             f_history=tuple(tuple(h) for h in self.history),
-            evaluation_rounds=evaluation_rounds,
-            host_reads=host_reads,
         )
-        if not single:
-            return result
-        return replace(
-            result,
-            x=X[0, :],
-            **{name: getattr(result, name)[0] for name in ("status", "message", "iterations",
-               "f_evals", "hvp", "grad_norm", "f", "f_history")},
-        )
+        if ev.single:
+            X, per_sample = X[0, :], {name: value[0] for name, value in per_sample.items()}
+        return MinimizeResult(X, **per_sample, evaluation_rounds=ev.evaluations,
+                              host_reads=ev.host_reads)

@@ -40,9 +40,7 @@ def _host(a: Any) -> np.ndarray | None:
     return None if a is None else to_host(a)
 
 
-def _like(host: np.ndarray | None, theta: Any) -> Any:
-    if host is None:
-        return None
+def _like(host: np.ndarray, theta: Any) -> Any:
     xp = array_api_compat.array_namespace(theta)
     return xp.asarray(host, dtype=theta.dtype, device=array_api_compat.device(theta))
 
@@ -52,13 +50,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _array(value: Any) -> np.ndarray | None:
-    return None if value is None else np.array(value)
-
-
 class _Outer:
     """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
-    and the checkpoint state, ``STATE`` mapping each saved attribute to its type."""
+    and the checkpoint state, ``STATE`` mapping each saved attribute to its type (``_host``:
+    an array, saved and restored as a host NumPy copy)."""
 
     name: Any
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
@@ -80,11 +75,24 @@ class _Outer:
             self._mask_dev = _like(self._mask_host.reshape(tuple(theta.shape)), theta)
         return grad * self._mask_dev
 
+    def step(
+        self,
+        theta: Any,
+        grad: Any,
+        *,
+        loss: float | None = None,
+        loss_fn: Callable[[Any], float] | None = None,
+    ) -> OuterStep:
+        """One update of θ with gradient ``grad`` (masked); ``loss`` is the upper loss at θ
+        and ``loss_fn`` evaluates it (gradient descent's backtracking; Adam uses neither)."""
+        g = self._masked(theta, grad)
+        self.t += 1
+        return self._update(array_api_compat.array_namespace(theta, grad), theta, g, loss, loss_fn)
+
     def state_dict(self) -> dict[str, Any]:
         """Host NumPy arrays and Python scalars (checkpointable)."""
-        state = {key: getattr(self, key) for key in self.STATE}
-        return {"name": self.name.value, **{k: _host(v) if k in ("m", "v") else v
-                                           for k, v in state.items()}}
+        return {"name": self.name.value,
+                **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -103,7 +111,7 @@ class Adam(_Outer):
 
     name = Optimizer.adam
     STATE: ClassVar = {"lr": float, "betas": lambda b: tuple(float(x) for x in b), "eps": float,
-             "t": int, "m": _array, "v": _array}
+             "t": int, "m": _host, "v": _host}
 
     def __init__(
         self,
@@ -122,24 +130,12 @@ class Adam(_Outer):
         self.m: Any = None
         self.v: Any = None
 
-    def step(
-        self,
-        theta: Any,
-        grad: Any,
-        *,
-        loss: float | None = None,
-        loss_fn: Callable[[Any], float] | None = None,
-    ) -> OuterStep:
-        """One Adam update of θ with gradient ``grad`` (``loss``/``loss_fn`` are unused)."""
-        del loss, loss_fn
-        xp = array_api_compat.array_namespace(theta, grad)
-        g = self._masked(theta, grad)
+    def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         b1, b2 = self.betas
         if isinstance(self.m, np.ndarray):  # restored from a checkpoint
             self.m, self.v = _like(self.m, theta), _like(self.v, theta)
         if self.m is None:
             self.m, self.v = xp.zeros_like(theta), xp.zeros_like(theta)
-        self.t += 1
         self.m = b1 * self.m + (1.0 - b1) * g
         self.v = b2 * self.v + (1.0 - b2) * (g * g)
         m_hat = self.m / (1.0 - b1**self.t)
@@ -177,18 +173,7 @@ class GradientDescent(_Outer):
         self.shrink, self.c1 = float(shrink), float(c1)
         self.max_backtracks = int(max_backtracks)
 
-    def step(
-        self,
-        theta: Any,
-        grad: Any,
-        *,
-        loss: float | None = None,
-        loss_fn: Callable[[Any], float] | None = None,
-    ) -> OuterStep:
-        """One (backtracking) gradient step; ``loss`` is the upper loss at θ."""
-        xp = array_api_compat.array_namespace(theta, grad)
-        g = self._masked(theta, grad)
-        self.t += 1
+    def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
             return OuterStep(theta - self.lr * g, self.lr, 0, True, 0)
         if loss is None:
@@ -200,8 +185,7 @@ class GradientDescent(_Outer):
             value = float(loss_fn(candidate))
             if math.isfinite(value) and value <= loss - self.c1 * alpha * gg:
                 return OuterStep(candidate, alpha, trial, True, trial + 1)
-            if trial < self.max_backtracks:
-                alpha *= self.shrink
+            alpha *= self.shrink
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
 
 

@@ -1,12 +1,5 @@
-"""Counted evaluations of the rows of a batch of iterates, and counted host transfers.
-
-An L-BFGS batch holds B samples' iterates as the rows of X (B, n).  ``RowEvaluator``
-evaluates f (B,) and ∇f (B, n) at X, counts the evaluations per sample and per call, and
-brings per-sample scalars to the host in one counted transfer per round (a
-synchronisation on a GPU).  With a row evaluator (``rows_value_and_grad``) only the rows
-of the samples still searching are gathered and evaluated; otherwise every row is
-evaluated and the others are ignored.  A single sample (a 1-D x0 promoted to B = 1) is
-evaluated by the caller's single-sample functions on row 0.
+"""Counted evaluations of the rows of a batch of iterates (B samples' iterates as the rows
+of X (B, n)), and counted host transfers of per-sample scalars (a synchronisation on a GPU).
 """
 
 from __future__ import annotations
@@ -43,7 +36,9 @@ def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
 
 
 class RowEvaluator:
-    """Evaluations of f and ∇f at the rows of X and the host transfers of an L-BFGS batch.
+    """Evaluations of f and ∇f at the rows of X and the host transfers of a batch, for a
+    start x0 of shape (B, n) or (n,) (``single``: promoted to rows ``X0`` (1, n) and
+    evaluated by the caller's single-sample functions on row 0).
 
     ``evaluations`` counts the calls (one per line-search round, plus the one at x0);
     ``sample_evaluations[i]`` the evaluations of sample i; ``host_reads`` the transfers.
@@ -51,42 +46,31 @@ class RowEvaluator:
 
     def __init__(
         self,
-        X0: Any,
+        x0: Any,
         fun: Callable[[Any], Any],
         grad: Callable[[Any], Any],
         *,
-        value_and_grad: ValueAndGrad | None = None,
-        rows_value_and_grad: RowsValueAndGrad | None = None,
-        single_sample: bool = False,
+        value_and_grad: ValueAndGrad | None,
+        rows_value_and_grad: RowsValueAndGrad | None,
     ) -> None:
-        self.xp = array_api_compat.array_namespace(X0)
-        self.device = array_api_compat.device(X0)
-        self.bsz = int(X0.shape[0])
+        if x0.ndim not in (1, 2):
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
+        self.single = x0.ndim == 1
+        if self.single and rows_value_and_grad is not None:
+            raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
+        self.X0 = x0[None, :] if self.single else x0
+        self.xp = array_api_compat.array_namespace(x0)
+        self.device = array_api_compat.device(x0)
+        self.bsz = int(self.X0.shape[0])
         self.rows_value_and_grad = rows_value_and_grad
         if value_and_grad is None:
             def value_and_grad(x: Any) -> tuple[Any, Any]:
                 return fun(x), grad(x)
-        self.value_and_grad = _on_row_zero(self.xp, value_and_grad) if single_sample \
+        self.value_and_grad = _on_row_zero(self.xp, value_and_grad) if self.single \
             else value_and_grad
         self.evaluations = 0
         self.host_reads = 0
         self.sample_evaluations = np.zeros(self.bsz, dtype=np.int64)
-
-    @classmethod
-    def at_start(
-        cls, x0: Any, fun: Callable[[Any], Any], grad: Callable[[Any], Any], *,
-        value_and_grad: ValueAndGrad | None, rows_value_and_grad: RowsValueAndGrad | None,
-    ) -> tuple[RowEvaluator, Any, bool]:
-        """(evaluator, rows X (B, n), whether x0 was one sample (n,)) for a start x0."""
-        if x0.ndim not in (1, 2):
-            raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
-        single = x0.ndim == 1
-        if single and rows_value_and_grad is not None:
-            raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
-        X = x0[None, :] if single else x0
-        ev = cls(X, fun, grad, value_and_grad=value_and_grad,
-                 rows_value_and_grad=rows_value_and_grad, single_sample=single)
-        return ev, X, single
 
     def host(self, a: Any) -> np.ndarray:
         """Small device values to the host as float64: the documented, counted transfer."""
@@ -107,8 +91,6 @@ class RowEvaluator:
 
     def select_rows(self, rows: list[int], new: Any, old: Any) -> Any:
         """``select`` for the samples ``rows`` (host indices)."""
-        if len(rows) == self.bsz:
-            return new
         mask = np.zeros(self.bsz, dtype=bool)
         mask[rows] = True
         return self.select(mask, new, old)
@@ -126,38 +108,30 @@ class RowEvaluator:
     ) -> tuple[np.ndarray, Any, np.ndarray]:
         """(f (B,) and ∇fᵀd (B,) on the host, ∇f (B, n)) for the samples in the host mask
         ``rows``, in one host transfer; d is the row of ``D`` (∇f itself when None).
-        Entries of the other samples may hold anything."""
+        Entries of the other samples may hold anything: with ``rows_value_and_grad`` they
+        are not evaluated (f = ∇fᵀd = 0, ∇f = 0), and the row indices go to the device
+        when they are not all of them."""
         self.evaluations += 1
         self.sample_evaluations += rows
-        if self.rows_value_and_grad is not None:
-            return self._evaluate_subset(X, rows.nonzero()[0], D)
-        F, G = self.value_and_grad(X)
-        both = self._values_and_dots(F, G, G if D is None else D)
-        return both[0], G, both[1]
+        if self.rows_value_and_grad is None:
+            return self._values_and_dots(*self.value_and_grad(X), D)
+        xp, bsz, index = self.xp, self.bsz, rows.nonzero()[0]
+        if len(index) == bsz:
+            return self._values_and_dots(*self.rows_value_and_grad(X, index), D)
+        pick = xp.asarray(index, dtype=xp.int64, device=self.device)
+        Fr, Gr = self.rows_value_and_grad(xp.take(X, pick, axis=0), index)
+        fr, Gr, dr = self._values_and_dots(Fr, Gr, None if D is None else xp.take(D, pick, axis=0))
+        F, dots = np.zeros(bsz), np.zeros(bsz)
+        F[index], dots[index] = fr, dr
+        return F, scatter_rows(Gr, index, bsz), dots
 
-    def _values_and_dots(self, F: Any, G: Any, D: Any) -> np.ndarray:
-        """(2, r) host array [f; ∇fᵀd]: one transfer."""
+    def _values_and_dots(self, F: Any, G: Any, D: Any) -> tuple[np.ndarray, Any, np.ndarray]:
+        """(f, ∇f, ∇fᵀd) with f and ∇fᵀd (d the rows of D, or of ∇f when None) brought to
+        the host in one transfer."""
         xp = self.xp
         F = F if F.dtype == G.dtype else xp.astype(F, G.dtype)
-        both = self.host(xp.concat([F, rowdot(xp, G, D)]))
-        return both.reshape(2, -1)
-
-    def _evaluate_subset(
-        self, X: Any, rows: np.ndarray, D: Any
-    ) -> tuple[np.ndarray, Any, np.ndarray]:
-        """Evaluate the samples ``rows`` only; the others get f = ∇fᵀd = 0 and ∇f = 0.
-        The row indices go to the device when they are not all of them."""
-        xp, bsz = self.xp, self.bsz
-        if len(rows) == bsz:
-            F, G = self.rows_value_and_grad(X, rows)
-            both = self._values_and_dots(F, G, G if D is None else D)
-            return both[0], G, both[1]
-        index = xp.asarray(rows, dtype=xp.int64, device=self.device)
-        Fr, Gr = self.rows_value_and_grad(xp.take(X, index, axis=0), rows)
-        both = self._values_and_dots(Fr, Gr, Gr if D is None else xp.take(D, index, axis=0))
-        F, dots = np.zeros(bsz), np.zeros(bsz)
-        F[rows], dots[rows] = both[0], both[1]
-        return F, scatter_rows(Gr, rows, bsz), dots
+        both = self.host(xp.concat([F, rowdot(xp, G, G if D is None else D)])).reshape(2, -1)
+        return both[0], G, both[1]
 
 
 def scatter_rows(R: Any, rows: np.ndarray | list[int], bsz: int) -> Any:
