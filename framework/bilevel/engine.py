@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,7 @@ from array_api_compat import device as device_of
 from backends.choice import Choice
 from backends.counting import Counter
 from backends.host import host_check_needs_sync, to_host
+from framework.bilevel.adaptive import Plan, RecyclePolicy
 from framework.bilevel.records import (
     PhaseTimes,
     SampleRecord,
@@ -42,7 +43,14 @@ from framework.bilevel.records import (
     StepResult,
 )
 from framework.krylov.minres import rminres
-from framework.krylov.recycle import ORACLES, RecycleCarry, RecycleConfig, Recycler, stack_carries
+from framework.krylov.recycle import (
+    ORACLES,
+    RecycleCarry,
+    RecycleConfig,
+    Recycler,
+    Selection,
+    stack_carries,
+)
 from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
 from framework.optim import lbfgs, newton_krylov
 from framework.optim.rows import scatter_rows
@@ -165,6 +173,15 @@ class BilevelEngine:
             raise ValueError(f"check_every must be a positive integer; got {check_every!r}")
         self.check_every = check_every
         self.recycler = Recycler(self.config.recycle)
+        self.policy = None
+        if self.config.recycle.adaptive:
+            rc = self.config.recycle
+            if not rc.enabled or rc.strategy in ORACLES or rc.selection != Selection.inner:
+                raise ValueError("adaptive recycling needs a recycle strategy with inner "
+                                 "selection and dim >= 1 (the oracles and outer selection "
+                                 "cannot use fewer vectors than they carry)")
+            self.policy = RecyclePolicy(rc.dim)
+        self._recyclers: dict[int, Recycler] = {}
         self.states = [SampleState() for _ in self.problems]
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
@@ -318,7 +335,11 @@ class BilevelEngine:
         W0 = self._warm_start(xp, "w", indices, xp.zeros_like(G))
         H, J = tally.counted(lin.hvp, "hvp"), tally.counted(lin.jac_t, "jac_t")
         carry_in = stack_carries([self.states[i].carry for i in indices], G[0, ...])
-        space = self.recycler.prepare(carry_in, H, J, like=G)
+        t_set = time.perf_counter()
+        plan = None if self.policy is None else self.policy.plan()
+        if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
+            carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
+        space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G)
         stop = cfg.stop
         rule = None
         if stop.kind == StopKind.hypergradient and space is not None:
@@ -327,7 +348,8 @@ class BilevelEngine:
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
                         true_residual=False, M=self._preconditioner(batch, X, theta))
         t2 = time.perf_counter()
-        res = solve(x0=W0, recycle=space, harvest=self.recycler.harvester(J), stop=rule)
+        res = solve(x0=W0, recycle=space, harvest=self._recycler(plan, "harvest").harvester(J),
+                    stop=rule)
         t3 = time.perf_counter()
         grads = -J(res.x)
         t4 = time.perf_counter()
@@ -340,6 +362,12 @@ class BilevelEngine:
             base = solve(x0=self._warm_start(xp, "w_shadow", indices, xp.zeros_like(G)))
             syncs += base.host_syncs
         t5 = time.perf_counter()
+        if self.policy is not None:  # Hessian-phase seconds per system, set-up included
+            self.policy.record(
+                0 if space is None else max(space.dims), (t3 - t_set) / B,
+                sum(res.iterations) / B,
+                plain_seconds=None if base is None else (t5 - t4) / B,
+                plain_iterations=None if base is None else sum(base.iterations) / B)
 
         losses = to_host(batch.upper_loss(X))
         dims = (0,) * B if space is None else space.dims
@@ -366,7 +394,8 @@ class BilevelEngine:
                 shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
-                x=X[j, ...], w=res.x[j, ...], carry=self._carry_after(res, space, j),
+                x=X[j, ...], w=res.x[j, ...],
+                carry=self._carry_after(res, space, j, self.states[i].carry),
                 w_shadow=None if base is None else base.x[j, ...],
             )
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
@@ -376,15 +405,28 @@ class BilevelEngine:
             times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
         )
 
-    def _carry_after(self, res: Any, space: Any, j: int) -> RecycleCarry | None:
+    def _recycler(self, plan: Plan | None, use: str) -> Recycler:
+        """The configured recycler, or (adaptive) one with the plan's ``dim``/``harvest``
+        vectors (dimension 0: no recycling)."""
+        if plan is None:
+            return self.recycler
+        dim = getattr(plan, use)
+        if dim not in self._recyclers:
+            self._recyclers[dim] = Recycler(
+                replace(self.config.recycle, dim=dim, adaptive=False) if dim else RecycleConfig())
+        return self._recyclers[dim]
+
+    def _carry_after(self, res: Any, space: Any, j: int, old: RecycleCarry | None
+                     ) -> RecycleCarry | None:
         """Sample j's carry after the solve: its harvest, or its unchanged space when
-        nothing was harvested (the oracles select afresh every time)."""
+        nothing was harvested (the oracles select afresh every time), or (adaptive
+        recycling, a step without either) its ``old`` carry."""
         if res.harvest is not None:
             carry = res.harvest.sample(j)
         elif space is not None and self.config.recycle.strategy not in ORACLES:
             carry = RecycleCarry(space.U, selected=True).sample(j)
         else:
-            return None
+            return old if self.policy is not None else None
         return carry if carry.basis.shape[-1] > 0 else None
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -42,7 +42,9 @@ class RecycleConfig:
     ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the spectrum (None =
     the strategy's default), ``max_vectors`` the cap s on stored Lanczos vectors (None =
     keep all), ``selection`` inner/outer, ``rank_tol`` the relative rank cut of the
-    orthonormalised space.  Names are checked by the enums (and by the config schema).
+    orthonormalised space.  ``adaptive``: the bilevel engine uses recycling only while it
+    pays in measured seconds, with at most ``dim`` vectors (``framework.bilevel.adaptive``).
+    Names are checked by the enums (and by the config schema).
     """
 
     strategy: Strategy = Strategy.none
@@ -51,6 +53,7 @@ class RecycleConfig:
     max_vectors: int | None = None
     selection: Selection = Selection.inner
     rank_tol: float = 1e-10
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         self.strategy, self.selection = Strategy(self.strategy), Selection(self.selection)

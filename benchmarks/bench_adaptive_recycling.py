@@ -1,0 +1,148 @@
+"""Adaptive recycling (``recycle.adaptive``) against no recycling and fixed Ritz recycling.
+
+For each case, three fresh engines (recycle none; Ritz with k vectors; Ritz adaptive with
+at most k) train from the same θ with Adam (lr 1e-2), stepped in turn in one process so
+that they see the same machine load; the lower level is Newton–Krylov (gtol 1e-6).  The
+Hessian phase of a step is the recycle/stopping set-up plus the Krylov solve (the engine's
+measured ``PhaseTimes.recycle + krylov``; linearisation, −Jᵀw and the lower level are
+the same work in all three and left out).
+
+Cases (BSDS ones skipped without the data):
+* ``mnist``: MNIST inpainting (embedded digits 0..B−1, 40 % removed, 5 % noise), FoE 24
+  DCT 5×5 Lorentzian, p = −1, k = 10, MINRES rtol 1e-3;
+* ``bsds64``: BSDS300 train crops 64×64, Gaussian blur σ = 1.5, 1 % noise, FoE 16 DCT 7×7
+  Lorentzian, p = −2, k = 30, rtol 1e-3;
+* ``bsds256``: the same on 256×256 crops with rtol 1e-6 (long systems, where recycling
+  must pay).
+
+Prints per case and mode the Hessian-phase seconds (sum over steps), its ratio to no
+recycling, Krylov iterations and operator applications, the adaptive run's dimension per
+step, and the largest relative difference of the upper losses against no recycling.
+
+    python benchmarks/bench_adaptive_recycling.py [--cases mnist bsds64 bsds256]
+        [--steps 20] [--batch 4] [--data ../shared/data/bsds300]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from threadpoolctl import threadpool_info
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backends import get_backend, tune_cpu_allocator
+from framework.bilevel.engine import BilevelEngine, EngineConfig, LowerSolver
+from framework.krylov.recycle import RecycleConfig
+from framework.krylov.stopping import StopConfig
+from framework.optim import Adam
+from problems import FieldsOfExperts, GaussianBlur, ImagingProblem, Inpainting
+from problems.datasets import load_bsds300, load_embedded_mnist
+from problems.foe import dct_filters, initial_theta
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
+MODES = ("none", "ritz", "adaptive")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dim: int
+    rtol: float
+    kernel: int
+    exponent: float
+
+
+CASES = {"mnist": Case("mnist", 10, 1e-3, 5, -1.0), "bsds64": Case("bsds64", 30, 1e-3, 7, -2.0),
+         "bsds256": Case("bsds256", 30, 1e-6, 7, -2.0)}
+
+
+def problems(case: Case, data: Path, batch: int, be) -> list | None:
+    if case.name == "mnist":
+        images = load_embedded_mnist().images[:batch]
+        reg = FieldsOfExperts(images[0].shape, 5, 24, expert="lorentzian")
+        return [ImagingProblem.from_image(img, be, Inpainting(img.shape, 0.4, seed=i), reg,
+                                          noise_level=0.05, seed=i)
+                for i, img in enumerate(images)]
+    if not (data / "images" / "train").is_dir():
+        return None
+    crop = 64 if case.name == "bsds64" else 256
+    images = load_bsds300(data, "train", crop=crop, count=batch)
+    reg = FieldsOfExperts(images[0].shape, 7, 16, expert="lorentzian")
+    return [ImagingProblem.from_image(img, be, GaussianBlur(img.shape, 1.5), reg,
+                                      noise_level=0.01, seed=i)
+            for i, img in enumerate(images)]
+
+
+def engine(case: Case, mode: str, samples: list, be) -> BilevelEngine:
+    recycle = RecycleConfig() if mode == "none" else RecycleConfig(
+        "ritz", case.dim, adaptive=mode == "adaptive")
+    cfg = EngineConfig(recycle=recycle, stop=StopConfig(rtol=case.rtol), lower_gtol=1e-6,
+                       lower_solver=LowerSolver.newton_krylov)
+    return BilevelEngine(samples, cfg, backend=be)
+
+
+def run_case(case: Case, samples: list, steps: int, be) -> dict[str, list[dict]]:
+    runs = {mode: dict(engine=engine(case, mode, samples, be), adam=Adam(lr=1e-2), log=[],
+                       theta=be.asarray(initial_theta(
+                           dct_filters(case.kernel)[: samples[0].regularizer.num_filters],
+                           case.exponent)))
+            for mode in MODES}
+    for _ in range(steps):
+        for mode in MODES:
+            run = runs[mode]
+            result = run["engine"].evaluate(run["theta"])
+            run["theta"] = run["adam"].step(run["theta"], result.grad).theta
+            s = result.samples
+            run["log"].append(dict(
+                hessian=result.times.recycle + result.times.krylov, loss=result.loss,
+                iterations=sum(r.krylov_iterations for r in s), hvp=sum(r.hvp for r in s),
+                dim=max(r.recycle_dim for r in s)))
+    return {mode: runs[mode]["log"] for mode in MODES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    be = get_backend("numpy")
+    blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    print("command:", " ".join([sys.executable, *sys.argv]))
+    print(f"inputs: {args.steps} Adam steps (lr 1e-2), B = {args.batch} samples per step, "
+          f"Newton–Krylov lower level (gtol 1e-6); BLAS (threadpoolctl): {blas}")
+    for name in args.cases:
+        case = CASES[name]
+        samples = problems(case, args.data, args.batch, be)
+        if samples is None:
+            print(f"\n{name}: skipped (no BSDS300 at {args.data})")
+            continue
+        logs = run_case(case, samples, args.steps, be)
+        plain = sum(s["hessian"] for s in logs["none"])
+        print(f"\n{name} (k = {case.dim}, rtol {case.rtol:g}, n = {samples[0].n})")
+        print(f"{'mode':<9} {'Hessian s':>10} {'/ none':>7} {'iterations':>11} {'HVPs':>7} "
+              f"{'max rel loss diff':>18}")
+        for mode in MODES:
+            log = logs[mode]
+            seconds = sum(s["hessian"] for s in log)
+            diff = max(abs(a["loss"] - b["loss"]) / abs(b["loss"])
+                       for a, b in zip(log, logs["none"], strict=True))
+            print(f"{mode:<9} {seconds:>10.3f} {seconds / plain:>7.3f} "
+                  f"{sum(s['iterations'] for s in log):>11} {sum(s['hvp'] for s in log):>7} "
+                  f"{diff:>18.2e}")
+        print("adaptive dimension per step:", " ".join(str(s["dim"]) for s in logs["adaptive"]))
+
+
+if __name__ == "__main__":
+    main()

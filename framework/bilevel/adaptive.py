@@ -1,0 +1,104 @@
+"""Adaptive recycling: use recycle vectors only while they pay in measured seconds.
+
+Recycling k vectors costs k operator applications to build C = HU and k-vector
+projections in every iteration; it pays only when the iterations it saves cost more.  On a
+CPU with warm-started systems that need few iterations it often does not (the savings in
+iterations come at a loss in time).  ``RecyclePolicy`` decides, before each step, between
+no recycling and recycling with k' ≤ k vectors, from what the engine measured:
+
+* k' = min(k, ⌊budget · m⌋), with m the recent iterations per system without recycling:
+  C = HU then costs at most ``budget`` (a quarter) of a plain solve's applications, so a
+  step that tries recycling and loses cannot lose much; k' = 0 (no recycling) when m is
+  small.
+* The Hessian-phase seconds per system of each choice (exponential averages) decide which
+  is used.  The other choice is tried again after ``interval`` steps; each try that loses
+  doubles the interval (quadruples it when the try took over 1.5× as long), so a choice
+  that never pays costs a vanishing share of the run.
+* Before a step that tries recycling after plain steps, the plain step harvests the
+  k' vectors it will use (harvesting is otherwise skipped while recycling does not pay).
+
+With a shadow baseline (plain MINRES on every system, the engine's savings reference) the
+plain seconds are measured on every step instead of by tries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next step does: ``dim`` recycle vectors used (0: none), ``harvest`` vectors
+    harvested for the step after (0: no harvest)."""
+
+    dim: int
+    harvest: int
+
+
+class RecyclePolicy:
+    """Chooses per step between no recycling and k' ≤ ``max_dim`` recycle vectors."""
+
+    def __init__(self, max_dim: int, *, budget: float = 0.25, first_interval: int = 8,
+                 smoothing: float = 0.5) -> None:
+        if max_dim < 1:
+            raise ValueError(f"adaptive recycling needs recycle dim >= 1; got {max_dim}")
+        self.max_dim, self.budget, self.smoothing = max_dim, budget, smoothing
+        self.first_interval = first_interval
+        self.seconds: dict[bool, float] = {}  # recycling? → Hessian seconds per system
+        self.plain_iterations: float | None = None
+        self.recycling = False  # the choice in use
+        self.interval, self.wait = first_interval, 1  # steps until the other choice is tried
+        self.shadowed = False  # plain seconds measured on every step (a shadow baseline)
+
+    def affordable(self) -> int:
+        """k' = min(k, ⌊budget · plain iterations per system⌋)."""
+        if self.plain_iterations is None:
+            return 0
+        return min(self.max_dim, int(self.budget * self.plain_iterations))
+
+    def plan(self) -> Plan:
+        """The next step's dimension and harvest (see the module docstring)."""
+        if self.plain_iterations is None:  # first step: measure plain, harvest for a try
+            return Plan(0, self.max_dim)
+        k = self.affordable()
+        if k < 1:
+            return Plan(0, 0)
+        if self.recycling:  # a try without recycling keeps harvesting for the step after
+            try_plain = self.wait == 0 and not self.shadowed
+            return Plan(0, k) if try_plain else Plan(k, k)
+        if self.wait == 0:
+            return Plan(k, k)
+        return Plan(0, k if self.wait == 1 else 0)  # harvest for the try that comes next
+
+    def record(self, dim: int, seconds: float, iterations: float, *,
+               plain_seconds: float | None = None, plain_iterations: float | None = None) -> None:
+        """What a step measured per system: the dimension it used (0 when it had no recycle
+        space), its Hessian-phase seconds and Krylov iterations; with a shadow baseline, the
+        plain solve's seconds and iterations on the same systems."""
+        used = dim > 0
+        self._average(used, seconds)
+        if not used:
+            self.plain_iterations = self._smooth(self.plain_iterations, iterations)
+        if plain_seconds is not None and plain_iterations is not None:
+            self.shadowed = True
+            self._average(False, plain_seconds)
+            self.plain_iterations = self._smooth(self.plain_iterations, plain_iterations)
+        if len(self.seconds) < 2:
+            self.wait = max(self.wait - 1, 0)
+            return
+        best = self.seconds[True] < self.seconds[False]
+        if best != self.recycling:  # the other choice now wins: switch
+            self.recycling, self.interval = best, self.first_interval
+            self.wait = self.interval
+        elif used != self.recycling:  # a try lost: wait 2× longer (4× when it lost by half)
+            lost_by = self.seconds[used] / self.seconds[self.recycling]
+            self.interval *= 4 if lost_by > 1.5 else 2
+            self.wait = self.interval
+        else:
+            self.wait = max(self.wait - 1, 0)
+
+    def _average(self, recycled: bool, value: float) -> None:
+        self.seconds[recycled] = self._smooth(self.seconds.get(recycled), value)
+
+    def _smooth(self, old: float | None, value: float) -> float:
+        return value if old is None else self.smoothing * value + (1 - self.smoothing) * old
