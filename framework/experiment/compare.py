@@ -35,13 +35,13 @@ from framework.experiment.tracking import (
 ITERATIONS = names.cumulative(names.KRYLOV_ITERATIONS)
 APPLICATIONS = names.cumulative(names.OPERATOR_APPLICATIONS)
 SHADOW_ITERATIONS = names.cumulative(names.BASELINE_KRYLOV_ITERATIONS)
-FIGURE_KEYS = {
-    "Krylov iterations per outer step": names.KRYLOV_ITERATIONS,
-    "cumulative Krylov iterations": ITERATIONS,
-    "hypergradient error estimate": names.HG_ERROR_ESTIMATE,
-    "upper loss": names.UPPER_LOSS,
-}
-HISTORY_KEYS = (*FIGURE_KEYS.values(), names.BASELINE_KRYLOV_ITERATIONS)
+FIGURE_PANELS = (  # (title, metric key, y scale) of the comparison figure's 2×2 panels
+    ("Krylov iterations per outer step", names.KRYLOV_ITERATIONS, "linear"),
+    ("cumulative Krylov iterations", ITERATIONS, "linear"),
+    ("hypergradient error estimate", names.HG_ERROR_ESTIMATE, "log"),
+    ("upper loss", names.UPPER_LOSS, "log"),
+)
+HISTORY_KEYS = (*(key for _, key, _ in FIGURE_PANELS), names.BASELINE_KRYLOV_ITERATIONS)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ def compare(
     picks the newest) and, when ``figure`` is a path, the comparison figure as PNG there."""
     records = _read(experiment, sweep, uri, HISTORY_KEYS)
     if figure is not None:
-        plots.save(plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS), figure)
+        runs = [(r.name, r.history) for r in records]
+        plots.save(plots.panels(runs, FIGURE_PANELS, "outer step", columns=4), figure)
     return rows_from_records(records)
 
 
