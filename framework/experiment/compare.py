@@ -1,14 +1,10 @@
 """``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
 
-Runs are read through the tracking store (``framework.experiment.tracking.read_runs``), optionally
-only one sweep (``--sweep <id>`` or ``--sweep latest``; the id is the ``hyperkrylov.sweep_id``
-tag, the sweep's output folder).  Savings are against the run's own shadow baseline
-(warm-started MINRES without recycling on the same systems, ``baseline=shadow``) when it
-was logged, else against a run of the same sweep with ``recycle=none``.
-
-``--paper`` reports the ``task=resolve`` runs instead (re-solves of one recorded sequence,
-``framework.experiment.paper``): a table with totals, hypergradient errors and savings against the
-``none`` run, and the figures ``paper_strategies.png`` / ``paper_dimensions.png``::
+Runs are read from the tracking store (``tracking.read_runs``), optionally of one sweep
+(``--sweep <id>|latest``; the ``hyperkrylov.sweep_id`` tag).  Savings are against the run's
+own shadow baseline (warm-started MINRES without recycling on the same systems,
+``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same sweep.
+``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """
@@ -180,25 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compare the runs of an MLflow experiment: a table and a figure.",
     )
     parser.add_argument("--experiment", default="hyperkrylov", help="MLflow experiment name")
-    parser.add_argument(
-        "--sweep", default=None, help="only runs of this sweep id (tag hyperkrylov.sweep_id), "
-        "or 'latest'"
-    )
-    parser.add_argument(
-        "--uri", default=None,
-        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow/mlflow.db)",
-    )
-    parser.add_argument(
-        "--figure", default="comparison.png", help="PNG to write ('' for no figure)"
-    )
-    parser.add_argument(
-        "--paper", action="store_true",
-        help="report the task=resolve runs (re-solves of one recorded sequence) as in the "
-        "paper: a table and the figures paper_strategies.png / paper_dimensions.png",
-    )
-    parser.add_argument(
-        "--outdir", default=".", help="folder for the --paper figures ('' for none)"
-    )
+    parser.add_argument("--sweep", help="only runs of this sweep id (tag "
+                        "hyperkrylov.sweep_id), or 'latest'")
+    parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<cwd>/mlflow/mlflow.db)")
+    parser.add_argument("--figure", default="comparison.png",
+                        help="PNG to write ('' for no figure)")
+    parser.add_argument("--paper", action="store_true",
+                        help="report the task=resolve runs (re-solves of one recorded "
+                        "sequence) as in the paper: a table and the figures "
+                        "paper_strategies.png / paper_dimensions.png")
+    parser.add_argument("--outdir", default=".",
+                        help="folder for the --paper figures ('' for none)")
     args = parser.parse_args(argv)
     where = {"experiment": args.experiment, "sweep": args.sweep, "uri": args.uri}
     try:
