@@ -1,10 +1,9 @@
 """The paper-style report of re-solve runs (``hyperkrylov-compare --paper``).
 
-Reads only the tracking store: runs tagged ``hyperkrylov.task=resolve`` (optionally of one
-sweep), their totals (``total_*``, ``mean_hg_error``, ``max_hg_error``) and per-system
-histories.  One row per (label, recycle dimension) — when a configuration was re-solved
-twice on the same recording the latest run is kept.  Savings are against the ``none``
-run of the same recording: 100 · (1 − mine / none).
+Reads only the tracking store: the totals and per-system histories of the runs tagged
+``hyperkrylov.task=resolve``, one row per (recording, label, recycle dimension), the latest
+run where one was repeated.  Savings: 100 · (1 − mine / none), against the ``none`` run of
+the same recording.
 """
 
 from __future__ import annotations

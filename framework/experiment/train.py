@@ -1,12 +1,11 @@
 """``task=train`` / ``task=record``: the outer loop, its checkpoints and its figures.
 
-``train(c, out, state, tracker, engine_factory, ...)`` runs (or resumes, from a checkpoint
-``state``) the outer loop: mini-batches from a NumPy generator seeded by
-``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
-resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
-tracker after the metrics it follows, without waiting for the store) and at the end, then
-θ, the recording (``task=record``) and the figures.
+``train`` runs (or resumes, from a checkpoint ``state``) the outer loop: mini-batches from
+a NumPy generator seeded by ``SeedSequence(seed)`` (entropy logged, state checkpointed, so
+a resumed run draws the same batches as an uninterrupted one), one engine evaluation and
+one optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
+tracker after the metrics it follows) and at the end, then θ, the recording
+(``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
