@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from framework.experiment.config import ConfigError, validate
@@ -33,18 +33,11 @@ class TrackingSetup(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            c = validate(_without_hydra(config))
+            c = validate(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
             if c.tracking.enabled:
                 prepare_experiment(resolve_uri(c.tracking.uri), c.tracking.experiment)
         except (ConfigError, TrackingError):
             return  # each job reports the error itself, with the job's overrides applied
-
-
-def _without_hydra(config: DictConfig) -> DictConfig:
-    copy = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
-    with open_dict(copy):
-        copy.pop("hydra", None)
-    return copy
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

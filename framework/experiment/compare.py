@@ -1,14 +1,10 @@
 """``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
 
-Runs are read through the tracking store (``framework.experiment.tracking.read_runs``), optionally
-only one sweep (``--sweep <id>`` or ``--sweep latest``; the id is the ``hyperkrylov.sweep_id``
-tag, the sweep's output folder).  Savings are against the run's own shadow baseline
-(warm-started MINRES without recycling on the same systems, ``baseline=shadow``) when it
-was logged, else against a run of the same sweep with ``recycle=none``.
-
-``--paper`` reports the ``task=resolve`` runs instead (re-solves of one recorded sequence,
-``framework.experiment.paper``): a table with totals, hypergradient errors and savings against the
-``none`` run, and the figures ``paper_strategies.png`` / ``paper_dimensions.png``::
+Runs are read from the tracking store (``tracking.read_runs``), optionally of one sweep
+(``--sweep <id>|latest``; the ``hyperkrylov.sweep_id`` tag).  Savings are against the run's
+own shadow baseline (warm-started MINRES without recycling on the same systems,
+``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same sweep.
+``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """
@@ -35,13 +31,13 @@ from framework.experiment.tracking import (
 ITERATIONS = names.cumulative(names.KRYLOV_ITERATIONS)
 APPLICATIONS = names.cumulative(names.OPERATOR_APPLICATIONS)
 SHADOW_ITERATIONS = names.cumulative(names.BASELINE_KRYLOV_ITERATIONS)
-FIGURE_KEYS = {
-    "Krylov iterations per outer step": names.KRYLOV_ITERATIONS,
-    "cumulative Krylov iterations": ITERATIONS,
-    "hypergradient error estimate": names.HG_ERROR_ESTIMATE,
-    "upper loss": names.UPPER_LOSS,
-}
-HISTORY_KEYS = (*FIGURE_KEYS.values(), names.BASELINE_KRYLOV_ITERATIONS)
+FIGURE_PANELS = (  # (title, metric key, y scale) of the comparison figure's 2×2 panels
+    ("Krylov iterations per outer step", names.KRYLOV_ITERATIONS, "linear"),
+    ("cumulative Krylov iterations", ITERATIONS, "linear"),
+    ("hypergradient error estimate", names.HG_ERROR_ESTIMATE, "log"),
+    ("upper loss", names.UPPER_LOSS, "log"),
+)
+HISTORY_KEYS = (*(key for _, key, _ in FIGURE_PANELS), names.BASELINE_KRYLOV_ITERATIONS)
 
 
 @dataclass(frozen=True)
@@ -154,7 +150,8 @@ def compare(
     picks the newest) and, when ``figure`` is a path, the comparison figure as PNG there."""
     records = _read(experiment, sweep, uri, HISTORY_KEYS)
     if figure is not None:
-        plots.save(plots.comparison([(r.name, r.history) for r in records], FIGURE_KEYS), figure)
+        runs = [(r.name, r.history) for r in records]
+        plots.save(plots.panels(runs, FIGURE_PANELS, "outer step", columns=4), figure)
     return rows_from_records(records)
 
 
@@ -179,25 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compare the runs of an MLflow experiment: a table and a figure.",
     )
     parser.add_argument("--experiment", default="hyperkrylov", help="MLflow experiment name")
-    parser.add_argument(
-        "--sweep", default=None, help="only runs of this sweep id (tag hyperkrylov.sweep_id), "
-        "or 'latest'"
-    )
-    parser.add_argument(
-        "--uri", default=None,
-        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow/mlflow.db)",
-    )
-    parser.add_argument(
-        "--figure", default="comparison.png", help="PNG to write ('' for no figure)"
-    )
-    parser.add_argument(
-        "--paper", action="store_true",
-        help="report the task=resolve runs (re-solves of one recorded sequence) as in the "
-        "paper: a table and the figures paper_strategies.png / paper_dimensions.png",
-    )
-    parser.add_argument(
-        "--outdir", default=".", help="folder for the --paper figures ('' for none)"
-    )
+    parser.add_argument("--sweep", help="only runs of this sweep id (tag "
+                        "hyperkrylov.sweep_id), or 'latest'")
+    parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<cwd>/mlflow/mlflow.db)")
+    parser.add_argument("--figure", default="comparison.png",
+                        help="PNG to write ('' for no figure)")
+    parser.add_argument("--paper", action="store_true",
+                        help="report the task=resolve runs (re-solves of one recorded "
+                        "sequence) as in the paper: a table and the figures "
+                        "paper_strategies.png / paper_dimensions.png")
+    parser.add_argument("--outdir", default=".",
+                        help="folder for the --paper figures ('' for none)")
     args = parser.parse_args(argv)
     where = {"experiment": args.experiment, "sweep": args.sweep, "uri": args.uri}
     try:

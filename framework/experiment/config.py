@@ -1,10 +1,9 @@
 """The experiment configuration: dataclass schemas, their Hydra registration, ``validate``.
 
-``config_schema`` comes first in ``conf/config.yaml``'s defaults, so every group option is
-merged into its dataclass: an unknown key, a wrong type or an unknown option name (every
-choice is an enum) fails at composition.  ``recycle`` and ``stop`` are the library's own
-``RecycleConfig`` and ``StopConfig``.  ``validate`` checks ranges and the rules that tie
-keys together, raising ``ConfigError`` naming the key before any work starts.
+The schema ``config_schema`` comes first in ``conf/config.yaml``'s defaults, so an unknown
+key, a wrong type or an unknown option name (every choice is an enum) fails at composition;
+``recycle`` and ``stop`` are the library's ``RecycleConfig`` and ``StopConfig``.  ``validate``
+checks ranges and the rules that tie keys together (``ConfigError`` naming the key).
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from framework.optim.outer import Optimizer
 from problems.experts import EXPERT_NAMES
 from problems.foe import LEARN_OPTIONS
 
-# Option names of the groups (enum members equal their strings; the library's own names
-# where a library module owns the idea).
+# Option names (enum members equal their strings; the library's where a library owns them).
 BackendName = Choice("BackendName", BACKEND_NAMES)
 Expert = Choice("Expert", EXPERT_NAMES)
 Learn = Choice("Learn", LEARN_OPTIONS)
@@ -139,13 +137,9 @@ class CheckpointConfig:
 
 @dataclass
 class SequenceConfig:
-    """Recording and re-solving Hessian sequences (``task=record`` / ``task=resolve``).
-
-    ``samples``: the sample indices whose systems ``task=record`` records; ``path``: the
-    recording ``task=resolve`` re-solves; ``sample``: which recorded sample it re-solves
-    (None = the first); ``reference_rtol``: MINRES tolerance of the reference
-    hypergradients (computed once, cached next to the recording as ``<stem>.refs.npz``).
-    """
+    """``task=record`` records the systems of ``samples`` to ``filename``; ``task=resolve``
+    re-solves recorded ``sample`` (None: the first) of ``path`` against references from
+    MINRES at ``reference_rtol`` (cached next to the recording as ``<stem>.refs.npz``)."""
 
     path: str | None = None
     filename: str = "sequence.npz"
@@ -189,8 +183,6 @@ class Config:
     progress: bool = True
 
 
-# The root schema: conf/config.yaml lists ``config_schema`` first, so every group option is
-# merged into (and type-checked against) the dataclass of its group.
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 
@@ -284,10 +276,8 @@ def _validate_task(c: Config) -> None:
 
 def validate(cfg: DictConfig | Config) -> Config:
     """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key.
-
-    The checks run on ``cfg`` merged into the schema, before the typed config is built,
-    so the library dataclasses (``RecycleConfig``, ``StopConfig``) never see a value
-    this function would reject."""
+    The checks run before the typed config is built, so the library dataclasses
+    (``RecycleConfig``, ``StopConfig``) never see a value this function would reject."""
     try:
         c: Any = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys

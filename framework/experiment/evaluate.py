@@ -1,18 +1,13 @@
 """``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data.
 
-Held-out images are those after the training ones: ``start' = problem.start +
-problem.num_samples + evaluate.offset``, ``evaluate.num_samples`` of them, or, with
-``evaluate.split=test`` (BSDS300), the test folder's images from ``evaluate.offset`` on;
-the same forward operator and noise model; each image's mask and noise come from the child of
-``seed`` for its index, so held-out images never reuse a training image's draws.  Three
-reconstructions per image, each the lower-level solution x*(θ) of the bilevel engine (one
-batched L-BFGS over the images, from the data y, or from zeros if y has another shape):
-
-* the measurement y itself (when it is an image of the same size);
-* the learned regulariser at θ (from ``evaluate.theta_path``);
-* Huber-TV with one weight chosen by grid search (``evaluate.tv_grid``, log10 weights) for
-  the best mean PSNR on the first training images (``best_tv_weight``), and, as an
-  optimistic bound, the best weight per held-out image ("TV oracle").
+Held-out images: ``evaluate.num_samples`` from ``problem.start + problem.num_samples +
+evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300), the test folder's from
+``evaluate.offset`` on; same operator and noise model, each image's draws from the child of
+``seed`` for its index (never a training image's).  Per image: the measurement y (when an
+image of the same size), x*(θ) of the learned regulariser (``evaluate.theta_path``), and
+x* of Huber-TV with the log10 weight of ``evaluate.tv_grid`` best on the first training
+images (``best_tv_weight``) and, as an optimistic bound, the best per image ("TV oracle");
+each x* the engine's batched lower-level solution.
 """
 
 from __future__ import annotations
@@ -136,27 +131,30 @@ def run_evaluation(
     """Reconstruct the held-out images three ways and log their PSNRs."""
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     config, grid = engine_config(c), [float(v) for v in c.evaluate.tv_grid]
+
+    def images(p: ProblemConfig, **changes: Any) -> Any:
+        return build_problems(dataclasses.replace(p, **changes), backend, c.seed).problems
+
     count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
-    tv_train = dataclasses.replace(c.problem, regularizer="tv", num_samples=count)
-    train_tv = build_problems(tv_train, backend, c.seed).problems
+    train_tv = images(c.problem, regularizer="tv", num_samples=count)
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
-    learned = build_problems(prepared.held_out, backend, c.seed).problems
+    learned = images(prepared.held_out)
     learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config),
                                          backend.asarray(prepared.theta))
-    tv_held_out = dataclasses.replace(prepared.held_out, regularizer="tv")
-    tv = best_tv_weight(build_problems(tv_held_out, backend, c.seed).problems, grid, config).psnrs
-    rows = []
-    for j, p in enumerate(learned):
-        row = EvaluationRow(
+    tv = best_tv_weight(images(prepared.held_out, regularizer="tv"), grid, config).psnrs
+    rows = [
+        EvaluationRow(
             image=prepared.held_out.start + j,
             psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
             psnr_learned=float(learned_psnrs[j]),
             psnr_tv=float(tv[grid.index(tv_weight), j]),
             psnr_tv_oracle=float(tv[:, j].max()),
         )
-        rows.append(row)
-        tracker.log_metrics({k: v for k, v in dataclasses.asdict(row).items() if k != "image"}, j)
+        for j, p in enumerate(learned)
+    ]
+    for j, row in enumerate(rows):
+        tracker.log_metrics({k: getattr(row, k) for k in PSNR_FIELDS}, j)
     summary = EvaluationSummary(out.resolve(), tracker.run_id, tuple(rows), tv_weight)
     means = {f"mean_{k}": summary.mean(k) for k in PSNR_FIELDS}
     tracker.log_metrics({**means, "tv_log10_weight": tv_weight}, len(rows))

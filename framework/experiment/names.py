@@ -1,11 +1,9 @@
 """MLflow tag and metric names, defined once for the writers (train, resolve, runner) and
 the readers (compare, paper, plots).
 
-Training steps log the engine's ``StepResult.metrics()`` (``krylov_iterations``,
-``operator_applications``, ``baseline_*`` of the shadow solve, ...) plus ``STEP_TIME``,
-``BATCH_SIZE`` and the running sums ``cumulative(key)`` of the ``TRAIN_COUNTS``; a
-re-solve logs per system the ``RESOLVE_COUNTS`` and ``HG_ERROR`` (with cumulative sums)
-and at the end ``total(key)`` of each count.
+Training steps log the engine's ``StepResult.metrics()`` plus ``STEP_TIME``, ``BATCH_SIZE``
+and the running sums ``cumulative(key)`` of the ``TRAIN_COUNTS``; a re-solve logs per
+system the ``RESOLVE_COUNTS`` (with running sums) and ``HG_ERROR``, at the end ``total(key)``.
 """
 
 from __future__ import annotations

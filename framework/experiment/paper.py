@@ -1,10 +1,9 @@
 """The paper-style report of re-solve runs (``hyperkrylov-compare --paper``).
 
-Reads only the tracking store: runs tagged ``hyperkrylov.task=resolve`` (optionally of one
-sweep), their totals (``total_*``, ``mean_hg_error``, ``max_hg_error``) and per-system
-histories.  One row per (label, recycle dimension) — when a configuration was re-solved
-twice on the same recording the latest run is kept.  Savings are against the ``none``
-run of the same recording: 100 · (1 − mine / none).
+Reads only the tracking store: the totals and per-system histories of the runs tagged
+``hyperkrylov.task=resolve``, one row per (recording, label, recycle dimension), the latest
+run where one was repeated.  Savings: 100 · (1 − mine / none), against the ``none`` run of
+the same recording.
 """
 
 from __future__ import annotations
@@ -21,8 +20,13 @@ from framework.experiment.console import fmt, markdown_table
 from framework.experiment.tracking import RunRecord, percent_saved
 from framework.krylov.selection import Strategy
 
-HISTORY_KEYS = (names.ITERATIONS, names.cumulative(names.ITERATIONS), names.HG_ERROR,
-                names.UPPER_LOSS)
+PANELS = (  # (title, metric key, y scale) of the strategy figure's 2×2 panels
+    ("Krylov iterations per system", names.ITERATIONS, "linear"),
+    ("cumulative Krylov iterations", names.cumulative(names.ITERATIONS), "linear"),
+    ("log₁₀ relative hypergradient error", names.HG_ERROR, "log10"),
+    ("upper-level cost ℓ(x_t)", names.UPPER_LOSS, "linear"),
+)
+HISTORY_KEYS = tuple(key for _, key, _ in PANELS)
 # The re-solve totals ``names.total(key)`` that are ``PaperRow`` fields of the same name.
 TOTALS = (names.ITERATIONS, names.HVP, names.JAC_T, names.APPLICATIONS, names.PASSES,
           names.SOLVE_TIME)
@@ -131,7 +135,10 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
     ordered = sorted(widest.values(), key=lambda r: (not _is_none(r), r.start_time or 0.0))
     series = [(_label(r) if _dim(r) == 0 else f"{_label(r)} k={_dim(r)}", r.history)
               for r in ordered]
-    paths = [plots.save(plots.paper_strategies(series), Path(folder) / STRATEGIES_FIGURE)]
+    # the upper-level cost is the recording's, the same for every run: drawn once
+    figure = plots.panels(series, PANELS, "system t (outer step)", columns=6,
+                          once=(names.UPPER_LOSS,))
+    paths = [plots.save(figure, Path(folder) / STRATEGIES_FIGURE)]
     total = names.total(names.ITERATIONS)
     none_total = next((r.metric(total) for r in reversed(runs) if _is_none(r)), math.nan)
     curves: dict[str, list[tuple[int, float]]] = {}

@@ -18,8 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from framework.experiment import names
-
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 
@@ -30,6 +28,13 @@ def save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _label_axes(ax: Any, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -53,10 +58,7 @@ def iterations_per_system(
             sel = arr[arr[:, 1] == sample]
             ax.plot(sel[:, 0], sel[:, 2], style, ms=3, lw=0.8, color=f"C{int(sample) % 10}",
                     label=label if k == 0 else None)
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("Krylov iterations per system")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label_axes(ax, "outer step", "Krylov iterations per system")
     return fig
 
 
@@ -67,10 +69,7 @@ def line(history: History, keys: Sequence[str], ylabel: str) -> Any:
         series = _series(history, key)
         if series is not None:
             ax.plot(*series, ".-", label=key)
-    ax.set_xlabel("outer step")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label_axes(ax, "outer step", ylabel)
     return fig
 
 
@@ -123,26 +122,32 @@ def reconstruction(
     return fig
 
 
-def comparison(runs: Sequence[tuple[str, History]], keys: Mapping[str, str]) -> Any:
-    """Paper-style 2×2 panels: one line per run for each (title → metric key) of ``keys``."""
+def panels(
+    runs: Sequence[tuple[str, History]],
+    spec: Sequence[tuple[str, str, str]],
+    xlabel: str,
+    columns: int,
+    once: Sequence[str] = (),
+) -> Any:
+    """Paper-style 2×2 panels, one line per run for each (title, metric key, scale) of
+    ``spec``; scale "log" draws a log axis when every value is positive, "log10" draws
+    log₁₀ of the values.  Keys in ``once`` (the same for every run) are drawn once,
+    unlabelled.  One legend under the panels, from the first with labelled lines."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (title, key) in zip(axes.flat, keys.items(), strict=False):
-        for label, history in runs:
-            series = _series(history, key)
-            if series is not None:
-                ax.plot(*series, ".-", ms=3, label=label)
+    for ax, (title, key, scale) in zip(axes.flat, spec, strict=False):
+        drawn = [(label, xy) for label, h in runs if (xy := _series(h, key)) is not None]
+        if key in once:
+            drawn = [(None, xy) for _, xy in drawn[:1]]
+        for label, (steps, values) in drawn:
+            if scale == "log10":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values = np.log10(values)
+            ax.plot(steps, values, ".-", ms=3, label=label)
+        if scale == "log" and drawn and all(values.min() > 0 for _, (_, values) in drawn):
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("outer step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if "error" in title or "loss" in title:
-            positive = [h for _, h in runs if _series(h, key) is not None]
-            if positive and all(min(v for _, v in h[key]) > 0 for h in positive):
-                ax.set_yscale("log")
-    return _legend_below(fig, axes, columns=4)
-
-
-def _legend_below(fig: Any, axes: np.ndarray, columns: int) -> Any:
-    """One legend under the panels, from the first panel with labelled lines."""
     for ax in axes.flat:
         handles, labels = ax.get_legend_handles_labels()
         if handles:
@@ -151,35 +156,6 @@ def _legend_below(fig: Any, axes: np.ndarray, columns: int) -> Any:
             break
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
-
-
-PAPER_PANELS = (
-    ("Krylov iterations per system", names.ITERATIONS, False),
-    ("cumulative Krylov iterations", names.cumulative(names.ITERATIONS), False),
-    ("log₁₀ relative hypergradient error", names.HG_ERROR, True),
-    ("upper-level cost ℓ(x_t)", names.UPPER_LOSS, False),
-)
-
-
-def paper_strategies(runs: Sequence[tuple[str, History]]) -> Any:
-    """The paper's 2×2 figure for re-solves of one recorded sequence: iterations per
-    system, cumulative iterations, log₁₀ relative hypergradient error, upper-level cost
-    (the recording's, the same for every run, drawn once)."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (title, key, log10) in zip(axes.flat, PAPER_PANELS, strict=True):
-        for i, (label, history) in enumerate(runs):
-            series = _series(history, key)
-            if series is None or (key == names.UPPER_LOSS and i > 0):
-                continue
-            steps, values = series
-            if log10:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    values = np.log10(values)
-            ax.plot(steps, values, ".-", ms=3, label=label if key != names.UPPER_LOSS else None)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("system t (outer step)")
-        ax.grid(alpha=0.3)
-    return _legend_below(fig, axes, columns=6)
 
 
 def dimension_sweep(
@@ -193,9 +169,6 @@ def dimension_sweep(
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
     if baseline is not None and math.isfinite(baseline):
         ax.axhline(baseline, color="k", ls="--", lw=1, label="none (no recycling)")
-    ax.set_xlabel("recycle dimension k")
-    ax.set_ylabel("total Krylov iterations")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label_axes(ax, "recycle dimension k", "total Krylov iterations")
     fig.tight_layout()
     return fig

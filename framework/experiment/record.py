@@ -1,10 +1,9 @@
 """``task=record``: capture θ_t and the recorded samples' x_t = x(θ_t) inside the run loop.
 
-At every outer step the runner evaluates a mini-batch at θ_t; a recorded sample that is
-in the batch contributes the engine's own lower-level solution; those that are not are
-solved together by the engine's lower solver (warm-started from their previous recorded
-x, the engine's states unchanged), so every recorded
-step holds x(θ_t) of every recorded sample.  The result is a ``RecordedSequence`` whose
+At every outer step a recorded sample in the mini-batch contributes the engine's own
+lower-level solution; the others are solved together by the engine's lower solver
+(warm-started from their previous recorded x, the engine's states unchanged), so every
+recorded step holds x(θ_t) of every recorded sample.  The result is a ``RecordedSequence`` whose
 ``problem_config`` JSON (``{"problem": ..., "seed": ..., "dtype": ...}``) is enough for
 ``problems.factory.build_problems`` to rebuild the samples (``problem_from_recording``).
 """
@@ -25,15 +24,9 @@ CONFIG_VERSION = 1
 
 def problem_config_json(c: Any) -> str:
     """The JSON stored in a recording: the problem config, the seed and the dtype."""
-    return json.dumps(
-        {
-            "version": CONFIG_VERSION,
-            "problem": asdict(c.problem),
-            "seed": int(c.seed),
-            "dtype": c.backend.dtype,
-        },
-        sort_keys=True,
-    )
+    config = {"version": CONFIG_VERSION, "problem": asdict(c.problem), "seed": int(c.seed),
+              "dtype": c.backend.dtype}
+    return json.dumps(config, sort_keys=True)
 
 
 class SequenceRecorder:

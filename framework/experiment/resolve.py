@@ -2,15 +2,14 @@
 
 The paper's protocol: one training run records θ_t and x_t (``task=record``); every
 strategy then solves the *same* systems H(x_t, θ_t) w = ∇ℓ(x_t) with warm starts and its
-own recycling, and its hypergradients are compared with references from a tight MINRES
-(``sequence.reference_rtol``, 1e-10 by default).  The references are computed once per
-recording and sample and cached next to it as ``<stem>.refs.npz`` (keyed by the
-recording's SHA-256 and the tolerance; rewritten atomically when stale).
+own recycling, its hypergradients compared with references from a tight MINRES
+(``sequence.reference_rtol``), cached next to the recording as ``<stem>.refs.npz`` (keyed
+by its SHA-256 and the tolerance; rewritten atomically when stale).
 
 Per system t (MLflow step t) the run logs the ``SystemRecord`` figures (``hg_error``: the
-relative error of −Jᵀw against the reference), ``solve_time``, ``upper_loss`` (ℓ(x_t) of
-the recorded sample) and ``cumulative_*`` of ``names.RESOLVE_COUNTS``; at the end
-``total_*``, ``mean_hg_error`` and ``max_hg_error``.
+relative error of −Jᵀw against the reference), ``solve_time``, ``upper_loss`` and the
+``cumulative_*`` of ``names.RESOLVE_COUNTS``; at the end ``total_*``, ``mean_hg_error``
+and ``max_hg_error``.
 """
 
 from __future__ import annotations
@@ -60,8 +59,6 @@ def method_label(recycle: RecycleConfig, stop: StopConfig) -> str:
 def load_sequence(path: str | Path) -> RecordedSequence:
     """Read a recording, or raise ``ConfigError`` naming ``sequence.path``."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"sequence.path: {str(path)!r} does not exist or is not a file")
     try:
         recording = RecordedSequence.load(path)
         config = recording.config()
@@ -83,9 +80,8 @@ def load_sequence(path: str | Path) -> RecordedSequence:
 def problem_from_recording(recording: RecordedSequence, sample: int, backend: Any) -> Any:
     """Rebuild recorded sample ``sample`` from the stored config (``build_problems``)."""
     config = recording.config()
-    pcfg = ProblemConfig(**config["problem"])
-    problem_set = build_problems(pcfg, backend, int(config.get("seed", 0)))
-    return problem_set.problems[sample]
+    seed = int(config.get("seed", 0))
+    return build_problems(ProblemConfig(**config["problem"]), backend, seed).problems[sample]
 
 
 def refs_path(sequence_path: str | Path) -> Path:

@@ -10,6 +10,7 @@ run each (``framework.experiment.resolve`` / ``framework.experiment.evaluate``).
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,31 +99,23 @@ def _run(
         tags[names.SWEEP_TAG] = c.tracking.sweep_id
     out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
     tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
-    state = None
+    state, params = None, None  # params: logged here for resolve/evaluate (train logs its own)
     if c.task == Task.resolve:
         recording = load_sequence(c.sequence.path or "")
         tags.update(resolve_tags(c))
-
-        def work(tracker: Any) -> Any:
-            tracker.log_params({**resolve_params(c, recording), **run_params})
-            tracker.log_text(to_yaml(c), "config.yaml")
-            return run_resolve(c, recording, out, tracker, say, started)
+        params = resolve_params(c, recording)
+        work = partial(run_resolve, c, recording, out, say=say, started=started)
     elif c.task == Task.evaluate:
-        prepared = prepare_evaluation(c)
-
-        def work(tracker: Any) -> Any:
-            tracker.log_params({**flatten(c), **run_params})
-            tracker.log_text(to_yaml(c), "config.yaml")
-            return run_evaluation(c, prepared, out, tracker, say)
+        params = flatten(c)
+        work = partial(run_evaluation, c, prepare_evaluation(c), out, say=say)
     else:
         ckpt_path = out / c.checkpoint.filename
         state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
         if state is not None:
             check_resumable(state, c, ckpt_path)
-
-        def work(tracker: Any) -> Any:
-            return train(c, out, ckpt_path, state, tracker, engine_factory or make_engine,
-                         started, run_params)
+        factory = engine_factory or make_engine
+        work = partial(train, c, out, ckpt_path, state, engine_factory=factory, started=started,
+                       run_params=run_params)
     out.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
     tracker.start(run_name=_run_name(c), tags=tags,
@@ -131,6 +124,9 @@ def _run(
     if tracker.enabled:
         say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")
     try:
+        if params is not None:
+            tracker.log_params({**params, **run_params})
+            tracker.log_text(to_yaml(c), "config.yaml")
         summary = work(tracker)
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

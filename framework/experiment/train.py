@@ -1,12 +1,11 @@
 """``task=train`` / ``task=record``: the outer loop, its checkpoints and its figures.
 
-``train(c, out, state, tracker, engine_factory, ...)`` runs (or resumes, from a checkpoint
-``state``) the outer loop: mini-batches from a NumPy generator seeded by
-``SeedSequence(seed)`` (its entropy is logged; its state is part of the checkpoint, so a
-resumed run draws the same batches as an uninterrupted one), one engine evaluation and one
-optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
-tracker after the metrics it follows, without waiting for the store) and at the end, then
-θ, the recording (``task=record``) and the figures.
+``train`` runs (or resumes, from a checkpoint ``state``) the outer loop: mini-batches from
+a NumPy generator seeded by ``SeedSequence(seed)`` (entropy logged, state checkpointed, so
+a resumed run draws the same batches as an uninterrupted one), one engine evaluation and
+one optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
+tracker after the metrics it follows) and at the end, then θ, the recording
+(``task=record``) and the figures.
 
 Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
@@ -17,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +41,7 @@ from framework.experiment.config import (
 from framework.experiment.console import say
 from framework.experiment.record import SequenceRecorder, problem_config_json
 from framework.experiment.tracking import resolve_uri
-from framework.optim import lbfgs, make_optimizer
+from framework.optim import make_optimizer
 from problems.base import psnr
 from problems.factory import ProblemSet, build_problems
 
@@ -81,13 +80,6 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
     if size is None or size >= count:
         return list(range(count))
     return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
-
-
-def _sample_iterations(result: Any, indices: Sequence[int]) -> list[list[float]]:
-    """[sample, Krylov iterations, shadow iterations or NaN] of each system of a step."""
-    return [[int(i), float(s.krylov_iterations),
-             math.nan if s.shadow is None else float(s.shadow.iterations)]
-            for i, s in zip(indices, result.samples, strict=True)]
 
 
 # Keys that may change between a run and its resumption (length, bookkeeping, display).
@@ -131,42 +123,32 @@ def train(
     engine = engine_factory(problem_set, c, backend)
     optimizer = make_optimizer(c.outer, mask=problem_set.mask)
     rng, entropy = _batch_generator(c.seed)
-    recorder = None
-    if c.task == Task.record:
-        recorder = SequenceRecorder(c.sequence.samples)
-        if state is not None and "recording" in state:
-            recorder.load_state_dict(state["recording"])
-
+    recorder = SequenceRecorder(c.sequence.samples) if c.task == Task.record else None
+    resumed_from = None if state is None else int(state["step"])
     if state is None:
-        start = 0
-        theta_host = problem_set.theta0
-        history: list[dict[str, float]] = []
-        per_sample: list[list[float]] = []
-        sums: dict[str, float] = {}
-        params = flatten(c)
-        params.update(
-            {
-                "seed_entropy": str(entropy),
-                "num_samples": str(len(problem_set)),
-                "theta_size": str(problem_set.theta0.size),
-                "problem_description": problem_set.description,
-                "backend_device": str(backend.device),
-                **run_params,
-            }
-        )
-        tracker.log_params(params)
+        tracker.log_params({
+            **flatten(c),
+            "seed_entropy": str(entropy),
+            "num_samples": str(len(problem_set)),
+            "theta_size": str(problem_set.theta0.size),
+            "problem_description": problem_set.description,
+            "backend_device": str(backend.device),
+            **run_params,
+        })
         tracker.log_text(to_yaml(c), "config.yaml")
+        state = {"step": 0, "theta": problem_set.theta0, "history": [], "per_sample": [],
+                 "cumulative": {}}
     else:
-        start = int(state["step"])
-        theta_host = np.asarray(state["theta"])
         optimizer.load_state_dict(state["optimizer"])
         engine.load_state_dict(state["engine"])
         rng.bit_generator.state = state["rng"]
-        history = list(state["history"])
-        per_sample = [list(r) for r in state["per_sample"]]
-        sums = {k: float(v) for k, v in state["cumulative"].items()}
-    theta = backend.asarray(theta_host)
-
+        if recorder is not None and "recording" in state:
+            recorder.load_state_dict(state["recording"])
+    start = int(state["step"])
+    theta = backend.asarray(np.asarray(state["theta"]))
+    history: list[dict[str, float]] = list(state["history"])
+    per_sample: list[list[float]] = [list(r) for r in state["per_sample"]]
+    sums = {k: float(v) for k, v in state["cumulative"].items()}
     identity = resume_identity(c)
 
     def snapshot(step: int, finished: bool) -> None:
@@ -189,7 +171,7 @@ def train(
 
     show = c.progress and sys.stdout.isatty()
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
-    if state is not None and state.get("finished") and start >= c.outer.steps:
+    if state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
     step = start
     try:
@@ -215,7 +197,11 @@ def train(
                     metrics[names.cumulative(key)] = sums[key]
             tracker.log_metrics(metrics, step)
             history.append({"step": float(step), **metrics})
-            per_sample.extend([[float(step), *row] for row in _sample_iterations(result, indices)])
+            per_sample.extend(  # [step, sample, Krylov iterations, shadow iterations or NaN]
+                [float(step), int(i), float(s.krylov_iterations),
+                 math.nan if s.shadow is None else float(s.shadow.iterations)]
+                for i, s in zip(indices, result.samples, strict=True)
+            )
             bar.update(1)
             bar.set_postfix(
                 loss=f"{metrics[names.UPPER_LOSS]:.4g}",
@@ -247,7 +233,7 @@ def train(
             f"recorded sequence ({recording.steps} steps, samples "
             f"{list(recording.sample_indices)}): {sequence_path}"
         )
-    _log_figures(c, out, tracker, problem_set, backend, theta, history, per_sample)
+    _log_figures(c, out, tracker, problem_set, backend, engine, theta, history, per_sample)
     losses = [h[names.UPPER_LOSS] for h in history]
     if losses:
         say(f"finished {len(history)} steps; upper loss {losses[0]:.6g} → {losses[-1]:.6g}")
@@ -260,7 +246,7 @@ def train(
         experiment=c.tracking.experiment if tracker.enabled else None,
         run_id=tracker.run_id,
         steps=len(history),
-        resumed_from_step=None if state is None else int(state["step"]),
+        resumed_from_step=resumed_from,
         initial_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
         cumulative=dict(sums),
@@ -276,16 +262,17 @@ def _log_figures(
     tracker: Any,
     problem_set: ProblemSet,
     backend: Any,
+    engine: Any,
     theta: Any,
     history: list[dict[str, float]],
     per_sample: list[list[float]],
 ) -> None:
-    """Write the run's figures to ``<out>/figures`` and log them as artifacts."""
+    """Write the run's figures to ``<out>/figures`` and log them as artifacts; the
+    reconstruction is the engine's lower-level solution (``solver.lower``) of sample 0."""
     series: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         for key, value in row.items():
-            if key != "step":
-                series.setdefault(key, []).append((int(row["step"]), value))
+            series.setdefault(key, []).append((int(row["step"]), value))
     figures = {
         "iterations_per_system.png": plots.iterations_per_system(
             [(r[0], r[1], r[2]) for r in per_sample if math.isfinite(r[2])],
@@ -304,20 +291,10 @@ def _log_figures(
         figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
     else:
         figures["parameters.png"] = plots.parameters(theta_np)
-    p = problem_set.problems[0]
-    x0 = p.y if tuple(p.y.shape) == (p.n,) else backend.zeros((p.n,))
-    lower = lbfgs(
-        lambda x: p.lower_objective(x, theta),
-        lambda x: p.lower_grad(x, theta),
-        x0,
-        gtol=c.solver.lower.gtol,
-        maxiter=c.solver.lower.maxiter,
-        memory=c.solver.lower.memory,
-    )
-    x_true, y, x = (backend.to_numpy(a) for a in (p.x_true, p.y, lower.x))
+    p, x = problem_set.problems[0], engine.lower_solutions(theta, [0])[0, ...]
     figures["reconstruction.png"] = plots.reconstruction(
-        x_true, y, x, tuple(p.image_shape), (psnr(p.y, p.x_true), psnr(lower.x, p.x_true))
+        *(backend.to_numpy(a) for a in (p.x_true, p.y, x)), tuple(p.image_shape),
+        (psnr(p.y, p.x_true), psnr(x, p.x_true)),
     )
     for name, fig in figures.items():
-        path = plots.save(fig, out / "figures" / name)
-        tracker.log_artifact(path, "figures")
+        tracker.log_artifact(plots.save(fig, out / "figures" / name), "figures")
