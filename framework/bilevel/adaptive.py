@@ -8,14 +8,18 @@ no recycling and recycling with k' ≤ k vectors, from what the engine measured:
 
 * k' = min(k, ⌊budget · m⌋), with m the recent iterations per system without recycling:
   C = HU then costs at most ``budget`` (a quarter) of a plain solve's applications, so a
-  step that tries recycling and loses cannot lose much; k' = 0 (no recycling) when m is
-  small.
-* The Hessian-phase seconds per system of each choice (exponential averages) decide which
-  is used.  The other choice is tried again after ``interval`` steps; each try that loses
-  doubles the interval (quadruples it when the try took over 1.5× as long), so a choice
-  that never pays costs a vanishing share of the run.
+  step that tries recycling and loses cannot lose much; k' = 0 (no recycling, no
+  harvest, nothing tried) when that leaves fewer than 4 vectors (m < 16).
+* The Hessian-phase seconds per system of each choice (an exponential average for the
+  choice in use, the latest figure for a try; the first, cold step is not measured;
+  recycling must be 5 % faster to be chosen) decide which is used.  The other choice is
+  tried again after ``interval`` steps; each try that loses doubles the interval
+  (quadruples it when the try took over 1.5× as long) up to 64 steps, so a choice that
+  never pays costs a few per cent of a run and a change of costs is noticed within 64
+  steps.
 * Before a step that tries recycling after plain steps, the plain step harvests the
-  k' vectors it will use (harvesting is otherwise skipped while recycling does not pay).
+  k' vectors it will use (harvesting is otherwise skipped while recycling does not pay;
+  a try that finds no carry is a plain step that harvests).
 
 With a shadow baseline (plain MINRES on every system, the engine's savings reference) the
 plain seconds are measured on every step instead of by tries.
@@ -24,6 +28,9 @@ plain seconds are measured on every step instead of by tries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MIN_DIM = 4  # fewer recycle vectors cannot save more than they cost (m < 16 iterations)
+MAX_INTERVAL = 64  # steps: how long a change of costs can go unnoticed
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class RecyclePolicy:
         self.plain_iterations: float | None = None
         self.recycling = False  # the choice in use
         self.interval, self.wait = first_interval, 1  # steps until the other choice is tried
+        self.warming_up = True  # the first step (cold, not warm-started) is not measured
         self.shadowed = False  # plain seconds measured on every step (a shadow baseline)
 
     def affordable(self) -> int:
@@ -58,10 +66,8 @@ class RecyclePolicy:
 
     def plan(self) -> Plan:
         """The next step's dimension and harvest (see the module docstring)."""
-        if self.plain_iterations is None:  # first step: measure plain, harvest for a try
-            return Plan(0, self.max_dim)
         k = self.affordable()
-        if k < 1:
+        if k < min(MIN_DIM, self.max_dim):
             return Plan(0, 0)
         if self.recycling:  # a try without recycling keeps harvesting for the step after
             try_plain = self.wait == 0 and not self.shadowed
@@ -75,7 +81,12 @@ class RecyclePolicy:
         """What a step measured per system: the dimension it used (0 when it had no recycle
         space), its Hessian-phase seconds and Krylov iterations; with a shadow baseline, the
         plain solve's seconds and iterations on the same systems."""
+        if self.warming_up:
+            self.warming_up = False
+            return
         used = dim > 0
+        if used != self.recycling:  # a try: the choice's last figure is stale, replace it
+            self.seconds.pop(used, None)
         self._average(used, seconds)
         if not used:
             self.plain_iterations = self._smooth(self.plain_iterations, iterations)
@@ -86,13 +97,14 @@ class RecyclePolicy:
         if len(self.seconds) < 2:
             self.wait = max(self.wait - 1, 0)
             return
-        best = self.seconds[True] < self.seconds[False]
+        # recycling must win by 5 % to be chosen (one noisy try should not switch to it)
+        best = self.seconds[True] < (0.95 if not self.recycling else 1.0) * self.seconds[False]
         if best != self.recycling:  # the other choice now wins: switch
             self.recycling, self.interval = best, self.first_interval
             self.wait = self.interval
         elif used != self.recycling:  # a try lost: wait 2× longer (4× when it lost by half)
             lost_by = self.seconds[used] / self.seconds[self.recycling]
-            self.interval *= 4 if lost_by > 1.5 else 2
+            self.interval = min(self.interval * (4 if lost_by > 1.5 else 2), MAX_INTERVAL)
             self.wait = self.interval
         else:
             self.wait = max(self.wait - 1, 0)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from backends.choice import Choice
 from backends.core import BACKEND_NAMES
 from framework.bilevel.engine import LowerSolver, Preconditioner
-from framework.krylov.recycle import RecycleConfig
+from framework.krylov.recycle import ORACLES, RecycleConfig, Selection
 from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
@@ -291,6 +291,10 @@ def validate(cfg: DictConfig | Config) -> Config:
            "rtol and atol are both zero; the solver would never stop")
     _check(c.recycle.strategy == Strategy.none or c.recycle.dim > 0, "recycle.dim",
            f"must be positive for strategy {c.recycle.strategy}; got 0")
+    _check(not c.recycle.adaptive or (c.recycle.strategy not in (Strategy.none, *ORACLES)
+                                      and c.recycle.selection == Selection.inner),
+           "recycle.adaptive", "needs a recycle strategy with inner selection (ritz, "
+           f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}")
     if c.solver.preconditioner == Preconditioner.fft:
         _check(c.recycle.strategy == Strategy.none, "solver.preconditioner",
                "fft is not combined with recycling yet; add recycle=none")

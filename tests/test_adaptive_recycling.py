@@ -1,0 +1,105 @@
+"""Adaptive recycling: the policy's choices on known costs, and the engine using it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_hypergradient import hypergradient_error_bound  # tests/ is on sys.path (rootdir)
+
+from framework.bilevel.adaptive import RecyclePolicy
+from framework.bilevel.engine import BilevelEngine, EngineConfig
+from framework.krylov.recycle import RecycleConfig
+from framework.krylov.stopping import StopConfig
+from problems import QuadraticProblem
+
+THETA = np.array([-1.0, 0.0, -2.0])
+
+
+def simulate(policy, steps, iterations, plain, recycled, *, shadow=False):
+    """Step a policy on systems of known cost: ``plain``/``recycled`` give the seconds per
+    system of step t; a recycle space exists once some step has harvested.  Returns the
+    (dimension used, seconds, harvested) of every step."""
+    log, carry = [], False
+    for t in range(steps):
+        plan = policy.plan()
+        used = plan.dim if carry else 0
+        seconds = recycled(t) if used else plain(t)
+        policy.record(used, seconds, iterations,
+                      plain_seconds=plain(t) if shadow else None,
+                      plain_iterations=iterations if shadow else None)
+        carry = carry or plan.harvest > 0
+        log.append((used, seconds, plan.harvest > 0))
+    return log
+
+
+def test_dimension_is_a_quarter_of_the_plain_iterations_up_to_k():
+    for m, k, want in ((40, 30, 10), (200, 30, 30), (17, 30, 4), (15, 30, 3)):
+        policy = RecyclePolicy(k)
+        policy.record(0, 1.0, 999)  # the cold first step is not measured
+        policy.record(0, 1.0, m)
+        assert policy.affordable() == want == min(k, m // 4)
+
+
+def test_short_systems_are_never_recycled_nor_harvested():
+    log = simulate(RecyclePolicy(10), 60, 12, lambda t: 1.0, lambda t: 0.1)
+    assert all(used == 0 and not harvested for used, _, harvested in log)
+
+
+def test_recycling_that_loses_is_tried_rarely():
+    # recycling takes twice the time: tries at growing intervals cost ≤ 5 % over 100 steps
+    log = simulate(RecyclePolicy(10), 100, 80, lambda t: 1.0, lambda t: 2.0)
+    tries = [t for t, (used, _, _) in enumerate(log) if used]
+    assert 1 <= len(tries) <= 3 and tries[0] <= 4
+    assert sum(s for _, s, _ in log) <= 1.05 * 100
+
+
+def test_recycling_that_pays_is_kept_with_k_prime_vectors():
+    log = simulate(RecyclePolicy(30), 100, 80, lambda t: 1.0, lambda t: 0.5)
+    used = [d for d, _, _ in log]
+    assert set(used) == {0, 20} and used.count(20) >= 90
+    assert sum(s for _, s, _ in log) <= 0.5 * 100 + 10 * 1.0  # ≤ 10 plain steps in all
+
+
+def test_a_change_of_costs_is_followed_both_ways():
+    # recycling pays for 40 steps, then costs 3×, then pays again from step 100
+    def recycled(t):
+        return 0.5 if t < 40 or t >= 100 else 3.0
+
+    log = simulate(RecyclePolicy(10), 200, 80, lambda t: 1.0, recycled)
+    used = [d > 0 for d, _, _ in log]
+    assert sum(used[20:40]) == 20  # recycling while it pays
+    assert sum(used[60:100]) <= 2  # after the change, back to plain solves within 20 steps
+    assert sum(used[170:200]) >= 28  # and back to recycling within 64 steps once it pays
+
+
+def test_a_shadow_baseline_replaces_the_plain_tries():
+    log = simulate(RecyclePolicy(10), 100, 80, lambda t: 1.0, lambda t: 0.5, shadow=True)
+    assert [d for d, _, _ in log][3:] == [10] * 97  # after warm-up and one harvest: recycle
+
+
+def test_engine_with_adaptive_recycling_keeps_hypergradients_exact(backend):
+    # long systems (rtol 1e-10 on n = 40: m ≈ 40 iterations, so k' = 4 is tried); every
+    # step's hypergradient matches the closed form within the tolerances' error bound
+    gtol, rtol = 1e-7, 1e-10
+    problems = [QuadraticProblem(n=40, num_terms=3, seed=s, backend=backend) for s in range(2)]
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", 4, adaptive=True),
+                       stop=StopConfig(rtol=rtol), lower_gtol=gtol, lower_newton_steps=2)
+    engine = BilevelEngine(problems, cfg, backend=backend)
+    dims = []
+    for t in range(6):
+        th = THETA + 0.02 * t
+        result = engine.evaluate(backend.asarray(th))
+        want = np.mean([p.exact_hypergradient(th) for p in problems], axis=0)
+        bound = np.mean([hypergradient_error_bound(p, th, gtol, rtol) for p in problems])
+        assert np.linalg.norm(backend.to_numpy(result.grad) - want) <= bound
+        dims.append(result.samples[0].recycle_dim)
+    assert dims[:3] == [0, 0, 0] and set(dims) <= {0, 4} and 4 in dims
+
+
+@pytest.mark.parametrize("recycle", [RecycleConfig("eig", 4, adaptive=True),
+                                     RecycleConfig("ritz", 4, selection="outer", adaptive=True),
+                                     RecycleConfig(adaptive=True)])
+def test_adaptive_recycling_needs_inner_selection(recycle):
+    problems = [QuadraticProblem(n=10)]
+    with pytest.raises(ValueError, match="adaptive recycling needs"):
+        BilevelEngine(problems, EngineConfig(recycle=recycle))
