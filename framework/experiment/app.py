@@ -11,6 +11,7 @@ works from any working directory.  Examples::
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -57,6 +58,15 @@ def _config_error(exc: ConfigError) -> None:
     sys.exit(2)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler sends on preemption), handled like Ctrl-C: the run saves a
+    checkpoint, ends KILLED, and a rerun resumes it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """Console entry point (arguments are Hydra overrides from ``sys.argv``).
 
@@ -64,10 +74,14 @@ def main() -> None:
     schema; it is reported in one line naming the key, exit code 2, like the values
     ``validate`` rejects.  Other composition errors (an unknown key or group option) exit
     with code 1.  (``HYDRA_FULL_ERROR`` lets those errors reach this function instead of
-    Hydra's multi-line report.)"""
+    Hydra's multi-line report.)  Ctrl-C exits with code 130 and SIGTERM with 143, after the
+    run has saved its state and ended KILLED."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _main()
+    except KeyboardInterrupt as exc:  # the run said what it saved; no traceback
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValidationError):

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import filelock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -33,7 +34,10 @@ from framework.experiment.resolve import (
     run_resolve,
 )
 from framework.experiment.tracker import make_tracker
+from framework.experiment.tracking import folder_lock
 from framework.experiment.train import EngineFactory, check_resumable, train
+
+RUN_ID_FILE = "mlflow_run_id"  # in the output dir: the MLflow run this folder's runs belong to
 
 
 def _hydra_context() -> tuple[Path | None, dict[str, str]]:
@@ -47,6 +51,20 @@ def _hydra_context() -> tuple[Path | None, dict[str, str]]:
         tags[names.JOB_NUM_TAG] = str(hc.job.num)
         tags[names.OVERRIDES_TAG] = " ".join(hc.overrides.task)
     return Path(hc.runtime.output_dir), tags
+
+
+def _wait_for_previous_writer(out: Path) -> None:
+    """A killed run's tracking writer may still be logging its last steps and checkpoint:
+    wait until it lets go of the folder."""
+    if not out.is_dir():
+        return
+    lock = folder_lock(out)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        say(f"waiting for the tracking writes of the previous run in {out} to finish")
+        lock.acquire()
+    lock.release()
 
 
 def _run_name(c: Config) -> str:
@@ -110,6 +128,7 @@ def _run(
         work = partial(run_evaluation, c, prepare_evaluation(c), out, say=say)
     else:
         ckpt_path = out / c.checkpoint.filename
+        _wait_for_previous_writer(out)
         state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
         if state is not None:
             check_resumable(state, c, ckpt_path)
@@ -118,8 +137,14 @@ def _run(
                        run_params=run_params)
     out.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
-    tracker.start(run_name=_run_name(c), tags=tags,
-                  run_id=None if state is None else state.get("run_id"))
+    recorded = out / RUN_ID_FILE  # the run's id, written the moment the run exists
+    run_id, adopt = None, False
+    if state is not None:
+        run_id = state.get("run_id")
+    elif recorded.is_file():  # killed before its first checkpoint: continue that run
+        run_id, adopt = recorded.read_text().strip(), True
+    tracker.start(run_name=_run_name(c), tags=tags, run_id=run_id, record_to=recorded,
+                  adopt=adopt)
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
         say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +150,18 @@ class Tracker:
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
+        record_to: str | Path | None = None,
+        adopt: bool = False,
     ) -> None:
-        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING)."""
+        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING).
+
+        ``record_to``: a file that receives the new run's id the moment the run exists (a
+        rerun reads it back and passes ``adopt=True``: the run is resumed unless it has
+        FINISHED or is gone, so a run killed before its first checkpoint leaves no orphan).
+        """
         tags = {k: str(v) for k, v in (tags or {}).items()}
-        self._send("start", run_name, tags, run_id, sys.argv[0])
+        self._send("start", run_name, tags, run_id, sys.argv[0],
+                   None if record_to is None else str(record_to), adopt)
         self._started = True
 
     @property
@@ -174,11 +182,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
-        stamp, numbers = int(time.time() * 1000), []
-        for key, value in metrics.items():
-            with contextlib.suppress(TypeError, ValueError):
-                numbers.append((key, float(value), stamp, int(step)))
-        self._write("log_batch", numbers)
+        self._write("log_batch", _numbers(metrics, step))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._write("log_batch", (), (), [(k, str(v)) for k, v in tags.items()])
@@ -189,11 +193,14 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._write("call", "log_text", text, artifact_file)
 
-    def save_checkpoint(self, path: str | Path, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: str | Path, state: dict[str, Any],
+                        metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
         """``checkpoint.save`` of ``state`` with the run's id as ``state["run_id"]``, made
-        once every write before it is in the store: a checkpoint never names metrics that a
-        kill could still lose, and the computation does not wait for the store."""
-        self._write("checkpoint", str(path), state)
+        once every write before it is in the store, right after logging ``metrics`` (pairs
+        (metrics, step) as for ``log_metrics``) — one message to the writer, so a kill of
+        this process keeps both or neither.  The computation does not wait for the store."""
+        batches = [_numbers(m, step) for m, step in metrics]
+        self._write("checkpoint", str(path), state, [m for batch in batches for m in batch])
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
@@ -213,6 +220,15 @@ class Tracker:
             self._writer.trackers.pop(self._key, None)
 
 
+def _numbers(metrics: Mapping[str, float], step: int) -> list[tuple[str, float, int, int]]:
+    """(key, value, timestamp, step) of the numeric ``metrics``."""
+    stamp, numbers = int(time.time() * 1000), []
+    for key, value in metrics.items():
+        with contextlib.suppress(TypeError, ValueError):
+            numbers.append((key, float(value), stamp, int(step)))
+    return numbers
+
+
 class NullTracker:
     """A tracker that records nothing (``tracking.enabled=false``, tests, benchmarks)."""
 
@@ -226,7 +242,8 @@ class NullTracker:
     start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
     flush = _ignore
 
-    def save_checkpoint(self, path: str | Path, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: str | Path, state: dict[str, Any],
+                        metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
         checkpoint.save(path, {**state, "run_id": None})
 
     def describe(self) -> str:

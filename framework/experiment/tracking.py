@@ -166,19 +166,32 @@ class _Writer:
         self.experiment_id: str | None = None
         self.active: str | None = None
         self.uri, self.experiment = "", ""
+        self.lock: filelock.FileLock | None = None
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
         self.client = _client(uri)
         self.experiment_id = prepare_experiment(uri, experiment, self.client)
 
-    def start(
-        self, run_name: str | None, tags: dict[str, str], run_id: str | None, command: str
-    ) -> None:
+    def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None,
+              command: str, record_to: str | None, adopt: bool) -> None:
+        if run_id is not None and adopt:  # resume a recorded run unless finished or gone
+            from mlflow.exceptions import MlflowException
+
+            try:
+                info = retry(self.client.get_run, run_id).info
+                adoptable = (info.status != "FINISHED" and info.lifecycle_stage == "active"
+                             and info.experiment_id == self.experiment_id)
+            except MlflowException:
+                adoptable = False
+            run_id = run_id if adoptable else None
         if run_id is None:
             run = retry(self.client.create_run, self.experiment_id, run_name=run_name,
                         tags=_standard_tags(tags, command))
             self.active = run.info.run_id
+            if record_to is not None:
+                self._hold(record_to)
+                _write_atomically(Path(record_to), self.active)
             self.call("log_text", _requirements(), "requirements.txt")
             return
         run = retry(self.client.get_run, run_id)
@@ -189,17 +202,30 @@ class _Writer:
             )
         retry(self.client.update_run, run_id, status="RUNNING")
         self.active = run_id
+        if record_to is not None:
+            self._hold(record_to)
         self.log_batch(tags=tags.items())
+
+    def _hold(self, record_to: str) -> None:
+        """Hold the run folder's lock (``folder_lock``) until ``close`` or this process ends:
+        a rerun in the folder waits for these writes before it reads the checkpoint."""
+        self.lock = folder_lock(Path(record_to).parent)
+        self.lock.acquire()
 
     def run_id(self) -> str | None:
         return self.active
 
-    close = run_id
+    def close(self) -> str | None:
+        if self.lock is not None:
+            self.lock.release()
+        return self.active
 
     def flush(self) -> None:
         return None
 
-    def checkpoint(self, path: str, state: dict[str, Any]) -> None:
+    def checkpoint(self, path: str, state: dict[str, Any], metrics: list[Any]) -> None:
+        if metrics:
+            self.log_batch(metrics)
         checkpoint.save(path, {**state, "run_id": self.active})
 
     def log_batch(self, metrics=(), params=(), tags=()) -> None:
@@ -246,6 +272,18 @@ def _standard_tags(tags: dict[str, str], command: str) -> dict[str, str]:
     return {**resolve_tags(tags), **{k: v for k, v in git.items() if v}}
 
 
+def folder_lock(folder: Path) -> filelock.FileLock:
+    """The lock of a run's output folder, held by the writer of the run's tracking."""
+    return filelock.FileLock(folder / ".tracking.lock")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _requirements() -> str:
     """The installed distributions, one ``name==version`` per line (pip freeze style)."""
     found = {
@@ -269,7 +307,8 @@ def _serve() -> None:
     while True:
         try:
             key, op, args, reply = pickle.load(inbox)
-        except EOFError:  # the parent ended or was killed; every write is committed
+        except (EOFError, pickle.UnpicklingError):  # the parent ended or was killed (maybe
+            # in the middle of a message, which is dropped); every write is committed
             outbox.flush()
             os._exit(0)  # skip tearing down mlflow's modules (about a second)
         writer = writers.setdefault(key, _Writer())

@@ -150,9 +150,14 @@ def train(
     per_sample: list[list[float]] = [list(r) for r in state["per_sample"]]
     sums = {k: float(v) for k, v in state["cumulative"].items()}
     identity = resume_identity(c)
+    # with checkpoints, a step's metrics go to the store with the next checkpoint, so a run
+    # killed between checkpoints and resumed logs every step once
+    pending: list[tuple[dict[str, float], int]] = []
 
     def snapshot(step: int, finished: bool) -> None:
-        tracker.save_checkpoint(  # written after the metrics before ``step`` are in the store
+        steps = [(metrics, at) for metrics, at in pending if at < step]
+        pending.clear()
+        tracker.save_checkpoint(  # written right after the metrics of the steps before it
             ckpt_path,
             {
                 "step": step,
@@ -167,6 +172,7 @@ def train(
                 "config": identity,
                 **({} if recorder is None else {"recording": recorder.state_dict()}),
             },
+            metrics=steps,
         )
 
     show = c.progress and sys.stdout.isatty()
@@ -195,7 +201,9 @@ def train(
                 if key in metrics:
                     sums[key] = sums.get(key, 0.0) + metrics[key]
                     metrics[names.cumulative(key)] = sums[key]
-            tracker.log_metrics(metrics, step)
+            pending.append((metrics, step))
+            if not c.checkpoint.every:
+                tracker.log_metrics(*pending.pop())
             history.append({"step": float(step), **metrics})
             per_sample.extend(  # [step, sample, Krylov iterations, shadow iterations or NaN]
                 [float(step), int(i), float(s.krylov_iterations),
