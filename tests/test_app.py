@@ -83,6 +83,15 @@ def _runs(uri, experiment="hyperkrylov", sweep=None):
     return tracking.read_runs(uri, experiment, sweep_id=sweep)
 
 
+def _start_until(args, cwd, uri, path, **popen):
+    """Start the CLI and return it once ``path`` exists (or it ended, or 120 s passed)."""
+    proc = subprocess.Popen([*_command(), *args], cwd=cwd, env=_env(uri), **popen)
+    deadline = time.monotonic() + 120
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc
+
+
 def _assert_continuous(record, steps):
     for key in ("upper_loss", "krylov_iterations", "cumulative_krylov_iterations"):
         points = record.history[key]
@@ -168,14 +177,9 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path, uri):
     steps = 60
     args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1"]
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*_command(), *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=_env(uri),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     ckpt = out / "checkpoint.npz"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _start_until([*args, f"hydra.run.dir={out}"], tmp_path, uri, ckpt,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -208,12 +212,9 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     args = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4",
             "recycle.dim=3", "baseline=none", f"outer.steps={steps}", "checkpoint.every=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen([*_command(), *args], cwd=tmp_path, env=_env(uri),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / runner.RUN_ID_FILE
-    deadline = time.monotonic() + 120
-    while not recorded.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, once the run exists
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -236,12 +237,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_continued_not_orphaned(tmp_
     steps = 30
     args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1000",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen([*_command(), *args], cwd=tmp_path, env=_env(uri),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     recorded = tmp_path / "run" / runner.RUN_ID_FILE
-    deadline = time.monotonic() + 120
-    while not recorded.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
