@@ -29,6 +29,10 @@ QUICK = [
     "checkpoint.every=2",
 ]
 BASE = QUICK[:-2]  # without steps and checkpointing
+# MNIST with 4 filters: ~0.1 s a step, slower than the creation of the run by its tracking
+# writer (which a test waits for before it kills the run)
+SLOW = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4",
+        "recycle.dim=3", "baseline=none"]
 
 
 def _command() -> list[str]:
@@ -207,10 +211,8 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path, uri):
 
 @pytest.mark.slow
 def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
-    # MNIST with 4 filters: ~0.1 s a step, slower than the run's creation by its writer
     steps = 200
-    args = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4",
-            "recycle.dim=3", "baseline=none", f"outer.steps={steps}", "checkpoint.every=1",
+    args = [*SLOW, f"outer.steps={steps}", "checkpoint.every=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
     ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / runner.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.PIPE,
@@ -224,18 +226,17 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     saved = checkpoint.load(ckpt)["step"]
     assert 0 < saved < steps
 
-    rerun = _hyperkrylov(args, tmp_path, uri)
+    rerun = _hyperkrylov([*args, f"outer.steps={saved + 3}"], tmp_path, uri)  # 3 more steps
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {ckpt} at step {saved}" in rerun.stdout
     (record,) = _runs(uri)
     assert record.status == "FINISHED"
-    _assert_continuous(record, steps)
+    _assert_continuous(record, saved + 3)
 
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_continued_not_orphaned(tmp_path, uri):
-    steps = 30
-    args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1000",
+    args = [*SLOW, "outer.steps=200", "checkpoint.every=1000",
             f"hydra.run.dir={tmp_path / 'run'}"]
     recorded = tmp_path / "run" / runner.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.DEVNULL,
@@ -245,11 +246,19 @@ def test_a_run_killed_before_its_first_checkpoint_is_continued_not_orphaned(tmp_
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
-    rerun = _hyperkrylov(args, tmp_path, uri)
+    rerun = _hyperkrylov([*args, "outer.steps=4"], tmp_path, uri)  # from scratch, shorter
     assert rerun.returncode == 0, rerun.stderr
     (record,) = _runs(uri)  # the killed run, continued: no orphan left RUNNING
     assert record.run_id == recorded.read_text().strip() and record.status == "FINISHED"
-    _assert_continuous(record, steps)
+    _assert_continuous(record, 4)
+
+
+def test_checkpoint_off_writes_no_checkpoint_and_a_rerun_runs_again(tmp_path):
+    cfg = _compose(*QUICK[:-1], "checkpoint=off", "tracking=disabled")
+    first = run(cfg, output_dir=tmp_path)
+    assert not first.checkpoint_path.exists() and first.steps == 4
+    again = run(cfg, output_dir=tmp_path)  # nothing to resume: the same run again
+    assert again.steps == 4 and again.theta.tobytes() == first.theta.tobytes()
 
 
 @pytest.mark.slow

@@ -77,13 +77,15 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]  # no temporary left behind
 
 
-def test_torn_temporary_file_from_a_killed_writer_is_ignored(tmp_path):
+def test_torn_temporary_file_from_a_killed_writer_is_ignored_then_removed(tmp_path):
     path = tmp_path / "ck.npz"
     checkpoint.save(path, {"step": 3})
     (tmp_path / ".ck.npz.abcd.tmp").write_bytes(b"PK\x03\x04 torn")  # as SIGKILL would leave
+    (tmp_path / ".other.npz.efgh.tmp").write_bytes(b"another file's")
     assert checkpoint.load(path)["step"] == 3
     checkpoint.save(path, {"step": 4})
     assert checkpoint.load(path)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.npz.efgh.tmp", "ck.npz"]
 
 
 def test_format_is_plain_npz_with_json_metadata(tmp_path):

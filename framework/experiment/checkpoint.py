@@ -12,6 +12,7 @@ included).  The file is written to a temporary file in the same folder, fsync-ed
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -95,6 +96,9 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed writer's
+        with contextlib.suppress(OSError):
+            stale.unlink()
     return path
 
 

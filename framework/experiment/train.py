@@ -155,6 +155,8 @@ def train(
     pending: list[tuple[dict[str, float], int]] = []
 
     def snapshot(step: int, finished: bool) -> None:
+        if not c.checkpoint.every:  # checkpoint=off: no file (metrics were logged at once)
+            return
         steps = [(metrics, at) for metrics, at in pending if at < step]
         pending.clear()
         tracker.save_checkpoint(  # written right after the metrics of the steps before it
@@ -222,7 +224,8 @@ def train(
         bar.close()
         snapshot(step, finished=False)  # resumable; bitwise identity only from periodic ones
         tracker.flush()  # the checkpoint is on disk before we say so
-        say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume")
+        say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume"
+            if c.checkpoint.every else "interrupted (checkpoint=off: no state saved)")
         raise
     bar.close()
     snapshot(c.outer.steps, finished=True)
