@@ -34,11 +34,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from threadpoolctl import threadpool_info
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backends import get_backend, tune_cpu_allocator
+from backends.threads import pool_threads
 from framework.bilevel.engine import BilevelEngine, EngineConfig, LowerSolver
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.stopping import StopConfig
@@ -117,11 +116,10 @@ def main() -> None:
     args = parser.parse_args()
     tune_cpu_allocator()
     be = get_backend("numpy")
-    blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()
-            if i.get("user_api") == "blas"]
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"inputs: {args.steps} Adam steps (lr 1e-2), B = {args.batch} samples per step, "
-          f"Newton–Krylov lower level (gtol 1e-6); BLAS (threadpoolctl): {blas}")
+          f"Newton–Krylov lower level (gtol 1e-6); BLAS threads (threadpoolctl): "
+          f"{pool_threads()}")
     for name in args.cases:
         case = CASES[name]
         samples = problems(case, args.data, args.batch, be)
