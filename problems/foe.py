@@ -160,11 +160,16 @@ class FieldsOfExperts(RowRegularizer):
         buf = xp.zeros((h + 2 * r, w + 2 * r, bsz * b), dtype=u.dtype, device=dev)
         for i, win in enumerate(self.windows):
             buf[win] += mixed[i, ...]
-        grid = buf[r : r + h, r : r + w, :]  # pixel-major → a fresh row-major (B, n, b)
-        if bsz == 1:
-            return xp.reshape(xp.asarray(grid, copy=True), (1, self.n, b))
-        out = xp.empty((bsz, self.n, b), dtype=grid.dtype, device=dev)
-        out[...] = xp.permute_dims(xp.reshape(grid, (self.n, bsz, b)), (1, 0, 2))
+        grid = xp.reshape(buf[r : r + h, r : r + w, :], (self.n, bsz, b))
+        return self._sample_rows(xp, grid)
+
+    def _sample_rows(self, xp: Any, grid: Any) -> Any:
+        """Pixel-major (n, B, ...) → a fresh row-major (B, n, ...) array."""
+        if grid.shape[1] == 1:
+            return xp.reshape(xp.asarray(grid, copy=True), (1, grid.shape[0], *grid.shape[2:]))
+        out = xp.empty((grid.shape[1], grid.shape[0], *grid.shape[2:]), dtype=grid.dtype,
+                       device=array_api_compat.device(grid))
+        out[...] = xp.permute_dims(grid, (1, 0, *range(2, grid.ndim)))
         return out
 
     def responses(self, xp: Any, X: Any, filters: Any) -> tuple[Any, Any]:
@@ -184,9 +189,10 @@ class FieldsOfExperts(RowRegularizer):
         else:
             phi = self.expert.value(z) if value else None
             u = self.expert.d1(z) if grad else None
-        if value:  # Σ_f 10^{p_f} Σ_j φ_fj per sample, from the pixel-major (F, n·B)
-            per_filter = xp.sum(xp.reshape(phi, (self.num_filters, self.n, bsz)), axis=1)
-            out_value = xp.sum(scales[:, None] * per_filter, axis=0)
+        if value:  # Σ_j Σ_f 10^{p_f} φ_fj per sample: Σ_f by one product (as z = k ∗ x),
+            # then each sample's pixels as one contiguous row (its sum independent of B)
+            weighted = xp.reshape(xp.matmul(scales[None, :], phi), (self.n, bsz))
+            out_value = xp.sum(self._sample_rows(xp, weighted), axis=-1)
         if grad:
             u *= scales[:, None]
             out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))
