@@ -69,9 +69,10 @@ class EngineConfig:
     stalls at ‖∇f‖ ≈ 1e-9 where f no longer changes in floating point, Newton does not.
     ``lower_solver`` chooses L-BFGS or inexact Newton with MINRES on the Hessian
     (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
-    ``preconditioner="fft"`` preconditions the Hessian solves (hypergradient and Newton)
-    with ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; not with
-    recycling of the hypergradient solve).
+    ``preconditioner="fft"`` preconditions the hypergradient's Hessian solve with
+    ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; not with
+    recycling), ``lower_preconditioner="fft"`` the inner solves of Newton–Krylov (which
+    stops on ‖∇f‖ whatever the inner norm, so the lower-level solution is unchanged).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -84,6 +85,7 @@ class EngineConfig:
     lower_newton_steps: int = 0
     lower_solver: LowerSolver = LowerSolver.lbfgs
     preconditioner: Preconditioner = Preconditioner.none
+    lower_preconditioner: Preconditioner = Preconditioner.none
     warm_start: bool = True
     shadow_baseline: bool = False
 
@@ -235,10 +237,11 @@ class BilevelEngine:
                             lower.hvp, lower.host_reads + sum(solve_syncs))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
-    def _preconditioner(self, batch: Any, X: Any, theta: Any) -> Callable[[Any], Any] | None:
-        if self.config.preconditioner == Preconditioner.none:
-            return None
-        return fft_preconditioner(batch, X, theta)
+    @staticmethod
+    def _preconditioner(
+        kind: Preconditioner, batch: Any, X: Any, theta: Any
+    ) -> Callable[[Any], Any] | None:
+        return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta)
 
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
@@ -252,7 +255,8 @@ class BilevelEngine:
                 pick = xp.asarray(keep, dtype=xp.int64, device=device_of(X))
                 X, G = xp.take(X, pick, axis=0), xp.take(G, pick, axis=0)
             sub = batch.subset(keep)
-            res = rminres(sub.linearize(X, theta), -G, M=self._preconditioner(sub, X, theta),
+            M = self._preconditioner(self.config.lower_preconditioner, sub, X, theta)
+            res = rminres(sub.linearize(X, theta), -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
@@ -346,7 +350,8 @@ class BilevelEngine:
             rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
         solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
-                        true_residual=False, M=self._preconditioner(batch, X, theta))
+                        true_residual=False,
+                        M=self._preconditioner(cfg.preconditioner, batch, X, theta))
         t2 = time.perf_counter()
         res = solve(x0=W0, recycle=space, harvest=self._recycler(plan, "harvest").harvester(J),
                     stop=rule)
