@@ -71,3 +71,33 @@ def blas_threads() -> list[tuple[str, int]]:
 
     return [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()
             if i.get("user_api") == "blas"]
+
+
+def stepped_workers(
+    workers: dict[str, tuple[list[str], str]], steps: int
+) -> dict[str, list[dict]]:
+    """Start one process per entry ``name: (argv, cwd)`` and step them in turn.
+
+    Each worker prints one JSON line when ready, then answers every ``step`` line on its
+    stdin with one JSON line; stepping the workers in turn (a, b, c, a, b, c, …) makes
+    them see the same machine load.  Returns each worker's answers in order.
+    """
+    import json
+
+    procs: dict[str, subprocess.Popen] = {}
+    answers: dict[str, list[dict]] = {name: [] for name in workers}
+    try:
+        for name, (argv, cwd) in workers.items():
+            procs[name] = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+            json.loads(procs[name].stdout.readline())
+        for _ in range(steps):
+            for name, proc in procs.items():
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                answers[name].append(json.loads(proc.stdout.readline()))
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    return answers
