@@ -30,14 +30,13 @@ from framework.experiment.tracking import (
 
 ITERATIONS = names.cumulative(names.KRYLOV_ITERATIONS)
 APPLICATIONS = names.cumulative(names.OPERATOR_APPLICATIONS)
-SHADOW_ITERATIONS = names.cumulative(names.BASELINE_KRYLOV_ITERATIONS)
 FIGURE_PANELS = (  # (title, metric key, y scale) of the comparison figure's 2×2 panels
     ("Krylov iterations per outer step", names.KRYLOV_ITERATIONS, "linear"),
     ("cumulative Krylov iterations", ITERATIONS, "linear"),
     ("hypergradient error estimate", names.HG_ERROR_ESTIMATE, "log"),
     ("upper loss", names.UPPER_LOSS, "log"),
 )
-HISTORY_KEYS = (*(key for _, key, _ in FIGURE_PANELS), names.BASELINE_KRYLOV_ITERATIONS)
+HISTORY_KEYS = tuple(key for _, key, _ in FIGURE_PANELS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,8 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             baselines.setdefault(r.tags.get(names.SWEEP_TAG, ""), r.metric(ITERATIONS))
     rows = []
     for r in records:
-        its, shadow = r.metric(ITERATIONS), r.metric(SHADOW_ITERATIONS)
+        its = r.metric(ITERATIONS)
+        shadow = r.metric(names.cumulative(names.BASELINE_KRYLOV_ITERATIONS))
         baseline = baselines.get(r.tags.get(names.SWEEP_TAG, ""))
         if math.isfinite(shadow):
             savings, ref = percent_saved(its, shadow), "shadow"
