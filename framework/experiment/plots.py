@@ -105,10 +105,8 @@ def reconstruction(
     """Ground truth, data and the lower-level solution at the learned θ."""
     if len(shape) == 2:
         fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-        for ax, img, title in zip(
-            axes, (x_true, y, x), ("ground truth", f"data ({psnrs[0]:.1f} dB)",
-                                   f"x(θ) ({psnrs[1]:.1f} dB)"), strict=True
-        ):
+        titles = ("ground truth", f"data ({psnrs[0]:.1f} dB)", f"x(θ) ({psnrs[1]:.1f} dB)")
+        for ax, img, title in zip(axes, (x_true, y, x), titles, strict=True):
             ax.imshow(np.asarray(img).reshape(shape), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
             ax.axis("off")

@@ -240,10 +240,8 @@ def train(
         sequence_path = recording.save(out / c.sequence.filename).resolve()
         tracker.log_artifact(sequence_path)
         tracker.set_tags({names.TASK_TAG: Task.record})
-        say(
-            f"recorded sequence ({recording.steps} steps, samples "
-            f"{list(recording.sample_indices)}): {sequence_path}"
-        )
+        say(f"recorded sequence ({recording.steps} steps, samples "
+            f"{list(recording.sample_indices)}): {sequence_path}")
     _log_figures(c, out, tracker, problem_set, backend, engine, theta, history, per_sample)
     losses = [h[names.UPPER_LOSS] for h in history]
     if losses:
@@ -287,7 +285,7 @@ def _log_figures(
         "cumulative_iterations.png": plots.line(history, counts, "cumulative Krylov iterations"),
         "upper_loss.png": plots.line(history, [names.UPPER_LOSS], "upper loss"),
     }
-    theta_np = backend.to_numpy(theta)
+    theta_np = backend.to_numpy(theta)  # θ's figure: FoE filters, else a bar per entry
     if c.problem.name != ProblemName.quadratic and c.problem.regularizer == Regularizer.foe:
         figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
     else:
