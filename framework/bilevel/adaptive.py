@@ -1,28 +1,24 @@
 """Adaptive recycling: use recycle vectors only while they pay in measured seconds.
 
-Recycling k vectors costs k operator applications to build C = HU and k-vector
-projections in every iteration; it pays only when the iterations it saves cost more.  On a
-CPU with warm-started systems that need few iterations it often does not (the savings in
-iterations come at a loss in time).  ``RecyclePolicy`` decides, before each step, between
-no recycling and recycling with k' ≤ k vectors, from what the engine measured:
+Recycling k vectors costs k operator applications (C = HU) and k-vector projections in
+every iteration; on a CPU with warm-started systems that need few iterations the
+iterations it saves often cost less.  ``RecyclePolicy`` decides before each step between
+no recycling and k' ≤ k vectors, from what the engine measured:
 
-* k' = min(k, ⌊budget · m⌋), with m the recent iterations per system without recycling:
-  C = HU then costs at most ``budget`` (a quarter) of a plain solve's applications, so a
-  step that tries recycling and loses cannot lose much; k' = 0 (no recycling, no
-  harvest, nothing tried) when that leaves fewer than 4 vectors (m < 16).
+* k' = min(k, ⌊budget · m⌋), m the recent iterations per system without recycling, so a
+  losing try costs at most ``budget`` (a quarter) of a plain solve; k' = 0 (no recycling,
+  no harvest, no try) when that leaves fewer than 4 vectors (m < 16).
 * The Hessian-phase seconds per system of each choice (an exponential average for the
-  choice in use, the latest figure for a try; the first, cold step is not measured;
-  recycling must be 5 % faster to be chosen) decide which is used.  The other choice is
-  tried again after ``interval`` steps; each try that loses doubles the interval
-  (quadruples it when the try took over 1.5× as long) up to 64 steps, so a choice that
-  never pays costs a few per cent of a run and a change of costs is noticed within 64
-  steps.
-* Before a step that tries recycling after plain steps, the plain step harvests the
-  k' vectors it will use (harvesting is otherwise skipped while recycling does not pay;
-  a try that finds no carry is a plain step that harvests).
+  choice in use, the latest try for the other; the cold first step is not measured;
+  recycling must be 5 % faster to be chosen) decide.  The other choice is tried again
+  after ``interval`` steps; a losing try doubles the interval (quadruples it when the
+  try took over 1.5× as long) up to 64 steps, so a choice that never pays costs a few per
+  cent of a run and a change of costs is noticed within 64 steps.
+* The plain step before a try harvests the k' vectors the try uses (harvesting is
+  otherwise skipped while recycling does not pay; a try without a carry is a plain step).
 
-With a shadow baseline (plain MINRES on every system, the engine's savings reference) the
-plain seconds are measured on every step instead of by tries.
+With a shadow baseline (plain MINRES on every system) the plain seconds are measured on
+every step instead of by tries.
 """
 
 from __future__ import annotations
@@ -87,12 +83,12 @@ class RecyclePolicy:
         used = dim > 0
         if used != self.recycling:  # a try: the choice's last figure is stale, replace it
             self.seconds.pop(used, None)
-        self._average(used, seconds)
+        self.seconds[used] = self._smooth(self.seconds.get(used), seconds)
         if not used:
             self.plain_iterations = self._smooth(self.plain_iterations, iterations)
         if plain_seconds is not None and plain_iterations is not None:
             self.shadowed = True
-            self._average(False, plain_seconds)
+            self.seconds[False] = self._smooth(self.seconds.get(False), plain_seconds)
             self.plain_iterations = self._smooth(self.plain_iterations, plain_iterations)
         if len(self.seconds) < 2:
             self.wait = max(self.wait - 1, 0)
@@ -108,9 +104,6 @@ class RecyclePolicy:
             self.wait = self.interval
         else:
             self.wait = max(self.wait - 1, 0)
-
-    def _average(self, recycled: bool, value: float) -> None:
-        self.seconds[recycled] = self._smooth(self.seconds.get(recycled), value)
 
     def _smooth(self, old: float | None, value: float) -> float:
         return value if old is None else self.smoothing * value + (1 - self.smoothing) * old

@@ -1,10 +1,10 @@
 """Recording the Hessian systems of a training run, to re-solve them per strategy.
 
-During one training run the lower-level solutions x_t and parameters θ_t are recorded;
-afterwards H(x_t, θ_t) w = ∇ℓ(x_t) can be solved again by any solver configuration —
-on identical systems, as the paper compares strategies.  ``RecordedSequence.save``
-writes one ``.npz`` (θ_t, x_t, the samples' data x_true / y, and the problem config as
-JSON) so others can compare solvers on the same systems.
+During a training run ``SequenceRecorder`` records θ_t and the lower-level solutions x_t
+= x(θ_t) of chosen samples; afterwards H(x_t, θ_t) w = ∇ℓ(x_t) can be solved again by any
+solver configuration, on identical systems, as the paper compares strategies.
+``RecordedSequence.save`` writes one ``.npz`` (θ_t, x_t, the samples' data x_true / y and
+the problem config as JSON) so others can compare solvers on the same systems.
 """
 
 from __future__ import annotations
@@ -81,6 +81,56 @@ class RecordedSequence:
         return out
 
 
+class SequenceRecorder:
+    """Collects θ_t and x_t = x(θ_t) of ``samples`` step by step (host NumPy copies)."""
+
+    def __init__(self, samples: Sequence[int], backend: Any) -> None:
+        self.samples, self.backend = tuple(int(i) for i in samples), backend
+        self.thetas: list[np.ndarray] = []
+        self.xs: list[np.ndarray] = []
+
+    def capture(self, engine: BilevelEngine, theta: Any, indices: Sequence[int]) -> None:
+        """Record θ and x(θ) of every recorded sample; call right after
+        ``engine.evaluate(theta, indices)``.  A sample of the batch gives the engine's own
+        x; the others are solved together by the engine's lower solver (its states
+        unchanged), warm-started from their last recorded x (first step: state or data)."""
+        to_np, batch = self.backend.to_numpy, set(int(i) for i in indices)
+        row = [to_np(engine.states[i].x) if i in batch and engine.states[i].x is not None
+               else None for i in self.samples]
+        missing = [pos for pos, x in enumerate(row) if x is None]
+        if missing:
+            x0 = self.backend.asarray(self.xs[-1][missing]) if self.xs else None
+            X = engine.lower_solutions(theta, [self.samples[pos] for pos in missing], x0=x0)
+            for r, pos in enumerate(missing):
+                row[pos] = to_np(X[r, ...])
+        self.thetas.append(np.array(to_np(theta), copy=True))
+        self.xs.append(np.stack(row))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": list(self.samples), "thetas": list(self.thetas), "xs": list(self.xs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["samples"]) != self.samples:
+            raise ValueError("the checkpoint recorded other samples (sequence.samples)")
+        self.thetas = [np.asarray(t) for t in state["thetas"]]
+        self.xs = [np.asarray(x) for x in state["xs"]]
+
+    def recording(self, problems: Sequence[Any], problem_config: str) -> RecordedSequence:
+        """The ``RecordedSequence`` of everything captured so far (``problems``: all the
+        samples, indexed as ``samples``; ``problem_config``: the JSON to store)."""
+        if not self.thetas:
+            raise ValueError("nothing recorded: the run made no outer step")
+        chosen = [problems[i] for i in self.samples]
+        return RecordedSequence(
+            thetas=np.stack(self.thetas),
+            xs=np.stack(self.xs),
+            x_true=np.stack([self.backend.to_numpy(p.x_true) for p in chosen]),
+            y=np.stack([self.backend.to_numpy(p.y) for p in chosen]),
+            sample_indices=self.samples,
+            problem_config=problem_config,
+        )
+
+
 def record_training(
     engine: BilevelEngine,
     optimizer: Any,
@@ -94,22 +144,11 @@ def record_training(
     and every sample's x_t; returns the recording and the upper losses."""
     if engine.backend is None:
         raise ValueError("record_training needs an engine with a backend")
-    to_np = engine.backend.to_numpy
     idx = tuple(range(len(engine))) if indices is None else tuple(indices)
-    thetas, xs, losses = [], [], []
-    theta = theta0
+    recorder, losses, theta = SequenceRecorder(idx, engine.backend), [], theta0
     for _ in range(steps):
         result = engine.evaluate(theta, idx)
-        thetas.append(to_np(theta))
-        xs.append(np.stack([to_np(engine.states[i].x) for i in idx]))
+        recorder.capture(engine, theta, idx)
         losses.append(result.loss)
         theta = optimizer.step(theta, result.grad).theta
-    problems = [engine.problems[i] for i in idx]
-    return RecordedSequence(
-        thetas=np.stack(thetas),
-        xs=np.stack(xs),
-        x_true=np.stack([to_np(p.x_true) for p in problems]),
-        y=np.stack([to_np(p.y) for p in problems]),
-        sample_indices=idx,
-        problem_config=json.dumps(problem_config or {}),
-    ), losses
+    return recorder.recording(engine.problems, json.dumps(problem_config or {})), losses

@@ -1,5 +1,5 @@
 """What one evaluation of the bilevel engine reports: per-sample records (counts measured
-per row), the batch's measured passes and phase times, and the step's metrics."""
+per row), the batch's passes and phase times, and the step's metrics."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ class SampleState:
 
 @dataclass(frozen=True)
 class ShadowRecord:
-    """The same Hessian system solved without recycling (warm-started from its own
-    previous solution): what recycling is compared against.  ``hvp``: the sample's
-    operator applications (the solver's per-sample count)."""
+    """The same Hessian system solved without recycling (warm-started from its own previous
+    solution), what recycling is compared against; ``hvp``: its operator applications."""
 
     iterations: int
     hvp: int
@@ -66,8 +65,8 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class PhaseTimes:
-    """Wall-clock seconds of each phase of one batch evaluation (the whole batch, not
-    per sample): lower solve, recycle/stopping set-up, Krylov solve, −Jᵀw, shadow."""
+    """Wall-clock seconds of each phase of one batch evaluation (the whole batch): lower
+    solve, recycle/stopping set-up, Krylov solve, −Jᵀw, shadow."""
 
     lower: float
     recycle: float
@@ -99,13 +98,14 @@ class StepResult:
         fraction; passes, batch applications and times are the batch's)."""
         recs = self.samples
         total = lambda name: float(sum(getattr(r, name) for r in recs))  # noqa: E731
-        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "krylov_iterations", "hvp")
+        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "krylov_iterations", "hvp",
+                  "jac_t")
+        xp = array_namespace(self.grad)
         out = {
             "upper_loss": self.loss,
-            "hypergradient_norm": _norm(self.grad),
+            "hypergradient_norm": math.sqrt(float(xp.sum(self.grad * self.grad))),
             **{name: total(name) for name in summed},
             "hvp_passes": float(self.counts.hvp_passes),
-            "jac_t": total("jac_t"),
             "jac_t_passes": float(self.counts.jac_t_passes),
             "operator_applications": total("applications"),
             "operator_passes": float(self.counts.passes),
@@ -130,8 +130,3 @@ class StepResult:
             mine = out["hvp"] + out["jac_t"] - len(recs)
             out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
         return out
-
-
-def _norm(a: Any) -> float:
-    xp = array_namespace(a)
-    return math.sqrt(float(xp.sum(a * a)))

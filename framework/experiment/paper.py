@@ -8,7 +8,6 @@ the same recording.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,9 +51,9 @@ class PaperRow:
     solve_time: float
     mean_hg_error: float
     max_hg_error: float
-    iteration_savings: float = math.nan
-    application_savings: float = math.nan
-    pass_savings: float = math.nan
+    iteration_savings: float
+    application_savings: float
+    pass_savings: float
 
 
 def _label(r: RunRecord) -> str:
@@ -80,6 +79,14 @@ def resolve_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
 
 def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
     """One ``PaperRow`` per re-solve run (``resolve_runs``), with savings vs ``none``."""
+    runs = resolve_runs(records)
+    base = {r.tags.get(names.SEQUENCE_TAG, ""): r for r in runs if _is_none(r)}
+
+    def saved(r: RunRecord, key: str) -> float:
+        ref = base.get(r.tags.get(names.SEQUENCE_TAG, ""))
+        total = names.total(key)
+        return math.nan if ref is None else percent_saved(r.metric(total), ref.metric(total))
+
     rows = [
         PaperRow(
             run_id=r.run_id,
@@ -91,19 +98,11 @@ def paper_rows(records: Sequence[RunRecord]) -> list[PaperRow]:
             **{key: r.metric(names.total(key)) for key in TOTALS},
             mean_hg_error=r.metric(names.MEAN_HG_ERROR),
             max_hg_error=r.metric(names.MAX_HG_ERROR),
+            iteration_savings=saved(r, names.ITERATIONS),
+            application_savings=saved(r, names.APPLICATIONS),
+            pass_savings=saved(r, names.PASSES),
         )
-        for r in resolve_runs(records)
-    ]
-    base = {row.sequence: row for row in rows if row.strategy == Strategy.none}
-    rows = [
-        row if row.sequence not in base else dataclasses.replace(
-            row,
-            iteration_savings=percent_saved(row.iterations, base[row.sequence].iterations),
-            application_savings=percent_saved(row.applications,
-                                              base[row.sequence].applications),
-            pass_savings=percent_saved(row.passes, base[row.sequence].passes),
-        )
-        for row in rows
+        for r in runs
     ]
     return sorted(rows, key=lambda r: (r.sequence, r.strategy != Strategy.none, r.label, r.dim))
 

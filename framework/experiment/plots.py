@@ -1,7 +1,7 @@
 """Figures of one run and of a comparison of runs (matplotlib, Agg; no display needed).
 
-Inputs are plain host data: metric histories ``{key: [(step, value), ...]}``, per-step
-per-sample iteration counts, host arrays.  Every function returns a matplotlib Figure;
+Inputs are plain host data: metric rows or histories ``{key: [(step, value), ...]}``,
+per-step per-sample iteration counts, host arrays.  Every function returns a matplotlib Figure;
 the caller saves it (``save``) and closes it.
 """
 
@@ -45,30 +45,28 @@ def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(steps), np.asarray(values, dtype=float)
 
 
-def iterations_per_system(
-    per_sample: Sequence[tuple[int, int, float]], shadow: Sequence[tuple[int, int, float]] = ()
-) -> Any:
-    """Krylov iterations of every system: points (step, sample index, iterations)."""
+def iterations_per_system(rows: Sequence[Sequence[float]]) -> Any:
+    """Krylov iterations of every system: rows (step, sample index, iterations, shadow
+    iterations or NaN), one line per sample and solver."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for data, style, label in ((per_sample, "o-", "recycled"), (shadow, "x--", "MINRES (shadow)")):
-        if not data:
-            continue
-        arr = np.asarray(data, dtype=float)
-        for k, sample in enumerate(np.unique(arr[:, 1])):
-            sel = arr[arr[:, 1] == sample]
-            ax.plot(sel[:, 0], sel[:, 2], style, ms=3, lw=0.8, color=f"C{int(sample) % 10}",
+    table = np.asarray(rows, dtype=float).reshape(-1, 4)
+    for col, style, label in ((2, "o-", "recycled"), (3, "x--", "MINRES (shadow)")):
+        data = table[np.isfinite(table[:, col])]
+        for k, sample in enumerate(np.unique(data[:, 1])):
+            sel = data[data[:, 1] == sample]
+            ax.plot(sel[:, 0], sel[:, col], style, ms=3, lw=0.8, color=f"C{int(sample) % 10}",
                     label=label if k == 0 else None)
     _label_axes(ax, "outer step", "Krylov iterations per system")
     return fig
 
 
-def line(history: History, keys: Sequence[str], ylabel: str) -> Any:
-    """A line per metric key against the step."""
+def line(rows: Sequence[Mapping[str, float]], keys: Sequence[str], ylabel: str) -> Any:
+    """A line per metric key against the step, from rows ``{"step": k, key: value, ...}``."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
-        series = _series(history, key)
-        if series is not None:
-            ax.plot(*series, ".-", label=key)
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        if points:
+            ax.plot(*zip(*points, strict=True), ".-", label=key)
     _label_axes(ax, "outer step", ylabel)
     return fig
 
@@ -107,10 +105,8 @@ def reconstruction(
     """Ground truth, data and the lower-level solution at the learned θ."""
     if len(shape) == 2:
         fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-        for ax, img, title in zip(
-            axes, (x_true, y, x), ("ground truth", f"data ({psnrs[0]:.1f} dB)",
-                                   f"x(θ) ({psnrs[1]:.1f} dB)"), strict=True
-        ):
+        titles = ("ground truth", f"data ({psnrs[0]:.1f} dB)", f"x(θ) ({psnrs[1]:.1f} dB)")
+        for ax, img, title in zip(axes, (x_true, y, x), titles, strict=True):
             ax.imshow(np.asarray(img).reshape(shape), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
             ax.axis("off")

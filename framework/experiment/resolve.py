@@ -20,7 +20,7 @@ import json
 import math
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,14 @@ def problem_from_recording(recording: RecordedSequence, sample: int, backend: An
     config = recording.config()
     seed = int(config.get("seed", 0))
     return build_problems(ProblemConfig(**config["problem"]), backend, seed).problems[sample]
+
+
+def problem_config_json(c: Config) -> str:
+    """The JSON a recording stores for ``problem_from_recording``: the problem config, the
+    seed and the dtype."""
+    config = {"version": 1, "problem": asdict(c.problem), "seed": int(c.seed),
+              "dtype": c.backend.dtype}
+    return json.dumps(config, sort_keys=True)
 
 
 def refs_path(sequence_path: str | Path) -> Path:
@@ -182,19 +190,13 @@ def run_resolve(
     refs, cached = reference_hypergradients(
         c.sequence.path, systems, sample, c.sequence.reference_rtol, backend
     )
-    say(("reused" if cached else "computed") + f" reference hypergradients in "
+    say(f"{'reused' if cached else 'computed'} reference hypergradients in "
         f"{refs_path(c.sequence.path)}")
-    systems = [
-        LinearSystem(s.H, s.g, s.jac_t, backend.asarray(r))
-        for s, r in zip(systems, refs, strict=True)
-    ]
+    systems = [replace(s, reference=backend.asarray(r)) for s, r in zip(systems, refs, strict=True)]
     ec = engine_config(c)
     result = solve_sequence(systems, recycle=ec.recycle, stop=ec.stop, maxiter=ec.krylov_maxiter)
-    which = recording.sample_indices.index(sample)
-    losses = tuple(
-        float(problem.upper_loss(backend.asarray(recording.xs[t, which])))
-        for t in range(recording.steps)
-    )
+    xs = recording.xs[:, recording.sample_indices.index(sample)]
+    losses = tuple(float(problem.upper_loss(backend.asarray(x))) for x in xs)
     sums = dict.fromkeys(names.RESOLVE_COUNTS, 0.0)
     for r, loss in zip(result.records, losses, strict=True):
         metrics = {key: float(getattr(r, key)) for key in _SYSTEM_METRICS}

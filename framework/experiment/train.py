@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backends import get_backend, tune_cpu_allocator
+from framework.bilevel.recording import SequenceRecorder
 from framework.experiment import names, plots
 from framework.experiment.config import (
     BackendName,
@@ -39,7 +40,7 @@ from framework.experiment.config import (
     to_yaml,
 )
 from framework.experiment.console import say
-from framework.experiment.record import SequenceRecorder, problem_config_json
+from framework.experiment.resolve import problem_config_json
 from framework.experiment.tracking import resolve_uri
 from framework.optim import make_optimizer
 from problems.base import psnr
@@ -123,7 +124,7 @@ def train(
     engine = engine_factory(problem_set, c, backend)
     optimizer = make_optimizer(c.outer, mask=problem_set.mask)
     rng, entropy = _batch_generator(c.seed)
-    recorder = SequenceRecorder(c.sequence.samples) if c.task == Task.record else None
+    recorder = SequenceRecorder(c.sequence.samples, backend) if c.task == Task.record else None
     resumed_from = None if state is None else int(state["step"])
     if state is None:
         tracker.log_params({
@@ -188,13 +189,12 @@ def train(
             t0 = time.perf_counter()
             result = engine.evaluate(theta, indices)
             if recorder is not None:
-                recorder.capture(engine, theta, indices, backend)
-            gd = c.outer.name == Optimizer.gd
+                recorder.capture(engine, theta, indices)
+            gd = c.outer.name == Optimizer.gd  # backtracking needs the batch's loss
             loss_fn = partial(engine.loss, indices=indices) if gd else None
             update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
             theta = update.theta
             metrics = {k: float(v) for k, v in result.metrics().items()}
-            metrics.setdefault(names.UPPER_LOSS, float(result.loss))
             metrics[names.STEP_TIME] = time.perf_counter() - t0
             metrics[names.OUTER_STEP_SIZE] = update.step_size
             metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
@@ -236,14 +236,12 @@ def train(
     tracker.log_artifact(theta_path)
     sequence_path = None
     if recorder is not None:
-        recording = recorder.recording(problem_set.problems, backend, problem_config_json(c))
+        recording = recorder.recording(problem_set.problems, problem_config_json(c))
         sequence_path = recording.save(out / c.sequence.filename).resolve()
         tracker.log_artifact(sequence_path)
         tracker.set_tags({names.TASK_TAG: Task.record})
-        say(
-            f"recorded sequence ({recording.steps} steps, samples "
-            f"{list(recording.sample_indices)}): {sequence_path}"
-        )
+        say(f"recorded sequence ({recording.steps} steps, samples "
+            f"{list(recording.sample_indices)}): {sequence_path}")
     _log_figures(c, out, tracker, problem_set, backend, engine, theta, history, per_sample)
     losses = [h[names.UPPER_LOSS] for h in history]
     if losses:
@@ -280,24 +278,14 @@ def _log_figures(
 ) -> None:
     """Write the run's figures to ``<out>/figures`` and log them as artifacts; the
     reconstruction is the engine's lower-level solution (``solver.lower``) of sample 0."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in history:
-        for key, value in row.items():
-            series.setdefault(key, []).append((int(row["step"]), value))
+    counts = [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
+                                            names.BASELINE_KRYLOV_ITERATIONS)]
     figures = {
-        "iterations_per_system.png": plots.iterations_per_system(
-            [(r[0], r[1], r[2]) for r in per_sample if math.isfinite(r[2])],
-            [(r[0], r[1], r[3]) for r in per_sample if math.isfinite(r[3])],
-        ),
-        "cumulative_iterations.png": plots.line(
-            series,
-            [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
-                                           names.BASELINE_KRYLOV_ITERATIONS)],
-            "cumulative Krylov iterations",
-        ),
-        "upper_loss.png": plots.line(series, [names.UPPER_LOSS], "upper loss"),
+        "iterations_per_system.png": plots.iterations_per_system(per_sample),
+        "cumulative_iterations.png": plots.line(history, counts, "cumulative Krylov iterations"),
+        "upper_loss.png": plots.line(history, [names.UPPER_LOSS], "upper loss"),
     }
-    theta_np = backend.to_numpy(theta)
+    theta_np = backend.to_numpy(theta)  # θ's figure: FoE filters, else a bar per entry
     if c.problem.name != ProblemName.quadratic and c.problem.regularizer == Regularizer.foe:
         figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
     else:
