@@ -2,16 +2,14 @@
 
 With x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` → (B, n) evaluate all rows at
 once; with x0 of shape (n,) they take and return one sample's arrays and the result is
-unwrapped.  Every sample has its own memory (``framework.optim.memory``), strong-Wolfe line
-search (``framework.optim.line_search``; when no step gives sufficient decrease the memory
-is dropped and steepest descent is tried once) and stopping test; a stopped sample's row
-no longer changes.  A sample's arithmetic does not depend on B, so B samples solved
-together take the iterations and evaluations each takes alone.
+unwrapped.  Every sample has its own memory (``memory``), strong-Wolfe line search
+(``line_search``; when it fails, the memory is dropped and steepest descent tried once)
+and stopping test; a stopped sample's row no longer changes.  A sample's arithmetic does
+not depend on B: B samples together take the iterations and evaluations each takes alone.
 
-Host transfers (counted in ``host_reads``): one per evaluation round (f with the slopes
-∇fᵀp, 2B values) and two per iteration (the slopes of the new direction; sᵀy with the
-gradient norms); with ``rows_value_and_grad`` the indices of the searching samples go
-to the device when they are not all of them.  The two-loop recursion stays on the device.
+Host transfers (``host_reads``): one per evaluation round (f and the slopes ∇fᵀp) and two
+per iteration (the new direction's slopes; sᵀy with ‖∇f‖²); the two-loop recursion stays
+on the device.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import numpy as np
 
 from framework.optim.line_search import search_rows
 from framework.optim.memory import LBFGSMemory
-from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog
+from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog, require
 from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
 
 
@@ -43,26 +41,21 @@ def lbfgs(
     value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
-    """Minimise ``fun`` from ``x0`` (warm start; (n,) or (B, n)) with L-BFGS.  Sample i
+    """Minimise ``fun`` from ``x0`` ((n,) or (B, n), a warm start) by L-BFGS.  Sample i
     stops when ‖∇f_i‖ ≤ max(gtol, rtol·‖∇f_i(x0_i)‖) (CONVERGED), after ``maxiter``
     iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or when f_i or
     ∇f_i is not finite at x0_i (NONFINITE); the others go on.
 
-    ``value_and_grad(x)`` → (f, ∇f), when given, replaces the two calls (a fused
-    evaluation shares their work).  ``rows_value_and_grad(X_rows, rows)`` → ((r,),
-    (r, n)), for a (B, n) x0, replaces both: it evaluates the samples ``rows`` (a host
-    index array of length r) at their iterates ``X_rows``, so evaluations skip the
-    samples that are not searching.  ``callback(k, x, f, grad_norm)`` runs after every
-    iteration in which a sample accepted a step (x as x0 is shaped; f and grad_norm
-    floats for a 1-D x0, else host (B,) arrays).  Arrays stay in x0's namespace and on
-    its device.
+    ``value_and_grad(x)`` → (f, ∇f) replaces the two calls by one fused evaluation;
+    ``rows_value_and_grad(X_rows, rows)`` → ((r,), (r, n)), for a (B, n) x0, evaluates only
+    the samples ``rows`` (host indices) at ``X_rows``, so rounds skip samples not searching.
+    ``callback(k, x, f, grad_norm)`` runs after every iteration in which a sample accepted a
+    step (x shaped as x0; f, grad_norm floats for a 1-D x0, else host (B,) arrays).  Arrays
+    stay in x0's namespace and on its device.
     """
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1; got c1={c1!r}, c2={c2!r}")
-    if memory < 1:
-        raise ValueError(f"memory must be positive; got memory={memory!r}")
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be non-negative; got maxiter={maxiter!r}")
+    require(0 < c1 < c2 < 1, "0 < c1 < c2 < 1", c1=c1, c2=c2)
+    require(memory >= 1, "memory >= 1", memory=memory)
+    require(maxiter >= 0, "maxiter >= 0", maxiter=maxiter)
     ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
                       rows_value_and_grad=rows_value_and_grad)
     X, xp, bsz = ev.X0, ev.xp, ev.bsz
@@ -71,29 +64,25 @@ def lbfgs(
     mem = LBFGSMemory(ev, X, memory)
     log = SampleLog(F, gnorm, gtol, rtol)
 
-    def steepest_descent(which: np.ndarray, P: Any, slope: np.ndarray) -> tuple[Any, Any]:
-        mem.forget(which)
-        return ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope)
-
     search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
-    for k in range(maxiter):
+    for k in range(maxiter + 1):
         log.stop_converged(k, F, gnorm)
         iterating = log.running.copy()
-        if not np.count_nonzero(iterating):
+        if k == maxiter or not np.count_nonzero(iterating):
             break
         P = mem.direction(G, iterating)
         slope = ev.host(rowdot(xp, G, P))
-        if np.count_nonzero(slope < 0) < bsz:  # not a descent direction: steepest descent
-            P, slope = steepest_descent(iterating & ~(slope < 0), P, slope)
+        alpha = choose(mem.count > 0, 1.0, first_step(gnorm))
+        uphill = iterating & ~(slope < 0)  # not a descent direction: drop the memory
+        mem.forget(uphill)
+        P, slope, alpha = steepest_descent(ev, uphill, G, gnorm, P, slope, alpha)
         remembers = mem.count > 0
-        alpha0 = (np.ones(bsz) if np.count_nonzero(remembers) == bsz
-                  else choose(remembers, 1.0, first_step(gnorm)))
-        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha0, iterating, **search)
+        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha, iterating, **search)
         retry = iterating & ~ok & remembers
         if np.count_nonzero(retry):  # drop the memory and try steepest descent once
-            P, slope = steepest_descent(retry, P, slope)
-            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, first_step(gnorm), retry,
-                                          **search)
+            mem.forget(retry)
+            P, slope, alpha = steepest_descent(ev, retry, G, gnorm, P, slope, alpha)
+            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, alpha, retry, **search)
             Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), choose(ok2, Fr, Fn)
             ok = ok | ok2
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
@@ -117,11 +106,21 @@ def lbfgs(
                 callback(k + 1, X[0, :], float(F[0]), float(gnorm[0]))
             else:
                 callback(k + 1, X, F.copy(), gnorm.copy())
-    else:
-        log.stop_converged(maxiter, F, gnorm)
     return log.result(maxiter, X, F, gnorm, ev, np.zeros(bsz, dtype=np.int64))
 
 
 def first_step(gnorm: np.ndarray) -> np.ndarray:
     """The first trial step without a memory: min(1, 1/‖∇f‖)."""
     return np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
+
+
+def steepest_descent(
+    ev: RowEvaluator, which: np.ndarray, G: Any, gnorm: np.ndarray, P: Any,
+    slope: np.ndarray, alpha: np.ndarray,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(P, slope, first step) with the rows ``which`` turned to −∇f, slope −‖∇f‖² and
+    first step min(1, 1/‖∇f‖)."""
+    if not np.count_nonzero(which):
+        return P, slope, alpha
+    return (ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope),
+            choose(which, first_step(gnorm), alpha))

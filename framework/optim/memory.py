@@ -52,6 +52,8 @@ class LBFGSMemory:
 
     def forget(self, mask: np.ndarray) -> None:
         """Empty the memories of the samples in ``mask``."""
+        if not np.count_nonzero(mask):
+            return
         used = int(self.count.max())
         zero = self.xp.zeros_like(self.rho[0])
         self.rho[:used] = [self.ev.select(mask, zero, r) for r in self.rho[:used]]

@@ -1,5 +1,5 @@
-"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, and the host
-bookkeeping that records it."""
+"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, the host
+bookkeeping that records it, and the one-line refusal of bad arguments."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ T = TypeVar("T")
 PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
 
 
+def require(ok: bool, need: str, **given: Any) -> None:
+    """Refuse bad input in one line: what is needed and the values given."""
+    if not ok:
+        raise ValueError(f"need {need}; got " + ", ".join(f"{k}={v!r}" for k, v in given.items()))
+
+
 class MinimizeStatus(Enum):
     """Why a sample's minimisation stopped."""
 
@@ -27,14 +33,10 @@ class MinimizeStatus(Enum):
 @dataclass(frozen=True)
 class MinimizeResult:
     """Outcome of a batch minimiser; per-sample fields are tuples of length B for a (B, n)
-    x0 and single values for a 1-D x0.
-
-    ``f_evals`` counts each sample's evaluations of f and ∇f (always together); ``hvp``
-    its Hessian-vector products (0 for L-BFGS); ``f_history`` holds f at every accepted
-    iterate; ``evaluation_rounds`` counts the calls of the evaluation (each evaluates the
-    rows of the samples then searching); ``host_reads`` the transfers of per-sample
-    scalars to the host made by the minimiser itself.
-    """
+    x0 and single values for a 1-D x0.  ``f_evals`` counts evaluations of f and ∇f
+    (always together), ``hvp`` Hessian-vector products (0 for L-BFGS), ``f_history`` f at
+    every accepted iterate, ``evaluation_rounds`` the calls of the evaluation (each on the
+    rows then searching), ``host_reads`` the minimiser's own transfers to the host."""
 
     x: Any
     status: PerSample[MinimizeStatus]
@@ -56,8 +58,7 @@ class MinimizeResult:
 
     @property
     def all_converged(self) -> bool:
-        converged = self.converged
-        return all(converged) if isinstance(converged, tuple) else converged
+        return bool(np.all(self.converged))
 
     @property
     def grad_evals(self) -> PerSample[int]:  # each evaluation gives f and ∇f

@@ -19,6 +19,7 @@ import numpy as np
 
 from backends.choice import Choice
 from backends.host import to_host
+from framework.optim.outcome import require
 
 # Outer optimisers (config ``outer.name``).
 Optimizer = Choice("Optimizer", "adam gd")
@@ -45,11 +46,6 @@ def _like(host: np.ndarray, theta: Any) -> Any:
     return xp.asarray(host, dtype=theta.dtype, device=array_api_compat.device(theta))
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 class _Outer:
     """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
     and the checkpoint state, ``STATE`` mapping each saved attribute to its type (``_host``:
@@ -59,20 +55,21 @@ class _Outer:
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
 
     def __init__(self, lr: float, mask: Any) -> None:
-        _require(lr > 0, f"lr must be positive; got lr={lr!r}")
+        require(lr > 0, "lr > 0", lr=lr)
         self.lr, self.t = float(lr), 0
-        self._mask_host = None if mask is None else _host(mask).astype(np.float64)
+        self._mask_host = None if mask is None else to_host(mask).astype(np.float64)
         self._mask_dev: Any = None
 
     def _masked(self, theta: Any, grad: Any) -> Any:
-        _require(tuple(theta.shape) == tuple(grad.shape), f"grad has shape "
-                 f"{tuple(grad.shape)}; expected θ's shape {tuple(theta.shape)}")
+        shape = tuple(theta.shape)
+        require(tuple(grad.shape) == shape, "grad of θ's shape", grad_shape=tuple(grad.shape),
+                theta_shape=shape)
         if self._mask_host is None:
             return grad
-        _require(self._mask_host.size == math.prod(theta.shape), f"mask has "
-                 f"{self._mask_host.size} entries; θ has shape {tuple(theta.shape)}")
+        require(self._mask_host.size == math.prod(shape), "a mask entry per entry of θ",
+                mask_size=self._mask_host.size, theta_shape=shape)
         if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
-            self._mask_dev = _like(self._mask_host.reshape(tuple(theta.shape)), theta)
+            self._mask_dev = _like(self._mask_host.reshape(shape), theta)
         return grad * self._mask_dev
 
     def step(
@@ -95,9 +92,8 @@ class _Outer:
                 **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"state of optimiser {state.get('name')!r} given to "
-                             f"{type(self).__name__}")
+        require(state.get("name") == self.name, f"the state of a {self.name.value!r} optimiser",
+                name=state.get("name"))
         for key, kind in self.STATE.items():
             setattr(self, key, kind(state[key]))
 
@@ -123,9 +119,8 @@ class Adam(_Outer):
     ) -> None:
         super().__init__(lr, mask)
         self.betas = tuple(float(b) for b in betas)
-        _require(all(0 <= b < 1 for b in self.betas),
-                 f"betas must lie in [0, 1); got betas={tuple(betas)!r}")
-        _require(eps > 0, f"eps must be positive; got eps={eps!r}")
+        require(all(0 <= b < 1 for b in self.betas), "0 <= betas < 1", betas=tuple(betas))
+        require(eps > 0, "eps > 0", eps=eps)
         self.eps = float(eps)
         self.m: Any = None
         self.v: Any = None
@@ -166,10 +161,9 @@ class GradientDescent(_Outer):
         mask: Any = None,
     ) -> None:
         super().__init__(lr, mask)
-        _require(0 < shrink < 1, f"shrink must be in (0, 1); got shrink={shrink!r}")
-        _require(0 < c1 < 1, f"c1 must be in (0, 1); got c1={c1!r}")
-        _require(max_backtracks >= 0,
-                 f"max_backtracks must be non-negative; got {max_backtracks!r}")
+        require(0 < shrink < 1, "0 < shrink < 1", shrink=shrink)
+        require(0 < c1 < 1, "0 < c1 < 1", c1=c1)
+        require(max_backtracks >= 0, "max_backtracks >= 0", max_backtracks=max_backtracks)
         self.shrink, self.c1 = float(shrink), float(c1)
         self.max_backtracks = int(max_backtracks)
 
