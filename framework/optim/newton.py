@@ -83,8 +83,6 @@ def newton_krylov(
             maxiter=maxiter, max_backtracks=max_backtracks)
     ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
                       rows_value_and_grad=rows_value_and_grad)
-    if ev.single:
-        solve = _on_row_zero(solve)
     X, xp, bsz = ev.X0, ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)
@@ -97,7 +95,11 @@ def newton_krylov(
         if k == maxiter or not np.count_nonzero(iterating):
             break
         eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
-        P, counts = solve(X, G, eta, iterating)
+        if ev.single:  # a single-sample solve (x, g, η) → (p, hvp)
+            p, count = solve(X[0, :], G[0, :], float(eta[0]))
+            P, counts = p[None, :], [count]
+        else:
+            P, counts = solve(X, G, eta, iterating)
         hvp += np.where(iterating, np.asarray(counts, dtype=np.int64), 0)
         slope = ev.host(rowdot(xp, G, P))
         newton = iterating & (slope < 0)
@@ -145,13 +147,3 @@ def _backtrack(
         trials[retry], newton[retry] = 0, False
         pending &= ~(exhausted & ~retry)
     return accepted, Xa, Ga, Fa, gna
-
-
-def _on_row_zero(solve: LinearSolve) -> LinearSolve:
-    """A single-sample solve (x, g, η) → (p, hvp) as a solve of one row."""
-
-    def on_rows(X: Any, G: Any, eta: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
-        p, count = solve(X[0, :], G[0, :], float(eta[0]))
-        return p[None, :], np.array([count])
-
-    return on_rows

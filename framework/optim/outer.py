@@ -1,10 +1,9 @@
 """Outer (upper-level) optimisers on θ: Adam and gradient descent with Armijo backtracking.
 
-Both work on arrays of any array-API namespace (taken from θ) and keep their state on
-θ's device.  ``mask`` (same shape as θ, 1 = learned, 0 = frozen) zeroes the gradient of
-frozen entries, so those never move.  ``state_dict()`` returns host NumPy arrays and
-Python scalars (checkpointable); ``load_state_dict`` restores them, moving arrays back to
-θ's device at the next step.
+Both work in θ's array namespace and keep their state on θ's device.  ``mask`` (θ's
+shape, 1 = learned, 0 = frozen) zeroes the gradient of frozen entries, so those never
+move.  ``state_dict()`` gives host NumPy arrays and Python scalars (checkpointable);
+``load_state_dict`` restores them, arrays moving back to θ's device at the next step.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from backends.choice import Choice
 from backends.host import to_host
 from framework.optim.outcome import require
 
-# Outer optimisers (config ``outer.name``).
-Optimizer = Choice("Optimizer", "adam gd")
+Optimizer = Choice("Optimizer", "adam gd")  # config ``outer.name``
 
 
 @dataclass(frozen=True)
@@ -122,8 +120,7 @@ class Adam(_Outer):
         require(all(0 <= b < 1 for b in self.betas), "0 <= betas < 1", betas=tuple(betas))
         require(eps > 0, "eps > 0", eps=eps)
         self.eps = float(eps)
-        self.m: Any = None
-        self.v: Any = None
+        self.m = self.v = None
 
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         b1, b2 = self.betas
@@ -140,13 +137,10 @@ class Adam(_Outer):
 
 
 class GradientDescent(_Outer):
-    """θ ← θ − α g with Armijo backtracking on the upper loss.
-
-    Trials α = lr, lr·shrink, lr·shrink², …; accepted when
-    loss_fn(θ − α g) ≤ loss + c1 α ‖g‖² (g the masked gradient).  After
-    ``max_backtracks`` refused trials θ is returned unchanged (``accepted=False``).
-    Without ``loss_fn`` (or with ``max_backtracks=0``) the plain step α = lr is taken.
-    """
+    """θ ← θ − α g with Armijo backtracking on the upper loss: trials α = lr, lr·shrink,
+    lr·shrink², … until loss_fn(θ − α g) ≤ loss − c1 α ‖g‖² (g the masked gradient); after
+    ``max_backtracks`` refused trials θ stays (``accepted=False``).  Without ``loss_fn``
+    (or with ``max_backtracks=0``) the plain step α = lr is taken."""
 
     name = Optimizer.gd
     STATE: ClassVar = {"lr": float, "shrink": float, "c1": float, "max_backtracks": int, "t": int}
@@ -164,8 +158,7 @@ class GradientDescent(_Outer):
         require(0 < shrink < 1, "0 < shrink < 1", shrink=shrink)
         require(0 < c1 < 1, "0 < c1 < 1", c1=c1)
         require(max_backtracks >= 0, "max_backtracks >= 0", max_backtracks=max_backtracks)
-        self.shrink, self.c1 = float(shrink), float(c1)
-        self.max_backtracks = int(max_backtracks)
+        self.shrink, self.c1, self.max_backtracks = float(shrink), float(c1), int(max_backtracks)
 
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
@@ -183,10 +176,7 @@ class GradientDescent(_Outer):
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
 
 
-OuterOptimizer = Adam | GradientDescent
-
-
-def make_optimizer(cfg: Any, mask: Any = None) -> OuterOptimizer:
+def make_optimizer(cfg: Any, mask: Any = None) -> Adam | GradientDescent:
     """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
     if Optimizer(cfg.name) == Optimizer.adam:
         return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask)
