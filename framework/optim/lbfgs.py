@@ -15,11 +15,12 @@ on the device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from framework.optim.line_search import search_rows
+from framework.optim.line_search import search_rows, strong_wolfe_search
 from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog, require
 from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
 
@@ -63,12 +64,8 @@ def lbfgs(
     mem = LBFGSMemory(ev, X, memory)
     log = SampleLog(F, gnorm, gtol, rtol)
 
-    search = dict(c1=c1, c2=c2, max_trials=max_linesearch)
-    for k in range(maxiter + 1):
-        log.stop_converged(k, F, gnorm)
-        iterating = log.running.copy()
-        if k == maxiter or not np.count_nonzero(iterating):
-            break
+    search = partial(strong_wolfe_search, c1=c1, c2=c2, max_trials=max_linesearch)
+    for k, iterating in log.iterate(maxiter):
         P = mem.direction(G, iterating)
         slope = ev.host(rowdot(xp, G, P))
         alpha = choose(mem.count > 0, 1.0, first_step(gnorm))
@@ -76,31 +73,29 @@ def lbfgs(
         mem.forget(uphill)
         P, slope, alpha = steepest_descent(ev, uphill, G, gnorm, P, slope, alpha)
         remembers = mem.count > 0
-        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha, iterating, **search)
+        ok, Xn, Gn, Fn = search_rows(ev, X, G, F, P, slope, alpha, iterating, search)
         retry = iterating & ~ok & remembers
         if np.count_nonzero(retry):  # drop the memory and try steepest descent once
             mem.forget(retry)
             P, slope, alpha = steepest_descent(ev, retry, G, gnorm, P, slope, alpha)
-            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, alpha, retry, **search)
+            ok2, Xr, Gr, Fr = search_rows(ev, X, G, F, P, slope, alpha, retry, search)
             Xn, Gn, Fn = ev.select(ok2, Xr, Xn), ev.select(ok2, Gr, Gn), choose(ok2, Fr, Fn)
             ok = ok | ok2
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "line search found no step with sufficient decrease at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})")
         S, Ydiff = Xn - X, Gn - G
         sy_dev = rowdot(xp, S, Ydiff)
         X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
         sy, gg = ev.host(xp.concat([sy_dev, rowdot(xp, G, G)])).reshape(2, -1)  # one transfer
         mem.push(ok & (sy > 0), S, Ydiff, sy_dev, stopped=~iterating)
-        F = choose(ok, Fn, F)
-        gnorm = choose(ok, np.sqrt(gg), gnorm)
-        log.record(ok, F)
+        F, gnorm = log.record(ok, Fn, np.sqrt(gg))
         if callback is not None and np.count_nonzero(ok):
             if ev.single:
                 callback(k + 1, X[0, :], float(F[0]), float(gnorm[0]))
             else:
                 callback(k + 1, X, F.copy(), gnorm.copy())
-    return log.result(maxiter, X, F, gnorm, ev, np.zeros(bsz, dtype=np.int64))
+    return log.result(maxiter, X, ev, np.zeros(bsz, dtype=np.int64))
 
 
 def first_step(gnorm: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ where f no longer changes in floating point.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import numpy as np
@@ -100,12 +100,10 @@ def search_rows(
     slope: np.ndarray,
     alpha0: np.ndarray,
     searching: np.ndarray,
-    *,
-    c1: float,
-    c2: float,
-    max_trials: int,
+    line_search: Callable[[float, float, float], WolfeSearch],
 ) -> tuple[np.ndarray, Any, Any, np.ndarray]:
-    """Run the line searches of the samples in the host mask ``searching`` together along
+    """Run the line searches ``line_search(f, slope, α₀)`` (e.g. ``strong_wolfe_search``
+    with its constants bound) of the samples in the host mask ``searching`` together along
     the rows of P from the rows of X (gradients G, values F, slopes ∇fᵀp, first steps α₀).
 
     Each round evaluates the rows at X + diag(α) P, with α_i = 0 for the samples not
@@ -116,9 +114,8 @@ def search_rows(
     searches: dict[int, WolfeSearch] = {}
     alpha = [0.0] * bsz
     for i in searching.nonzero()[0].tolist():
-        search = searches[i] = strong_wolfe_search(
-            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
-        _, alpha[i] = next(search)
+        searches[i] = line_search(float(F[i]), float(slope[i]), float(alpha0[i]))
+        _, alpha[i] = next(searches[i])
     accepted = np.zeros(bsz, dtype=bool)
     taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
 

@@ -89,11 +89,7 @@ def newton_krylov(
     log = SampleLog(F, gnorm, gtol, rtol)
     hvp = np.zeros(bsz, dtype=np.int64)
     eta, prev_gnorm = np.full(bsz, eta_max), None
-    for k in range(maxiter + 1):
-        log.stop_converged(k, F, gnorm)
-        iterating = log.running.copy()
-        if k == maxiter or not np.count_nonzero(iterating):
-            break
+    for k, iterating in log.iterate(maxiter):
         eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
         if ev.single:  # a single-sample solve (x, g, η) → (p, hvp)
             p, count = solve(X[0, :], G[0, :], float(eta[0]))
@@ -109,11 +105,11 @@ def newton_krylov(
                                         c1, max_backtracks)
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "backtracking found no step that lowers f at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})")
         prev_gnorm = gnorm
-        X, G, F, gnorm = ev.select(ok, Xn, X), ev.select(ok, Gn, G), Fn, gn
-        log.record(ok, F)
-    return log.result(maxiter, X, F, gnorm, ev, hvp)
+        X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
+        F, gnorm = log.record(ok, Fn, gn)
+    return log.result(maxiter, X, ev, hvp)
 
 
 def _backtrack(

@@ -3,13 +3,14 @@ bookkeeping that records it, and the one-line refusal of bad arguments."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 
-from framework.optim.rows import RowEvaluator
+from framework.optim.rows import RowEvaluator, choose
 
 T = TypeVar("T")
 PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
@@ -66,12 +67,13 @@ class MinimizeResult:
 
 
 class SampleLog:
-    """Host bookkeeping per sample: status, message, iterations, f history, and the
-    gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f not finite at x0
-    stops at once (NONFINITE)."""
+    """Host bookkeeping per sample: f and ‖∇f‖ at the iterate, status, message, iterations,
+    f history, and the gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f
+    not finite at x0 stops at once (NONFINITE)."""
 
     def __init__(self, F: np.ndarray, gnorm: np.ndarray, gtol: float, rtol: float) -> None:
         bsz = len(F)
+        self.F, self.gnorm = F, gnorm
         self.running = np.ones(bsz, dtype=bool)
         self.status: list[MinimizeStatus | None] = [None] * bsz
         self.message = [""] * bsz
@@ -79,34 +81,41 @@ class SampleLog:
         self.history = [[float(f)] for f in F]
         self.tol = np.maximum(gtol, rtol * gnorm)
         self.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
-                  "f or ∇f is not finite at x0 (f={f})", F, gnorm)
+                  "f or ∇f is not finite at x0 (f={f})")
 
-    def stop(
-        self, which: np.ndarray, status: MinimizeStatus, k: int, message: str,
-        F: np.ndarray, gnorm: np.ndarray,
-    ) -> None:
+    def stop(self, which: np.ndarray, status: MinimizeStatus, k: int, message: str) -> None:
         """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
         with the sample's k, f, g (‖∇f‖) and tol."""
         if not np.count_nonzero(which):
             return
         for i in (which & self.running).nonzero()[0].tolist():
             self.status[i], self.iterations[i], self.running[i] = status, k, False
-            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=self.tol[i])
+            self.message[i] = message.format(k=k, f=self.F[i], g=self.gnorm[i], tol=self.tol[i])
 
-    def stop_converged(self, k: int, F: np.ndarray, gnorm: np.ndarray) -> None:
-        self.stop(gnorm <= self.tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
-                  F, gnorm)
+    def iterate(self, maxiter: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(k, mask of the samples iterating) for k = 0, 1, …; before each, the samples
+        with ‖∇f‖ ≤ tol stop (CONVERGED); ends at k = maxiter or when none is left."""
+        for k in range(maxiter + 1):
+            self.stop(self.gnorm <= self.tol, MinimizeStatus.CONVERGED, k,
+                      "‖∇f‖ = {g:.3e} ≤ {tol:.3e}")
+            iterating = self.running.copy()
+            if k == maxiter or not np.count_nonzero(iterating):
+                return
+            yield k, iterating
 
-    def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
-        for i in accepted.nonzero()[0].tolist():
-            self.history[i].append(float(F[i]))
+    def record(self, ok: np.ndarray, F: np.ndarray, gnorm: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step): (f, ‖∇f‖) of all."""
+        self.F, self.gnorm = choose(ok, F, self.F), choose(ok, gnorm, self.gnorm)
+        for i in ok.nonzero()[0].tolist():
+            self.history[i].append(float(self.F[i]))
+        return self.F, self.gnorm
 
-    def result(self, maxiter: int, X: Any, F: np.ndarray, gnorm: np.ndarray, ev: RowEvaluator,
-               hvp: np.ndarray) -> MinimizeResult:
+    def result(self, maxiter: int, X: Any, ev: RowEvaluator, hvp: np.ndarray) -> MinimizeResult:
         """The result of a run that ended at rows X (unwrapped for a 1-D x0); the samples
         still running stop at ``maxiter`` (MAXITER)."""
         self.stop(self.running, MinimizeStatus.MAXITER, maxiter,
-                  "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm)
+                  "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}")
+        F, gnorm = self.F, self.gnorm
         per_sample = dict(
             status=tuple(self.status),
             message=tuple(self.message),

@@ -58,18 +58,6 @@ class _Outer:
         self._mask_host = None if mask is None else to_host(mask).astype(np.float64)
         self._mask_dev: Any = None
 
-    def _masked(self, theta: Any, grad: Any) -> Any:
-        shape = tuple(theta.shape)
-        require(tuple(grad.shape) == shape, "grad of θ's shape", grad_shape=tuple(grad.shape),
-                theta_shape=shape)
-        if self._mask_host is None:
-            return grad
-        require(self._mask_host.size == math.prod(shape), "a mask entry per entry of θ",
-                mask_size=self._mask_host.size, theta_shape=shape)
-        if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
-            self._mask_dev = _like(self._mask_host.reshape(shape), theta)
-        return grad * self._mask_dev
-
     def step(
         self,
         theta: Any,
@@ -80,9 +68,17 @@ class _Outer:
     ) -> OuterStep:
         """One update of θ with gradient ``grad`` (masked); ``loss`` is the upper loss at θ
         and ``loss_fn`` evaluates it (gradient descent's backtracking; Adam uses neither)."""
-        g = self._masked(theta, grad)
+        xp, shape = array_api_compat.array_namespace(theta, grad), tuple(theta.shape)
+        require(tuple(grad.shape) == shape, "grad of θ's shape", grad_shape=tuple(grad.shape),
+                theta_shape=shape)
+        if self._mask_host is not None:
+            require(self._mask_host.size == math.prod(shape), "a mask entry per entry of θ",
+                    mask_size=self._mask_host.size, theta_shape=shape)
+            if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
+                self._mask_dev = _like(self._mask_host.reshape(shape), theta)
+            grad = grad * self._mask_dev
         self.t += 1
-        return self._update(array_api_compat.array_namespace(theta, grad), theta, g, loss, loss_fn)
+        return self._update(xp, theta, grad, loss, loss_fn)
 
     def state_dict(self) -> dict[str, Any]:
         """Host NumPy arrays and Python scalars (checkpointable)."""
