@@ -115,15 +115,14 @@ class SampleLog:
         still running stop at ``maxiter`` (MAXITER)."""
         self.stop(self.running, MinimizeStatus.MAXITER, maxiter,
                   "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}")
-        F, gnorm = self.F, self.gnorm
         per_sample = dict(
             status=tuple(self.status),
             message=tuple(self.message),
             iterations=tuple(int(i) for i in self.iterations),
             f_evals=tuple(int(e) for e in ev.sample_evaluations),
             hvp=tuple(int(h) for h in hvp),
-            grad_norm=tuple(float(g) for g in gnorm),
-            f=tuple(float(f) for f in F),
+            grad_norm=tuple(float(g) for g in self.gnorm),
+            f=tuple(float(f) for f in self.F),
             f_history=tuple(tuple(h) for h in self.history),
         )
         if ev.single:
