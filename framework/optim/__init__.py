@@ -1,8 +1,5 @@
 """Optimisers: batch-first L-BFGS and inexact Newton–Krylov for the lower level, Adam and
-gradient descent outside.
-
-Imports only ``backends``, the array API and NumPy on the host.
-"""
+gradient descent outside (imports only ``backends``, the array API and NumPy)."""
 
 from framework.optim.lbfgs import lbfgs
 from framework.optim.line_search import strong_wolfe_search

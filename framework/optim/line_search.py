@@ -1,26 +1,22 @@
 """The strong-Wolfe line search, one coroutine per sample, advanced together for a batch.
 
-The search enforces the strong Wolfe conditions (Nocedal & Wright, Algorithms 3.5 and
-3.6: bracketing, then a safeguarded quadratic-interpolation zoom) with
+Nocedal & Wright, Algorithms 3.5 and 3.6 (bracketing, then a safeguarded quadratic-
+interpolation zoom), with
 
     sufficient decrease  f(x + αp) ≤ f(x) + c1 α ∇f(x)ᵀp   (∇f(x)ᵀp < 0),
     curvature            |∇f(x + αp)ᵀp| ≤ c2 |∇f(x)ᵀp|.
 
-A trial step that fails sufficient decrease is never accepted, so f never increases.  If
-the zoom runs out of trials after finding a step with sufficient decrease but without the
-curvature condition, that step is taken if it strictly lowers f.  A trial whose computed
-f equals f(x) (round-off level) counts as sufficient decrease only together with the
-curvature condition; this lets a solve reach tight gradient tolerances where f no longer
-changes in floating point.
-
-``strong_wolfe_search`` holds one sample's decisions on host scalars; ``search_rows``
-advances those of several samples (rows of a batch) together.
+A trial without sufficient decrease is never accepted, so f never increases.  When the
+zoom runs out of trials after a step with sufficient decrease but not curvature, that step
+is taken if it strictly lowers f.  A trial whose computed f equals f(x) (round-off) counts
+as sufficient decrease only with curvature, so solves reach tight gradient tolerances
+where f no longer changes in floating point.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +25,7 @@ from framework.optim.rows import RowEvaluator
 
 Point = tuple[float, float, float]  # (α, f(x + αp), ∇f(x + αp)ᵀp)
 Outcome = Literal["last", "kept"] | None
-WolfeSearch = Generator[tuple[bool, float], tuple[float, float], tuple[Outcome, bool]]
+WolfeSearch = Generator[tuple[bool, float], tuple[float, float], Outcome]
 
 
 def _interpolate(lo: Point, hi: Point) -> float:
@@ -51,8 +47,8 @@ def strong_wolfe_search(
     """The strong-Wolfe line search of one sample as a coroutine.
 
     Yields (keep the trial just evaluated?, next α) and receives (f, slope) at that α.
-    Returns ("last" | "kept" | None, curvature holds): accept the last trial, the most
-    recently kept one, or none.
+    Returns "last", "kept" or None: accept the last trial, the most recently kept one, or
+    none.
     """
 
     def armijo(t: Point) -> bool:
@@ -62,43 +58,37 @@ def strong_wolfe_search(
         return abs(t[2]) <= -c2 * slope0
 
     def zoom(lo: Point, hi: Point, budget: int, lo_is_last: bool) -> WolfeSearch:
-        keep = lo_is_last
         for _ in range(budget):
             a = _interpolate(lo, hi)
-            f, s = yield keep, a
-            keep, lo_is_last = False, False
-            t = (a, f, s)
+            f, s = yield lo_is_last, a  # keep lo when it is the trial just evaluated
+            t, lo_is_last = (a, f, s), False
             if not armijo(t) or t[1] > lo[1]:
                 hi = t
                 continue
             if curvature(t):
-                return "last", True
+                return "last"
             if t[2] * (hi[0] - lo[0]) >= 0:
                 hi = lo
-            lo = t
-            keep, lo_is_last = True, True
+            lo, lo_is_last = t, True
             if abs(hi[0] - lo[0]) <= 1e-16 * max(1.0, lo[0]):
                 break
         if lo[0] > 0 and lo[1] < f0:
-            return ("last" if lo_is_last else "kept"), False
-        return None, False
+            return "last" if lo_is_last else "kept"
+        return None
 
     prev = (0.0, f0, slope0)
-    keep = False
     for i in range(max_trials):
-        f, s = yield keep, alpha
-        keep = False
+        f, s = yield i > 0, alpha  # keep the previous trial: it is prev
         t = (alpha, f, s)
         if not armijo(t) or (i > 0 and t[1] > prev[1]):
             return (yield from zoom(prev, t, max_trials - i - 1, False))
         if curvature(t):
-            return "last", True
+            return "last"
         if t[2] >= 0:
             return (yield from zoom(t, prev, max_trials - i - 1, True))
         prev = t
-        keep = True
         alpha *= 2.0
-    return ("last", False) if prev[0] > 0 and prev[1] < f0 else (None, False)
+    return "last" if prev[0] > 0 and prev[1] < f0 else None
 
 
 def search_rows(
@@ -110,12 +100,10 @@ def search_rows(
     slope: np.ndarray,
     alpha0: np.ndarray,
     searching: np.ndarray,
-    *,
-    c1: float,
-    c2: float,
-    max_trials: int,
+    line_search: Callable[[float, float, float], WolfeSearch],
 ) -> tuple[np.ndarray, Any, Any, np.ndarray]:
-    """Run the line searches of the samples in the host mask ``searching`` together along
+    """Run the line searches ``line_search(f, slope, α₀)`` (e.g. ``strong_wolfe_search``
+    with its constants bound) of the samples in the host mask ``searching`` together along
     the rows of P from the rows of X (gradients G, values F, slopes ∇fᵀp, first steps α₀).
 
     Each round evaluates the rows at X + diag(α) P, with α_i = 0 for the samples not
@@ -126,9 +114,8 @@ def search_rows(
     searches: dict[int, WolfeSearch] = {}
     alpha = [0.0] * bsz
     for i in searching.nonzero()[0].tolist():
-        search = searches[i] = strong_wolfe_search(
-            float(F[i]), float(slope[i]), float(alpha0[i]), c1, c2, max_trials)
-        _, alpha[i] = next(search)
+        searches[i] = line_search(float(F[i]), float(slope[i]), float(alpha0[i]))
+        _, alpha[i] = next(searches[i])
     accepted = np.zeros(bsz, dtype=bool)
     taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
 
@@ -156,7 +143,7 @@ def search_rows(
                     keep.append(i)
             except StopIteration as stop:
                 del searches[i]
-                take[stop.value[0]].append(i)
+                take[stop.value].append(i)
         taken = put(take["last"], (Xt, Gt, Ft), put(take["kept"], kept, taken))
         kept = put(keep, (Xt, Gt, Ft), kept)
         accepted[take["last"] + take["kept"]] = True

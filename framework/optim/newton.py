@@ -1,29 +1,27 @@
 """Inexact Newton–Krylov for B independent problems min_x f_i(x) advanced together.
 
-Shapes as in ``lbfgs``.  The inner solve is injected: ``solve(X, G, eta, rows)`` → (P,
-hvp) returns, for the samples in the host mask ``rows``, steps p_i with ‖H_i p_i + g_i‖ ≤
-η_i‖g_i‖ (H_i = ∇²f_i(x_i); other rows zero) and each sample's Hessian-vector products
-(host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).  MINRES suits it: it
-needs no definiteness.  Iteration k of sample i:
+Shapes and stopping as in ``lbfgs``.  The inner solve is injected: ``solve(X, G, eta,
+rows)`` → (P, hvp) gives, for the samples in the host mask ``rows``, steps p_i with
+‖H_i p_i + g_i‖ ≤ η_i‖g_i‖ (H_i = ∇²f_i(x_i); other rows zero) and each sample's
+Hessian-vector products (host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).
+MINRES suits it: it needs no definiteness.  Iteration k of sample i:
 
 1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
    0.9 η_{k−1}² when that exceeds 0.1, η₀ = η_max (``forcing="eisenstat_walker"``); or
    η_k = √‖g_k‖ (``"sqrt"``); capped at η_max and never below 0.5·tol_i/‖g_k‖ (the last
    step is not over-solved) or ``ETA_MIN``;
-2. the inner solve gives p_i; it is used only when ∇f_iᵀp_i < 0: an indefinite Hessian
-   (non-convex experts) can give a Newton direction that points uphill, and then the
-   steepest-descent direction −g_i (first step min(1, 1/‖g_i‖)) is taken instead;
-3. backtracking α ← α/2 from α = 1 accepts a trial with Armijo's sufficient decrease
-   f(x + αp) ≤ f(x) + c1 α ∇fᵀp, or — once f no longer changes in floating point — one
-   with f(x + αp) ≤ f(x) and ‖∇f(x + αp)‖ < ‖∇f(x)‖: the computed f never increases.  A
-   Newton direction without such a trial in ``max_backtracks`` halvings is replaced by
-   −g_i once; a sample whose steepest-descent search fails too stops
-   (LINESEARCH_FAILED).
+2. p_i is used only when ∇f_iᵀp_i < 0 (an indefinite Hessian, e.g. of non-convex experts,
+   can give an uphill Newton direction); else steepest descent −g_i, first step
+   min(1, 1/‖g_i‖);
+3. backtracking α ← α/2 from α = 1 accepts Armijo's sufficient decrease
+   f(x + αp) ≤ f(x) + c1 α ∇fᵀp or, once f no longer changes in floating point,
+   f(x + αp) ≤ f(x) with ‖∇f(x + αp)‖ < ‖∇f(x)‖: f never increases.  A Newton direction
+   without such a trial in ``max_backtracks`` halvings is replaced by −g_i once; when that
+   fails too, the sample stops (LINESEARCH_FAILED).
 
-Stopping as in ``lbfgs``.  A sample's arithmetic does not depend on B when the solve's
-rows do not (MINRES with host scalars).
-Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and one per
-iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
+A sample's arithmetic does not depend on B when the solve's rows do not (MINRES with host
+scalars).  Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and
+one per iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from backends.choice import Choice
-from framework.optim.lbfgs import first_step
-from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog
+from framework.optim.lbfgs import steepest_descent
+from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog, require
 from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
 
 Forcing = Choice("Forcing", "eisenstat_walker sqrt")
@@ -80,55 +78,38 @@ def newton_krylov(
     """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from
     ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``."""
     forcing = Forcing(forcing)
-    if not 0 < c1 < 1 or not 0 < eta_max < 1:
-        raise ValueError(f"need 0 < c1 < 1 and 0 < eta_max < 1; got c1={c1!r}, "
-                         f"eta_max={eta_max!r}")
-    if maxiter < 0 or max_backtracks < 1:
-        raise ValueError(f"need maxiter >= 0 and max_backtracks >= 1; got maxiter={maxiter!r}, "
-                         f"max_backtracks={max_backtracks!r}")
+    require(0 < c1 < 1 and 0 < eta_max < 1, "0 < c1, eta_max < 1", c1=c1, eta_max=eta_max)
+    require(maxiter >= 0 and max_backtracks >= 1, "maxiter >= 0 and max_backtracks >= 1",
+            maxiter=maxiter, max_backtracks=max_backtracks)
     ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
                       rows_value_and_grad=rows_value_and_grad)
-    if ev.single:
-        solve = _on_row_zero(solve)
     X, xp, bsz = ev.X0, ev.xp, ev.bsz
     F, G, gg = ev.evaluate(X, np.ones(bsz, dtype=bool))
     gnorm = np.sqrt(gg)
     log = SampleLog(F, gnorm, gtol, rtol)
     hvp = np.zeros(bsz, dtype=np.int64)
     eta, prev_gnorm = np.full(bsz, eta_max), None
-    for k in range(maxiter + 1):
-        log.stop_converged(k, F, gnorm)
-        iterating = log.running.copy()
-        if k == maxiter or not np.count_nonzero(iterating):
-            break
+    for k, iterating in log.iterate(maxiter):
         eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
-        P, counts = solve(X, G, eta, iterating)
+        if ev.single:  # a single-sample solve (x, g, η) → (p, hvp)
+            p, count = solve(X[0, :], G[0, :], float(eta[0]))
+            P, counts = p[None, :], [count]
+        else:
+            P, counts = solve(X, G, eta, iterating)
         hvp += np.where(iterating, np.asarray(counts, dtype=np.int64), 0)
         slope = ev.host(rowdot(xp, G, P))
         newton = iterating & (slope < 0)
-        P, slope, alpha = _steepest_descent(ev, iterating & ~newton, G, gnorm, P, slope,
+        P, slope, alpha = steepest_descent(ev, iterating & ~newton, G, gnorm, P, slope,
                                             np.ones(bsz))
         ok, Xn, Gn, Fn, gn = _backtrack(ev, X, G, F, gnorm, P, slope, alpha, newton, iterating,
                                         c1, max_backtracks)
         log.stop(iterating & ~ok, MinimizeStatus.LINESEARCH_FAILED, k,
                  "backtracking found no step that lowers f at iteration {k} "
-                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})", F, gnorm)
+                 "(‖∇f‖ = {g:.3e}, tolerance {tol:.3e})")
         prev_gnorm = gnorm
-        X, G, F, gnorm = ev.select(ok, Xn, X), ev.select(ok, Gn, G), Fn, gn
-        log.record(ok, F)
-    return log.result(maxiter, X, F, gnorm, ev, hvp)
-
-
-def _steepest_descent(
-    ev: RowEvaluator, which: np.ndarray, G: Any, gnorm: np.ndarray, P: Any,
-    slope: np.ndarray, alpha: np.ndarray,
-) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(P, slope, first step) with the rows ``which`` turned to −∇f, slope −‖∇f‖² and
-    first step min(1, 1/‖∇f‖)."""
-    if not np.count_nonzero(which):
-        return P, slope, alpha
-    return (ev.select(which, -G, P), choose(which, -gnorm * gnorm, slope),
-            choose(which, first_step(gnorm), alpha))
+        X, G = ev.select(ok, Xn, X), ev.select(ok, Gn, G)
+        F, gnorm = log.record(ok, Fn, gn)
+    return log.result(maxiter, X, ev, hvp)
 
 
 def _backtrack(
@@ -158,17 +139,7 @@ def _backtrack(
         alpha = choose(pending, 0.5 * alpha, alpha)
         exhausted = pending & (trials >= max_backtracks)
         retry = exhausted & newton  # a Newton direction failed: steepest descent once
-        P, slope, alpha = _steepest_descent(ev, retry, G, gnorm, P, slope, alpha)
+        P, slope, alpha = steepest_descent(ev, retry, G, gnorm, P, slope, alpha)
         trials[retry], newton[retry] = 0, False
         pending &= ~(exhausted & ~retry)
     return accepted, Xa, Ga, Fa, gna
-
-
-def _on_row_zero(solve: LinearSolve) -> LinearSolve:
-    """A single-sample solve (x, g, η) → (p, hvp) as a solve of one row."""
-
-    def on_rows(X: Any, G: Any, eta: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
-        p, count = solve(X[0, :], G[0, :], float(eta[0]))
-        return p[None, :], np.array([count])
-
-    return on_rows

@@ -1,18 +1,25 @@
-"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, and the host
-bookkeeping that records it."""
+"""What the batch minimisers (``lbfgs``, ``newton_krylov``) report per sample, the host
+bookkeeping that records it, and the one-line refusal of bad arguments."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 
-from framework.optim.rows import RowEvaluator
+from framework.optim.rows import RowEvaluator, choose
 
 T = TypeVar("T")
 PerSample: TypeAlias = T | tuple[T, ...]  # one value for a 1-D x0, one per sample for (B, n)
+
+
+def require(ok: bool, need: str, **given: Any) -> None:
+    """Refuse bad input in one line: what is needed and the values given."""
+    if not ok:
+        raise ValueError(f"need {need}; got " + ", ".join(f"{k}={v!r}" for k, v in given.items()))
 
 
 class MinimizeStatus(Enum):
@@ -27,14 +34,10 @@ class MinimizeStatus(Enum):
 @dataclass(frozen=True)
 class MinimizeResult:
     """Outcome of a batch minimiser; per-sample fields are tuples of length B for a (B, n)
-    x0 and single values for a 1-D x0.
-
-    ``f_evals`` counts each sample's evaluations of f and ∇f (always together); ``hvp``
-    its Hessian-vector products (0 for L-BFGS); ``f_history`` holds f at every accepted
-    iterate; ``evaluation_rounds`` counts the calls of the evaluation (each evaluates the
-    rows of the samples then searching); ``host_reads`` the transfers of per-sample
-    scalars to the host made by the minimiser itself.
-    """
+    x0 and single values for a 1-D x0.  ``f_evals`` counts evaluations of f and ∇f
+    (always together), ``hvp`` Hessian-vector products (0 for L-BFGS), ``f_history`` f at
+    every accepted iterate, ``evaluation_rounds`` the calls of the evaluation (each on the
+    rows then searching), ``host_reads`` the minimiser's own transfers to the host."""
 
     x: Any
     status: PerSample[MinimizeStatus]
@@ -56,8 +59,7 @@ class MinimizeResult:
 
     @property
     def all_converged(self) -> bool:
-        converged = self.converged
-        return all(converged) if isinstance(converged, tuple) else converged
+        return bool(np.all(self.converged))
 
     @property
     def grad_evals(self) -> PerSample[int]:  # each evaluation gives f and ∇f
@@ -65,12 +67,13 @@ class MinimizeResult:
 
 
 class SampleLog:
-    """Host bookkeeping per sample: status, message, iterations, f history, and the
-    gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f not finite at x0
-    stops at once (NONFINITE)."""
+    """Host bookkeeping per sample: f and ‖∇f‖ at the iterate, status, message, iterations,
+    f history, and the gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f
+    not finite at x0 stops at once (NONFINITE)."""
 
     def __init__(self, F: np.ndarray, gnorm: np.ndarray, gtol: float, rtol: float) -> None:
         bsz = len(F)
+        self.F, self.gnorm = F, gnorm
         self.running = np.ones(bsz, dtype=bool)
         self.status: list[MinimizeStatus | None] = [None] * bsz
         self.message = [""] * bsz
@@ -78,42 +81,48 @@ class SampleLog:
         self.history = [[float(f)] for f in F]
         self.tol = np.maximum(gtol, rtol * gnorm)
         self.stop(~(np.isfinite(F) & np.isfinite(gnorm)), MinimizeStatus.NONFINITE, 0,
-                  "f or ∇f is not finite at x0 (f={f})", F, gnorm)
+                  "f or ∇f is not finite at x0 (f={f})")
 
-    def stop(
-        self, which: np.ndarray, status: MinimizeStatus, k: int, message: str,
-        F: np.ndarray, gnorm: np.ndarray,
-    ) -> None:
+    def stop(self, which: np.ndarray, status: MinimizeStatus, k: int, message: str) -> None:
         """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
         with the sample's k, f, g (‖∇f‖) and tol."""
         if not np.count_nonzero(which):
             return
         for i in (which & self.running).nonzero()[0].tolist():
             self.status[i], self.iterations[i], self.running[i] = status, k, False
-            self.message[i] = message.format(k=k, f=F[i], g=gnorm[i], tol=self.tol[i])
+            self.message[i] = message.format(k=k, f=self.F[i], g=self.gnorm[i], tol=self.tol[i])
 
-    def stop_converged(self, k: int, F: np.ndarray, gnorm: np.ndarray) -> None:
-        self.stop(gnorm <= self.tol, MinimizeStatus.CONVERGED, k, "‖∇f‖ = {g:.3e} ≤ {tol:.3e}",
-                  F, gnorm)
+    def iterate(self, maxiter: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(k, mask of the samples iterating) for k = 0, 1, …; before each, the samples
+        with ‖∇f‖ ≤ tol stop (CONVERGED); ends at k = maxiter or when none is left."""
+        for k in range(maxiter + 1):
+            self.stop(self.gnorm <= self.tol, MinimizeStatus.CONVERGED, k,
+                      "‖∇f‖ = {g:.3e} ≤ {tol:.3e}")
+            iterating = self.running.copy()
+            if k == maxiter or not np.count_nonzero(iterating):
+                return
+            yield k, iterating
 
-    def record(self, accepted: np.ndarray, F: np.ndarray) -> None:
-        for i in accepted.nonzero()[0].tolist():
-            self.history[i].append(float(F[i]))
+    def record(self, ok: np.ndarray, F: np.ndarray, gnorm: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step): (f, ‖∇f‖) of all."""
+        self.F, self.gnorm = choose(ok, F, self.F), choose(ok, gnorm, self.gnorm)
+        for i in ok.nonzero()[0].tolist():
+            self.history[i].append(float(self.F[i]))
+        return self.F, self.gnorm
 
-    def result(self, maxiter: int, X: Any, F: np.ndarray, gnorm: np.ndarray, ev: RowEvaluator,
-               hvp: np.ndarray) -> MinimizeResult:
+    def result(self, maxiter: int, X: Any, ev: RowEvaluator, hvp: np.ndarray) -> MinimizeResult:
         """The result of a run that ended at rows X (unwrapped for a 1-D x0); the samples
         still running stop at ``maxiter`` (MAXITER)."""
         self.stop(self.running, MinimizeStatus.MAXITER, maxiter,
-                  "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}", F, gnorm)
+                  "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}")
         per_sample = dict(
             status=tuple(self.status),
             message=tuple(self.message),
             iterations=tuple(int(i) for i in self.iterations),
             f_evals=tuple(int(e) for e in ev.sample_evaluations),
             hvp=tuple(int(h) for h in hvp),
-            grad_norm=tuple(float(g) for g in gnorm),
-            f=tuple(float(f) for f in F),
+            grad_norm=tuple(float(g) for g in self.gnorm),
+            f=tuple(float(f) for f in self.F),
             f_history=tuple(tuple(h) for h in self.history),
         )
         if ev.single:

@@ -1,10 +1,9 @@
 """Outer (upper-level) optimisers on θ: Adam and gradient descent with Armijo backtracking.
 
-Both work on arrays of any array-API namespace (taken from θ) and keep their state on
-θ's device.  ``mask`` (same shape as θ, 1 = learned, 0 = frozen) zeroes the gradient of
-frozen entries, so those never move.  ``state_dict()`` returns host NumPy arrays and
-Python scalars (checkpointable); ``load_state_dict`` restores them, moving arrays back to
-θ's device at the next step.
+Both work in θ's array namespace and keep their state on θ's device.  ``mask`` (θ's
+shape, 1 = learned, 0 = frozen) zeroes the gradient of frozen entries, so those never
+move.  ``state_dict()`` gives host NumPy arrays and Python scalars (checkpointable);
+``load_state_dict`` restores them, arrays moving back to θ's device at the next step.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ import numpy as np
 
 from backends.choice import Choice
 from backends.host import to_host
+from framework.optim.outcome import require
 
-# Outer optimisers (config ``outer.name``).
-Optimizer = Choice("Optimizer", "adam gd")
+Optimizer = Choice("Optimizer", "adam gd")  # config ``outer.name``
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,6 @@ def _like(host: np.ndarray, theta: Any) -> Any:
     return xp.asarray(host, dtype=theta.dtype, device=array_api_compat.device(theta))
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 class _Outer:
     """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
     and the checkpoint state, ``STATE`` mapping each saved attribute to its type (``_host``:
@@ -59,21 +53,10 @@ class _Outer:
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
 
     def __init__(self, lr: float, mask: Any) -> None:
-        _require(lr > 0, f"lr must be positive; got lr={lr!r}")
+        require(lr > 0, "lr > 0", lr=lr)
         self.lr, self.t = float(lr), 0
-        self._mask_host = None if mask is None else _host(mask).astype(np.float64)
+        self._mask_host = None if mask is None else to_host(mask).astype(np.float64)
         self._mask_dev: Any = None
-
-    def _masked(self, theta: Any, grad: Any) -> Any:
-        _require(tuple(theta.shape) == tuple(grad.shape), f"grad has shape "
-                 f"{tuple(grad.shape)}; expected θ's shape {tuple(theta.shape)}")
-        if self._mask_host is None:
-            return grad
-        _require(self._mask_host.size == math.prod(theta.shape), f"mask has "
-                 f"{self._mask_host.size} entries; θ has shape {tuple(theta.shape)}")
-        if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
-            self._mask_dev = _like(self._mask_host.reshape(tuple(theta.shape)), theta)
-        return grad * self._mask_dev
 
     def step(
         self,
@@ -85,9 +68,17 @@ class _Outer:
     ) -> OuterStep:
         """One update of θ with gradient ``grad`` (masked); ``loss`` is the upper loss at θ
         and ``loss_fn`` evaluates it (gradient descent's backtracking; Adam uses neither)."""
-        g = self._masked(theta, grad)
+        xp, shape = array_api_compat.array_namespace(theta, grad), tuple(theta.shape)
+        require(tuple(grad.shape) == shape, "grad of θ's shape", grad_shape=tuple(grad.shape),
+                theta_shape=shape)
+        if self._mask_host is not None:
+            require(self._mask_host.size == math.prod(shape), "a mask entry per entry of θ",
+                    mask_size=self._mask_host.size, theta_shape=shape)
+            if self._mask_dev is None or self._mask_dev.dtype != theta.dtype:
+                self._mask_dev = _like(self._mask_host.reshape(shape), theta)
+            grad = grad * self._mask_dev
         self.t += 1
-        return self._update(array_api_compat.array_namespace(theta, grad), theta, g, loss, loss_fn)
+        return self._update(xp, theta, grad, loss, loss_fn)
 
     def state_dict(self) -> dict[str, Any]:
         """Host NumPy arrays and Python scalars (checkpointable)."""
@@ -95,9 +86,8 @@ class _Outer:
                 **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"state of optimiser {state.get('name')!r} given to "
-                             f"{type(self).__name__}")
+        require(state.get("name") == self.name, f"the state of a {self.name.value!r} optimiser",
+                name=state.get("name"))
         for key, kind in self.STATE.items():
             setattr(self, key, kind(state[key]))
 
@@ -123,12 +113,10 @@ class Adam(_Outer):
     ) -> None:
         super().__init__(lr, mask)
         self.betas = tuple(float(b) for b in betas)
-        _require(all(0 <= b < 1 for b in self.betas),
-                 f"betas must lie in [0, 1); got betas={tuple(betas)!r}")
-        _require(eps > 0, f"eps must be positive; got eps={eps!r}")
+        require(all(0 <= b < 1 for b in self.betas), "0 <= betas < 1", betas=tuple(betas))
+        require(eps > 0, "eps > 0", eps=eps)
         self.eps = float(eps)
-        self.m: Any = None
-        self.v: Any = None
+        self.m = self.v = None
 
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         b1, b2 = self.betas
@@ -145,13 +133,10 @@ class Adam(_Outer):
 
 
 class GradientDescent(_Outer):
-    """θ ← θ − α g with Armijo backtracking on the upper loss.
-
-    Trials α = lr, lr·shrink, lr·shrink², …; accepted when
-    loss_fn(θ − α g) ≤ loss + c1 α ‖g‖² (g the masked gradient).  After
-    ``max_backtracks`` refused trials θ is returned unchanged (``accepted=False``).
-    Without ``loss_fn`` (or with ``max_backtracks=0``) the plain step α = lr is taken.
-    """
+    """θ ← θ − α g with Armijo backtracking on the upper loss: trials α = lr, lr·shrink,
+    lr·shrink², … until loss_fn(θ − α g) ≤ loss − c1 α ‖g‖² (g the masked gradient); after
+    ``max_backtracks`` refused trials θ stays (``accepted=False``).  Without ``loss_fn``
+    (or with ``max_backtracks=0``) the plain step α = lr is taken."""
 
     name = Optimizer.gd
     STATE: ClassVar = {"lr": float, "shrink": float, "c1": float, "max_backtracks": int, "t": int}
@@ -166,12 +151,10 @@ class GradientDescent(_Outer):
         mask: Any = None,
     ) -> None:
         super().__init__(lr, mask)
-        _require(0 < shrink < 1, f"shrink must be in (0, 1); got shrink={shrink!r}")
-        _require(0 < c1 < 1, f"c1 must be in (0, 1); got c1={c1!r}")
-        _require(max_backtracks >= 0,
-                 f"max_backtracks must be non-negative; got {max_backtracks!r}")
-        self.shrink, self.c1 = float(shrink), float(c1)
-        self.max_backtracks = int(max_backtracks)
+        require(0 < shrink < 1, "0 < shrink < 1", shrink=shrink)
+        require(0 < c1 < 1, "0 < c1 < 1", c1=c1)
+        require(max_backtracks >= 0, "max_backtracks >= 0", max_backtracks=max_backtracks)
+        self.shrink, self.c1, self.max_backtracks = float(shrink), float(c1), int(max_backtracks)
 
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
@@ -189,10 +172,7 @@ class GradientDescent(_Outer):
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
 
 
-OuterOptimizer = Adam | GradientDescent
-
-
-def make_optimizer(cfg: Any, mask: Any = None) -> OuterOptimizer:
+def make_optimizer(cfg: Any, mask: Any = None) -> Adam | GradientDescent:
     """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
     if Optimizer(cfg.name) == Optimizer.adam:
         return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask)
