@@ -16,7 +16,6 @@ KILLED); when this process dies, the writer writes what it was sent and exits.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import pickle
 import queue
@@ -44,7 +43,6 @@ class _WriterProcess:
         )
         self.pid = os.getpid()  # a forked interpreter must start its own writer
         self.trackers: dict[int, Tracker] = {}
-        self.keys = itertools.count()
         self.gone: str | None = None
         self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         threading.Thread(target=self._feed, name="mlflow-feed", daemon=True).start()
@@ -71,12 +69,9 @@ class _WriterProcess:
                 key, kind, payload = pickle.load(self.process.stdout)
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
-            tracker = self.trackers.get(key)
-            if tracker is None:
-                continue
-            if kind == "failed":
+            if (tracker := self.trackers.get(key)) is not None and kind == "failed":
                 tracker.failure = tracker.failure or payload
-            else:
+            elif tracker is not None:
                 tracker.replies.put(payload)
         code = self.process.wait()
         self.gone = f"the MLflow writer process exited (code {code})"
@@ -112,7 +107,7 @@ class Tracker:
         self._started = self._ended = False
         self._run_id: str | None = None
         self._writer = _writer_process()
-        self._key = next(self._writer.keys)
+        self._key = id(self)  # unique while registered (until ``end``)
         self._writer.trackers[self._key] = self
         self._send("open", self.uri, experiment)
 
@@ -182,10 +177,9 @@ class Tracker:
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
-        """``checkpoint.save`` of ``state`` with the run's id as ``state["run_id"]``, made
-        once every write before it is in the store, right after logging ``metrics`` (pairs
-        (metrics, step) as for ``log_metrics``) — one message to the writer, so a kill of
-        this process keeps both or neither.  The computation does not wait for the store."""
+        """``checkpoint.save`` of ``state`` plus ``"run_id"``, by the writer once every write
+        before it and ``metrics`` ((metrics, step) pairs) are in the store: one message, so
+        a kill of this process keeps both or neither.  Returns without waiting."""
         numbers = [n for m, step in metrics for n in _numbers(m, step)]
         self._write("checkpoint", str(path), state, numbers)
 

@@ -78,8 +78,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def _is_locked(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "database is locked" in text or "database table is locked" in text
+    return any(s in str(exc).lower() for s in ("database is locked", "database table is locked"))
 
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 10, base: float = 0.05, **kw: Any) -> T:
@@ -353,16 +352,13 @@ def read_runs(
         }
         records.append(RunRecord(
             run_id=info.run_id, name=info.run_name or info.run_id, status=info.status,
-            start_time=_seconds(info.start_time), end_time=_seconds(info.end_time),
+            start_time=None if info.start_time is None else info.start_time / 1000,
+            end_time=None if info.end_time is None else info.end_time / 1000,
             params=dict(data.params), tags=dict(data.tags),
             metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
             history=history,
         ))
     return records
-
-
-def _seconds(milliseconds: int | None) -> float | None:
-    return None if milliseconds is None else milliseconds / 1000
 
 
 def percent_saved(mine: float, reference: float) -> float:
