@@ -71,8 +71,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # the rename too (not every file system opens folders)
         fd = os.open(path.parent, os.O_RDONLY)
@@ -81,8 +80,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
         finally:
             os.close(fd)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed writer's
-        with contextlib.suppress(OSError):
-            stale.unlink()
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -1,10 +1,7 @@
-"""One experiment run: validate the config, hold the thread limit, pick the task.
+"""One experiment run: validate the config, hold the thread limit, run the task tracked.
 
-``run(cfg)`` validates the config before touching data or the tracking store; for
-``task=train``/``record`` it resumes from ``<output dir>/<checkpoint.filename>`` when that
-file exists and was written under the same config (same MLflow run, steps continue) and
-runs ``framework.experiment.train``; ``task=resolve`` and ``task=evaluate`` are one tracked
-run each (``framework.experiment.resolve`` / ``framework.experiment.evaluate``).
+``task=train``/``record`` resume from ``<output dir>/<checkpoint.filename>`` when it exists
+and was written under the same config (same MLflow run, steps continue).
 """
 
 from __future__ import annotations

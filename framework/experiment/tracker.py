@@ -48,9 +48,6 @@ class _WriterProcess:
         threading.Thread(target=self._feed, name="mlflow-feed", daemon=True).start()
         threading.Thread(target=self._read, name="mlflow-read", daemon=True).start()
 
-    def send(self, key: int, op: str, args: tuple[Any, ...], reply: bool) -> None:
-        self.outbox.put(pickle.dumps((key, op, args, reply), protocol=pickle.HIGHEST_PROTOCOL))
-
     def _feed(self) -> None:
         """Write queued requests to the pipe (a full pipe blocks this thread only)."""
         pipe = self.process.stdin
@@ -120,7 +117,8 @@ class Tracker:
         self._raise_failure()
         if self._ended:
             raise TrackingError(f"the MLflow run at {self.uri} has ended")
-        self._writer.send(self._key, op, args, reply)
+        message = (self._key, op, args, reply)  # pickled now: later changes do not matter
+        self._writer.outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         if not reply:
             return None
         value = self.replies.get()

@@ -152,6 +152,7 @@ class _Writer:
         self.uri, self.experiment, self.experiment_id = "", "", ""
         self.active: str | None = None
         self.lock: filelock.FileLock | None = None
+        self.failed = False  # after a failure, requests are only answered
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
@@ -279,7 +280,6 @@ def _serve() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     writers: dict[int, _Writer] = {}
-    failed: set[int] = set()
     while True:
         try:
             key, op, args, reply = pickle.load(inbox)
@@ -289,18 +289,17 @@ def _serve() -> None:
             os._exit(0)  # skip tearing down mlflow's modules (about a second)
         writer = writers.setdefault(key, _Writer())
         value = None
-        if key not in failed:
+        if not writer.failed:
             try:
                 value = getattr(writer, op)(*args)
             except Exception as exc:
-                failed.add(key)
+                writer.failed = True
                 pickle.dump((key, "failed", writer.describe(exc)), outbox)
         if reply:
             pickle.dump((key, "reply", value), outbox)
         outbox.flush()
         if op == "close":
             writers.pop(key, None)
-            failed.discard(key)
 
 
 # -- reading runs back (the compare view) ------------------------------------------------
