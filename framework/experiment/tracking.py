@@ -83,12 +83,9 @@ def _is_locked(exc: BaseException) -> bool:
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 10, base: float = 0.05, **kw: Any) -> T:
     """Call ``fn`` and retry with jittered exponential backoff while SQLite is locked."""
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(_is_locked),
-        wait=tenacity.wait_random_exponential(multiplier=base),
-        stop=tenacity.stop_after_attempt(attempts),
-        reraise=True,
-    )(fn, *args, **kw)
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(_is_locked), reraise=True,
+                             wait=tenacity.wait_random_exponential(multiplier=base),
+                             stop=tenacity.stop_after_attempt(attempts))(fn, *args, **kw)
 
 
 @contextlib.contextmanager
