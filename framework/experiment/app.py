@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.errors import ConfigCompositionException
@@ -44,18 +44,16 @@ class TrackingSetup(Callback):
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float:
     try:
-        summary = run(cfg)
+        return run(cfg).final_loss
     except ConfigError as exc:
-        _config_error(exc)
+        _fail(2, f"configuration error: {exc}")
     except TrackingError as exc:
-        print(f"hyperkrylov: tracking error: {exc}", file=sys.stderr)
-        sys.exit(3)
-    return summary.final_loss
+        _fail(3, f"tracking error: {exc}")
 
 
-def _config_error(exc: ConfigError) -> None:
-    print(f"hyperkrylov: configuration error: {exc}", file=sys.stderr)
-    sys.exit(2)
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"hyperkrylov: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,10 +83,9 @@ def main() -> None:
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValidationError):
-            _config_error(ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}"))
+            _fail(2, f"configuration error: {cause.full_key}: {str(cause).splitlines()[0]}")
         detail = "" if cause is None else f": {str(cause).splitlines()[0]}"
-        print(f"hyperkrylov: {str(exc).splitlines()[0]}{detail}", file=sys.stderr)
-        sys.exit(1)
+        _fail(1, f"{str(exc).splitlines()[0]}{detail}")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype == object:
             raise CheckpointError(f"{where}: object arrays cannot be checkpointed")
-        key = f"a{len(arrays)}"
-        arrays[key] = obj
+        arrays[key := f"a{len(arrays)}"] = obj
         return {_ARRAY: key}
     if isinstance(obj, np.generic):
         return obj.item()
@@ -56,25 +55,6 @@ def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
     )
 
 
-def _decode(obj: Any, archive: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {_ARRAY}:
-            return np.array(archive[obj[_ARRAY]])
-        return {k: _decode(v, archive) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, archive) for v in obj]
-    return obj
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` atomically to ``path`` (a ``.npz`` file); return the path."""
     path = Path(path)
@@ -83,8 +63,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     meta = {"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")}
     text = json.dumps(meta, allow_nan=True).encode("utf-8")
     members = {_META: np.frombuffer(text, dtype=np.uint8), **arrays}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **members)
@@ -92,13 +71,16 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # the rename too (not every file system opens folders)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed writer's
-        with contextlib.suppress(OSError):
-            stale.unlink()
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -109,13 +91,12 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(bytes(archive[_META]).decode("utf-8"))
-            if meta.get("format") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path}: checkpoint format {meta.get('format')!r}; this version reads "
-                    f"format {FORMAT_VERSION}"
-                )
-            return _decode(meta["state"], archive)
+            text = bytes(archive[_META]).decode("utf-8")
+            if (version := json.loads(text).get("format")) != FORMAT_VERSION:
+                raise CheckpointError(f"{path}: checkpoint format {version!r}; this version "
+                                      f"reads format {FORMAT_VERSION}")
+            return json.loads(text, object_hook=lambda d: (
+                np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))["state"]
     except CheckpointError:
         raise
     except Exception as exc:

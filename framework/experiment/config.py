@@ -202,13 +202,6 @@ def _check(ok: Any, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _check_ranges(c: Any) -> None:
-    for key in (*_POSITIVE, *_NON_NEGATIVE):
-        value, closed = reduce(getattr, key.split("."), c), key in _NON_NEGATIVE
-        ok = value is None or (math.isfinite(value) and (value >= 0 if closed else value > 0))
-        _check(ok, key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
-
-
 def _within(key: str, value: float, low: float, high: float, *, closed_low: bool) -> None:
     ok = (low <= value if closed_low else low < value) and value < high
     _check(ok, key, f"must be in {'[' if closed_low else '('}{low}, {high}); got {value!r}")
@@ -283,7 +276,10 @@ def validate(cfg: DictConfig | Config) -> Config:
     except Exception as exc:  # omegaconf errors: missing values, wrong types, unknown keys
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"{f'{key}: ' if key else ''}{exc}".splitlines()[0]) from exc
-    _check_ranges(c)
+    for key in (*_POSITIVE, *_NON_NEGATIVE):
+        value, closed = reduce(getattr, key.split("."), c), key in _NON_NEGATIVE
+        ok = value is None or (math.isfinite(value) and (value >= 0 if closed else value > 0))
+        _check(ok, key, f"must be {'non-negative' if closed else 'positive'}; got {value!r}")
     if c.task != Task.resolve:  # a re-solve takes its problem from the recording
         _validate_problem(c.problem)
     _validate_task(c)

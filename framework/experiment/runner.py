@@ -1,10 +1,7 @@
-"""One experiment run: validate the config, hold the thread limit, pick the task.
+"""One experiment run: validate the config, hold the thread limit, run the task tracked.
 
-``run(cfg)`` validates the config before touching data or the tracking store; for
-``task=train``/``record`` it resumes from ``<output dir>/<checkpoint.filename>`` when that
-file exists and was written under the same config (same MLflow run, steps continue) and
-runs ``framework.experiment.train``; ``task=resolve`` and ``task=evaluate`` are one tracked
-run each (``framework.experiment.resolve`` / ``framework.experiment.evaluate``).
+``task=train``/``record`` resume from ``<output dir>/<checkpoint.filename>`` when it exists
+and was written under the same config (same MLflow run, steps continue).
 """
 
 from __future__ import annotations
@@ -20,19 +17,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from backends.threads import choose_num_threads, limited_threads
-from framework.experiment import checkpoint, names
+from framework.experiment import checkpoint, names, resolve
 from framework.experiment.config import Config, ProblemName, Task, flatten, to_yaml, validate
 from framework.experiment.console import say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
-from framework.experiment.resolve import (
-    load_sequence,
-    method_label,
-    recycle_dim,
-    resolve_params,
-    resolve_tags,
-    run_resolve,
-)
 from framework.experiment.tracker import make_tracker
 from framework.experiment.tracking import folder_lock
 from framework.experiment.train import EngineFactory, check_resumable, train
@@ -45,12 +34,11 @@ def _hydra_context() -> tuple[Path | None, dict[str, str]]:
     if not HydraConfig.initialized():
         return None, {}
     hc = HydraConfig.get()
-    tags: dict[str, str] = {}
-    if hc.mode == RunMode.MULTIRUN:
-        tags[names.SWEEP_TAG] = str(hc.sweep.dir)
-        tags[names.JOB_NUM_TAG] = str(hc.job.num)
-        tags[names.OVERRIDES_TAG] = " ".join(hc.overrides.task)
-    return Path(hc.runtime.output_dir), tags
+    if hc.mode != RunMode.MULTIRUN:
+        return Path(hc.runtime.output_dir), {}
+    return Path(hc.runtime.output_dir), {names.SWEEP_TAG: str(hc.sweep.dir),
+                                         names.JOB_NUM_TAG: str(hc.job.num),
+                                         names.OVERRIDES_TAG: " ".join(hc.overrides.task)}
 
 
 def _wait_for_previous_writer(out: Path) -> None:
@@ -70,9 +58,9 @@ def _wait_for_previous_writer(out: Path) -> None:
 def _run_name(c: Config) -> str:
     if c.tracking.run_name:
         return c.tracking.run_name
-    dim = f"-k{recycle_dim(c.recycle)}" if c.recycle.enabled else ""
+    dim = f"-k{resolve.recycle_dim(c.recycle)}" if c.recycle.enabled else ""
     if c.task == Task.resolve:
-        return f"resolve-{method_label(c.recycle, c.stop)}{dim}"
+        return f"resolve-{resolve.method_label(c.recycle, c.stop)}{dim}"
     prefix = "" if c.task == Task.train else f"{c.task}-"
     return f"{prefix}{c.problem.name}-{c.recycle.strategy}{dim}"
 
@@ -83,13 +71,11 @@ def run(
     output_dir: str | Path | None = None,
     engine_factory: EngineFactory | None = None,
 ) -> Any:
-    """Run (or resume) the experiment described by ``cfg``; see the module docstring.
-    ``task=train``/``record`` return a ``RunSummary``, ``task=resolve`` a
-    ``framework.experiment.resolve.ResolveSummary``, ``task=evaluate`` an ``EvaluationSummary``.
-
-    The whole run holds the BLAS/OpenMP thread limit of ``backend.num_threads``
-    (``backends.threads``); the count threadpoolctl reports inside the run is logged as
-    the parameter ``backend.blas_threads``."""
+    """Run (or resume) the experiment ``cfg``; return the task's ``RunSummary``,
+    ``ResolveSummary`` or ``EvaluationSummary``.  Bad inputs (a recording, a θ file, a
+    checkpoint of another config) fail before the tracking run is created.  The run holds
+    the BLAS/OpenMP thread limit of ``backend.num_threads`` (``backends.threads``) and logs
+    the count threadpoolctl reports as the param ``backend.blas_threads``."""
     started = time.perf_counter()
     c = validate(cfg)
     quadratic = c.problem.name == ProblemName.quadratic and c.task != Task.resolve
@@ -98,50 +84,45 @@ def run(
     with limited_threads(limit) as blas_threads:
         if limit is not None:
             say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
-                 f"{'auto' if c.backend.num_threads is None else c.backend.num_threads})")
+                f"{'auto' if c.backend.num_threads is None else c.backend.num_threads})")
         run_params = {"backend.blas_threads": str(blas_threads)}
-        return _run(c, started, run_params, output_dir, engine_factory)
+        hydra_dir, tags = _hydra_context()
+        if c.tracking.sweep_id:
+            tags[names.SWEEP_TAG] = c.tracking.sweep_id
+        out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
+        tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
+        state, params = None, None  # params: logged here for resolve/evaluate (train: its own)
+        if c.task == Task.resolve:
+            recording = resolve.load_sequence(c.sequence.path or "")
+            tags.update(resolve.resolve_tags(c))
+            params = resolve.resolve_params(c, recording)
+            work = partial(resolve.run_resolve, c, recording, out, say=say, started=started)
+        elif c.task == Task.evaluate:
+            params = flatten(c)
+            work = partial(run_evaluation, c, prepare_evaluation(c), out, say=say)
+        else:
+            ckpt_path = out / c.checkpoint.filename
+            _wait_for_previous_writer(out)
+            state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
+            if state is not None:
+                check_resumable(state, c, ckpt_path)
+            work = partial(train, c, out, ckpt_path, state, started=started,
+                           engine_factory=engine_factory or make_engine, run_params=run_params)
+        out.mkdir(parents=True, exist_ok=True)
+        params = None if params is None else {**params, **run_params}
+        return _tracked(c, out, tags, state, params, work)
 
 
-def _run(
-    c: Config,
-    started: float,
-    run_params: dict[str, str],
-    output_dir: str | Path | None,
-    engine_factory: EngineFactory | None,
-) -> Any:
-    """Everything that can fail on the inputs (a recording, a θ file, a checkpoint of
-    another config) fails before the tracking run is created; then one tracked run."""
-    hydra_dir, tags = _hydra_context()
-    if c.tracking.sweep_id:
-        tags[names.SWEEP_TAG] = c.tracking.sweep_id
-    out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
-    tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
-    state, params = None, None  # params: logged here for resolve/evaluate (train logs its own)
-    if c.task == Task.resolve:
-        recording = load_sequence(c.sequence.path or "")
-        tags.update(resolve_tags(c))
-        params = resolve_params(c, recording)
-        work = partial(run_resolve, c, recording, out, say=say, started=started)
-    elif c.task == Task.evaluate:
-        params = flatten(c)
-        work = partial(run_evaluation, c, prepare_evaluation(c), out, say=say)
-    else:
-        ckpt_path = out / c.checkpoint.filename
-        _wait_for_previous_writer(out)
-        state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
-        if state is not None:
-            check_resumable(state, c, ckpt_path)
-        factory = engine_factory or make_engine
-        work = partial(train, c, out, ckpt_path, state, engine_factory=factory, started=started,
-                       run_params=run_params)
-    out.mkdir(parents=True, exist_ok=True)
+def _tracked(c: Config, out: Path, tags: dict[str, str], state: dict[str, Any] | None,
+             params: dict[str, str] | None, work: Any) -> Any:
+    """``work(tracker)`` as one tracked run: a new one, the checkpoint's (``state``), or the
+    one recorded in ``out`` by a run killed before its first checkpoint."""
     tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
     recorded = out / RUN_ID_FILE  # the run's id, written the moment the run exists
     run_id, adopt = None, False
     if state is not None:
         run_id = state.get("run_id")
-    elif recorded.is_file():  # killed before its first checkpoint: continue that run
+    elif recorded.is_file():
         run_id, adopt = recorded.read_text().strip(), True
     tracker.start(run_name=_run_name(c), tags=tags, run_id=run_id, record_to=recorded,
                   adopt=adopt)
@@ -150,7 +131,7 @@ def _run(
         say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")
     try:
         if params is not None:
-            tracker.log_params({**params, **run_params})
+            tracker.log_params(params)
             tracker.log_text(to_yaml(c), "config.yaml")
         summary = work(tracker)
     except BaseException as exc:

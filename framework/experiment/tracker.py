@@ -1,12 +1,11 @@
 """A run's MLflow tracker: writes go to a writer process, in call order, without waiting.
 
-``Tracker`` is one MLflow run.  mlflow itself is imported, stores opened (for a new SQLite
-file: creating its schema, some seconds) and every write made by a writer process
-(``python -m framework.experiment.tracking``), so tracking runs beside the computation on
-another core instead of sharing its interpreter.  One writer serves every tracker of this
-interpreter, one after another (a Hydra sweep with the basic launcher, a test session pays
-for importing mlflow once).  A call pickles its write (so later changes to its arrays do not
-matter) and returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
+``Tracker`` is one MLflow run.  Importing mlflow, opening the store (for a new SQLite file:
+creating its schema, some seconds) and every write happen in a writer process (``python -m
+framework.experiment.tracking``), beside the computation on another core.  One writer serves
+every tracker of this interpreter (a sweep with the basic launcher, a test session imports
+mlflow once).  A call pickles its write (later changes to its arrays do not matter) and
+returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
 
 Failures: an http(s) server that does not answer is reported at once; any other failure
 stops that run's writes and is raised as one ``TrackingError`` line by its next call.  The
@@ -17,7 +16,6 @@ KILLED); when this process dies, the writer writes what it was sent and exits.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import pickle
 import queue
@@ -32,33 +30,23 @@ from typing import Any
 from framework.experiment import checkpoint
 from framework.experiment.tracking import TrackingError, check_reachable, resolve_uri
 
-_GONE = object()  # the writer process ended before it replied
-
 
 class _WriterProcess:
     """The writer process of this interpreter and the threads that feed and read its pipes."""
 
     def __init__(self) -> None:
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.environ.get("PYTHONPATH")
-        env = {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
+        path = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "framework.experiment.tracking"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
         )
         self.pid = os.getpid()  # a forked interpreter must start its own writer
         self.trackers: dict[int, Tracker] = {}
-        self.keys = itertools.count()
         self.gone: str | None = None
         self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         threading.Thread(target=self._feed, name="mlflow-feed", daemon=True).start()
         threading.Thread(target=self._read, name="mlflow-read", daemon=True).start()
-
-    def usable(self) -> bool:
-        return self.gone is None and self.pid == os.getpid()
-
-    def send(self, key: int, op: str, args: tuple[Any, ...], reply: bool) -> None:
-        self.outbox.put(pickle.dumps((key, op, args, reply), protocol=pickle.HIGHEST_PROTOCOL))
 
     def _feed(self) -> None:
         """Write queued requests to the pipe (a full pipe blocks this thread only)."""
@@ -78,18 +66,15 @@ class _WriterProcess:
                 key, kind, payload = pickle.load(self.process.stdout)
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
-            tracker = self.trackers.get(key)
-            if tracker is None:
-                continue
-            if kind == "failed":
+            if (tracker := self.trackers.get(key)) is not None and kind == "failed":
                 tracker.failure = tracker.failure or payload
-            else:
+            elif tracker is not None:
                 tracker.replies.put(payload)
         code = self.process.wait()
         self.gone = f"the MLflow writer process exited (code {code})"
         for tracker in list(self.trackers.values()):
             tracker.failure = tracker.failure or self.gone
-            tracker.replies.put(_GONE)
+            tracker.replies.put(None)  # wakes a waiting call, which raises the failure
 
 
 _shared: _WriterProcess | None = None
@@ -100,7 +85,7 @@ def _writer_process() -> _WriterProcess:
     """This interpreter's writer process, started on first use (again if it died)."""
     global _shared
     with _shared_lock:
-        if _shared is None or not _shared.usable():
+        if _shared is None or _shared.gone is not None or _shared.pid != os.getpid():
             _shared = _WriterProcess()
         return _shared
 
@@ -119,20 +104,21 @@ class Tracker:
         self._started = self._ended = False
         self._run_id: str | None = None
         self._writer = _writer_process()
-        self._key = next(self._writer.keys)
+        self._key = id(self)  # unique while registered (until ``end``)
         self._writer.trackers[self._key] = self
         self._send("open", self.uri, experiment)
 
     def _raise_failure(self) -> None:
+        self.failure = self.failure or self._writer.gone
         if self.failure is not None:
             raise TrackingError(self.failure)
 
     def _send(self, op: str, *args: Any, reply: bool = False) -> Any:
-        self.failure = self.failure or self._writer.gone
         self._raise_failure()
         if self._ended:
             raise TrackingError(f"the MLflow run at {self.uri} has ended")
-        self._writer.send(self._key, op, args, reply)
+        message = (self._key, op, args, reply)  # pickled now: later changes do not matter
+        self._writer.outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         if not reply:
             return None
         value = self.replies.get()
@@ -144,15 +130,9 @@ class Tracker:
             raise TrackingError("no active run: call Tracker.start() first")
         self._send(op, *args)
 
-    def start(
-        self,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        run_id: str | None = None,
-        record_to: str | Path | None = None,
-        adopt: bool = False,
-    ) -> None:
+    def start(self, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+              run_id: str | None = None, record_to: str | Path | None = None,
+              adopt: bool = False) -> None:
         """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING).
 
         ``record_to``: a file that receives the new run's id the moment the run exists (a
@@ -168,12 +148,12 @@ class Tracker:
     def run_id(self) -> str | None:
         """The run's id, once it exists (None before ``start``)."""
         if self._started and self._run_id is None:
-            self._run_id = self._send("run_id", reply=True)
+            self._run_id = self.flush()
         return self._run_id
 
-    def flush(self) -> None:
-        """Wait until every write so far is in the store."""
-        self._send("flush", reply=True)
+    def flush(self) -> str | None:
+        """Wait until every write so far is in the store; the run's id."""
+        return self._send("flush", reply=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params.  On a resumed run, params already logged are skipped; a changed value is
@@ -195,12 +175,11 @@ class Tracker:
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
-        """``checkpoint.save`` of ``state`` with the run's id as ``state["run_id"]``, made
-        once every write before it is in the store, right after logging ``metrics`` (pairs
-        (metrics, step) as for ``log_metrics``) — one message to the writer, so a kill of
-        this process keeps both or neither.  The computation does not wait for the store."""
-        batches = [_numbers(m, step) for m, step in metrics]
-        self._write("checkpoint", str(path), state, [m for batch in batches for m in batch])
+        """``checkpoint.save`` of ``state`` plus ``"run_id"``, by the writer once every write
+        before it and ``metrics`` ((metrics, step) pairs) are in the store: one message, so
+        a kill of this process keeps both or neither.  Returns without waiting."""
+        numbers = [n for m, step in metrics for n in _numbers(m, step)]
+        self._write("checkpoint", str(path), state, numbers)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED (or FAILED / KILLED) once every write is done; only a run
@@ -239,8 +218,7 @@ class NullTracker:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    start = log_params = log_metrics = set_tags = log_artifact = log_text = end = _ignore
-    flush = _ignore
+    start = log_params = log_metrics = set_tags = log_artifact = log_text = flush = end = _ignore
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
@@ -252,6 +230,4 @@ class NullTracker:
 
 def make_tracker(cfg: Any) -> Tracker | NullTracker:
     """A ``Tracker`` for a ``TrackingConfig`` (``NullTracker`` when ``enabled`` is false)."""
-    if not cfg.enabled:
-        return NullTracker()
-    return Tracker(cfg.uri, cfg.experiment)
+    return Tracker(cfg.uri, cfg.experiment) if cfg.enabled else NullTracker()

@@ -1,16 +1,14 @@
 """Experiment tracking through MLflow — the only module of hyperkrylov that imports mlflow.
 
 Where results go: ``tracking.uri`` when set, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/mlflow/mlflow.db``.  For a SQLite store, artifacts go to an
-``artifacts/`` folder next to the database file (``mlflow/artifacts`` by default); a
-tracking server chooses its own artifact store.
+``sqlite:///<cwd>/mlflow/mlflow.db``; a SQLite store keeps artifacts in ``artifacts/`` next
+to the database file, a tracking server chooses its own artifact store.
 
-Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file:
-the experiment is created once up front (``prepare_experiment``, called by the sweep's
-Hydra callback) and every write retries with exponential backoff while SQLite reports
-"database is locked".  A run's tracker (``framework.experiment.tracker``) sends its writes
-to a writer process, this module run as a script (``_serve``), so neither a run's
-interpreter nor a disabled tracker imports mlflow.
+Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file: the
+experiment is created once up front (``prepare_experiment``, from the sweep's Hydra callback)
+and every call retries with backoff while SQLite reports "database is locked".  This module
+run as a script is the writer process of ``framework.experiment.tracker`` (``_serve``), so
+neither a run's interpreter nor a disabled tracker imports mlflow.
 """
 
 from __future__ import annotations
@@ -42,30 +40,21 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI, deleted experiment)."""
 
 
-def default_uri(cwd: str | Path | None = None) -> str:
-    """``sqlite:///<cwd>/mlflow/mlflow.db``."""
-    base = Path(cwd) if cwd is not None else Path.cwd()
-    return f"sqlite:///{(base / 'mlflow' / 'mlflow.db').resolve()}"
-
-
 def resolve_uri(uri: str | None = None, cwd: str | Path | None = None) -> str:
-    """The tracking URI: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``default_uri(cwd)``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cwd)
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow/mlflow.db``."""
+    default = (Path(cwd or Path.cwd()) / "mlflow" / "mlflow.db").resolve()
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default}"
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///") :])
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def artifact_root(uri: str) -> str | None:
     """Artifact root for new experiments: ``<db folder>/artifacts`` for SQLite, else None."""
     db = sqlite_path(uri)
-    if db is None:
-        return None
-    return (db.parent / "artifacts").resolve().as_uri()
+    return None if db is None else (db.parent / "artifacts").resolve().as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -78,8 +67,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except urllib.error.HTTPError as exc:  # an answer; 5xx: the server is broken
         if exc.code < 500:
             return
-        reason = f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
+        reason: Any = f"HTTP {exc.code}"
+    except OSError as exc:  # URLError included
         reason = getattr(exc, "reason", exc)
     raise TrackingError(
         f"MLflow tracking server {uri} is unreachable ({reason}); start it "
@@ -89,18 +78,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def _is_locked(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "database is locked" in text or "database table is locked" in text
+    return any(s in str(exc).lower() for s in ("database is locked", "database table is locked"))
 
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 10, base: float = 0.05, **kw: Any) -> T:
     """Call ``fn`` and retry with jittered exponential backoff while SQLite is locked."""
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(_is_locked),
-        wait=tenacity.wait_random_exponential(multiplier=base),
-        stop=tenacity.stop_after_attempt(attempts),
-        reraise=True,
-    )(fn, *args, **kw)
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(_is_locked), reraise=True,
+                             wait=tenacity.wait_random_exponential(multiplier=base),
+                             stop=tenacity.stop_after_attempt(attempts))(fn, *args, **kw)
 
 
 @contextlib.contextmanager
@@ -125,48 +110,46 @@ def _client(uri: str) -> Any:
     return client
 
 
-def _experiment_id(client: Any, uri: str, name: str, *, create: bool) -> str | None:
-    from mlflow.exceptions import MlflowException
-
+def _experiment_id(client: Any, uri: str, name: str) -> str | None:
+    """The id of the experiment ``name`` (None when there is none); deleted is an error."""
     exp = retry(client.get_experiment_by_name, name)
-    if exp is None and create:
-        root = artifact_root(uri)
-        location = None if root is None else f"{root}/{name}"
-        try:
-            return retry(client.create_experiment, name, artifact_location=location)
-        except MlflowException:  # created meanwhile by a parallel job
-            exp = retry(client.get_experiment_by_name, name)
-            if exp is None:
-                raise
-    if exp is None:
-        return None
-    if exp.lifecycle_stage == "deleted":
+    if exp is not None and exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted at {uri}; restore it "
             "(`mlflow experiments restore`) or choose another tracking.experiment"
         )
-    return exp.experiment_id
+    return None if exp is None else exp.experiment_id
 
 
 def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
     """Create the experiment ``name`` (and the SQLite schema) once; return its id."""
+    from mlflow.exceptions import MlflowException
+
     client = client or _client(uri)
     with _store_lock(uri):
-        exp_id = _experiment_id(client, uri, name, create=True)
-    assert exp_id is not None
+        exp_id = _experiment_id(client, uri, name)
+        if exp_id is None:
+            root = artifact_root(uri)
+            try:
+                exp_id = retry(client.create_experiment, name,
+                               artifact_location=None if root is None else f"{root}/{name}")
+            except MlflowException:  # created meanwhile by a parallel job (a server's store)
+                exp_id = _experiment_id(client, uri, name)
+                if exp_id is None:
+                    raise
     return exp_id
 
 
 # -- the writer process (run as a script by framework.experiment.tracker) ----------------
 class _Writer:
-    """The writer process's side: the MLflow client and the active run."""
+    """The writer process's side of one tracker: the MLflow client and the active run."""
 
     def __init__(self) -> None:
         self.client: Any = None
-        self.experiment_id: str | None = None
+        self.uri, self.experiment, self.experiment_id = "", "", ""
         self.active: str | None = None
-        self.uri, self.experiment = "", ""
         self.lock: filelock.FileLock | None = None
+        self.failed = False  # after a failure, requests are only answered
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
@@ -175,53 +158,51 @@ class _Writer:
 
     def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None,
               command: str, record_to: str | None, adopt: bool) -> None:
-        if run_id is not None and adopt:  # resume a recorded run unless finished or gone
-            from mlflow.exceptions import MlflowException
+        """Create a run, or resume ``run_id``; ``adopt``: resume it only if it is still
+        there, unfinished, in this experiment (else create a run)."""
+        from mlflow.exceptions import MlflowException
 
+        run = None
+        if run_id is not None:
             try:
-                info = retry(self.client.get_run, run_id).info
-                adoptable = (info.status != "FINISHED" and info.lifecycle_stage == "active"
-                             and info.experiment_id == self.experiment_id)
+                run = retry(self.client.get_run, run_id)
             except MlflowException:
-                adoptable = False
-            run_id = run_id if adoptable else None
-        if run_id is None:
+                if not adopt:
+                    raise
+        if adopt and run is not None and (run.info.status == "FINISHED"
+                                          or run.info.lifecycle_stage != "active"
+                                          or run.info.experiment_id != self.experiment_id):
+            run = None
+        resumed = run is not None
+        if run is None:
             run = retry(self.client.create_run, self.experiment_id, run_name=run_name,
                         tags=_standard_tags(tags, command))
-            self.active = run.info.run_id
-            if record_to is not None:
-                self._hold(record_to)
-                _write_atomically(Path(record_to), self.active)
-            self.call("log_text", _requirements(), "requirements.txt")
+        elif run.info.experiment_id != self.experiment_id:
+            raise TrackingError(f"run {run_id} belongs to experiment "
+                                f"{run.info.experiment_id}, not {self.experiment!r}")
+        else:
+            retry(self.client.update_run, run_id, status="RUNNING")
+        self.active = run.info.run_id
+        if record_to is not None:  # a rerun in this folder waits for these writes
+            self.lock = folder_lock(Path(record_to).parent)
+            self.lock.acquire()  # released by ``close`` or the end of this process
+        if resumed:
+            self.log_batch(tags=tags.items())
             return
-        run = retry(self.client.get_run, run_id)
-        if run.info.experiment_id != self.experiment_id:
-            raise TrackingError(
-                f"run {run_id} belongs to experiment {run.info.experiment_id}, "
-                f"not {self.experiment!r}"
-            )
-        retry(self.client.update_run, run_id, status="RUNNING")
-        self.active = run_id
-        if record_to is not None:
-            self._hold(record_to)
-        self.log_batch(tags=tags.items())
+        if record_to is not None:  # atomically
+            tmp = Path(record_to).with_name(f".{Path(record_to).name}.tmp")
+            tmp.write_text(self.active)
+            os.replace(tmp, record_to)
+        self.call("log_text", _requirements(), "requirements.txt")
 
-    def _hold(self, record_to: str) -> None:
-        """Hold the run folder's lock (``folder_lock``) until ``close`` or this process ends:
-        a rerun in the folder waits for these writes before it reads the checkpoint."""
-        self.lock = folder_lock(Path(record_to).parent)
-        self.lock.acquire()
-
-    def run_id(self) -> str | None:
+    def flush(self) -> str | None:
+        """Nothing to do (the requests run in order); the run's id."""
         return self.active
 
     def close(self) -> str | None:
         if self.lock is not None:
             self.lock.release()
         return self.active
-
-    def flush(self) -> None:
-        return None
 
     def checkpoint(self, path: str, state: dict[str, Any], metrics: list[Any]) -> None:
         if metrics:
@@ -277,13 +258,6 @@ def folder_lock(folder: Path) -> filelock.FileLock:
     return filelock.FileLock(folder / ".tracking.lock")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _requirements() -> str:
     """The installed distributions, one ``name==version`` per line (pip freeze style)."""
     found = {
@@ -303,7 +277,6 @@ def _serve() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     writers: dict[int, _Writer] = {}
-    failed: set[int] = set()
     while True:
         try:
             key, op, args, reply = pickle.load(inbox)
@@ -313,18 +286,17 @@ def _serve() -> None:
             os._exit(0)  # skip tearing down mlflow's modules (about a second)
         writer = writers.setdefault(key, _Writer())
         value = None
-        if key not in failed:
+        if not writer.failed:
             try:
                 value = getattr(writer, op)(*args)
             except Exception as exc:
-                failed.add(key)
+                writer.failed = True
                 pickle.dump((key, "failed", writer.describe(exc)), outbox)
         if reply:
             pickle.dump((key, "reply", value), outbox)
         outbox.flush()
         if op == "close":
             writers.pop(key, None)
-            failed.discard(key)
 
 
 # -- reading runs back (the compare view) ------------------------------------------------
@@ -358,33 +330,27 @@ def read_runs(
     with the step histories of ``history_keys`` (all metrics when None)."""
     uri = resolve_uri(uri)
     client = _client(uri)
-    exp_id = _experiment_id(client, uri, experiment, create=False)
+    exp_id = _experiment_id(client, uri, experiment)
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
     flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
-    runs = retry(
-        client.search_runs, [exp_id], filter_string=flt, order_by=["attributes.start_time ASC"],
-        max_results=5000,
-    )
+    runs = retry(client.search_runs, [exp_id], filter_string=flt,
+                 order_by=["attributes.start_time ASC"], max_results=5000)
     records = []
     for run in runs:
         info, data = run.info, run.data
-        keys = data.metrics if history_keys is None else [
-            k for k in history_keys if k in data.metrics
-        ]
+        keys = [k for k in (data.metrics if history_keys is None else history_keys)
+                if k in data.metrics]
         history = {
             key: tuple(sorted((int(m.step), float(m.value))
                               for m in retry(client.get_metric_history, info.run_id, key)))
             for key in keys
         }
         records.append(RunRecord(
-            run_id=info.run_id,
-            name=info.run_name or info.run_id,
-            status=info.status,
+            run_id=info.run_id, name=info.run_name or info.run_id, status=info.status,
             start_time=None if info.start_time is None else info.start_time / 1000,
             end_time=None if info.end_time is None else info.end_time / 1000,
-            params=dict(data.params),
-            tags=dict(data.tags),
+            params=dict(data.params), tags=dict(data.tags),
             metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
             history=history,
         ))
