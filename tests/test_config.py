@@ -74,6 +74,10 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["solver.preconditioner=fft"], "solver.preconditioner"),  # with recycling
         (["solver.preconditioner=fft", "recycle=none", "problem.regularizer=tv"],
          "solver.preconditioner"),
+        (["solver.lower.preconditioner=fft", "solver.lower.name=lbfgs"],
+         "solver.lower.preconditioner"),
+        (["solver.lower.preconditioner=fft", "problem.regularizer=tv"],
+         "solver.lower.preconditioner"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -104,6 +108,13 @@ def test_recycle_and_stop_groups_are_the_library_dataclasses():
     assert c.stop == StopConfig(StopKind.hypergradient, rtol=1e-4)
     settings = engine_config(c)
     assert settings.recycle is c.recycle and settings.stop is c.stop
+
+
+def test_the_two_preconditioners_map_to_their_solves():
+    settings = engine_config(validate(_compose("solver.lower.preconditioner=fft")))
+    assert (settings.lower_preconditioner, settings.preconditioner) == ("fft", "none")
+    settings = engine_config(validate(_compose("solver.preconditioner=fft", "recycle=none")))
+    assert (settings.lower_preconditioner, settings.preconditioner) == ("none", "fft")
 
 
 def test_typos_and_wrong_types_fail_at_composition():

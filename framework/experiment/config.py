@@ -92,6 +92,7 @@ class LowerSolverConfig:
     gtol: float = 1e-6
     maxiter: int = 500
     memory: int = 10
+    preconditioner: Preconditioner = Preconditioner.none  # Newton–Krylov's inner solves
 
 
 @dataclass
@@ -297,6 +298,11 @@ def validate(cfg: DictConfig | Config) -> Config:
         _check(c.task != Task.resolve, "solver.preconditioner",
                "task=resolve re-solves a recording without a preconditioner; use none")
         _check(c.problem.regularizer == Regularizer.foe, "solver.preconditioner",
+               "fft is built for the FoE regulariser; use none")
+    if c.solver.lower.preconditioner == Preconditioner.fft:
+        _check(c.solver.lower.name == LowerSolver.newton_krylov, "solver.lower.preconditioner",
+               "preconditions Newton–Krylov's inner solves; add solver.lower.name=newton_krylov")
+        _check(c.problem.regularizer == Regularizer.foe, "solver.lower.preconditioner",
                "fft is built for the FoE regulariser; use none")
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)

@@ -28,6 +28,7 @@ def engine_config(cfg: Config) -> EngineConfig:
         lower_maxiter=cfg.solver.lower.maxiter,
         lower_memory=cfg.solver.lower.memory,
         lower_solver=cfg.solver.lower.name,
+        lower_preconditioner=cfg.solver.lower.preconditioner,
         preconditioner=cfg.solver.preconditioner,
         shadow_baseline=cfg.baseline.mode == Baseline.shadow,
     )
