@@ -10,8 +10,7 @@ import array_api_compat
 import numpy as np
 
 from backends.counting import Counter
-from problems.base import Problem, as_rows, check_agree
-from problems.linearization import Linearization
+from problems.base import Linearization, Problem, as_rows, check_agree
 from problems.operators import add_relative_noise, stack_operators
 
 
