@@ -145,8 +145,8 @@ class RowRegularizer:
     ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
     (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (∇²R and Jᵀ
     frozen at X: ``hvp``/``jac_t`` on blocks (B, n, b)), ``mask_host()`` (flat 0/1 host
-    mask of the learned entries of θ) and ``batch_key()`` (what two samples' regularisers
-    must share to be solved as one batch)."""
+    mask of the learned entries of θ) and a ``repr`` naming their whole configuration
+    (two samples' regularisers with equal reprs are solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:

@@ -110,10 +110,6 @@ class FieldsOfExperts(RowRegularizer):
             f"gamma={self.expert.gamma}, learn={self.learn!r})"
         )
 
-    def batch_key(self) -> tuple[Any, ...]:
-        return ("foe", self.image_shape, self.kernel_size, self.num_filters, self.expert,
-                self.learn)
-
     def mask_host(self) -> np.ndarray:
         mask = np.zeros(self.theta_shape)
         mask[:, :-1] = self.learn != "exponents"

@@ -98,7 +98,7 @@ class ImagingProblem(Problem):
         ε, device and dtype, operator kind)."""
         first = check_agree("problems", problems, {
             "image shape": lambda pr: pr.image_shape,
-            "regulariser": lambda pr: pr.regularizer.batch_key(),
+            "regulariser": lambda pr: repr(pr.regularizer),
             "epsilon": lambda pr: pr.epsilon,
             "array namespace, device and dtype": lambda pr: (pr.xp.__name__, pr.device, pr.dtype),
         }, ImagingProblem)
