@@ -15,14 +15,10 @@ from problems.operators import add_relative_noise, stack_operators
 
 
 class ImagingProblem(Problem):
-    """B imaging samples (rows of ``X_true`` and ``Y``, one forward operator A_i each, one
-    regulariser and one θ): a ``Problem``; ``concat`` joins samples into one batch.
-
-    ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
-    ``operator`` is from ``problems.operators`` and ``regularizer`` a ``FieldsOfExperts``
-    or ``TotalVariation`` (which checks θ's shape every call).  Inputs are checked for
-    NaN/inf once, here (checking in every HVP would sync the device).
-    """
+    """B imaging samples (rows of ``X_true`` and ``Y``, (n,) for one sample or (B, n)), one
+    forward operator A_i each (``problems.operators``), one regulariser (``FieldsOfExperts``
+    or ``TotalVariation``) and one θ; ``concat`` joins samples into one batch.  Inputs are
+    checked for NaN/inf once, here (checking in every HVP would sync the device)."""
 
     def __init__(
         self,
@@ -78,7 +74,7 @@ class ImagingProblem(Problem):
         seed: int = 0,
         epsilon: float = 1e-6,
     ) -> ImagingProblem:
-        """Build a sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
+        """A sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
         host = np.asarray(image, dtype=np.float64)
         if not np.all(np.isfinite(host)):
             raise ValueError("image contains NaN or inf values")
@@ -145,8 +141,7 @@ class ImagingProblem(Problem):
         return out_value, out_grad
 
     def linearize(self, x: Any, theta: Any) -> Linearization:
-        """Freeze (x, θ): the returned object applies ∇²ₓₓf_i and Jᵀ with the x-dependent
-        work done once, counted here like ``hvp``/``jac_t``."""
+        """∇²ₓₓf_i and Jᵀ frozen at (x, θ), the x-dependent work done once."""
         X, single = self._rows(x)
         xp = array_api_compat.array_namespace(X, theta)
         reg = self.regularizer.linearize(xp, X, theta)
