@@ -85,10 +85,8 @@ class CountingOperator:
 
     @property
     def applications(self) -> int:
-        """Vectors applied (a block of b counts b)."""
         return getattr(self.counter.snapshot(), self.kind)
 
     @property
     def passes(self) -> int:
-        """Calls (a block counts one)."""
         return getattr(self.counter.snapshot(), self.kind + "_passes")
