@@ -20,12 +20,8 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    """An array namespace bound to one device and one floating dtype.
-
-    ``asarray`` moves host data onto the device, ``to_numpy`` (``backends.host.to_host``)
-    returns a NumPy copy of a (small) array, ``sync()`` blocks until queued device work has
-    finished (for timing; a no-op on the CPU).
-    """
+    """An array namespace bound to one device and one floating dtype; ``sync()`` blocks until
+    queued device work has finished (for timing; a no-op on the CPU)."""
 
     name: str
     xp: Any = field(repr=False)
@@ -40,7 +36,7 @@ class Backend:
             dtype = self.dtype
         return self.xp.asarray(host, dtype=dtype, device=self.device)
 
-    to_numpy = staticmethod(to_host)
+    to_numpy = staticmethod(to_host)  # a NumPy copy of a (small) array
 
     def zeros(self, shape: int | tuple[int, ...]) -> Any:
         return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
@@ -141,13 +137,12 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
 
 
 def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
-    """Keep freed array memory in the process heap (glibc ``mallopt``).
+    """Keep freed array memory in the process heap (glibc ``mallopt``; True when applied).
 
-    Batched temporaries are a few MB; by default glibc serves each from a fresh ``mmap``
-    and returns it on free, so every array pays page faults on first touch — slower than
-    the arithmetic on small images.  Raising the mmap and trim thresholds (what the
-    environment variables ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do)
-    removes that.  Returns True when applied (glibc only; elsewhere a no-op).
+    Batched temporaries are a few MB; by default glibc serves each from a fresh ``mmap``, so
+    every array pays page faults on first touch — slower than the arithmetic on small images.
+    Raising the mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` do) removes that; a no-op off glibc.
     """
     name = ctypes.util.find_library("c")
     if not name:
@@ -158,5 +153,4 @@ def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok_mmap = mallopt(m_mmap_threshold, int(threshold_bytes)) == 1
-    ok_trim = mallopt(m_trim_threshold, 2 * int(threshold_bytes)) == 1
-    return ok_mmap and ok_trim
+    return ok_mmap and mallopt(m_trim_threshold, 2 * int(threshold_bytes)) == 1

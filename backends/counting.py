@@ -8,7 +8,7 @@ it happens.  A *pass* is one sequential call (a block of b vectors is one pass);
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 
@@ -24,8 +24,7 @@ class Counts:
     grad_evals: int = 0
 
     def __sub__(self, other: Counts) -> Counts:
-        names = [f.name for f in fields(self)]
-        return Counts(**{k: getattr(self, k) - getattr(other, k) for k in names})
+        return Counts(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def applications(self) -> int:
@@ -42,7 +41,7 @@ class Counter:
     """Mutable tally owned by a problem or an operator; ``snapshot()`` freezes it."""
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {f.name: 0 for f in fields(Counts)}
+        self.reset()
 
     def add(self, kind: str, vectors: int = 1) -> None:
         """Record one pass of ``kind`` ('hvp', 'jac_t', 'f', 'grad') over ``vectors`` vectors."""
@@ -58,16 +57,12 @@ class Counter:
         return Counts(**self._counts)
 
     def reset(self) -> None:
-        for key in self._counts:
-            self._counts[key] = 0
+        self._counts = dict.fromkeys((f.name for f in fields(Counts)), 0)
 
 
 class CountingOperator:
-    """Wrap ``apply(v)`` (v of shape (n,) or (n, b)) so every application is counted.
-
-    ``applications`` counts vectors (a block of b counts b), ``passes`` counts calls.
-    Pass a shared ``counter`` (and ``kind``) to tally into a problem's counter.
-    """
+    """Wrap ``apply(v)`` (v of shape (n,) or (n, b)) so every application is counted, as
+    ``kind`` in ``counter`` (a problem's shared one, or a fresh one)."""
 
     def __init__(
         self,
@@ -95,4 +90,3 @@ class CountingOperator:
     @property
     def passes(self) -> int:
         return getattr(self.counter.snapshot(), self.kind + "_passes")
-

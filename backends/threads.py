@@ -1,17 +1,11 @@
 """BLAS/OpenMP thread limits of a run, through threadpoolctl.
 
-This project's arrays are small (a 28×28 or 64×64 image per sample): its kernels are
-elementwise passes and thin matrix products, where extra BLAS threads give little alone
-and cost a lot when anything else runs on the machine (OpenBLAS threads spin while they
-wait for work: the default job took 83 s instead of 11 s beside a second job).  So a run
-limits the host libraries' thread pools for its whole duration:
-
-* ``num_threads`` given: that many threads.
-* ``num_threads`` null (the default): ``choose_num_threads`` — one thread per job, except
-  for dense problems whose matrices have at least ``DENSE_THREADED_ENTRIES`` entries,
-  where BLAS matrix products are large enough for every core to pay.
-
-Device backends (CuPy) are left alone: their work does not run in the host pools.
+This project's kernels are elementwise passes and thin matrix products on small images,
+where extra BLAS threads give little alone and cost a lot beside other work (spinning
+OpenBLAS threads made the default job take 83 s instead of 11 s beside a second job).  So
+a run limits the host pools to ``num_threads`` or, when that is null, to one thread, except
+for dense problems of at least ``DENSE_THREADED_ENTRIES`` matrix entries, where every core
+pays.  Device backends (CuPy) are left alone: their work does not run in the host pools.
 """
 
 from __future__ import annotations
@@ -39,8 +33,8 @@ def available_cores() -> int:
 def choose_num_threads(
     backend: str, requested: int | None, *, dense_entries: int = 0
 ) -> int | None:
-    """The thread limit for a run on ``backend`` (None: leave the pools alone), chosen as
-    the module doc says from ``requested`` (``backend.num_threads``) and ``dense_entries``."""
+    """The thread limit for a run on ``backend`` (None: leave the pools alone), chosen as the
+    module doc says from ``requested`` (``backend.num_threads``) and ``dense_entries``."""
     if backend not in HOST_BACKENDS:
         return None
     if requested is not None:

@@ -55,8 +55,45 @@ def from_blocks(xp: Any, out: Any, ndim: int, single: bool) -> Any:
     return out if ndim == 3 else xp.reshape(out, (bsz, m))
 
 
-def theta_size(theta_shape: tuple[int, ...]) -> int:
-    return math.prod(theta_shape)
+Kernel = Callable[[Any], Any]
+
+
+class Linearization:
+    """∇²ₓₓf (``hvp``, also ``__call__``) and Jᵀ (``jac_t``) of a problem frozen at (X, θ).
+
+    The problem computes once what depends only on (X, θ) and hands over two kernels on
+    blocks, ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3`` (B, n, b) → (B, p, b).  This object
+    promotes inputs (v (n,) or (n, b) for one point; V (B, n) or (B, n, b)), counts each call
+    as one pass of B·b applications in ``problem.counter``, masks Jᵀ by
+    ``problem.theta_mask`` and unwraps.
+    """
+
+    def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool) -> None:
+        self.problem = problem
+        self._hvp3, self._jac_t3 = hvp3, jac_t3
+        self.single = single
+        self.batch_size, self.n, self.p = problem.batch_size, problem.n, problem.p
+        self.shape = (problem.n, problem.n)
+        self.dtype = problem.dtype
+
+    def __call__(self, v: Any) -> Any:
+        return self.hvp(v)
+
+    def hvp(self, v: Any) -> Any:
+        """∇²ₓₓf_i v_i, shaped like v."""
+        v3 = as_blocks(v, self.n, self.batch_size, self.single, "v")
+        self.problem.counter.add("hvp", self.batch_size * int(v3.shape[2]))
+        out = self._hvp3(v3)
+        return from_blocks(array_api_compat.array_namespace(v), out, v.ndim, self.single)
+
+    def jac_t(self, w: Any) -> Any:
+        """∂θ⟨∇ₓf_i, w_i⟩ masked by ``theta_mask``: (n,) → (p,), (n, b) → (p, b);
+        (B, n) → (B, p), (B, n, b) → (B, p, b)."""
+        w3 = as_blocks(w, self.n, self.batch_size, self.single, "w")
+        self.problem.counter.add("jac_t", self.batch_size * int(w3.shape[2]))
+        out = self._jac_t3(w3)
+        out *= self.problem.theta_mask[None, :, None]
+        return from_blocks(array_api_compat.array_namespace(w), out, w.ndim, self.single)
 
 
 def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
@@ -64,7 +101,7 @@ def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
     shape = tuple(theta.shape)
     if shape == tuple(theta_shape):
         return theta
-    p = theta_size(theta_shape)
+    p = math.prod(theta_shape)
     if shape == (p,):
         return xp.reshape(theta, tuple(theta_shape))
     raise ValueError(f"theta has shape {shape}; expected {tuple(theta_shape)} (or flat ({p},))")
@@ -108,8 +145,8 @@ class RowRegularizer:
     ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
     (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (∇²R and Jᵀ
     frozen at X: ``hvp``/``jac_t`` on blocks (B, n, b)), ``mask_host()`` (flat 0/1 host
-    mask of the learned entries of θ) and ``batch_key()`` (what two samples' regularisers
-    must share to be solved as one batch)."""
+    mask of the learned entries of θ) and a ``repr`` naming their whole configuration
+    (two samples' regularisers with equal reprs are solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:
@@ -216,8 +253,8 @@ class Problem:
         """∂θ⟨∇ₓf, w⟩: w (n,) → (p,), (n, b) → (p, b); W (B, n) → (B, p), (B, n, b) → (B, p, b)."""
         return self.linearize(x, theta).jac_t(w)
 
-    def linearize(self, x: Any, theta: Any) -> Any:
-        """∇²ₓₓf and Jᵀ frozen at (x, θ) (``problems.linearization.Linearization``)."""
+    def linearize(self, x: Any, theta: Any) -> Linearization:
+        """∇²ₓₓf and Jᵀ frozen at (x, θ)."""
         raise NotImplementedError
 
     def subset(self, rows: Sequence[int]) -> Any:

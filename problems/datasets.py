@@ -32,16 +32,6 @@ def _read_bytes(path: Path) -> bytes:
         raise ValueError(f"cannot read {path}: corrupt or truncated file ({exc})") from exc
 
 
-def _check_count(total: int, count: int | None, start: int, path: Path) -> int:
-    if start < 0 or start > total:
-        raise ValueError(f"start={start} is outside the {total} items of {path}")
-    if count is None:
-        return total - start
-    if count < 0 or start + count > total:
-        raise ValueError(f"count={count} from start={start} exceeds the {total} items of {path}")
-    return count
-
-
 def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np.ndarray:
     """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...).
 
@@ -62,7 +52,11 @@ def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np
             f"{path} is corrupt: header announces {'×'.join(map(str, [total, *shape]))} items "
             f"but the file holds {len(data) - header} bytes of data"
         )
-    count = _check_count(total, count, start, path)
+    if start < 0 or start > total:
+        raise ValueError(f"start={start} is outside the {total} items of {path}")
+    count = total - start if count is None else count
+    if count < 0 or start + count > total:
+        raise ValueError(f"count={count} from start={start} exceeds the {total} items of {path}")
     items = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=header + start * size)
     return items.reshape(count, *shape)
 

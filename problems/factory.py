@@ -80,10 +80,8 @@ def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.n
         raise ValueError(f"problem.regularizer: unknown regulariser {cfg.regularizer!r}")
     k = cfg.kernel_size
     count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
-    if cfg.filters_init == "dct":
-        filters = dct_filters(k)[:count]
-    else:
-        filters = gaussian_filters(k, count, seed=seed)
+    dct = cfg.filters_init == "dct"
+    filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)
     reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn)
     return reg, initial_theta(filters, cfg.init_exponent)
 

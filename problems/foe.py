@@ -26,11 +26,9 @@ LEARN_OPTIONS = ("filters", "exponents", "both")
 
 
 def dct_filters(kernel_size: int) -> np.ndarray:
-    """The orthonormal 2-D DCT-II basis of size K×K without the constant filter.
-
-    Returns shape (K² − 1, K, K); filter (u, v) (u, v not both 0, row-major order) is
-    c_u c_vᵀ with c_u[i] = α_u cos(π (2i + 1) u / (2K)), α_0 = √(1/K), α_u = √(2/K).
-    """
+    """The orthonormal 2-D DCT-II basis of size K×K without the constant filter, (K² − 1, K, K):
+    filter (u, v) (row-major, not both 0) is c_u c_vᵀ with c_u[i] = α_u cos(π (2i + 1) u / (2K)),
+    α_0 = √(1/K), α_u = √(2/K)."""
     k = int(kernel_size)
     if k < 2:
         raise ValueError(f"kernel_size must be at least 2; got kernel_size={kernel_size!r}")
@@ -62,12 +60,9 @@ def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np
 
 
 class FieldsOfExperts(RowRegularizer):
-    """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters.
-
-    ``learn`` selects the learned parameters ("filters", "exponents" or "both"); the
-    others are masked out of the problem's Jᵀ.  ``gamma`` is the Huber / smooth-ℓ1
-    parameter.
-    """
+    """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters; ``learn``
+    selects the learned parameters (the others are masked out of the problem's Jᵀ), ``gamma``
+    is the Huber / smooth-ℓ1 parameter."""
 
     def __init__(
         self,
@@ -109,10 +104,6 @@ class FieldsOfExperts(RowRegularizer):
             f"num_filters={self.num_filters}, expert={self.expert.name!r}, "
             f"gamma={self.expert.gamma}, learn={self.learn!r})"
         )
-
-    def batch_key(self) -> tuple[Any, ...]:
-        return ("foe", self.image_shape, self.kernel_size, self.num_filters, self.expert,
-                self.learn)
 
     def mask_host(self) -> np.ndarray:
         mask = np.zeros(self.theta_shape)

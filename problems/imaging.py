@@ -10,20 +10,15 @@ import array_api_compat
 import numpy as np
 
 from backends.counting import Counter
-from problems.base import Problem, as_rows, check_agree
-from problems.linearization import Linearization
+from problems.base import Linearization, Problem, as_rows, check_agree
 from problems.operators import add_relative_noise, stack_operators
 
 
 class ImagingProblem(Problem):
-    """B imaging samples (rows of ``X_true`` and ``Y``, one forward operator A_i each, one
-    regulariser and one θ): a ``Problem``; ``concat`` joins samples into one batch.
-
-    ``x_true`` and ``y`` are (n,) for one sample or (B, n), on the backend's device;
-    ``operator`` is from ``problems.operators`` and ``regularizer`` a ``FieldsOfExperts``
-    or ``TotalVariation`` (which checks θ's shape every call).  Inputs are checked for
-    NaN/inf once, here (checking in every HVP would sync the device).
-    """
+    """B imaging samples (rows of ``X_true`` and ``Y``, (n,) for one sample or (B, n)), one
+    forward operator A_i each (``problems.operators``), one regulariser (``FieldsOfExperts``
+    or ``TotalVariation``) and one θ; ``concat`` joins samples into one batch.  Inputs are
+    checked for NaN/inf once, here (checking in every HVP would sync the device)."""
 
     def __init__(
         self,
@@ -79,7 +74,7 @@ class ImagingProblem(Problem):
         seed: int = 0,
         epsilon: float = 1e-6,
     ) -> ImagingProblem:
-        """Build a sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
+        """A sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
         host = np.asarray(image, dtype=np.float64)
         if not np.all(np.isfinite(host)):
             raise ValueError("image contains NaN or inf values")
@@ -99,7 +94,7 @@ class ImagingProblem(Problem):
         ε, device and dtype, operator kind)."""
         first = check_agree("problems", problems, {
             "image shape": lambda pr: pr.image_shape,
-            "regulariser": lambda pr: pr.regularizer.batch_key(),
+            "regulariser": lambda pr: repr(pr.regularizer),
             "epsilon": lambda pr: pr.epsilon,
             "array namespace, device and dtype": lambda pr: (pr.xp.__name__, pr.device, pr.dtype),
         }, ImagingProblem)
@@ -146,8 +141,7 @@ class ImagingProblem(Problem):
         return out_value, out_grad
 
     def linearize(self, x: Any, theta: Any) -> Linearization:
-        """Freeze (x, θ): the returned object applies ∇²ₓₓf_i and Jᵀ with the x-dependent
-        work done once, counted here like ``hvp``/``jac_t``."""
+        """∇²ₓₓf_i and Jᵀ frozen at (x, θ), the x-dependent work done once."""
         X, single = self._rows(x)
         xp = array_api_compat.array_namespace(X, theta)
         reg = self.regularizer.linearize(xp, X, theta)

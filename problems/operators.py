@@ -26,10 +26,6 @@ class _Operator:
     def __init__(self, image_shape: tuple[int, ...]) -> None:
         self.image_shape = tuple(int(s) for s in image_shape)
         self.n = math.prod(self.image_shape)
-        self.shape = (self.n, self.n)
-
-    def __call__(self, v: Any) -> Any:
-        return self.apply(v)
 
     def __repr__(self) -> str:
         shown = "".join(f", {name}={getattr(self, name)}" for name in self.parameters)
@@ -191,9 +187,7 @@ def stack_operators(operators: Sequence[Any]) -> Any:
     }, _Operator)
     if not isinstance(first, Inpainting):
         return first
-    seeds: list[Any] = []
-    for op in operators:
-        seeds.extend([op.seed] if isinstance(op.seed, int) else op.seed)
+    seeds = [s for op in operators for s in ([op.seed] if isinstance(op.seed, int) else op.seed)]
     return Inpainting(first.image_shape, first.fraction_removed, tuple(seeds),
                       masks=np.concatenate([op.masks for op in operators]))
 

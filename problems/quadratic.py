@@ -18,8 +18,7 @@ import scipy.linalg
 
 from backends.core import get_backend
 from backends.counting import Counter
-from problems.base import Problem, check_agree, check_theta
-from problems.linearization import Linearization
+from problems.base import Linearization, Problem, check_agree, check_theta
 
 
 class QuadraticProblem(Problem):

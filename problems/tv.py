@@ -28,9 +28,6 @@ class TotalVariation(RowRegularizer):
     def __repr__(self) -> str:
         return f"TotalVariation(image_shape={self.image_shape}, gamma={self.gamma})"
 
-    def batch_key(self) -> tuple[Any, ...]:
-        return ("tv", self.image_shape, self.gamma)
-
     def mask_host(self) -> np.ndarray:
         return np.ones(1)
 
