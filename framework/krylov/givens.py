@@ -40,7 +40,6 @@ class Columns(NamedTuple):
     update: Any
 
 
-
 class FloatOps:
     """Scalar operations on one sample's Python floats and bools."""
 
@@ -179,7 +178,6 @@ class HostScalars:
         self.rows = [start(FloatOps, v, bool(m), math.isfinite(v), 0.0)
                      for v, m in zip(b1, met, strict=True)]
         self.thresholds = thresholds  # a list of floats
-        self.events: list[tuple[bool, bool]] = []
         self.rnorms = b1
         self.nonfinite = False
         self.live = any(r.live for r in self.rows)
@@ -195,19 +193,15 @@ class HostScalars:
     def rotate(self, beta_squared: Any, tol: float) -> Columns:
         """β_{k+1} = √‖p‖², the rotation of every sample (and the default rule)."""
         self.betas = betas = [math.sqrt(v) for v in host_list(beta_squared)]
-        coefficients, self.events, self.rnorms = [], [], []
-        rows, thresholds = self.rows, self.thresholds
-        for i, row in enumerate(rows):
-            row, coef, rnorm, events = rotate(FloatOps, row, self.alphas[i], betas[i], tol)
-            if thresholds is not None:
-                row = conclude(FloatOps, row, *events, rnorm <= thresholds[i])
-            rows[i] = row
-            coefficients.append(coef)
-            self.events.append(events)
-            self.rnorms.append(rnorm)
-        self.coefficients = coefficients
+        rows, coefficients, rnorms, self.events = zip(*(
+            rotate(FloatOps, row, alpha, beta, tol)
+            for row, alpha, beta in zip(self.rows, self.alphas, betas, strict=True)), strict=True)
+        self.rows, self.coefficients, self.rnorms = rows, coefficients, list(rnorms)
         self.nonfinite = not all(math.isfinite(b) for b in betas)
-        self.live = any(r.live for r in rows)
+        if self.thresholds is None:
+            self.live = any(r.live for r in rows)
+        else:
+            self.conclude([r <= t for r, t in zip(rnorms, self.thresholds, strict=True)])
         if len(coefficients) == 1:
             return coefficients[0]
         table = self.xp.asarray(coefficients, dtype=self.dtype, device=self.device)
@@ -244,7 +238,6 @@ class DeviceScalars:
         met = beta1 <= thresholds if met is None else met  # None: the default rule
         self.state = start(self.ops, beta1, met, xp.isfinite(beta1), xp.zeros_like(beta1))
         self.thresholds = thresholds
-        self.events = None
         self.rnorms = beta1
 
     def running(self) -> bool:

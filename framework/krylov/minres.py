@@ -29,8 +29,8 @@ from array_api_compat import device as device_of
 
 from backends.host import host_check_needs_sync, host_list, to_host
 from framework.krylov.givens import DeviceScalars, HostScalars
-from framework.krylov.operators import batch_operator, check_symmetric, shifted, single_operator
-from framework.krylov.recycle_space import RecycleSpace, RowOperator, bmtv, bmv
+from framework.krylov.operators import RowOperator, batch_operator, check_symmetric, shifted
+from framework.krylov.recycle_space import RecycleSpace, bmtv, bmv
 from framework.krylov.stopping import (
     IterationState,
     ResidualRule,
@@ -221,10 +221,10 @@ def rminres(
                          "harvest=) or a stopping rule that needs the residual yet; drop M "
                          "or those")
     if single:
-        A, b = RowOperator(single_operator(A)), b[None, :]
+        A, b = RowOperator(A), b[None, :]
         x0 = None if x0 is None else x0[None, :]
         recycle = None if recycle is None else recycle.promoted()
-        M = None if M is None else RowOperator(single_operator(M))
+        M = None if M is None else RowOperator(M)
         callback = None if callback is None else (lambda X, f=callback: f(X[0, :]))
     A = batch_operator(A)
     if shift:

@@ -14,7 +14,6 @@ applications; tests and small n only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +21,11 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
-from framework.krylov.recycle_space import RecycleSpace, RowOperator, widths
+from framework.krylov.operators import Operator, RowOperator
+from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
 ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
-Operator = Callable[[Any], Any]
 
 
 # Where recycle vectors are selected: against the matrix just solved (``inner``) or against
@@ -122,26 +121,16 @@ class RecycleHarvester:
         self.C = C
         self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
         self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
-        self.block = [v1]
+        self.block = [v1]  # the cycle's Lanczos vectors, and its steps' scalars:
+        self.steps: list[tuple[Any, Any, Any, Any]] = []  # (α, β_{j+1}, b_j, updated)
         self.v_prev = None
         self.beta_prev = xp.zeros_like(beta1)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.alphas: list[Any] = []
-        self.betas: list[Any] = []
-        self.bcols: list[Any] = []
-        self.updates: list[Any] = []
 
     def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
-        self.alphas.append(alpha)
-        self.betas.append(beta_next)
+        self.steps.append((alpha, beta_next, b_col, update))
         self.block.append(v_next)
-        self.updates.append(update)
-        if b_col is not None:
-            self.bcols.append(b_col)
         cap = self.config.max_vectors
-        if cap is not None and len(self.alphas) >= cap:
+        if cap is not None and len(self.steps) >= cap:
             self._compress(final=False)
 
     def finish(self) -> RecycleCarry | None:
@@ -150,7 +139,7 @@ class RecycleHarvester:
         if self.config.selection == "outer":
             W, _, _ = self.current_basis(jacobian=False)
             return None if W is None else RecycleCarry(W, selected=False)
-        if self.alphas:
+        if self.steps:
             self._compress(final=True)
         if self.Z is None:
             return None
@@ -160,17 +149,18 @@ class RecycleHarvester:
         """V (B, n, m) of the current cycle and HV = β v_{j−1} + α v_j + β v_{j+1} + C b
         (the Lanczos relation: no operator application)."""
         xp = array_namespace(self.block[0])
-        m = len(self.alphas)
+        m = len(self.steps)
+        alphas, betas, bcols, _ = zip(*self.steps, strict=True)
         Vall = xp.stack(self.block[: m + 1], axis=2)  # (B, n, m + 1)
         V = Vall[:, :, :m]
-        alphas = xp.stack(self.alphas, axis=1)
-        betas = xp.stack(self.betas, axis=1)  # β_{j+1}
+        alphas = xp.stack(alphas, axis=1)
+        betas = xp.stack(betas, axis=1)  # β_{j+1}
         first = xp.zeros_like(V[:, :, :1]) if self.v_prev is None else self.v_prev[:, :, None]
         down = xp.concat([first, V[:, :, : m - 1]], axis=2) if m > 1 else first
         lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
         HV = V * alphas[:, None, :] + down * lower[:, None, :] + Vall[:, :, 1:] * betas[:, None, :]
-        if self.bcols:
-            HV = HV + self.C @ xp.stack(self.bcols, axis=2)
+        if bcols[0] is not None:
+            HV = HV + self.C @ xp.stack(bcols, axis=2)
         return V, HV
 
     def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
@@ -185,9 +175,9 @@ class RecycleHarvester:
         blocks, products, masks, jblocks = [], [], [], []
         if self.Z is not None:
             blocks, products, masks, jblocks = [self.Z], [self.HZ], [self.zvalid], [self.JZ]
-        if self.alphas:
+        if self.steps:
             V, HV = self._lanczos_products()
-            vvalid = xp.stack(self.updates, axis=1)
+            vvalid = xp.stack([updated for *_, updated in self.steps], axis=1)
             V = V * xp.astype(vvalid, V.dtype)[:, None, :]
             blocks, products, masks = [*blocks, V], [*products, HV], [*masks, vvalid]
             jblocks.append(self.jac_t(V) if want_j else None)
@@ -214,10 +204,9 @@ class RecycleHarvester:
         if not final:
             self.HZ = HW @ coef
             self.JZ = None if JW is None else JW @ coef
-            m = len(self.alphas)
-            self.v_prev, self.beta_prev = self.block[m - 1], self.betas[m - 1]
-            self.block = self.block[m:]
-            self._reset()
+            m = len(self.steps)
+            self.v_prev, self.beta_prev = self.block[m - 1], self.steps[-1][1]
+            self.block, self.steps = self.block[m:], []
         self.cycles += 1
 
 

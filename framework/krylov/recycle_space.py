@@ -31,25 +31,6 @@ def widths(basis: Any) -> list[int]:
     return [int(v) for v in to_host(alive)]
 
 
-class RowOperator:
-    """A 1-D operator ((n,) → (n,), (n, k) → (n, k)) seen as a batch of one:
-    (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
-    (Jᵀ maps n-vectors to p-vectors)."""
-
-    def __init__(self, A: Callable[[Any], Any], *, check: bool = True) -> None:
-        self.A, self.check = A, check
-
-    def __call__(self, V: Any) -> Any:
-        row = V[0, ...]
-        out = self.A(row)
-        if self.check and out.shape != row.shape:
-            raise ValueError(
-                f"operator returned shape {tuple(out.shape)} for input of shape "
-                f"{tuple(row.shape)}"
-            )
-        return out[None, ...]
-
-
 @dataclass(frozen=True)
 class RecycleSpace:
     """U and C = A U, each (B, n, k) for a batch or (n, k) for one system, with CᵢᵀCᵢ = I

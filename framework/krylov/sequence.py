@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from backends.counting import Counter, CountingOperator
 from framework.krylov.minres import KrylovResult, rminres
+from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
-from framework.krylov.recycle_space import RecycleSpace, RowOperator
+from framework.krylov.recycle_space import RecycleSpace
 from framework.krylov.stopping import HypergradientErrorRule, StopConfig
-
-Operator = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
