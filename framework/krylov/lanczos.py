@@ -60,7 +60,7 @@ class LanczosHarvest:
 class Harvester(Protocol):
     """Receives the Lanczos process of a batched solve; ``finish`` returns what it kept."""
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None: ...
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None: ...
 
     def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
         ...
@@ -78,7 +78,7 @@ class LanczosRecorder:
             raise ValueError(f"max_vectors must be >= 0 or None, got {max_vectors}")
         self.max_vectors = max_vectors
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
         self._U, self._C, self._v1, self._beta1 = U, C, v1, beta1
         self._steps: list[tuple[Any, ...]] = []
 

@@ -1,15 +1,14 @@
 """Carrying recycle spaces from one batch of linear systems to the next.
 
 A ``RecycleHarvester`` (``rminres(harvest=...)``) chooses each sample's next recycle vectors
-from W_i = [U_i, V_i] against the matrix just solved ("inner" selection), with
-HW = [C, V_{m+1}T̄ + CB] from the Lanczos relation (no operator application); each sample's
-own iterations and non-padding recycle columns are its valid columns.  With a cap s on
-stored Lanczos vectors (``max_vectors``) it compresses [Z, V_s] to k vectors every s steps
-(a "cycle"), carrying HZ (and JᵀZ) as combinations: memory stays O(Bn(k + s)).
-``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the next H (C = HU: k
-applications).  "Outer" selection keeps all of W and selects against the next H (dim W
-applications); the dense oracles ``eig`` and ``gsvd`` select from the whole space (n
-applications; tests and small n only).
+from W_i = [U_i, V_i] (its non-padding recycle columns and its own iterations) against the
+matrix just solved ("inner" selection), with HW = [C, V_{m+1}T̄ + CB] from the Lanczos
+relation (no operator application).  With a cap s on stored Lanczos vectors it compresses
+[Z, V_s] to k vectors every s steps (a "cycle"), carrying HZ (and JᵀZ) as combinations:
+memory O(Bn(k + s)).  ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the
+next H (C = HU: k applications).  "Outer" selection keeps all of W and selects against the
+next H (dim W applications); the dense oracles ``eig`` and ``gsvd`` select from the whole
+space (n applications; tests and small n only).
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
 ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
-
-
 # Where recycle vectors are selected: against the matrix just solved (``inner``) or against
 # the next one from the whole carried basis (``outer``).
 Selection = Choice("Selection", "inner outer")
@@ -35,16 +32,12 @@ Selection = Choice("Selection", "inner outer")
 
 @dataclass
 class RecycleConfig:
-    """How the recycle space is chosen and carried (also the schema of the config group
-    ``recycle``).
-
-    ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the spectrum (None =
-    the strategy's default), ``max_vectors`` the cap s on stored Lanczos vectors (None =
-    keep all), ``selection`` inner/outer, ``rank_tol`` the relative rank cut of the
-    orthonormalised space.  ``adaptive``: the bilevel engine uses recycling only while it
-    pays in measured seconds, with at most ``dim`` vectors (``framework.bilevel.adaptive``).
-    Names are checked by the enums (and by the config schema).
-    """
+    """How the recycle space is chosen and carried (the schema of the config group
+    ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
+    spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
+    vectors (None: all), ``selection``, ``rank_tol`` the relative rank cut of the space.
+    ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
+    in measured seconds (``framework.bilevel.adaptive``)."""
 
     strategy: Strategy = Strategy.none
     dim: int = 0
@@ -115,7 +108,7 @@ class RecycleHarvester:
         self.cycles = 0
         self._begun = False
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
         xp = array_namespace(v1)
         self._begun = True
         self.C = C
