@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple
+from collections import namedtuple
+from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
@@ -26,18 +27,9 @@ from backends.host import host_list, to_host
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
 
 
-class Columns(NamedTuple):
-    """The per-iteration coefficients handed to the vector kernels, each a row scale."""
-
-    gamma: Any
-    delta: Any
-    epsilon: Any
-    phi: Any
-    beta_div: Any
-    res_keep: Any
-    res_add: Any
-    harvest_beta: Any
-    update: Any
+# The per-iteration coefficients handed to the vector kernels, each a row scale.
+Columns = namedtuple(
+    "Columns", "gamma delta epsilon phi beta_div res_keep res_add harvest_beta update")
 
 
 class FloatOps:
@@ -79,21 +71,10 @@ class ArrayOps:
         return False
 
 
-class Rotation(NamedTuple):
-    """One sample's (or, as arrays, every sample's) running scalars: the previous
-    sub-diagonal β_k, the last two rotations (c, s), φ̄, the ‖T̄‖ estimate, the status
-    code, the iteration count and whether the sample is still running."""
-
-    beta: Any
-    c: Any
-    c_prev: Any
-    s: Any
-    s_prev: Any
-    phibar: Any
-    anorm: Any
-    status: Any
-    iterations: Any
-    live: Any
+# One sample's (or, as arrays, every sample's) running scalars: the previous sub-diagonal
+# β_k, the last two rotations (c, s), φ̄, the ‖T̄‖ estimate, the status code, the iteration
+# count and whether the sample is still running.
+Rotation = namedtuple("Rotation", "beta c c_prev s s_prev phibar anorm status iterations live")
 
 
 def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tuple:
