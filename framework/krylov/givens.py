@@ -26,7 +26,6 @@ from backends.host import host_list, to_host
 
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
 
-
 # The per-iteration coefficients handed to the vector kernels, each a row scale.
 Columns = namedtuple(
     "Columns", "gamma delta epsilon phi beta_div res_keep res_add harvest_beta update")
@@ -78,13 +77,10 @@ Rotation = namedtuple("Rotation", "beta c c_prev s s_prev phibar anorm status it
 
 
 def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tuple:
-    """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations,
-    form the new one, and return (the updated scalars, the ``Columns``, the residual
-    estimate |φ̄|, and the events (update, exact)).
-
-    Samples that are not updated get the idle coefficients (identity rotation, zero
-    step); the masking is skipped when every sample is known to be updated (a running
-    sample on the host), so the common step is the plain formulas."""
+    """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations, form
+    the new one; return the updated scalars, the ``Columns``, the residual estimate |φ̄| and
+    the events (update, exact).  Samples not updated get the idle coefficients (identity
+    rotation, zero step); a running sample on the host skips the masking."""
     sub = st.beta
     epsilon = st.s_prev * sub
     delta_bar = st.c_prev * sub
@@ -143,9 +139,8 @@ def start(ops: Any, beta1: Any, met: Any, finite: Any, zero: Any) -> Rotation:
 
 
 class HostScalars:
-    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free.
-
-    With ``thresholds`` (the default rule ‖r_i‖ ≤ t_i) the rule is tested in ``rotate``;
+    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free.  With
+    ``thresholds`` (the default rule ‖r_i‖ ≤ t_i) the rule is tested in ``rotate``;
     otherwise the caller tests its rule and hands the result to ``conclude``."""
 
     syncs_per_iteration = 2  # α and ‖p‖² are read each iteration

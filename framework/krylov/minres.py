@@ -185,8 +185,7 @@ def rminres(
         the residual rows by recurrence, no extra applications); for a 1-D ``b`` a rule
         on one sample returning a bool.
     callback : ``callback(xk)`` after every iteration (forms the iterate).
-    harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``); ``result.harvest``
-        holds what it returns.
+    harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``): ``result.harvest``.
     true_residual : compute ‖b − Ax‖ at exit (one pass, ``check_matvecs``).
     check_every : iterations between host checks when the scalars live on a GPU.
     scalars : "host" or "device" (default: device when a host read synchronises).

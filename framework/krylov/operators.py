@@ -1,7 +1,7 @@
 """Operators as ``rminres`` (like SciPy's ``minres``) takes them: callables, dense arrays,
 sparse matrices and ``LinearOperator``s (applied by ``@``; for a batch one (n, n) matrix
-serves every row, a (B, n, n) array gives each sample its own); the shift A − σI and the
-symmetry check of SciPy's ``check=True``.
+serves every row, a (B, n, n) array gives each sample its own), 1-D operators as a batch
+of one; the shift A − σI and the symmetry check of SciPy's ``check=True``.
 """
 
 from __future__ import annotations

@@ -106,16 +106,14 @@ class RecycleHarvester:
         self.config = config
         self.jac_t = jac_t if config.needs_jacobian else None
         self.cycles = 0
-        self._begun = False
+        self.steps: list[tuple[Any, Any, Any, Any]] | None = None  # (α, β_{j+1}, b_j, updated)
 
     def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
         xp = array_namespace(v1)
-        self._begun = True
         self.C = C
         self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
         self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
-        self.block = [v1]  # the cycle's Lanczos vectors, and its steps' scalars:
-        self.steps: list[tuple[Any, Any, Any, Any]] = []  # (α, β_{j+1}, b_j, updated)
+        self.block, self.steps = [v1], []  # the cycle's Lanczos vectors and steps
         self.v_prev = None
         self.beta_prev = xp.zeros_like(beta1)
 
@@ -127,7 +125,7 @@ class RecycleHarvester:
             self._compress(final=False)
 
     def finish(self) -> RecycleCarry | None:
-        if not self._begun:
+        if self.steps is None:  # no solve began
             return None
         if self.config.selection == "outer":
             W, _, _ = self.current_basis(jacobian=False)
@@ -165,17 +163,15 @@ class RecycleHarvester:
         want_j = jacobian and self.jac_t is not None
         if want_j and self.Z is not None and self.JZ is None:
             self.JZ = self.jac_t(self.Z)
-        blocks, products, masks, jblocks = [], [], [], []
-        if self.Z is not None:
-            blocks, products, masks, jblocks = [self.Z], [self.HZ], [self.zvalid], [self.JZ]
+        parts = [] if self.Z is None else [(self.Z, self.HZ, self.zvalid, self.JZ)]
         if self.steps:
             V, HV = self._lanczos_products()
             vvalid = xp.stack([updated for *_, updated in self.steps], axis=1)
             V = V * xp.astype(vvalid, V.dtype)[:, None, :]
-            blocks, products, masks = [*blocks, V], [*products, HV], [*masks, vvalid]
-            jblocks.append(self.jac_t(V) if want_j else None)
-        if not blocks:
+            parts.append((V, HV, vvalid, self.jac_t(V) if want_j else None))
+        if not parts:
             return None, None, None
+        blocks, products, masks, jblocks = zip(*parts, strict=True)
         self.valid = xp.concat(masks, axis=1)
         m = xp.astype(self.valid, blocks[0].dtype)[:, None, :]
         W, HW = xp.concat(blocks, axis=2) * m, xp.concat(products, axis=2) * m

@@ -86,14 +86,11 @@ class RecycleSpace:
     def from_basis(
         cls, operator: Callable[[Any], Any], Y: Any, *, rank_tol: float = 1e-10
     ) -> RecycleSpace | None:
-        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator).
-
-        One block application gives AY; a thin QR AY = QR and an SVD of the small R
-        (R = P Σ Qᵀ) give C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C exactly in
-        exact arithmetic.  Directions with σ_i ≤ rank_tol · σ_max are dropped (rank
-        revealing; they become zero columns), so a near-dependent Y yields a smaller
-        space instead of a blow-up.  Returns ``None`` when k = 0.
-        """
+        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator):
+        one block application gives AY; a thin QR AY = QR and an SVD R = P Σ Qᵀ give
+        C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C in exact arithmetic.  Directions
+        with σ_i ≤ rank_tol · σ_max become zero columns (a near-dependent Y yields a
+        smaller space, not a blow-up).  ``None`` when k = 0."""
         xp = array_namespace(Y)
         if Y.ndim not in (2, 3):
             raise ValueError(f"recycle basis must be (n, k) or (B, n, k), got {tuple(Y.shape)}")

@@ -38,13 +38,9 @@ from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, sy
 Strategy = Choice("Strategy", "none ritz harmonic_ritz rgen_left rgen_right rgen_both eig gsvd")
 # End of the spectrum a selection keeps (config ``recycle.which``).
 Which = Choice("Which", "small large mix")
-DEFAULT_WHICH = {
-    Strategy.ritz: Which.small,
-    Strategy.harmonic_ritz: Which.small,
-    Strategy.rgen_left: Which.large,
-    Strategy.rgen_right: Which.large,
-    Strategy.rgen_both: Which.large,
-}
+DEFAULT_WHICH = {Strategy.ritz: Which.small, Strategy.harmonic_ritz: Which.small,
+                 Strategy.rgen_left: Which.large, Strategy.rgen_right: Which.large,
+                 Strategy.rgen_both: Which.large}
 
 
 def needs_jacobian(strategy: str) -> bool:
