@@ -9,7 +9,7 @@ inputs.  (The standard has no generalised ``eigh(a, b)`` or GSVD: both are built
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -39,20 +39,10 @@ def orthonormal_coordinates(gram: Any, rank_tol: float = 1e-12) -> tuple[Any, An
     return Q * scale[..., None, :], keep
 
 
-@dataclass(frozen=True)
-class GSVD:
-    """Generalised SVD of a pair (A1: p × d, A2: d × d) (stacked over leading axes):
-
-        A1 X⁻ᵀ = U₁ diag(c),   A2 X⁻ᵀ = V_H diag(s),   c² + s² = 1,
-
-    sorted by decreasing σ = c / s.  ``left`` = V_H (d × d), ``right`` = X⁻ᵀ (d × d).
-    """
-
-    sigma: Any
-    c: Any
-    s: Any
-    left: Any
-    right: Any
+# The generalised SVD of a pair (A1: p × d, A2: d × d) (stacked over leading axes),
+#     A1 X⁻ᵀ = U₁ diag(c),   A2 X⁻ᵀ = V_H diag(s),   c² + s² = 1,
+# sorted by decreasing σ = c / s; ``left`` = V_H (d × d), ``right`` = X⁻ᵀ (d × d).
+GSVD = namedtuple("GSVD", "sigma c s left right")
 
 
 def gsvd(A1: Any, A2: Any) -> GSVD:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple
+from collections import namedtuple
+from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
@@ -25,20 +26,9 @@ from backends.host import host_list, to_host
 
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
 
-
-class Columns(NamedTuple):
-    """The per-iteration coefficients handed to the vector kernels, each a row scale."""
-
-    gamma: Any
-    delta: Any
-    epsilon: Any
-    phi: Any
-    beta_div: Any
-    res_keep: Any
-    res_add: Any
-    harvest_beta: Any
-    update: Any
-
+# The per-iteration coefficients handed to the vector kernels, each a row scale.
+Columns = namedtuple(
+    "Columns", "gamma delta epsilon phi beta_div res_keep res_add harvest_beta update")
 
 
 class FloatOps:
@@ -80,31 +70,17 @@ class ArrayOps:
         return False
 
 
-class Rotation(NamedTuple):
-    """One sample's (or, as arrays, every sample's) running scalars: the previous
-    sub-diagonal β_k, the last two rotations (c, s), φ̄, the ‖T̄‖ estimate, the status
-    code, the iteration count and whether the sample is still running."""
-
-    beta: Any
-    c: Any
-    c_prev: Any
-    s: Any
-    s_prev: Any
-    phibar: Any
-    anorm: Any
-    status: Any
-    iterations: Any
-    live: Any
+# One sample's (or, as arrays, every sample's) running scalars: the previous sub-diagonal
+# β_k, the last two rotations (c, s), φ̄, the ‖T̄‖ estimate, the status code, the iteration
+# count and whether the sample is still running.
+Rotation = namedtuple("Rotation", "beta c c_prev s s_prev phibar anorm status iterations live")
 
 
 def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tuple:
-    """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations,
-    form the new one, and return (the updated scalars, the ``Columns``, the residual
-    estimate |φ̄|, and the events (update, exact)).
-
-    Samples that are not updated get the idle coefficients (identity rotation, zero
-    step); the masking is skipped when every sample is known to be updated (a running
-    sample on the host), so the common step is the plain formulas."""
+    """Rotate the new column (β_k, α_k, β_{k+1}) of T̄ by the previous two rotations, form
+    the new one; return the updated scalars, the ``Columns``, the residual estimate |φ̄| and
+    the events (update, exact).  Samples not updated get the idle coefficients (identity
+    rotation, zero step); a running sample on the host skips the masking."""
     sub = st.beta
     epsilon = st.s_prev * sub
     delta_bar = st.c_prev * sub
@@ -163,9 +139,8 @@ def start(ops: Any, beta1: Any, met: Any, finite: Any, zero: Any) -> Rotation:
 
 
 class HostScalars:
-    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free.
-
-    With ``thresholds`` (the default rule ‖r_i‖ ≤ t_i) the rule is tested in ``rotate``;
+    """Per-sample scalars as Python floats (B ``Rotation``s); host reads are free.  With
+    ``thresholds`` (the default rule ‖r_i‖ ≤ t_i) the rule is tested in ``rotate``;
     otherwise the caller tests its rule and hands the result to ``conclude``."""
 
     syncs_per_iteration = 2  # α and ‖p‖² are read each iteration
@@ -179,7 +154,6 @@ class HostScalars:
         self.rows = [start(FloatOps, v, bool(m), math.isfinite(v), 0.0)
                      for v, m in zip(b1, met, strict=True)]
         self.thresholds = thresholds  # a list of floats
-        self.events: list[tuple[bool, bool]] = []
         self.rnorms = b1
         self.nonfinite = False
         self.live = any(r.live for r in self.rows)
@@ -195,19 +169,15 @@ class HostScalars:
     def rotate(self, beta_squared: Any, tol: float) -> Columns:
         """β_{k+1} = √‖p‖², the rotation of every sample (and the default rule)."""
         self.betas = betas = [math.sqrt(v) for v in host_list(beta_squared)]
-        coefficients, self.events, self.rnorms = [], [], []
-        rows, thresholds = self.rows, self.thresholds
-        for i, row in enumerate(rows):
-            row, coef, rnorm, events = rotate(FloatOps, row, self.alphas[i], betas[i], tol)
-            if thresholds is not None:
-                row = conclude(FloatOps, row, *events, rnorm <= thresholds[i])
-            rows[i] = row
-            coefficients.append(coef)
-            self.events.append(events)
-            self.rnorms.append(rnorm)
-        self.coefficients = coefficients
+        rows, coefficients, rnorms, self.events = zip(*(
+            rotate(FloatOps, row, alpha, beta, tol)
+            for row, alpha, beta in zip(self.rows, self.alphas, betas, strict=True)), strict=True)
+        self.rows, self.coefficients, self.rnorms = rows, coefficients, list(rnorms)
         self.nonfinite = not all(math.isfinite(b) for b in betas)
-        self.live = any(r.live for r in rows)
+        if self.thresholds is None:
+            self.live = any(r.live for r in rows)
+        else:
+            self.conclude([r <= t for r, t in zip(rnorms, self.thresholds, strict=True)])
         if len(coefficients) == 1:
             return coefficients[0]
         table = self.xp.asarray(coefficients, dtype=self.dtype, device=self.device)
@@ -244,7 +214,6 @@ class DeviceScalars:
         met = beta1 <= thresholds if met is None else met  # None: the default rule
         self.state = start(self.ops, beta1, met, xp.isfinite(beta1), xp.zeros_like(beta1))
         self.thresholds = thresholds
-        self.events = None
         self.rnorms = beta1
 
     def running(self) -> bool:

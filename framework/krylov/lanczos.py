@@ -11,6 +11,7 @@ this iteration; the solver itself needs none of it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,13 +22,10 @@ from backends.host import to_host
 
 @dataclass(frozen=True)
 class LanczosHarvest:
-    """Lanczos data of one sample's solve.
-
-    ``V`` holds the stored basis vectors v_1..v_s as columns (s ≤ cap, possibly s = m+1),
-    ``alphas`` = (α_1..α_m), ``betas`` = (β_2..β_{m+1}) (the sub-diagonal of T̄_m),
-    ``B`` = CᵀAV_m (k × m) when a recycle space was used, ``U``/``C`` that space.
-    ``beta1`` = ‖r_0‖ after projection.
-    """
+    """Lanczos data of one sample's solve: the stored basis vectors v_1..v_s as columns of
+    ``V`` (s ≤ cap, possibly s = m+1), ``alphas`` = (α_1..α_m), ``betas`` = (β_2..β_{m+1})
+    (the sub-diagonal of T̄_m), ``B`` = CᵀAV_m (k × m) with the recycle space ``U``/``C``,
+    and ``beta1`` = ‖r_0‖ after projection."""
 
     U: Any
     C: Any
@@ -39,12 +37,11 @@ class LanczosHarvest:
 
     @property
     def steps(self) -> int:
-        """Number of Lanczos steps m (columns of T̄_m)."""
+        """Lanczos steps m (columns of T̄_m)."""
         return len(self.alphas)
 
     @property
     def stored(self) -> int:
-        """Number of stored basis vectors."""
         return 0 if self.V is None else int(self.V.shape[1])
 
     def tridiagonal(self, xp: Any, m: int | None = None, *, device: Any = None) -> Any:
@@ -63,7 +60,7 @@ class LanczosHarvest:
 class Harvester(Protocol):
     """Receives the Lanczos process of a batched solve; ``finish`` returns what it kept."""
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None: ...
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None: ...
 
     def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
         ...
@@ -71,35 +68,25 @@ class Harvester(Protocol):
     def finish(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class LanczosRecording:
-    """What ``LanczosRecorder`` kept for a batch; ``sample(i)`` is sample i's harvest."""
-
-    harvests: tuple[LanczosHarvest, ...]
-
-    def sample(self, i: int) -> LanczosHarvest:
-        return self.harvests[i]
-
-
 class LanczosRecorder:
     """Keep each sample's first ``max_vectors`` Lanczos vectors (all when ``None``) and
-    every scalar of its own iterations.  Memory grows as O(Bn · max_vectors);
-    ``framework.krylov.recycle`` also offers a bounded harvester that compresses."""
+    every scalar of its own iterations (memory O(Bn · max_vectors)); ``finish`` returns
+    the recorder itself, ``sample(i)`` is sample i's ``LanczosHarvest``."""
 
     def __init__(self, max_vectors: int | None = None) -> None:
         if max_vectors is not None and max_vectors < 0:
             raise ValueError(f"max_vectors must be >= 0 or None, got {max_vectors}")
         self.max_vectors = max_vectors
-        self._steps: list[tuple[Any, ...]] = []
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
-        self._U, self._C, self._v1, self._beta1, self._live = U, C, v1, beta1, live
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
+        self._U, self._C, self._v1, self._beta1 = U, C, v1, beta1
+        self._steps: list[tuple[Any, ...]] = []
 
     def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
         full = self.max_vectors is not None and len(self._steps) + 1 >= self.max_vectors
         self._steps.append((alpha, beta_next, b_col, None if full else v_next, update))
 
-    def _sample(self, i: int) -> LanczosHarvest:
+    def sample(self, i: int) -> LanczosHarvest:
         xp = array_namespace(self._v1)
         vectors, alphas, betas, bcols = [self._v1[i, :]], [], [], []
         for alpha, beta_next, b_col, v_next, update in self._steps:
@@ -122,5 +109,5 @@ class LanczosRecorder:
             beta1=float(to_host(self._beta1[i])),
         )
 
-    def finish(self) -> LanczosRecording:
-        return LanczosRecording(tuple(self._sample(i) for i in range(self._v1.shape[0])))
+    def finish(self) -> LanczosRecorder:
+        return copy.copy(self)  # a snapshot: the next ``begin`` starts new lists

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -29,8 +29,8 @@ from array_api_compat import device as device_of
 
 from backends.host import host_check_needs_sync, host_list, to_host
 from framework.krylov.givens import DeviceScalars, HostScalars
-from framework.krylov.operators import batch_operator, check_symmetric, shifted, single_operator
-from framework.krylov.recycle_space import RecycleSpace, RowOperator, bmtv, bmv
+from framework.krylov.operators import RowOperator, batch_operator, check_symmetric, shifted
+from framework.krylov.recycle_space import RecycleSpace, bmtv, bmv
 from framework.krylov.stopping import (
     IterationState,
     ResidualRule,
@@ -41,32 +41,27 @@ from framework.krylov.stopping import (
 
 
 class Status(enum.Enum):
-    """Why a solve ended."""
+    """Why a solve ended: its value names it, ``message`` says it in words."""
 
-    CONVERGED = "converged"
-    EXACT = "exact"
-    MAXITER = "maxiter"
-    BREAKDOWN = "breakdown"
-    NONFINITE = "nonfinite"
-    DRIFTED = "drifted"
+    CONVERGED = "converged", "the stopping rule was satisfied"
+    EXACT = "exact", "Lanczos found an invariant subspace: the iterate solves the system"
+    MAXITER = "maxiter", "reached maxiter before the stopping rule was satisfied"
+    BREAKDOWN = "breakdown", ("the projected tridiagonal matrix became singular (A is "
+                              "singular on the Krylov space); the iterate is the last "
+                              "well-defined one")
+    NONFINITE = "nonfinite", ("a non-finite value appeared (the operator returned NaN or "
+                              "inf, or the preconditioner is not positive definite)")
+    DRIFTED = "drifted", ("the residual estimate met the tolerance but the true residual "
+                          "‖b − Ax‖ does not (the recurrence drifted by rounding on an "
+                          "ill-conditioned system); restart with x0=result.x or loosen "
+                          "the tolerance")
 
-    @property
-    def message(self) -> str:
-        return _MESSAGES[self]
+    def __new__(cls, value: str, message: str) -> Status:
+        member = object.__new__(cls)
+        member._value_, member.message = value, message
+        return member
 
 
-_MESSAGES = {
-    Status.CONVERGED: "the stopping rule was satisfied",
-    Status.EXACT: "Lanczos found an invariant subspace: the iterate solves the system",
-    Status.MAXITER: "reached maxiter before the stopping rule was satisfied",
-    Status.BREAKDOWN: "the projected tridiagonal matrix became singular (A is singular "
-    "on the Krylov space); the iterate is the last well-defined one",
-    Status.DRIFTED: "the residual estimate met the tolerance but the true residual ‖b − Ax‖ "
-    "does not (the recurrence drifted by rounding on an ill-conditioned system); restart "
-    "with x0=result.x or loosen the tolerance",
-    Status.NONFINITE: "a non-finite value appeared (the operator returned NaN or inf, or "
-    "the preconditioner is not positive definite)",
-}
 # status codes of framework.krylov.givens, in order
 _CODES = (Status.MAXITER, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status.BREAKDOWN,
           Status.NONFINITE)
@@ -106,15 +101,13 @@ class KrylovResult:
 
     def sample(self, i: int) -> KrylovResult:
         """Sample i's result, unwrapped (its x a 1-D row)."""
-        harvest = self.harvest
-        if harvest is not None and hasattr(harvest, "sample"):
-            harvest = harvest.sample(i)
-        return KrylovResult(
-            self.x[i, ...], self.converged[i], self.status[i], self.iterations[i],
-            self.matvecs[i], self.check_matvecs[i], self.residual_norm[i],
-            self.residual_history[i], self.passes, self.host_syncs, harvest,
-            self.preconditioner_passes,
-        )
+        harvest = self.harvest.sample(i) if hasattr(self.harvest, "sample") else self.harvest
+        return replace(self, x=self.x[i, ...], harvest=harvest,
+                       **{name: getattr(self, name)[i] for name in _PER_SAMPLE})
+
+
+_PER_SAMPLE = ("converged", "status", "iterations", "matvecs", "check_matvecs",
+               "residual_norm", "residual_history")
 
 
 def _check_rows(xp: Any, name: str, v: Any, shape: tuple[int, ...], dtype: Any = None) -> None:
@@ -192,8 +185,7 @@ def rminres(
         the residual rows by recurrence, no extra applications); for a 1-D ``b`` a rule
         on one sample returning a bool.
     callback : ``callback(xk)`` after every iteration (forms the iterate).
-    harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``); ``result.harvest``
-        holds what it returns.
+    harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``): ``result.harvest``.
     true_residual : compute ‖b − Ax‖ at exit (one pass, ``check_matvecs``).
     check_every : iterations between host checks when the scalars live on a GPU.
     scalars : "host" or "device" (default: device when a host read synchronises).
@@ -221,10 +213,10 @@ def rminres(
                          "harvest=) or a stopping rule that needs the residual yet; drop M "
                          "or those")
     if single:
-        A, b = RowOperator(single_operator(A)), b[None, :]
+        A, b = RowOperator(A), b[None, :]
         x0 = None if x0 is None else x0[None, :]
         recycle = None if recycle is None else recycle.promoted()
-        M = None if M is None else RowOperator(single_operator(M))
+        M = None if M is None else RowOperator(M)
         callback = None if callback is None else (lambda X, f=callback: f(X[0, :]))
     A = batch_operator(A)
     if shift:
@@ -249,8 +241,7 @@ class _Solve:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
         self.M = M
-        self.U = None if recycle is None else recycle.U
-        self.C = None if recycle is None else recycle.C
+        self.U, self.C = (None, None) if recycle is None else (recycle.U, recycle.C)
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
@@ -287,21 +278,18 @@ class _Solve:
         self.u = r / safe  # residual space; with M the Lanczos vectors are v = M u
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
-            live = (xp.asarray([r.live for r in self.scalars.rows], device=device_of(self.b))
-                    if host else self.scalars.state.live)
-            self.harvest.begin(self.U, self.C, v, beta1, live)
+            self.harvest.begin(self.U, self.C, v, beta1)
         self.u_prev = self.beta = None
-        self.d = [None, None]
-        self.e = [None, None]
+        self.d, self.e = [None, None], [None, None]  # the last two directions (x, U parts)
         syncs, step = 1, 0
         running = self.scalars.running()
         while running and step < maxiter:
             step += 1
             v = self._iteration(step, v)
             syncs += self.scalars.syncs_per_iteration
-            if self.scalar_kind == "host" or step % check_every == 0:
+            if host or step % check_every == 0:
                 running = self.scalars.running()
-                syncs += self.scalar_kind == "device"
+                syncs += not host
         return self._finish(true_residual, syncs)
 
     def _start(self, x0: Any) -> Any:

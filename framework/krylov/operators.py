@@ -1,7 +1,7 @@
 """Operators as ``rminres`` (like SciPy's ``minres``) takes them: callables, dense arrays,
 sparse matrices and ``LinearOperator``s (applied by ``@``; for a batch one (n, n) matrix
-serves every row, a (B, n, n) array gives each sample its own); the shift A − σI and the
-symmetry check of SciPy's ``check=True``.
+serves every row, a (B, n, n) array gives each sample its own), 1-D operators as a batch
+of one; the shift A − σI and the symmetry check of SciPy's ``check=True``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,21 @@ def is_matrix(A: Any) -> bool:
     return hasattr(A, "shape") and (not callable(A) or hasattr(A, "matvec"))
 
 
-def single_operator(A: Any) -> Operator:
-    """A callable for one system: (n,) → (n,) and (n, k) → (n, k)."""
-    return (lambda v: A @ v) if is_matrix(A) else A
+class RowOperator:
+    """A 1-D operator ((n,) → (n,) and (n, k) → (n, k), or a matrix) as a batch of one:
+    (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
+    (Jᵀ maps n-vectors to p-vectors)."""
+
+    def __init__(self, A: Any, *, check: bool = True) -> None:
+        self.A, self.check = (lambda v: A @ v) if is_matrix(A) else A, check
+
+    def __call__(self, V: Any) -> Any:
+        row = V[0, ...]
+        out = self.A(row)
+        if self.check and out.shape != row.shape:
+            raise ValueError(f"operator returned shape {tuple(out.shape)} for input of shape "
+                             f"{tuple(row.shape)}")
+        return out[None, ...]
 
 
 def batch_operator(A: Any) -> Operator:

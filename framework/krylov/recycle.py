@@ -1,20 +1,18 @@
 """Carrying recycle spaces from one batch of linear systems to the next.
 
 A ``RecycleHarvester`` (``rminres(harvest=...)``) chooses each sample's next recycle vectors
-from W_i = [U_i, V_i] against the matrix just solved ("inner" selection), with
-HW = [C, V_{m+1}T̄ + CB] from the Lanczos relation (no operator application); each sample's
-own iterations and non-padding recycle columns are its valid columns.  With a cap s on
-stored Lanczos vectors (``max_vectors``) it compresses [Z, V_s] to k vectors every s steps
-(a "cycle"), carrying HZ (and JᵀZ) as combinations: memory stays O(Bn(k + s)).
-``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the next H (C = HU: k
-applications).  "Outer" selection keeps all of W and selects against the next H (dim W
-applications); the dense oracles ``eig`` and ``gsvd`` select from the whole space (n
-applications; tests and small n only).
+from W_i = [U_i, V_i] (its non-padding recycle columns and its own iterations) against the
+matrix just solved ("inner" selection), with HW = [C, V_{m+1}T̄ + CB] from the Lanczos
+relation (no operator application).  With a cap s on stored Lanczos vectors it compresses
+[Z, V_s] to k vectors every s steps (a "cycle"), carrying HZ (and JᵀZ) as combinations:
+memory O(Bn(k + s)).  ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the
+next H (C = HU: k applications).  "Outer" selection keeps all of W and selects against the
+next H (dim W applications); the dense oracles ``eig`` and ``gsvd`` select from the whole
+space (n applications; tests and small n only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +20,11 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
-from framework.krylov.recycle_space import RecycleSpace, RowOperator, widths
+from framework.krylov.operators import Operator, RowOperator
+from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
 ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
-Operator = Callable[[Any], Any]
-
-
 # Where recycle vectors are selected: against the matrix just solved (``inner``) or against
 # the next one from the whole carried basis (``outer``).
 Selection = Choice("Selection", "inner outer")
@@ -36,16 +32,12 @@ Selection = Choice("Selection", "inner outer")
 
 @dataclass
 class RecycleConfig:
-    """How the recycle space is chosen and carried (also the schema of the config group
-    ``recycle``).
-
-    ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the spectrum (None =
-    the strategy's default), ``max_vectors`` the cap s on stored Lanczos vectors (None =
-    keep all), ``selection`` inner/outer, ``rank_tol`` the relative rank cut of the
-    orthonormalised space.  ``adaptive``: the bilevel engine uses recycling only while it
-    pays in measured seconds, with at most ``dim`` vectors (``framework.bilevel.adaptive``).
-    Names are checked by the enums (and by the config schema).
-    """
+    """How the recycle space is chosen and carried (the schema of the config group
+    ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
+    spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
+    vectors (None: all), ``selection``, ``rank_tol`` the relative rank cut of the space.
+    ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
+    in measured seconds (``framework.bilevel.adaptive``)."""
 
     strategy: Strategy = Strategy.none
     dim: int = 0
@@ -114,43 +106,31 @@ class RecycleHarvester:
         self.config = config
         self.jac_t = jac_t if config.needs_jacobian else None
         self.cycles = 0
-        self._begun = False
+        self.steps: list[tuple[Any, Any, Any, Any]] | None = None  # (α, β_{j+1}, b_j, updated)
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any, live: Any) -> None:
+    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
         xp = array_namespace(v1)
-        self._begun = True
         self.C = C
         self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
         self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
-        self.block = [v1]
+        self.block, self.steps = [v1], []  # the cycle's Lanczos vectors and steps
         self.v_prev = None
         self.beta_prev = xp.zeros_like(beta1)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.alphas: list[Any] = []
-        self.betas: list[Any] = []
-        self.bcols: list[Any] = []
-        self.updates: list[Any] = []
 
     def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
-        self.alphas.append(alpha)
-        self.betas.append(beta_next)
+        self.steps.append((alpha, beta_next, b_col, update))
         self.block.append(v_next)
-        self.updates.append(update)
-        if b_col is not None:
-            self.bcols.append(b_col)
         cap = self.config.max_vectors
-        if cap is not None and len(self.alphas) >= cap:
+        if cap is not None and len(self.steps) >= cap:
             self._compress(final=False)
 
     def finish(self) -> RecycleCarry | None:
-        if not self._begun:
+        if self.steps is None:  # no solve began
             return None
         if self.config.selection == "outer":
             W, _, _ = self.current_basis(jacobian=False)
             return None if W is None else RecycleCarry(W, selected=False)
-        if self.alphas:
+        if self.steps:
             self._compress(final=True)
         if self.Z is None:
             return None
@@ -160,17 +140,18 @@ class RecycleHarvester:
         """V (B, n, m) of the current cycle and HV = β v_{j−1} + α v_j + β v_{j+1} + C b
         (the Lanczos relation: no operator application)."""
         xp = array_namespace(self.block[0])
-        m = len(self.alphas)
+        m = len(self.steps)
+        alphas, betas, bcols, _ = zip(*self.steps, strict=True)
         Vall = xp.stack(self.block[: m + 1], axis=2)  # (B, n, m + 1)
         V = Vall[:, :, :m]
-        alphas = xp.stack(self.alphas, axis=1)
-        betas = xp.stack(self.betas, axis=1)  # β_{j+1}
+        alphas = xp.stack(alphas, axis=1)
+        betas = xp.stack(betas, axis=1)  # β_{j+1}
         first = xp.zeros_like(V[:, :, :1]) if self.v_prev is None else self.v_prev[:, :, None]
         down = xp.concat([first, V[:, :, : m - 1]], axis=2) if m > 1 else first
         lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
         HV = V * alphas[:, None, :] + down * lower[:, None, :] + Vall[:, :, 1:] * betas[:, None, :]
-        if self.bcols:
-            HV = HV + self.C @ xp.stack(self.bcols, axis=2)
+        if bcols[0] is not None:
+            HV = HV + self.C @ xp.stack(bcols, axis=2)
         return V, HV
 
     def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
@@ -182,17 +163,15 @@ class RecycleHarvester:
         want_j = jacobian and self.jac_t is not None
         if want_j and self.Z is not None and self.JZ is None:
             self.JZ = self.jac_t(self.Z)
-        blocks, products, masks, jblocks = [], [], [], []
-        if self.Z is not None:
-            blocks, products, masks, jblocks = [self.Z], [self.HZ], [self.zvalid], [self.JZ]
-        if self.alphas:
+        parts = [] if self.Z is None else [(self.Z, self.HZ, self.zvalid, self.JZ)]
+        if self.steps:
             V, HV = self._lanczos_products()
-            vvalid = xp.stack(self.updates, axis=1)
+            vvalid = xp.stack([updated for *_, updated in self.steps], axis=1)
             V = V * xp.astype(vvalid, V.dtype)[:, None, :]
-            blocks, products, masks = [*blocks, V], [*products, HV], [*masks, vvalid]
-            jblocks.append(self.jac_t(V) if want_j else None)
-        if not blocks:
+            parts.append((V, HV, vvalid, self.jac_t(V) if want_j else None))
+        if not parts:
             return None, None, None
+        blocks, products, masks, jblocks = zip(*parts, strict=True)
         self.valid = xp.concat(masks, axis=1)
         m = xp.astype(self.valid, blocks[0].dtype)[:, None, :]
         W, HW = xp.concat(blocks, axis=2) * m, xp.concat(products, axis=2) * m
@@ -214,10 +193,9 @@ class RecycleHarvester:
         if not final:
             self.HZ = HW @ coef
             self.JZ = None if JW is None else JW @ coef
-            m = len(self.alphas)
-            self.v_prev, self.beta_prev = self.block[m - 1], self.betas[m - 1]
-            self.block = self.block[m:]
-            self._reset()
+            m = len(self.steps)
+            self.v_prev, self.beta_prev = self.block[m - 1], self.steps[-1][1]
+            self.block, self.steps = self.block[m:], []
         self.cycles += 1
 
 

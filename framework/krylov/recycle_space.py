@@ -31,25 +31,6 @@ def widths(basis: Any) -> list[int]:
     return [int(v) for v in to_host(alive)]
 
 
-class RowOperator:
-    """A 1-D operator ((n,) → (n,), (n, k) → (n, k)) seen as a batch of one:
-    (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
-    (Jᵀ maps n-vectors to p-vectors)."""
-
-    def __init__(self, A: Callable[[Any], Any], *, check: bool = True) -> None:
-        self.A, self.check = A, check
-
-    def __call__(self, V: Any) -> Any:
-        row = V[0, ...]
-        out = self.A(row)
-        if self.check and out.shape != row.shape:
-            raise ValueError(
-                f"operator returned shape {tuple(out.shape)} for input of shape "
-                f"{tuple(row.shape)}"
-            )
-        return out[None, ...]
-
-
 @dataclass(frozen=True)
 class RecycleSpace:
     """U and C = A U, each (B, n, k) for a batch or (n, k) for one system, with CᵢᵀCᵢ = I
@@ -105,14 +86,11 @@ class RecycleSpace:
     def from_basis(
         cls, operator: Callable[[Any], Any], Y: Any, *, rank_tol: float = 1e-10
     ) -> RecycleSpace | None:
-        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator).
-
-        One block application gives AY; a thin QR AY = QR and an SVD of the small R
-        (R = P Σ Qᵀ) give C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C exactly in
-        exact arithmetic.  Directions with σ_i ≤ rank_tol · σ_max are dropped (rank
-        revealing; they become zero columns), so a near-dependent Y yields a smaller
-        space instead of a blow-up.  Returns ``None`` when k = 0.
-        """
+        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator):
+        one block application gives AY; a thin QR AY = QR and an SVD R = P Σ Qᵀ give
+        C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C in exact arithmetic.  Directions
+        with σ_i ≤ rank_tol · σ_max become zero columns (a near-dependent Y yields a
+        smaller space, not a blow-up).  ``None`` when k = 0."""
         xp = array_namespace(Y)
         if Y.ndim not in (2, 3):
             raise ValueError(f"recycle basis must be (n, k) or (B, n, k), got {tuple(Y.shape)}")

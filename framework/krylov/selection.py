@@ -1,30 +1,26 @@
 """Recycle-space selection strategies on projected bases, for every sample at once.
 
-Sample i's basis W_i (n × D, stacked to (B, n, D)) has ``valid`` columns (recycle vectors
-that are not padding, Lanczos vectors of its own iterations); the rest are masked (zeroed,
-so they span nothing).  Every strategy needs only small projected matrices
-(``Projection``):
+Sample i's basis W_i (n × D, stacked to (B, n, D)) has ``valid`` columns (non-padding
+recycle vectors, Lanczos vectors of its own iterations); the rest are zeroed.  Every
+strategy needs only the small projected matrices (``Projection``)
 
     gram = WᵀW,   G = WᵀHW,   F = (HW)ᵀ(HW),   P = JᵀW  (RGen only)
 
-and returns coefficients Y (B, D, k); the new recycle space is U = W Y.  All problems are
-first reduced to orthonormal coordinates S (Sᵀ·gram·S = I, rank-revealing), so a nearly
-dependent W can never blow up.  Masked or dropped directions get a value that can never
-be chosen (a separated eigenvalue, an identity block) and are recognised afterwards by
-where their vectors live; every step is a stacked ``eigh``/``qr``/``svd``/``solve`` over
-the batch, and each sample gets min(k, rank W_i) vectors (zero columns pad the rest).
+and returns coefficients Y (B, D, k) of the new recycle space U = W Y.  All problems are
+first reduced to rank-revealing orthonormal coordinates S (Sᵀ·gram·S = I), so a nearly
+dependent W cannot blow up; masked or dropped directions get values that are never chosen
+(a separated eigenvalue, an identity block) and are recognised by where their vectors
+live.  Each sample gets min(k, rank W_i) vectors (zero columns pad the rest).
 
 Strategies (config names):
 * ``ritz``          — Ritz vectors: G z = θ gram z; ``which`` by |θ| (small = closest to 0).
-* ``harmonic_ritz`` — harmonic Ritz vectors: F z = θ G z, labelled by the harmonic Ritz
-  values θ (small = closest to 0); solved as G z = (1/θ) F z with F positive definite.
+* ``harmonic_ritz`` — harmonic Ritz vectors: F z = θ G z, by the harmonic Ritz values θ
+  (small = closest to 0); solved as G z = (1/θ) F z with F positive definite.
 * ``rgen_left``, ``rgen_right``, ``rgen_both`` — Ritz generalised singular vectors from
-  the GSVD of (JᵀW̃, W̃ᵀHW̃) for the orthonormal basis W̃ = WS of range W; ``which`` by
-  the generalised singular value σ (large by default); left vectors V_H, right vectors
-  X⁻ᵀ, or their (sign-aligned) mean.
+  the GSVD of (JᵀW̃, W̃ᵀHW̃), W̃ = WS; ``which`` by σ (large by default): the left vectors
+  V_H, the right vectors X⁻ᵀ, or their (sign-aligned) mean.
 ``which = "mix"`` keeps ⌊k/2⌋ from the small end and k − ⌊k/2⌋ from the large end.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,19 +36,11 @@ from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, sy
 # the dense oracles ``eig`` (exact eigenvectors, selected like ``ritz``) and ``gsvd`` (exact
 # generalised singular vectors, selected like ``rgen_right``).
 Strategy = Choice("Strategy", "none ritz harmonic_ritz rgen_left rgen_right rgen_both eig gsvd")
-
-
 # End of the spectrum a selection keeps (config ``recycle.which``).
 Which = Choice("Which", "small large mix")
-
-
-DEFAULT_WHICH = {
-    Strategy.ritz: Which.small,
-    Strategy.harmonic_ritz: Which.small,
-    Strategy.rgen_left: Which.large,
-    Strategy.rgen_right: Which.large,
-    Strategy.rgen_both: Which.large,
-}
+DEFAULT_WHICH = {Strategy.ritz: Which.small, Strategy.harmonic_ritz: Which.small,
+                 Strategy.rgen_left: Which.large, Strategy.rgen_right: Which.large,
+                 Strategy.rgen_both: Which.large}
 
 
 def needs_jacobian(strategy: str) -> bool:
@@ -61,8 +49,8 @@ def needs_jacobian(strategy: str) -> bool:
 
 @dataclass(frozen=True)
 class Projection:
-    """Projected matrices of masked bases: gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW,
-    each (B, D, ·) (or unbatched), and the (B, D) mask of valid columns."""
+    """gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW of a masked basis, each (B, D, ·) (or
+    unbatched), and the (B, D) mask of valid columns."""
 
     gram: Any
     G: Any

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from backends.counting import Counter, CountingOperator
+from backends.counting import Counter, CountingOperator, Counts
 from framework.krylov.minres import KrylovResult, rminres
+from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
-from framework.krylov.recycle_space import RecycleSpace, RowOperator
+from framework.krylov.recycle_space import RecycleSpace
 from framework.krylov.stopping import HypergradientErrorRule, StopConfig
-
-Operator = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -71,33 +70,21 @@ class LinearSystem:
     reference: Any = None
 
 
-@dataclass(frozen=True)
-class SystemRecord:
-    """Per-system figures of a sequence solve (counts include recycle-space set-up, the
-    NSC set-up and the final −Jᵀw)."""
+@dataclass(frozen=True, kw_only=True)
+class SystemRecord(Counts):
+    """Per-system figures of a sequence solve: the operation counts (recycle-space set-up,
+    the NSC set-up and the final −Jᵀw included) and the solve's outcome."""
 
     index: int
     iterations: int
     converged: bool
     status: str
-    hvp: int
-    hvp_passes: int
-    jac_t: int
-    jac_t_passes: int
     recycle_dim: int
     residual_norm: float
     hg_error_estimate: float
     hg_error: float
     hypergradient: Any
     seconds: float
-
-    @property
-    def applications(self) -> int:
-        return self.hvp + self.jac_t
-
-    @property
-    def passes(self) -> int:
-        return self.hvp_passes + self.jac_t_passes
 
 
 @dataclass(frozen=True)
@@ -154,24 +141,19 @@ def solve_sequence(
             hypergradient = -J(w)
             if system.reference is not None:
                 hg_error = _norm(hypergradient - system.reference) / _norm(system.reference)
-        seconds = time.perf_counter() - t0
-        counts = counter.snapshot()
         records.append(
             SystemRecord(
+                **asdict(counter.snapshot()),
                 index=index,
                 iterations=res.iterations,
                 converged=res.converged,
                 status=res.status.value,
-                hvp=counts.hvp,
-                hvp_passes=counts.hvp_passes,
-                jac_t=counts.jac_t,
-                jac_t_passes=counts.jac_t_passes,
                 recycle_dim=0 if solve.space is None else solve.space.k,
                 residual_norm=res.residual_norm,
                 hg_error_estimate=solve.hg_error_estimate,
                 hg_error=hg_error,
                 hypergradient=hypergradient,
-                seconds=seconds,
+                seconds=time.perf_counter() - t0,
             )
         )
     return SequenceResult(tuple(records))

@@ -76,8 +76,6 @@ class ResidualRule:
         return [max(r * b, self.atol) for r, b in zip(rtols, b_norms, strict=True)]
 
     def __call__(self, state: IterationState) -> Any:
-        if isinstance(state.b_norm, float):
-            return state.residual_norm <= self.thresholds([state.b_norm])[0]
         xp = array_namespace(state.b_norm)
         rtol = self.rtol
         if isinstance(rtol, tuple):
