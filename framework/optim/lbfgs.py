@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from backends.kernels import rowdot
 from framework.optim.line_search import search_rows, strong_wolfe_search
 from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog, require
-from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
+from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose
 
 
 def lbfgs(

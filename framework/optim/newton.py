@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from backends.choice import Choice
+from backends.kernels import rowdot
 from framework.optim.lbfgs import steepest_descent
 from framework.optim.outcome import MinimizeResult, MinimizeStatus, SampleLog, require
-from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose, rowdot
+from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, choose
 
 Forcing = Choice("Forcing", "eisenstat_walker sqrt")
 LinearSolve = Callable[..., tuple[Any, Any]]

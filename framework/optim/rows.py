@@ -11,17 +11,10 @@ import array_api_compat
 import numpy as np
 
 from backends.host import to_host
+from backends.kernels import rowdot
 
 ValueAndGrad = Callable[[Any], tuple[Any, Any]]
 RowsValueAndGrad = Callable[[Any, np.ndarray], tuple[Any, Any]]
-
-
-def rowdot(xp: Any, a: Any, b: Any) -> Any:
-    """Row-wise inner products of two (B, n) arrays: (B,).  Each row's arithmetic is
-    independent of B and of the BLAS kernel: an elementwise product summed along the row
-    (``vecdot`` calls BLAS or its own loop depending on the arrays' strides, whose
-    roundings differ on some kernels)."""
-    return xp.sum(a * b, axis=-1)
 
 
 def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
