@@ -318,3 +318,48 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, uri):
     longer = run(_compose(*QUICK, "recycle.dim=2", "outer.steps=6", "tracking=disabled"),
                  output_dir=tmp_path)  # a longer run of the same config continues
     assert longer.resumed_from_step == 4 and longer.steps == 6
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda s: s.pop("rng"), "no rng"),
+        (lambda s: s.update(rng={"bit_generator": "PCG64", "state": "seven"}),
+         "mini-batch generator's state is invalid"),
+        (lambda s: s.update(theta=np.full_like(s["theta"], np.nan)), "θ is not a finite"),
+    ],
+)
+def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path, damage, says):
+    cfg = _compose(*QUICK, "tracking=disabled")
+    path = run(cfg, output_dir=tmp_path).checkpoint_path
+    state = checkpoint.load(path)
+    damage(state)
+    checkpoint.save(path, state)
+    with pytest.raises(checkpoint.CheckpointError, match=says) as info:
+        run(cfg, output_dir=tmp_path)
+    assert str(path) in str(info.value) and f"delete {path}" in str(info.value)
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_exit_2(tmp_path, uri):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.npz").write_bytes(b"not a checkpoint")
+    result = _hyperkrylov([*QUICK, f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hyperkrylov: ") and "unreadable checkpoint" in last
+    assert "Traceback" not in result.stderr and "allow_pickle" not in result.stderr
+
+
+def test_divergence_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, uri):
+    """Adam at lr 1e6 throws the FoE exponents to ~1e6 after one step: 10^p overflows and
+    the lower-level problem is not finite at step 1 (the checkpoint of step 1 is kept)."""
+    result = _hyperkrylov([*SLOW, "outer.lr=1e6", "outer.steps=3", "checkpoint.every=1",
+                           f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hyperkrylov: step 1: the lower-level f or ∇f is not finite")
+    assert "the checkpoint of step 1" in last and "Traceback" not in result.stderr
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.npz")
+    assert state["step"] == 1 and np.all(np.isfinite(state["theta"]))
+    (record,) = _runs(uri)
+    assert record.status == "FAILED" and len(record.history["upper_loss"]) == 1

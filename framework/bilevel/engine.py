@@ -52,11 +52,16 @@ from framework.krylov.recycle import (
     stack_carries,
 )
 from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
-from framework.optim import lbfgs, newton_krylov
+from framework.optim import MinimizeStatus, lbfgs, newton_krylov
 from framework.optim.rows import scatter_rows
 from problems.preconditioners import fft_preconditioner
 
 LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
+
+
+class NonFiniteError(FloatingPointError):
+    """θ makes the lower-level problem non-finite (e.g. overflowing expert weights)."""
+
 Preconditioner = Choice("Preconditioner", "none fft")
 
 
@@ -233,6 +238,10 @@ class BilevelEngine:
                                   **options)
         else:
             lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
+        bad = [j for j, status in enumerate(lower.status) if status is MinimizeStatus.NONFINITE]
+        if bad:  # nothing after this could be finite
+            raise NonFiniteError(f"the lower-level f or ∇f is not finite at this θ (batch "
+                                 f"rows {bad} of {batch.batch_size})")
         solved = LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
                             lower.hvp, lower.host_reads + sum(solve_syncs))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved

@@ -21,9 +21,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
+from framework.experiment.checkpoint import CheckpointError
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
 from framework.experiment.tracking import TrackingError, prepare_experiment, resolve_uri
+from framework.experiment.train import DivergedError
 
 CONFIG_PATH = "pkg://conf"
 
@@ -49,6 +51,8 @@ def _main(cfg: DictConfig) -> float:
         _fail(2, f"configuration error: {exc}")
     except TrackingError as exc:
         _fail(3, f"tracking error: {exc}")
+    except (CheckpointError, DivergedError) as exc:
+        _fail(2, str(exc))
 
 
 def _fail(code: int, message: str) -> NoReturn:

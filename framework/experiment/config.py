@@ -225,6 +225,9 @@ def _check_split(key: str, split: Split | None, dataset: Dataset, hint: str) -> 
 
 
 def _validate_problem(p: ProblemConfig) -> None:
+    for key in ("init_exponent", "coupling"):  # finite, or θ0 / the problem is not
+        _check(math.isfinite(getattr(p, key)), f"problem.{key}",
+               f"must be a finite number; got {getattr(p, key)!r}")
     if p.name == ProblemName.quadratic:
         _check(p.n >= 3, "problem.n", f"must be at least 3; got {p.n!r}")
         return
@@ -240,6 +243,11 @@ def _validate_problem(p: ProblemConfig) -> None:
     _check(p.num_filters is None or p.filters_init != FilterInit.dct or p.num_filters <= most,
            "problem.num_filters", f"at most kernel_size² − 1 = {most} DCT filters exist; "
            f"got {p.num_filters}")
+    side = 28 if p.dataset != Dataset.bsds300 else p.crop  # MNIST digits are 28×28
+    widest = 0.3 * ((side - 1) // 2 - 1)  # the blur kernel (radius σ/0.3 + 1) fits the image
+    _check(p.operator != OperatorName.blur or p.blur_sigma <= widest, "problem.blur_sigma",
+           f"at most {widest:.3g} for {side}×{side} images (the kernel must fit); "
+           f"got {p.blur_sigma!r}")
     if p.dataset == Dataset.embedded_mnist:
         _check(p.start + p.num_samples <= 16, "problem.num_samples", "the embedded MNIST "
                f"sample holds 16 digits; start + num_samples = {p.start + p.num_samples}")

@@ -24,7 +24,12 @@ from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
 from framework.experiment.tracker import make_tracker
 from framework.experiment.tracking import folder_lock
-from framework.experiment.train import EngineFactory, check_resumable, train
+from framework.experiment.train import (
+    EngineFactory,
+    check_resumable,
+    check_training_state,
+    train,
+)
 
 RUN_ID_FILE = "mlflow_run_id"  # in the output dir: the MLflow run this folder's runs belong to
 
@@ -105,6 +110,7 @@ def run(
             _wait_for_previous_writer(out)
             state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
             if state is not None:
+                check_training_state(state, ckpt_path)
                 check_resumable(state, c, ckpt_path)
             work = partial(train, c, out, ckpt_path, state, started=started,
                            engine_factory=engine_factory or make_engine, run_params=run_params)

@@ -20,14 +20,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from tqdm import tqdm
 
 from backends import get_backend, tune_cpu_allocator
+from framework.bilevel.engine import NonFiniteError
 from framework.bilevel.recording import SequenceRecorder
 from framework.experiment import names, plots
+from framework.experiment.checkpoint import CheckpointError
 from framework.experiment.config import (
     BackendName,
     Config,
@@ -71,6 +73,14 @@ class RunSummary:
     sequence_path: Path | None = None
 
 
+class DivergedError(RuntimeError):
+    """θ or the upper loss became non-finite during training."""
+
+
+def _finite(xp: Any, a: Any) -> bool:
+    return bool(xp.all(xp.isfinite(a)))  # one host transfer
+
+
 def _batch_generator(seed: int) -> tuple[np.random.Generator, int]:
     root = np.random.SeedSequence(seed)
     ss = np.random.SeedSequence(root.entropy, spawn_key=(_BATCH_STREAM,))
@@ -90,6 +100,28 @@ _RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress")
 def resume_identity(c: Config) -> dict[str, str]:
     """The flattened config minus the keys a resumed run may change."""
     return {k: v for k, v in flatten(c).items() if not k.startswith(_RESUMABLE_CHANGES)}
+
+
+_STATE_KEYS = ("step", "theta", "optimizer", "engine", "rng", "history", "per_sample",
+               "cumulative", "config")
+
+
+def check_training_state(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that cannot resume a run exactly: keys missing, θ not finite,
+    or a random state the mini-batch generator does not accept."""
+    fix = f"delete {path} to start afresh (or choose another hydra.run.dir)"
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(missing)}); "
+                              f"{fix}")
+    theta = np.asarray(state["theta"])
+    if theta.dtype.kind != "f" or not np.all(np.isfinite(theta)):
+        raise CheckpointError(f"{path}: θ is not a finite float array; {fix}")
+    try:
+        _batch_generator(0)[0].bit_generator.state = state["rng"]
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: the mini-batch generator's state is invalid ({exc}); "
+                              f"{fix}") from exc
 
 
 def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
@@ -154,12 +186,14 @@ def train(
     # with checkpoints, a step's metrics go to the store with the next checkpoint, so a run
     # killed between checkpoints and resumed logs every step once
     pending: list[tuple[dict[str, float], int]] = []
+    saved = [] if resumed_from is None else [resumed_from]  # the last checkpoint's step
 
     def snapshot(step: int, finished: bool) -> None:
         if not c.checkpoint.every:  # checkpoint=off: no file (metrics were logged at once)
             return
         steps = [(metrics, at) for metrics, at in pending if at < step]
         pending.clear()
+        saved[:] = [step]
         tracker.save_checkpoint(  # written right after the metrics of the steps before it
             ckpt_path,
             {
@@ -178,6 +212,13 @@ def train(
             metrics=steps,
         )
 
+    def _diverged(step: int, what: str) -> NoReturn:
+        for metrics, at in pending:  # the steps that led there, for diagnosis
+            tracker.log_metrics(metrics, at)
+        kept = (f"the checkpoint of step {saved[0]} ({ckpt_path}) is kept" if saved
+                else "no checkpoint was written")
+        raise DivergedError(f"step {step}: {what}; {kept}; lower outer.lr")
+
     show = c.progress and sys.stdout.isatty()
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state.get("finished") and start >= c.outer.steps:
@@ -187,12 +228,17 @@ def train(
         for step in range(start, c.outer.steps):
             indices = _batch(rng, len(problem_set), c.outer.batch_size)
             t0 = time.perf_counter()
-            result = engine.evaluate(theta, indices)
+            try:
+                result = engine.evaluate(theta, indices)
+            except NonFiniteError as exc:
+                _diverged(step, str(exc))
             if recorder is not None:
                 recorder.capture(engine, theta, indices)
             gd = c.outer.name == Optimizer.gd  # backtracking needs the batch's loss
             loss_fn = partial(engine.loss, indices=indices) if gd else None
             update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
+            if not (math.isfinite(result.loss) and _finite(backend.xp, update.theta)):
+                _diverged(step, f"θ became non-finite (upper loss {result.loss:.6g})")
             theta = update.theta
             metrics = {k: float(v) for k, v in result.metrics().items()}
             metrics[names.STEP_TIME] = time.perf_counter() - t0
