@@ -11,9 +11,13 @@ rtol 1e-3, lower gtol 1e-6, Adam lr 1e-2 from the same θ):
 
 Runs, each in its own worker process, stepped in turn so that all see the same load:
 ``old`` (tag ``pre-redesign``: ``BatchedBilevelEngine``, L-BFGS), and this tree's engine
-with ``lbfgs``, ``newton_krylov`` and ``newton_krylov`` with the FFT preconditioner on its
-inner solves (``nk_fft``; ``solver.lower.preconditioner=fft``).  Prints, per run, the
-median over steps 2.. of the step and lower-level milliseconds and their ratios to
+with ``lbfgs``, ``newton_krylov``, ``newton_krylov`` with the FFT preconditioner on its
+inner solves (``nk_fft``; ``solver.lower.preconditioner=fft``) and with it on the
+hypergradient solve too, which then does not recycle (``nk_fft_all``; also
+``solver.preconditioner=fft recycle=none``: its hypergradients meet rtol in the
+preconditioner's norm, so its θ path differs from the others' by the solve's accuracy).
+Prints, per run, the median over steps 2.. of the step and lower-level milliseconds and
+their ratios to
 ``old`` (medians of per-step ratios), lower-level counts per step (iterations, f+∇f
 evaluations, HVPs, summed over the samples), Krylov iterations per step, and how far the
 run's upper losses and θ path are from ``old``'s (largest relative difference).
@@ -35,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("old", "lbfgs", "newton_krylov", "nk_fft")
+MODES = ("old", "lbfgs", "newton_krylov", "nk_fft", "nk_fft_all")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 
 
@@ -82,7 +86,9 @@ def worker(mode: str, case: str, batch: int, data: str) -> None:
 
         lower = dict(lower_solver="lbfgs") if mode == "lbfgs" else dict(
             lower_solver="newton_krylov",
-            lower_preconditioner="fft" if mode == "nk_fft" else "none")
+            lower_preconditioner="none" if mode == "newton_krylov" else "fft")
+        if mode == "nk_fft_all":  # the hypergradient solve preconditioned too (no recycling)
+            common.update(recycle=RecycleConfig(), preconditioner="fft")
         engine = BilevelEngine(problems, EngineConfig(**common, **lower), backend=be)
     theta, adam = be.asarray(theta0), Adam(lr=1e-2)
     print(json.dumps({"ready": True}), flush=True)
