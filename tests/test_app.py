@@ -161,6 +161,9 @@ def test_multirun_sweep_and_compare_table(tmp_path, uri):
     assert {(r.params["recycle.strategy"], r.params["recycle.dim"]) for r in records} == {
         ("ritz", "2"), ("ritz", "4"), ("harmonic_ritz", "2"), ("harmonic_ritz", "4")}
     assert sorted(int(r.tags["hyperkrylov.job_num"]) for r in records) == [0, 1, 2, 3]
+    for job in range(4):  # each job's lines name it, in its own log too
+        assert f"hyperkrylov: [job {job}] step 3/3: upper loss" in result.stdout
+        assert f"[job {job}] step 3/3" in (sweep / str(job) / "hyperkrylov.log").read_text()
     rows = compare.compare("hyperkrylov", sweep="latest", figure=tmp_path / "cmp.png")
     assert len(rows) == 4 and (tmp_path / "cmp.png").exists()
     by_id = {r.run_id: r for r in records}
@@ -363,3 +366,18 @@ def test_divergence_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_p
     assert state["step"] == 1 and np.all(np.isfinite(state["theta"]))
     (record,) = _runs(uri)
     assert record.status == "FAILED" and len(record.history["upper_loss"]) == 1
+
+
+def test_without_a_terminal_progress_lines_reach_stdout_and_the_job_log(tmp_path, uri):
+    """stdout is a pipe here (as under a scheduler or `> log.txt`): no progress bar, but
+    lines at the first and last step (and every PROGRESS_SECONDS), in Hydra's job log too."""
+    result = _hyperkrylov([*QUICK, "tracking=disabled", f"hydra.run.dir={tmp_path}/run"],
+                          tmp_path, uri)
+    assert result.returncode == 0, result.stderr
+    for line in ("hyperkrylov: step 1/4: upper loss", "hyperkrylov: step 4/4: upper loss",
+                 "hyperkrylov: finished 4 steps"):
+        assert line in result.stdout
+    log = (tmp_path / "run" / "hyperkrylov.log").read_text()
+    assert "[hyperkrylov][INFO] - step 1/4: upper loss" in log
+    assert "[hyperkrylov][INFO] - step 4/4: upper loss" in log
+    assert "outer:" not in result.stdout + result.stderr  # no tqdm bar without a terminal

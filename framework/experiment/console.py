@@ -1,14 +1,41 @@
-"""What a run tells its user on the console: prefixed, flushed lines and tables."""
+"""What a run tells its user: messages on the ``hyperkrylov`` logger, and tables.
+
+Under the ``hyperkrylov`` command Hydra's job logging (``conf/config.yaml``) shows them on
+stdout as ``hyperkrylov: <message>`` and writes them, timestamped, to the run's
+``hyperkrylov.log``; a multirun job's lines start with ``[job N]``.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
+LOG = logging.getLogger("hyperkrylov")
+
+
+class _JobLabel(logging.Filter):
+    def __init__(self, num: int) -> None:
+        super().__init__()
+        self.prefix = f"[job {num}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = f"{self.prefix}{record.msg}"
+        return True
+
 
 def say(message: str) -> None:
-    """Print ``hyperkrylov: <message>`` and flush (visible at once in logs and pipes)."""
-    print(f"hyperkrylov: {message}", flush=True)
+    """Log ``message`` at INFO on the ``hyperkrylov`` logger."""
+    LOG.info(message)
+
+
+def label_job(num: int | None) -> None:
+    """Start this process's messages with ``[job num]`` (a multirun's job), or not (None)."""
+    for old in [f for f in LOG.filters if isinstance(f, _JobLabel)]:
+        LOG.removeFilter(old)
+    if num is not None:
+        LOG.addFilter(_JobLabel(num))
 
 
 def fmt(value: float, spec: str) -> str:

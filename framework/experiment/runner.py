@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from backends.threads import choose_num_threads, limited_threads
 from framework.experiment import checkpoint, names, resolve
 from framework.experiment.config import Config, ProblemName, Task, flatten, to_yaml, validate
-from framework.experiment.console import say
+from framework.experiment.console import label_job, say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
 from framework.experiment.tracker import make_tracker
@@ -39,6 +39,7 @@ def _hydra_context() -> tuple[Path | None, dict[str, str]]:
     if not HydraConfig.initialized():
         return None, {}
     hc = HydraConfig.get()
+    label_job(hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if hc.mode != RunMode.MULTIRUN:
         return Path(hc.runtime.output_dir), {}
     return Path(hc.runtime.output_dir), {names.SWEEP_TAG: str(hc.sweep.dir),
@@ -86,12 +87,12 @@ def run(
     quadratic = c.problem.name == ProblemName.quadratic and c.task != Task.resolve
     dense = c.problem.n**2 if quadratic else 0
     limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
+    hydra_dir, tags = _hydra_context()
     with limited_threads(limit) as blas_threads:
         if limit is not None:
             say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
                 f"{'auto' if c.backend.num_threads is None else c.backend.num_threads})")
         run_params = {"backend.blas_threads": str(blas_threads)}
-        hydra_dir, tags = _hydra_context()
         if c.tracking.sweep_id:
             tags[names.SWEEP_TAG] = c.tracking.sweep_id
         out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())

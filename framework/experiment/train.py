@@ -49,6 +49,8 @@ from problems.base import psnr
 from problems.factory import ProblemSet, build_problems
 
 THETA_FILE = "theta.npz"
+PROGRESS_SECONDS = 10.0  # without a terminal: a progress line at most this often (and at
+# the first and last step)
 _BATCH_STREAM = 2**31 - 1  # spawn key of the mini-batch generator (distinct from sample seeds)
 EngineFactory = Callable[[ProblemSet, Config, Any], Any]
 
@@ -220,6 +222,7 @@ def train(
         raise DivergedError(f"step {step}: {what}; {kept}; lower outer.lr")
 
     show = c.progress and sys.stdout.isatty()
+    last_line = time.perf_counter()
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
@@ -263,6 +266,14 @@ def train(
                 loss=f"{metrics[names.UPPER_LOSS]:.4g}",
                 krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
+            now = time.perf_counter()
+            if not show and (step in (start, c.outer.steps - 1)
+                             or now - last_line >= PROGRESS_SECONDS):
+                last_line = now  # no terminal (a log file, a scheduler): a line now and then
+                say(f"step {step + 1}/{c.outer.steps}: upper loss "
+                    f"{metrics[names.UPPER_LOSS]:.6g}, Krylov iterations "
+                    f"{int(metrics.get(names.KRYLOV_ITERATIONS, 0))}, "
+                    f"{metrics[names.STEP_TIME]:.3g} s/step")
             if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
                 snapshot(step + 1, finished=False)
         step = c.outer.steps
