@@ -267,7 +267,7 @@ def train(
                 krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
             )
             now = time.perf_counter()
-            if not show and (step in (start, c.outer.steps - 1)
+            if c.progress and not show and (step in (start, c.outer.steps - 1)
                              or now - last_line >= PROGRESS_SECONDS):
                 last_line = now  # no terminal (a log file, a scheduler): a line now and then
                 say(f"step {step + 1}/{c.outer.steps}: upper loss "
