@@ -61,6 +61,9 @@ def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np
     return items.reshape(count, *shape)
 
 
+MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"  # the MNIST test images, in a data folder
+
+
 def load_mnist(path: str | Path, *, count: int | None = None, start: int = 0) -> np.ndarray:
     """Read an IDX image file (gzip or raw): float64 in [0, 1] of shape (N, rows, cols);
     ``start`` / ``count`` select images [start, start + count)."""

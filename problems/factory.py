@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from problems.datasets import load_bsds300, load_embedded_mnist, load_mnist
+from problems.datasets import MNIST_IMAGES, load_bsds300, load_embedded_mnist, load_mnist
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import GaussianBlur, Identity, Inpainting
@@ -54,7 +54,7 @@ def _images(cfg: Any) -> np.ndarray:
     if cfg.dataset == "mnist":
         path = Path(cfg.data_path).expanduser()
         if path.is_dir():
-            path = path / "t10k-images-idx3-ubyte.gz"
+            path = path / MNIST_IMAGES
         return load_mnist(path, count=cfg.num_samples, start=cfg.start)
     if cfg.dataset == "bsds300":
         count = cfg.start + cfg.num_samples

@@ -70,17 +70,34 @@ def _compose(*overrides: str):
         ("outer.lr=0", "outer.lr", 2),
         ("recycle=ritzz", "recycle", 1),
         ("recycle.dimm=3", "dimm", 1),
+        # pre-flight: a dataset folder without the data, an output folder that cannot exist
+        ("problem=bsds_deblur problem.data_path=.", "images/train' holds 0 .jpg images", 2),
+        ("problem.dataset=mnist problem.data_path=.", "t10k-images-idx3-ubyte.gz' not found", 2),
+        ("hydra.run.dir={tmp}/a-file/run", "cannot write {tmp}/a-file/run", 2),
     ],
 )
 def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, uri, override, key, code):
+    (tmp_path / "a-file").write_text("")
+    override, key = override.format(tmp=tmp_path), key.format(tmp=tmp_path)
     start = time.perf_counter()
-    result = _hyperkrylov([override, f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    result = _hyperkrylov([f"hydra.run.dir={tmp_path}/run", *override.split()], tmp_path, uri)
     assert result.returncode == code, result.stderr
-    assert key in result.stderr
+    assert key in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "mlflow.db").exists()  # no store, no experiment, no run
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_a_missing_backend_is_one_line_before_any_run(tmp_path, uri):
+    from backends import available_backends
+
+    if "cupy" in available_backends():
+        pytest.skip("CuPy works here: nothing to refuse")
+    result = _hyperkrylov(["backend=cupy", f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("hyperkrylov: configuration error: backend.name: ")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def _runs(uri, experiment="hyperkrylov", sweep=None):

@@ -84,6 +84,11 @@ def main() -> None:
         _main()
     except KeyboardInterrupt as exc:  # the run said what it saved; no traceback
         sys.exit(143 if isinstance(exc, Terminated) else 130)
+    except OSError as exc:  # e.g. Hydra cannot create the output folder
+        if exc.filename is None:
+            raise
+        _fail(2, f"cannot write {exc.filename}: {exc.strerror}; choose a writable folder "
+                 "(hydra.run.dir, hydra.sweep.dir) or fix its permissions")
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValidationError):

@@ -24,6 +24,7 @@ from framework.krylov.recycle import ORACLES, RecycleConfig, Selection
 from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
+from problems.datasets import MNIST_IMAGES
 from problems.experts import EXPERT_NAMES
 from problems.foe import LEARN_OPTIONS
 
@@ -256,6 +257,17 @@ def _validate_problem(p: ProblemConfig) -> None:
            "give problem.data_path=/path/to/the/data")
     path = Path(p.data_path or "").expanduser()
     _check(path.exists(), "problem.data_path", f"{str(path)!r} does not exist")
+    if p.dataset == Dataset.bsds300:  # the layout the loader reads, before any work
+        folder, needed = path / "images" / str(p.split), p.start + p.num_samples
+        found = len(list(folder.glob("*.jpg"))) if folder.is_dir() else 0
+        _check(found >= needed, "problem.data_path", f"{str(folder)!r} holds {found} .jpg "
+               f"images and the run needs {needed}; " + (
+                   "lower problem.start + problem.num_samples" if found else
+                   "give the BSDS300 folder (the one with images/train and images/test)"))
+    else:
+        images = path / MNIST_IMAGES if path.is_dir() else path
+        _check(images.is_file(), "problem.data_path", f"{str(images)!r} not found; give the "
+               f"MNIST folder (with {MNIST_IMAGES}) or that file")
 
 
 def _validate_task(c: Config) -> None:

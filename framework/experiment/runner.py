@@ -16,9 +16,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from backends import BackendUnavailableError, get_backend
 from backends.threads import choose_num_threads, limited_threads
 from framework.experiment import checkpoint, names, resolve
-from framework.experiment.config import Config, ProblemName, Task, flatten, to_yaml, validate
+from framework.experiment.config import (
+    Config,
+    ConfigError,
+    ProblemName,
+    Task,
+    flatten,
+    to_yaml,
+    validate,
+)
 from framework.experiment.console import label_job, say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
@@ -84,6 +93,10 @@ def run(
     the count threadpoolctl reports as the param ``backend.blas_threads``."""
     started = time.perf_counter()
     c = validate(cfg)
+    try:  # the backend and device exist, before any run is created
+        get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
+    except BackendUnavailableError as exc:
+        raise ConfigError(f"backend.name: {exc}") from exc
     quadratic = c.problem.name == ProblemName.quadratic and c.task != Task.resolve
     dense = c.problem.n**2 if quadratic else 0
     limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
