@@ -76,7 +76,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
          "solver.preconditioner"),
         (["problem.init_exponent=inf"], "problem.init_exponent"),
         (["problem=quadratic", "problem.coupling=nan"], "problem.coupling"),
-        (["problem.operator=blur", "problem.blur_sigma=4"], "problem.blur_sigma"),  # 28×28
+        (["problem.operator=blur", "problem.blur_sigma=9"], "problem.blur_sigma"),  # 28×28
         (["solver.lower.preconditioner=fft", "solver.lower.name=lbfgs"],
          "solver.lower.preconditioner"),
         (["solver.lower.preconditioner=fft", "problem.regularizer=tv"],

@@ -99,5 +99,8 @@ def load(path: str | Path) -> dict[str, Any]:
                 np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))["state"]
     except CheckpointError:
         raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+    except Exception as exc:  # NumPy's own message may advise unpickling: not shown
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint (not an archive this program wrote: "
+            f"{type(exc).__name__}); delete it to start afresh (or choose another "
+            "hydra.run.dir)") from exc

@@ -245,10 +245,10 @@ def _validate_problem(p: ProblemConfig) -> None:
            "problem.num_filters", f"at most kernel_size² − 1 = {most} DCT filters exist; "
            f"got {p.num_filters}")
     side = 28 if p.dataset != Dataset.bsds300 else p.crop  # MNIST digits are 28×28
-    widest = 0.3 * ((side - 1) // 2 - 1)  # the blur kernel (radius σ/0.3 + 1) fits the image
+    widest = 0.3 * (side - 1)  # the blur kernel's radius σ/0.3 + 1 within the image side
     _check(p.operator != OperatorName.blur or p.blur_sigma <= widest, "problem.blur_sigma",
-           f"at most {widest:.3g} for {side}×{side} images (the kernel must fit); "
-           f"got {p.blur_sigma!r}")
+           f"at most {widest:.3g} for {side}×{side} images (the blur's radius σ/0.3 + 1 "
+           f"must not exceed the image side); got {p.blur_sigma!r}")
     if p.dataset == Dataset.embedded_mnist:
         _check(p.start + p.num_samples <= 16, "problem.num_samples", "the embedded MNIST "
                f"sample holds 16 digits; start + num_samples = {p.start + p.num_samples}")
