@@ -52,6 +52,9 @@ def test_every_group_option_composes_and_validates(override):
 
 
 def test_bsds_with_existing_path_validates(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    for i in range(4):  # the layout only: the loader reads them later
+        (tmp_path / "images" / "train" / f"{i}.jpg").touch()
     c = validate(_compose("problem=bsds_deblur", f"problem.data_path={tmp_path}"))
     assert c.problem.operator == "blur"
 

@@ -76,25 +76,27 @@ def main() -> None:
     schema; it is reported in one line naming the key, exit code 2, like the values
     ``validate`` rejects.  Other composition errors (an unknown key or group option) exit
     with code 1.  (``HYDRA_FULL_ERROR`` lets those errors reach this function instead of
-    Hydra's multi-line report.)  Ctrl-C exits with code 130 and SIGTERM with 143, after the
-    run has saved its state and ended KILLED."""
+    Hydra's multi-line report.)  An output folder that cannot be created is one line, exit
+    code 2.  Ctrl-C exits with code 130 and SIGTERM with 143, after the run has saved its
+    state and ended KILLED."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         _main()
     except KeyboardInterrupt as exc:  # the run said what it saved; no traceback
         sys.exit(143 if isinstance(exc, Terminated) else 130)
-    except OSError as exc:  # e.g. Hydra cannot create the output folder
-        if exc.filename is None:
-            raise
-        _fail(2, f"cannot write {exc.filename}: {exc.strerror}; choose a writable folder "
-                 "(hydra.run.dir, hydra.sweep.dir) or fix its permissions")
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValidationError):
             _fail(2, f"configuration error: {cause.full_key}: {str(cause).splitlines()[0]}")
         detail = "" if cause is None else f": {str(cause).splitlines()[0]}"
         _fail(1, f"{str(exc).splitlines()[0]}{detail}")
+    except OSError as exc:  # e.g. Hydra cannot create the output folder (after the
+        # composition errors: a missing config group option is an OSError too)
+        if exc.filename is None:
+            raise
+        _fail(2, f"cannot write {exc.filename}: {exc.strerror}; choose a writable folder "
+                 "(hydra.run.dir, hydra.sweep.dir) or fix its permissions")
 
 
 if __name__ == "__main__":
