@@ -398,3 +398,13 @@ def test_without_a_terminal_progress_lines_reach_stdout_and_the_job_log(tmp_path
     assert "[hyperkrylov][INFO] - step 1/4: upper loss" in log
     assert "[hyperkrylov][INFO] - step 4/4: upper loss" in log
     assert "outer:" not in result.stdout + result.stderr  # no tqdm bar without a terminal
+
+
+def test_help_says_what_the_tool_does_and_lists_the_groups(tmp_path, uri):
+    result = _hyperkrylov(["--help"], tmp_path, uri)
+    assert result.returncode == 0, result.stderr
+    for part in ("== Tasks (task=...) ==", "resolve    re-solve a recording",
+                 "recycle: harmonic_ritz, none, rgen_both", "hyperkrylov-compare --paper",
+                 "2 bad value or input"):
+        assert part in result.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

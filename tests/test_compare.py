@@ -73,3 +73,17 @@ def test_latest_sweep_and_cli(runs, tmp_path, capsys):
     assert code == 0 and "other" in out and "base" in out and (tmp_path / "all.png").exists()
     assert compare.main(["--experiment", "missing", "--figure", ""]) == 1
     assert "no MLflow experiment" in capsys.readouterr().err
+
+
+def test_an_unknown_sweep_lists_the_experiments_sweeps(runs, capsys):
+    assert compare.main(["--experiment", "cmp", "--sweep", "s9", "--figure", ""]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "hyperkrylov-compare: no runs in experiment 'cmp' sweep 's9'; its sweeps: s1, s2"
+
+
+def test_compare_never_creates_a_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare.main(["--figure", ""]) == 1
+    assert "no tracking store at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no mlflow/ folder, no database

@@ -166,6 +166,14 @@ def compare_paper(
     return paper.paper_rows(records), figures
 
 
+def _sweeps_hint(args: argparse.Namespace) -> str:
+    """'; its sweeps: a, b' (the sweep ids of the experiment's runs, newest last)."""
+    found = [r.tags.get(names.SWEEP_TAG) for r in read_runs(args.uri, args.experiment,
+                                                              history_keys=())]
+    ids = list(dict.fromkeys(i for i in found if i))
+    return f"; its sweeps: {', '.join(ids)}" if ids else "; none of its runs is in a sweep"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``hyperkrylov-compare``."""
     parser = argparse.ArgumentParser(
@@ -201,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         runs = "finished task=resolve runs" if args.paper else "runs"
         sweep = f" sweep {args.sweep!r}" if args.sweep else ""
-        print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{sweep}",
-              file=sys.stderr)
+        print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{sweep}"
+              f"{_sweeps_hint(args) if args.sweep else ''}", file=sys.stderr)
         return 1
     print(table)
     for path in figures:

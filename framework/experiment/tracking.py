@@ -329,6 +329,10 @@ def read_runs(
     """Runs of ``experiment`` (optionally only those tagged with ``sweep_id``), oldest first,
     with the step histories of ``history_keys`` (all metrics when None)."""
     uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading never creates a store
+        raise TrackingError(f"no tracking store at {db}; run hyperkrylov first, or give the "
+                            "store's URI (--uri or MLFLOW_TRACKING_URI)")
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment)
     if exp_id is None:
