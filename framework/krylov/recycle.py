@@ -146,12 +146,17 @@ class RecycleHarvester:
         V = Vall[:, :, :m]
         alphas = xp.stack(alphas, axis=1)
         betas = xp.stack(betas, axis=1)  # β_{j+1}
-        first = xp.zeros_like(V[:, :, :1]) if self.v_prev is None else self.v_prev[:, :, None]
-        down = xp.concat([first, V[:, :, : m - 1]], axis=2) if m > 1 else first
         lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
-        HV = V * alphas[:, None, :] + down * lower[:, None, :] + Vall[:, :, 1:] * betas[:, None, :]
+        # α v_j + β_j v_{j−1} + β_{j+1} v_{j+1}, summed in that order, in place (one
+        # temporary of V's size at a time: the memory bound of a capped harvest)
+        HV = V * alphas[:, None, :]
+        if self.v_prev is not None:
+            HV[:, :, :1] += self.v_prev[:, :, None] * lower[:, None, :1]
+        if m > 1:
+            HV[:, :, 1:] += V[:, :, : m - 1] * lower[:, None, 1:]
+        HV += Vall[:, :, 1:] * betas[:, None, :]
         if bcols[0] is not None:
-            HV = HV + self.C @ xp.stack(bcols, axis=2)
+            HV += self.C @ xp.stack(bcols, axis=2)
         return V, HV
 
     def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
@@ -174,7 +179,9 @@ class RecycleHarvester:
         blocks, products, masks, jblocks = zip(*parts, strict=True)
         self.valid = xp.concat(masks, axis=1)
         m = xp.astype(self.valid, blocks[0].dtype)[:, None, :]
-        W, HW = xp.concat(blocks, axis=2) * m, xp.concat(products, axis=2) * m
+        W, HW = xp.concat(blocks, axis=2), xp.concat(products, axis=2)
+        W *= m
+        HW *= m
         JW = xp.concat(jblocks, axis=2) if want_j else None
         return W, HW, JW
 
