@@ -57,12 +57,11 @@ from framework.optim.rows import scatter_rows
 from problems.preconditioners import fft_preconditioner
 
 LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
+Preconditioner = Choice("Preconditioner", "none fft")
 
 
 class NonFiniteError(FloatingPointError):
     """θ makes the lower-level problem non-finite (e.g. overflowing expert weights)."""
-
-Preconditioner = Choice("Preconditioner", "none fft")
 
 
 @dataclass(frozen=True)
