@@ -155,9 +155,10 @@ class FieldsOfExperts(RowRegularizer):
         return self._sample_rows(xp, grid)
 
     def _sample_rows(self, xp: Any, grid: Any) -> Any:
-        """Pixel-major (n, B, ...) → a fresh row-major (B, n, ...) array."""
+        """Pixel-major (n, B, ...) → row-major (B, n, ...): a fresh array for B > 1, a
+        reshape for B = 1 (fresh when ``grid`` is: the adjoint's reshaped crop is)."""
         if grid.shape[1] == 1:
-            return xp.reshape(xp.asarray(grid, copy=True), (1, grid.shape[0], *grid.shape[2:]))
+            return xp.reshape(grid, (1, grid.shape[0], *grid.shape[2:]))
         out = xp.empty((grid.shape[1], grid.shape[0], *grid.shape[2:]), dtype=grid.dtype,
                        device=array_api_compat.device(grid))
         out[...] = xp.permute_dims(grid, (1, 0, *range(2, grid.ndim)))

@@ -119,6 +119,14 @@ def hypergradient_error_bound(problem, theta, gtol, rtol):
     return 2 * first_order + rounding
 
 
+def assert_mean_hypergradient_within_bound(backend, grad, problems, theta, gtol, rtol):
+    """The engine's mini-batch hypergradient ``grad`` is the mean of the samples' closed
+    forms to within the mean of their error bounds."""
+    want = np.mean([p.exact_hypergradient(theta) for p in problems], axis=0)
+    bound = np.mean([hypergradient_error_bound(p, theta, gtol, rtol) for p in problems])
+    assert np.linalg.norm(backend.to_numpy(grad) - want) <= bound
+
+
 @pytest.mark.parametrize("strategy", ["ritz", "rgen_right"])
 def test_recycled_hypergradients_stay_accurate(strategy):
     be = get_backend("numpy")
