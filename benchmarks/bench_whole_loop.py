@@ -12,8 +12,11 @@ rtol 1e-3, lower gtol 1e-6, Adam lr 1e-2 from the same θ):
 Runs, each in its own worker process, stepped in turn so that all see the same load:
 ``old`` (tag ``pre-redesign``: ``BatchedBilevelEngine``, L-BFGS), and this tree's engine
 with ``lbfgs``, ``newton_krylov``, ``newton_krylov`` with the FFT preconditioner on its
-inner solves (``nk_fft``; ``solver.lower.preconditioner=fft``) and with it on the
-hypergradient solve too, which then does not recycle (``nk_fft_all``; also
+inner solves (``nk_fft``; ``solver.lower.preconditioner=fft``), each of these two with
+adaptive recycling instead of Ritz k = 5 (``nk_auto``, ``nk_fft_auto``;
+``recycle.adaptive=true``: Ritz vectors, at most 5, only while they pay in seconds), and with
+the preconditioner on the hypergradient solve too, which then does not recycle
+(``nk_fft_all``; also
 ``solver.preconditioner=fft recycle=none``: its hypergradients meet rtol in the
 preconditioner's norm, so its θ path differs from the others' by the solve's accuracy).
 Prints, per run, the median over steps 2.. of the step and lower-level milliseconds and
@@ -39,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("old", "lbfgs", "newton_krylov", "nk_fft", "nk_fft_all")
+MODES = ("old", "lbfgs", "newton_krylov", "nk_auto", "nk_fft", "nk_fft_auto", "nk_fft_all")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 
 
@@ -86,7 +89,9 @@ def worker(mode: str, case: str, batch: int, data: str) -> None:
 
         lower = dict(lower_solver="lbfgs") if mode == "lbfgs" else dict(
             lower_solver="newton_krylov",
-            lower_preconditioner="none" if mode == "newton_krylov" else "fft")
+            lower_preconditioner="fft" if mode.startswith("nk_fft") else "none")
+        if mode.endswith("auto"):  # recycle only while it pays (at most k = 5)
+            common.update(recycle=RecycleConfig("ritz", 5, adaptive=True))
         if mode == "nk_fft_all":  # the hypergradient solve preconditioned too (no recycling)
             common.update(recycle=RecycleConfig(), preconditioner="fft")
         engine = BilevelEngine(problems, EngineConfig(**common, **lower), backend=be)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
+from backends.kernels import flipped_windows, shifted_sum
 from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
@@ -129,7 +130,7 @@ class FieldsOfExperts(RowRegularizer):
         grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
         padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
         padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
-        return xp.reshape(xp.stack([padded[win] for win in self.windows], axis=0), (k * k, -1))
+        return flipped_windows(xp, padded, k, self.windows)
 
     def stack_samples(self, xp: Any, v3: Any) -> Any:
         """As ``stack`` in the sample-major layout: (K², B, n, b), for per-sample products."""
@@ -143,15 +144,9 @@ class FieldsOfExperts(RowRegularizer):
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
         """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
         h, w = self.image_shape
-        k, r = self.kernel_size, self.radius
+        k = self.kernel_size
         mixed = xp.reshape(xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, bsz * b))
-        # out[i, j] = Σ_{a,c} mixed[a·K + c, i + a − r, j + c − r] (zero outside): scatter each
-        # shifted plane into a buffer padded by 2r, then crop
-        dev = array_api_compat.device(u)
-        buf = xp.zeros((h + 2 * r, w + 2 * r, bsz * b), dtype=u.dtype, device=dev)
-        for i, win in enumerate(self.windows):
-            buf[win] += mixed[i, ...]
-        grid = xp.reshape(buf[r : r + h, r : r + w, :], (self.n, bsz, b))
+        grid = xp.reshape(shifted_sum(xp, mixed, k, self.windows), (self.n, bsz, b))
         return self._sample_rows(xp, grid)
 
     def _sample_rows(self, xp: Any, grid: Any) -> Any:
