@@ -183,6 +183,29 @@ def test_foe_reaches_1e_10_without_increasing_f(backend) -> None:
     assert counts.f_evals == res.f_evals and counts.grad_evals == res.grad_evals + 1
 
 
+def test_first_forcing_term_per_row(backend) -> None:
+    # eta_first: the first inner solve of each row is asked for η₀ (a warm start's 1e-2,
+    # a cold start's η_max); later ones follow Eisenstat–Walker; f never increases
+    probs = RowLorentzian(backend, [0.05, 0.5, 5.0], seed=3)
+    X0 = backend.asarray(np.random.default_rng(5).standard_normal((3, 20)) * 2.0)
+    asked, inner = [], MinresSolve(probs.hvp)
+
+    def solve(X, G, eta, rows):
+        asked.append(np.array(eta))
+        return inner(X, G, eta, rows)
+
+    res = newton_krylov(probs.fun, probs.grad, X0, solve, gtol=1e-10,
+                        eta_first=[1e-2, 0.5, 1e-2])
+    assert res.all_converged
+    gnorm0 = np.linalg.norm(backend.to_numpy(probs.grad(X0)), axis=1)
+    # η₀ as given unless the last-step floor 0.5·gtol/‖g₀‖ is larger (it is not here)
+    np.testing.assert_array_equal(asked[0], np.maximum([1e-2, 0.5, 1e-2], 0.5e-10 / gnorm0))
+    for history in res.f_history:
+        assert_monotone(history)
+    with pytest.raises(ValueError, match="eta_first"):
+        newton_krylov(probs.fun, probs.grad, X0, solve, eta_first=0.9)
+
+
 def test_bad_options_and_nonfinite_start() -> None:
     be = get_backend("numpy")
     probs = RowLorentzian(be, [1.0])

@@ -53,6 +53,7 @@ from framework.krylov.recycle import (
 )
 from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
 from framework.optim import MinimizeStatus, lbfgs, newton_krylov
+from framework.optim.newton import ETA_MAX
 from framework.optim.rows import scatter_rows
 from problems.preconditioners import fft_preconditioner
 
@@ -95,6 +96,9 @@ class EngineConfig:
 
 
 NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
+# Newton–Krylov's first forcing term from a warm start (measured on MNIST inpainting B = 16:
+# Newton iterations per sample 4.0 → 2.0, f+∇f evaluations 5.0 → 3.0, HVPs unchanged)
+WARM_ETA = 1e-2
 WARM_STARTS = ("x", "w", "w_shadow")  # the arrays of a ``SampleState`` besides its carry
 
 
@@ -217,12 +221,16 @@ class BilevelEngine:
         return xp.stack([fill[j, ...] if r is None else r for j, r in enumerate(rows)])
 
     # -- the lower level ------------------------------------------------------------------
-    def _lower_start(self, xp: Any, batch: Any, indices: tuple[int, ...]) -> Any:
+    def _lower_start(self, xp: Any, batch: Any, indices: tuple[int, ...]) -> tuple[Any, list]:
+        """X₀ of the rows (warm starts where the samples have one) and which rows are warm."""
         guess = batch.Y if batch.Y.shape == batch.X_true.shape else xp.zeros_like(batch.X_true)
         X0 = self._warm_start(xp, "x", indices, guess)
-        return guess if X0 is None else X0
+        warm = [X0 is not None and self.states[i].x is not None for i in indices]
+        return (guess if X0 is None else X0), warm
 
-    def _solve_lower(self, batch: Any, theta: Any, X0: Any) -> LowerSolve:
+    def _solve_lower(self, batch: Any, theta: Any, X0: Any, warm: Sequence[bool]) -> LowerSolve:
+        """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
+        ``warm`` rows (their start is the last solution at a nearby θ)."""
         cfg = self.config
         options = dict(
             gtol=cfg.lower_gtol, rtol=cfg.lower_rtol, maxiter=cfg.lower_maxiter,
@@ -234,7 +242,7 @@ class BilevelEngine:
         solve_syncs: list[int] = []
         if cfg.lower_solver == LowerSolver.newton_krylov:
             lower = newton_krylov(fun, grad, X0, self._newton_step(batch, theta, solve_syncs),
-                                  **options)
+                                  eta_first=[WARM_ETA if w else ETA_MAX for w in warm], **options)
         else:
             lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
         bad = [j for j, status in enumerate(lower.status) if status is MinimizeStatus.NONFINITE]
@@ -317,8 +325,10 @@ class BilevelEngine:
         indices = self._indices(indices)
         batch = self._batch(indices)
         xp = array_namespace(theta)
-        X0 = self._lower_start(xp, batch, indices) if x0 is None else x0
-        return self._solve_lower(batch, theta, X0).X
+        X0, warm = self._lower_start(xp, batch, indices)
+        if x0 is not None:
+            X0, warm = x0, [True] * len(indices)
+        return self._solve_lower(batch, theta, X0, warm).X
 
     def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
         """The mean upper loss of samples ``indices`` at θ (lower solves warm-started from
@@ -337,7 +347,7 @@ class BilevelEngine:
         B = len(indices)
         t0 = time.perf_counter()
         start = self.counter.snapshot()
-        lower = self._solve_lower(batch, theta, self._lower_start(xp, batch, indices))
+        lower = self._solve_lower(batch, theta, *self._lower_start(xp, batch, indices))
         X = lower.X
         t1 = time.perf_counter()
         after_lower = self.counter.snapshot()

@@ -7,7 +7,10 @@ Hessian-vector products (host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` →
 MINRES suits it: it needs no definiteness.  Iteration k of sample i:
 
 1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
-   0.9 η_{k−1}² when that exceeds 0.1, η₀ = η_max (``forcing="eisenstat_walker"``); or
+   0.9 η_{k−1}² when that exceeds 0.1, η₀ = ``eta_first`` (default η_max; a start near the
+   solution, e.g. the previous outer step's, is in Newton's region of fast local
+   convergence, where a first step solved to 1e-2 saves Newton iterations, not inner
+   ones) (``forcing="eisenstat_walker"``); or
    η_k = √‖g_k‖ (``"sqrt"``); capped at η_max and never below 0.5·tol_i/‖g_k‖ (the last
    step is not over-solved) or ``ETA_MIN``;
 2. p_i is used only when ∇f_iᵀp_i < 0 (an indefinite Hessian, e.g. of non-convex experts,
@@ -26,7 +29,7 @@ one per iteration (the slopes ∇fᵀp); the solve's own are the caller's to cou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +42,7 @@ from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, c
 
 Forcing = Choice("Forcing", "eisenstat_walker sqrt")
 LinearSolve = Callable[..., tuple[Any, Any]]
+ETA_MAX = 0.5  # largest forcing term (default), and η₀ from a cold start
 ETA_MIN = 1e-12  # smallest forcing term: MINRES's recurrence residual stays reliable above
 
 
@@ -46,12 +50,13 @@ def forcing_terms(
     kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None, prev_eta: np.ndarray,
     tol: np.ndarray, eta_max: float,
 ) -> np.ndarray:
-    """The relative residuals η (B,) the inner solves must reach (see the module doc)."""
+    """The relative residuals η (B,) the inner solves must reach (see the module doc;
+    ``prev_eta`` is η₀ before the first iteration)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         if kind == Forcing.sqrt:
             eta = np.sqrt(gnorm)
         elif prev_gnorm is None:
-            eta = np.full(gnorm.shape, eta_max)
+            eta = prev_eta
         else:
             eta = 0.9 * (gnorm / prev_gnorm) ** 2
             safeguard = 0.9 * prev_eta**2
@@ -70,16 +75,21 @@ def newton_krylov(
     rtol: float = 0.0,
     maxiter: int = 100,
     forcing: str = Forcing.eisenstat_walker,
-    eta_max: float = 0.5,
+    eta_max: float = ETA_MAX,
+    eta_first: float | Sequence[float] | None = None,
     c1: float = 1e-4,
     max_backtracks: int = 30,
     value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
     """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from
-    ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``."""
+    ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``;
+    ``eta_first`` η₀ (a float or one per sample; default ``eta_max``)."""
     forcing = Forcing(forcing)
     require(0 < c1 < 1 and 0 < eta_max < 1, "0 < c1, eta_max < 1", c1=c1, eta_max=eta_max)
+    first = np.asarray(eta_max if eta_first is None else eta_first, dtype=np.float64)
+    require(bool(np.all((first > 0) & (first <= eta_max))), "0 < eta_first <= eta_max",
+            eta_first=eta_first)
     require(maxiter >= 0 and max_backtracks >= 1, "maxiter >= 0 and max_backtracks >= 1",
             maxiter=maxiter, max_backtracks=max_backtracks)
     ev = RowEvaluator(x0, fun, grad, value_and_grad=value_and_grad,
@@ -89,7 +99,7 @@ def newton_krylov(
     gnorm = np.sqrt(gg)
     log = SampleLog(F, gnorm, gtol, rtol)
     hvp = np.zeros(bsz, dtype=np.int64)
-    eta, prev_gnorm = np.full(bsz, eta_max), None
+    eta, prev_gnorm = np.broadcast_to(first, (bsz,)).copy(), None
     for k, iterating in log.iterate(maxiter):
         eta = forcing_terms(forcing, gnorm, prev_gnorm, eta, log.tol, eta_max)
         if ev.single:  # a single-sample solve (x, g, η) → (p, hvp)
