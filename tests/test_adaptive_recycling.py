@@ -95,9 +95,20 @@ def test_engine_with_adaptive_recycling_keeps_hypergradients_exact(backend):
 
 
 @pytest.mark.parametrize("recycle", [RecycleConfig("eig", 4, adaptive=True),
-                                     RecycleConfig("ritz", 4, selection="outer", adaptive=True),
-                                     RecycleConfig(adaptive=True)])
+                                     RecycleConfig("ritz", 4, selection="outer", adaptive=True)])
 def test_adaptive_recycling_needs_inner_selection(recycle):
     problems = [QuadraticProblem(n=10)]
     with pytest.raises(ValueError, match="adaptive recycling needs"):
         BilevelEngine(problems, EngineConfig(recycle=recycle))
+
+
+def test_adaptive_without_a_strategy_is_no_recycling():
+    # recycle.strategy=none under the adaptive default: nothing to adapt, plain MINRES
+    problems = [QuadraticProblem(n=10)]
+    adaptive, plain = (BilevelEngine(problems, EngineConfig(recycle=RecycleConfig(adaptive=a)))
+                       for a in (True, False))
+    assert adaptive.policy is None
+    one, other = adaptive.evaluate(np.zeros(adaptive.theta_shape)), plain.evaluate(
+        np.zeros(plain.theta_shape))
+    figures = lambda r: [(s.krylov_iterations, s.hvp, s.recycle_dim) for s in r.samples]  # noqa: E731
+    assert figures(one) == figures(other) and np.array_equal(one.grad, other.grad)

@@ -184,12 +184,12 @@ class BilevelEngine:
         self.check_every = check_every
         self.recycler = Recycler(self.config.recycle)
         self.policy = None
-        if self.config.recycle.adaptive:
-            rc = self.config.recycle
-            if not rc.enabled or rc.strategy in ORACLES or rc.selection != Selection.inner:
+        rc = self.config.recycle
+        if rc.adaptive and rc.enabled:  # (without recycling there is nothing to adapt)
+            if rc.strategy in ORACLES or rc.selection != Selection.inner:
                 raise ValueError("adaptive recycling needs a recycle strategy with inner "
-                                 "selection and dim >= 1 (the oracles and outer selection "
-                                 "cannot use fewer vectors than they carry)")
+                                 "selection (the oracles and outer selection cannot use "
+                                 "fewer vectors than they carry)")
             self.policy = RecyclePolicy(rc.dim)
         self._recyclers: dict[int, Recycler] = {}
         self.states = [SampleState() for _ in self.problems]

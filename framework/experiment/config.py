@@ -308,10 +308,11 @@ def validate(cfg: DictConfig | Config) -> Config:
            "rtol and atol are both zero; the solver would never stop")
     _check(c.recycle.strategy == Strategy.none or c.recycle.dim > 0, "recycle.dim",
            f"must be positive for strategy {c.recycle.strategy}; got 0")
-    _check(not c.recycle.adaptive or (c.recycle.strategy not in (Strategy.none, *ORACLES)
-                                      and c.recycle.selection == Selection.inner),
+    _check(not c.recycle.adaptive or c.recycle.strategy == Strategy.none
+           or (c.recycle.strategy not in ORACLES and c.recycle.selection == Selection.inner),
            "recycle.adaptive", "needs a recycle strategy with inner selection (ritz, "
-           f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}")
+           f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}; or "
+           "add recycle.adaptive=false")
     if c.solver.preconditioner == Preconditioner.fft:
         _check(c.recycle.strategy == Strategy.none, "solver.preconditioner",
                "fft is not combined with recycling yet; add recycle=none")
