@@ -20,10 +20,11 @@ the preconditioner on the hypergradient solve too, which then does not recycle
 ``solver.preconditioner=fft recycle=none``: its hypergradients meet rtol in the
 preconditioner's norm, so its θ path differs from the others' by the solve's accuracy).
 Prints, per run, the median over steps 2.. of the step and lower-level milliseconds and
-their ratios to
-``old`` (medians of per-step ratios), lower-level counts per step (iterations, f+∇f
-evaluations, HVPs, summed over the samples), Krylov iterations per step, and how far the
-run's upper losses and θ path are from ``old``'s (largest relative difference).
+their ratios to ``old`` (and the ratio of the step's process CPU time, which other jobs
+on the machine disturb less; ratios are medians of per-step ratios), lower-level counts
+per step (iterations, f+∇f evaluations, HVPs, summed over the samples), Krylov
+iterations per step, and how far the run's upper losses and θ path are from ``old``'s
+(largest relative difference).
 
     python benchmarks/bench_whole_loop.py [--case mnist] [--batch 16] [--steps 8]
         [--data ../shared/data/bsds300] [--tag pre-redesign]
@@ -98,13 +99,14 @@ def worker(mode: str, case: str, batch: int, data: str) -> None:
     theta, adam = be.asarray(theta0), Adam(lr=1e-2)
     print(json.dumps({"ready": True}), flush=True)
     for _ in sys.stdin:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = engine.evaluate(theta)
         theta = adam.step(theta, result.grad).theta
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         m = result.metrics()
         print(json.dumps({
-            "ms": seconds * 1e3, "lower_ms": m["time_lower"] * 1e3, "loss": result.loss,
+            "ms": seconds * 1e3, "cpu_ms": cpu * 1e3, "lower_ms": m["time_lower"] * 1e3,
+            "loss": result.loss,
             "theta": be.to_numpy(theta).ravel().tolist(),
             **{key: m[key] for key in ("lower_iterations", "lower_grad_evals", "lower_hvp",
                                        "krylov_iterations")},
@@ -148,7 +150,8 @@ def main() -> None:
                      str(args.data)], old_root if mode == "old" else ROOT) for mode in MODES},
             args.steps)
     old = steps["old"]
-    print(f"{'run':<14} {'ms/step':>9} {'lower ms':>9} {'step/old':>9} {'lower/old':>10} "
+    print(f"{'run':<14} {'ms/step':>9} {'lower ms':>9} {'step/old':>9} {'cpu/old':>8} "
+          f"{'lower/old':>10} "
           f"{'lower it':>9} {'f+∇f':>6} {'HVP':>6} {'Krylov it':>10} {'loss vs old':>12} "
           f"{'θ vs old':>9}   (counts: medians per step, summed over samples)")
     for mode in MODES:
@@ -161,7 +164,7 @@ def main() -> None:
         theta = max(_relative(x["theta"], y["theta"]) for x, y in zip(steps[mode], old,
                                                                        strict=True))
         print(f"{mode:<14} {median('ms'):>9.1f} {median('lower_ms'):>9.1f} "
-              f"{ratio('ms'):>9.3f} {ratio('lower_ms'):>10.3f} "
+              f"{ratio('ms'):>9.3f} {ratio('cpu_ms'):>8.3f} {ratio('lower_ms'):>10.3f} "
               f"{median('lower_iterations'):>9.0f} {median('lower_grad_evals'):>6.0f} "
               f"{median('lower_hvp'):>6.0f} {median('krylov_iterations'):>10.0f} "
               f"{loss:>12.1e} {theta:>9.1e}")
