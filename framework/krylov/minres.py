@@ -279,6 +279,7 @@ class _Solve:
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
             self.harvest.begin(self.U, self.C, v, beta1)
+        r = z = None  # the loop keeps u (and the residual when the rule needs it) only
         self.u_prev = self.beta = None
         self.d, self.e = [None, None], [None, None]  # the last two directions (x, U parts)
         syncs, step = 1, 0
@@ -367,6 +368,10 @@ class _Solve:
         return self.x if self.z is None else self.x - bmv(self.U, self.z)
 
     def _finish(self, true_residual: bool, syncs: int) -> KrylovResult:
+        # the harvest first, and the directions dropped: its compression's memory is then
+        # not added to the final iterate's and the true residual's
+        harvest = self.harvest.finish() if self.harvest is not None else None
+        self.d = self.e = self.u = self.u_prev = None
         codes, iterations = self.scalars.summary()
         statuses = [_CODES[int(c)] for c in codes]
         history = self.history
@@ -402,7 +407,7 @@ class _Solve:
             passes=self.passes,
             preconditioner_passes=self.preconditioner_passes,
             host_syncs=syncs + 1,
-            harvest=self.harvest.finish() if self.harvest is not None else None,
+            harvest=harvest,
         )
 
 

@@ -143,7 +143,7 @@ class RecycleHarvester:
             return None if W is None else RecycleCarry(W, selected=False)
         if self.steps:
             self._compress(final=True)
-        self.block = []
+        self.block, self.v_prev = [], None
         if self.Z is None:
             return None
         xp = array_namespace(self.Z)
