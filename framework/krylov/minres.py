@@ -46,9 +46,9 @@ class Status(enum.Enum):
     CONVERGED = "converged", "the stopping rule was satisfied"
     EXACT = "exact", "Lanczos found an invariant subspace: the iterate solves the system"
     MAXITER = "maxiter", "reached maxiter before the stopping rule was satisfied"
-    BREAKDOWN = "breakdown", ("the projected tridiagonal matrix became singular (A is "
-                              "singular on the Krylov space); the iterate is the last "
-                              "well-defined one")
+    BREAKDOWN = "breakdown", ("A is singular (to rounding) on the Krylov space and b is "
+                              "not in its range: no x meets the tolerance; x is the last "
+                              "iterate, a least-squares solution (‖A r‖ ≤ (10ε)^½·‖A‖·‖r‖)")
     NONFINITE = "nonfinite", ("a non-finite value appeared (the operator returned NaN or "
                               "inf, or the preconditioner is not positive definite)")
     DRIFTED = "drifted", ("the residual estimate met the tolerance but the true residual "
@@ -76,7 +76,8 @@ class KrylovResult:
     check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
     recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
     ``passes`` counts the batched operator calls made (each applies all B operators,
-    frozen samples included; the symmetry check's included), ``preconditioner_passes``
+    frozen samples included; the symmetry check's included, the final true-residual
+    check's not: that is ``check_matvecs``), ``preconditioner_passes``
     those of M; ``host_syncs`` the host reads of per-sample scalars.
     """
 
