@@ -48,7 +48,8 @@ class Status(enum.Enum):
     MAXITER = "maxiter", "reached maxiter before the stopping rule was satisfied"
     BREAKDOWN = "breakdown", ("A is singular (to rounding) on the Krylov space and b is "
                               "not in its range: no x meets the tolerance; x is the last "
-                              "iterate, a least-squares solution (‖A r‖ ≤ (10ε)^½·‖A‖·‖r‖)")
+                              "iterate, a least-squares solution (by the recurrence, "
+                              "‖A r‖ ≤ (10ε)^½·‖A‖·‖r‖)")
     NONFINITE = "nonfinite", ("a non-finite value appeared (the operator returned NaN or "
                               "inf, or the preconditioner is not positive definite)")
     DRIFTED = "drifted", ("the residual estimate met the tolerance but the true residual "
