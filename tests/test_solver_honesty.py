@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from framework.krylov import RecycleSpace, Status, rminres
 from framework.krylov.recycle import RecycleConfig, RecycleHarvester
 
-
 # HYPERKRYLOV_PROPERTY_EXAMPLES=N runs N examples with fresh random draws each time (the
 # nightly runner, .ci/nightly); by default 2,000 derandomised examples (CI).
 NIGHTLY = os.environ.get("HYPERKRYLOV_PROPERTY_EXAMPLES")

@@ -35,14 +35,16 @@ class RecycleConfig:
     """How the recycle space is chosen and carried (the schema of the config group
     ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
     spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
-    vectors (None: all), ``selection``, ``rank_tol`` the relative rank cut of the space.
+    vectors (None: all; the default 100 bounds a solve's memory by n·(k + s + 10) per
+    sample and never binds on the paper presets: ``benchmarks/bench_memory.py``),
+    ``selection``, ``rank_tol`` the relative rank cut of the space.
     ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
     in measured seconds (``framework.bilevel.adaptive``)."""
 
     strategy: Strategy = Strategy.none
     dim: int = 0
     which: Which | None = None
-    max_vectors: int | None = None
+    max_vectors: int | None = 100
     selection: Selection = Selection.inner
     rank_tol: float = 1e-10
     adaptive: bool = False
