@@ -21,6 +21,7 @@ from array_api_compat import device as device_of
 
 from backends.choice import Choice
 from framework.krylov.operators import Operator, RowOperator
+from framework.krylov.dense import symmetrize
 from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
@@ -35,7 +36,7 @@ class RecycleConfig:
     """How the recycle space is chosen and carried (the schema of the config group
     ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
     spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
-    vectors (None: all; the default 100 bounds a solve's memory by n·(k + s + 10) per
+    vectors (None: all; the default 200 bounds a solve's memory by n·(k + s + 10) per
     sample and never binds on the paper presets: ``benchmarks/bench_memory.py``),
     ``selection``, ``rank_tol`` the relative rank cut of the space.
     ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
@@ -44,7 +45,7 @@ class RecycleConfig:
     strategy: Strategy = Strategy.none
     dim: int = 0
     which: Which | None = None
-    max_vectors: int | None = 100
+    max_vectors: int | None = 200
     selection: Selection = Selection.inner
     rank_tol: float = 1e-10
     adaptive: bool = False
@@ -99,17 +100,17 @@ def stack_carries(carries: list[RecycleCarry | None], like: Any) -> RecycleCarry
     return RecycleCarry(xp.stack(rows), present[0].selected)
 
 
-ROWS = 1024  # rows per block of the compression's products: temporaries O(B · ROWS · D)
+ROWS = 1024  # the compression forms W in blocks of rows (see ``_compress``)
 
 
 class RecycleHarvester:
     """A harvester that selects each sample's next recycle vectors as the solve runs.
 
     It keeps references to the solver's Lanczos vectors (no copy per iteration) and, at a
-    compression, forms W = [Z, V], HW and their projected matrices in blocks of ``ROWS``
-    rows, writing the new Z = W·Y and HZ = HW·Y in place once they are its own (after the
+    compression, forms W = [Z, V], HW and their projected matrices in blocks of rows,
+    writing the new Z = W·Y and HZ = HW·Y in place once they are its own (after the
     first compression): the working memory is the s + 1 Lanczos vectors, Z and HZ (2k)
-    and O(ROWS · (k + s)) per sample, never a full-size copy of [Z, V].  (The RGen
+    and about three vectors' worth of blocks, never a full-size copy of [Z, V].  (The RGen
     strategies apply Jᵀ to the stacked V of a cycle: m more vectors then.)"""
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
@@ -170,7 +171,8 @@ class RecycleHarvester:
     def _rows(self, rows: slice, terms: tuple[Any, ...]) -> tuple[Any, Any]:
         """W = [Z, V] and HW restricted to ``rows``, invalid columns zeroed; HV =
         β_j v_{j−1} + α_j v_j + β_{j+1} v_{j+1} + C b_j (the Lanczos relation: no operator
-        application), summed in that order."""
+        application), summed in that order.  At most three blocks of the rows' size are
+        alive at a time."""
         xp = array_namespace(self.block[0])
         alphas, betas, lower, bmat, vvalid = terms
         m = alphas.shape[1]
@@ -184,11 +186,15 @@ class RecycleHarvester:
         HV += Vall[:, :, 1:] * betas[:, None, :]
         if bmat is not None:
             HV += self.C[:, rows, :] @ bmat
-        V = V * xp.astype(vvalid, V.dtype)[:, None, :]
-        blocks, products = ([V], [HV]) if self.Z is None else (
-            [self.Z[:, rows, :], V], [self.HZ[:, rows, :], HV])
+        V *= xp.astype(vvalid, V.dtype)[:, None, :]  # Vall is this block's own copy
         mask = xp.astype(self.valid, V.dtype)[:, None, :]
-        W, HW = xp.concat(blocks, axis=2), xp.concat(products, axis=2)
+        if self.Z is None:
+            W, HW = V, HV
+        else:
+            W = xp.concat([self.Z[:, rows, :], V], axis=2)
+            del Vall, V
+            HW = xp.concat([self.HZ[:, rows, :], HV], axis=2)
+            del HV
         W *= mask
         HW *= mask
         return W, HW
@@ -234,14 +240,20 @@ class RecycleHarvester:
         xp = array_namespace(self.block[0])
         terms = self._terms()
         B, n = self.block[0].shape
-        chunks = [slice(i, min(i + ROWS, n)) for i in range(0, n, ROWS)]
+        # one block when n ≤ ROWS (small problems), else blocks of n / 2D rows (D = dim W,
+        # at least ROWS / 4): the blocks alive at a time hold about 1.5 n numbers
+        size = n if n <= ROWS else max(ROWS // 4, n // (2 * int(self.valid.shape[-1])))
+        chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
         JW = None if self.jac_t is None else self._jacobian_products(terms)
         sums = None
         for rows in chunks:
-            part = Projection.from_products(*self._rows(rows, terms), None, self.valid)
-            sums = (part.gram, part.G, part.F) if sums is None else tuple(
-                total + add for total, add in zip(sums, (part.gram, part.G, part.F),
-                                                  strict=True))
+            W, HW = self._rows(rows, terms)  # masked: the products of Projection
+            Wt = xp.matrix_transpose(W)
+            part = (symmetrize(Wt @ W), symmetrize(Wt @ HW),
+                    symmetrize(xp.matrix_transpose(HW) @ HW))
+            del W, HW, Wt
+            sums = part if sums is None else tuple(
+                total + add for total, add in zip(sums, part, strict=True))
         mask = xp.astype(self.valid, sums[0].dtype)[:, None, :]
         proj = Projection(*sums, P=None if JW is None else JW * mask, valid=self.valid)
         coef = select(proj, cfg.strategy, cfg.dim, cfg.which)
