@@ -20,8 +20,8 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
-from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.dense import symmetrize
+from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
