@@ -136,7 +136,7 @@ def test_flatten_gives_dotted_string_params():
     flat = flatten(validate(_compose("problem=quadratic")))
     assert flat["problem.name"] == "quadratic"
     assert flat["solver.lower.gtol"] == "1e-06"
-    assert flat["recycle.max_vectors"] == "null"
+    assert flat["recycle.which"] == "null"
     assert len(flat) < 100
     assert all(isinstance(v, str) for v in flat.values())
 

@@ -89,7 +89,10 @@ def rotate(ops: Any, st: Rotation, alpha: Any, beta_next: Any, tol: float) -> tu
     gamma = ops.hypot(gamma_bar, beta_next)
     anorm = ops.maximum(st.anorm, ops.abs(alpha) + sub + beta_next)
     finite = ops.isfinite(alpha) & ops.isfinite(beta_next)
-    singular = gamma <= tol * anorm  # T_k singular: keep the last iterate
+    # T_k (numerically) singular: the last iterate is a least-squares solution of a
+    # singular inconsistent system, ‖A r_{k−1}‖ / ‖r_{k−1}‖ = hypot(γ̄_k, c_{k−1}β_{k+1})
+    # ≤ √tol·‖A‖ (SciPy's minres "test2", MINRES-QLP), and is kept
+    singular = ops.hypot(gamma_bar, st.c * beta_next) <= tol ** 0.5 * anorm
     update = st.live & finite & ops.not_(singular)
     every = ops.every(update)
     status = st.status

@@ -46,9 +46,10 @@ class Status(enum.Enum):
     CONVERGED = "converged", "the stopping rule was satisfied"
     EXACT = "exact", "Lanczos found an invariant subspace: the iterate solves the system"
     MAXITER = "maxiter", "reached maxiter before the stopping rule was satisfied"
-    BREAKDOWN = "breakdown", ("the projected tridiagonal matrix became singular (A is "
-                              "singular on the Krylov space); the iterate is the last "
-                              "well-defined one")
+    BREAKDOWN = "breakdown", ("A is singular (to rounding) on the Krylov space and b is "
+                              "not in its range: no x meets the tolerance; x is the last "
+                              "iterate, a least-squares solution (by the recurrence, "
+                              "‖A r‖ ≤ (10ε)^½·‖A‖·‖r‖)")
     NONFINITE = "nonfinite", ("a non-finite value appeared (the operator returned NaN or "
                               "inf, or the preconditioner is not positive definite)")
     DRIFTED = "drifted", ("the residual estimate met the tolerance but the true residual "
@@ -76,7 +77,8 @@ class KrylovResult:
     check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
     recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
     ``passes`` counts the batched operator calls made (each applies all B operators,
-    frozen samples included; the symmetry check's included), ``preconditioner_passes``
+    frozen samples included; the symmetry check's included, the final true-residual
+    check's not: that is ``check_matvecs``), ``preconditioner_passes``
     those of M; ``host_syncs`` the host reads of per-sample scalars.
     """
 
@@ -279,6 +281,7 @@ class _Solve:
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
             self.harvest.begin(self.U, self.C, v, beta1)
+        r = z = None  # the loop keeps u (and the residual when the rule needs it) only
         self.u_prev = self.beta = None
         self.d, self.e = [None, None], [None, None]  # the last two directions (x, U parts)
         syncs, step = 1, 0
@@ -367,6 +370,10 @@ class _Solve:
         return self.x if self.z is None else self.x - bmv(self.U, self.z)
 
     def _finish(self, true_residual: bool, syncs: int) -> KrylovResult:
+        # the harvest first, and the directions dropped: its compression's memory is then
+        # not added to the final iterate's and the true residual's
+        harvest = self.harvest.finish() if self.harvest is not None else None
+        self.d = self.e = self.u = self.u_prev = None
         codes, iterations = self.scalars.summary()
         statuses = [_CODES[int(c)] for c in codes]
         history = self.history
@@ -402,7 +409,7 @@ class _Solve:
             passes=self.passes,
             preconditioner_passes=self.preconditioner_passes,
             host_syncs=syncs + 1,
-            harvest=self.harvest.finish() if self.harvest is not None else None,
+            harvest=harvest,
         )
 
 

@@ -20,6 +20,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
+from framework.krylov.dense import symmetrize
 from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
@@ -35,14 +36,16 @@ class RecycleConfig:
     """How the recycle space is chosen and carried (the schema of the config group
     ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
     spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
-    vectors (None: all), ``selection``, ``rank_tol`` the relative rank cut of the space.
+    vectors (None: all; the default 200 bounds a solve's memory by n·(k + s + 10) per
+    sample and never binds on the paper presets: ``benchmarks/bench_memory.py``),
+    ``selection``, ``rank_tol`` the relative rank cut of the space.
     ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
     in measured seconds (``framework.bilevel.adaptive``)."""
 
     strategy: Strategy = Strategy.none
     dim: int = 0
     which: Which | None = None
-    max_vectors: int | None = None
+    max_vectors: int | None = 200
     selection: Selection = Selection.inner
     rank_tol: float = 1e-10
     adaptive: bool = False
@@ -97,8 +100,18 @@ def stack_carries(carries: list[RecycleCarry | None], like: Any) -> RecycleCarry
     return RecycleCarry(xp.stack(rows), present[0].selected)
 
 
+ROWS = 1024  # the compression forms W in blocks of rows (see ``_compress``)
+
+
 class RecycleHarvester:
-    """A harvester that selects each sample's next recycle vectors as the solve runs."""
+    """A harvester that selects each sample's next recycle vectors as the solve runs.
+
+    It keeps references to the solver's Lanczos vectors (no copy per iteration) and, at a
+    compression, forms W = [Z, V], HW and their projected matrices in blocks of rows,
+    writing the new Z = W·Y and HZ = HW·Y in place once they are its own (after the
+    first compression): the working memory is the s + 1 Lanczos vectors, Z and HZ (2k)
+    and about three vectors' worth of blocks, never a full-size copy of [Z, V].  (The RGen
+    strategies apply Jᵀ to the stacked V of a cycle: m more vectors then.)"""
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
         if config.needs_jacobian and jac_t is None:
@@ -112,6 +125,7 @@ class RecycleHarvester:
         xp = array_namespace(v1)
         self.C = C
         self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
+        self.owned = False  # Z, HZ are the caller's U, C until the first compression
         self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
         self.block, self.steps = [v1], []  # the cycle's Lanczos vectors and steps
         self.v_prev = None
@@ -132,58 +146,87 @@ class RecycleHarvester:
             return None if W is None else RecycleCarry(W, selected=False)
         if self.steps:
             self._compress(final=True)
+        self.block, self.v_prev = [], None
         if self.Z is None:
             return None
-        return RecycleCarry(self.Z[..., : max(widths(self.Z))], selected=True)
+        xp = array_namespace(self.Z)
+        width = int(xp.max(xp.sum(xp.astype(self.zvalid, xp.int64), axis=-1)))
+        return RecycleCarry(self.Z[..., :width], selected=True)
 
-    def _lanczos_products(self) -> tuple[Any, Any]:
-        """V (B, n, m) of the current cycle and HV = β v_{j−1} + α v_j + β v_{j+1} + C b
-        (the Lanczos relation: no operator application)."""
+    def _terms(self) -> tuple[Any, ...]:
+        """The cycle's Lanczos scalars as (B, m) arrays (α, β_{j+1}, β_j), B = CᵀAV
+        (B, k, m) or None, and the (B, m) mask of the samples' own steps; sets
+        ``self.valid``, the (B, D) mask of W's valid columns."""
         xp = array_namespace(self.block[0])
         m = len(self.steps)
-        alphas, betas, bcols, _ = zip(*self.steps, strict=True)
-        Vall = xp.stack(self.block[: m + 1], axis=2)  # (B, n, m + 1)
-        V = Vall[:, :, :m]
-        alphas = xp.stack(alphas, axis=1)
-        betas = xp.stack(betas, axis=1)  # β_{j+1}
+        alphas, betas, bcols, updated = zip(*self.steps, strict=True)
+        betas = xp.stack(betas, axis=1)
         lower = xp.concat([self.beta_prev[:, None], betas[:, : m - 1]], axis=1)
-        # α v_j + β_j v_{j−1} + β_{j+1} v_{j+1}, summed in that order, in place (one
-        # temporary of V's size at a time: the memory bound of a capped harvest)
+        vvalid = xp.stack(updated, axis=1)
+        masks = [vvalid] if self.Z is None else [self.zvalid, vvalid]
+        self.valid = xp.concat(masks, axis=1)
+        bmat = None if bcols[0] is None else xp.stack(bcols, axis=2)
+        return xp.stack(alphas, axis=1), betas, lower, bmat, vvalid
+
+    def _rows(self, rows: slice, terms: tuple[Any, ...]) -> tuple[Any, Any]:
+        """W = [Z, V] and HW restricted to ``rows``, invalid columns zeroed; HV =
+        β_j v_{j−1} + α_j v_j + β_{j+1} v_{j+1} + C b_j (the Lanczos relation: no operator
+        application), summed in that order.  At most three blocks of the rows' size are
+        alive at a time."""
+        xp = array_namespace(self.block[0])
+        alphas, betas, lower, bmat, vvalid = terms
+        m = alphas.shape[1]
+        Vall = xp.stack([v[:, rows] for v in self.block[: m + 1]], axis=2)  # (B, r, m + 1)
+        V = Vall[:, :, :m]
         HV = V * alphas[:, None, :]
         if self.v_prev is not None:
-            HV[:, :, :1] += self.v_prev[:, :, None] * lower[:, None, :1]
+            HV[:, :, :1] += self.v_prev[:, rows, None] * lower[:, None, :1]
         if m > 1:
             HV[:, :, 1:] += V[:, :, : m - 1] * lower[:, None, 1:]
         HV += Vall[:, :, 1:] * betas[:, None, :]
-        if bcols[0] is not None:
-            HV += self.C @ xp.stack(bcols, axis=2)
-        return V, HV
+        if bmat is not None:
+            HV += self.C[:, rows, :] @ bmat
+        V *= xp.astype(vvalid, V.dtype)[:, None, :]  # Vall is this block's own copy
+        mask = xp.astype(self.valid, V.dtype)[:, None, :]
+        if self.Z is None:
+            W, HW = V, HV
+        else:
+            W = xp.concat([self.Z[:, rows, :], V], axis=2)
+            del Vall, V
+            HW = xp.concat([self.HZ[:, rows, :], HV], axis=2)
+            del HV
+        W *= mask
+        HW *= mask
+        return W, HW
+
+    def _jacobian_products(self, terms: tuple[Any, ...]) -> Any:
+        """JᵀW: one block application of Jᵀ to the columns not yet seen."""
+        xp = array_namespace(self.block[0])
+        if self.Z is not None and self.JZ is None:
+            self.JZ = self.jac_t(self.Z)
+        m, vvalid = terms[0].shape[1], terms[-1]
+        V = xp.stack(self.block[:m], axis=2) * xp.astype(vvalid, self.block[0].dtype)[:, None, :]
+        JV = self.jac_t(V)
+        return JV if self.Z is None else xp.concat([self.JZ, JV], axis=2)
 
     def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
-        """W = [Z, V], HW and JᵀW of the current cycle with each sample's invalid columns
-        zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos relation; JᵀW
-        (when the strategy needs it and ``jacobian``) costs one block application of Jᵀ
-        to the columns not yet seen."""
-        xp = array_namespace(self.block[0])
+        """W = [Z, V], HW and JᵀW of the current cycle, whole, with each sample's invalid
+        columns zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos
+        relation; JᵀW (when the strategy needs it and ``jacobian``) costs one block
+        application of Jᵀ to the columns not yet seen."""
         want_j = jacobian and self.jac_t is not None
-        if want_j and self.Z is not None and self.JZ is None:
-            self.JZ = self.jac_t(self.Z)
-        parts = [] if self.Z is None else [(self.Z, self.HZ, self.zvalid, self.JZ)]
-        if self.steps:
-            V, HV = self._lanczos_products()
-            vvalid = xp.stack([updated for *_, updated in self.steps], axis=1)
-            V = V * xp.astype(vvalid, V.dtype)[:, None, :]
-            parts.append((V, HV, vvalid, self.jac_t(V) if want_j else None))
-        if not parts:
-            return None, None, None
-        blocks, products, masks, jblocks = zip(*parts, strict=True)
-        self.valid = xp.concat(masks, axis=1)
-        m = xp.astype(self.valid, blocks[0].dtype)[:, None, :]
-        W, HW = xp.concat(blocks, axis=2), xp.concat(products, axis=2)
-        W *= m
-        HW *= m
-        JW = xp.concat(jblocks, axis=2) if want_j else None
-        return W, HW, JW
+        if not self.steps:
+            if self.Z is None:
+                return None, None, None
+            if want_j and self.JZ is None:
+                self.JZ = self.jac_t(self.Z)
+            xp = array_namespace(self.Z)
+            self.valid = self.zvalid
+            mask = xp.astype(self.valid, self.Z.dtype)[:, None, :]
+            return self.Z * mask, self.HZ * mask, self.JZ if want_j else None
+        terms = self._terms()
+        W, HW = self._rows(slice(None), terms)
+        return W, HW, self._jacobian_products(terms) if want_j else None
 
     def projection(self, *, jacobian: bool = True) -> tuple[Any, Projection]:
         """W and its projected matrices (no operator applications, JᵀW excepted)."""
@@ -191,14 +234,43 @@ class RecycleHarvester:
         return W, Projection.from_products(W, HW, JW, self.valid)
 
     def _compress(self, *, final: bool) -> None:
+        """Select k vectors of W = [Z, V]: the projected matrices summed over blocks of
+        rows, then Z = W·Y (and HZ = HW·Y, JᵀZ = JᵀW·Y to go on) block by block."""
         cfg = self.config
-        W, HW, JW = self.current_basis()
-        coef = select(Projection.from_products(W, HW, JW, self.valid), cfg.strategy, cfg.dim,
-                      cfg.which)
-        self.Z = W @ coef
-        self.zvalid = array_namespace(W).linalg.vector_norm(self.Z, axis=-2) > 0
+        xp = array_namespace(self.block[0])
+        terms = self._terms()
+        B, n = self.block[0].shape
+        # one block when n ≤ ROWS (small problems), else blocks of n / 2D rows (D = dim W,
+        # at least ROWS / 4): the blocks alive at a time hold about 1.5 n numbers
+        size = n if n <= ROWS else max(ROWS // 4, n // (2 * int(self.valid.shape[-1])))
+        chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        JW = None if self.jac_t is None else self._jacobian_products(terms)
+        sums = None
+        for rows in chunks:
+            W, HW = self._rows(rows, terms)  # masked: the products of Projection
+            Wt = xp.matrix_transpose(W)
+            part = (symmetrize(Wt @ W), symmetrize(Wt @ HW),
+                    symmetrize(xp.matrix_transpose(HW) @ HW))
+            del W, HW, Wt
+            sums = part if sums is None else tuple(
+                total + add for total, add in zip(sums, part, strict=True))
+        mask = xp.astype(self.valid, sums[0].dtype)[:, None, :]
+        proj = Projection(*sums, P=None if JW is None else JW * mask, valid=self.valid)
+        coef = select(proj, cfg.strategy, cfg.dim, cfg.which)
+        shape, like = (B, n, coef.shape[-1]), self.block[0]
+        reuse = self.owned and tuple(self.Z.shape) == shape
+        Z = self.Z if reuse else xp.empty(shape, dtype=like.dtype, device=device_of(like))
+        HZ = None if final else (self.HZ if reuse else xp.empty_like(Z))
+        squares = xp.zeros((B, shape[-1]), dtype=like.dtype, device=device_of(like))
+        for rows in chunks:
+            W, HW = self._rows(rows, terms)  # read before this block of Z, HZ is written
+            block = W @ coef
+            if HZ is not None:
+                HZ[:, rows, :] = HW @ coef
+            Z[:, rows, :] = block
+            squares += xp.sum(block * block, axis=-2)
+        self.Z, self.HZ, self.owned, self.zvalid = Z, HZ, True, squares > 0
         if not final:
-            self.HZ = HW @ coef
             self.JZ = None if JW is None else JW @ coef
             m = len(self.steps)
             self.v_prev, self.beta_prev = self.block[m - 1], self.steps[-1][1]

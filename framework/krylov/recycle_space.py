@@ -114,5 +114,6 @@ class RecycleSpace:
         keep = (sigma > rank_tol * smax) & (smax > 0)
         scale = xp.where(keep, 1.0 / xp.where(keep, sigma, xp.ones_like(sigma)), 0.0)
         C = (Q @ P) * xp.astype(keep, Q.dtype)[..., None, :]
-        U = (Y @ xp.matrix_transpose(Wt)) * scale[..., None, :]
+        rank = sigma.shape[-1]  # min(n, k): k > n leaves k − n directions out
+        U = (Y @ xp.matrix_transpose(Wt[..., :rank, :])) * scale[..., None, :]
         return cls(U=U, C=C)
