@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import time
@@ -121,20 +120,6 @@ def test_deleted_experiment_and_missing_experiment(uri):
         Tracker(experiment="gone").end()
     with pytest.raises(TrackingError, match="no MLflow experiment"):
         tracking.read_runs(None, "never")
-
-
-def test_retry_backs_off_while_database_is_locked():
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise sqlite3.OperationalError("database is locked")
-        return "ok"
-
-    assert tracking.retry(flaky, base=0.001) == "ok" and len(calls) == 3
-    with pytest.raises(ValueError):
-        tracking.retry(lambda: (_ for _ in ()).throw(ValueError("other")), base=0.001)
 
 
 def test_null_tracker_records_nothing(tmp_path):
