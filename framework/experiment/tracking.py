@@ -271,7 +271,8 @@ class _Writer:
         partial send they are all sent again: the store keeps one copy)."""
         writes = _pending_writes(self.pending)
         try:
-            for write in writes:
+            check_reachable(self.uri, timeout=2.0)  # a dead server: at once, not retried
+            for write in _merged(writes):
                 self._apply(*write)
             for run_id, count in Counter(run_id for run_id, *_ in writes).items():
                 tags = self.client.get_run(run_id).data.tags
@@ -279,7 +280,7 @@ class _Writer:
                 self.client.set_tag(run_id, names.BUFFERED_WRITES_TAG, str(count))
         except Exception as exc:
             self.retry_at = time.monotonic() + RETRY_SECONDS
-            if _unavailable(exc):
+            if isinstance(exc, TrackingError) or _unavailable(exc):
                 return
             rejected = self.pending.with_suffix(".rejected")
             os.replace(self.pending, rejected)
@@ -312,9 +313,11 @@ class _Writer:
         else:
             getattr(self.client, op)(run_id, *args)
 
-    def describe(self, exc: Exception, short: bool = False) -> str:
+    def describe(self, exc: BaseException, short: bool = False) -> str:
         """One line for a failure (the parent raises it as a ``TrackingError``); ``short``:
-        only the exception and its first 160 characters."""
+        the exception at the root of it (e.g. "ConnectionRefusedError: ..."), cut short."""
+        while short and (exc.__cause__ or exc.__context__) is not None:
+            exc = exc.__cause__ or exc.__context__
         first = (str(exc).splitlines() or [""])[0]
         if short:
             return f"{type(exc).__name__}: {first[:160]}"
@@ -331,6 +334,20 @@ def _unavailable(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
     return isinstance(exc, OSError)
+
+
+def _merged(writes: list[list[Any]]) -> list[list[Any]]:
+    """``writes`` with each run of consecutive metrics-only ``log_batch`` writes of one run
+    made one (a step's metrics each: MLflow sends them 1000 at a time)."""
+    merged: list[list[Any]] = []
+    for run_id, op, args in writes:
+        last = merged[-1] if merged else None
+        if (op == "log_batch" and args[1:] == [[], []] and last is not None
+                and last[:2] == [run_id, op] and last[2][1:] == [[], []]):
+            last[2][0] = last[2][0] + args[0]
+        else:
+            merged.append([run_id, op, list(args)])
+    return merged
 
 
 def _pending_writes(path: Path) -> list[list[Any]]:
@@ -381,6 +398,8 @@ def _serve() -> None:
     its requests are only answered, not run."""
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
+    # its tracebacks of SQLite errors: they reach the writer as exceptions (said once)
+    logging.getLogger("mlflow.store.db.utils").addFilter(lambda r: r.levelno < logging.ERROR)
     inbox, outbox = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
