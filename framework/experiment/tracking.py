@@ -15,7 +15,8 @@ settings); a write the store cannot take (unreachable, timing out, 5xx, read-onl
 error) is appended to ``PENDING_FILE`` in the run's output folder, and so is every later
 write until the store takes them all, in order (tried again every ``RETRY_SECONDS`` and at
 the run's end; what is left is sent by the next run in that folder).  Resending is safe:
-MLflow keeps one copy of a metric with the same key, step, timestamp and value.
+MLflow's SQL stores (a server's too) keep one copy of a metric with the same key, step,
+timestamp and value.
 """
 
 from __future__ import annotations
