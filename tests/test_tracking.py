@@ -258,3 +258,25 @@ def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path,
     assert record.status == "FINISHED" and not pending.exists()
     assert record.history["loss"] == tuple((s, float(s)) for s in range(4))
     assert record.tags[names.BUFFERED_WRITES_TAG] == "4"
+
+
+def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path):
+    store, folder = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    folder.mkdir()
+    uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
+    first = Tracker(uri, "unit")
+    first.start(run_name="r", record_to=recorded)
+    run_id = first.flush()
+    with _read_only(store):
+        first.log_metrics({"loss": 1.0}, 1)  # the outage starts
+        first.log_params({"bad?name": 1})  # buffered as it came
+        first.end()
+    second = Tracker(uri, "unit")
+    second.start(run_id=run_id, record_to=recorded)
+    with pytest.raises(TrackingError, match=r"bad\?name.*not all sent \(kept in .*\.rejected\)"):
+        second.end()
+    assert (folder / "mlflow_pending.rejected").is_file()
+    assert not (folder / tracking.PENDING_FILE).exists()
+    (record,) = tracking.read_runs(uri, "unit")
+    assert record.history["loss"] == ((1, 1.0),)  # the writes before it were sent

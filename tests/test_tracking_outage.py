@@ -114,6 +114,8 @@ class _Server:
 def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, processes):
     if not (Path(sys.executable).parent / "mlflow").exists():
         pytest.skip(f"no mlflow command next to {sys.executable}")
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("pins the jobs to one core: needs os.sched_setaffinity (Linux)")
     server = _Server(tmp_path, processes)
     if not server.wait():
         pytest.skip(f"`mlflow server` did not start: {server.log.read_text()[-500:]}")
@@ -133,17 +135,17 @@ def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, proces
         processes.append(proc)
         return proc
 
-    outage, baseline = job("outage", server.url), job("baseline", reference_uri)
+    outage, reference = job("outage", server.url), job("reference", reference_uri)
     _until(lambda: all("step 1/" in (tmp_path / f"{n}.out").read_text()
                        and (tmp_path / n / "mlflow_run_id").exists()
-                       for n in ("outage", "baseline")), 180, "both runs to exist and step")
+                       for n in ("outage", "reference")), 180, "both runs to exist and step")
     # Both jobs on one core from now on (their tracking writers and the server on any):
     # the scheduler shares it equally between them, so the machine's other load slows both
     # alike and they step in lockstep (measured under load average 7-9 on 2 cores: steps in
     # the same 8 s windows equal within one step, 7 windows; on separate cores they differed
     # by up to 20 %).
     core = max(os.sched_getaffinity(0))
-    for proc in (outage, baseline):
+    for proc in (outage, reference):
         for thread in Path(f"/proc/{proc.pid}/task").iterdir():
             os.sched_setaffinity(int(thread.name), {core})
 
@@ -153,12 +155,12 @@ def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, proces
     server.start()  # on the same port and store
     assert server.wait(), "the restarted mlflow server does not answer"
     up, saved_up = time.time(), _step(tmp_path / "outage" / "checkpoint.npz")
-    baseline.send_signal(signal.SIGTERM)
+    reference.send_signal(signal.SIGTERM)
     log = tmp_path / "outage.out"
     _until(lambda: "answers: sent the" in log.read_text(), 120, "the buffered writes to be sent")
     outage.send_signal(signal.SIGTERM)  # a preemption: the run saves its state, ends KILLED
     assert outage.wait(timeout=120) == 143, log.read_text()[-2000:]
-    assert baseline.wait(timeout=120) == 143
+    assert reference.wait(timeout=120) == 143
 
     lines = log.read_text().splitlines()
     warnings = [line for line in lines if "unavailable" in line]
@@ -186,10 +188,10 @@ def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, proces
 
     # pace: the steps both jobs finished while the server was down (one step may fall
     # either side of each end of the window)
-    other_id = (tmp_path / "baseline" / "mlflow_run_id").read_text().strip()
+    reference_id = (tmp_path / "reference" / "mlflow_run_id").read_text().strip()
     steps_down = sum(down <= t < up for t in _finished(client, run_id).values())
     steps_reference = sum(down <= t < up for t in _finished(MlflowClient(reference_uri),
-                                                          other_id).values())
+                                                          reference_id).values())
     print(f"steps in the {up - down:.1f} s the server was down: {steps_down}; by the same "
           f"job without an outage: {steps_reference}; checkpoint step {saved_down} → "
           f"{saved_up}")
