@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
+import contextlib
+import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -123,20 +126,6 @@ def test_deleted_experiment_and_missing_experiment(uri):
         tracking.read_runs(None, "never")
 
 
-def test_retry_backs_off_while_database_is_locked():
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise sqlite3.OperationalError("database is locked")
-        return "ok"
-
-    assert tracking.retry(flaky, base=0.001) == "ok" and len(calls) == 3
-    with pytest.raises(ValueError):
-        tracking.retry(lambda: (_ for _ in ()).throw(ValueError("other")), base=0.001)
-
-
 def test_null_tracker_records_nothing(tmp_path):
     before = set(sys.modules)
     t = make_tracker(type("C", (), {"enabled": False})())
@@ -214,3 +203,80 @@ def test_the_writer_exits_when_its_run_is_killed(uri, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"the writer process {writer} outlived its killed run")
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` read-only, for root too (``chattr +i``): SQLite cannot write its journal
+    there, so every write to a store in it fails as on a read-only file system."""
+    if os.geteuid() == 0:
+        flags = ["chattr", "+i", str(folder)]
+        if shutil.which("chattr") is None or subprocess.run(flags).returncode != 0:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+    else:
+        folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
+def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path, caplog):
+    store, folder = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    folder.mkdir()
+    uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
+    pending = folder / tracking.PENDING_FILE
+    first = Tracker(uri, "unit")
+    first.start(run_name="r", record_to=recorded)
+    first.log_metrics({"loss": 0.0}, 0)
+    run_id = first.flush()
+    with caplog.at_level(logging.INFO, logger="hyperkrylov"), _read_only(store):
+        for step in (1, 2, 3):
+            first.save_checkpoint(folder / "ckpt.npz", {"step": step}, [({"loss": step}, step)])
+        first.flush()
+        assert checkpoint.load(folder / "ckpt.npz")["step"] == 3  # checkpoints went on
+        first.end()  # no error: its writes wait in the run's folder
+        (record,) = tracking.read_runs(uri, "unit")
+    assert record.status == "RUNNING" and record.history["loss"] == ((0, 0.0),)
+    said = [r.getMessage() for r in caplog.records if r.name == "hyperkrylov"]
+    assert len([m for m in said if "unavailable (OperationalError: " in m]) == 1
+    assert said[-1] == (f"4 writes buffered in {pending}; they will be sent by the next run "
+                        "in this folder")  # 3 checkpoints' metrics, the end
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hyperkrylov"):
+        second = Tracker(uri, "unit")  # the rerun in this folder sends them first
+        second.start(run_id=run_id, record_to=recorded)
+        second.end()
+    assert [r.getMessage() for r in caplog.records if r.name == "hyperkrylov"] == [
+        f"tracking store {uri} answers: sent the 4 writes buffered in {pending}"]
+    (record,) = tracking.read_runs(uri, "unit")
+    assert record.status == "FINISHED" and not pending.exists()
+    assert record.history["loss"] == tuple((s, float(s)) for s in range(4))
+    assert record.tags[names.BUFFERED_WRITES_TAG] == "4"
+
+
+def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path):
+    store, folder = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    folder.mkdir()
+    uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
+    first = Tracker(uri, "unit")
+    first.start(run_name="r", record_to=recorded)
+    run_id = first.flush()
+    with _read_only(store):
+        first.log_metrics({"loss": 1.0}, 1)  # the outage starts
+        first.log_params({"bad?name": 1})  # buffered as it came
+        first.end()
+    second = Tracker(uri, "unit")
+    second.start(run_id=run_id, record_to=recorded)
+    with pytest.raises(TrackingError, match=r"bad\?name.*not all sent \(kept in .*\.rejected\)"):
+        second.end()
+    assert (folder / "mlflow_pending.rejected").is_file()
+    assert not (folder / tracking.PENDING_FILE).exists()
+    (record,) = tracking.read_runs(uri, "unit")
+    assert record.history["loss"] == ((1, 1.0),)  # the writes before it were sent

@@ -20,6 +20,8 @@ SWEEP_TAG = "hyperkrylov.sweep_id"
 OUTPUT_DIR_TAG = "hyperkrylov.output_dir"
 JOB_NUM_TAG = "hyperkrylov.job_num"
 OVERRIDES_TAG = "hyperkrylov.overrides"
+# writes that waited in the output folder during a store outage, sent later
+BUFFERED_WRITES_TAG = "hyperkrylov.buffered_writes"
 
 # -- training-step metrics -------------------------------------------------------------------
 UPPER_LOSS = "upper_loss"

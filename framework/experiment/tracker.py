@@ -7,10 +7,14 @@ every tracker of this interpreter (a sweep with the basic launcher, a test sessi
 mlflow once).  A call pickles its write (later changes to its arrays do not matter) and
 returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
 
-Failures: an http(s) server that does not answer is reported at once; any other failure
-stops that run's writes and is raised as one ``TrackingError`` line by its next call.  The
-writer runs in its own session, so Ctrl-C reaches only this process (the run then ends
-KILLED); when this process dies, the writer writes what it was sent and exits.
+Failures: an http(s) server that does not answer at the start is reported at once.  A store
+that becomes unavailable later (server down, read-only, I/O errors) stops nothing: the
+writer buffers the writes on disk in the output folder (``tracking.PENDING_FILE``) and sends
+them when the store answers again, or leaves them to the next run in that folder; its
+warnings reach the ``hyperkrylov`` logger.  Any other failure stops that run's writes and is
+raised as one ``TrackingError`` line by its next call.  The writer runs in its own
+session, so Ctrl-C reaches only this process (the run then ends KILLED); when this process
+dies, the writer writes what it was sent and exits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from framework.experiment import checkpoint
+from framework.experiment.console import LOG
 from framework.experiment.tracking import TrackingError, check_reachable, resolve_uri
 
 
@@ -66,7 +71,9 @@ class _WriterProcess:
                 key, kind, payload = pickle.load(self.process.stdout)
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
-            if (tracker := self.trackers.get(key)) is not None and kind == "failed":
+            if kind == "notice":
+                LOG.log(*payload)
+            elif (tracker := self.trackers.get(key)) is not None and kind == "failed":
                 tracker.failure = tracker.failure or payload
             elif tracker is not None:
                 tracker.replies.put(payload)
@@ -152,7 +159,8 @@ class Tracker:
         return self._run_id
 
     def flush(self) -> str | None:
-        """Wait until every write so far is in the store; the run's id."""
+        """Wait until every write so far is in the store (or, while it is unavailable, in the
+        output folder's buffer); the run's id."""
         return self._send("flush", reply=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:

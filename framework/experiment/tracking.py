@@ -4,36 +4,52 @@ Where results go: ``tracking.uri`` when set, else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<cwd>/mlflow/mlflow.db``; a SQLite store keeps artifacts in ``artifacts/`` next
 to the database file, a tracking server chooses its own artifact store.
 
-Parallel sweep jobs sharing one SQLite file race on schema creation and lock the file: the
-experiment is created once up front (``prepare_experiment``, from the sweep's Hydra callback)
-and every call retries with backoff while SQLite reports "database is locked".  This module
-run as a script is the writer process of ``framework.experiment.tracker`` (``_serve``), so
-neither a run's interpreter nor a disabled tracker imports mlflow.
+Parallel sweep jobs sharing one SQLite file race on schema creation: the schema is created
+under a file lock and the experiment once up front (``prepare_experiment``, from the sweep's
+Hydra callback); MLflow itself waits for a locked SQLite file (its busy timeout).  This
+module run as a script is the writer process of ``framework.experiment.tracker``
+(``_serve``), so neither a run's interpreter nor a disabled tracker imports mlflow.
+
+Store outages: the writer's HTTP requests are bounded (``HTTP_LIMITS``, MLflow's own retry
+settings); a write the store cannot take (unreachable, timing out, 5xx, read-only or I/O
+error) is appended to ``PENDING_FILE`` in the run's output folder, and so is every later
+write until the store takes them all, in order (tried again every ``RETRY_SECONDS`` and at
+the run's end; what is left is sent by the next run in that folder).  Resending is safe:
+MLflow's SQL stores (a server's too) keep one copy of a metric with the same key, step,
+timestamp and value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
+import json
+import logging
 import math
 import os
 import pickle
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import filelock
-import tenacity
 
 from framework.experiment import checkpoint, names
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
-
-T = TypeVar("T")
+PENDING_FILE = "mlflow_pending.jsonl"  # in a run's output folder: writes the store has not taken
+RETRY_SECONDS = 5.0  # while the store is unavailable, how often the writer tries it again
+# MLflow's HTTP retry settings for the writer (unless set): a dead server costs a few seconds
+# per try instead of MLflow's default of 7 retries with backoff (minutes)
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackingError(RuntimeError):
@@ -77,17 +93,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     )
 
 
-def _is_locked(exc: BaseException) -> bool:
-    return any(s in str(exc).lower() for s in ("database is locked", "database table is locked"))
-
-
-def retry(fn: Callable[..., T], *args: Any, attempts: int = 10, base: float = 0.05, **kw: Any) -> T:
-    """Call ``fn`` and retry with jittered exponential backoff while SQLite is locked."""
-    return tenacity.Retrying(retry=tenacity.retry_if_exception(_is_locked), reraise=True,
-                             wait=tenacity.wait_random_exponential(multiplier=base),
-                             stop=tenacity.stop_after_attempt(attempts))(fn, *args, **kw)
-
-
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise store creation (schema migrations) of one SQLite file across processes."""
@@ -105,14 +110,14 @@ def _client(uri: str) -> Any:
 
     check_reachable(uri)
     with _store_lock(uri):
-        client = retry(MlflowClient, tracking_uri=uri)
-        retry(client.search_experiments, max_results=1)  # creates the schema, under the lock
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates the schema, under the lock
     return client
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str | None:
     """The id of the experiment ``name`` (None when there is none); deleted is an error."""
-    exp = retry(client.get_experiment_by_name, name)
+    exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted at {uri}; restore it "
@@ -131,8 +136,8 @@ def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
         if exp_id is None:
             root = artifact_root(uri)
             try:
-                exp_id = retry(client.create_experiment, name,
-                               artifact_location=None if root is None else f"{root}/{name}")
+                exp_id = client.create_experiment(
+                    name, artifact_location=None if root is None else f"{root}/{name}")
             except MlflowException:  # created meanwhile by a parallel job (a server's store)
                 exp_id = _experiment_id(client, uri, name)
                 if exp_id is None:
@@ -144,12 +149,16 @@ def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
 class _Writer:
     """The writer process's side of one tracker: the MLflow client and the active run."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[int, str], None]) -> None:
         self.client: Any = None
         self.uri, self.experiment, self.experiment_id = "", "", ""
         self.active: str | None = None
         self.lock: filelock.FileLock | None = None
         self.failed = False  # after a failure, requests are only answered
+        self.notify = notify  # (logging level, message) for the run's console
+        self.pending: Path | None = None  # the output folder's PENDING_FILE (None: no folder)
+        self.waiting = 0  # writes in it: while > 0, every write is appended to it
+        self.retry_at = 0.0  # time.monotonic() of the next try to send them
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
@@ -162,10 +171,21 @@ class _Writer:
         there, unfinished, in this experiment (else create a run)."""
         from mlflow.exceptions import MlflowException
 
+        if record_to is not None:  # a rerun in this folder waits for these writes
+            self.lock = folder_lock(Path(record_to).parent)
+            self.lock.acquire()  # released by ``close`` or the end of this process
+            self.pending = Path(record_to).parent / PENDING_FILE
+            text = self.pending.read_text() if self.pending.is_file() else ""
+            if text and not text.endswith("\n"):  # a killed run's last append, cut short
+                with self.pending.open("a") as fh:
+                    fh.write("\n")
+            self.waiting = len(_pending_writes(self.pending))
+            if self.waiting:  # a previous run's writes go first
+                self._send_pending()
         run = None
         if run_id is not None:
             try:
-                run = retry(self.client.get_run, run_id)
+                run = self.client.get_run(run_id)
             except MlflowException:
                 if not adopt:
                     raise
@@ -175,19 +195,16 @@ class _Writer:
             run = None
         resumed = run is not None
         if run is None:
-            run = retry(self.client.create_run, self.experiment_id, run_name=run_name,
-                        tags=_standard_tags(tags, command))
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags=_standard_tags(tags, command))
         elif run.info.experiment_id != self.experiment_id:
             raise TrackingError(f"run {run_id} belongs to experiment "
                                 f"{run.info.experiment_id}, not {self.experiment!r}")
         else:
-            retry(self.client.update_run, run_id, status="RUNNING")
+            self.client.update_run(run_id, status="RUNNING")
         self.active = run.info.run_id
-        if record_to is not None:  # a rerun in this folder waits for these writes
-            self.lock = folder_lock(Path(record_to).parent)
-            self.lock.acquire()  # released by ``close`` or the end of this process
         if resumed:
-            self.log_batch(tags=tags.items())
+            self.log_batch(tags=list(tags.items()))
             return
         if record_to is not None:  # atomically
             tmp = Path(record_to).with_name(f".{Path(record_to).name}.tmp")
@@ -200,6 +217,11 @@ class _Writer:
         return self.active
 
     def close(self) -> str | None:
+        if self.waiting:
+            self._send_pending()  # a last try, whenever it was due
+        if self.waiting:
+            self.notify(logging.WARNING, f"{self.waiting} writes buffered in {self.pending}; "
+                        "they will be sent by the next run in this folder")
         if self.lock is not None:
             self.lock.release()
         return self.active
@@ -210,30 +232,132 @@ class _Writer:
         checkpoint.save(path, {**state, "run_id": self.active})
 
     def log_batch(self, metrics=(), params=(), tags=()) -> None:
-        """``log_batch`` of (key, value[, timestamp, step]) tuples; MLflow splits the batches
-        and cuts values to its length limits."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        retry(self.client.log_batch, self.active, [Metric(*m) for m in metrics],
-              [Param(*p) for p in params], [RunTag(k, str(v)) for k, v in tags])
+        """``log_batch`` of (key, value, timestamp, step), (key, value) and (key, value)
+        tuples; MLflow splits the batches and cuts values to its length limits."""
+        self._store("log_batch", [list(metrics), list(params), list(tags)])
 
     def log_params(self, params: dict[str, str]) -> None:
-        existing = retry(self.client.get_run, self.active).data.params
-        self.log_batch(
-            params=[(k, v) for k, v in params.items() if k not in existing],
-            tags=[(f"resume.{k}", v) for k, v in params.items()
-                  if k in existing and existing[k] != v[:MAX_PARAM_LENGTH]],
-        )
+        self._store("log_params", [params])
 
     def call(self, method: str, *args: Any) -> None:
-        retry(getattr(self.client, method), self.active, *args)
+        self._store(method, list(args))
 
-    def describe(self, exc: Exception) -> str:
-        """One line for a failure (the parent raises it as a ``TrackingError``)."""
+    def _store(self, op: str, args: list[Any]) -> None:
+        """Write to the active run, or append the write to the pending file while the store
+        is unavailable (one warning when an outage starts); try to send those every
+        ``RETRY_SECONDS``."""
+        write = [self.active, op, args]
+        if not self.waiting:
+            try:
+                self._apply(*write)
+                return
+            except Exception as exc:
+                if self.pending is None or not _unavailable(exc):
+                    raise
+                self.retry_at = time.monotonic() + RETRY_SECONDS
+                self.notify(logging.WARNING, f"tracking store {self.uri} unavailable "
+                            f"({self.describe(exc, short=True)}); training continues, writes "
+                            f"are buffered in {self.pending} until it answers")
+        with self.pending.open("a") as fh:  # on disk before a checkpoint that follows them
+            fh.write(json.dumps(write) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.waiting += 1
+        if time.monotonic() >= self.retry_at:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Send the pending writes in order and count them in each run's tag
+        ``names.BUFFERED_WRITES_TAG``; the file goes once the store took them all (after a
+        partial send they are all sent again: the store keeps one copy)."""
+        writes = _pending_writes(self.pending)
+        try:
+            check_reachable(self.uri, timeout=2.0)  # a dead server: at once, not retried
+            for write in _merged(writes):
+                self._apply(*write)
+            for run_id, count in Counter(run_id for run_id, *_ in writes).items():
+                tags = self.client.get_run(run_id).data.tags
+                count += int(tags.get(names.BUFFERED_WRITES_TAG, 0))
+                self.client.set_tag(run_id, names.BUFFERED_WRITES_TAG, str(count))
+        except Exception as exc:
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+            if isinstance(exc, TrackingError) or _unavailable(exc):
+                return
+            rejected = self.pending.with_suffix(".rejected")
+            os.replace(self.pending, rejected)
+            self.waiting = 0
+            raise TrackingError(f"{self.describe(exc)}; the buffered writes were not all "
+                                f"sent (kept in {rejected})") from exc
+        self.pending.unlink()
+        self.waiting = 0
+        self.notify(logging.INFO, f"tracking store {self.uri} answers: sent the "
+                    f"{len(writes)} writes buffered in {self.pending}")
+
+    def _apply(self, run_id: str, op: str, args: list[Any]) -> None:
+        """One write to the store: ``log_batch`` (metrics, params, tags), ``log_params``
+        (those not logged yet; a changed one as the tag ``resume.<key>``) or a client method
+        that takes the run id first (``log_artifact``, ``log_text``, ``set_terminated``)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        if op == "log_params":
+            existing = self.client.get_run(run_id).data.params
+            op, args = "log_batch", [
+                [], [(k, v) for k, v in args[0].items() if k not in existing],
+                [(f"resume.{k}", v) for k, v in args[0].items()
+                 if k in existing and existing[k] != v[:MAX_PARAM_LENGTH]],
+            ]
+        if op == "log_batch":
+            metrics, params, tags = args
+            self.client.log_batch(run_id, [Metric(*m) for m in metrics],
+                                  [Param(*p) for p in params],
+                                  [RunTag(k, str(v)) for k, v in tags])
+        else:
+            getattr(self.client, op)(run_id, *args)
+
+    def describe(self, exc: BaseException, short: bool = False) -> str:
+        """One line for a failure (the parent raises it as a ``TrackingError``); ``short``:
+        the exception at the root of it (e.g. "ConnectionRefusedError: ..."), cut short."""
+        while short and (exc.__cause__ or exc.__context__) is not None:
+            exc = exc.__cause__ or exc.__context__
         first = (str(exc).splitlines() or [""])[0]
+        if short:
+            return f"{type(exc).__name__}: {first[:160]}"
         if isinstance(exc, TrackingError | checkpoint.CheckpointError):
             return first
         return f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store failing (unreachable, timing out, 5xx, read-only or I/O
+    error), not the request: the write may succeed later."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, OSError)
+
+
+def _merged(writes: list[list[Any]]) -> list[list[Any]]:
+    """``writes`` with each run of consecutive metrics-only ``log_batch`` writes of one run
+    made one (a step's metrics each: MLflow sends them 1000 at a time)."""
+    merged: list[list[Any]] = []
+    for run_id, op, args in writes:
+        last = merged[-1] if merged else None
+        if (op == "log_batch" and args[1:] == [[], []] and last is not None
+                and last[:2] == [run_id, op] and last[2][1:] == [[], []]):
+            last[2][0] = last[2][0] + args[0]
+        else:
+            merged.append([run_id, op, list(args)])
+    return merged
+
+
+def _pending_writes(path: Path) -> list[list[Any]]:
+    """The writes in a pending file, in order (a line cut short by a kill is skipped)."""
+    writes = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            writes.append(json.loads(line))
+    return writes
 
 
 def _standard_tags(tags: dict[str, str], command: str) -> dict[str, str]:
@@ -270,13 +394,22 @@ def _serve() -> None:
     """The writer process (see ``framework.experiment.tracker``): run the requests from
     stdin in order until EOF, each for the run (``_Writer``) its key names.
 
-    Replies and failures are pickled to the original stdout as (key, kind, payload); what a
-    library prints goes to stderr.  After a run's first failure its requests are only
-    answered, not run."""
+    Replies, notices (level, message) and failures are pickled to the original stdout as
+    (key, kind, payload); what a library prints goes to stderr.  After a run's first failure
+    its requests are only answered, not run."""
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    # its tracebacks of SQLite errors: they reach the writer as exceptions (said once)
+    logging.getLogger("mlflow.store.db.utils").addFilter(lambda r: r.levelno < logging.ERROR)
     inbox, outbox = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     writers: dict[int, _Writer] = {}
+
+    def notify(key: int, level: int, message: str) -> None:
+        pickle.dump((key, "notice", (level, message)), outbox)
+        outbox.flush()
+
     while True:
         try:
             key, op, args, reply = pickle.load(inbox)
@@ -284,7 +417,9 @@ def _serve() -> None:
             # in the middle of a message, which is dropped); every write is committed
             outbox.flush()
             os._exit(0)  # skip tearing down mlflow's modules (about a second)
-        writer = writers.setdefault(key, _Writer())
+        if key not in writers:
+            writers[key] = _Writer(functools.partial(notify, key))
+        writer = writers[key]
         value = None
         if not writer.failed:
             try:
@@ -338,8 +473,8 @@ def read_runs(
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
     flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
-    runs = retry(client.search_runs, [exp_id], filter_string=flt,
-                 order_by=["attributes.start_time ASC"], max_results=5000)
+    runs = client.search_runs([exp_id], filter_string=flt,
+                              order_by=["attributes.start_time ASC"], max_results=5000)
     records = []
     for run in runs:
         info, data = run.info, run.data
@@ -347,7 +482,7 @@ def read_runs(
                 if k in data.metrics]
         history = {
             key: tuple(sorted((int(m.step), float(m.value))
-                              for m in retry(client.get_metric_history, info.run_id, key)))
+                              for m in client.get_metric_history(info.run_id, key)))
             for key in keys
         }
         records.append(RunRecord(
