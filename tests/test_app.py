@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,16 +34,17 @@ SLOW = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4",
         "recycle.dim=3", "baseline=none"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _command() -> list[str]:
-    script = Path(sys.executable).parent / "hyperkrylov"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("hyperkrylov")
-    return [found] if found else [sys.executable, "-m", "framework.experiment.app"]
+    """This checkout's CLI (the venv's console script may belong to another checkout)."""
+    return [sys.executable, "-m", "framework.experiment.app"]
 
 
 def _env(uri: str) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 
