@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -214,3 +215,25 @@ def test_the_writer_exits_when_its_run_is_killed(uri, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"the writer process {writer} outlived its killed run")
+
+
+def test_a_resolve_run_names_its_recording_run_and_logs_the_recording_as_input(tmp_path, uri):
+    from hydra import compose, initialize_config_module
+    from mlflow.tracking import MlflowClient
+
+    from framework.experiment.runner import run
+
+    quadratic = ["problem=quadratic", "problem.n=12", "problem.num_samples=1", "outer.steps=2",
+                 "baseline=none", "progress=false", "recycle.dim=2"]
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        record_cfg = compose(config_name="config", overrides=[*quadratic, "task=record"])
+        recorded = run(record_cfg, output_dir=tmp_path / "record")
+        resolve_cfg = compose(config_name="config", overrides=[
+            *quadratic, "task=resolve", f"sequence.path={recorded.sequence_path}"])
+    resolved = run(resolve_cfg, output_dir=tmp_path / "resolve")
+    found = MlflowClient(uri).get_run(resolved.run_id)
+    assert found.data.tags[names.RECORD_RUN_TAG] == recorded.run_id
+    (given,) = found.inputs.dataset_inputs
+    assert given.dataset.name == "recording"
+    assert json.loads(given.dataset.source)["uri"] == recorded.sequence_path.as_uri()
+    assert {(t.key, t.value) for t in given.tags} == {("mlflow.data.context", "resolve")}

@@ -20,6 +20,9 @@ SWEEP_TAG = "hyperkrylov.sweep_id"
 OUTPUT_DIR_TAG = "hyperkrylov.output_dir"
 JOB_NUM_TAG = "hyperkrylov.job_num"
 OVERRIDES_TAG = "hyperkrylov.overrides"
+RECORD_RUN_TAG = "hyperkrylov.record_run_id"  # of a re-solve: the run that recorded it
+
+RUN_ID_FILE = "mlflow_run_id"  # in a run's output folder: the id of its MLflow run
 
 # -- training-step metrics -------------------------------------------------------------------
 UPPER_LOSS = "upper_loss"

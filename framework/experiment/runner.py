@@ -40,8 +40,6 @@ from framework.experiment.train import (
     train,
 )
 
-RUN_ID_FILE = "mlflow_run_id"  # in the output dir: the MLflow run this folder's runs belong to
-
 
 def _hydra_context() -> tuple[Path | None, dict[str, str], str | None]:
     """The Hydra output dir, sweep tags and sweep folder when running under Hydra."""
@@ -146,7 +144,7 @@ def _fetch_checkpoint(c: Config, out: Path) -> Tracker:
     if why is not None:
         tracker.end()
         raise ConfigError(f"resume_from: {why}; give the id of a run with a checkpoint "
-                          f"({RUN_ID_FILE} in its output folder)")
+                          f"({names.RUN_ID_FILE} in its output folder)")
     say(f"downloaded the checkpoint of MLflow run {c.resume_from}")
     return tracker
 
@@ -158,7 +156,7 @@ def _tracked(c: Config, out: Path, tags: dict[str, str], state: dict[str, Any] |
     run), the checkpoint's (``state``), or the one recorded in ``out`` by a run killed
     before its first checkpoint."""
     tracker = tracker or make_tracker(c.tracking)  # unreachable or read-only store: here
-    recorded = out / RUN_ID_FILE  # the run's id, written the moment the run exists
+    recorded = out / names.RUN_ID_FILE  # the run's id, written the moment the run exists
     run_id, adopt = None, False
     if state is not None:
         run_id = state.get("run_id")

@@ -185,6 +185,10 @@ class Tracker:
         """MLflow's ``log_figure`` of a matplotlib figure (pickled now, drawn by the writer)."""
         self._write("figure", fig, artifact_file, save_kwargs)
 
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        """Log the file ``path`` as the run's input dataset ``name`` (``mlflow.log_input``)."""
+        self._write("log_input", str(path), name, context)
+
     def fetch(self, run_id: str, artifact: str, folder: str | Path) -> str | None:
         """Download ``artifact`` of the run ``run_id`` (of this experiment) into ``folder``
         (before ``start``); None, or why it cannot (one line)."""
@@ -236,7 +240,7 @@ class NullTracker:
         return None
 
     start = log_params = log_metrics = set_tags = log_artifact = log_text = log_figure = _ignore
-    flush = end = _ignore
+    log_input = flush = end = _ignore
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:

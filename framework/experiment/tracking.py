@@ -273,6 +273,16 @@ class _Writer:
             self.monitor = None
         retry(self.client.set_terminated, self.active, status)
 
+    def log_input(self, path: str, name: str, context: str) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = MetaDataset(resolve_dataset_source(path), name=name)._to_mlflow_entity()
+        retry(self.client.log_inputs, self.active,
+              [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
     def figure(self, fig: Any, artifact_file: str, save_kwargs: dict[str, Any]) -> None:
         retry(self.client.log_figure, self.active, fig, artifact_file, save_kwargs=save_kwargs)
 
