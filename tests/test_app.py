@@ -229,6 +229,12 @@ def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_
             timeout=240)
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.strip() == table
+    shown = subprocess.run(  # with the figure: logged to the parent run
+        [sys.executable, "-m", "framework.experiment.compare", "--sweep", parent_id],
+        cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=240)
+    assert f"figures logged to the sweep's parent run {parent_id}" in shown.stdout
+    assert [a.path for a in client.list_artifacts(parent_id, "compare")] == [
+        "compare/comparison.png"]
 
 
 @pytest.mark.slow
@@ -484,13 +490,16 @@ def test_a_killed_run_resumes_from_its_mlflow_checkpoint_in_a_fresh_folder(tmp_p
 
 
 def test_resume_from_an_unknown_run_is_one_line_before_any_work(tmp_path, uri):
-    result = _hyperkrylov([*QUICK, "resume_from=0123abcd", f"hydra.run.dir={tmp_path}/run"],
-                          tmp_path, uri)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("hyperkrylov: configuration error: resume_from: no MLflow "
-                                    "run '0123abcd'")
-    assert len(result.stderr.strip().splitlines()) == 1 and "step 1/" not in result.stdout
-    assert _runs(uri) == [] and not (tmp_path / "run" / "checkpoint.npz").exists()
+    args = [*QUICK, "resume_from=0123abcd", f"hydra.run.dir={tmp_path}/run"]
+    for missing in (f"store at {tmp_path}/mlflow.db", "run '0123abcd'"):
+        result = _hyperkrylov(args, tmp_path, uri)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(
+            f"hyperkrylov: configuration error: resume_from: no MLflow {missing}")
+        assert len(result.stderr.strip().splitlines()) == 1 and "step 1/" not in result.stdout
+        assert not (tmp_path / "run" / "checkpoint.npz").exists()
+        tracking.prepare_experiment(uri, "hyperkrylov")  # the store, without that run
+    assert _runs(uri) == []
 
 
 def _read_only(folder: Path) -> list[str]:

@@ -32,7 +32,7 @@ from framework.experiment.console import label_job, say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
 from framework.experiment.tracker import Tracker, make_tracker
-from framework.experiment.tracking import folder_lock
+from framework.experiment.tracking import folder_lock, resolve_uri, sqlite_path
 from framework.experiment.train import (
     EngineFactory,
     check_resumable,
@@ -138,6 +138,10 @@ def run(
 def _fetch_checkpoint(c: Config, out: Path) -> Tracker:
     """The run's tracker, once the checkpoint artifact of the run ``resume_from`` is in
     ``out`` (another machine's run resumes here)."""
+    db = sqlite_path(resolve_uri(c.tracking.uri))
+    if db is not None and not db.is_file():  # not created to find nothing in it
+        raise ConfigError(f"resume_from: no MLflow store at {db}; give the store of run "
+                          f"{c.resume_from} (tracking.uri or MLFLOW_TRACKING_URI)")
     tracker = make_tracker(c.tracking)
     out.mkdir(parents=True, exist_ok=True)
     why = tracker.fetch(c.resume_from, c.checkpoint.filename, out)

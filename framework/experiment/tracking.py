@@ -432,12 +432,9 @@ def read_runs(
     exp_id = _experiment_id(client, uri, experiment)
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
-    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
-    parents = retry(client.search_runs, [exp_id],
-                    filter_string=f"tags.`{names.TASK_TAG}` = '{SWEEP_TASK}'")
-    for run in parents:
-        if sweep_id in (run.info.run_id, run.info.run_name):
-            flt = f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""  # a parent's name
+    if sweep_id and sweep_id in _sweep_parents(client, exp_id, sweep_id):  # a parent's id
+        flt = f"tags.`mlflow.parentRunId` = '{sweep_id}'"
     runs = retry(client.search_runs, [exp_id], filter_string=flt,
                  order_by=["attributes.start_time ASC"], max_results=5000)
     records = []
@@ -461,6 +458,28 @@ def read_runs(
             history=history,
         ))
     return records
+
+
+def _sweep_parents(client: Any, experiment_id: str, sweep: str) -> list[str]:
+    """The ids of the parent runs with id or name ``sweep`` (the name is the sweep's
+    ``hyperkrylov.sweep_id`` tag, which several multiruns may share), newest first."""
+    parents = retry(client.search_runs, [experiment_id],
+                    filter_string=f"tags.`{names.TASK_TAG}` = '{SWEEP_TASK}'",
+                    order_by=["attributes.start_time DESC"])
+    return [run.info.run_id for run in parents if sweep in (run.info.run_id, run.info.run_name)]
+
+
+def log_to_sweep(uri: str | None, experiment: str, sweep: str,
+                 paths: Iterable[str | Path]) -> str | None:
+    """Log the files ``paths`` (the compare figures) to the newest parent run of ``sweep``;
+    its id, None when there is none (single runs grouped by ``tracking.sweep_id``)."""
+    uri = resolve_uri(uri)
+    client = _client(uri)
+    parents = _sweep_parents(client, _experiment_id(client, uri, experiment) or "", sweep)
+    parent = parents[0] if parents else None
+    for path in paths if parent else ():
+        retry(client.log_artifact, parent, str(path), "compare")
+    return parent
 
 
 def percent_saved(mine: float, reference: float) -> float:
