@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from framework.experiment import checkpoint, names, runner, tracking
+from framework.experiment import checkpoint, names, tracking
 from framework.experiment.runner import run
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
