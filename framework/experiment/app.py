@@ -26,6 +26,7 @@ from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
 from framework.experiment.tracking import (
     TrackingError,
+    check_writable,
     end_sweep,
     prepare_experiment,
     resolve_uri,
@@ -46,8 +47,9 @@ class TrackingSetup(Callback):
         try:
             c = validate(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
             if c.tracking.enabled:
-                self.uri = resolve_uri(c.tracking.uri)
-                prepare_experiment(self.uri, c.tracking.experiment)
+                check_writable(uri := resolve_uri(c.tracking.uri))
+                prepare_experiment(uri, c.tracking.experiment)
+                self.uri = uri
         except (ConfigError, TrackingError):
             return  # each job reports the error itself, with the job's overrides applied
 
