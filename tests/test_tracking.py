@@ -235,5 +235,5 @@ def test_a_resolve_run_names_its_recording_run_and_logs_the_recording_as_input(t
     assert found.data.tags[names.RECORD_RUN_TAG] == recorded.run_id
     (given,) = found.inputs.dataset_inputs
     assert given.dataset.name == "recording"
-    assert json.loads(given.dataset.source)["uri"] == recorded.sequence_path.as_uri()
+    assert json.loads(given.dataset.source)["uri"] == str(recorded.sequence_path)
     assert {(t.key, t.value) for t in given.tags} == {("mlflow.data.context", "resolve")}

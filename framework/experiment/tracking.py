@@ -21,6 +21,7 @@ import pickle
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +280,10 @@ class _Writer:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        dataset = MetaDataset(resolve_dataset_source(path), name=name)._to_mlflow_entity()
+        with warnings.catch_warnings():  # a local file matches two equivalent source kinds
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(path)
+        dataset = MetaDataset(source, name=name)._to_mlflow_entity()
         retry(self.client.log_inputs, self.active,
               [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
