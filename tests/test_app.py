@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from framework.experiment import checkpoint, names, runner, tracking
+from framework.experiment import checkpoint, names, tracking
 from framework.experiment.runner import run
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning; not ours to fix.
@@ -35,16 +40,17 @@ SLOW = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4",
         "recycle.dim=3", "baseline=none"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _command() -> list[str]:
-    script = Path(sys.executable).parent / "hyperkrylov"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("hyperkrylov")
-    return [found] if found else [sys.executable, "-m", "framework.experiment.app"]
+    """This checkout's CLI (the venv's console script may belong to another checkout)."""
+    return [sys.executable, "-m", "framework.experiment.app"]
 
 
 def _env(uri: str) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 
@@ -162,25 +168,47 @@ def test_mnist_sample_end_to_end(tmp_path, uri):
         "krylov_iterations"]
 
 
+def _git_head() -> str | None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else None
+
+
 @pytest.mark.slow
-def test_multirun_sweep_and_compare_table(tmp_path, uri):
+def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_it(
+        tmp_path, uri):
     from framework.experiment import compare
 
     sweep = tmp_path / "sweep"
     result = _hyperkrylov(
-        ["-m", "recycle=ritz,harmonic_ritz", "recycle.dim=2,4", *BASE,
-         "outer.steps=3", f"hydra.sweep.dir={sweep}"],
+        ["-m", "recycle=ritz,harmonic_ritz", "recycle.dim=2,4", *BASE, "outer.steps=3",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
         tmp_path, uri,
     )
     assert result.returncode == 0, result.stderr
-    records = _runs(uri, sweep=str(sweep))
+    records = _runs(uri, sweep=str(sweep))  # the jobs (the parent run is left out)
     assert len(records) == 4 and len(_runs(uri)) == 4
     assert {(r.params["recycle.strategy"], r.params["recycle.dim"]) for r in records} == {
         ("ritz", "2"), ("ritz", "4"), ("harmonic_ritz", "2"), ("harmonic_ritz", "4")}
     assert sorted(int(r.tags["hyperkrylov.job_num"]) for r in records) == [0, 1, 2, 3]
-    for job in range(4):  # each job's lines name it, in its own log too
-        assert f"hyperkrylov: [job {job}] step 3/3: upper loss" in result.stdout
+    for job in range(4):  # each job's lines name it, in its own log
         assert f"[job {job}] step 3/3" in (sweep / str(job) / "hyperkrylov.log").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)  # one parent, created once by parallel jobs, ended FINISHED
+    parent_id = (sweep / tracking.PARENT_RUN_FILE).read_text().strip()
+    parent = client.get_run(parent_id)
+    (experiment,) = {parent.info.experiment_id}
+    assert parent.info.status == "FINISHED" and parent.info.run_name == str(sweep)
+    assert len(client.search_runs([experiment])) == 5
+    head = _git_head()
+    for r in records:
+        assert r.tags["mlflow.parentRunId"] == parent_id
+        assert r.tags["mlflow.user"] and r.tags["mlflow.source.type"] == "LOCAL"
+        assert r.tags["mlflow.source.name"].endswith(os.path.join("experiment", "app.py"))
+        if head is not None:
+            assert r.tags["mlflow.source.git.commit"] == head
+
     rows = compare.compare("hyperkrylov", sweep="latest", figure=tmp_path / "cmp.png")
     assert len(rows) == 4 and (tmp_path / "cmp.png").exists()
     by_id = {r.run_id: r for r in records}
@@ -194,6 +222,19 @@ def test_multirun_sweep_and_compare_table(tmp_path, uri):
         assert row.strategy == by_id[row.run_id].params["recycle.strategy"]
     table = compare.format_table(rows)
     assert len(table.splitlines()) == 6
+    for chosen in (parent_id, str(sweep)):  # the parent by id and by name: the same table
+        shown = subprocess.run(
+            [sys.executable, "-m", "framework.experiment.compare", "--sweep", chosen,
+             "--figure", ""], cwd=tmp_path, env=_env(uri), capture_output=True, text=True,
+            timeout=240)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == table
+    shown = subprocess.run(  # with the figure: logged to the parent run
+        [sys.executable, "-m", "framework.experiment.compare", "--sweep", parent_id],
+        cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=240)
+    assert f"figures logged to the sweep's parent run {parent_id}" in shown.stdout
+    assert [a.path for a in client.list_artifacts(parent_id, "compare")] == [
+        "compare/comparison.png"]
 
 
 @pytest.mark.slow
@@ -234,7 +275,7 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     steps = 200
     args = [*SLOW, f"outer.steps={steps}", "checkpoint.every=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / runner.RUN_ID_FILE
+    ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / names.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, once the run exists
@@ -258,7 +299,7 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
 def test_a_run_killed_before_its_first_checkpoint_is_continued_not_orphaned(tmp_path, uri):
     args = [*SLOW, "outer.steps=200", "checkpoint.every=1000",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    recorded = tmp_path / "run" / runner.RUN_ID_FILE
+    recorded = tmp_path / "run" / names.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
@@ -408,3 +449,155 @@ def test_help_says_what_the_tool_does_and_lists_the_groups(tmp_path, uri):
                  "2 bad value or input"):
         assert part in result.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_mlflow_checkpoint_in_a_fresh_folder(tmp_path, uri):
+    steps = 60
+    args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1"]
+    first = tmp_path / "first"
+    proc = _start_until([*args, f"hydra.run.dir={first}"], tmp_path, uri,
+                        first / "checkpoint.npz", stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    with tracking.folder_lock(first):  # its writer has sent the store all it was given
+        run_id = (first / names.RUN_ID_FILE).read_text().strip()
+    shutil.rmtree(first)  # another machine: only the store is shared
+
+    second = tmp_path / "second"
+    resumed = _hyperkrylov([*args, f"resume_from={run_id}", f"hydra.run.dir={second}"],
+                           tmp_path, uri)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"downloaded the checkpoint of MLflow run {run_id}" in resumed.stdout
+    killed_at = int(re.search(r"resuming from \S+ at step (\d+)", resumed.stdout).group(1))
+    assert 0 < killed_at < steps
+    reference = _hyperkrylov(
+        [*args, f"hydra.run.dir={tmp_path / 'ref'}", "tracking.experiment=reference"],
+        tmp_path, uri,
+    )
+    assert reference.returncode == 0, reference.stderr
+    theta = np.load(second / "theta.npz")["theta"]
+    assert theta.tobytes() == np.load(tmp_path / "ref" / "theta.npz")["theta"].tobytes()
+    (record,) = _runs(uri)  # the same run, continued: each step logged once
+    assert record.run_id == run_id and record.status == "FINISHED"
+    assert record.tags[names.OUTPUT_DIR_TAG] == str(second)
+    _assert_continuous(record, steps)
+    (ref_record,) = _runs(uri, "reference")
+    for key in ("upper_loss", "cumulative_krylov_iterations"):
+        assert dict(record.history[key]) == dict(ref_record.history[key])
+
+
+def test_resume_from_an_unknown_run_is_one_line_before_any_work(tmp_path, uri):
+    args = [*QUICK, "resume_from=0123abcd", f"hydra.run.dir={tmp_path}/run"]
+    for missing in (f"store at {tmp_path}/mlflow.db", "run '0123abcd'"):
+        result = _hyperkrylov(args, tmp_path, uri)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(
+            f"hyperkrylov: configuration error: resume_from: no MLflow {missing}")
+        assert len(result.stderr.strip().splitlines()) == 1 and "step 1/" not in result.stdout
+        assert not (tmp_path / "run" / "checkpoint.npz").exists()
+        tracking.prepare_experiment(uri, "hyperkrylov")  # the store, without that run
+    assert _runs(uri) == []
+
+
+def _read_only(folder: Path) -> list[str]:
+    """A command prefix under which ``folder`` is read-only (root ignores permissions: a
+    read-only bind mount in a private mount namespace); skips where neither works."""
+    if os.geteuid() != 0:
+        for path in (folder, *folder.iterdir()):
+            path.chmod(0o555)
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    prefix = ["unshare", "-m", "sh", "-c", script, str(folder)]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"]).returncode:
+        pytest.skip("cannot make a folder read-only for root here (no mount namespace)")
+    return prefix
+
+
+def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path):
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store}/mlflow.db"
+    first = _hyperkrylov([*QUICK, f"hydra.run.dir={tmp_path}/a"], tmp_path, uri)
+    assert first.returncode == 0, first.stderr
+    result = subprocess.run(
+        [*_read_only(store), *_command(), *QUICK, f"hydra.run.dir={tmp_path}/b"],
+        cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith(f"hyperkrylov: tracking error: the MLflow store "
+                                    f"{store}/mlflow.db is read-only")
+    assert "tracking=disabled" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(_runs(uri)) == 1 and not (tmp_path / "b" / "checkpoint.npz").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A ``mlflow server`` on 127.0.0.1 (artifacts proxied); its URL.  Skips when it does not
+    answer within 180 s (it imports much: about 40 s on a loaded 2-core machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"mlflow server did not start: see {tmp_path / 'server.log'}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+def _rest(url: str, endpoint: str, **query: str) -> dict:
+    with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}") as answer:
+        return json.loads(answer.read())
+
+
+@pytest.mark.slow
+def test_figures_checkpoint_and_system_metrics_through_a_tracking_servers_rest_api(
+        tmp_path, mlflow_server):
+    env = _env(mlflow_server)
+    env.update(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="true",
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
+    result = subprocess.run([*_command(), *QUICK, f"hydra.run.dir={tmp_path}/run"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    experiment = _rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
+                       experiment_name="hyperkrylov")["experiment"]
+    search = urllib.request.Request(
+        f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
+        data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(search) as answer:
+        (run,) = json.loads(answer.read())["runs"]
+    run_id = run["info"]["run_id"]
+    listed = _rest(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id,
+                   path="figures")
+    figures = {Path(f["path"]).name for f in listed["files"]}
+    assert {"upper_loss.png", "cumulative_iterations.png", "iterations_per_system.png",
+            "parameters.png", "reconstruction.png"} <= figures
+    with urllib.request.urlopen(f"{mlflow_server}/get-artifact?" + urllib.parse.urlencode(
+            {"path": "figures/upper_loss.png", "run_uuid": run_id})) as answer:
+        assert answer.read().startswith(b"\x89PNG\r\n\x1a\n")
+    root = {f["path"] for f in _rest(mlflow_server, "/api/2.0/mlflow/artifacts/list",
+                                     run_id=run_id)["files"]}
+    assert {"checkpoint.npz", "requirements.txt", "config.yaml"} <= root
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert "system/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert "upper_loss" in metrics

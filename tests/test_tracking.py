@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -280,3 +281,25 @@ def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path):
     assert not (folder / tracking.PENDING_FILE).exists()
     (record,) = tracking.read_runs(uri, "unit")
     assert record.history["loss"] == ((1, 1.0),)  # the writes before it were sent
+
+
+def test_a_resolve_run_names_its_recording_run_and_logs_the_recording_as_input(tmp_path, uri):
+    from hydra import compose, initialize_config_module
+    from mlflow.tracking import MlflowClient
+
+    from framework.experiment.runner import run
+
+    quadratic = ["problem=quadratic", "problem.n=12", "problem.num_samples=1", "outer.steps=2",
+                 "baseline=none", "progress=false", "recycle.dim=2"]
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        record_cfg = compose(config_name="config", overrides=[*quadratic, "task=record"])
+        recorded = run(record_cfg, output_dir=tmp_path / "record")
+        resolve_cfg = compose(config_name="config", overrides=[
+            *quadratic, "task=resolve", f"sequence.path={recorded.sequence_path}"])
+    resolved = run(resolve_cfg, output_dir=tmp_path / "resolve")
+    found = MlflowClient(uri).get_run(resolved.run_id)
+    assert found.data.tags[names.RECORD_RUN_TAG] == recorded.run_id
+    (given,) = found.inputs.dataset_inputs
+    assert given.dataset.name == "recording"
+    assert json.loads(given.dataset.source)["uri"] == str(recorded.sequence_path)
+    assert {(t.key, t.value) for t in given.tags} == {("mlflow.data.context", "resolve")}

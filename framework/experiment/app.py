@@ -24,7 +24,13 @@ from omegaconf.errors import ValidationError
 from framework.experiment.checkpoint import CheckpointError
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
-from framework.experiment.tracking import TrackingError, prepare_experiment, resolve_uri
+from framework.experiment.tracking import (
+    TrackingError,
+    check_writable,
+    end_sweep,
+    prepare_experiment,
+    resolve_uri,
+)
 from framework.experiment.train import DivergedError
 
 CONFIG_PATH = "pkg://conf"
@@ -32,15 +38,24 @@ CONFIG_PATH = "pkg://conf"
 
 class TrackingSetup(Callback):
     """Hydra callback: before a sweep's jobs start, validate the base config and create
-    the MLflow experiment (and SQLite schema) once, so parallel jobs do not race on it."""
+    the MLflow experiment (and SQLite schema) once, so parallel jobs do not race on it;
+    after them, end the sweep's parent run (which its first job created)."""
+
+    uri: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             c = validate(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
             if c.tracking.enabled:
-                prepare_experiment(resolve_uri(c.tracking.uri), c.tracking.experiment)
+                check_writable(uri := resolve_uri(c.tracking.uri))
+                prepare_experiment(uri, c.tracking.experiment)
+                self.uri = uri
         except (ConfigError, TrackingError):
             return  # each job reports the error itself, with the job's overrides applied
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.uri is not None:
+            end_sweep(self.uri, config.hydra.sweep.dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

@@ -1,9 +1,11 @@
 """``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
 
 Runs are read from the tracking store (``tracking.read_runs``), optionally of one sweep
-(``--sweep <id>|latest``; the ``hyperkrylov.sweep_id`` tag).  Savings are against the run's
-own shadow baseline (warm-started MINRES without recycling on the same systems,
-``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same sweep.
+(``--sweep``: the id or name of a multirun's parent run, whose nested runs are shown and to
+which the figures are logged; a ``tracking.sweep_id`` tag; or ``latest``).  Savings are
+against the run's own shadow baseline (warm-started MINRES without recycling on the same
+systems, ``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same
+sweep.
 ``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
@@ -24,6 +26,7 @@ from framework.experiment.paper import PaperRow, format_paper_table
 from framework.experiment.tracking import (
     RunRecord,
     TrackingError,
+    log_to_sweep,
     percent_saved,
     read_runs,
 )
@@ -181,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compare the runs of an MLflow experiment: a table and a figure.",
     )
     parser.add_argument("--experiment", default="hyperkrylov", help="MLflow experiment name")
-    parser.add_argument("--sweep", help="only runs of this sweep id (tag "
-                        "hyperkrylov.sweep_id), or 'latest'")
+    parser.add_argument("--sweep", help="only the runs of one sweep: its parent run's id "
+                        "or name, a tracking.sweep_id, or 'latest'")
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<cwd>/mlflow/mlflow.db)")
     parser.add_argument("--figure", default="comparison.png",
@@ -215,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     for path in figures:
         print(f"figure: {path.resolve()}")
+    if args.sweep and figures and (parent := log_to_sweep(args.uri, args.experiment,
+                                                           args.sweep, figures)):
+        print(f"figures logged to the sweep's parent run {parent}")
     return 0
 
 

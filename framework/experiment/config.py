@@ -183,6 +183,7 @@ class Config:
     task: Task = Task.train
     seed: int = 0
     progress: bool = True
+    resume_from: str | None = None  # an MLflow run id: resume from its checkpoint artifact
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -330,6 +331,9 @@ def validate(cfg: DictConfig | Config) -> Config:
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
     _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
     _check(c.tracking.experiment, "tracking.experiment", "must be a non-empty name")
+    _check(not c.resume_from or (c.tracking.enabled and c.task in (Task.train, Task.record)),
+           "resume_from", "resumes task=train or record from an MLflow run's checkpoint; "
+           "it needs tracking enabled")
     _plain_file_name("checkpoint.filename", c.checkpoint.filename)
     return cast(Config, OmegaConf.to_object(c))
 

@@ -22,6 +22,9 @@ JOB_NUM_TAG = "hyperkrylov.job_num"
 OVERRIDES_TAG = "hyperkrylov.overrides"
 # writes that waited in the output folder during a store outage, sent later
 BUFFERED_WRITES_TAG = "hyperkrylov.buffered_writes"
+RECORD_RUN_TAG = "hyperkrylov.record_run_id"  # of a re-solve: the run that recorded it
+
+RUN_ID_FILE = "mlflow_run_id"  # in a run's output folder: the id of its MLflow run
 
 # -- training-step metrics -------------------------------------------------------------------
 UPPER_LOSS = "upper_loss"

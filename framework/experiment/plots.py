@@ -21,11 +21,14 @@ import numpy as np
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 
+SAVE_KWARGS = {"dpi": 110, "bbox_inches": "tight"}  # of every PNG (files and MLflow's)
+
+
 def save(fig: Any, path: str | Path) -> Path:
     """Save ``fig`` as PNG to ``path`` (folders created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, **SAVE_KWARGS)
     plt.close(fig)
     return path
 

@@ -161,15 +161,20 @@ def recycle_dim(recycle: RecycleConfig) -> int:
 
 
 def resolve_tags(c: Config) -> dict[str, str]:
+    """The tags of a re-solve; the recording run's id when its folder names it."""
     which = c.recycle.which or ("-" if c.recycle.strategy == Strategy.none else "default")
+    sequence = Path(c.sequence.path or "").expanduser().resolve()
+    recorded_by = sequence.parent / names.RUN_ID_FILE
     return {
+        **({names.RECORD_RUN_TAG: recorded_by.read_text().strip()}
+           if recorded_by.is_file() else {}),
         names.TASK_TAG: Task.resolve,
         names.STRATEGY_TAG: c.recycle.strategy,
         names.DIM_TAG: str(recycle_dim(c.recycle)),
         names.STOP_TAG: c.stop.kind,
         names.WHICH_TAG: which,
         names.LABEL_TAG: method_label(c.recycle, c.stop),
-        names.SEQUENCE_TAG: str(Path(c.sequence.path or "").expanduser().resolve()),
+        names.SEQUENCE_TAG: str(sequence),
     }
 
 
@@ -177,6 +182,7 @@ def run_resolve(
     c: Config, recording: RecordedSequence, out: Path, tracker: Any, say: Any, started: float
 ) -> ResolveSummary:
     """Re-solve the recorded sequence of one sample with ``c``'s solver settings."""
+    tracker.log_input(Path(c.sequence.path or "").expanduser().resolve(), "recording", "resolve")
     dtype = recording.config().get("dtype", c.backend.dtype)
     backend = get_backend(c.backend.name, dtype=dtype, device=c.backend.device)
     sample = recording.sample_indices[0] if c.sequence.sample is None else c.sequence.sample

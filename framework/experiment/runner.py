@@ -31,8 +31,8 @@ from framework.experiment.config import (
 from framework.experiment.console import label_job, say
 from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
-from framework.experiment.tracker import make_tracker
-from framework.experiment.tracking import folder_lock
+from framework.experiment.tracker import Tracker, make_tracker
+from framework.experiment.tracking import folder_lock, resolve_uri, sqlite_path
 from framework.experiment.train import (
     EngineFactory,
     check_resumable,
@@ -40,20 +40,19 @@ from framework.experiment.train import (
     train,
 )
 
-RUN_ID_FILE = "mlflow_run_id"  # in the output dir: the MLflow run this folder's runs belong to
 
-
-def _hydra_context() -> tuple[Path | None, dict[str, str]]:
-    """The Hydra output dir and sweep tags when running under Hydra."""
+def _hydra_context() -> tuple[Path | None, dict[str, str], str | None]:
+    """The Hydra output dir, sweep tags and sweep folder when running under Hydra."""
     if not HydraConfig.initialized():
-        return None, {}
+        return None, {}, None
     hc = HydraConfig.get()
     label_job(hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if hc.mode != RunMode.MULTIRUN:
-        return Path(hc.runtime.output_dir), {}
+        return Path(hc.runtime.output_dir), {}, None
     return Path(hc.runtime.output_dir), {names.SWEEP_TAG: str(hc.sweep.dir),
                                          names.JOB_NUM_TAG: str(hc.job.num),
-                                         names.OVERRIDES_TAG: " ".join(hc.overrides.task)}
+                                         names.OVERRIDES_TAG: " ".join(hc.overrides.task)}, \
+        str(hc.sweep.dir)
 
 
 def _wait_for_previous_writer(out: Path) -> None:
@@ -100,7 +99,7 @@ def run(
     quadratic = c.problem.name == ProblemName.quadratic and c.task != Task.resolve
     dense = c.problem.n**2 if quadratic else 0
     limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
-    hydra_dir, tags = _hydra_context()
+    hydra_dir, tags, sweep_dir = _hydra_context()
     with limited_threads(limit) as blas_threads:
         if limit is not None:
             say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
@@ -110,7 +109,7 @@ def run(
             tags[names.SWEEP_TAG] = c.tracking.sweep_id
         out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
         tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
-        state, params = None, None  # params: logged here for resolve/evaluate (train: its own)
+        state, params, tracker = None, None, None  # params: logged here for resolve/evaluate
         if c.task == Task.resolve:
             recording = resolve.load_sequence(c.sequence.path or "")
             tags.update(resolve.resolve_tags(c))
@@ -122,6 +121,8 @@ def run(
         else:
             ckpt_path = out / c.checkpoint.filename
             _wait_for_previous_writer(out)
+            if c.resume_from and not ckpt_path.is_file():
+                tracker = _fetch_checkpoint(c, out)
             state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
             if state is not None:
                 check_training_state(state, ckpt_path)
@@ -130,22 +131,43 @@ def run(
                            engine_factory=engine_factory or make_engine, run_params=run_params)
         out.mkdir(parents=True, exist_ok=True)
         params = None if params is None else {**params, **run_params}
-        return _tracked(c, out, tags, state, params, work)
+        sweep = None if sweep_dir is None else (sweep_dir, tags[names.SWEEP_TAG])
+        return _tracked(c, out, tags, state, params, work, tracker, sweep)
+
+
+def _fetch_checkpoint(c: Config, out: Path) -> Tracker:
+    """The run's tracker, once the checkpoint artifact of the run ``resume_from`` is in
+    ``out`` (another machine's run resumes here)."""
+    db = sqlite_path(resolve_uri(c.tracking.uri))
+    if db is not None and not db.is_file():  # not created to find nothing in it
+        raise ConfigError(f"resume_from: no MLflow store at {db}; give the store of run "
+                          f"{c.resume_from} (tracking.uri or MLFLOW_TRACKING_URI)")
+    tracker = make_tracker(c.tracking)
+    out.mkdir(parents=True, exist_ok=True)
+    why = tracker.fetch(c.resume_from, c.checkpoint.filename, out)
+    if why is not None:
+        tracker.end()
+        raise ConfigError(f"resume_from: {why}; give the id of a run with a checkpoint "
+                          f"({names.RUN_ID_FILE} in its output folder)")
+    say(f"downloaded the checkpoint of MLflow run {c.resume_from}")
+    return tracker
 
 
 def _tracked(c: Config, out: Path, tags: dict[str, str], state: dict[str, Any] | None,
-             params: dict[str, str] | None, work: Any) -> Any:
-    """``work(tracker)`` as one tracked run: a new one, the checkpoint's (``state``), or the
-    one recorded in ``out`` by a run killed before its first checkpoint."""
-    tracker = make_tracker(c.tracking)  # store opened in the background; unreachable server: here
-    recorded = out / RUN_ID_FILE  # the run's id, written the moment the run exists
+             params: dict[str, str] | None, work: Any, tracker: Tracker | None,
+             sweep: tuple[str, str] | None) -> Any:
+    """``work(tracker)`` as one tracked run: a new one (nested in the ``sweep``'s parent
+    run), the checkpoint's (``state``), or the one recorded in ``out`` by a run killed
+    before its first checkpoint."""
+    tracker = tracker or make_tracker(c.tracking)  # unreachable or read-only store: here
+    recorded = out / names.RUN_ID_FILE  # the run's id, written the moment the run exists
     run_id, adopt = None, False
     if state is not None:
         run_id = state.get("run_id")
     elif recorded.is_file():
         run_id, adopt = recorded.read_text().strip(), True
     tracker.start(run_name=_run_name(c), tags=tags, run_id=run_id, record_to=recorded,
-                  adopt=adopt)
+                  adopt=adopt, sweep=sweep)
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
         say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")

@@ -33,7 +33,12 @@ from typing import Any
 
 from framework.experiment import checkpoint
 from framework.experiment.console import LOG
-from framework.experiment.tracking import TrackingError, check_reachable, resolve_uri
+from framework.experiment.tracking import (
+    TrackingError,
+    check_reachable,
+    check_writable,
+    resolve_uri,
+)
 
 
 class _WriterProcess:
@@ -106,6 +111,7 @@ class Tracker:
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         check_reachable(self.uri)
+        check_writable(self.uri)
         self.failure: str | None = None
         self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._started = self._ended = False
@@ -139,16 +145,18 @@ class Tracker:
 
     def start(self, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               run_id: str | None = None, record_to: str | Path | None = None,
-              adopt: bool = False) -> None:
+              adopt: bool = False, sweep: tuple[str, str] | None = None) -> None:
         """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING).
 
         ``record_to``: a file that receives the new run's id the moment the run exists (a
         rerun reads it back and passes ``adopt=True``: the run is resumed unless it has
         FINISHED or is gone, so a run killed before its first checkpoint leaves no orphan).
+        ``sweep``: (folder, name) of a multirun sweep: a new run is nested in the sweep's
+        parent run (``mlflow.parentRunId``), which the sweep's first run creates.
         """
         tags = {k: str(v) for k, v in (tags or {}).items()}
         self._send("start", run_name, tags, run_id, sys.argv[0],
-                   None if record_to is None else str(record_to), adopt)
+                   None if record_to is None else str(record_to), adopt, sweep)
         self._started = True
 
     @property
@@ -181,6 +189,19 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._write("call", "log_text", text, artifact_file)
 
+    def log_figure(self, fig: Any, artifact_file: str, **save_kwargs: Any) -> None:
+        """MLflow's ``log_figure`` of a matplotlib figure (pickled now, drawn by the writer)."""
+        self._write("figure", fig, artifact_file, save_kwargs)
+
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        """Log the file ``path`` as the run's input dataset ``name`` (``mlflow.log_input``)."""
+        self._write("log_input", str(path), name, context)
+
+    def fetch(self, run_id: str, artifact: str, folder: str | Path) -> str | None:
+        """Download ``artifact`` of the run ``run_id`` (of this experiment) into ``folder``
+        (before ``start``); None, or why it cannot (one line)."""
+        return self._send("fetch", run_id, artifact, str(folder), reply=True)
+
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
         """``checkpoint.save`` of ``state`` plus ``"run_id"``, by the writer once every write
@@ -196,7 +217,7 @@ class Tracker:
             return
         try:
             if self._started:
-                self._send("call", "set_terminated", status)
+                self._send("end", status)
             run_id = self._send("close", reply=True)
             self._run_id = self._run_id or run_id
         except TrackingError:
@@ -226,7 +247,8 @@ class NullTracker:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    start = log_params = log_metrics = set_tags = log_artifact = log_text = flush = end = _ignore
+    start = log_params = log_metrics = set_tags = log_artifact = log_text = log_figure = _ignore
+    log_input = flush = end = _ignore
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:

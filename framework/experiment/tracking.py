@@ -33,6 +33,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ RETRY_SECONDS = 5.0  # while the store is unavailable, how often the writer trie
 # per try instead of MLflow's default of 7 retries with backoff (minutes)
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PARENT_RUN_FILE = "mlflow_parent_run_id"  # in a sweep folder: the sweep's parent run
+SWEEP_TASK = "sweep"  # the task tag of a sweep's parent run
 
 
 class TrackingError(RuntimeError):
@@ -91,6 +94,34 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
         "tracking=disabled"
     )
+
+
+def check_writable(uri: str) -> None:
+    """Raise ``TrackingError`` when a SQLite store (its file, folder or artifact folder, or
+    the nearest existing folder above) cannot be written."""
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    nearest = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+    for path in (db, db.parent / "artifacts", nearest):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingError(
+                f"the MLflow store {db} is read-only ({path} cannot be written); make it "
+                "writable, choose another store (tracking.uri or MLFLOW_TRACKING_URI), or "
+                "run with tracking=disabled")
+
+
+def end_sweep(uri: str, folder: str | Path) -> None:
+    """End the parent run of the sweep in ``folder`` (when a job created one): FINISHED, or
+    FAILED when a nested run did not finish."""
+    record = Path(folder) / PARENT_RUN_FILE
+    if not record.is_file():
+        return
+    client, parent = _client(uri), record.read_text().strip()
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    failed = any(run.info.status != "FINISHED" for run in children)
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
 
 
 @contextlib.contextmanager
@@ -154,6 +185,7 @@ class _Writer:
         self.uri, self.experiment, self.experiment_id = "", "", ""
         self.active: str | None = None
         self.lock: filelock.FileLock | None = None
+        self.monitor: Any = None  # MLflow's system metrics monitor, when enabled
         self.failed = False  # after a failure, requests are only answered
         self.notify = notify  # (logging level, message) for the run's console
         self.pending: Path | None = None  # the output folder's PENDING_FILE (None: no folder)
@@ -166,10 +198,14 @@ class _Writer:
         self.experiment_id = prepare_experiment(uri, experiment, self.client)
 
     def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None,
-              command: str, record_to: str | None, adopt: bool) -> None:
+              command: str, record_to: str | None, adopt: bool,
+              sweep: tuple[str, str] | None = None) -> None:
         """Create a run, or resume ``run_id``; ``adopt``: resume it only if it is still
-        there, unfinished, in this experiment (else create a run)."""
+        there, unfinished, in this experiment (else create a run).  ``sweep``: (folder,
+        name) of the multirun sweep whose parent run a new run is nested in."""
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
         from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         if record_to is not None:  # a rerun in this folder waits for these writes
             self.lock = folder_lock(Path(record_to).parent)
@@ -195,6 +231,8 @@ class _Writer:
             run = None
         resumed = run is not None
         if run is None:
+            if sweep is not None:
+                tags = {**tags, MLFLOW_PARENT_RUN_ID: self._parent_run(*sweep, command)}
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags=_standard_tags(tags, command))
         elif run.info.experiment_id != self.experiment_id:
@@ -203,6 +241,12 @@ class _Writer:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.active = run.info.run_id
+        if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():  # system/* metrics, sampled here
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.active, resume_logging=resumed,
+                                                tracking_uri=self.uri)
+            self.monitor.start()
         if resumed:
             self.log_batch(tags=list(tags.items()))
             return
@@ -211,6 +255,58 @@ class _Writer:
             tmp.write_text(self.active)
             os.replace(tmp, record_to)
         self.call("log_text", _requirements(), "requirements.txt")
+
+    def _parent_run(self, folder: str, name: str, command: str) -> str:
+        """The id of the sweep's parent run, created by its first job: under a lock in the
+        sweep folder, which keeps the id, so parallel jobs (any launcher) share one."""
+        record = Path(folder) / PARENT_RUN_FILE
+        with filelock.FileLock(Path(folder) / f".{PARENT_RUN_FILE}.lock"):
+            if not record.is_file():
+                run = self.client.create_run(
+                    self.experiment_id, run_name=name,
+                    tags=_standard_tags({names.TASK_TAG: SWEEP_TASK}, command))
+                record.write_text(run.info.run_id)
+            return record.read_text().strip()
+
+    def fetch(self, run_id: str, artifact: str, folder: str) -> str | None:
+        """Download ``artifact`` of the run ``run_id`` of this experiment into ``folder``;
+        None, or why it cannot (one line)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return f"no MLflow run {run_id!r} at {self.uri}"
+        if run.info.experiment_id != self.experiment_id:
+            return (f"run {run_id} is not in experiment {self.experiment!r}; give its "
+                    "experiment as tracking.experiment")
+        try:
+            self.client.download_artifacts(run_id, artifact, folder)
+        except Exception:
+            return (f"run {run_id} has no checkpoint artifact {artifact!r} (killed before "
+                    "its first checkpoint, or run with checkpoint=off)")
+        return None
+
+    def end(self, status: str) -> None:
+        """Stop the system metrics monitor (logging its last samples), then end the run."""
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+        self.client.set_terminated(self.active, status)
+
+    def log_input(self, path: str, name: str, context: str) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local file matches two equivalent source kinds
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(path)
+        dataset = MetaDataset(source, name=name)._to_mlflow_entity()
+        self.client.log_inputs(self.active,
+              [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def figure(self, fig: Any, artifact_file: str, save_kwargs: dict[str, Any]) -> None:
+        self.client.log_figure(self.active, fig, artifact_file, save_kwargs=save_kwargs)
 
     def flush(self) -> str | None:
         """Nothing to do (the requests run in order); the run's id."""
@@ -222,6 +318,8 @@ class _Writer:
         if self.waiting:
             self.notify(logging.WARNING, f"{self.waiting} writes buffered in {self.pending}; "
                         "they will be sent by the next run in this folder")
+        if self.monitor is not None:  # a run that failed before ``end``
+            self.monitor.finish()
         if self.lock is not None:
             self.lock.release()
         return self.active
@@ -230,6 +328,7 @@ class _Writer:
         if metrics:
             self.log_batch(metrics)
         checkpoint.save(path, {**state, "run_id": self.active})
+        self.call("log_artifact", path)  # after the metrics before it: resumable elsewhere
 
     def log_batch(self, metrics=(), params=(), tags=()) -> None:
         """``log_batch`` of (key, value, timestamp, step), (key, value) and (key, value)
@@ -461,8 +560,9 @@ def read_runs(
     sweep_id: str | None = None,
     history_keys: Iterable[str] | None = None,
 ) -> list[RunRecord]:
-    """Runs of ``experiment`` (optionally only those tagged with ``sweep_id``), oldest first,
-    with the step histories of ``history_keys`` (all metrics when None)."""
+    """Runs of ``experiment`` (optionally only those of one sweep: the nested runs of the
+    parent run with id or name ``sweep_id``, else the runs tagged with it), oldest first, with
+    the step histories of ``history_keys`` (all metrics when None); parent runs left out."""
     uri = resolve_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading never creates a store
@@ -472,12 +572,16 @@ def read_runs(
     exp_id = _experiment_id(client, uri, experiment)
     if exp_id is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
-    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+    flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""  # a parent's name
+    if sweep_id and sweep_id in _sweep_parents(client, exp_id, sweep_id):  # a parent's id
+        flt = f"tags.`mlflow.parentRunId` = '{sweep_id}'"
     runs = client.search_runs([exp_id], filter_string=flt,
                               order_by=["attributes.start_time ASC"], max_results=5000)
     records = []
     for run in runs:
         info, data = run.info, run.data
+        if data.tags.get(names.TASK_TAG) == SWEEP_TASK:
+            continue
         keys = [k for k in (data.metrics if history_keys is None else history_keys)
                 if k in data.metrics]
         history = {
@@ -494,6 +598,28 @@ def read_runs(
             history=history,
         ))
     return records
+
+
+def _sweep_parents(client: Any, experiment_id: str, sweep: str) -> list[str]:
+    """The ids of the parent runs with id or name ``sweep`` (the name is the sweep's
+    ``hyperkrylov.sweep_id`` tag, which several multiruns may share), newest first."""
+    parents = client.search_runs([experiment_id],
+                                 filter_string=f"tags.`{names.TASK_TAG}` = '{SWEEP_TASK}'",
+                                 order_by=["attributes.start_time DESC"])
+    return [run.info.run_id for run in parents if sweep in (run.info.run_id, run.info.run_name)]
+
+
+def log_to_sweep(uri: str | None, experiment: str, sweep: str,
+                 paths: Iterable[str | Path]) -> str | None:
+    """Log the files ``paths`` (the compare figures) to the newest parent run of ``sweep``;
+    its id, None when there is none (single runs grouped by ``tracking.sweep_id``)."""
+    uri = resolve_uri(uri)
+    client = _client(uri)
+    parents = _sweep_parents(client, _experiment_id(client, uri, experiment) or "", sweep)
+    parent = parents[0] if parents else None
+    for path in paths if parent else ():
+        client.log_artifact(parent, str(path), "compare")
+    return parent
 
 
 def percent_saved(mine: float, reference: float) -> float:

@@ -96,7 +96,7 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
 
 
 # Keys that may change between a run and its resumption (length, bookkeeping, display).
-_RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress")
+_RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress", "resume_from")
 
 
 def resume_identity(c: Config) -> dict[str, str]:
@@ -333,7 +333,7 @@ def _log_figures(
     history: list[dict[str, float]],
     per_sample: list[list[float]],
 ) -> None:
-    """Write the run's figures to ``<out>/figures`` and log them as artifacts; the
+    """Write the run's figures to ``<out>/figures`` and log them (``log_figure``); the
     reconstruction is the engine's lower-level solution (``solver.lower``) of sample 0."""
     counts = [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
                                             names.BASELINE_KRYLOV_ITERATIONS)]
@@ -353,4 +353,5 @@ def _log_figures(
         (psnr(p.y, p.x_true), psnr(x, p.x_true)),
     )
     for name, fig in figures.items():
-        tracker.log_artifact(plots.save(fig, out / "figures" / name), "figures")
+        plots.save(fig, out / "figures" / name)  # closed: pickled without pyplot's state
+        tracker.log_figure(fig, f"figures/{name}", **plots.SAVE_KWARGS)
