@@ -12,6 +12,7 @@ per-sample count are identical.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -106,27 +107,33 @@ class _KillsAWorker(cluster.DaskEngine):
 
 def test_killed_worker_restored_from_checkpoint(tmp_path: Path, monkeypatch) -> None:
     """Step 5 of 10 (index 4) loses a worker; its shard is re-created from the checkpoint
-    of step 4, which is exactly the state it had, so the run follows the fault-free one."""
-    args = (*QUADRATIC, "cluster=dask_local", "cluster.workers=2", "checkpoint.every=2")
+    of step 4, which is exactly the state it had, so the run follows the fault-free one
+    (the in-process run, which a fault-free Dask run equals: the tests above)."""
+    args = (*QUADRATIC, "checkpoint.every=2")
     clean = _run(tmp_path, "clean", *args)
     monkeypatch.setattr(runner, "DaskEngine", _KillsAWorker)
-    faulty = _run(tmp_path, "faulty", *args)
+    faulty = _run(tmp_path, "faulty", *args, "cluster=dask_local", "cluster.workers=2")
     lost = [h[names.WORKERS_LOST] for h in faulty[1]["history"]]
     assert lost == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
     assert faulty[1]["history"][4][names.COLD_STARTED] == 0
     _assert_same_path(clean, faulty, atol=1e-12)
 
 
-def test_killed_worker_cold_started_without_checkpoint(tmp_path: Path, monkeypatch) -> None:
+def test_killed_worker_cold_started_without_checkpoint(tmp_path: Path, monkeypatch,
+                                                       caplog) -> None:
     """Without a checkpoint the lost shard restarts cold.  With the lower level solved to
     gtol 1e-10 and the Hessian systems to rtol 1e-10, a warm and a cold start reach the
     same x* and w to about κ·1e-10 (κ ≤ 1e2 for these samples), so θ follows the
     fault-free run to 1e-8; the counts of the cold-started samples differ."""
-    args = (*QUADRATIC, "cluster=dask_local", "cluster.workers=2", "checkpoint=off",
-            "solver.lower.gtol=1e-10", "stop.rtol=1e-10")
+    args = (*QUADRATIC, "checkpoint=off", "solver.lower.gtol=1e-10", "stop.rtol=1e-10")
     clean = run(_compose(*args), output_dir=tmp_path / "clean")
     monkeypatch.setattr(runner, "DaskEngine", _KillsAWorker)
-    faulty = run(_compose(*args), output_dir=tmp_path / "faulty")
+    with caplog.at_level(logging.INFO, logger="hyperkrylov"):
+        faulty = run(_compose(*args, "cluster=dask_local", "cluster.workers=2"),
+                     output_dir=tmp_path / "faulty")
+    assert [r.message for r in caplog.records if "worker was lost" in r.message] == [
+        "a Dask worker was lost: shard 1 (samples [1, 3, 5]) re-created cold (no checkpoint "
+        "yet); its part of the step is recomputed"]
     np.testing.assert_allclose(faulty.theta, clean.theta, rtol=0, atol=1e-8)
     assert faulty.cumulative[names.BATCH_SIZE] == clean.cumulative[names.BATCH_SIZE]
 

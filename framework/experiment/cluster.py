@@ -42,7 +42,7 @@ from framework.experiment.console import say
 from framework.experiment.engine_setup import make_engine
 from problems.factory import ProblemSet, build_problems
 
-CONNECT_SECONDS = 10  # dask_address: how long a scheduler may take to answer
+CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
 
 
 @contextmanager
@@ -184,8 +184,11 @@ class DaskEngine:
         return self.client.submit(ShardEngine, self.cfg, self.shards[k], samples, actor=True,
                                   workers=None if worker is None else [worker], pure=False)
 
-    def _replace(self, k: int) -> None:
-        """Re-create shard k on a live worker from the last checkpoint, or cold."""
+    def _replace(self, k: int, exc: Exception) -> None:
+        """Re-create shard k on a live worker from the last checkpoint, or cold, when
+        ``exc`` says its worker was lost; else re-raise ``exc`` (the engine's own error)."""
+        if not (isinstance(exc, OSError) or self.futures[k].status != "finished"):
+            raise exc
         shard = self.shards[k]
         samples = None if self.saved is None else [self.saved[i] for i in shard]
         self.futures[k] = self._submit(k, samples)
@@ -199,17 +202,22 @@ class DaskEngine:
     def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
         """``method(*args)`` on the actor of each shard k of ``parts`` (k → args), in
         parallel; a shard whose worker was lost is re-created and its call repeated."""
-        calls = {k: getattr(self.actors[k], method)(*args) for k, args in parts.items()}
+        calls = {k: self._send(k, method, args) for k, args in parts.items()}
         out = {}
         for k, call in calls.items():
             try:
                 out[k] = call.result()
             except Exception as exc:
-                if not (isinstance(exc, OSError) or self.futures[k].status != "finished"):
-                    raise  # the engine's own error (NonFiniteError, ...)
-                self._replace(k)
+                self._replace(k, exc)
                 out[k] = getattr(self.actors[k], method)(*parts[k]).result()
         return out
+
+    def _send(self, k: int, method: str, args: tuple) -> Any:
+        try:
+            return getattr(self.actors[k], method)(*args)
+        except Exception as exc:  # the actor's worker was lost before this call
+            self._replace(k, exc)
+            return getattr(self.actors[k], method)(*args)
 
     def _split(self, theta: Any, indices: Sequence[int]) -> dict[int, tuple]:
         host = self.backend.to_numpy(theta)
