@@ -24,9 +24,10 @@ import psutil
 import pytest
 from hydra import compose, initialize_config_module
 
-from framework.experiment import checkpoint, cluster, names, runner
+from framework.experiment import checkpoint, cluster, compare, names, runner
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
+from framework.experiment.tracking import RunRecord
 
 QUADRATIC = ("problem=quadratic", "problem.num_samples=6", "outer.batch_size=4",
              "outer.steps=10")
@@ -174,3 +175,14 @@ def test_dask_cuda_missing_is_a_config_error() -> None:
                 pass
     else:
         pytest.skip("dask_cuda is installed; its cluster needs NVIDIA GPUs")
+
+
+def test_compare_shows_the_mean_imbalance() -> None:
+    history = {names.WORKER_IMBALANCE: ((0, 1.5), (1, 1.1)), names.UPPER_LOSS: ((0, 1), (1, 1))}
+    dask = RunRecord("a", "dask", "FINISHED", 0.0, 1.0, {}, {}, {}, history)
+    local = RunRecord("b", "local", "FINISHED", 0.0, 1.0, {}, {}, {}, {})
+    rows = compare.rows_from_records([dask, local])
+    assert rows[0].imbalance == pytest.approx(1.3) and np.isnan(rows[1].imbalance)
+    table = compare.format_table(rows).splitlines()
+    assert table[0].rstrip(" |").endswith("imbalance")
+    assert table[2].rstrip(" |").endswith("1.30") and table[3].rstrip(" |").endswith("-")
