@@ -7,7 +7,9 @@ order of a sum of B rows (a few ulps of the largest row); Adam turns that into �
 of the same relative size per step, far below 1e-12 over 10 steps.  Every per-sample
 solve runs on the same samples from the same state (the engine's "batch = each alone"
 property), so the losses, which are added up in index order as in process, and every
-per-sample count are identical.
+per-sample count are identical — with one exception by design: a batch in which some
+samples have a warm start and others none applies H to the zero rows of the latter (one
+counted application each), which a worker whose part holds only cold samples does not.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from framework.experiment.tracking import RunRecord
 
 QUADRATIC = ("problem=quadratic", "problem.num_samples=6", "outer.batch_size=4",
              "outer.steps=10")
-MNIST = ("problem.num_samples=16", "problem.num_filters=4", "outer.steps=10")
+MNIST = ("problem.num_samples=16", "outer.batch_size=16", "problem.num_filters=4",
+         "outer.steps=10")
 # per-step counts of one sample's solves (sums over the batch); passes are per worker
 SAMPLE_COUNTS = ("krylov_iterations", "lower_iterations", "hvp", "jac_t",
                  "operator_applications", "baseline_krylov_iterations", "baseline_hvp",
@@ -49,12 +52,12 @@ def _run(tmp_path: Path, name: str, *overrides: str):
     return summary, checkpoint.load(summary.checkpoint_path)
 
 
-def _assert_same_path(local, dask, *, atol: float) -> None:
-    """θ to ``atol``; losses and per-sample counts of every step identical."""
+def _assert_same_path(local, dask, *, atol: float, loss_rtol: float = 0.0) -> None:
+    """θ to ``atol``, losses of every step to ``loss_rtol``, per-sample counts identical."""
     (a, a_state), (b, b_state) = local, dask
     np.testing.assert_allclose(b.theta, a.theta, rtol=0, atol=atol)
     for at, bt in zip(a_state["history"], b_state["history"], strict=True):
-        assert bt[names.UPPER_LOSS] == at[names.UPPER_LOSS]
+        assert bt[names.UPPER_LOSS] == pytest.approx(at[names.UPPER_LOSS], rel=loss_rtol, abs=0)
         assert {k: bt.get(k) for k in SAMPLE_COUNTS} == {k: at.get(k) for k in SAMPLE_COUNTS}
     np.testing.assert_array_equal(b_state["per_sample"], a_state["per_sample"])
 
@@ -80,11 +83,19 @@ def test_dask_local_equals_in_process_quadratic(tmp_path: Path, recycle: str) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("recycle", ["ritz", "none"])
 def test_dask_local_equals_in_process_mnist_b16(tmp_path: Path, recycle: str) -> None:
+    """The FoE run is far more sensitive to rounding than the quadratic one: Adam scales
+    each θ component by its own gradient history and the lower level is solved to gtol
+    1e-6 with iteration counts fixed, so rounding-size changes grow ~1e5-fold in the
+    first steps (measured: θ₀ scaled by 1 + 4e-16 moves θ by 2.5e-11 after 2 steps and
+    3.2e-11 after 10).  The first hypergradients agree to 4e-16 relative and every
+    per-sample loss exactly; the θ path to 1e-9 (θ is O(0.1–1)), losses to 1e-9 relative,
+    counts identical."""
     args = (*MNIST, f"recycle={recycle}")
     local = _run(tmp_path, "local", *args)
     dask = _run(tmp_path, "dask", *args, "cluster=dask_local", "cluster.workers=2")
     assert _spread(local[1])
-    _assert_same_path(local, dask, atol=1e-12)
+    assert dask[1]["history"][0][names.UPPER_LOSS] == local[1]["history"][0][names.UPPER_LOSS]
+    _assert_same_path(local, dask, atol=1e-9, loss_rtol=1e-9)
 
 
 class _KillsAWorker(cluster.DaskEngine):
