@@ -39,7 +39,7 @@ FIGURE_PANELS = (  # (title, metric key, y scale) of the comparison figure's 2×
     ("hypergradient error estimate", names.HG_ERROR_ESTIMATE, "log"),
     ("upper loss", names.UPPER_LOSS, "log"),
 )
-HISTORY_KEYS = tuple(key for _, key, _ in FIGURE_PANELS)
+HISTORY_KEYS = (*(key for _, key, _ in FIGURE_PANELS), names.WORKER_IMBALANCE)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class ComparisonRow:
     mean_hg_error: float
     solve_time: float
     wall_time: float
+    imbalance: float = math.nan  # Dask runs: mean over steps of slowest/mean worker seconds
 
 
 def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
@@ -79,6 +80,7 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
         else:
             savings, ref = math.nan, "-"
         errors = [v for _, v in r.history.get(names.HG_ERROR_ESTIMATE, ()) if math.isfinite(v)]
+        imbalance = [v for _, v in r.history.get(names.WORKER_IMBALANCE, ())]
         steps = len(r.history.get(names.UPPER_LOSS, ()))
         hvp, jac_t, batch, shadow_hvp = (r.metric(names.cumulative(key)) for key in (
             names.HVP, names.JAC_T, names.BATCH_SIZE, names.BASELINE_HVP))
@@ -100,6 +102,7 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
                 mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
                 solve_time=r.metric(names.cumulative(names.STEP_TIME)),
                 wall_time=r.end_time - r.start_time if r.start_time and r.end_time else math.nan,
+                imbalance=sum(imbalance) / len(imbalance) if imbalance else math.nan,
             )
         )
     return rows
@@ -109,7 +112,7 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
     """A Markdown table of ``rows``."""
     header = (
         "run", "strategy", "dim", "steps", "Krylov its", "op. applications", "its saved %",
-        "apps saved %", "vs", "mean HG err", "solve s", "wall s",
+        "apps saved %", "vs", "mean HG err", "solve s", "wall s", "imbalance",
     )
     return markdown_table(header, [
         (
@@ -117,6 +120,7 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
             fmt(r.applications, ".0f"), fmt(r.savings_percent, ".1f"),
             fmt(r.application_savings_percent, ".1f"), r.savings_reference,
             fmt(r.mean_hg_error, ".3g"), fmt(r.solve_time, ".1f"), fmt(r.wall_time, ".1f"),
+            fmt(r.imbalance, ".2f"),
         )
         for r in rows
     ])

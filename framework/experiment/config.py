@@ -41,6 +41,7 @@ Regularizer = Choice("Regularizer", "foe tv none")
 FilterInit = Choice("FilterInit", "dct gaussian")
 DType = Choice("DType", "float32 float64")
 Baseline = Choice("Baseline", "none shadow")
+ClusterName = Choice("ClusterName", "local dask_local dask_address dask_cuda")
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where a run's engine evaluates its samples (``framework.experiment.cluster``):
+    ``local`` in this process; the Dask options shard the samples over ``workers``
+    processes of this machine (``dask_local``), the workers of the scheduler at
+    ``address`` (``dask_address``; the run waits for ``workers`` of them, null: one) or one
+    worker per visible GPU (``dask_cuda``)."""
+
+    name: ClusterName = ClusterName.local
+    workers: int | None = None
+    address: str | None = None
+
+
+@dataclass
 class SequenceConfig:
     """``task=record`` records the systems of ``samples`` to ``filename``; ``task=resolve``
     re-solves recorded ``sample`` (None: the first) of ``path`` against references from
@@ -178,6 +192,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     task: Task = Task.train
@@ -193,8 +208,8 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
-    stop.keep outer.lr outer.steps outer.batch_size outer.eps sequence.reference_rtol
-    evaluate.num_samples""".split()
+    stop.keep cluster.workers outer.lr outer.steps outer.batch_size outer.eps
+    sequence.reference_rtol evaluate.num_samples""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
     stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
 
@@ -289,6 +304,17 @@ def _validate_task(c: Config) -> None:
         _check(c.evaluate.tv_grid, "evaluate.tv_grid", "give at least one log10 TV weight")
 
 
+def _validate_cluster(c: Config) -> None:
+    if c.cluster.name == ClusterName.local:
+        return
+    _check(c.task == Task.train, "cluster.name", f"{c.cluster.name} runs task=train only; "
+           f"use cluster=local for task={c.task}")
+    _check(c.cluster.name != ClusterName.dask_address or c.cluster.address, "cluster.address",
+           "required for dask_address; give cluster.address=tcp://<scheduler host>:8786")
+    _check(c.cluster.name != ClusterName.dask_cuda or c.backend.name == "cupy", "backend.name",
+           f"cluster=dask_cuda runs the CuPy backend; add backend=cupy (got {c.backend.name})")
+
+
 def validate(cfg: DictConfig | Config) -> Config:
     """Return ``cfg`` as a typed ``Config`` or raise ``ConfigError`` naming the bad key.
     The checks run before the typed config is built, so the library dataclasses
@@ -330,6 +356,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
     _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
+    _validate_cluster(c)
     _check(c.tracking.experiment, "tracking.experiment", "must be a non-empty name")
     _check(not c.resume_from or (c.tracking.enabled and c.task in (Task.train, Task.record)),
            "resume_from", "resumes task=train or record from an MLflow run's checkpoint; "

@@ -35,6 +35,9 @@ HG_ERROR_ESTIMATE = "hg_error_estimate"
 HVP, JAC_T, BASELINE_HVP = "hvp", "jac_t", "baseline_hvp"
 STEP_TIME, BATCH_SIZE = "step_time", "batch_size"
 OUTER_STEP_SIZE, OUTER_BACKTRACKS = "outer_step_size", "outer_backtracks"
+# a Dask run's steps (framework.experiment.cluster): slowest worker's seconds over the mean,
+# workers lost and samples cold-started (their shard re-created without a checkpoint)
+WORKER_IMBALANCE, WORKERS_LOST, COLD_STARTED = "worker_imbalance", "workers_lost", "cold_started"
 # Step metrics that are counts: their running sums are logged as cumulative(key).
 TRAIN_COUNTS = (KRYLOV_ITERATIONS, "lower_iterations", HVP, "hvp_passes", JAC_T,
                 "jac_t_passes", OPERATOR_APPLICATIONS, "operator_passes",

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from backends import BackendUnavailableError, get_backend
 from backends.threads import choose_num_threads, limited_threads
 from framework.experiment import checkpoint, names, resolve
+from framework.experiment.cluster import DaskEngine, cluster_client
 from framework.experiment.config import (
     Config,
     ConfigError,
@@ -132,7 +133,10 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         params = None if params is None else {**params, **run_params}
         sweep = None if sweep_dir is None else (sweep_dir, tags[names.SWEEP_TAG])
-        return _tracked(c, out, tags, state, params, work, tracker, sweep)
+        with cluster_client(c.cluster) as client:  # started (or reached) before the run
+            if client is not None and engine_factory is None:
+                work = partial(work, engine_factory=partial(DaskEngine, client))
+            return _tracked(c, out, tags, state, params, work, tracker, sweep)
 
 
 def _fetch_checkpoint(c: Config, out: Path) -> Tracker:

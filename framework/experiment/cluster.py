@@ -1,0 +1,292 @@
+"""Data-parallel hypergradients on Dask: the samples are sharded over the workers of a
+cluster, each worker holding a ``BilevelEngine`` over its shard with the shard's state.
+
+A mini-batch hypergradient is a sum over samples and each sample's warm starts and
+recycle carry stay with the worker that solves it, so the unit of distribution is a shard
+of samples with its state (a Dask actor, ``ShardEngine``), never a task.  Per outer step
+the driver (``DaskEngine``) sends θ and each shard's part of the mini-batch; each worker
+runs the batched engine on its part and sends back its mean loss and hypergradient with
+the per-sample records, counts and its seconds.  The driver adds them up in shard order,
+so a run is deterministic: the loss is the in-process engine's exactly (per-sample losses
+added in index order), the hypergradient equals it to rounding (partial sums added in
+another order), and every per-sample count is the same.
+
+When a worker is lost (the call raises ``OSError`` or its actor's future is no longer
+finished) its shard is re-created on a live worker from the per-sample state of the last
+checkpoint (gathered by ``state_dict``), or cold-started when there is none, the lost part
+of the step is recomputed, and the step's metrics ``workers_lost``/``cold_started_samples``
+and one log line record it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, replace
+from typing import Any
+
+import numpy as np
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from backends import get_backend, tune_cpu_allocator
+from backends.counting import Counts
+from backends.threads import choose_num_threads
+from framework.bilevel.records import PhaseTimes, StepResult
+from framework.experiment import names
+from framework.experiment.config import BackendName, ClusterConfig, ClusterName, Config, ConfigError
+from framework.experiment.console import say
+from framework.experiment.engine_setup import make_engine
+from problems.factory import ProblemSet, build_problems
+
+CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
+
+
+@contextmanager
+def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
+    """A Dask client of the cluster ``c`` (None for ``local``), closed (with a cluster it
+    started) on exit.  A missing ``dask_cuda`` or a scheduler that does not answer is a
+    ``ConfigError`` before any work."""
+    if c.name == ClusterName.local:
+        yield None
+        return
+    if c.name == ClusterName.dask_address:
+        try:
+            client = Client(c.address, timeout=CONNECT_SECONDS)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
+                              f"({type(exc).__name__}); start one (`dask scheduler`) or fix "
+                              "the address") from exc
+        cluster = None
+    else:
+        if c.name == ClusterName.dask_cuda:
+            try:
+                cuda = importlib.import_module("dask_cuda")  # optional: GPU nodes only
+            except ImportError as exc:
+                raise ConfigError("cluster.name: dask_cuda is not installed; pip install "
+                                  "dask-cuda (on a node with NVIDIA GPUs)") from exc
+            cluster = cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)
+        else:  # one thread per worker; ShardEngine limits its BLAS threads
+            cluster = LocalCluster(n_workers=c.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+        client = Client(cluster)
+    try:
+        client.wait_for_workers(c.workers or 1)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class ShardEngine:
+    """A Dask actor: the engine over samples ``shard`` of the run ``cfg`` (built on the
+    worker, on the worker's backend), with their per-sample state ``samples`` (a
+    checkpoint's entries) or cold."""
+
+    def __init__(self, cfg: Config, shard: Sequence[int], samples: list[dict] | None) -> None:
+        limit = choose_num_threads(cfg.backend.name, cfg.backend.num_threads)
+        if limit is not None:
+            threadpool_limits(limits=limit)  # for the worker process's life
+        backend = get_backend(cfg.backend.name, dtype=cfg.backend.dtype,
+                              device=cfg.backend.device)
+        if backend.name == BackendName.numpy:
+            tune_cpu_allocator()
+        problem_set = build_problems(cfg.problem, backend, cfg.seed)
+        mine = replace(problem_set, problems=tuple(problem_set.problems[i] for i in shard))
+        self.backend, self.engine = backend, make_engine(mine, cfg, backend)
+        self.local = {i: j for j, i in enumerate(shard)}
+        if samples is not None:
+            self.engine.load_state_dict({"samples": samples})
+
+    def evaluate(self, theta: np.ndarray, indices: list[int]) -> tuple[StepResult, float]:
+        """The engine's result for samples ``indices`` (θ and the gradient as host NumPy)
+        and the seconds it took."""
+        t0 = time.perf_counter()
+        result = self.engine.evaluate(self.backend.asarray(theta), self._local(indices))
+        seconds = time.perf_counter() - t0
+        return replace(result, grad=self.backend.to_numpy(result.grad), indices=indices), seconds
+
+    def loss(self, theta: np.ndarray, indices: list[int]) -> float:
+        return self.engine.loss(self.backend.asarray(theta), self._local(indices))
+
+    def lower_solutions(self, theta: np.ndarray, indices: list[int]) -> np.ndarray:
+        X = self.engine.lower_solutions(self.backend.asarray(theta), self._local(indices))
+        return self.backend.to_numpy(X)
+
+    def state(self) -> list[dict]:
+        return self.engine.state_dict()["samples"]
+
+    def load_state(self, samples: list[dict]) -> None:
+        self.engine.load_state_dict({"samples": samples})
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _local(self, indices: list[int]) -> list[int]:
+        return [self.local[i] for i in indices]
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """One shard's part of a step: its samples, Krylov iterations and seconds."""
+
+    samples: int
+    krylov_iterations: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ClusterStepResult(StepResult):
+    """A step's result added up over the shards (``StepResult``: passes and host syncs
+    summed over the workers, phase times the slowest worker's), with each shard's figures
+    and the workers lost (samples cold-started) during the step."""
+
+    workers: tuple[WorkerFigures, ...] = ()
+    workers_lost: int = 0
+    cold_started: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        times = [w.seconds for w in self.workers]
+        for k, w in enumerate(self.workers):
+            out[f"worker_{k}_time"] = w.seconds
+            out[f"worker_{k}_samples"] = float(w.samples)
+            out[f"worker_{k}_krylov_iterations"] = float(w.krylov_iterations)
+        out[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
+        out[names.WORKERS_LOST] = float(self.workers_lost)
+        out[names.COLD_STARTED] = float(self.cold_started)
+        return out
+
+
+class DaskEngine:
+    """The engine interface ``train`` uses (``evaluate``, ``loss``, ``lower_solutions``,
+    ``state_dict``/``load_state_dict``) over ``ShardEngine`` actors on the workers of
+    ``client``: sample i belongs to shard i mod (number of workers), one shard per worker."""
+
+    def __init__(self, client: Client, problem_set: ProblemSet, cfg: Config,
+                 backend: Any) -> None:
+        self.client, self.cfg, self.backend = client, cfg, backend
+        self.theta_shape = problem_set.theta0.shape
+        workers = sorted(client.scheduler_info()["workers"])
+        count = len(problem_set)
+        width = min(len(workers), count)
+        self.shards = [tuple(range(k, count, width)) for k in range(width)]
+        self.saved: list[dict] | None = None  # per-sample state of the last checkpoint
+        self.lost, self.cold = 0, 0  # during the current step
+        self.futures = [self._submit(k, None, workers[k]) for k in range(width)]
+        self.actors = [f.result() for f in self.futures]
+
+    def _submit(self, k: int, samples: list[dict] | None, worker: str | None = None) -> Any:
+        return self.client.submit(ShardEngine, self.cfg, self.shards[k], samples, actor=True,
+                                  workers=None if worker is None else [worker], pure=False)
+
+    def _replace(self, k: int, exc: Exception) -> None:
+        """Re-create shard k on a live worker from the last checkpoint, or cold, when
+        ``exc`` says its worker was lost; else re-raise ``exc`` (the engine's own error)."""
+        if not (isinstance(exc, OSError) or self.futures[k].status != "finished"):
+            raise exc
+        shard = self.shards[k]
+        samples = None if self.saved is None else [self.saved[i] for i in shard]
+        self.futures[k] = self._submit(k, samples)
+        self.actors[k] = self.futures[k].result()
+        self.lost += 1
+        self.cold += len(shard) if samples is None else 0
+        say(f"a Dask worker was lost: shard {k} (samples {list(shard)}) re-created "
+            + ("cold (no checkpoint yet)" if samples is None else
+               "from the last checkpoint's state") + "; its part of the step is recomputed")
+
+    def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
+        """``method(*args)`` on the actor of each shard k of ``parts`` (k → args), in
+        parallel; a shard whose worker was lost is re-created and its call repeated."""
+        calls = {k: self._send(k, method, args) for k, args in parts.items()}
+        out = {}
+        for k, call in calls.items():
+            try:
+                out[k] = call.result()
+            except Exception as exc:
+                self._replace(k, exc)
+                out[k] = getattr(self.actors[k], method)(*parts[k]).result()
+        return out
+
+    def _send(self, k: int, method: str, args: tuple) -> Any:
+        try:
+            return getattr(self.actors[k], method)(*args)
+        except Exception as exc:  # the actor's worker was lost before this call
+            self._replace(k, exc)
+            return getattr(self.actors[k], method)(*args)
+
+    def _split(self, theta: Any, indices: Sequence[int]) -> dict[int, tuple]:
+        host = self.backend.to_numpy(theta)
+        width = len(self.shards)
+        return {k: (host, part) for k in range(width)
+                if (part := [int(i) for i in indices if i % width == k])}
+
+    def evaluate(self, theta: Any, indices: Sequence[int]) -> ClusterStepResult:
+        """The mini-batch ``indices`` at θ, each shard's part on its worker."""
+        self.lost, self.cold = 0, 0
+        parts = self._split(theta, indices)
+        done = self._call("evaluate", parts)
+        by_sample = {i: rec for res, _ in done.values()
+                     for i, rec in zip(res.indices, res.samples, strict=True)}
+        samples = tuple(by_sample[i] for i in indices)
+        B = len(indices)
+        grad = sum(res.grad * len(res.indices) for res, _ in (done[k] for k in sorted(done)))
+        results = [res for res, _ in done.values()]
+        figures = tuple(
+            WorkerFigures(0, 0, 0.0) if k not in done else WorkerFigures(
+                len(done[k][0].indices), sum(r.krylov_iterations for r in done[k][0].samples),
+                done[k][1])
+            for k in range(len(self.shards)))
+        return ClusterStepResult(
+            float(sum(r.upper_loss for r in samples)) / B,
+            self.backend.asarray(np.reshape(grad / B, self.theta_shape)), tuple(indices),
+            samples, counts=_total(r.counts for r in results),
+            lower_counts=_total(r.lower_counts for r in results),
+            times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
+            host_syncs=sum(r.host_syncs for r in results), workers=figures,
+            workers_lost=self.lost, cold_started=self.cold)
+
+    def loss(self, theta: Any, indices: Sequence[int]) -> float:
+        """The mean upper loss of ``indices`` at θ (states unchanged)."""
+        parts = self._split(theta, indices)
+        done = self._call("loss", parts)
+        return sum(done[k] * len(parts[k][1]) for k in sorted(done)) / len(indices)
+
+    def lower_solutions(self, theta: Any, indices: Sequence[int]) -> Any:
+        """x*(θ) of ``indices`` as rows (B, n), warm-started from the states."""
+        parts = self._split(theta, indices)
+        done = self._call("lower_solutions", parts)
+        rows = {i: X[j] for k, X in done.items() for j, i in enumerate(parts[k][1])}
+        return self.backend.asarray(np.stack([rows[int(i)] for i in indices]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every sample's state, gathered from the workers (the state a lost shard is
+        re-created from)."""
+        done = self._call("state", {k: () for k in range(len(self.shards))})
+        samples = {i: s for k, shard in enumerate(self.shards)
+                   for i, s in zip(shard, done[k], strict=True)}
+        self.saved = [samples[i] for i in range(len(samples))]
+        return {"samples": self.saved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Scatter a checkpoint's per-sample state to the shards."""
+        samples = state["samples"]
+        count = sum(len(s) for s in self.shards)
+        if len(samples) != count:
+            raise ValueError(f"checkpoint holds {len(samples)} samples, the engine has {count}")
+        self.saved = list(samples)
+        self._call("load_state", {k: ([samples[i] for i in shard],)
+                                  for k, shard in enumerate(self.shards)})
+
+    def worker_pids(self) -> list[int]:
+        """The process id of each shard's worker."""
+        done = self._call("pid", {k: () for k in range(len(self.shards))})
+        return [done[k] for k in range(len(self.shards))]
+
+
+def _total(counts: Iterator[Counts]) -> Counts:
+    return Counts(*np.sum([astuple(c) for c in counts], axis=0).tolist())

@@ -1,0 +1,199 @@
+"""Data-parallel runs on Dask (``cluster=dask_local``: a LocalCluster of worker processes)
+against the in-process engine, and a worker killed mid-run.
+
+Tolerances: the shards return their mean hypergradient, which the driver scales back and
+adds up in shard order, so the hypergradient differs from the in-process one only by the
+order of a sum of B rows (a few ulps of the largest row); Adam turns that into θ changes
+of the same relative size per step, far below 1e-12 over 10 steps.  Every per-sample
+solve runs on the same samples from the same state (the engine's "batch = each alone"
+property), so the losses, which are added up in index order as in process, and every
+per-sample count are identical — with one exception by design: a batch in which some
+samples have a warm start and others none applies H to the zero rows of the latter (one
+counted application each), which a worker whose part holds only cold samples does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from hydra import compose, initialize_config_module
+
+from framework.experiment import checkpoint, cluster, compare, names, runner
+from framework.experiment.config import ConfigError, validate
+from framework.experiment.runner import run
+from framework.experiment.tracking import RunRecord
+
+QUADRATIC = ("problem=quadratic", "problem.num_samples=6", "outer.batch_size=4",
+             "outer.steps=10")
+MNIST = ("problem.num_samples=16", "outer.batch_size=16", "problem.num_filters=4",
+         "outer.steps=10")
+# per-step counts of one sample's solves (sums over the batch); passes are per worker
+SAMPLE_COUNTS = ("krylov_iterations", "lower_iterations", "hvp", "jac_t",
+                 "operator_applications", "baseline_krylov_iterations", "baseline_hvp",
+                 "batch_size")
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config",
+                       overrides=[*overrides, "tracking=disabled", "progress=false"])
+
+
+def _run(tmp_path: Path, name: str, *overrides: str):
+    summary = run(_compose(*overrides), output_dir=tmp_path / name)
+    return summary, checkpoint.load(summary.checkpoint_path)
+
+
+def _assert_same_path(local, dask, *, atol: float, loss_rtol: float = 0.0) -> None:
+    """θ to ``atol``, losses of every step to ``loss_rtol``, per-sample counts identical."""
+    (a, a_state), (b, b_state) = local, dask
+    np.testing.assert_allclose(b.theta, a.theta, rtol=0, atol=atol)
+    for at, bt in zip(a_state["history"], b_state["history"], strict=True):
+        assert bt[names.UPPER_LOSS] == pytest.approx(at[names.UPPER_LOSS], rel=loss_rtol, abs=0)
+        assert {k: bt.get(k) for k in SAMPLE_COUNTS} == {k: at.get(k) for k in SAMPLE_COUNTS}
+    np.testing.assert_array_equal(b_state["per_sample"], a_state["per_sample"])
+
+
+def _spread(state) -> bool:
+    """Whether the samples of a step needed different Krylov iteration counts."""
+    table = np.asarray(state["per_sample"])
+    return any(len(set(table[table[:, 0] == s, 2])) > 1 for s in set(table[:, 0]))
+
+
+@pytest.mark.parametrize("recycle", ["ritz", "none"])
+def test_dask_local_equals_in_process_quadratic(tmp_path: Path, recycle: str) -> None:
+    args = (*QUADRATIC, f"recycle={recycle}")
+    local = _run(tmp_path, "local", *args)
+    dask = _run(tmp_path, "dask", *args, "cluster=dask_local", "cluster.workers=2")
+    assert _spread(local[1])  # samples converge at different speeds
+    _assert_same_path(local, dask, atol=1e-12)
+    last = dask[1]["history"][-1]
+    assert last["worker_0_samples"] + last["worker_1_samples"] == 4
+    assert last[names.WORKER_IMBALANCE] >= 1.0 and last[names.WORKERS_LOST] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recycle", ["ritz", "none"])
+def test_dask_local_equals_in_process_mnist_b16(tmp_path: Path, recycle: str) -> None:
+    """The FoE run is far more sensitive to rounding than the quadratic one: Adam scales
+    each θ component by its own gradient history and the lower level is solved to gtol
+    1e-6 with iteration counts fixed, so rounding-size changes grow ~1e5-fold in the
+    first steps (measured: θ₀ scaled by 1 + 4e-16 moves θ by 2.5e-11 after 2 steps and
+    3.2e-11 after 10).  The first hypergradients agree to 4e-16 relative and every
+    per-sample loss exactly; the θ path to 1e-9 (θ is O(0.1–1)), losses to 1e-9 relative,
+    counts identical."""
+    args = (*MNIST, f"recycle={recycle}")
+    local = _run(tmp_path, "local", *args)
+    dask = _run(tmp_path, "dask", *args, "cluster=dask_local", "cluster.workers=2")
+    assert _spread(local[1])
+    assert dask[1]["history"][0][names.UPPER_LOSS] == local[1]["history"][0][names.UPPER_LOSS]
+    _assert_same_path(local, dask, atol=1e-9, loss_rtol=1e-9)
+
+
+class _KillsAWorker(cluster.DaskEngine):
+    """Kills the worker of shard 1 (SIGKILL to its process id) inside step ``at``, before
+    the step's calls go out, and waits until the process is gone."""
+
+    at = 4
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def evaluate(self, theta, indices):
+        if self.steps == self.at:
+            process = psutil.Process(self.worker_pids()[1])
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        self.steps += 1
+        return super().evaluate(theta, indices)
+
+
+def test_killed_worker_restored_from_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Step 5 of 10 (index 4) loses a worker; its shard is re-created from the checkpoint
+    of step 4, which is exactly the state it had, so the run follows the fault-free one
+    (the in-process run, which a fault-free Dask run equals: the tests above)."""
+    args = (*QUADRATIC, "checkpoint.every=2")
+    clean = _run(tmp_path, "clean", *args)
+    monkeypatch.setattr(runner, "DaskEngine", _KillsAWorker)
+    faulty = _run(tmp_path, "faulty", *args, "cluster=dask_local", "cluster.workers=2")
+    lost = [h[names.WORKERS_LOST] for h in faulty[1]["history"]]
+    assert lost == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert faulty[1]["history"][4][names.COLD_STARTED] == 0
+    _assert_same_path(clean, faulty, atol=1e-12)
+
+
+def test_killed_worker_cold_started_without_checkpoint(tmp_path: Path, monkeypatch,
+                                                       caplog) -> None:
+    """Without a checkpoint the lost shard restarts cold.  With the lower level solved to
+    gtol 1e-10 and the Hessian systems to rtol 1e-10, a warm and a cold start reach the
+    same x* and w to about κ·1e-10 (κ ≤ 1e2 for these samples), so θ follows the
+    fault-free run to 1e-8; the counts of the cold-started samples differ."""
+    args = (*QUADRATIC, "checkpoint=off", "solver.lower.gtol=1e-10", "stop.rtol=1e-10")
+    clean = run(_compose(*args), output_dir=tmp_path / "clean")
+    monkeypatch.setattr(runner, "DaskEngine", _KillsAWorker)
+    with caplog.at_level(logging.INFO, logger="hyperkrylov"):
+        faulty = run(_compose(*args, "cluster=dask_local", "cluster.workers=2"),
+                     output_dir=tmp_path / "faulty")
+    assert [r.message for r in caplog.records if "worker was lost" in r.message] == [
+        "a Dask worker was lost: shard 1 (samples [1, 3, 5]) re-created cold (no checkpoint "
+        "yet); its part of the step is recomputed"]
+    np.testing.assert_allclose(faulty.theta, clean.theta, rtol=0, atol=1e-8)
+    assert faulty.cumulative[names.BATCH_SIZE] == clean.cumulative[names.BATCH_SIZE]
+
+
+def test_unreachable_scheduler_is_one_line_exit_2(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "framework.experiment.app", "cluster=dask_address",
+         "cluster.address=tcp://127.0.0.1:9", "tracking=disabled",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "hyperkrylov: configuration error: cluster.address: no Dask scheduler answers at "
+        "tcp://127.0.0.1:9 (OSError); start one (`dask scheduler`) or fix the address"]
+    assert not (tmp_path / "checkpoint.npz").exists()
+
+
+def test_cluster_config_checks() -> None:
+    with pytest.raises(ConfigError, match=r"^cluster\.address: required"):
+        validate(_compose("cluster=dask_address"))
+    with pytest.raises(ConfigError, match=r"^cluster\.name: dask_local runs task=train"):
+        validate(_compose("cluster=dask_local", "task=record"))
+    with pytest.raises(ConfigError, match=r"^backend\.name: cluster=dask_cuda runs the CuPy"):
+        validate(_compose("cluster=dask_cuda"))
+    with pytest.raises(ConfigError, match=r"^cluster\.workers: must be positive"):
+        validate(_compose("cluster=dask_local", "cluster.workers=0"))
+
+
+def test_dask_cuda_missing_is_a_config_error() -> None:
+    """dask_cuda's run itself needs GPUs (untested here); without the package the
+    pre-flight says so in one line."""
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        c = validate(_compose("cluster=dask_cuda", "backend=cupy"))
+        with pytest.raises(ConfigError, match=r"^cluster\.name: dask_cuda is not installed"):
+            with cluster.cluster_client(c.cluster):
+                pass
+    else:
+        pytest.skip("dask_cuda is installed; its cluster needs NVIDIA GPUs")
+
+
+def test_compare_shows_the_mean_imbalance() -> None:
+    history = {names.WORKER_IMBALANCE: ((0, 1.5), (1, 1.1)), names.UPPER_LOSS: ((0, 1), (1, 1))}
+    dask = RunRecord("a", "dask", "FINISHED", 0.0, 1.0, {}, {}, {}, history)
+    local = RunRecord("b", "local", "FINISHED", 0.0, 1.0, {}, {}, {}, {})
+    rows = compare.rows_from_records([dask, local])
+    assert rows[0].imbalance == pytest.approx(1.3) and np.isnan(rows[1].imbalance)
+    table = compare.format_table(rows).splitlines()
+    assert table[0].rstrip(" |").endswith("imbalance")
+    assert table[2].rstrip(" |").endswith("1.30") and table[3].rstrip(" |").endswith("-")
