@@ -278,13 +278,14 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / names.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # mid-way through some step
     proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, once the run exists
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and "interrupted; state saved" in out
+    saved = checkpoint.load(ckpt)["step"]
+    assert "Traceback" not in err and f"interrupted after step {saved}; state saved" in out
     (record,) = _runs(uri)
     assert record.status == "KILLED"
-    saved = checkpoint.load(ckpt)["step"]
     assert 0 < saved < steps
 
     rerun = _hyperkrylov([*args, f"outer.steps={saved + 3}"], tmp_path, uri)  # 3 more steps
@@ -293,6 +294,15 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     (record,) = _runs(uri)
     assert record.status == "FINISHED"
     _assert_continuous(record, saved + 3)
+    # the signal waited for its step to end: the resumed run is the uninterrupted one
+    reference = _hyperkrylov(
+        [*SLOW, f"outer.steps={saved + 3}", f"hydra.run.dir={tmp_path / 'ref'}",
+         "tracking.experiment=reference"], tmp_path, uri)
+    assert reference.returncode == 0, reference.stderr
+    theta = np.load(tmp_path / "run" / "theta.npz")["theta"]
+    assert theta.tobytes() == np.load(tmp_path / "ref" / "theta.npz")["theta"].tobytes()
+    (ref_record,) = _runs(uri, "reference")
+    assert dict(record.history["upper_loss"]) == dict(ref_record.history["upper_loss"])
 
 
 @pytest.mark.slow

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import numpy as np
 import pytest
 
 from framework.experiment import checkpoint
 from framework.experiment.checkpoint import CheckpointError
+from framework.experiment.stop_signals import StepBoundary
 
 
 def _state():
@@ -108,3 +111,29 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="unreadable"):
         checkpoint.load(tmp_path / "bad.npz")
+
+
+# -- stop signals wait for a step boundary -------------------------------------------------
+needs_main_thread = pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be set in the main thread")
+
+
+@needs_main_thread
+def test_a_stop_signal_waits_for_the_step_to_end():
+    boundary, reached = StepBoundary(), []
+    with pytest.raises(KeyboardInterrupt), boundary.step():
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of a step
+        reached.append("the rest of the step")
+    assert reached == ["the rest of the step"] and not boundary.forced
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@needs_main_thread
+def test_a_second_stop_signal_stops_at_once():
+    boundary, reached = StepBoundary(), []
+    with pytest.raises(KeyboardInterrupt), boundary.step():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        reached.append("never")
+    assert reached == [] and boundary.forced

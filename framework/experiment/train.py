@@ -43,6 +43,7 @@ from framework.experiment.config import (
 )
 from framework.experiment.console import say
 from framework.experiment.resolve import problem_config_json
+from framework.experiment.stop_signals import StepBoundary
 from framework.experiment.tracking import resolve_uri
 from framework.optim import make_optimizer
 from problems.base import psnr
@@ -226,63 +227,72 @@ def train(
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
-    step = start
+    done = start  # steps whose every update is made (a step's updates: all or none)
+    boundary = StepBoundary()
     try:
         for step in range(start, c.outer.steps):
-            indices = _batch(rng, len(problem_set), c.outer.batch_size)
-            t0 = time.perf_counter()
-            try:
-                result = engine.evaluate(theta, indices)
-            except NonFiniteError as exc:
-                _diverged(step, str(exc))
-            if recorder is not None:
-                recorder.capture(engine, theta, indices)
-            gd = c.outer.name == Optimizer.gd  # backtracking needs the batch's loss
-            loss_fn = partial(engine.loss, indices=indices) if gd else None
-            update = optimizer.step(theta, result.grad, loss=float(result.loss), loss_fn=loss_fn)
-            if not (math.isfinite(result.loss) and _finite(backend.xp, update.theta)):
-                _diverged(step, f"θ became non-finite (upper loss {result.loss:.6g})")
-            theta = update.theta
-            metrics = {k: float(v) for k, v in result.metrics().items()}
-            metrics[names.STEP_TIME] = time.perf_counter() - t0
-            metrics[names.OUTER_STEP_SIZE] = update.step_size
-            metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
-            metrics[names.BATCH_SIZE] = float(len(indices))
-            for key in names.TRAIN_COUNTS:
-                if key in metrics:
-                    sums[key] = sums.get(key, 0.0) + metrics[key]
-                    metrics[names.cumulative(key)] = sums[key]
-            pending.append((metrics, step))
-            if not c.checkpoint.every:
-                tracker.log_metrics(*pending.pop())
-            history.append({"step": float(step), **metrics})
-            per_sample.extend(  # [step, sample, Krylov iterations, shadow iterations or NaN]
-                [float(step), int(i), float(s.krylov_iterations),
-                 math.nan if s.shadow is None else float(s.shadow.iterations)]
-                for i, s in zip(indices, result.samples, strict=True)
-            )
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{metrics[names.UPPER_LOSS]:.4g}",
-                krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
-            )
-            now = time.perf_counter()
-            if c.progress and not show and (step in (start, c.outer.steps - 1)
-                             or now - last_line >= PROGRESS_SECONDS):
-                last_line = now  # no terminal (a log file, a scheduler): a line now and then
-                say(f"step {step + 1}/{c.outer.steps}: upper loss "
-                    f"{metrics[names.UPPER_LOSS]:.6g}, Krylov iterations "
-                    f"{int(metrics.get(names.KRYLOV_ITERATIONS, 0))}, "
-                    f"{metrics[names.STEP_TIME]:.3g} s/step")
-            if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
-                snapshot(step + 1, finished=False)
-        step = c.outer.steps
+            with boundary.step():  # Ctrl-C, SIGTERM: when this step ends
+                indices = _batch(rng, len(problem_set), c.outer.batch_size)
+                t0 = time.perf_counter()
+                try:
+                    result = engine.evaluate(theta, indices)
+                except NonFiniteError as exc:
+                    _diverged(step, str(exc))
+                if recorder is not None:
+                    recorder.capture(engine, theta, indices)
+                gd = c.outer.name == Optimizer.gd  # backtracking needs the batch's loss
+                loss_fn = partial(engine.loss, indices=indices) if gd else None
+                update = optimizer.step(theta, result.grad, loss=float(result.loss),
+                                        loss_fn=loss_fn)
+                if not (math.isfinite(result.loss) and _finite(backend.xp, update.theta)):
+                    _diverged(step, f"θ became non-finite (upper loss {result.loss:.6g})")
+                theta = update.theta
+                metrics = {k: float(v) for k, v in result.metrics().items()}
+                metrics[names.STEP_TIME] = time.perf_counter() - t0
+                metrics[names.OUTER_STEP_SIZE] = update.step_size
+                metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
+                metrics[names.BATCH_SIZE] = float(len(indices))
+                for key in names.TRAIN_COUNTS:
+                    if key in metrics:
+                        sums[key] = sums.get(key, 0.0) + metrics[key]
+                        metrics[names.cumulative(key)] = sums[key]
+                pending.append((metrics, step))
+                if not c.checkpoint.every:
+                    tracker.log_metrics(*pending.pop())
+                history.append({"step": float(step), **metrics})
+                per_sample.extend(  # [step, sample, Krylov iterations, shadow iterations or NaN]
+                    [float(step), int(i), float(s.krylov_iterations),
+                     math.nan if s.shadow is None else float(s.shadow.iterations)]
+                    for i, s in zip(indices, result.samples, strict=True)
+                )
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics[names.UPPER_LOSS]:.4g}",
+                    krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
+                )
+                now = time.perf_counter()
+                if c.progress and not show and (step in (start, c.outer.steps - 1)
+                                 or now - last_line >= PROGRESS_SECONDS):
+                    last_line = now  # no terminal (a log file, a scheduler): a line now and then
+                    say(f"step {step + 1}/{c.outer.steps}: upper loss "
+                        f"{metrics[names.UPPER_LOSS]:.6g}, Krylov iterations "
+                        f"{int(metrics.get(names.KRYLOV_ITERATIONS, 0))}, "
+                        f"{metrics[names.STEP_TIME]:.3g} s/step")
+                if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
+                    snapshot(step + 1, finished=False)
+                done = step + 1
     except KeyboardInterrupt:
         bar.close()
-        snapshot(step, finished=False)  # resumable; bitwise identity only from periodic ones
+        if boundary.forced:  # a second signal stopped a step half-way: its state is partial
+            say(f"stopped at once; the checkpoint of step {saved[0]} ({ckpt_path}) is kept — "
+                "rerun the same command to resume from it" if saved else
+                "stopped at once; no checkpoint was written")
+            raise
+        snapshot(done, finished=False)  # a step boundary: the rerun resumes bit-identically
         tracker.flush()  # the checkpoint is on disk before we say so
-        say(f"interrupted; state saved to {ckpt_path} — rerun the same command to resume"
-            if c.checkpoint.every else "interrupted (checkpoint=off: no state saved)")
+        say(f"interrupted after step {done}; state saved to {ckpt_path} — rerun the same "
+            "command to resume" if c.checkpoint.every
+            else "interrupted (checkpoint=off: no state saved)")
         raise
     bar.close()
     snapshot(c.outer.steps, finished=True)
