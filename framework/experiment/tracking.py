@@ -290,7 +290,7 @@ class _Writer:
         if self.monitor is not None:
             self.monitor.finish()
             self.monitor = None
-        self.client.set_terminated(self.active, status)
+        self.call("set_terminated", status)  # buffered, like any write, in an outage
 
     def log_input(self, path: str, name: str, context: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
