@@ -63,11 +63,14 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]
         raise ValueError(f"no FFT symbol for the forward operator {op!r}")
     D = D + problem.epsilon
 
-    def apply(V: Any) -> Any:
-        if V.ndim == 3:  # a block (B, n, k), as recycle-space set-up applies M: by columns
-            return xp.permute_dims(apply(xp.permute_dims(V, (2, 0, 1))), (1, 2, 0))
+    def rows(V: Any) -> Any:
         images = xp.reshape(V, (*V.shape[:-1], h, w))
         out = xp.fft.irfftn(xp.fft.rfftn(images, axes=(-2, -1)) / D, s=(h, w), axes=(-2, -1))
         return xp.reshape(xp.astype(out, V.dtype), V.shape)
+
+    def apply(V: Any) -> Any:
+        if V.ndim == 3:  # a block (B, n, k), as recycle-space set-up applies M: by columns
+            return xp.permute_dims(rows(xp.permute_dims(V, (2, 0, 1))), (1, 2, 0))
+        return rows(V)
 
     return apply
