@@ -225,8 +225,7 @@ def test_sequence_converges_in_the_m_norm_and_recycling_pays(backend, selection)
             assert np.sqrt(r @ M @ r) <= rtol * np.sqrt(b @ M @ b)
             total += res.iterations
         totals[strategy] = total
-    print(totals)
-    assert totals["ritz"] < 0.8 * totals["none"], totals
+    assert totals["ritz"] < 0.8 * totals["none"], totals  # measured 145–146 vs 228
 
 
 def test_a_batch_equals_each_sample_alone(backend):
