@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from backends import get_backend
-from benchmarks.bench_preconditioner import DEFAULT_DATA, case_problem
+from benchmarks.bench_preconditioner import DEFAULT_DATA, case_exponents
 from benchmarks.trees import blas_threads
 from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.bilevel.recording import record_training
@@ -117,39 +117,34 @@ def main() -> None:
     print(f"BLAS (threadpoolctl): {blas_threads()}; load average {os.getloadavg()}")
     print(f"{'case':>8} {'p':>5} {'rtol':>6} {'solver':>7} {'its':>5} {'HVP':>5} {'M':>5} "
           f"{'s':>8} {'s/plain':>7} {'hg err max':>10}")
-    for case in args.cases:
-        built = case_problem(case, args.data, be)
-        if built is None:
-            print(f"{case:>8}  skipped: no BSDS300 train images under {args.data}")
-            continue
-        problem, size, count, p0 = built
-        for p in (p0, p0 - args.weaker) if args.weaker else (p0,):
-            theta0 = be.asarray(initial_theta(dct_filters(size)[:count], p))
-            t0 = time.perf_counter()
-            recording = record(problem, be, theta0, args.steps)
-            systems = []
-            for t in range(recording.steps):
-                x = be.asarray(recording.xs[t, 0])[None, :]  # a batch of one: rows (1, n)
-                theta = be.asarray(recording.thetas[t])
-                g = problem.upper_grad(x)
-                lin = problem.linearize(x, theta)
-                tight = rminres(lin, g, rtol=1e-10, M=fft_preconditioner(problem, x, theta))
-                systems.append((x, theta, g, -lin.jac_t(tight.x)))
-            print(f"{case:>8} {p:>5.1f}  recorded {recording.steps} systems and references "
-                  f"in {time.perf_counter() - t0:.1f} s")
-            for rtol in args.rtol:
-                walkers = [Walker("plain", False, 0, rtol), Walker("M", True, 0, rtol),
-                           Walker("ritz", False, args.k, rtol),
-                           Walker("ritz+M", True, args.k, rtol)]
-                for x, theta, g, reference in systems:
-                    for walker in walkers:
-                        walker.solve(problem, x, theta, g, reference)
-                base = walkers[0].seconds
-                for w in walkers:
-                    print(f"{case:>8} {p:>5.1f} {rtol:>6.0e} {w.name:>7} {w.iterations:>5} "
-                          f"{w.hvp:>5} {w.m:>5} {w.seconds:>8.2f} {w.seconds / base:>7.2f} "
-                          f"{max(w.errors):>10.1e}{'' if w.converged else '  NOT CONVERGED'}",
-                          flush=True)
+    for case, problem, size, count, p in case_exponents(args.cases, args.data, be,
+                                                        args.weaker):
+        theta0 = be.asarray(initial_theta(dct_filters(size)[:count], p))
+        t0 = time.perf_counter()
+        recording = record(problem, be, theta0, args.steps)
+        systems = []
+        for t in range(recording.steps):
+            x = be.asarray(recording.xs[t, 0])[None, :]  # a batch of one: rows (1, n)
+            theta = be.asarray(recording.thetas[t])
+            g = problem.upper_grad(x)
+            lin = problem.linearize(x, theta)
+            tight = rminres(lin, g, rtol=1e-10, M=fft_preconditioner(problem, x, theta))
+            systems.append((x, theta, g, -lin.jac_t(tight.x)))
+        print(f"{case:>8} {p:>5.1f}  recorded {recording.steps} systems and references "
+              f"in {time.perf_counter() - t0:.1f} s")
+        for rtol in args.rtol:
+            walkers = [Walker("plain", False, 0, rtol), Walker("M", True, 0, rtol),
+                       Walker("ritz", False, args.k, rtol),
+                       Walker("ritz+M", True, args.k, rtol)]
+            for x, theta, g, reference in systems:
+                for walker in walkers:
+                    walker.solve(problem, x, theta, g, reference)
+            base = walkers[0].seconds
+            for w in walkers:
+                print(f"{case:>8} {p:>5.1f} {rtol:>6.0e} {w.name:>7} {w.iterations:>5} "
+                      f"{w.hvp:>5} {w.m:>5} {w.seconds:>8.2f} {w.seconds / base:>7.2f} "
+                      f"{max(w.errors):>10.1e}{'' if w.converged else '  NOT CONVERGED'}",
+                      flush=True)
     print(f"load average at the end {os.getloadavg()}")
 
 

@@ -13,10 +13,9 @@ from backends.counting import Counter, CountingOperator
 from framework.krylov import RecycleSpace, rminres
 from framework.krylov.recycle import RecycleConfig, RecycleHarvester, Recycler
 from problems.datasets import load_embedded_mnist
-from problems.foe import FieldsOfExperts, dct_filters, initial_theta
-from problems.imaging import ImagingProblem
-from problems.operators import GaussianBlur
+from problems.foe import dct_filters, initial_theta
 from problems.preconditioners import fft_preconditioner
+from tests.test_preconditioner import mnist_deblurring
 
 
 def system(n: int, seed: int, *, indefinite: bool, missed: int = 0
@@ -247,11 +246,7 @@ def test_a_batch_equals_each_sample_alone(backend):
 
 
 def test_fft_preconditioner_applies_blocks_column_by_column():
-    image = load_embedded_mnist().images[0]
-    be = get_backend("numpy")
-    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
-    problem = ImagingProblem.from_image(image, be, GaussianBlur(image.shape, 1.5), reg,
-                                        noise_level=0.05, seed=0)
+    problem = mnist_deblurring(get_backend("numpy"), load_embedded_mnist().images[0])
     M = fft_preconditioner(problem, problem.Y, initial_theta(dct_filters(5), -3.0))
     V = np.random.default_rng(12).standard_normal((1, problem.n, 4))
     columns = np.stack([M(V[:, :, j]) for j in range(4)], axis=2)
@@ -265,12 +260,9 @@ def test_engine_recycles_with_the_fft_preconditioner():
     from framework.bilevel.engine import BilevelEngine, EngineConfig
     from framework.krylov.stopping import StopConfig
 
-    images = load_embedded_mnist().images[:2]
     be = get_backend("numpy")
-    reg = FieldsOfExperts(images.shape[1:], 5, 24, expert="lorentzian")
-    problems = [ImagingProblem.from_image(img, be, GaussianBlur(img.shape, 1.5), reg,
-                                          noise_level=0.05, seed=i)
-                for i, img in enumerate(images)]
+    images = load_embedded_mnist().images[:2]
+    problems = [mnist_deblurring(be, img, i) for i, img in enumerate(images)]
     theta0 = initial_theta(dct_filters(5), -3.0)
     runs = {}
     for name, pre, recycle in (("plain", "none", RecycleConfig()),

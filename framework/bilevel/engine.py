@@ -75,8 +75,9 @@ class EngineConfig:
     (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
     ``preconditioner="fft"`` preconditions the hypergradient's Hessian solve with
     ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; with
-    recycling the space is prepared per system with M), ``lower_preconditioner="fft"`` the inner solves of Newton–Krylov (which
-    stops on ‖∇f‖ whatever the inner norm, so the lower-level solution is unchanged).
+    recycling the space is prepared per system with M), ``lower_preconditioner="fft"``
+    the inner solves of Newton–Krylov (which stops on ‖∇f‖ whatever the inner norm, so
+    the lower-level solution is unchanged).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
