@@ -33,7 +33,8 @@ def _power(xp: Any, kernels: Any, shape: tuple[int, int]) -> Any:
 
 
 def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]:
-    """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹."""
+    """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹; blocks
+    (B, n, k) column by column."""
     reg, op = problem.regularizer, problem.operator
     if not isinstance(reg, FieldsOfExperts):
         raise ValueError(f"the FFT preconditioner is built for Fields of Experts, not {reg!r}; "
@@ -62,9 +63,14 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]
         raise ValueError(f"no FFT symbol for the forward operator {op!r}")
     D = D + problem.epsilon
 
-    def apply(V: Any) -> Any:
-        images = xp.reshape(V, (-1, h, w))
-        out = xp.fft.irfftn(xp.fft.rfftn(images, axes=(1, 2)) / D, s=(h, w), axes=(1, 2))
+    def rows(V: Any) -> Any:
+        images = xp.reshape(V, (*V.shape[:-1], h, w))
+        out = xp.fft.irfftn(xp.fft.rfftn(images, axes=(-2, -1)) / D, s=(h, w), axes=(-2, -1))
         return xp.reshape(xp.astype(out, V.dtype), V.shape)
+
+    def apply(V: Any) -> Any:
+        if V.ndim == 3:  # a block (B, n, k), as recycle-space set-up applies M: by columns
+            return xp.permute_dims(rows(xp.permute_dims(V, (2, 0, 1))), (1, 2, 0))
+        return rows(V)
 
     return apply

@@ -74,7 +74,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
-        (["solver.preconditioner=fft"], "solver.preconditioner"),  # with recycling
+        (["solver.preconditioner=fft", "stop=hypergradient"],
+         "solver.preconditioner"),  # with recycling and NSC
         (["solver.preconditioner=fft", "recycle=none", "problem.regularizer=tv"],
          "solver.preconditioner"),
         (["problem.init_exponent=inf"], "problem.init_exponent"),
@@ -121,6 +122,8 @@ def test_the_two_preconditioners_map_to_their_solves():
     assert (settings.lower_preconditioner, settings.preconditioner) == ("fft", "none")
     settings = engine_config(validate(_compose("solver.preconditioner=fft", "recycle=none")))
     assert (settings.lower_preconditioner, settings.preconditioner) == ("none", "fft")
+    settings = engine_config(validate(_compose("solver.preconditioner=fft")))  # recycling
+    assert (settings.preconditioner, settings.recycle.strategy) == ("fft", "ritz")
 
 
 def test_typos_and_wrong_types_fail_at_composition():

@@ -35,6 +35,13 @@ def circulant(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return C
 
 
+def mnist_deblurring(be, image: np.ndarray, seed: int = 0) -> ImagingProblem:
+    """An MNIST digit blurred (σ = 1.5, 5 % noise), FoE with 24 DCT 5×5 Lorentzian experts."""
+    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
+    return ImagingProblem.from_image(image, be, GaussianBlur(image.shape, 1.5), reg,
+                                     noise_level=0.05, seed=seed)
+
+
 def dense(apply, n: int) -> np.ndarray:
     return np.stack([apply(np.eye(n)[j][None, :])[0] for j in range(n)], axis=1)
 
@@ -104,11 +111,7 @@ def test_same_preconditioner_on_every_namespace(backend):
 
 
 def test_preconditioner_cuts_iterations_on_a_weakly_regularised_deblurring():
-    image = load_embedded_mnist().images[0]
-    be = get_backend("numpy")
-    reg = FieldsOfExperts(image.shape, 5, 24, expert="lorentzian")
-    problem = ImagingProblem.from_image(image, be, GaussianBlur(image.shape, 1.5), reg,
-                                        noise_level=0.05, seed=0)
+    problem = mnist_deblurring(get_backend("numpy"), load_embedded_mnist().images[0])
     theta = initial_theta(dct_filters(5), -3.0)
     H = problem.linearize(problem.y, theta)
     g = np.random.default_rng(0).standard_normal(problem.n)
@@ -138,12 +141,9 @@ def test_engine_hypergradients_with_the_preconditioner_match_without(lower):
     from framework.bilevel.engine import BilevelEngine, EngineConfig
     from framework.krylov.stopping import StopConfig
 
-    images = load_embedded_mnist().images[:2]
     be = get_backend("numpy")
-    reg = FieldsOfExperts(images.shape[1:], 5, 24, expert="lorentzian")
-    problems = [ImagingProblem.from_image(img, be, GaussianBlur(img.shape, 1.5), reg,
-                                          noise_level=0.05, seed=i)
-                for i, img in enumerate(images)]
+    images = load_embedded_mnist().images[:2]
+    problems = [mnist_deblurring(be, img, i) for i, img in enumerate(images)]
     theta = be.asarray(initial_theta(dct_filters(5), -3.0))
     results = {}
     for pre in ("none", "fft"):

@@ -166,15 +166,3 @@ def test_preconditioner_on_a_batch_equals_each_alone():
         alone = rminres(A, b[j], M=M, rtol=1e-8)
         assert alone.iterations == together.iterations[j]
         np.testing.assert_allclose(together.x[j], alone.x, rtol=1e-10, atol=1e-12)
-
-
-def test_preconditioner_with_recycling_is_refused_before_any_work():
-    from framework.krylov import RecycleSpace
-
-    A, b = sample_problem()
-    U = np.linalg.qr(np.random.default_rng(0).standard_normal((10, 2)))[0]
-    calls = []
-    with pytest.raises(ValueError, match="preconditioner M cannot be combined"):
-        rminres(lambda v: calls.append(1) or A @ v, b, M=np.eye(10),
-                recycle=RecycleSpace(U, A @ U))
-    assert not calls

@@ -75,9 +75,10 @@ class EngineConfig:
     ``lower_solver`` chooses L-BFGS or inexact Newton with MINRES on the Hessian
     (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
     ``preconditioner="fft"`` preconditions the hypergradient's Hessian solve with
-    ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; not with
-    recycling), ``lower_preconditioner="fft"`` the inner solves of Newton–Krylov (which
-    stops on ‖∇f‖ whatever the inner norm, so the lower-level solution is unchanged).
+    ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; with
+    recycling the space is prepared per system with M), ``lower_preconditioner="fft"``
+    the inner solves of Newton–Krylov (which stops on ‖∇f‖ whatever the inner norm, so
+    the lower-level solution is unchanged).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -361,15 +362,15 @@ class BilevelEngine:
         plan = None if self.policy is None else self.policy.plan()
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
-        space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G)
+        M = self._preconditioner(cfg.preconditioner, batch, X, theta)
+        space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop
         rule = None
         if stop.kind == StopKind.hypergradient and space is not None:
             rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
         solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
-                        true_residual=False,
-                        M=self._preconditioner(cfg.preconditioner, batch, X, theta))
+                        true_residual=False, M=M)
         t2 = time.perf_counter()
         res = solve(x0=W0, recycle=space, harvest=self._recycler(plan, "harvest").harvester(J),
                     stop=rule)
@@ -447,7 +448,7 @@ class BilevelEngine:
         if res.harvest is not None:
             carry = res.harvest.sample(j)
         elif space is not None and self.config.recycle.strategy not in ORACLES:
-            carry = RecycleCarry(space.U, selected=True).sample(j)
+            carry = RecycleCarry(space.basis, selected=True).sample(j)
         else:
             return old if self.policy is not None else None
         return carry if carry.basis.shape[-1] > 0 else None

@@ -341,8 +341,9 @@ def validate(cfg: DictConfig | Config) -> Config:
            f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}; or "
            "add recycle.adaptive=false")
     if c.solver.preconditioner == Preconditioner.fft:
-        _check(c.recycle.strategy == Strategy.none, "solver.preconditioner",
-               "fft is not combined with recycling yet; add recycle=none")
+        _check(c.stop.kind != StopKind.hypergradient or c.recycle.strategy == Strategy.none,
+               "solver.preconditioner", "fft is not combined with recycling and the NSC "
+               "stopping rule yet; use stop=residual")
         _check(c.task != Task.resolve, "solver.preconditioner",
                "task=resolve re-solves a recording without a preconditioner; use none")
         _check(c.problem.regularizer == Regularizer.foe, "solver.preconditioner",

@@ -6,7 +6,10 @@ During RMINRES the solver runs Lanczos on (I − CCᵀ)A restricted to range(C)^
 
 A *harvester* receives, for all samples at once, the tridiagonal entries ((B,) arrays),
 the columns of B ((B, k)), the basis vectors ((B, n) rows) and which samples were updated
-this iteration; the solver itself needs none of it.
+this iteration; the solver itself needs none of it.  With a preconditioner M it receives
+both forms of each basis vector, v (solution space, the V above) and u = M⁻¹v (residual
+space: (I − C(MC)ᵀ)AV_m = U_{m+1}T̄_m, B_m = (MC)ᵀAV_m); without one u is None.  The
+recorder keeps v.
 """
 
 from __future__ import annotations
@@ -60,10 +63,10 @@ class LanczosHarvest:
 class Harvester(Protocol):
     """Receives the Lanczos process of a batched solve; ``finish`` returns what it kept."""
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None: ...
+    def begin(self, space: Any, v1: Any, u1: Any, beta1: Any) -> None: ...
 
-    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
-        ...
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, u_next: Any,
+             update: Any) -> None: ...
 
     def finish(self) -> Any: ...
 
@@ -78,11 +81,13 @@ class LanczosRecorder:
             raise ValueError(f"max_vectors must be >= 0 or None, got {max_vectors}")
         self.max_vectors = max_vectors
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
-        self._U, self._C, self._v1, self._beta1 = U, C, v1, beta1
+    def begin(self, space: Any, v1: Any, u1: Any, beta1: Any) -> None:
+        self._U, self._C = (None, None) if space is None else (space.U, space.C)
+        self._v1, self._beta1 = v1, beta1
         self._steps: list[tuple[Any, ...]] = []
 
-    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, u_next: Any,
+             update: Any) -> None:
         full = self.max_vectors is not None and len(self._steps) + 1 >= self.max_vectors
         self._steps.append((alpha, beta_next, b_col, None if full else v_next, update))
 

@@ -10,6 +10,13 @@ zero columns are padding) the solver
 * returns the minimal-residual iterate x_m = x₀ + V_m y − U B_m y with
   y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
+With a preconditioner M = LLᵀ ≈ A⁻¹ the same method runs on Â = LᵀAL (never formed):
+hat vectors map to solution-space vectors v = L v̂ and residual-space vectors u = L⁻ᵀv̂
+(v = M u), Ĉ = LᵀC, Û = L⁻¹U, so ĈᵀĈ = I reads CᵀMC = I, the projector I − ĈĈᵀ reads
+I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m, and the iterate and ‖r̂‖ = ‖r‖_M keep their form
+(README, "Preconditioned recycling").  The space carries MC: one application of M per
+iteration, as without recycling.
+
 Per iteration: one pass, two row-wise inner products and a few row updates; the scalars
 are a small dense step (``framework.krylov.givens``) on the host (CPU) or device (GPU).
 A sample that meets its stopping rule freezes at exactly the iteration where it would
@@ -193,7 +200,8 @@ def rminres(
     scalars : "host" or "device" (default: device when a host read synchronises).
     M : symmetric positive definite preconditioner M ≈ A⁻¹ (an operator like A), as
         SciPy's; residual estimates and the default rule are then in the M-norm
-        ‖r‖_M = (rᵀMr)^½.  Not combined with recycling or harvesting yet.
+        ‖r‖_M = (rᵀMr)^½.  With recycling the space must be M-orthonormal
+        (``RecycleSpace.from_basis(A, Y, M=M)``; see the module docstring).
     shift : solve (A − shift·I) x = b.
     check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
     """
@@ -209,11 +217,14 @@ def rminres(
     rule = stop if stop is not None else ResidualRule(rtol, atol)
     if single and not (isinstance(rule, ResidualRule) or getattr(rule, "batch", False)):
         rule = SingleSampleRule(rule)
-    if M is not None and (recycle is not None or harvest is not None
-                          or getattr(rule, "needs_residual", False)):
-        raise ValueError("a preconditioner M cannot be combined with recycling (recycle=, "
-                         "harvest=) or a stopping rule that needs the residual yet; drop M "
-                         "or those")
+    if M is not None and getattr(rule, "needs_residual", False):
+        raise ValueError("a preconditioner M cannot be combined with a stopping rule that "
+                         "needs the residual (NSC) yet; drop M or use the residual rule")
+    if recycle is not None and recycle.preconditioned != (M is not None):
+        raise ValueError("the recycle space was built " + (
+            "for a preconditioner but no M is given; pass M= or build it without M"
+            if M is None else "without the preconditioner; build it with "
+            "RecycleSpace.from_basis(A, Y, M=M)"))
     if single:
         A, b = RowOperator(A), b[None, :]
         x0 = None if x0 is None else x0[None, :]
@@ -243,7 +254,11 @@ class _Solve:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
         self.M = M
+        self.space = recycle
         self.U, self.C = (None, None) if recycle is None else (recycle.U, recycle.C)
+        # the projector is I − C(MC)ᵀ; MC is C itself without a preconditioner
+        self.MC = None if recycle is None or recycle.MC is None else recycle.MC
+        self.MC = self.C if self.MC is None else self.MC
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
@@ -280,7 +295,7 @@ class _Solve:
         self.u = r / safe  # residual space; with M the Lanczos vectors are v = M u
         v = self.u if self.M is None else z / safe
         if self.harvest is not None:
-            self.harvest.begin(self.U, self.C, v, beta1)
+            self.harvest.begin(self.space, v, None if self.M is None else self.u, beta1)
         r = z = None  # the loop keeps u (and the residual when the rule needs it) only
         self.u_prev = self.beta = None
         self.d, self.e = [None, None], [None, None]  # the last two directions (x, U parts)
@@ -308,7 +323,7 @@ class _Solve:
             self.passes += 1
         self.z = None  # coefficients of −U in the iterate: x = x_V − U z
         if self.C is not None:
-            coef = bmtv(self.C, r)
+            coef = bmtv(self.MC, r)
             self.x = self.x + bmv(self.U, coef)
             r = r - bmv(self.C, coef)
             self.z = xp.zeros_like(coef)
@@ -320,8 +335,8 @@ class _Solve:
         p = self.A(v)
         self.passes += 1
         bcol = None
-        if self.C is not None:  # (I − CCᵀ)Av, with b_k = CᵀAv_k for the U-part
-            bcol = bmtv(self.C, p)
+        if self.C is not None:  # (I − C(MC)ᵀ)Av, with b_k = (MC)ᵀAv_k for the U-part
+            bcol = bmtv(self.MC, p)
             p = p - bmv(self.C, bcol)
             if self.u_prev is not None:
                 p -= self.beta * self.u_prev
@@ -332,7 +347,7 @@ class _Solve:
         alpha = xp.vecdot(v, p)
         p -= self.scalars.alpha(alpha) * self.u
         if self.C is not None:  # second projection keeps V ⟂ C to working precision
-            p -= bmv(self.C, bmtv(self.C, p))
+            p -= bmv(self.C, bmtv(self.MC, p))
         q = self._precondition(p)
         col = self.scalars.rotate(xp.vecdot(p, q), self.tol)  # (and the default rule)
         self.x += col.phi * _direction(self.d, v, col)
@@ -348,7 +363,8 @@ class _Solve:
             q = p
         if self.harvest is not None:
             beta_kept, updated = self.scalars.harvest_inputs()
-            self.harvest.step(alpha, beta_kept, bcol, p, updated)
+            self.harvest.step(alpha, beta_kept, bcol, q, None if self.M is None else p,
+                              updated)
         if self.keep_residual:
             self.residual = col.res_keep * self.residual + col.res_add * p
         self.history.append(self.scalars.rnorms)

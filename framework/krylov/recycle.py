@@ -121,19 +121,31 @@ class RecycleHarvester:
         self.cycles = 0
         self.steps: list[tuple[Any, Any, Any, Any]] | None = None  # (α, β_{j+1}, b_j, updated)
 
-    def begin(self, U: Any, C: Any, v1: Any, beta1: Any) -> None:
+    def begin(self, space: RecycleSpace | None, v1: Any, u1: Any, beta1: Any) -> None:
         xp = array_namespace(v1)
-        self.C = C
-        self.Z, self.HZ, self.JZ = U, C, None  # JᵀZ formed only when a selection needs it
+        self.preconditioned = u1 is not None  # u: residual-space vectors, v = M u
+        if self.preconditioned and space is not None and space.MinvU is None:
+            raise ValueError("harvesting a preconditioned solve needs the space's M⁻¹U: "
+                             "build it with RecycleSpace.from_basis(A, Y, M=M)")
+        U = None if space is None else space.U
+        self.C = None if space is None else space.C
+        self.MC = self.C if space is None or space.MC is None else space.MC
+        self.Z, self.HZ, self.JZ = U, self.C, None  # JᵀZ formed only when a selection needs it
+        # with M: Zres = M⁻¹Z (the carried form) and MHZ = M·HZ
+        self.Zres, self.MHZ = (None, None) if space is None else (space.MinvU, space.MC)
         self.owned = False  # Z, HZ are the caller's U, C until the first compression
         self.zvalid = None if U is None else xp.linalg.vector_norm(U, axis=-2) > 0
         self.block, self.steps = [v1], []  # the cycle's Lanczos vectors and steps
-        self.v_prev = None
+        self.ublock = [u1] if self.preconditioned else self.block
+        self.v_prev = self.u_prev = None
         self.beta_prev = xp.zeros_like(beta1)
 
-    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, update: Any) -> None:
+    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, u_next: Any,
+             update: Any) -> None:
         self.steps.append((alpha, beta_next, b_col, update))
         self.block.append(v_next)
+        if self.preconditioned:
+            self.ublock.append(u_next)
         cap = self.config.max_vectors
         if cap is not None and len(self.steps) >= cap:
             self._compress(final=False)
@@ -142,19 +154,22 @@ class RecycleHarvester:
         if self.steps is None:  # no solve began
             return None
         if self.config.selection == "outer":
-            W, _, _ = self.current_basis(jacobian=False)
-            return None if W is None else RecycleCarry(W, selected=False)
+            W, _, _, Wres, _ = self._basis(jacobian=False)
+            return None if W is None else RecycleCarry(W if Wres is None else Wres,
+                                                       selected=False)
         if self.steps:
             self._compress(final=True)
-        self.block, self.v_prev = [], None
+        self.block = self.ublock = []
+        self.v_prev = self.u_prev = None
         if self.Z is None:
             return None
         xp = array_namespace(self.Z)
         width = int(xp.max(xp.sum(xp.astype(self.zvalid, xp.int64), axis=-1)))
-        return RecycleCarry(self.Z[..., :width], selected=True)
+        carried = self.Zres if self.preconditioned else self.Z
+        return RecycleCarry(carried[..., :width], selected=True)
 
     def _terms(self) -> tuple[Any, ...]:
-        """The cycle's Lanczos scalars as (B, m) arrays (α, β_{j+1}, β_j), B = CᵀAV
+        """The cycle's Lanczos scalars as (B, m) arrays (α, β_{j+1}, β_j), B = (MC)ᵀAV
         (B, k, m) or None, and the (B, m) mask of the samples' own steps; sets
         ``self.valid``, the (B, D) mask of W's valid columns."""
         xp = array_namespace(self.block[0])
@@ -168,36 +183,52 @@ class RecycleHarvester:
         bmat = None if bcols[0] is None else xp.stack(bcols, axis=2)
         return xp.stack(alphas, axis=1), betas, lower, bmat, vvalid
 
-    def _rows(self, rows: slice, terms: tuple[Any, ...]) -> tuple[Any, Any]:
-        """W = [Z, V] and HW restricted to ``rows``, invalid columns zeroed; HV =
-        β_j v_{j−1} + α_j v_j + β_{j+1} v_{j+1} + C b_j (the Lanczos relation: no operator
-        application), summed in that order.  At most three blocks of the rows' size are
-        alive at a time."""
-        xp = array_namespace(self.block[0])
-        alphas, betas, lower, bmat, vvalid = terms
+    @staticmethod
+    def _relation(vectors: list[Any], prev: Any, C: Any, rows: slice,
+                  terms: tuple[Any, ...]) -> tuple[Any, Any]:
+        """The m vectors w_j restricted to ``rows`` and β_j w_{j−1} + α_j w_j + β_{j+1}
+        w_{j+1} + C b_j, summed in that order (the Lanczos relation: with w = v, C the
+        space's C, it is AV; with M, w = u gives AV and w = v, C = MC gives M·AV)."""
+        xp = array_namespace(vectors[0])
+        alphas, betas, lower, bmat, _ = terms
         m = alphas.shape[1]
-        Vall = xp.stack([v[:, rows] for v in self.block[: m + 1]], axis=2)  # (B, r, m + 1)
+        Vall = xp.stack([v[:, rows] for v in vectors[: m + 1]], axis=2)  # (B, r, m + 1)
         V = Vall[:, :, :m]
         HV = V * alphas[:, None, :]
-        if self.v_prev is not None:
-            HV[:, :, :1] += self.v_prev[:, rows, None] * lower[:, None, :1]
+        if prev is not None:
+            HV[:, :, :1] += prev[:, rows, None] * lower[:, None, :1]
         if m > 1:
             HV[:, :, 1:] += V[:, :, : m - 1] * lower[:, None, 1:]
         HV += Vall[:, :, 1:] * betas[:, None, :]
         if bmat is not None:
-            HV += self.C[:, rows, :] @ bmat
-        V *= xp.astype(vvalid, V.dtype)[:, None, :]  # Vall is this block's own copy
-        mask = xp.astype(self.valid, V.dtype)[:, None, :]
-        if self.Z is None:
-            W, HW = V, HV
-        else:
-            W = xp.concat([self.Z[:, rows, :], V], axis=2)
-            del Vall, V
-            HW = xp.concat([self.HZ[:, rows, :], HV], axis=2)
-            del HV
-        W *= mask
-        HW *= mask
-        return W, HW
+            HV += C[:, rows, :] @ bmat
+        return V, HV
+
+    def _rows(self, rows: slice, terms: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+        """W = [Z, V] and HW restricted to ``rows``, invalid columns zeroed, from the
+        Lanczos relation (no operator application); with a preconditioner also W's
+        residual form M⁻¹W = [Zres, U] and M·HW (else None, None).  Without one, at most
+        three blocks of the rows' size are alive at a time."""
+        xp = array_namespace(self.block[0])
+        vmask = xp.astype(terms[-1], self.block[0].dtype)[:, None, :]
+        V, MHV = self._relation(self.block, self.v_prev, self.MC, rows, terms)
+        V *= vmask  # the relation's own copy
+        parts = [(self.Z, V), (self.HZ, MHV)]  # without M, MC = C and MHV is HV
+        if self.preconditioned:
+            Ures, HV = self._relation(self.ublock, self.u_prev, self.C, rows, terms)
+            Ures *= vmask
+            parts = [(self.Z, V), (self.HZ, HV), (self.Zres, Ures), (self.MHZ, MHV)]
+            del Ures, HV
+        del V, MHV
+        mask = xp.astype(self.valid, vmask.dtype)[:, None, :]
+        out = []
+        while parts:
+            carried, new = parts.pop(0)
+            block = new if self.Z is None else xp.concat([carried[:, rows, :], new], axis=2)
+            del new
+            block *= mask
+            out.append(block)
+        return (*out, None, None)[:4]
 
     def _jacobian_products(self, terms: tuple[Any, ...]) -> Any:
         """JᵀW: one block application of Jᵀ to the columns not yet seen."""
@@ -209,33 +240,41 @@ class RecycleHarvester:
         JV = self.jac_t(V)
         return JV if self.Z is None else xp.concat([self.JZ, JV], axis=2)
 
-    def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
-        """W = [Z, V], HW and JᵀW of the current cycle, whole, with each sample's invalid
-        columns zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos
-        relation; JᵀW (when the strategy needs it and ``jacobian``) costs one block
-        application of Jᵀ to the columns not yet seen."""
+    def _basis(self, *, jacobian: bool = True) -> tuple[Any, ...]:
+        """W, HW, JᵀW and (with M) M⁻¹W, M·HW of the current cycle, whole, with each
+        sample's invalid columns zeroed (``self.valid`` holds the mask)."""
         want_j = jacobian and self.jac_t is not None
         if not self.steps:
             if self.Z is None:
-                return None, None, None
+                return None, None, None, None, None
             if want_j and self.JZ is None:
                 self.JZ = self.jac_t(self.Z)
             xp = array_namespace(self.Z)
             self.valid = self.zvalid
             mask = xp.astype(self.valid, self.Z.dtype)[:, None, :]
-            return self.Z * mask, self.HZ * mask, self.JZ if want_j else None
+            extra = (self.Zres * mask, self.MHZ * mask) if self.preconditioned else (None, None)
+            return self.Z * mask, self.HZ * mask, self.JZ if want_j else None, *extra
         terms = self._terms()
-        W, HW = self._rows(slice(None), terms)
-        return W, HW, self._jacobian_products(terms) if want_j else None
+        W, HW, Wres, MHW = self._rows(slice(None), terms)
+        return W, HW, self._jacobian_products(terms) if want_j else None, Wres, MHW
+
+    def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
+        """W = [Z, V], HW and JᵀW of the current cycle, whole, with each sample's invalid
+        columns zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos
+        relation; JᵀW (when the strategy needs it and ``jacobian``) costs one block
+        application of Jᵀ to the columns not yet seen."""
+        return self._basis(jacobian=jacobian)[:3]
 
     def projection(self, *, jacobian: bool = True) -> tuple[Any, Projection]:
-        """W and its projected matrices (no operator applications, JᵀW excepted)."""
-        W, HW, JW = self.current_basis(jacobian=jacobian)
-        return W, Projection.from_products(W, HW, JW, self.valid)
+        """W and its projected matrices (no operator applications, JᵀW excepted); with a
+        preconditioner those of Â = LᵀAL on L⁻¹W (README, "Preconditioned recycling")."""
+        W, HW, JW, Wres, MHW = self._basis(jacobian=jacobian)
+        return W, Projection.from_products(W, HW, JW, self.valid, Wres=Wres, MHW=MHW)
 
     def _compress(self, *, final: bool) -> None:
         """Select k vectors of W = [Z, V]: the projected matrices summed over blocks of
-        rows, then Z = W·Y (and HZ = HW·Y, JᵀZ = JᵀW·Y to go on) block by block."""
+        rows, then Z = W·Y (and HZ = HW·Y, JᵀZ = JᵀW·Y to go on; with M also M⁻¹Z and
+        M·HZ) block by block."""
         cfg = self.config
         xp = array_namespace(self.block[0])
         terms = self._terms()
@@ -247,11 +286,12 @@ class RecycleHarvester:
         JW = None if self.jac_t is None else self._jacobian_products(terms)
         sums = None
         for rows in chunks:
-            W, HW = self._rows(rows, terms)  # masked: the products of Projection
-            Wt = xp.matrix_transpose(W)
-            part = (symmetrize(Wt @ W), symmetrize(Wt @ HW),
-                    symmetrize(xp.matrix_transpose(HW) @ HW))
-            del W, HW, Wt
+            W, HW, Wres, MHW = self._rows(rows, terms)  # masked: Projection's products
+            Wt, HWt = xp.matrix_transpose(W), xp.matrix_transpose(HW)
+            # with M: those of Â = LᵀHL on L⁻¹W, gram = WresᵀW, G = WᵀHW, F = (HW)ᵀ(MHW)
+            part = (symmetrize((Wt if Wres is None else xp.matrix_transpose(Wres)) @ W),
+                    symmetrize(Wt @ HW), symmetrize(HWt @ (HW if MHW is None else MHW)))
+            del W, HW, Wt, HWt, Wres, MHW
             sums = part if sums is None else tuple(
                 total + add for total, add in zip(sums, part, strict=True))
         mask = xp.astype(self.valid, sums[0].dtype)[:, None, :]
@@ -259,22 +299,33 @@ class RecycleHarvester:
         coef = select(proj, cfg.strategy, cfg.dim, cfg.which)
         shape, like = (B, n, coef.shape[-1]), self.block[0]
         reuse = self.owned and tuple(self.Z.shape) == shape
-        Z = self.Z if reuse else xp.empty(shape, dtype=like.dtype, device=device_of(like))
-        HZ = None if final else (self.HZ if reuse else xp.empty_like(Z))
+
+        def target(old: Any, needed: bool) -> Any:
+            if not needed:
+                return None
+            return old if reuse else xp.empty(shape, dtype=like.dtype, device=device_of(like))
+
+        pre = self.preconditioned
+        Z, HZ = target(self.Z, True), target(self.HZ, not final)
+        Zres, MHZ = target(self.Zres, pre), target(self.MHZ, pre and not final)
         squares = xp.zeros((B, shape[-1]), dtype=like.dtype, device=device_of(like))
         for rows in chunks:
-            W, HW = self._rows(rows, terms)  # read before this block of Z, HZ is written
+            W, HW, Wres, MHW = self._rows(rows, terms)  # read before this block is written
             block = W @ coef
-            if HZ is not None:
-                HZ[:, rows, :] = HW @ coef
+            for out, source in ((HZ, HW), (Zres, Wres), (MHZ, MHW)):
+                if out is not None:
+                    out[:, rows, :] = source @ coef
             Z[:, rows, :] = block
             squares += xp.sum(block * block, axis=-2)
         self.Z, self.HZ, self.owned, self.zvalid = Z, HZ, True, squares > 0
+        self.Zres, self.MHZ = Zres, MHZ
         if not final:
             self.JZ = None if JW is None else JW @ coef
             m = len(self.steps)
             self.v_prev, self.beta_prev = self.block[m - 1], self.steps[-1][1]
+            self.u_prev = self.ublock[m - 1]
             self.block, self.steps = self.block[m:], []
+            self.ublock = self.ublock[m:] if pre else self.block
         self.cycles += 1
 
 
@@ -291,11 +342,14 @@ class Recycler:
         return RecycleHarvester(self.config, jac_t)
 
     def prepare(self, carry: RecycleCarry | None, H: Operator, jac_t: Operator | None = None,
-                *, like: Any = None) -> RecycleSpace | None:
+                *, like: Any = None, M: Operator | None = None) -> RecycleSpace | None:
         """The recycle space for operator ``H`` (k applications for C = HU; outer
         selection: dim W applications; the oracles: n, building H densely from an
         identity shaped, typed and placed like the right-hand side ``like``).  A 1-D
-        ``like`` or an (n, D) carry means one system with 1-D operators."""
+        ``like`` or an (n, D) carry means one system with 1-D operators.  With a
+        preconditioner ``M`` the carry is in residual form and the space M-orthonormal
+        (``RecycleSpace.from_basis``: 2k applications of M more; outer selection and the
+        oracles: 2 dim W)."""
         cfg = self.config
         if not cfg.enabled or (carry is None and cfg.strategy not in ORACLES):
             return None
@@ -304,7 +358,8 @@ class Recycler:
                                                                carry.selected)
             space = self.prepare(promoted, RowOperator(H),
                                  None if jac_t is None else RowOperator(jac_t, check=False),
-                                 like=None if like is None else like[None, ...])
+                                 like=None if like is None else like[None, ...],
+                                 M=None if M is None else RowOperator(M))
             return None if space is None else space.sample(0)
         if cfg.strategy in ORACLES:
             if like is None:
@@ -312,20 +367,28 @@ class Recycler:
             xp = array_namespace(like)
             eye = xp.eye(like.shape[-1], dtype=like.dtype, device=device_of(like))
             return self._select(xp.broadcast_to(eye, (like.shape[0], *eye.shape)), H, jac_t,
-                                ORACLES[cfg.strategy])
+                                ORACLES[cfg.strategy], M)
         if carry.selected:
-            return RecycleSpace.from_basis(H, carry.basis, rank_tol=cfg.rank_tol)
-        return self._select(carry.basis, H, jac_t, cfg.strategy)
+            return RecycleSpace.from_basis(H, carry.basis, rank_tol=cfg.rank_tol, M=M)
+        return self._select(carry.basis, H, jac_t, cfg.strategy, M)
 
-    def _select(self, W: Any, H: Operator, jac_t: Operator | None, strategy: str) -> Any:
-        """Select against H from the whole of W (dim W applications of H, and of Jᵀ)."""
+    def _select(self, W: Any, H: Operator, jac_t: Operator | None, strategy: str,
+                M: Operator | None) -> Any:
+        """Select against H from the whole of W (dim W applications of H, and of Jᵀ;
+        with M, W is in residual form: MW, M·H(MW) are 2 dim W applications of M)."""
         cfg = self.config
         xp = array_namespace(W)
+        Wres, W = (None, W) if M is None else (W, M(W))
         HW = H(W)
+        MHW = None if M is None else M(HW)
         JW = jac_t(W) if cfg.needs_jacobian else None
         valid = xp.linalg.vector_norm(W, axis=-2) > 0
-        Y = select(Projection.from_products(W, HW, JW, valid), strategy, cfg.dim, cfg.which)
-        return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)
+        Y = select(Projection.from_products(W, HW, JW, valid, Wres=Wres, MHW=MHW), strategy,
+                   cfg.dim, cfg.which)
+        if M is None:
+            return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)
+        return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol, MAY=MHW @ Y,
+                                          MinvY=Wres @ Y)
 
     def carry_after(self, result: Any, space: RecycleSpace | None) -> RecycleCarry | None:
         """The carry after a solve: its harvest, or the unchanged space when the solve
@@ -333,5 +396,5 @@ class Recycler:
         if result.harvest is not None:
             return result.harvest
         if space is not None and self.config.strategy not in ORACLES:
-            return RecycleCarry(basis=space.U, selected=True)
+            return RecycleCarry(basis=space.basis, selected=True)
         return None

@@ -59,19 +59,23 @@ class Projection:
     valid: Any = None
 
     @classmethod
-    def from_products(cls, W: Any, HW: Any, JW: Any = None, valid: Any = None) -> Projection:
+    def from_products(cls, W: Any, HW: Any, JW: Any = None, valid: Any = None, *,
+                      Wres: Any = None, MHW: Any = None) -> Projection:
         """Form the projected matrices from W, HW (and JᵀW): no operator applications.
-        Columns outside ``valid`` (all valid when None) are zeroed."""
+        Columns outside ``valid`` (all valid when None) are zeroed.  With a preconditioner
+        M = LLᵀ, given W's residual form Wres = M⁻¹W and MHW = M·HW, they are those of
+        Â = LᵀHL on L⁻¹W: gram = WresᵀW, G = WᵀHW, F = (HW)ᵀ(MHW)."""
         xp = array_namespace(W, HW)
         if valid is None:
             valid = xp.ones(W.shape[:-2] + W.shape[-1:], dtype=xp.bool, device=device_of(W))
         m = xp.astype(valid, W.dtype)[..., None, :]
         W, HW = W * m, HW * m
         Wt = xp.matrix_transpose(W)
+        HWt = xp.matrix_transpose(HW)
         return cls(
-            gram=symmetrize(Wt @ W),
+            gram=symmetrize((Wt if Wres is None else xp.matrix_transpose(Wres * m)) @ W),
             G=symmetrize(Wt @ HW),
-            F=symmetrize(xp.matrix_transpose(HW) @ HW),
+            F=symmetrize(HWt @ (HW if MHW is None else MHW * m)),
             P=None if JW is None else JW * m,
             valid=valid,
         )
