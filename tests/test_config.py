@@ -18,7 +18,7 @@ GROUP_OPTIONS = {
     "backend": ["numpy", "cupy", "array_api_strict"],
     "recycle": ["none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both"],
     "outer": ["adam", "gd"],
-    "stop": ["residual", "hypergradient"],
+    "stop": ["residual", "hypergradient", "hypergradient_change"],
     "tracking": ["default", "disabled"],
     "baseline": ["none", "shadow"],
     "checkpoint": ["default", "off"],

@@ -200,8 +200,8 @@ class HypergradientChangeRule:
 
     is ≤ max(rtol·‖Jᵀw_k‖, atol): the NSC's Galerkin estimate (range U) and the geometric
     tail of the hypergradient's own changes (all of the space; q_k ≥ 1 never stops, the
-    second ratio is left out at k = 1).  One Jᵀ application per call (to the batch of
-    iterates).  ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A
+    second ratio is left out at k = 1), times ``safety``.  One Jᵀ application per call to
+    the rows still running.  ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A
     hypergradient-error rule that holds")."""
 
     needs_residual = True
@@ -215,12 +215,17 @@ class HypergradientChangeRule:
         self.estimator, self.jac_t, self.rtol, self.atol = estimator, jac_t, rtol, atol
         self.safety = safety
         self.active = xp.ones(b.shape[:1], dtype=xp.bool, device=device_of(b))
+        self.done = ~self.active
         self.estimates: list[Any] = []
         self.previous: tuple[Any, Any, Any] | None = None  # Jᵀw, ‖r‖, ‖JᵀΔw‖ of k − 1
 
     def __call__(self, state: IterationState) -> Any:
         xp = array_namespace(state.iterate)
-        h, rnorm = self.jac_t(state.iterate), state.residual_norm
+        w, rnorm = state.iterate, state.residual_norm
+        if self.previous is None and not bool(xp.any(w != 0)):
+            h = 0 * w[..., :1]  # x₀ = 0: Jᵀx₀ = 0 without an application (one sync)
+        else:  # stopped rows are zero (not applied, not counted)
+            h = self.jac_t(xp.where(self.done[:, None], xp.zeros_like(w), w))
         h_norm = xp.sqrt(xp.sum(h * h, axis=-1))
         step = xp.full_like(rnorm, math.inf)
         est = xp.where(rnorm > 0, step, 0 * rnorm)  # k < 2: no rate yet, only r = 0 stops
@@ -237,7 +242,9 @@ class HypergradientChangeRule:
             est = xp.where(rnorm > 0, self.safety * tail, est)
         self.previous = (h, rnorm, step)
         self.estimates.append(est / xp.where(h_norm > 0, h_norm, xp.ones_like(h_norm)))
-        return est <= xp.maximum(self.rtol * h_norm, xp.full_like(h_norm, self.atol))
+        self.done = self.done | (est <= xp.maximum(self.rtol * h_norm,
+                                                   xp.full_like(h_norm, self.atol)))
+        return self.done
 
 
 # Stopping rules (config ``stop.kind``).
