@@ -193,14 +193,14 @@ class HypergradientErrorRule:
 
 
 class HypergradientChangeRule:
-    """Stop sample i at iteration k ≥ 1 when its estimated hypergradient error
+    """Stop sample i at iteration k ≥ 2 when its estimated hypergradient error
 
         E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·‖Jᵀ(w_k − w_{k−1})‖),
         q_k = max(‖r_k‖/‖r_{k−1}‖, ‖Jᵀ(w_k − w_{k−1})‖/‖Jᵀ(w_{k−1} − w_{k−2})‖),
 
     is ≤ max(rtol·‖Jᵀw_k‖, atol): the NSC's Galerkin estimate (range U) and the geometric
-    tail of the hypergradient's own changes (all of the space; q_k ≥ 1 never stops, the
-    second ratio is left out at k = 1), times ``safety``.  One Jᵀ application per call to
+    tail of the hypergradient's own changes (all of the space; q_k ≥ 1 never stops),
+    times ``safety``; before k = 2 only r = 0 stops.  One Jᵀ application per call to
     the rows still running.  ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A
     hypergradient-error rule that holds")."""
 
