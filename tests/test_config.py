@@ -18,7 +18,7 @@ GROUP_OPTIONS = {
     "backend": ["numpy", "cupy", "array_api_strict"],
     "recycle": ["none", "ritz", "harmonic_ritz", "rgen_left", "rgen_right", "rgen_both"],
     "outer": ["adam", "gd"],
-    "stop": ["residual", "hypergradient"],
+    "stop": ["residual", "hypergradient", "hypergradient_change"],
     "tracking": ["default", "disabled"],
     "baseline": ["none", "shadow"],
     "checkpoint": ["default", "off"],
@@ -76,6 +76,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
         (["solver.preconditioner=fft", "stop=hypergradient"],
          "solver.preconditioner"),  # with recycling and NSC
+        (["solver.preconditioner=fft", "stop=hypergradient_change"],
+         "solver.preconditioner"),  # its estimate needs the unpreconditioned residual
         (["solver.preconditioner=fft", "recycle=none", "problem.regularizer=tv"],
          "solver.preconditioner"),
         (["problem.init_exponent=inf"], "problem.init_exponent"),

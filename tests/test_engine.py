@@ -126,10 +126,11 @@ def test_batch_equals_each_alone_on_the_quadratic(B, n, strategy, k, outer, nsc,
     assert_together_equals_alone(be, problems, cfg, [THETA + 0.3])
 
 
-def test_batch_equals_each_alone_under_array_api_strict():
+@pytest.mark.parametrize("kind", ["hypergradient", "hypergradient_change"])
+def test_batch_equals_each_alone_under_array_api_strict(kind):
     be = get_backend("array_api_strict", dtype="float64", device="device1")
     cfg = EngineConfig(recycle=RecycleConfig("rgen_right", 3, max_vectors=5),
-                       stop=StopConfig("hypergradient", rtol=1e-6), lower_gtol=1e-5,
+                       stop=StopConfig(kind, rtol=1e-6), lower_gtol=1e-5,
                        lower_newton_steps=2, shadow_baseline=True)
     problems = [QuadraticProblem(n=n, num_terms=3, seed=s, backend=be)
                 for s, n in enumerate((20, 20, 20))]

@@ -366,8 +366,9 @@ class BilevelEngine:
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop
         rule = None
-        if stop.kind == StopKind.hypergradient and space is not None:
-            rule = stop.rule(space, J, G)  # NSC; without a recycle space: the residual rule
+        if stop.kind == StopKind.hypergradient_change or (
+                stop.kind == StopKind.hypergradient and space is not None):
+            rule = stop.rule(space, J, G)  # NSC without a recycle space: the residual rule
         solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
                         true_residual=False, M=M)

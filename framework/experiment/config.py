@@ -341,9 +341,11 @@ def validate(cfg: DictConfig | Config) -> Config:
            f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}; or "
            "add recycle.adaptive=false")
     if c.solver.preconditioner == Preconditioner.fft:
-        _check(c.stop.kind != StopKind.hypergradient or c.recycle.strategy == Strategy.none,
-               "solver.preconditioner", "fft is not combined with recycling and the NSC "
-               "stopping rule yet; use stop=residual")
+        _check(c.stop.kind == StopKind.residual or (c.stop.kind == StopKind.hypergradient
+                                                    and c.recycle.strategy == Strategy.none),
+               "solver.preconditioner",
+               f"fft is not combined with stop={c.stop.kind} yet (its estimates need the "
+               "unpreconditioned residual); use stop=residual")
         _check(c.task != Task.resolve, "solver.preconditioner",
                "task=resolve re-solves a recording without a preconditioner; use none")
         _check(c.problem.regularizer == Regularizer.foe, "solver.preconditioner",

@@ -53,7 +53,8 @@ def method_label(recycle: RecycleConfig, stop: StopConfig) -> str:
     strategy = recycle.strategy
     end = _END[recycle.which or DEFAULT_WHICH.get(strategy, Which.large)]
     base = _PAPER_NAMES.get(strategy, str(strategy)).format(end)
-    return base + ("+NSC" if stop.kind == StopKind.hypergradient else "")
+    suffix = {StopKind.hypergradient: "+NSC", StopKind.hypergradient_change: "+NSC+change"}
+    return base + suffix.get(stop.kind, "")
 
 
 def load_sequence(path: str | Path) -> RecordedSequence:

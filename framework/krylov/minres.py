@@ -262,6 +262,7 @@ class _Solve:
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
+        self.show_iterate = bool(getattr(rule, "needs_iterate", False))
         self.passes = 2 if checked else 0  # the symmetry check's passes
         self.preconditioner_passes = 2 if checked and M is not None else 0
 
@@ -379,7 +380,8 @@ class _Solve:
         """The stopping rule per sample: host bools, or a device mask."""
         if isinstance(rnorms, list):
             rnorms = self.xp.asarray(rnorms, dtype=self.b.dtype, device=device_of(self.b))
-        met = self.rule(IterationState(iteration, rnorms, self.b_norm, residual))
+        met = self.rule(IterationState(iteration, rnorms, self.b_norm, residual,
+                                       self._iterate() if self.show_iterate else None))
         return met if self.scalar_kind == "device" else [bool(m) for m in to_host(met)]
 
     def _iterate(self) -> Any:

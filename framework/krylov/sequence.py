@@ -14,7 +14,7 @@ from framework.krylov.minres import KrylovResult, rminres
 from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
 from framework.krylov.recycle_space import RecycleSpace
-from framework.krylov.stopping import HypergradientErrorRule, StopConfig
+from framework.krylov.stopping import HypergradientChangeRule, HypergradientErrorRule, StopConfig
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,11 @@ class RecycledSolve:
 
     @property
     def hg_error_estimate(self) -> float:
-        """Last NSC estimate of the relative hypergradient error ‖Jᵀ(w_k − w*)‖/‖Jᵀw*‖
-        (NaN when the NSC rule was not active)."""
+        """Last estimate of the relative hypergradient error ‖Jᵀ(w_k − w*)‖/‖Jᵀw*‖ by a
+        hypergradient rule (NaN when none was active)."""
         rule = self.rule
-        if isinstance(rule, HypergradientErrorRule) and rule.estimates and bool(rule.active[0]):
+        if (isinstance(rule, HypergradientErrorRule | HypergradientChangeRule)
+                and rule.estimates and bool(rule.active[0])):
             return float(rule.estimates[-1][0])
         return math.nan
 

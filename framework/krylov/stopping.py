@@ -24,12 +24,14 @@ from framework.krylov.dense import diag_embed, gsvd, orthonormal_coordinates, sy
 @dataclass(frozen=True)
 class IterationState:
     """What a rule sees: the iteration, the residual-norm estimates and ‖b‖ ((B,) arrays;
-    floats for a single-system rule), and the residual rows when it asked for them."""
+    floats for a single-system rule), and the residual rows and iterate rows when it asked
+    for them (``needs_residual``, ``needs_iterate``)."""
 
     iteration: int
     residual_norm: Any
     b_norm: Any
     residual: Any = None
+    iterate: Any = None
 
 
 @runtime_checkable
@@ -190,16 +192,72 @@ class HypergradientErrorRule:
         return xp.where(self.active, est <= self.threshold, fallback)
 
 
+class HypergradientChangeRule:
+    """Stop sample i at iteration k ≥ 2 when its estimated hypergradient error
+
+        E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·‖Jᵀ(w_k − w_{k−1})‖),
+        q_k = max(‖r_k‖/‖r_{k−1}‖, ‖Jᵀ(w_k − w_{k−1})‖/‖Jᵀ(w_{k−1} − w_{k−2})‖),
+
+    is ≤ max(rtol·‖Jᵀw_k‖, atol): the NSC's Galerkin estimate (range U) and the geometric
+    tail of the hypergradient's own changes (all of the space; q_k ≥ 1 never stops),
+    times ``safety``; before k = 2 only r = 0 stops.  One Jᵀ application per call to
+    the rows still running.  ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A
+    hypergradient-error rule that holds")."""
+
+    needs_residual = True
+    needs_iterate = True
+    batch = True
+
+    def __init__(self, estimator: HypergradientErrorEstimator | None, jac_t: Any, b: Any, *,
+                 rtol: float = 1e-3, atol: float = 0.0, safety: float = 1.0) -> None:
+        check_tolerances(rtol, atol)
+        xp = array_namespace(b)
+        self.estimator, self.jac_t, self.rtol, self.atol = estimator, jac_t, rtol, atol
+        self.safety = safety
+        self.active = xp.ones(b.shape[:1], dtype=xp.bool, device=device_of(b))
+        self.done = ~self.active
+        self.estimates: list[Any] = []
+        self.previous: tuple[Any, Any, Any] | None = None  # Jᵀw, ‖r‖, ‖JᵀΔw‖ of k − 1
+
+    def __call__(self, state: IterationState) -> Any:
+        xp = array_namespace(state.iterate)
+        w, rnorm = state.iterate, state.residual_norm
+        if self.previous is None and not bool(xp.any(w != 0)):
+            h = 0 * w[..., :1]  # x₀ = 0: Jᵀx₀ = 0 without an application (one sync)
+        else:  # stopped rows are zero (not applied, not counted)
+            h = self.jac_t(xp.where(self.done[:, None], xp.zeros_like(w), w))
+        h_norm = xp.sqrt(xp.sum(h * h, axis=-1))
+        step = xp.full_like(rnorm, math.inf)
+        est = xp.where(rnorm > 0, step, 0 * rnorm)  # k < 2: no rate yet, only r = 0 stops
+        if self.previous is not None:
+            h_prev, r_prev, step_prev = self.previous
+            step = xp.sqrt(xp.sum((h - h_prev) ** 2, axis=-1))
+            q = xp.maximum(rnorm / xp.where(r_prev > 0, r_prev, xp.ones_like(r_prev)),
+                           step / xp.where(step_prev > 0, step_prev, xp.ones_like(step_prev)))
+            q = xp.where((step_prev < math.inf) & (q < 1), q, xp.ones_like(q))
+            tail = xp.where(q < 1, step * q / xp.where(q < 1, 1 - q, xp.ones_like(q)),
+                            xp.full_like(q, math.inf))
+            if self.estimator is not None:
+                tail = xp.maximum(tail, self.estimator.estimate(state.residual))
+            est = xp.where(rnorm > 0, self.safety * tail, est)
+        self.previous = (h, rnorm, step)
+        self.estimates.append(est / xp.where(h_norm > 0, h_norm, xp.ones_like(h_norm)))
+        self.done = self.done | (est <= xp.maximum(self.rtol * h_norm,
+                                                   xp.full_like(h_norm, self.atol)))
+        return self.done
+
+
 # Stopping rules (config ``stop.kind``).
-StopKind = Choice("StopKind", "residual hypergradient")
+StopKind = Choice("StopKind", "residual hypergradient hypergradient_change")
 
 
 @dataclass
 class StopConfig:
     """The stopping rule of a recycled solve (schema of the config group ``stop``):
-    ``residual``, ‖r‖ ≤ max(rtol·‖b‖, atol), or ``hypergradient``, the NSC with relative
+    ``residual``, ‖r‖ ≤ max(rtol·‖b‖, atol); ``hypergradient``, the NSC with relative
     tolerance ``hg_rtol`` (default rtol), ``safety`` and ``keep`` generalised singular
-    values (all when None)."""
+    values (all when None); ``hypergradient_change``, the NSC and the tail of the
+    hypergradient's changes (``HypergradientChangeRule``, tolerance hg_rtol or rtol)."""
 
     kind: StopKind = StopKind.residual
     rtol: float = 1e-5
@@ -222,11 +280,15 @@ class StopConfig:
         if self.kind == StopKind.residual:
             return ResidualRule(self.rtol, self.atol)
         if jac_t is None:
-            raise ValueError("the hypergradient stopping rule needs a jac_t operator")
+            raise ValueError(f"the {self.kind.value} stopping rule needs a jac_t operator")
         estimator = None
         if space is not None:
             estimator = HypergradientErrorEstimator.from_space(
                 space.U, space.C, jac_t(space.U), keep=self.keep)
+        hg_rtol = self.rtol if self.hg_rtol is None else self.hg_rtol
+        if self.kind == StopKind.hypergradient_change:
+            return HypergradientChangeRule(estimator, jac_t, b, rtol=hg_rtol, atol=self.atol,
+                                           safety=self.safety)
         return HypergradientErrorRule(
-            estimator, b, rtol=self.rtol if self.hg_rtol is None else self.hg_rtol,
-            atol=self.atol, safety=self.safety, fallback=ResidualRule(self.rtol, self.atol))
+            estimator, b, rtol=hg_rtol, atol=self.atol, safety=self.safety,
+            fallback=ResidualRule(self.rtol, self.atol))
