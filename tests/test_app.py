@@ -455,7 +455,7 @@ def test_help_says_what_the_tool_does_and_lists_the_groups(tmp_path, uri):
     result = _hyperkrylov(["--help"], tmp_path, uri)
     assert result.returncode == 0, result.stderr
     for part in ("== Tasks (task=...) ==", "resolve    re-solve a recording",
-                 "recycle: harmonic_ritz, none, rgen_both", "hyperkrylov-compare --paper",
+                 "recycle: auto, harmonic_ritz, none, rgen_both", "hyperkrylov-compare --paper",
                  "2 bad value or input"):
         assert part in result.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
