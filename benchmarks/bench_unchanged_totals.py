@@ -193,7 +193,10 @@ def resolve_metrics(store: Path) -> dict[str, dict[str, list[float]]]:
     out = {}
     for run in client.search_runs([experiment.experiment_id]):
         overrides = run.data.tags.get("hyperkrylov.overrides", "")
-        method = next(o.split("=", 1)[1] for o in overrides.split() if o.startswith("method="))
+        methods = [o.split("=", 1)[1] for o in overrides.split() if o.startswith("method=")]
+        if not methods:  # the sweep's parent run (new tree)
+            continue
+        method = methods[0]
         out[method] = {
             key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
                                           key=lambda m: m.step)]
