@@ -326,9 +326,8 @@ class BilevelEngine:
         indices = self._indices(indices)
         batch = self._batch(indices)
         xp = array_namespace(theta)
-        X0, warm = self._lower_start(xp, batch, indices)
-        if x0 is not None:
-            X0, warm = x0, [True] * len(indices)
+        X0, warm = (self._lower_start(xp, batch, indices) if x0 is None
+                    else (x0, [True] * len(indices)))
         return self._solve_lower(batch, theta, X0, warm).X
 
     def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
