@@ -1,12 +1,11 @@
 """Krylov solvers with subspace recycling."""
 
-from framework.krylov.lanczos import Harvester, LanczosHarvest, LanczosRecorder
+from framework.krylov.lanczos import LanczosHarvest, LanczosRecorder
 from framework.krylov.minres import KrylovResult, Status, rminres
 from framework.krylov.recycle_space import RecycleSpace
-from framework.krylov.stopping import IterationState, ResidualRule, StopRule
+from framework.krylov.stopping import IterationState, ResidualRule
 
 __all__ = [
-    "Harvester",
     "IterationState",
     "KrylovResult",
     "LanczosHarvest",
@@ -14,6 +13,5 @@ __all__ = [
     "RecycleSpace",
     "ResidualRule",
     "Status",
-    "StopRule",
     "rminres",
 ]

@@ -4,19 +4,20 @@ During RMINRES the solver runs Lanczos on (I − CCᵀ)A restricted to range(C)^
 
     (I − CCᵀ) A V_m = V_{m+1} T̄_m,      B_m = Cᵀ A V_m,      Vᵀ C = 0.
 
-A *harvester* receives, for all samples at once, the tridiagonal entries ((B,) arrays),
-the columns of B ((B, k)), the basis vectors ((B, n) rows) and which samples were updated
-this iteration; the solver itself needs none of it.  With a preconditioner M it receives
-both forms of each basis vector, v (solution space, the V above) and u = M⁻¹v (residual
-space: (I − C(MC)ᵀ)AV_m = U_{m+1}T̄_m, B_m = (MC)ᵀAV_m); without one u is None.  The
-recorder keeps v.
+A *harvester* (``rminres(harvest=...)``) gets ``begin(space, v1, u1, beta1)``, then per
+iteration ``step(alpha, beta_next, b_col, v_next, u_next, update)`` for all samples at
+once: the tridiagonal entries ((B,) arrays), the column of B ((B, k)), the basis vectors
+((B, n) rows) and which samples were updated; ``finish()`` returns what it kept.  With a
+preconditioner M it receives both forms of each basis vector, v (solution space, the V
+above) and u = M⁻¹v (residual space: (I − C(MC)ᵀ)AV_m = U_{m+1}T̄_m, B_m = (MC)ᵀAV_m);
+without one u is None.  The recorder keeps v.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from array_api_compat import array_namespace
 
@@ -47,9 +48,9 @@ class LanczosHarvest:
     def stored(self) -> int:
         return 0 if self.V is None else int(self.V.shape[1])
 
-    def tridiagonal(self, xp: Any, m: int | None = None, *, device: Any = None) -> Any:
-        """T̄_m as an (m+1) × m array (``m`` defaults to all steps)."""
-        m = self.steps if m is None else m
+    def tridiagonal(self, xp: Any, *, device: Any = None) -> Any:
+        """T̄_m as an (m+1) × m array."""
+        m = self.steps
         rows = [[0.0] * m for _ in range(m + 1)]
         for j in range(m):
             rows[j][j] = self.alphas[j]
@@ -58,17 +59,6 @@ class LanczosHarvest:
                 rows[j][j + 1] = self.betas[j]
         dtype = None if self.V is None else self.V.dtype
         return xp.asarray(rows, dtype=dtype, device=device)
-
-
-class Harvester(Protocol):
-    """Receives the Lanczos process of a batched solve; ``finish`` returns what it kept."""
-
-    def begin(self, space: Any, v1: Any, u1: Any, beta1: Any) -> None: ...
-
-    def step(self, alpha: Any, beta_next: Any, b_col: Any, v_next: Any, u_next: Any,
-             update: Any) -> None: ...
-
-    def finish(self) -> Any: ...
 
 
 class LanczosRecorder:

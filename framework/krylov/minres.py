@@ -42,7 +42,6 @@ from framework.krylov.stopping import (
     IterationState,
     ResidualRule,
     SingleSampleRule,
-    check_reachable,
     check_tolerances,
 )
 
@@ -137,18 +136,17 @@ def _check_count(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_inputs(xp: Any, A: Any, b: Any, x0: Any, recycle: RecycleSpace | None,
-                  rtol: float, atol: float, stop: Any) -> None:
-    """b (n,) or (B, n), the shapes of a matrix A, x0 and the recycle space, the tolerances."""
+def _check_inputs(xp: Any, A: Any, b: Any, x0: Any, recycle: RecycleSpace | None, M: Any,
+                  stop: Any, rtol: float, atol: float) -> None:
+    """b (n,) or (B, n), the shapes of a matrix A, x0 and the recycle space, M against the
+    rule and the space, the tolerances (0 < rtol < eps with atol = 0 is unreachable)."""
     if b.ndim not in (1, 2):
         raise ValueError(f"b must have shape (n,) or (B, n), got {tuple(b.shape)}")
     n, rows = int(b.shape[-1]), tuple(b.shape)
     shape = getattr(A, "shape", None)
-    if shape is not None and b.ndim == 1 and tuple(shape) != (n, n):
-        raise ValueError(f"operator shape {tuple(shape)} does not match b of shape ({n},)")
-    if shape is not None and b.ndim == 2 and tuple(shape)[-2:] != (n, n):
-        raise ValueError(f"b must have {shape[-1]} entries per row: operator shape "
-                         f"{tuple(shape)} does not match b of shape {rows}")
+    if shape is not None and (tuple(shape)[-2:] != (n, n) or len(shape) > b.ndim + 1):
+        raise ValueError(f"operator shape {tuple(shape)} does not match b of shape {rows}: "
+                         f"b must have {shape[-1]} entries per row")
     _check_rows(xp, "b", b, rows)
     if x0 is not None:
         _check_rows(xp, "x0", x0, rows, b.dtype)
@@ -156,9 +154,20 @@ def _check_inputs(xp: Any, A: Any, b: Any, x0: Any, recycle: RecycleSpace | None
                                 or tuple(recycle.U.shape[:-1]) != rows):
         raise ValueError(f"recycle space U {tuple(recycle.U.shape)} and C "
                          f"{tuple(recycle.C.shape)} must both be ({', '.join(map(str, rows))}, k)")
+    if M is not None and getattr(stop, "needs_residual", False):
+        raise ValueError("a preconditioner M cannot be combined with a stopping rule that "
+                         "needs the residual (NSC) yet; drop M or use the residual rule")
+    if recycle is not None and recycle.preconditioned != (M is not None):
+        raise ValueError("the recycle space was built " + (
+            "for a preconditioner but no M is given; pass M= or build it without M"
+            if M is None else "without the preconditioner; build it with "
+            "RecycleSpace.from_basis(A, Y, M=M)"))
     check_tolerances(rtol, atol)
-    if stop is None:
-        check_reachable(rtol, atol, float(xp.finfo(b.dtype).eps))
+    eps = float(xp.finfo(b.dtype).eps)
+    if stop is None and atol == 0 and 0 < rtol < eps:
+        raise ValueError(f"rtol={rtol!r} is below the machine epsilon {eps:.2g} of the data's "
+                         "dtype and cannot be reached; use a larger rtol, an atol, or rtol=0 "
+                         "to run to maxiter")
 
 
 def rminres(
@@ -206,7 +215,7 @@ def rminres(
     check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
     """
     xp = array_namespace(b)
-    _check_inputs(xp, A, b, x0, recycle, rtol, atol, stop)
+    _check_inputs(xp, A, b, x0, recycle, M, stop, rtol, atol)
     maxiter = _check_count("maxiter", 5 * int(b.shape[-1]) if maxiter is None else maxiter)
     check_every = _check_count("check_every", check_every)
     if scalars is None:
@@ -217,14 +226,6 @@ def rminres(
     rule = stop if stop is not None else ResidualRule(rtol, atol)
     if single and not (isinstance(rule, ResidualRule) or getattr(rule, "batch", False)):
         rule = SingleSampleRule(rule)
-    if M is not None and getattr(rule, "needs_residual", False):
-        raise ValueError("a preconditioner M cannot be combined with a stopping rule that "
-                         "needs the residual (NSC) yet; drop M or use the residual rule")
-    if recycle is not None and recycle.preconditioned != (M is not None):
-        raise ValueError("the recycle space was built " + (
-            "for a preconditioner but no M is given; pass M= or build it without M"
-            if M is None else "without the preconditioner; build it with "
-            "RecycleSpace.from_basis(A, Y, M=M)"))
     if single:
         A, b = RowOperator(A), b[None, :]
         x0 = None if x0 is None else x0[None, :]
@@ -253,12 +254,10 @@ class _Solve:
                  callback: Any, scalars: str, M: Any, checked: bool) -> None:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
-        self.M = M
-        self.space = recycle
+        self.M, self.space = M, recycle
         self.U, self.C = (None, None) if recycle is None else (recycle.U, recycle.C)
         # the projector is I − C(MC)ᵀ; MC is C itself without a preconditioner
-        self.MC = None if recycle is None or recycle.MC is None else recycle.MC
-        self.MC = self.C if self.MC is None else self.MC
+        self.MC = self.C if recycle is None or recycle.MC is None else recycle.MC
         self.scalar_kind = scalars
         self.tol = 10.0 * float(self.xp.finfo(b.dtype).eps)  # breakdown/exactness scale
         self.keep_residual = bool(getattr(rule, "needs_residual", False))
