@@ -13,14 +13,13 @@ space (n applications; tests and small n only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.choice import Choice
-from framework.krylov.dense import symmetrize
 from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
@@ -269,7 +268,7 @@ class RecycleHarvester:
         """W and its projected matrices (no operator applications, JᵀW excepted); with a
         preconditioner those of Â = LᵀAL on L⁻¹W (README, "Preconditioned recycling")."""
         W, HW, JW, Wres, MHW = self._basis(jacobian=jacobian)
-        return W, Projection.from_products(W, HW, JW, self.valid, Wres=Wres, MHW=MHW)
+        return W, Projection.from_products(W, HW, JW, Wres=Wres, MHW=MHW)
 
     def _compress(self, *, final: bool) -> None:
         """Select k vectors of W = [Z, V]: the projected matrices summed over blocks of
@@ -284,19 +283,13 @@ class RecycleHarvester:
         size = n if n <= ROWS else max(ROWS // 4, n // (2 * int(self.valid.shape[-1])))
         chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
         JW = None if self.jac_t is None else self._jacobian_products(terms)
-        sums = None
+        proj = None
         for rows in chunks:
-            W, HW, Wres, MHW = self._rows(rows, terms)  # masked: Projection's products
-            Wt, HWt = xp.matrix_transpose(W), xp.matrix_transpose(HW)
-            # with M: those of Â = LᵀHL on L⁻¹W, gram = WresᵀW, G = WᵀHW, F = (HW)ᵀ(MHW)
-            part = (symmetrize((Wt if Wres is None else xp.matrix_transpose(Wres)) @ W),
-                    symmetrize(Wt @ HW), symmetrize(HWt @ (HW if MHW is None else MHW)))
-            del W, HW, Wt, HWt, Wres, MHW
-            sums = part if sums is None else tuple(
-                total + add for total, add in zip(sums, part, strict=True))
-        mask = xp.astype(self.valid, sums[0].dtype)[:, None, :]
-        proj = Projection(*sums, P=None if JW is None else JW * mask, valid=self.valid)
-        coef = select(proj, cfg.strategy, cfg.dim, cfg.which)
+            W, HW, Wres, MHW = self._rows(rows, terms)  # masked
+            part = Projection.from_products(W, HW, Wres=Wres, MHW=MHW)
+            del W, HW, Wres, MHW
+            proj = part if proj is None else proj + part
+        coef = select(replace(proj, P=JW), cfg.strategy, cfg.dim, cfg.which)
         shape, like = (B, n, coef.shape[-1]), self.block[0]
         reuse = self.owned and tuple(self.Z.shape) == shape
 
@@ -377,13 +370,11 @@ class Recycler:
         """Select against H from the whole of W (dim W applications of H, and of Jᵀ;
         with M, W is in residual form: MW, M·H(MW) are 2 dim W applications of M)."""
         cfg = self.config
-        xp = array_namespace(W)
         Wres, W = (None, W) if M is None else (W, M(W))
         HW = H(W)
         MHW = None if M is None else M(HW)
         JW = jac_t(W) if cfg.needs_jacobian else None
-        valid = xp.linalg.vector_norm(W, axis=-2) > 0
-        Y = select(Projection.from_products(W, HW, JW, valid, Wres=Wres, MHW=MHW), strategy,
+        Y = select(Projection.from_products(W, HW, JW, Wres=Wres, MHW=MHW), strategy,
                    cfg.dim, cfg.which)
         if M is None:
             return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)

@@ -49,36 +49,28 @@ def needs_jacobian(strategy: str) -> bool:
 
 @dataclass(frozen=True)
 class Projection:
-    """gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW of a masked basis, each (B, D, ·) (or
-    unbatched), and the (B, D) mask of valid columns."""
+    """gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW of a basis whose padding columns are
+    zero, each (B, D, ·) (or unbatched)."""
 
     gram: Any
     G: Any
     F: Any
     P: Any = None
-    valid: Any = None
 
     @classmethod
-    def from_products(cls, W: Any, HW: Any, JW: Any = None, valid: Any = None, *,
-                      Wres: Any = None, MHW: Any = None) -> Projection:
+    def from_products(cls, W: Any, HW: Any, JW: Any = None, *, Wres: Any = None,
+                      MHW: Any = None) -> Projection:
         """Form the projected matrices from W, HW (and JᵀW): no operator applications.
-        Columns outside ``valid`` (all valid when None) are zeroed.  With a preconditioner
-        M = LLᵀ, given W's residual form Wres = M⁻¹W and MHW = M·HW, they are those of
-        Â = LᵀHL on L⁻¹W: gram = WresᵀW, G = WᵀHW, F = (HW)ᵀ(MHW)."""
+        With a preconditioner M = LLᵀ, given W's residual form Wres = M⁻¹W and MHW = M·HW,
+        they are those of Â = LᵀHL on L⁻¹W: gram = WresᵀW, G = WᵀHW, F = (HW)ᵀ(MHW)."""
         xp = array_namespace(W, HW)
-        if valid is None:
-            valid = xp.ones(W.shape[:-2] + W.shape[-1:], dtype=xp.bool, device=device_of(W))
-        m = xp.astype(valid, W.dtype)[..., None, :]
-        W, HW = W * m, HW * m
-        Wt = xp.matrix_transpose(W)
-        HWt = xp.matrix_transpose(HW)
-        return cls(
-            gram=symmetrize((Wt if Wres is None else xp.matrix_transpose(Wres * m)) @ W),
-            G=symmetrize(Wt @ HW),
-            F=symmetrize(HWt @ (HW if MHW is None else MHW * m)),
-            P=None if JW is None else JW * m,
-            valid=valid,
-        )
+        return cls(gram=symmetrize(xp.matrix_transpose(W if Wres is None else Wres) @ W),
+                   G=symmetrize(xp.matrix_transpose(W) @ HW),
+                   F=symmetrize(xp.matrix_transpose(HW) @ (HW if MHW is None else MHW)), P=JW)
+
+    def __add__(self, other: Projection) -> Projection:
+        """The sum over blocks of rows (P is not summed)."""
+        return Projection(self.gram + other.gram, self.G + other.G, self.F + other.F)
 
 
 def _support(xp: Any, vectors: Any, dead: Any) -> Any:
@@ -159,7 +151,7 @@ def select(proj: Projection, strategy: str, k: int, which: str | None = None, *,
     xp = array_namespace(proj.gram)
     if proj.gram.ndim == 2:
         batch = Projection(*(None if a is None else a[None, ...] for a in
-                             (proj.gram, proj.G, proj.F, proj.P, proj.valid)))
+                             (proj.gram, proj.G, proj.F, proj.P)))
         return select(batch, strategy, k, which, rank_tol=rank_tol)[0, ...]
     S, keep = orthonormal_coordinates(proj.gram, rank_tol)
     St = xp.matrix_transpose(S)
