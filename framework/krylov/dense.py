@@ -1,11 +1,6 @@
 """Small dense kernels for choosing recycle spaces, on stacked (B, d, d) matrices (or one
-d × d matrix).
-
-Everything is reduced to ``eigh``, ``qr``, ``svd`` and ``solve`` from the array API
-``linalg`` extension (stacked over leading dimensions), so the same code runs on NumPy,
-CuPy and array-api-strict, for every sample of a batch at once, on the device of its
-inputs.  (The standard has no generalised ``eigh(a, b)`` or GSVD: both are built here.)
-"""
+d × d matrix), built from the array API ``linalg`` extension's ``eigh``, ``qr``, ``svd``
+and ``solve`` (the standard has no generalised ``eigh(a, b)`` or GSVD)."""
 
 from __future__ import annotations
 

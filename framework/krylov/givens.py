@@ -3,13 +3,10 @@
 Each iteration sample i adds a column (β_k, α_k, β_{k+1}) to its tridiagonal T̄; the two
 previous rotations and a new one reduce it, giving the direction recurrence
 d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ and the step φ along d_k.  ``rotate`` is written
-once against an ``ops`` table for two homes of the scalars: ``HostScalars`` (Python floats,
-one call per sample: a few microseconds, so B = 1 costs what a classic solver costs) and
-``DeviceScalars`` ((B,) device arrays, one call per batch; the host reads one "is any
-sample running?" flag every ``check_every`` iterations).  The vector kernels get the
-coefficients as ``Columns`` of (B, 1) row scales (Python floats for B = 1 on the host).  A
-frozen sample (converged, exact, broken down, non-finite) gets the identity rotation and
-zero step, so its iterate no longer changes.
+once against an ``ops`` table for ``HostScalars`` (Python floats, one call per sample: a
+few microseconds) and ``DeviceScalars`` ((B,) device arrays, one call per batch; the host
+reads one "any sample running?" flag every ``check_every`` iterations).  A frozen sample
+(converged, exact, broken down, non-finite) gets the identity rotation and zero step.
 """
 
 from __future__ import annotations
@@ -26,7 +23,8 @@ from backends.host import host_list, to_host
 
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
 
-# The per-iteration coefficients handed to the vector kernels, each a row scale.
+# The per-iteration coefficients handed to the vector kernels, each a (B, 1) row scale
+# (a Python float for B = 1 on the host).
 Columns = namedtuple(
     "Columns", "gamma delta epsilon phi beta_div res_keep res_add harvest_beta update")
 

@@ -1,7 +1,7 @@
 """MINRES with an optional recycle space (RMINRES), batch-first, against the array API.
 
 B symmetric systems A_i x_i = b_i are solved together: vectors are rows of (B, n) arrays
-and one *pass* of the operator maps (B, n) → (B, n).  A 1-D ``b`` is a batch of one.
+and one *pass* of the operator maps (B, n) → (B, n); a 1-D ``b`` is a batch of one.
 Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the non-zero columns;
 zero columns are padding) the solver
 
@@ -11,16 +11,14 @@ zero columns are padding) the solver
   y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
 With a preconditioner M = LLᵀ ≈ A⁻¹ the same method runs on Â = LᵀAL (never formed):
-hat vectors map to solution-space vectors v = L v̂ and residual-space vectors u = L⁻ᵀv̂
-(v = M u), Ĉ = LᵀC, Û = L⁻¹U, so ĈᵀĈ = I reads CᵀMC = I, the projector I − ĈĈᵀ reads
-I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m, and the iterate and ‖r̂‖ = ‖r‖_M keep their form
-(README, "Preconditioned recycling").  The space carries MC: one application of M per
-iteration, as without recycling.
+v = L v̂ (solution space), u = L⁻ᵀv̂ (residual space, v = M u), Ĉ = LᵀC, Û = L⁻¹U, so
+ĈᵀĈ = I reads CᵀMC = I, the projector I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m, and the
+iterate and ‖r̂‖ = ‖r‖_M keep their form (README, "Preconditioned recycling"); the space
+carries MC: one application of M per iteration, as without recycling.
 
-Per iteration: one pass, two row-wise inner products and a few row updates; the scalars
-are a small dense step (``framework.krylov.givens``) on the host (CPU) or device (GPU).
-A sample that meets its stopping rule freezes at exactly the iteration where it would
-stop alone; the others run on.
+Per iteration: one pass, two row-wise inner products, a few row updates and the scalar
+step of ``framework.krylov.givens``.  A sample that meets its stopping rule freezes at
+exactly the iteration where it would stop alone.
 """
 
 from __future__ import annotations
@@ -82,10 +80,9 @@ class KrylovResult:
     the initial residual when ``x0`` is given); ``check_matvecs`` the final true-residual
     check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
     recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
-    ``passes`` counts the batched operator calls made (each applies all B operators,
-    frozen samples included; the symmetry check's included, the final true-residual
-    check's not: that is ``check_matvecs``), ``preconditioner_passes``
-    those of M; ``host_syncs`` the host reads of per-sample scalars.
+    ``passes`` counts the batched operator calls (each applies all B operators, frozen
+    samples and the symmetry check included, the true-residual check not),
+    ``preconditioner_passes`` those of M; ``host_syncs`` the host reads of scalars.
     """
 
     x: Any
@@ -192,16 +189,13 @@ def rminres(
     """Solve A x = b for symmetric A by (recycled) MINRES, for one or B systems.
 
     A : callable, (B, n) → (B, n) for a 2-D ``b`` (and (B, n, k) → (B, n, k) for
-        recycle-space set-up); for a 1-D ``b`` the user's (n,) → (n,) operator.  A dense
-        array ((n, n), or (B, n, n) per sample), a sparse matrix or a SciPy
-        ``LinearOperator`` is applied by ``@`` (``framework.krylov.operators``).
+        recycle-space set-up), (n,) → (n,) for a 1-D ``b``; or a dense array ((n, n), or
+        (B, n, n) per sample), sparse matrix or ``LinearOperator``, applied by ``@``.
     b : array (B, n) or (n,);  x0 : same shape, optional (zero saves one pass).
     recycle : RecycleSpace with U, C of shape (B, n, k) (or (n, k)), C = AU.
     rtol, atol : the default rule ‖r_i‖ ≤ max(rtol·‖b_i‖, atol), ignored with ``stop``.
     maxiter : iteration limit (default 5n).
-    stop : a batch rule ``stop(IterationState) → (B,) bools`` (``needs_residual`` keeps
-        the residual rows by recurrence, no extra applications); for a 1-D ``b`` a rule
-        on one sample returning a bool.
+    stop : a rule replacing rtol/atol (``framework.krylov.stopping``).
     callback : ``callback(xk)`` after every iteration (forms the iterate).
     harvest : a harvester (``LanczosRecorder``, ``RecycleHarvester``): ``result.harvest``.
     true_residual : compute ‖b − Ax‖ at exit (one pass, ``check_matvecs``).
@@ -209,8 +203,7 @@ def rminres(
     scalars : "host" or "device" (default: device when a host read synchronises).
     M : symmetric positive definite preconditioner M ≈ A⁻¹ (an operator like A), as
         SciPy's; residual estimates and the default rule are then in the M-norm
-        ‖r‖_M = (rᵀMr)^½.  With recycling the space must be M-orthonormal
-        (``RecycleSpace.from_basis(A, Y, M=M)``; see the module docstring).
+        ‖r‖_M = (rᵀMr)^½; a recycle space must be M-orthonormal (``from_basis(M=M)``).
     shift : solve (A − shift·I) x = b.
     check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
     """
@@ -222,11 +215,11 @@ def rminres(
         scalars = "device" if host_check_needs_sync(b) else "host"
     if scalars not in ("host", "device"):
         raise ValueError(f"scalars must be 'host' or 'device', got {scalars!r}")
-    single = b.ndim == 1  # one system: a batch of one with the user's 1-D operators
+    single = b.ndim == 1
     rule = stop if stop is not None else ResidualRule(rtol, atol)
-    if single and not (isinstance(rule, ResidualRule) or getattr(rule, "batch", False)):
-        rule = SingleSampleRule(rule)
-    if single:
+    if single:  # one system: a batch of one with the user's 1-D operators and rule
+        if not (isinstance(rule, ResidualRule) or getattr(rule, "batch", False)):
+            rule = SingleSampleRule(rule)
         A, b = RowOperator(A), b[None, :]
         x0 = None if x0 is None else x0[None, :]
         recycle = None if recycle is None else recycle.promoted()
@@ -387,8 +380,7 @@ class _Solve:
         return self.x if self.z is None else self.x - bmv(self.U, self.z)
 
     def _finish(self, true_residual: bool, syncs: int) -> KrylovResult:
-        # the harvest first, and the directions dropped: its compression's memory is then
-        # not added to the final iterate's and the true residual's
+        # the harvest first, the directions dropped: its memory and the final steps' don't add
         harvest = self.harvest.finish() if self.harvest is not None else None
         self.d = self.e = self.u = self.u_prev = None
         codes, iterations = self.scalars.summary()

@@ -1,8 +1,6 @@
-"""Operators as ``rminres`` (like SciPy's ``minres``) takes them: callables, dense arrays,
-sparse matrices and ``LinearOperator``s (applied by ``@``; for a batch one (n, n) matrix
-serves every row, a (B, n, n) array gives each sample its own), 1-D operators as a batch
-of one; the shift A − σI and the symmetry check of SciPy's ``check=True``.
-"""
+"""Operators as ``rminres`` (like SciPy's ``minres``) takes them: callables, and dense
+arrays, sparse matrices and ``LinearOperator``s applied by ``@`` (one (n, n) matrix serves
+every row, a (B, n, n) array gives each sample its own); 1-D operators as a batch of one."""
 
 from __future__ import annotations
 

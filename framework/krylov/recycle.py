@@ -126,8 +126,7 @@ class RecycleHarvester:
         if self.preconditioned and space is not None and space.MinvU is None:
             raise ValueError("harvesting a preconditioned solve needs the space's M⁻¹U: "
                              "build it with RecycleSpace.from_basis(A, Y, M=M)")
-        U = None if space is None else space.U
-        self.C = None if space is None else space.C
+        U, self.C = (None, None) if space is None else (space.U, space.C)
         self.MC = self.C if space is None or space.MC is None else space.MC
         self.Z, self.HZ, self.JZ = U, self.C, None  # JᵀZ formed only when a selection needs it
         # with M: Zres = M⁻¹Z (the carried form) and MHZ = M·HZ
@@ -240,8 +239,10 @@ class RecycleHarvester:
         return JV if self.Z is None else xp.concat([self.JZ, JV], axis=2)
 
     def _basis(self, *, jacobian: bool = True) -> tuple[Any, ...]:
-        """W, HW, JᵀW and (with M) M⁻¹W, M·HW of the current cycle, whole, with each
-        sample's invalid columns zeroed (``self.valid`` holds the mask)."""
+        """W = [Z, V], HW (from the Lanczos relation), JᵀW (when the strategy needs it and
+        ``jacobian``: one block application of Jᵀ to the columns not yet seen) and, with M,
+        M⁻¹W and M·HW, of the current cycle, whole, with each sample's invalid columns
+        zeroed (``self.valid`` holds the mask)."""
         want_j = jacobian and self.jac_t is not None
         if not self.steps:
             if self.Z is None:
@@ -257,17 +258,14 @@ class RecycleHarvester:
         W, HW, Wres, MHW = self._rows(slice(None), terms)
         return W, HW, self._jacobian_products(terms) if want_j else None, Wres, MHW
 
-    def current_basis(self, *, jacobian: bool = True) -> tuple[Any, Any, Any]:
-        """W = [Z, V], HW and JᵀW of the current cycle, whole, with each sample's invalid
-        columns zeroed (``self.valid`` holds the mask).  HW comes from the Lanczos
-        relation; JᵀW (when the strategy needs it and ``jacobian``) costs one block
-        application of Jᵀ to the columns not yet seen."""
-        return self._basis(jacobian=jacobian)[:3]
+    def current_basis(self) -> tuple[Any, Any, Any]:
+        """W, HW and JᵀW (see ``_basis``)."""
+        return self._basis()[:3]
 
-    def projection(self, *, jacobian: bool = True) -> tuple[Any, Projection]:
+    def projection(self) -> tuple[Any, Projection]:
         """W and its projected matrices (no operator applications, JᵀW excepted); with a
         preconditioner those of Â = LᵀAL on L⁻¹W (README, "Preconditioned recycling")."""
-        W, HW, JW, Wres, MHW = self._basis(jacobian=jacobian)
+        W, HW, JW, Wres, MHW = self._basis()
         return W, Projection.from_products(W, HW, JW, Wres=Wres, MHW=MHW)
 
     def _compress(self, *, final: bool) -> None:

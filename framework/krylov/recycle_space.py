@@ -137,23 +137,21 @@ class RecycleSpace:
 
     @classmethod
     def from_products(cls, Y: Any, AY: Any, *, rank_tol: float = 1e-10, MAY: Any = None,
-                      MinvY: Any = None) -> RecycleSpace | None:
+                      MinvY: Any = None) -> RecycleSpace:
         """As ``from_basis`` when A·Y is already known (no operator application).  Given
-        MAY = M·AY (and MinvY = M⁻¹Y) the space is M-orthonormal: two passes of
+        MAY = M·AY and MinvY = M⁻¹Y the space is M-orthonormal: two passes of
         orthonormal coordinates T of the small Gram (AY)ᵀM(AY) (the second removes the
         first's rounding), C = AY·T, MC = MAY·T, U = Y·T, M⁻¹U = MinvY·T; directions with
         σ_i ≤ max(rank_tol, 1e-7) · σ_max (σ² the Gram's eigenvalues) become zero columns."""
         xp = array_namespace(Y, AY)
         if Y.shape != AY.shape:
             raise ValueError(f"Y {tuple(Y.shape)} and AY {tuple(AY.shape)} must have one shape")
-        if Y.shape[-1] == 0:
-            return None
         if MAY is not None:
             T = xp.flip(orthonormal_coordinates(xp.matrix_transpose(AY) @ MAY,
                                                 max(rank_tol, 1e-7) ** 2)[0], axis=-1)
             S = orthonormal_coordinates(xp.matrix_transpose(AY @ T) @ (MAY @ T), 0.5)[0]
             T = T @ xp.flip(S, axis=-1)  # the kept directions first, zero columns last
-            return cls(U=Y @ T, C=AY @ T, MC=MAY @ T, MinvU=None if MinvY is None else MinvY @ T)
+            return cls(U=Y @ T, C=AY @ T, MC=MAY @ T, MinvU=MinvY @ T)
         Q, R = xp.linalg.qr(AY)
         P, sigma, Wt = xp.linalg.svd(R)
         smax = xp.max(sigma, axis=-1, keepdims=True)

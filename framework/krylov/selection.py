@@ -1,7 +1,7 @@
 """Recycle-space selection strategies on projected bases, for every sample at once.
 
-Sample i's basis W_i (n × D, stacked to (B, n, D)) has ``valid`` columns (non-padding
-recycle vectors, Lanczos vectors of its own iterations); the rest are zeroed.  Every
+Sample i's basis W_i (n × D, stacked to (B, n, D)) has valid columns (non-padding
+recycle vectors, Lanczos vectors of its own iterations); the rest are zero.  Every
 strategy needs only the small projected matrices (``Projection``)
 
     gram = WᵀW,   G = WᵀHW,   F = (HW)ᵀ(HW),   P = JᵀW  (RGen only)
@@ -92,8 +92,8 @@ def _normalized(xp: Any, Y: Any) -> Any:
     return Y / xp.where(norms > 0, norms, xp.ones_like(norms))
 
 
-def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any, dead: Any,
-                rank_tol: float) -> tuple[Any, Any, Any]:
+def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any,
+                dead: Any) -> tuple[Any, Any, Any]:
     """Candidate vectors in S-coordinates, their sort key (small = first) and the mask
     of candidates that are padding."""
     if strategy == Strategy.ritz:
@@ -101,7 +101,7 @@ def _candidates(xp: Any, strategy: str, Gt: Any, Ft: Any, Pt: Any, dead: Any,
         return Z, xp.abs(theta), _support(xp, Z, dead)
     if strategy == Strategy.harmonic_ritz:
         # G z = μ F z with F > 0; harmonic Ritz values θ = 1/μ: |θ| small ⇔ |μ| large
-        T, keep = orthonormal_coordinates(Ft + diag_embed(xp.astype(dead, Ft.dtype)), rank_tol)
+        T, keep = orthonormal_coordinates(Ft + diag_embed(xp.astype(dead, Ft.dtype)))
         A = xp.matrix_transpose(T) @ Gt @ T
         mu, Uv = xp.linalg.eigh(symmetrize(_separated(xp, A, ~keep)))
         Z = T @ Uv
@@ -136,15 +136,12 @@ def _chosen(xp: Any, key: Any, invalid: Any, k: int, which: str) -> tuple[Any, A
     return rank, chosen & valid
 
 
-def select(proj: Projection, strategy: str, k: int, which: str | None = None, *,
-           rank_tol: float = 1e-12) -> Any:
+def select(proj: Projection, strategy: str, k: int, which: str | None = None) -> Any:
     """Coefficients Y (B, D, k) (or (D, k)) of the chosen vectors in the masked basis; a
     sample with fewer than k valid directions gets zero columns after its own."""
     if Strategy(strategy) not in DEFAULT_WHICH:
         raise ValueError(f"{strategy!r} is not a selection; valid names are "
                          f"{', '.join(DEFAULT_WHICH)}")
-    if k < 0:
-        raise ValueError(f"recycle dimension k must be >= 0, got {k}")
     which = DEFAULT_WHICH[strategy] if which is None else Which(which)
     if needs_jacobian(strategy) and proj.P is None:
         raise ValueError(f"strategy {strategy!r} needs Jᵀ products: pass a jac_t operator")
@@ -152,13 +149,13 @@ def select(proj: Projection, strategy: str, k: int, which: str | None = None, *,
     if proj.gram.ndim == 2:
         batch = Projection(*(None if a is None else a[None, ...] for a in
                              (proj.gram, proj.G, proj.F, proj.P)))
-        return select(batch, strategy, k, which, rank_tol=rank_tol)[0, ...]
-    S, keep = orthonormal_coordinates(proj.gram, rank_tol)
+        return select(batch, strategy, k, which)[0, ...]
+    S, keep = orthonormal_coordinates(proj.gram)
     St = xp.matrix_transpose(S)
     Gt = symmetrize(St @ proj.G @ S)
     Ft = symmetrize(St @ proj.F @ S)
     Pt = None if proj.P is None else proj.P @ S
-    Y, key, invalid = _candidates(xp, strategy, Gt, Ft, Pt, ~keep, rank_tol)
+    Y, key, invalid = _candidates(xp, strategy, Gt, Ft, Pt, ~keep)
     rank, chosen = _chosen(xp, key, invalid, k, which)
     big = xp.asarray(Y.shape[-1] + 1, dtype=rank.dtype, device=device_of(rank))
     slots = xp.argsort(xp.where(chosen, rank, big), axis=-1, stable=True)[:, :k]

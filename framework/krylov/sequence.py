@@ -14,7 +14,7 @@ from framework.krylov.minres import KrylovResult, rminres
 from framework.krylov.operators import Operator, RowOperator
 from framework.krylov.recycle import RecycleCarry, RecycleConfig, Recycler
 from framework.krylov.recycle_space import RecycleSpace
-from framework.krylov.stopping import HypergradientChangeRule, HypergradientErrorRule, StopConfig
+from framework.krylov.stopping import StopConfig
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,8 @@ class RecycledSolve:
     def hg_error_estimate(self) -> float:
         """Last estimate of the relative hypergradient error ‖Jᵀ(w_k − w*)‖/‖Jᵀw*‖ by a
         hypergradient rule (NaN when none was active)."""
-        rule = self.rule
-        if (isinstance(rule, HypergradientErrorRule | HypergradientChangeRule)
-                and rule.estimates and bool(rule.active[0])):
-            return float(rule.estimates[-1][0])
-        return math.nan
+        estimates = getattr(self.rule, "estimates", None)
+        return float(estimates[-1][0]) if estimates and bool(self.rule.active[0]) else math.nan
 
 
 def recycled_solve(
@@ -130,9 +127,8 @@ def solve_sequence(
         counter = Counter()
         n = int(system.g.shape[0])
         H = CountingOperator(system.H, n, counter=counter, kind="hvp")
-        J = None
-        if system.jac_t is not None:
-            J = CountingOperator(system.jac_t, n, counter=counter, kind="jac_t")
+        J = None if system.jac_t is None else CountingOperator(system.jac_t, n, counter=counter,
+                                                               kind="jac_t")
         t0 = time.perf_counter()
         solve = recycled_solve(H, system.g, recycler=recycler, carry=carry,
                                x0=w if warm_start else None, jac_t=J, stop=stop, maxiter=maxiter)

@@ -47,7 +47,6 @@ class ResidualRule:
 
     rtol: float | tuple[float, ...] = 1e-5
     atol: float = 0.0
-    needs_residual: bool = False
 
     def __post_init__(self) -> None:
         for rtol in self._rtols(1):
@@ -57,7 +56,6 @@ class ResidualRule:
         return self.rtol if isinstance(self.rtol, tuple) else (self.rtol,) * rows
 
     def thresholds(self, b_norms: list[float]) -> list[float]:
-        """The thresholds of rows with right-hand sides of norms ``b_norms``."""
         rtols = self._rtols(len(b_norms))
         return [max(r * b, self.atol) for r, b in zip(rtols, b_norms, strict=True)]
 
@@ -79,11 +77,9 @@ class SingleSampleRule:
 
     def __call__(self, state: IterationState) -> Any:
         xp = array_namespace(state.b_norm)
-        one = IterationState(
-            state.iteration, float(to_host(state.residual_norm)[0]),
-            float(to_host(state.b_norm)[0]),
-            None if state.residual is None else state.residual[0, :],
-        )
+        one = IterationState(state.iteration, float(to_host(state.residual_norm)[0]),
+                             float(to_host(state.b_norm)[0]),
+                             None if state.residual is None else state.residual[0, :])
         return xp.asarray([bool(self.rule(one))])
 
 
@@ -109,14 +105,13 @@ class HypergradientErrorEstimator:
         return xp.sqrt(xp.sum(v * v, axis=-1))
 
     @classmethod
-    def from_space(
-        cls, U: Any, C: Any, JU: Any, *, keep: int | None = None, rank_tol: float = 1e-12
-    ) -> HypergradientErrorEstimator:
+    def from_space(cls, U: Any, C: Any, JU: Any, *,
+                   keep: int | None = None) -> HypergradientErrorEstimator:
         """Build M from U, C = HU (B, n, k) and JᵀU (B, p, k); ``keep`` largest σ (all by
         default).  Padding (zero) columns of U get σ = 0 and contribute nothing."""
         xp = array_namespace(U, C, JU)
         Ut = xp.matrix_transpose(U)
-        S, kept = orthonormal_coordinates(Ut @ U, rank_tol)
+        S, kept = orthonormal_coordinates(Ut @ U)
         St = xp.matrix_transpose(S)
         G = symmetrize(St @ (Ut @ C) @ S) + diag_embed(xp.astype(~kept, U.dtype))
         dec = gsvd(JU @ S, G)
@@ -251,10 +246,8 @@ class StopConfig:
             return ResidualRule(self.rtol, self.atol)
         if jac_t is None:
             raise ValueError(f"the {self.kind.value} stopping rule needs a jac_t operator")
-        estimator = None
-        if space is not None:
-            estimator = HypergradientErrorEstimator.from_space(
-                space.U, space.C, jac_t(space.U), keep=self.keep)
+        estimator = None if space is None else HypergradientErrorEstimator.from_space(
+            space.U, space.C, jac_t(space.U), keep=self.keep)
         hg_rtol = self.rtol if self.hg_rtol is None else self.hg_rtol
         if self.kind == StopKind.hypergradient_change:
             return HypergradientChangeRule(estimator, jac_t, b, rtol=hg_rtol, atol=self.atol,
