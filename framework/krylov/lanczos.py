@@ -93,8 +93,7 @@ class LanczosRecorder:
                 bcols.append(b_col[i, :])
             if betas[-1] > 0.0 and v_next is not None:
                 vectors.append(v_next[i, :])
-        if self.max_vectors is not None:
-            vectors = vectors[: self.max_vectors]
+        vectors = vectors[: self.max_vectors]  # (all for None)
         return LanczosHarvest(
             U=None if self._U is None else self._U[i, ...],
             C=None if self._C is None else self._C[i, ...],

@@ -11,10 +11,9 @@ zero columns are padding) the solver
   y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
 
 With a preconditioner M = LLᵀ ≈ A⁻¹ the same method runs on Â = LᵀAL (never formed):
-v = L v̂ (solution space), u = L⁻ᵀv̂ (residual space, v = M u), Ĉ = LᵀC, Û = L⁻¹U, so
-ĈᵀĈ = I reads CᵀMC = I, the projector I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m, and the
-iterate and ‖r̂‖ = ‖r‖_M keep their form (README, "Preconditioned recycling"); the space
-carries MC: one application of M per iteration, as without recycling.
+v = L v̂, u = L⁻ᵀv̂ (v = M u), Ĉ = LᵀC, so ĈᵀĈ = I reads CᵀMC = I, the projector
+I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m and ‖r̂‖ = ‖r‖_M (README, "Preconditioned
+recycling"); the space carries MC: one application of M per iteration.
 
 Per iteration: one pass, two row-wise inner products, a few row updates and the scalar
 step of ``framework.krylov.givens``.  A sample that meets its stopping rule freezes at
@@ -405,11 +404,10 @@ class _Solve:
                         and (s is Status.CONVERGED or (s is Status.EXACT
                                                        and self.thresholds[i] > 0))):
                     statuses[i] = Status.DRIFTED
-        statuses = tuple(statuses)
         return KrylovResult(
             x=x,
             converged=tuple(s in (Status.CONVERGED, Status.EXACT) for s in statuses),
-            status=statuses,
+            status=tuple(statuses),
             iterations=tuple(iterations),
             matvecs=tuple(i + self.initial for i in iterations),
             check_matvecs=tuple(checks),

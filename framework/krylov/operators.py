@@ -22,9 +22,8 @@ def is_matrix(A: Any) -> bool:
 
 
 class RowOperator:
-    """A 1-D operator ((n,) → (n,) and (n, k) → (n, k), or a matrix) as a batch of one:
-    (1, n[, k]) → (1, ·[, k]).  Checks that it preserves the shape unless told not to
-    (Jᵀ maps n-vectors to p-vectors)."""
+    """A 1-D operator (or matrix) as a batch of one: (1, n[, k]) → (1, ·[, k]); checks that
+    it preserves the shape unless told not to (Jᵀ maps n-vectors to p-vectors)."""
 
     def __init__(self, A: Any, *, check: bool = True) -> None:
         self.A, self.check = (lambda v: A @ v) if is_matrix(A) else A, check

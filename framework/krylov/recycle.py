@@ -107,10 +107,9 @@ class RecycleHarvester:
 
     It keeps references to the solver's Lanczos vectors (no copy per iteration) and, at a
     compression, forms W = [Z, V], HW and their projected matrices in blocks of rows,
-    writing the new Z = W·Y and HZ = HW·Y in place once they are its own (after the
-    first compression): the working memory is the s + 1 Lanczos vectors, Z and HZ (2k)
-    and about three vectors' worth of blocks, never a full-size copy of [Z, V].  (The RGen
-    strategies apply Jᵀ to the stacked V of a cycle: m more vectors then.)"""
+    writing Z = W·Y and HZ = HW·Y in place once they are its own: the working memory is
+    the s + 1 Lanczos vectors, Z and HZ (2k) and about three vectors' worth of blocks (the
+    RGen strategies apply Jᵀ to the stacked V of a cycle: m more vectors then)."""
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
         if config.needs_jacobian and jac_t is None:
@@ -335,12 +334,10 @@ class Recycler:
     def prepare(self, carry: RecycleCarry | None, H: Operator, jac_t: Operator | None = None,
                 *, like: Any = None, M: Operator | None = None) -> RecycleSpace | None:
         """The recycle space for operator ``H`` (k applications for C = HU; outer
-        selection: dim W applications; the oracles: n, building H densely from an
-        identity shaped, typed and placed like the right-hand side ``like``).  A 1-D
-        ``like`` or an (n, D) carry means one system with 1-D operators.  With a
+        selection: dim W; the oracles: n, on an identity like the right-hand side ``like``).
+        A 1-D ``like`` or an (n, D) carry means one system with 1-D operators.  With a
         preconditioner ``M`` the carry is in residual form and the space M-orthonormal
-        (``RecycleSpace.from_basis``: 2k applications of M more; outer selection and the
-        oracles: 2 dim W)."""
+        (2k applications of M more; outer selection and the oracles: 2 dim W)."""
         cfg = self.config
         if not cfg.enabled or (carry is None and cfg.strategy not in ORACLES):
             return None

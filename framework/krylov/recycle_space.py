@@ -35,8 +35,7 @@ def widths(basis: Any) -> list[int]:
 @dataclass(frozen=True)
 class RecycleSpace:
     """U and C = A U, each (B, n, k) for a batch or (n, k) for one system, with CᵢᵀCᵢ = I
-    on the non-zero columns; zero columns are padding (samples with fewer vectors) and
-    contribute nothing to the solver's projections.
+    on the non-zero columns; zero columns are padding (samples with fewer vectors).
 
     A space for a preconditioned solve (M ≈ A⁻¹, ``from_basis(..., M=M)``) is
     M-orthonormal instead, CᵀMC = I, and carries ``MC`` = M C (the solver's projector
@@ -118,10 +117,9 @@ class RecycleSpace:
         with σ_i ≤ rank_tol · σ_max become zero columns (a near-dependent Y yields a
         smaller space, not a blow-up).  ``None`` when k = 0.
 
-        With a preconditioner ``M`` (an operator like A), ``Y`` is the basis in residual
-        form, as the harvest carries it: the space is spanned by MY, so that M⁻¹U is
-        known; C is made M-orthonormal (``from_products``).  Applications: k of A, 2k of
-        M."""
+        With a preconditioner ``M``, ``Y`` is the basis in residual form, as the harvest
+        carries it: the space is spanned by MY, so that M⁻¹U is known, and C is made
+        M-orthonormal (``from_products``).  Applications: k of A, 2k of M."""
         xp = array_namespace(Y)
         if Y.ndim not in (2, 3):
             raise ValueError(f"recycle basis must be (n, k) or (B, n, k), got {tuple(Y.shape)}")

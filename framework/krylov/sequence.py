@@ -115,7 +115,6 @@ def solve_sequence(
     recycle: RecycleConfig | None = None,
     stop: StopConfig | None = None,
     maxiter: int | None = None,
-    warm_start: bool = True,
 ) -> SequenceResult:
     """Walk ``systems`` with warm starts (w_{t−1} as x0) and recycling; when a system has
     ``jac_t`` its hypergradient −Jᵀw is formed (one application) and, given a
@@ -130,8 +129,8 @@ def solve_sequence(
         J = None if system.jac_t is None else CountingOperator(system.jac_t, n, counter=counter,
                                                                kind="jac_t")
         t0 = time.perf_counter()
-        solve = recycled_solve(H, system.g, recycler=recycler, carry=carry,
-                               x0=w if warm_start else None, jac_t=J, stop=stop, maxiter=maxiter)
+        solve = recycled_solve(H, system.g, recycler=recycler, carry=carry, x0=w, jac_t=J,
+                               stop=stop, maxiter=maxiter)
         res, carry, w = solve.result, solve.carry, solve.result.x
         hypergradient, hg_error = None, math.nan
         if J is not None:
