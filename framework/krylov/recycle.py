@@ -25,9 +25,7 @@ from framework.krylov.recycle_space import RecycleSpace, widths
 from framework.krylov.selection import Projection, Strategy, Which, needs_jacobian, select
 
 ORACLES = {Strategy.eig: Strategy.ritz, Strategy.gsvd: Strategy.rgen_right}
-# Where recycle vectors are selected: against the matrix just solved (``inner``) or against
-# the next one from the whole carried basis (``outer``).
-Selection = Choice("Selection", "inner outer")
+Selection = Choice("Selection", "inner outer")  # (see the module docstring)
 
 
 @dataclass
