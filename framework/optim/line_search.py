@@ -92,14 +92,8 @@ def strong_wolfe_search(
 
 
 def search_rows(
-    ev: RowEvaluator,
-    X: Any,
-    G: Any,
-    F: np.ndarray,
-    P: Any,
-    slope: np.ndarray,
-    alpha0: np.ndarray,
-    searching: np.ndarray,
+    ev: RowEvaluator, X: Any, G: Any, F: np.ndarray, P: Any, slope: np.ndarray,
+    alpha0: np.ndarray, searching: np.ndarray,
     line_search: Callable[[float, float, float], WolfeSearch],
 ) -> tuple[np.ndarray, Any, Any, np.ndarray]:
     """Run the line searches ``line_search(f, slope, α₀)`` (e.g. ``strong_wolfe_search``
@@ -123,9 +117,11 @@ def search_rows(
         """``target`` with the rows ``rows`` of ``source`` (X, G, F)."""
         if not rows:
             return target
-        target[2][rows] = source[2][rows]
-        return ev.select_rows(rows, source[0], target[0]), \
-            ev.select_rows(rows, source[1], target[1]), target[2]
+        mask = np.zeros(bsz, dtype=bool)
+        mask[rows] = True
+        target[2][mask] = source[2][mask]
+        return ev.select(mask, source[0], target[0]), ev.select(mask, source[1], target[1]), \
+            target[2]
 
     while searches:
         pending = np.zeros(bsz, dtype=bool)

@@ -23,8 +23,6 @@ def require(ok: bool, need: str, **given: Any) -> None:
 
 
 class MinimizeStatus(Enum):
-    """Why a sample's minimisation stopped."""
-
     CONVERGED = "converged"
     MAXITER = "maxiter"
     LINESEARCH_FAILED = "linesearch_failed"
@@ -84,8 +82,8 @@ class SampleLog:
                   "f or ∇f is not finite at x0 (f={f})")
 
     def stop(self, which: np.ndarray, status: MinimizeStatus, k: int, message: str) -> None:
-        """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
-        with the sample's k, f, g (‖∇f‖) and tol."""
+        """Stop the running samples ``which`` at iteration k (``message`` formatted with k,
+        f, g = ‖∇f‖ and tol)."""
         if not np.count_nonzero(which):
             return
         for i in (which & self.running).nonzero()[0].tolist():
@@ -104,7 +102,7 @@ class SampleLog:
             yield k, iterating
 
     def record(self, ok: np.ndarray, F: np.ndarray, gnorm: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step): (f, ‖∇f‖) of all."""
+        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step); (f, ‖∇f‖) of all."""
         self.F, self.gnorm = choose(ok, F, self.F), choose(ok, gnorm, self.gnorm)
         for i in ok.nonzero()[0].tolist():
             self.history[i].append(float(self.F[i]))
