@@ -126,7 +126,7 @@ class RowTally:
 
     def read(self) -> dict[str, list[int]]:
         both = to_host(self.xp.stack([self.tallies["hvp"], self.tallies["jac_t"]]))
-        return {"hvp": [int(v) for v in both[0]], "jac_t": [int(v) for v in both[1]]}
+        return {"hvp": both[0].tolist(), "jac_t": both[1].tolist()}
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,6 @@ class BilevelEngine:
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
 
-    def __len__(self) -> int:
-        return len(self.problems)
-
     def _batch(self, indices: Sequence[int] | None) -> tuple[tuple[int, ...], Any]:
         """The samples ``indices`` (all when None) and them as one batch-first problem
         counting in ``self.counter``."""
@@ -213,8 +210,8 @@ class BilevelEngine:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
         cfg = self.config
-        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter, rows_value_and_grad=lambda
-                       X, rows: batch.subset(rows).lower_value_and_grad(X, theta))
+        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter, rows_value_and_grad=(
+            lambda X, rows: batch.subset(rows).lower_value_and_grad(X, theta)))
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
@@ -233,8 +230,7 @@ class BilevelEngine:
 
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
-        iterating, H_i p_i = −∇f_i to relative residual η_i; its host reads go to
-        ``syncs``."""
+        iterating, H_i p_i = −∇f_i to relative residual η_i; host reads go to ``syncs``."""
 
         def solve(X: Any, G: Any, eta: Any, rows: Any) -> tuple[Any, Any]:
             keep = rows.nonzero()[0].tolist()
@@ -375,16 +371,13 @@ class BilevelEngine:
                 shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
-                x=X[j, ...], w=res.x[j, ...],
-                carry=self._carry_after(res, space, j, self.states[i].carry),
-                w_shadow=None if base is None else base.x[j, ...],
-            )
+                x=X[j, ...], w=res.x[j, ...], w_shadow=None if base is None else base.x[j, ...],
+                carry=self._carry_after(res, space, j, self.states[i].carry))
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
             float(sum(losses)) / B, grad, indices, tuple(records),
             counts=after_hessian - after_lower, lower_counts=after_lower - start,
-            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
-        )
+            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs)
 
     def _recycler(self, plan: Plan | None, use: str) -> Recycler:
         """The configured recycler, or (adaptive) one with the plan's ``dim``/``harvest``
@@ -399,9 +392,8 @@ class BilevelEngine:
 
     def _carry_after(self, res: Any, space: Any, j: int, old: RecycleCarry | None
                      ) -> RecycleCarry | None:
-        """Sample j's carry after the solve: its harvest, or its unchanged space when
-        nothing was harvested (the oracles select afresh every time), or (adaptive
-        recycling, a step without either) its ``old`` carry."""
+        """Sample j's carry after the solve: its harvest, else its unchanged space (not for
+        the oracles, which select afresh), else (adaptive recycling) its ``old`` carry."""
         if res.harvest is not None:
             carry = res.harvest.sample(j)
         elif space is not None and self.config.recycle.strategy not in ORACLES:
@@ -431,14 +423,9 @@ class BilevelEngine:
         put = self._checkpoint_backend("load_state_dict").asarray
         samples = state["samples"]
         if len(samples) != len(self.problems):
-            raise ValueError(
-                f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
-            )
-        self.states = [
-            SampleState(
-                **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
-                carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
-                if "carry_basis" in entry else None,
-            )
-            for entry in samples
-        ]
+            raise ValueError(f"checkpoint holds {len(samples)} samples, the engine has "
+                             f"{len(self.problems)}")
+        self.states = [SampleState(
+            **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
+            carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
+            if "carry_basis" in entry else None) for entry in samples]

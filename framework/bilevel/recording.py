@@ -52,10 +52,8 @@ class RecordedSequence:
     def config(self) -> dict[str, Any]:
         return json.loads(self.problem_config)
 
-    def systems(
-        self, problem: Any, backend: Any, *, sample: int = 0, references: bool = False,
-        reference_rtol: float = 1e-10,
-    ) -> list[LinearSystem]:
+    def systems(self, problem: Any, backend: Any, *, sample: int = 0, references: bool = False,
+                reference_rtol: float = 1e-10) -> list[LinearSystem]:
         """The systems of one recorded sample, bound to ``problem`` (rebuilt from the
         config; its data must match the recording).  With ``references``, each system
         carries −Jᵀw* from a tight MINRES solve (``reference_rtol``)."""
@@ -85,10 +83,9 @@ class SequenceRecorder:
         self.xs: list[np.ndarray] = []
 
     def capture(self, engine: BilevelEngine, theta: Any, indices: Sequence[int]) -> None:
-        """Record θ and x(θ) of every recorded sample; call right after
-        ``engine.evaluate(theta, indices)``.  A sample of the batch gives the engine's own
-        x; the others are solved together by the engine's lower solver (its states
-        unchanged), warm-started from their last recorded x (first step: state or data)."""
+        """Record θ and x(θ) of every recorded sample, right after ``engine.evaluate(theta,
+        indices)``: the engine's x for a sample of the batch; the others solved together
+        (states unchanged), warm-started from their last recorded x (first: state or data)."""
         to_np, batch = self.backend.to_numpy, set(int(i) for i in indices)
         row = [to_np(engine.states[i].x) if i in batch and engine.states[i].x is not None
                else None for i in self.samples]
@@ -130,7 +127,7 @@ def record_training(
     and every sample's x_t; returns the recording and the upper losses."""
     if engine.backend is None:
         raise ValueError("record_training needs an engine with a backend")
-    idx = tuple(range(len(engine))) if indices is None else tuple(indices)
+    idx = tuple(range(len(engine.problems))) if indices is None else tuple(indices)
     recorder, losses, theta = SequenceRecorder(idx, engine.backend), [], theta0
     for _ in range(steps):
         result = engine.evaluate(theta, idx)

@@ -126,11 +126,8 @@ class LBFGSMemory:
 
     def push(self, mask: np.ndarray, s: Any, y: Any, sy: Any, stopped: np.ndarray) -> None:
         """Prepend (s_i, y_i, ρ_i = 1/s_iᵀy_i) for the samples in the host mask ``mask``.
-
-        ``stopped`` marks samples whose memory is never read again: when every other
-        sample pushes, the slots rotate without copies and the stopped rows get an empty
-        memory (newest slot ρ = 0, count 0) instead of keeping theirs.
-        """
+        ``stopped`` marks samples whose memory is never read again: when every other sample
+        pushes, the slots rotate without copies and the stopped rows get an empty memory."""
         xp, select, size, pushing = self.xp, self.ev.select, len(self.S), np.count_nonzero(mask)
         if not pushing:
             return

@@ -43,10 +43,8 @@ ETA_MAX = 0.5  # largest forcing term (default), and η₀ from a cold start
 ETA_MIN = 1e-12  # smallest forcing term: MINRES's recurrence residual stays reliable above
 
 
-def forcing_terms(
-    kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None, prev_eta: np.ndarray,
-    tol: np.ndarray, eta_max: float,
-) -> np.ndarray:
+def forcing_terms(kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None,
+                  prev_eta: np.ndarray, tol: np.ndarray, eta_max: float) -> np.ndarray:
     """The relative residuals η (B,) the inner solves must reach (see the module doc;
     ``prev_eta`` is η₀ before the first iteration)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -70,9 +68,8 @@ def newton_krylov(
     max_backtracks: int = 30, value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
-    """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from
-    ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``;
-    ``eta_first`` η₀ (a float or one per sample; default ``eta_max``)."""
+    """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from ``solve``
+    (``eta_first``: η₀, a float or one per sample; the rest as in ``lbfgs``)."""
     forcing = Forcing(forcing)
     require(0 < c1 < 1 and 0 < eta_max < 1, "0 < c1, eta_max < 1", c1=c1, eta_max=eta_max)
     first = np.asarray(eta_max if eta_first is None else eta_first, dtype=np.float64)
@@ -117,8 +114,7 @@ def _backtrack(
     c1: float, max_backtracks: int,
 ) -> tuple[np.ndarray, Any, Any, np.ndarray, np.ndarray]:
     """Backtracking of the rows ``searching`` together, one evaluation of the pending rows
-    per round.  Returns (accepted, X, ∇f, f, ‖∇f‖) with the accepted trials' rows (the
-    others keep theirs)."""
+    per round: (accepted, X, ∇f, f, ‖∇f‖), the others' rows unchanged."""
     accepted = np.zeros(len(F), dtype=bool)
     trials = np.zeros(len(F), dtype=np.int64)
     Xa, Ga, Fa, gna = X, G, F.copy(), gnorm.copy()

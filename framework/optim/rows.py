@@ -44,8 +44,7 @@ class RowEvaluator:
         if self.single and rows_value_and_grad is not None:
             raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
         self.X0 = x0[None, :] if self.single else x0
-        self.xp = array_api_compat.array_namespace(x0)
-        self.device = array_api_compat.device(x0)
+        self.xp, self.device = array_api_compat.array_namespace(x0), array_api_compat.device(x0)
         self.bsz = int(self.X0.shape[0])
         self.rows_value_and_grad = rows_value_and_grad
         if value_and_grad is None:
@@ -62,9 +61,8 @@ class RowEvaluator:
         return np.asarray(to_host(a), dtype=np.float64)
 
     def select(self, mask: np.ndarray, new: Any, old: Any) -> Any:
-        """Rows of ``new`` ((B,) or (B, n)) where the host (B,) ``mask`` holds, else rows
-        of ``old``; no device work when the mask is all true or all false (always so for
-        B = 1)."""
+        """Rows of ``new`` ((B,) or (B, n)) where the host ``mask`` holds, else of ``old``
+        (no device work when the mask is uniform, always so for B = 1)."""
         count = np.count_nonzero(mask)
         if count == self.bsz:
             return new
