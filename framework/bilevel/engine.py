@@ -1,19 +1,17 @@
 """The bilevel engine: hypergradients of a mini-batch of samples at θ, solved as one batch.
 
-``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` (B = 1 is a batch
-of one) through
+``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` through
 
-    X* = argmin_X f(X, θ)          one L-BFGS or inexact Newton–Krylov over the rows,
-                                   optionally polished by Newton steps (MINRES)
-    H(X*, θ) W = ∇ℓ(X*)            one RMINRES over the rows (per-sample Lanczos scalars,
-                                   recycle spaces, freezing; residual or NSC rule per row)
+    X* = argmin_X f(X, θ)    one L-BFGS or inexact Newton–Krylov over the rows, optionally
+                             polished by Newton steps (MINRES)
+    H(X*, θ) W = ∇ℓ(X*)      one RMINRES over the rows (per-sample Lanczos scalars, recycle
+                             spaces, freezing; residual or NSC rule per row)
     ∇θ ℓ = mean_i −J_i(x_i*, θ)ᵀ w_i
 
 and returns the mean upper loss and hypergradient with one record per sample.  Each
-sample's warm starts and recycle carry (``SampleState``) live in the engine, so any
-subset of samples can be evaluated at any step.  Per-sample counts come from the solvers'
-results or are counted per row (``RowTally``); the batch's passes come from the problem's
-counter, the times are the batch's per phase.
+sample's warm starts and recycle carry (``SampleState``) live in the engine, so any subset
+can be evaluated at any step.  Per-sample counts come from the solvers or are counted per
+row (``RowTally``); passes come from the problem's counter, times are the batch's.
 """
 
 from __future__ import annotations
