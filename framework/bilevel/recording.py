@@ -114,9 +114,10 @@ class SequenceRecorder:
             raise ValueError("nothing recorded: the run made no outer step")
         chosen = [problems[i] for i in self.samples]
         return RecordedSequence(
-            np.stack(self.thetas), np.stack(self.xs),
-            np.stack([self.backend.to_numpy(p.x_true) for p in chosen]),
-            np.stack([self.backend.to_numpy(p.y) for p in chosen]), self.samples, problem_config)
+            thetas=np.stack(self.thetas), xs=np.stack(self.xs),
+            x_true=np.stack([self.backend.to_numpy(p.x_true) for p in chosen]),
+            y=np.stack([self.backend.to_numpy(p.y) for p in chosen]),
+            sample_indices=self.samples, problem_config=problem_config)
 
 
 def record_training(
