@@ -1,24 +1,22 @@
 """Adaptive recycling: use recycle vectors only while they pay in measured seconds.
 
-Recycling k vectors costs k operator applications (C = HU) and k-vector projections in
-every iteration; on a CPU with warm-started systems that need few iterations the
-iterations it saves often cost less.  ``RecyclePolicy`` decides before each step between
-no recycling and k' ≤ k vectors, from what the engine measured:
+Recycling k vectors costs k operator applications (C = HU) and k-vector projections per
+iteration; on a CPU, warm-started systems need so few iterations that what it saves often
+costs less.  ``RecyclePolicy`` decides before each step between no recycling and k' ≤ k
+vectors, from what the engine measured:
 
-* k' = min(k, ⌊budget · m⌋), m the recent iterations per system without recycling, so a
-  losing try costs at most ``budget`` (a quarter) of a plain solve; k' = 0 (no recycling,
-  no harvest, no try) when that leaves fewer than 4 vectors (m < 16).
-* The Hessian-phase seconds per system of each choice (an exponential average for the
-  choice in use, the latest try for the other; the cold first step is not measured;
-  recycling must be 5 % faster to be chosen) decide.  The other choice is tried again
-  after ``interval`` steps; a losing try doubles the interval (quadruples it when the
-  try took over 1.5× as long) up to 64 steps, so a choice that never pays costs a few per
-  cent of a run and a change of costs is noticed within 64 steps.
+* k' = min(k, ⌊BUDGET · m⌋), m the recent iterations per system without recycling, so a
+  losing try costs at most a quarter of a plain solve; k' = 0 (no recycling, no harvest,
+  no try) when that leaves fewer than MIN_DIM vectors.
+* The Hessian-phase seconds per system of each choice decide (an exponential average for
+  the choice in use, the latest try for the other; the cold first step is not measured;
+  recycling must be 5 % faster to be chosen).  The other choice is tried after
+  ``interval`` steps; a losing try doubles it (quadruples it when the try took over 1.5×
+  as long) up to MAX_INTERVAL, so a choice that never pays costs a few per cent of a run.
 * The plain step before a try harvests the k' vectors the try uses (harvesting is
   otherwise skipped while recycling does not pay; a try without a carry is a plain step).
 
-With a shadow baseline (plain MINRES on every system) the plain seconds are measured on
-every step instead of by tries.
+With a shadow baseline the plain seconds are measured on every step instead of by tries.
 """
 
 from __future__ import annotations
@@ -27,6 +25,9 @@ from dataclasses import dataclass
 
 MIN_DIM = 4  # fewer recycle vectors cannot save more than they cost (m < 16 iterations)
 MAX_INTERVAL = 64  # steps: how long a change of costs can go unnoticed
+FIRST_INTERVAL = 8  # steps before the other choice is tried after a switch
+BUDGET = 0.25
+SMOOTHING = 0.5  # weight of the newest figure in the exponential averages
 
 
 @dataclass(frozen=True)
@@ -41,24 +42,22 @@ class Plan:
 class RecyclePolicy:
     """Chooses per step between no recycling and k' ≤ ``max_dim`` recycle vectors."""
 
-    def __init__(self, max_dim: int, *, budget: float = 0.25, first_interval: int = 8,
-                 smoothing: float = 0.5) -> None:
+    def __init__(self, max_dim: int) -> None:
         if max_dim < 1:
             raise ValueError(f"adaptive recycling needs recycle dim >= 1; got {max_dim}")
-        self.max_dim, self.budget, self.smoothing = max_dim, budget, smoothing
-        self.first_interval = first_interval
+        self.max_dim = max_dim
         self.seconds: dict[bool, float] = {}  # recycling? → Hessian seconds per system
         self.plain_iterations: float | None = None
         self.recycling = False  # the choice in use
-        self.interval, self.wait = first_interval, 1  # steps until the other choice is tried
+        self.interval, self.wait = FIRST_INTERVAL, 1  # steps until the other choice is tried
         self.warming_up = True  # the first step (cold, not warm-started) is not measured
         self.shadowed = False  # plain seconds measured on every step (a shadow baseline)
 
     def affordable(self) -> int:
-        """k' = min(k, ⌊budget · plain iterations per system⌋)."""
+        """k' = min(k, ⌊BUDGET · plain iterations per system⌋)."""
         if self.plain_iterations is None:
             return 0
-        return min(self.max_dim, int(self.budget * self.plain_iterations))
+        return min(self.max_dim, int(BUDGET * self.plain_iterations))
 
     def plan(self) -> Plan:
         """The next step's dimension and harvest (see the module docstring)."""
@@ -83,20 +82,20 @@ class RecyclePolicy:
         used = dim > 0
         if used != self.recycling:  # a try: the choice's last figure is stale, replace it
             self.seconds.pop(used, None)
-        self.seconds[used] = self._smooth(self.seconds.get(used), seconds)
+        self.seconds[used] = _smooth(self.seconds.get(used), seconds)
         if not used:
-            self.plain_iterations = self._smooth(self.plain_iterations, iterations)
+            self.plain_iterations = _smooth(self.plain_iterations, iterations)
         if plain_seconds is not None and plain_iterations is not None:
             self.shadowed = True
-            self.seconds[False] = self._smooth(self.seconds.get(False), plain_seconds)
-            self.plain_iterations = self._smooth(self.plain_iterations, plain_iterations)
+            self.seconds[False] = _smooth(self.seconds.get(False), plain_seconds)
+            self.plain_iterations = _smooth(self.plain_iterations, plain_iterations)
         if len(self.seconds) < 2:
             self.wait = max(self.wait - 1, 0)
             return
         # recycling must win by 5 % to be chosen (one noisy try should not switch to it)
         best = self.seconds[True] < (0.95 if not self.recycling else 1.0) * self.seconds[False]
         if best != self.recycling:  # the other choice now wins: switch
-            self.recycling, self.interval = best, self.first_interval
+            self.recycling, self.interval = best, FIRST_INTERVAL
             self.wait = self.interval
         elif used != self.recycling:  # a try lost: wait 2× longer (4× when it lost by half)
             lost_by = self.seconds[used] / self.seconds[self.recycling]
@@ -105,5 +104,6 @@ class RecyclePolicy:
         else:
             self.wait = max(self.wait - 1, 0)
 
-    def _smooth(self, old: float | None, value: float) -> float:
-        return value if old is None else self.smoothing * value + (1 - self.smoothing) * old
+
+def _smooth(old: float | None, value: float) -> float:
+    return value if old is None else SMOOTHING * value + (1 - SMOOTHING) * old

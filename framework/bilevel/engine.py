@@ -1,22 +1,17 @@
 """The bilevel engine: hypergradients of a mini-batch of samples at θ, solved as one batch.
 
-``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` (B = 1 is a batch
-of one) through
+``BilevelEngine.evaluate(θ, indices)`` takes the B samples ``indices`` through
 
-    X* = argmin_X f(X, θ)          one L-BFGS or inexact Newton–Krylov over the rows
-                                   (per-sample line searches and convergence masks),
-                                   optionally polished by Newton steps (MINRES on the
-                                   rows still above gtol)
-    H(X*, θ) W = ∇ℓ(X*)            one RMINRES over the rows (per-sample Lanczos scalars,
-                                   recycle spaces, freezing; residual or NSC rule per row)
+    X* = argmin_X f(X, θ)    one L-BFGS or inexact Newton–Krylov over the rows, optionally
+                             polished by Newton steps (MINRES)
+    H(X*, θ) W = ∇ℓ(X*)      one RMINRES over the rows (per-sample Lanczos scalars, recycle
+                             spaces, freezing; residual or NSC rule per row)
     ∇θ ℓ = mean_i −J_i(x_i*, θ)ᵀ w_i
 
 and returns the mean upper loss and hypergradient with one record per sample.  Each
-sample's warm starts and recycle carry (``SampleState``) live in the engine, so any
-subset of samples can be evaluated at any step.  Counts are measured: per-sample Krylov
-and L-BFGS figures come from the solvers' per-sample results, every other operator
-application is counted per row (``RowTally``), and the batch's passes come from the
-problem's counter.  Times are measured per phase for the batch.
+sample's warm starts and recycle carry (``SampleState``) live in the engine, so any subset
+can be evaluated at any step.  Per-sample counts come from the solvers or are counted per
+row (``RowTally``); passes come from the problem's counter, times are the batch's.
 """
 
 from __future__ import annotations
@@ -54,7 +49,7 @@ from framework.krylov.recycle import (
 from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
 from framework.optim import MinimizeStatus, lbfgs, newton_krylov
 from framework.optim.newton import ETA_MAX
-from framework.optim.rows import scatter_rows
+from framework.optim.rows import scatter_rows, take_rows
 from problems.preconditioners import fft_preconditioner
 
 LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
@@ -69,23 +64,18 @@ class NonFiniteError(FloatingPointError):
 class EngineConfig:
     """Tolerances of the two inner solves and the recycling/stopping choices.
 
-    ``lower_newton_steps`` > 0 polishes the L-BFGS solution with up to that many Newton
-    steps (each a tight MINRES solve with the Hessian; its HVPs are counted): L-BFGS
-    stalls at ‖∇f‖ ≈ 1e-9 where f no longer changes in floating point, Newton does not.
-    ``lower_solver`` chooses L-BFGS or inexact Newton with MINRES on the Hessian
-    (``lower_maxiter`` bounds either's iterations; ``lower_memory`` is L-BFGS's).
-    ``preconditioner="fft"`` preconditions the hypergradient's Hessian solve with
-    ``problems.preconditioners.fft_preconditioner`` (FoE imaging problems; with
-    recycling the space is prepared per system with M), ``lower_preconditioner="fft"``
-    the inner solves of Newton–Krylov (which stops on ‖∇f‖ whatever the inner norm, so
-    the lower-level solution is unchanged).
+    ``lower_newton_steps`` > 0 polishes the lower solution with up to that many Newton
+    steps (tight MINRES solves, HVPs counted): L-BFGS stalls at ‖∇f‖ ≈ 1e-9 where f no
+    longer changes in floating point, Newton does not.  ``preconditioner="fft"``
+    preconditions the Hessian solve with ``problems.preconditioners.fft_preconditioner``
+    (FoE imaging; a recycle space is prepared with M), ``lower_preconditioner="fft"``
+    Newton–Krylov's inner solves (it stops on ‖∇f‖, so its solution is unchanged).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
     stop: StopConfig = field(default_factory=lambda: StopConfig(rtol=1e-3))
     krylov_maxiter: int | None = None
     lower_gtol: float = 1e-6
-    lower_rtol: float = 0.0
     lower_maxiter: int = 500
     lower_memory: int = 10
     lower_newton_steps: int = 0
@@ -104,22 +94,23 @@ WARM_STARTS = ("x", "w", "w_shadow")  # the arrays of a ``SampleState`` besides 
 
 
 def default_check_every(like: Any) -> int:
-    """Iterations between the Krylov solver's host checks for arrays like ``like``:
-    every iteration on the CPU, where a check is free; every 8 on a GPU, where each check
-    synchronises (the frozen samples' extra iterations are masked, results unchanged)."""
+    """Iterations between the Krylov solver's host checks: 1 on the CPU, where a check is
+    free; 8 on a GPU, where each synchronises (frozen rows' extra iterations are masked)."""
     return 8 if host_check_needs_sync(like) else 1
 
 
+def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any) -> Any:
+    return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta)
+
+
 class RowTally:
-    """Counts, per row of a batch, the operator applications of blocks (B, n[, b]): the
-    non-zero columns of each row (zero columns are padding: samples with fewer recycle
-    vectors, or Lanczos vectors past a row's own iterations).  Tallies stay on the device
-    until ``read``."""
+    """Counts per row of a batch the operator applications of blocks (B, n[, b]): the
+    non-zero columns of each row (zero columns are padding), on the device until ``read``."""
 
     def __init__(self, like: Any) -> None:
         self.xp = array_namespace(like)
-        self.zero = self.xp.zeros(like.shape[:1], dtype=self.xp.int64, device=device_of(like))
-        self.tallies = {"hvp": self.zero, "jac_t": self.zero}
+        zero = self.xp.zeros(like.shape[:1], dtype=self.xp.int64, device=device_of(like))
+        self.tallies = {"hvp": zero, "jac_t": zero}
 
     def counted(self, op: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
         xp = self.xp
@@ -132,9 +123,8 @@ class RowTally:
         return apply
 
     def read(self) -> dict[str, list[int]]:
-        """The per-row tallies on the host (one transfer)."""
         both = to_host(self.xp.stack([self.tallies["hvp"], self.tallies["jac_t"]]))
-        return {"hvp": [int(v) for v in both[0]], "jac_t": [int(v) for v in both[1]]}
+        return {"hvp": both[0].tolist(), "jac_t": both[1].tolist()}
 
 
 @dataclass(frozen=True)
@@ -151,40 +141,30 @@ class LowerSolve:
 
 class BilevelEngine:
     """Hypergradients over a dataset of ``problems`` (single-sample problems of one
-    batch-first type, with ``concat``) with per-sample state.
-
-    ``backend`` (from ``backends.get_backend``) is used only to move state to and from
-    the host for checkpoints; ``check_every`` sets the Krylov solver's host checks
-    (default ``default_check_every``).
+    batch-first type, with ``concat``) with per-sample state.  ``backend`` (from
+    ``backends.get_backend``) moves the state to and from the host for checkpoints;
+    ``check_every``: the Krylov solver's host checks (default ``default_check_every``).
     """
 
-    def __init__(
-        self,
-        problems: Sequence[Any],
-        config: EngineConfig | None = None,
-        *,
-        backend: Any = None,
-        check_every: int | None = None,
-    ) -> None:
+    def __init__(self, problems: Sequence[Any], config: EngineConfig | None = None, *,
+                 backend: Any = None, check_every: int | None = None) -> None:
         if not problems:
             raise ValueError("problems must hold at least one sample")
         shapes = {tuple(p.theta_shape) for p in problems}
         if len(shapes) != 1:
             raise ValueError(f"all samples must share one theta shape, got {sorted(shapes)}")
-        if len({type(p) for p in problems}) > 1 or not all(hasattr(p, "concat") for p in problems):
+        if len({type(p) for p in problems}) > 1 or not hasattr(problems[0], "concat"):
             raise ValueError("the engine needs samples of one batch-first problem type "
                              "(with concat)")
-        self.problems = list(problems)
+        self.problems, self.backend = list(problems), backend
         self.config = config if config is not None else EngineConfig()
-        self.backend = backend
         self.theta_shape = shapes.pop()
         if check_every is None:
             check_every = default_check_every(self.problems[0].y)
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive integer; got {check_every!r}")
         self.check_every = check_every
-        self.recycler = Recycler(self.config.recycle)
-        self.policy = None
+        self.recycler, self.policy = Recycler(self.config.recycle), None
         rc = self.config.recycle
         if rc.adaptive and rc.enabled:  # (without recycling there is nothing to adapt)
             if rc.strategy in ORACLES or rc.selection != Selection.inner:
@@ -197,21 +177,16 @@ class BilevelEngine:
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
 
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    def _indices(self, indices: Sequence[int] | None) -> tuple[int, ...]:
+    def _batch(self, indices: Sequence[int] | None) -> tuple[tuple[int, ...], Any]:
+        """The samples ``indices`` (all when None) and them as one batch-first problem
+        counting in ``self.counter``."""
         indices = tuple(range(len(self.problems))) if indices is None else tuple(indices)
         if not indices:
             raise ValueError("indices must name at least one sample")
-        return indices
-
-    def _batch(self, indices: tuple[int, ...]) -> Any:
-        """The samples ``indices`` as one batch-first problem counting in ``self.counter``."""
         if self._batch_cache is None or self._batch_cache[0] != indices:
             chosen = [self.problems[i] for i in indices]
             self._batch_cache = (indices, type(chosen[0]).concat(chosen, counter=self.counter))
-        return self._batch_cache[1]
+        return self._batch_cache
 
     def _warm_start(self, xp: Any, name: str, indices: tuple[int, ...], fill: Any) -> Any:
         """Stack the samples' state ``name``; None when warm starts are off or no sample
@@ -233,11 +208,8 @@ class BilevelEngine:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
         cfg = self.config
-        options = dict(
-            gtol=cfg.lower_gtol, rtol=cfg.lower_rtol, maxiter=cfg.lower_maxiter,
-            rows_value_and_grad=lambda X, rows: batch.subset(rows).lower_value_and_grad(
-                X, theta),
-        )
+        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter, rows_value_and_grad=(
+            lambda X, rows: batch.subset(rows).lower_value_and_grad(X, theta)))
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
@@ -254,33 +226,24 @@ class BilevelEngine:
                             lower.hvp, lower.host_reads + sum(solve_syncs))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
-    @staticmethod
-    def _preconditioner(
-        kind: Preconditioner, batch: Any, X: Any, theta: Any
-    ) -> Callable[[Any], Any] | None:
-        return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta)
-
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
-        iterating, H_i p_i = −∇f_i to relative residual η_i; its host reads go to
-        ``syncs``."""
+        iterating, H_i p_i = −∇f_i to relative residual η_i; host reads go to ``syncs``."""
 
         def solve(X: Any, G: Any, eta: Any, rows: Any) -> tuple[Any, Any]:
-            xp = array_namespace(X)
             keep = rows.nonzero()[0].tolist()
-            if len(keep) < batch.batch_size:
-                pick = xp.asarray(keep, dtype=xp.int64, device=device_of(X))
-                X, G = xp.take(X, pick, axis=0), xp.take(G, pick, axis=0)
+            X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
-            M = self._preconditioner(self.config.lower_preconditioner, sub, X, theta)
+            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta)
             res = rminres(sub.linearize(X, theta), -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
             syncs.append(res.host_syncs)
-            hvp = dict(zip(keep, res.matvecs, strict=True))
-            return scatter_rows(res.x, keep, batch.batch_size), [
-                hvp.get(j, 0) for j in range(batch.batch_size)]
+            hvp = [0] * batch.batch_size
+            for j, count in zip(keep, res.matvecs, strict=True):
+                hvp[j] = count
+            return scatter_rows(res.x, keep, batch.batch_size), hvp
 
         return solve
 
@@ -288,16 +251,12 @@ class BilevelEngine:
         """``solved`` after Newton steps x_i ← x_i − H_i⁻¹∇f_i on the rows with ‖∇f_i‖ >
         lower_gtol (one MINRES over those rows to ``NEWTON_RTOL`` per step), until every
         row meets gtol or ``lower_newton_steps`` steps are spent; its counts added."""
-        xp = array_namespace(solved.X)
-        cfg = self.config
-        B = batch.batch_size
-        rows = [solved.X[j, ...] for j in range(B)]
+        xp, cfg, B = array_namespace(solved.X), self.config, batch.batch_size
+        X, active, syncs = solved.X, list(range(B)), solved.host_syncs
         grad_evals, hvp, converged = list(solved.grad_evals), list(solved.hvp), [False] * B
-        active, syncs = list(range(B)), solved.host_syncs
         for step in range(cfg.lower_newton_steps + 1):
-            sub = batch.subset(active)
-            Xa = xp.stack([rows[j] for j in active])
-            G = sub.lower_grad(Xa, theta)
+            (Xa,) = take_rows(active, X)
+            G = batch.subset(active).lower_grad(Xa, theta)
             norms = to_host(xp.linalg.vector_norm(G, axis=1))
             syncs += 1
             for r, j in enumerate(active):
@@ -306,45 +265,38 @@ class BilevelEngine:
             still = [r for r, j in enumerate(active) if not converged[j]]
             if step == cfg.lower_newton_steps or not still:
                 break
-            keep = [active[r] for r in still]
-            pick = xp.asarray(still, dtype=xp.int64, device=device_of(G))
-            Xs, Gs = xp.take(Xa, pick, axis=0), xp.take(G, pick, axis=0)
-            res = rminres(batch.subset(keep).linearize(Xs, theta), Gs, rtol=NEWTON_RTOL,
+            active = [active[r] for r in still]
+            Xs, Gs = take_rows(still, Xa, G)
+            res = rminres(batch.subset(active).linearize(Xs, theta), Gs, rtol=NEWTON_RTOL,
                           true_residual=False)
             syncs += res.host_syncs
-            for r, j in enumerate(keep):
+            for r, j in enumerate(active):
                 hvp[j] += res.matvecs[r]
-                rows[j] = rows[j] - res.x[r, ...]
-            active = keep
-        return LowerSolve(xp.stack(rows), solved.iterations, tuple(converged),
-                          tuple(grad_evals), tuple(hvp), syncs)
+            X = X - scatter_rows(res.x, active, B)
+        return LowerSolve(X, solved.iterations, tuple(converged), tuple(grad_evals), tuple(hvp),
+                          syncs)
 
     def lower_solutions(self, theta: Any, indices: Sequence[int] | None = None, *,
                         x0: Any = None) -> Any:
         """x*(θ) of samples ``indices`` as rows (B, n), warm-started from ``x0`` (B, n) or
         the samples' states; the states are read, never changed."""
-        indices = self._indices(indices)
-        batch = self._batch(indices)
-        xp = array_namespace(theta)
-        X0, warm = (self._lower_start(xp, batch, indices) if x0 is None
+        indices, batch = self._batch(indices)
+        X0, warm = (self._lower_start(array_namespace(theta), batch, indices) if x0 is None
                     else (x0, [True] * len(indices)))
         return self._solve_lower(batch, theta, X0, warm).X
 
     def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
         """The mean upper loss of samples ``indices`` at θ (lower solves warm-started from
         the states, which are not changed): for line searches of the outer optimiser."""
-        indices = self._indices(indices)
-        losses = self._batch(indices).upper_loss(self.lower_solutions(theta, indices))
+        indices, batch = self._batch(indices)
+        losses = batch.upper_loss(self.lower_solutions(theta, indices))
         return float(array_namespace(losses).mean(losses))
 
     # -- one step ---------------------------------------------------------------------------
     def evaluate(self, theta: Any, indices: Sequence[int] | None = None) -> StepResult:
         """Solve samples ``indices`` (all when None) at θ as one batch; update their states."""
-        indices = self._indices(indices)
-        cfg = self.config
-        batch = self._batch(indices)
-        xp = array_namespace(theta)
-        B = len(indices)
+        indices, batch = self._batch(indices)
+        cfg, xp, B = self.config, array_namespace(theta), len(indices)
         t0 = time.perf_counter()
         start = self.counter.snapshot()
         lower = self._solve_lower(batch, theta, *self._lower_start(xp, batch, indices))
@@ -361,13 +313,12 @@ class BilevelEngine:
         plan = None if self.policy is None else self.policy.plan()
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
-        M = self._preconditioner(cfg.preconditioner, batch, X, theta)
+        M = _preconditioner(cfg.preconditioner, batch, X, theta)
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
-        stop = cfg.stop
-        rule = None
-        if stop.kind == StopKind.hypergradient_change or (
-                stop.kind == StopKind.hypergradient and space is not None):
-            rule = stop.rule(space, J, G)  # NSC without a recycle space: the residual rule
+        stop = cfg.stop  # NSC without a recycle space: the residual rule
+        nsc = stop.kind == StopKind.hypergradient_change or (
+            stop.kind == StopKind.hypergradient and space is not None)
+        rule = stop.rule(space, J, G) if nsc else None
         solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
                         true_residual=False, M=M)
@@ -418,16 +369,13 @@ class BilevelEngine:
                 shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
-                x=X[j, ...], w=res.x[j, ...],
-                carry=self._carry_after(res, space, j, self.states[i].carry),
-                w_shadow=None if base is None else base.x[j, ...],
-            )
+                x=X[j, ...], w=res.x[j, ...], w_shadow=None if base is None else base.x[j, ...],
+                carry=self._carry_after(res, space, j, self.states[i].carry))
         grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
             float(sum(losses)) / B, grad, indices, tuple(records),
             counts=after_hessian - after_lower, lower_counts=after_lower - start,
-            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
-        )
+            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs)
 
     def _recycler(self, plan: Plan | None, use: str) -> Recycler:
         """The configured recycler, or (adaptive) one with the plan's ``dim``/``harvest``
@@ -442,9 +390,8 @@ class BilevelEngine:
 
     def _carry_after(self, res: Any, space: Any, j: int, old: RecycleCarry | None
                      ) -> RecycleCarry | None:
-        """Sample j's carry after the solve: its harvest, or its unchanged space when
-        nothing was harvested (the oracles select afresh every time), or (adaptive
-        recycling, a step without either) its ``old`` carry."""
+        """Sample j's carry after the solve: its harvest, else its unchanged space (not for
+        the oracles, which select afresh), else (adaptive recycling) its ``old`` carry."""
         if res.harvest is not None:
             carry = res.harvest.sample(j)
         elif space is not None and self.config.recycle.strategy not in ORACLES:
@@ -454,34 +401,29 @@ class BilevelEngine:
         return carry if carry.basis.shape[-1] > 0 else None
 
     # -- checkpoints ----------------------------------------------------------------------
+    def _checkpoint_backend(self, use: str) -> Any:
+        if self.backend is None:
+            raise ValueError(f"{use} needs the engine's backend (pass backend=...)")
+        return self.backend
+
     def state_dict(self) -> dict[str, Any]:
         """Per-sample warm starts and recycle carries as host NumPy arrays."""
-        if self.backend is None:
-            raise ValueError("state_dict needs the engine's backend (pass backend=...)")
-        to_np = self.backend.to_numpy
+        to_np = self._checkpoint_backend("state_dict").to_numpy
         samples = []
         for s in self.states:
-            arrays = {name: getattr(s, name) for name in WARM_STARTS}
-            entry = {name: to_np(a) for name, a in arrays.items() if a is not None}
+            entry = {name: to_np(a) for name in WARM_STARTS if (a := getattr(s, name)) is not None}
             if s.carry is not None:
                 entry.update(carry_basis=to_np(s.carry.basis), carry_selected=s.carry.selected)
             samples.append(entry)
         return {"samples": samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.backend is None:
-            raise ValueError("load_state_dict needs the engine's backend (pass backend=...)")
-        put = self.backend.asarray
+        put = self._checkpoint_backend("load_state_dict").asarray
         samples = state["samples"]
         if len(samples) != len(self.problems):
-            raise ValueError(
-                f"checkpoint holds {len(samples)} samples, the engine has {len(self.problems)}"
-            )
-        self.states = [
-            SampleState(
-                **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
-                carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
-                if "carry_basis" in entry else None,
-            )
-            for entry in samples
-        ]
+            raise ValueError(f"checkpoint holds {len(samples)} samples, the engine has "
+                             f"{len(self.problems)}")
+        self.states = [SampleState(
+            **{name: put(entry[name]) for name in WARM_STARTS if name in entry},
+            carry=RecycleCarry(put(entry["carry_basis"]), bool(entry["carry_selected"]))
+            if "carry_basis" in entry else None) for entry in samples]

@@ -1,17 +1,16 @@
 """Recording the Hessian systems of a training run, to re-solve them per strategy.
 
-During a training run ``SequenceRecorder`` records θ_t and the lower-level solutions x_t
-= x(θ_t) of chosen samples; afterwards H(x_t, θ_t) w = ∇ℓ(x_t) can be solved again by any
-solver configuration, on identical systems, as the paper compares strategies.
-``RecordedSequence.save`` writes one ``.npz`` (θ_t, x_t, the samples' data x_true / y and
-the problem config as JSON) so others can compare solvers on the same systems.
+``SequenceRecorder`` records θ_t and the lower-level solutions x_t = x(θ_t) of chosen
+samples during a run; afterwards any solver configuration can solve the identical systems
+H(x_t, θ_t) w = ∇ℓ(x_t), as the paper compares strategies.  ``RecordedSequence.save``
+writes one ``.npz`` (θ_t, x_t, the samples' x_true / y, the problem config as JSON).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,26 +39,21 @@ class RecordedSequence:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
-        np.savez_compressed(path, **arrays)
+        np.savez_compressed(path, **vars(self))
         return path if path.suffix == ".npz" else path.with_suffix(".npz")
 
     @classmethod
     def load(cls, path: str | Path) -> RecordedSequence:
         with np.load(Path(path)) as data:
-            return cls(
-                **{name: data[name] for name in ("thetas", "xs", "x_true", "y")},
-                sample_indices=tuple(int(i) for i in data["sample_indices"]),
-                problem_config=str(data["problem_config"]),
-            )
+            return cls(**{name: data[name] for name in ("thetas", "xs", "x_true", "y")},
+                       sample_indices=tuple(int(i) for i in data["sample_indices"]),
+                       problem_config=str(data["problem_config"]))
 
     def config(self) -> dict[str, Any]:
         return json.loads(self.problem_config)
 
-    def systems(
-        self, problem: Any, backend: Any, *, sample: int = 0, references: bool = False,
-        reference_rtol: float = 1e-10,
-    ) -> list[LinearSystem]:
+    def systems(self, problem: Any, backend: Any, *, sample: int = 0, references: bool = False,
+                reference_rtol: float = 1e-10) -> list[LinearSystem]:
         """The systems of one recorded sample, bound to ``problem`` (rebuilt from the
         config; its data must match the recording).  With ``references``, each system
         carries −Jᵀw* from a tight MINRES solve (``reference_rtol``)."""
@@ -70,8 +64,7 @@ class RecordedSequence:
                 raise ValueError(f"problem data does not match the recording ({name} differs)")
         out = []
         for t in range(self.steps):
-            theta = backend.asarray(self.thetas[t])
-            x = backend.asarray(self.xs[t, which])
+            theta, x = backend.asarray(self.thetas[t]), backend.asarray(self.xs[t, which])
             out.append(LinearSystem(H=partial(problem.hvp, x, theta), g=problem.upper_grad(x),
                                     jac_t=partial(problem.jac_t, x, theta)))
         if references:
@@ -90,10 +83,9 @@ class SequenceRecorder:
         self.xs: list[np.ndarray] = []
 
     def capture(self, engine: BilevelEngine, theta: Any, indices: Sequence[int]) -> None:
-        """Record θ and x(θ) of every recorded sample; call right after
-        ``engine.evaluate(theta, indices)``.  A sample of the batch gives the engine's own
-        x; the others are solved together by the engine's lower solver (its states
-        unchanged), warm-started from their last recorded x (first step: state or data)."""
+        """Record θ and x(θ) of every recorded sample, right after ``engine.evaluate(theta,
+        indices)``: the engine's x for a sample of the batch; the others solved together
+        (states unchanged), warm-started from their last recorded x (first: state or data)."""
         to_np, batch = self.backend.to_numpy, set(int(i) for i in indices)
         row = [to_np(engine.states[i].x) if i in batch and engine.states[i].x is not None
                else None for i in self.samples]
@@ -122,29 +114,21 @@ class SequenceRecorder:
             raise ValueError("nothing recorded: the run made no outer step")
         chosen = [problems[i] for i in self.samples]
         return RecordedSequence(
-            thetas=np.stack(self.thetas),
-            xs=np.stack(self.xs),
+            thetas=np.stack(self.thetas), xs=np.stack(self.xs),
             x_true=np.stack([self.backend.to_numpy(p.x_true) for p in chosen]),
             y=np.stack([self.backend.to_numpy(p.y) for p in chosen]),
-            sample_indices=self.samples,
-            problem_config=problem_config,
-        )
+            sample_indices=self.samples, problem_config=problem_config)
 
 
 def record_training(
-    engine: BilevelEngine,
-    optimizer: Any,
-    theta0: Any,
-    steps: int,
-    *,
-    indices: Sequence[int] | None = None,
-    problem_config: dict[str, Any] | None = None,
+    engine: BilevelEngine, optimizer: Any, theta0: Any, steps: int, *,
+    indices: Sequence[int] | None = None, problem_config: dict[str, Any] | None = None,
 ) -> tuple[RecordedSequence, list[float]]:
     """Run ``steps`` outer steps on samples ``indices`` (all by default), recording θ_t
     and every sample's x_t; returns the recording and the upper losses."""
     if engine.backend is None:
         raise ValueError("record_training needs an engine with a backend")
-    idx = tuple(range(len(engine))) if indices is None else tuple(indices)
+    idx = tuple(range(len(engine.problems))) if indices is None else tuple(indices)
     recorder, losses, theta = SequenceRecorder(idx, engine.backend), [], theta0
     for _ in range(steps):
         result = engine.evaluate(theta, idx)

@@ -37,11 +37,9 @@ class ShadowRecord:
 class SampleRecord:
     """Figures of one sample's hypergradient, measured for its row of the batch.
 
-    ``hvp``/``jac_t``: applications to this sample's operators in the Hessian phase
-    (Krylov iterations and the initial residual from the solver's per-sample count; the
-    recycle set-up, selection, NSC set-up and −Jᵀw counted per row as the non-zero
-    columns applied).  ``lower_*``: the lower-level solve (L-BFGS's per-sample
-    evaluations, plus the gradients and MINRES applications of a Newton polish).  The
+    ``hvp``/``jac_t``: applications to this sample's operators in the Hessian phase (the
+    solver's per-sample count, plus the recycle set-up, selection, NSC set-up and −Jᵀw
+    counted per row).  ``lower_*``: the lower-level solve, a Newton polish included.  The
     shadow baseline is not included."""
 
     upper_loss: float
@@ -57,10 +55,6 @@ class SampleRecord:
     jac_t: int
     hg_error_estimate: float
     shadow: ShadowRecord | None = None
-
-    @property
-    def applications(self) -> int:
-        return self.hvp + self.jac_t
 
 
 @dataclass(frozen=True)
@@ -79,10 +73,10 @@ class PhaseTimes:
 class StepResult:
     """Mean upper loss and hypergradient (θ-shaped, on the device) over the samples.
 
-    ``counts`` is what the batch's Hessian phase spent as counted by the problem's
-    counter (passes: batched operator calls; applications: every row of every call,
-    frozen and padding included); ``lower_counts`` the same for the lower solve;
-    ``host_syncs`` the transfers of per-sample scalars to the host."""
+    ``counts``: the batch's Hessian phase as counted by the problem's counter (passes:
+    batched operator calls; applications: every row of every call, frozen and padding
+    included); ``lower_counts`` the same for the lower solve; ``host_syncs`` the transfers
+    of per-sample scalars to the host."""
 
     loss: float
     grad: Any
@@ -107,7 +101,7 @@ class StepResult:
             **{name: total(name) for name in summed},
             "hvp_passes": float(self.counts.hvp_passes),
             "jac_t_passes": float(self.counts.jac_t_passes),
-            "operator_applications": total("applications"),
+            "operator_applications": total("hvp") + total("jac_t"),
             "operator_passes": float(self.counts.passes),
             "batch_applications": float(self.counts.applications),
             "batch_host_syncs": float(self.host_syncs),

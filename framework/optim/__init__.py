@@ -7,15 +7,5 @@ from framework.optim.newton import Forcing, newton_krylov
 from framework.optim.outcome import MinimizeResult, MinimizeStatus
 from framework.optim.outer import Adam, GradientDescent, OuterStep, make_optimizer
 
-__all__ = [
-    "Adam",
-    "Forcing",
-    "GradientDescent",
-    "MinimizeResult",
-    "MinimizeStatus",
-    "OuterStep",
-    "lbfgs",
-    "make_optimizer",
-    "newton_krylov",
-    "strong_wolfe_search",
-]
+__all__ = ["Adam", "Forcing", "GradientDescent", "MinimizeResult", "MinimizeStatus", "OuterStep",
+           "lbfgs", "make_optimizer", "newton_krylov", "strong_wolfe_search"]

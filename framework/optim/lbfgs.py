@@ -2,14 +2,12 @@
 
 With x0 of shape (B, n), ``fun(X)`` → (B,) and ``grad(X)`` → (B, n) evaluate all rows at
 once; with x0 of shape (n,) they take and return one sample's arrays and the result is
-unwrapped.  Every sample has its own memory (``LBFGSMemory``), strong-Wolfe line search
-(``line_search``; when it fails, the memory is dropped and steepest descent tried once)
-and stopping test; a stopped sample's row no longer changes.  A sample's arithmetic does
-not depend on B: B samples together take the iterations and evaluations each takes alone.
+unwrapped.  Every sample has its own memory, strong-Wolfe line search (when it fails, the
+memory is dropped and steepest descent tried once) and stopping test; a stopped sample's
+row no longer changes.  A sample's arithmetic does not depend on B.
 
 Host transfers (``host_reads``): one per evaluation round (f and the slopes ∇fᵀp) and two
-per iteration (the new direction's slopes; sᵀy with ‖∇f‖²); the two-loop recursion stays
-on the device.
+per iteration (the new direction's slopes; sᵀy with ‖∇f‖²).
 """
 
 from __future__ import annotations
@@ -27,17 +25,9 @@ from framework.optim.rows import RowEvaluator, RowsValueAndGrad, ValueAndGrad, c
 
 
 def lbfgs(
-    fun: Callable[[Any], Any],
-    grad: Callable[[Any], Any],
-    x0: Any,
-    *,
-    gtol: float = 1e-8,
-    rtol: float = 0.0,
-    maxiter: int = 1000,
-    memory: int = 10,
-    c1: float = 1e-4,
-    c2: float = 0.9,
-    max_linesearch: int = 40,
+    fun: Callable[[Any], Any], grad: Callable[[Any], Any], x0: Any, *, gtol: float = 1e-8,
+    rtol: float = 0.0, maxiter: int = 1000, memory: int = 10, c1: float = 1e-4,
+    c2: float = 0.9, max_linesearch: int = 40,
     callback: Callable[[int, Any, Any, Any], None] | None = None,
     value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
@@ -47,12 +37,11 @@ def lbfgs(
     iterations (MAXITER), when its line search fails (LINESEARCH_FAILED) or when f_i or
     ∇f_i is not finite at x0_i (NONFINITE); the others go on.
 
-    ``value_and_grad(x)`` → (f, ∇f) replaces the two calls by one fused evaluation;
-    ``rows_value_and_grad(X_rows, rows)`` → ((r,), (r, n)), for a (B, n) x0, evaluates only
-    the samples ``rows`` (host indices) at ``X_rows``, so rounds skip samples not searching.
-    ``callback(k, x, f, grad_norm)`` runs after every iteration in which a sample accepted a
-    step (x shaped as x0; f, grad_norm floats for a 1-D x0, else host (B,) arrays).  Arrays
-    stay in x0's namespace and on its device.
+    ``value_and_grad(x)`` → (f, ∇f) fuses the two calls; ``rows_value_and_grad(X_rows,
+    rows)`` → ((r,), (r, n)), for a (B, n) x0, evaluates only the samples ``rows`` (host
+    indices), so rounds skip samples not searching.  ``callback(k, x, f, grad_norm)`` runs
+    after every iteration in which a sample accepted a step (x shaped as x0; f, grad_norm
+    floats for a 1-D x0, else host (B,) arrays).
     """
     require(0 < c1 < c2 < 1, "0 < c1 < c2 < 1", c1=c1, c2=c2)
     require(memory >= 1, "memory >= 1", memory=memory)
@@ -100,7 +89,7 @@ def lbfgs(
 
 
 def first_step(gnorm: np.ndarray) -> np.ndarray:
-    """The first trial step without a memory: min(1, 1/‖∇f‖)."""
+    """min(1, 1/‖∇f‖): the first trial step without a memory."""
     return np.minimum(1.0, 1.0 / np.where(gnorm > 0, gnorm, 1.0))
 
 
@@ -121,11 +110,10 @@ class LBFGSMemory:
     first; ``count[i]`` pairs of sample i.
 
     Slot a holds the a-th newest pair (s, y, ρ = 1/sᵀy) of every sample as rows of (B, n)
-    arrays and a (B,) array; ρ = 0 marks an empty slot, which the recursion passes through
-    unchanged, and a sample with pairs has ρ ≠ 0 in its newest slot.  The recursion runs
-    over as many slots as the fullest memory among the samples still iterating, so a
-    sample's arithmetic is the same alone as in a batch, and a single sample does exactly
-    the work (and the arithmetic) of a memory kept as a list.
+    arrays and a (B,) array; ρ = 0 marks an empty slot (the recursion passes it unchanged;
+    a sample with pairs has ρ ≠ 0 in its newest).  The recursion runs over as many slots as
+    the fullest memory among the samples iterating, so a sample's arithmetic is the same
+    alone as in a batch.
     """
 
     def __init__(self, ev: RowEvaluator, X: Any, size: int) -> None:
@@ -138,11 +126,8 @@ class LBFGSMemory:
 
     def push(self, mask: np.ndarray, s: Any, y: Any, sy: Any, stopped: np.ndarray) -> None:
         """Prepend (s_i, y_i, ρ_i = 1/s_iᵀy_i) for the samples in the host mask ``mask``.
-
-        ``stopped`` marks samples whose memory is never read again: when every other
-        sample pushes, the slots rotate without copies and the stopped rows get an empty
-        memory (newest slot ρ = 0, count 0) instead of keeping theirs.
-        """
+        ``stopped`` marks samples whose memory is never read again: when every other sample
+        pushes, the slots rotate without copies and the stopped rows get an empty memory."""
         xp, select, size, pushing = self.xp, self.ev.select, len(self.S), np.count_nonzero(mask)
         if not pushing:
             return
@@ -162,7 +147,6 @@ class LBFGSMemory:
         self.count = np.where(mask, np.minimum(self.count + 1, size), self.count)
 
     def forget(self, mask: np.ndarray) -> None:
-        """Empty the memories of the samples in ``mask``."""
         if not np.count_nonzero(mask):
             return
         used = int(self.count.max())

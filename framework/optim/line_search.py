@@ -41,15 +41,11 @@ def _interpolate(lo: Point, hi: Point) -> float:
     return lo[0] + 0.5 * delta
 
 
-def strong_wolfe_search(
-    f0: float, slope0: float, alpha: float, c1: float, c2: float, max_trials: int
-) -> WolfeSearch:
-    """The strong-Wolfe line search of one sample as a coroutine.
-
-    Yields (keep the trial just evaluated?, next α) and receives (f, slope) at that α.
-    Returns "last", "kept" or None: accept the last trial, the most recently kept one, or
-    none.
-    """
+def strong_wolfe_search(f0: float, slope0: float, alpha: float, c1: float, c2: float,
+                        max_trials: int) -> WolfeSearch:
+    """The strong-Wolfe line search of one sample as a coroutine: yields (keep the trial
+    just evaluated?, next α) and receives (f, slope) at that α; returns "last", "kept" or
+    None: accept the last trial, the most recently kept one, or none."""
 
     def armijo(t: Point) -> bool:
         return math.isfinite(t[1]) and t[1] <= f0 + c1 * t[0] * slope0
@@ -92,23 +88,15 @@ def strong_wolfe_search(
 
 
 def search_rows(
-    ev: RowEvaluator,
-    X: Any,
-    G: Any,
-    F: np.ndarray,
-    P: Any,
-    slope: np.ndarray,
-    alpha0: np.ndarray,
-    searching: np.ndarray,
+    ev: RowEvaluator, X: Any, G: Any, F: np.ndarray, P: Any, slope: np.ndarray,
+    alpha0: np.ndarray, searching: np.ndarray,
     line_search: Callable[[float, float, float], WolfeSearch],
 ) -> tuple[np.ndarray, Any, Any, np.ndarray]:
-    """Run the line searches ``line_search(f, slope, α₀)`` (e.g. ``strong_wolfe_search``
-    with its constants bound) of the samples in the host mask ``searching`` together along
-    the rows of P from the rows of X (gradients G, values F, slopes ∇fᵀp, first steps α₀).
-
-    Each round evaluates the rows at X + diag(α) P, with α_i = 0 for the samples not
-    searching, and sends each search its (f, slope).  Returns (accepted mask, X_new,
-    G_new, F_new); rows not accepted keep X, G, F.
+    """Run the line searches ``line_search(f, slope, α₀)`` (``strong_wolfe_search`` with
+    its constants bound) of the samples ``searching`` together along the rows of P from X
+    (gradients G, values F, slopes ∇fᵀp, first steps α₀): each round evaluates the rows at
+    X + diag(α) P (α_i = 0 for the others) and sends each search its (f, slope).  Returns
+    (accepted mask, X_new, G_new, F_new); rows not accepted keep X, G, F.
     """
     bsz = len(F)
     searches: dict[int, WolfeSearch] = {}
@@ -123,9 +111,11 @@ def search_rows(
         """``target`` with the rows ``rows`` of ``source`` (X, G, F)."""
         if not rows:
             return target
-        target[2][rows] = source[2][rows]
-        return ev.select_rows(rows, source[0], target[0]), \
-            ev.select_rows(rows, source[1], target[1]), target[2]
+        mask = np.zeros(bsz, dtype=bool)
+        mask[rows] = True
+        target[2][mask] = source[2][mask]
+        return ev.select(mask, source[0], target[0]), ev.select(mask, source[1], target[1]), \
+            target[2]
 
     while searches:
         pending = np.zeros(bsz, dtype=bool)

@@ -6,25 +6,22 @@ rows)`` → (P, hvp) gives, for the samples in the host mask ``rows``, steps p_i
 Hessian-vector products (host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).
 MINRES suits it: it needs no definiteness.  Iteration k of sample i:
 
-1. forcing term η_i: Eisenstat–Walker choice 2, η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to
-   0.9 η_{k−1}² when that exceeds 0.1, η₀ = ``eta_first`` (default η_max; a start near the
-   solution, e.g. the previous outer step's, is in Newton's region of fast local
-   convergence, where a first step solved to 1e-2 saves Newton iterations, not inner
-   ones) (``forcing="eisenstat_walker"``); or
-   η_k = √‖g_k‖ (``"sqrt"``); capped at η_max and never below 0.5·tol_i/‖g_k‖ (the last
-   step is not over-solved) or ``ETA_MIN``;
-2. p_i is used only when ∇f_iᵀp_i < 0 (an indefinite Hessian, e.g. of non-convex experts,
-   can give an uphill Newton direction); else steepest descent −g_i, first step
-   min(1, 1/‖g_i‖);
-3. backtracking α ← α/2 from α = 1 accepts Armijo's sufficient decrease
-   f(x + αp) ≤ f(x) + c1 α ∇fᵀp or, once f no longer changes in floating point,
-   f(x + αp) ≤ f(x) with ‖∇f(x + αp)‖ < ‖∇f(x)‖: f never increases.  A Newton direction
-   without such a trial in ``max_backtracks`` halvings is replaced by −g_i once; when that
-   fails too, the sample stops (LINESEARCH_FAILED).
+1. forcing term η_i: Eisenstat–Walker choice 2 (``forcing="eisenstat_walker"``),
+   η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to 0.9 η_{k−1}² when that exceeds 0.1, η₀ =
+   ``eta_first`` (default η_max; from a start near the solution, in Newton's region of
+   fast local convergence, a first step solved to 1e-2 saves Newton iterations); or
+   η_k = √‖g_k‖ (``"sqrt"``); capped at η_max, never below 0.5·tol_i/‖g_k‖ (the last step
+   is not over-solved) or ``ETA_MIN``;
+2. p_i is used only when ∇f_iᵀp_i < 0 (an indefinite Hessian can give an uphill Newton
+   direction); else steepest descent −g_i, first step min(1, 1/‖g_i‖);
+3. backtracking α ← α/2 from α = 1 accepts Armijo's f(x + αp) ≤ f(x) + c1 α ∇fᵀp or,
+   once f no longer changes in floating point, f(x + αp) ≤ f(x) with a smaller ‖∇f‖.  A
+   Newton direction without such a trial in ``max_backtracks`` halvings is replaced by
+   −g_i once; when that fails too, the sample stops (LINESEARCH_FAILED).
 
-A sample's arithmetic does not depend on B when the solve's rows do not (MINRES with host
-scalars).  Host transfers (``host_reads``): one per evaluation round (f and ‖∇f‖²) and
-one per iteration (the slopes ∇fᵀp); the solve's own are the caller's to count.
+A sample's arithmetic does not depend on B when the solve's rows do not.  Host transfers
+(``host_reads``): one per evaluation round (f and ‖∇f‖²) and one per iteration (∇fᵀp);
+the solve's own are the caller's to count.
 """
 
 from __future__ import annotations
@@ -46,10 +43,8 @@ ETA_MAX = 0.5  # largest forcing term (default), and η₀ from a cold start
 ETA_MIN = 1e-12  # smallest forcing term: MINRES's recurrence residual stays reliable above
 
 
-def forcing_terms(
-    kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None, prev_eta: np.ndarray,
-    tol: np.ndarray, eta_max: float,
-) -> np.ndarray:
+def forcing_terms(kind: Forcing, gnorm: np.ndarray, prev_gnorm: np.ndarray | None,
+                  prev_eta: np.ndarray, tol: np.ndarray, eta_max: float) -> np.ndarray:
     """The relative residuals η (B,) the inner solves must reach (see the module doc;
     ``prev_eta`` is η₀ before the first iteration)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -66,25 +61,15 @@ def forcing_terms(
 
 
 def newton_krylov(
-    fun: Callable[[Any], Any],
-    grad: Callable[[Any], Any],
-    x0: Any,
-    solve: LinearSolve,
-    *,
-    gtol: float = 1e-8,
-    rtol: float = 0.0,
-    maxiter: int = 100,
-    forcing: str = Forcing.eisenstat_walker,
-    eta_max: float = ETA_MAX,
-    eta_first: float | Sequence[float] | None = None,
-    c1: float = 1e-4,
-    max_backtracks: int = 30,
-    value_and_grad: ValueAndGrad | None = None,
+    fun: Callable[[Any], Any], grad: Callable[[Any], Any], x0: Any, solve: LinearSolve, *,
+    gtol: float = 1e-8, rtol: float = 0.0, maxiter: int = 100,
+    forcing: str = Forcing.eisenstat_walker, eta_max: float = ETA_MAX,
+    eta_first: float | Sequence[float] | None = None, c1: float = 1e-4,
+    max_backtracks: int = 30, value_and_grad: ValueAndGrad | None = None,
     rows_value_and_grad: RowsValueAndGrad | None = None,
 ) -> MinimizeResult:
-    """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from
-    ``solve``; ``value_and_grad`` and ``rows_value_and_grad`` as in ``lbfgs``;
-    ``eta_first`` η₀ (a float or one per sample; default ``eta_max``)."""
+    """Minimise ``fun`` from ``x0`` ((n,) or (B, n)) by inexact Newton steps from ``solve``
+    (``eta_first``: η₀, a float or one per sample; the rest as in ``lbfgs``)."""
     forcing = Forcing(forcing)
     require(0 < c1 < 1 and 0 < eta_max < 1, "0 < c1, eta_max < 1", c1=c1, eta_max=eta_max)
     first = np.asarray(eta_max if eta_first is None else eta_first, dtype=np.float64)
@@ -129,8 +114,7 @@ def _backtrack(
     c1: float, max_backtracks: int,
 ) -> tuple[np.ndarray, Any, Any, np.ndarray, np.ndarray]:
     """Backtracking of the rows ``searching`` together, one evaluation of the pending rows
-    per round.  Returns (accepted, X, ∇f, f, ‖∇f‖) with the accepted trials' rows (the
-    others keep theirs)."""
+    per round: (accepted, X, ∇f, f, ‖∇f‖), the others' rows unchanged."""
     accepted = np.zeros(len(F), dtype=bool)
     trials = np.zeros(len(F), dtype=np.int64)
     Xa, Ga, Fa, gna = X, G, F.copy(), gnorm.copy()

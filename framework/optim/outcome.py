@@ -23,8 +23,6 @@ def require(ok: bool, need: str, **given: Any) -> None:
 
 
 class MinimizeStatus(Enum):
-    """Why a sample's minimisation stopped."""
-
     CONVERGED = "converged"
     MAXITER = "maxiter"
     LINESEARCH_FAILED = "linesearch_failed"
@@ -68,8 +66,7 @@ class MinimizeResult:
 
 class SampleLog:
     """Host bookkeeping per sample: f and ‖∇f‖ at the iterate, status, message, iterations,
-    f history, and the gradient tolerance max(gtol, rtol·‖∇f(x0)‖); a sample with f or ∇f
-    not finite at x0 stops at once (NONFINITE)."""
+    f history and tolerance max(gtol, rtol·‖∇f(x0)‖); f or ∇f not finite at x0: NONFINITE."""
 
     def __init__(self, F: np.ndarray, gnorm: np.ndarray, gtol: float, rtol: float) -> None:
         bsz = len(F)
@@ -84,8 +81,8 @@ class SampleLog:
                   "f or ∇f is not finite at x0 (f={f})")
 
     def stop(self, which: np.ndarray, status: MinimizeStatus, k: int, message: str) -> None:
-        """Stop the running samples in ``which`` at iteration k; ``message`` is formatted
-        with the sample's k, f, g (‖∇f‖) and tol."""
+        """Stop the running samples ``which`` at iteration k (``message`` formatted with k,
+        f, g = ‖∇f‖ and tol)."""
         if not np.count_nonzero(which):
             return
         for i in (which & self.running).nonzero()[0].tolist():
@@ -104,7 +101,7 @@ class SampleLog:
             yield k, iterating
 
     def record(self, ok: np.ndarray, F: np.ndarray, gnorm: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step): (f, ‖∇f‖) of all."""
+        """Take f and ‖∇f‖ of the samples ``ok`` (that accepted a step); (f, ‖∇f‖) of all."""
         self.F, self.gnorm = choose(ok, F, self.F), choose(ok, gnorm, self.gnorm)
         for i in ok.nonzero()[0].tolist():
             self.history[i].append(float(self.F[i]))
@@ -116,15 +113,11 @@ class SampleLog:
         self.stop(self.running, MinimizeStatus.MAXITER, maxiter,
                   "reached maxiter={k} with ‖∇f‖ = {g:.3e} > {tol:.3e}")
         per_sample = dict(
-            status=tuple(self.status),
-            message=tuple(self.message),
-            iterations=tuple(int(i) for i in self.iterations),
-            f_evals=tuple(int(e) for e in ev.sample_evaluations),
-            hvp=tuple(int(h) for h in hvp),
-            grad_norm=tuple(float(g) for g in self.gnorm),
-            f=tuple(float(f) for f in self.F),
-            f_history=tuple(tuple(h) for h in self.history),
-        )
+            status=tuple(self.status), message=tuple(self.message),
+            iterations=tuple(self.iterations.tolist()),
+            f_evals=tuple(ev.sample_evaluations.tolist()), hvp=tuple(hvp.tolist()),
+            grad_norm=tuple(self.gnorm.tolist()), f=tuple(self.F.tolist()),
+            f_history=tuple(tuple(h) for h in self.history))
         if ev.single:
             X, per_sample = X[0, :], {name: value[0] for name, value in per_sample.items()}
         return MinimizeResult(X, **per_sample, evaluation_rounds=ev.evaluations,

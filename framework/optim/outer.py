@@ -1,9 +1,9 @@
 """Outer (upper-level) optimisers on θ: Adam and gradient descent with Armijo backtracking.
 
-Both work in θ's array namespace and keep their state on θ's device.  ``mask`` (θ's
-shape, 1 = learned, 0 = frozen) zeroes the gradient of frozen entries, so those never
-move.  ``state_dict()`` gives host NumPy arrays and Python scalars (checkpointable);
-``load_state_dict`` restores them, arrays moving back to θ's device at the next step.
+Both keep their state in θ's namespace, on its device.  ``mask`` (θ's shape, 1 = learned,
+0 = frozen) zeroes the gradient of frozen entries.  ``state_dict()`` gives host NumPy
+arrays and Python scalars; ``load_state_dict`` restores them (arrays move back to θ's
+device at the next step).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ Optimizer = Choice("Optimizer", "adam gd")  # config ``outer.name``
 
 @dataclass(frozen=True)
 class OuterStep:
-    """One outer update: the new θ, the step length used, backtracking trials and whether
-    the step was accepted (gradient descent refuses a step that never satisfies Armijo)."""
+    """One outer update: the new θ, the step length used, backtracking trials, whether the
+    step was accepted (gradient descent refuses one that never satisfies Armijo) and the
+    upper-loss evaluations spent."""
 
     theta: Any
     step_size: float
@@ -45,9 +46,8 @@ def _like(host: np.ndarray, theta: Any) -> Any:
 
 
 class _Outer:
-    """What the outer optimisers share: the mask (kept on the host, moved to θ's device)
-    and the checkpoint state, ``STATE`` mapping each saved attribute to its type (``_host``:
-    an array, saved and restored as a host NumPy copy)."""
+    """The mask (kept on the host, moved to θ's device) and the checkpoint state: ``STATE``
+    maps each saved attribute to its type (``_host``: an array, saved as a host copy)."""
 
     name: Any
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
@@ -58,14 +58,8 @@ class _Outer:
         self._mask_host = None if mask is None else to_host(mask).astype(np.float64)
         self._mask_dev: Any = None
 
-    def step(
-        self,
-        theta: Any,
-        grad: Any,
-        *,
-        loss: float | None = None,
-        loss_fn: Callable[[Any], float] | None = None,
-    ) -> OuterStep:
+    def step(self, theta: Any, grad: Any, *, loss: float | None = None,
+             loss_fn: Callable[[Any], float] | None = None) -> OuterStep:
         """One update of θ with gradient ``grad`` (masked); ``loss`` is the upper loss at θ
         and ``loss_fn`` evaluates it (gradient descent's backtracking; Adam uses neither)."""
         xp, shape = array_api_compat.array_namespace(theta, grad), tuple(theta.shape)
@@ -81,7 +75,6 @@ class _Outer:
         return self._update(xp, theta, grad, loss, loss_fn)
 
     def state_dict(self) -> dict[str, Any]:
-        """Host NumPy arrays and Python scalars (checkpointable)."""
         return {"name": self.name.value,
                 **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
 
@@ -103,14 +96,8 @@ class Adam(_Outer):
     STATE: ClassVar = {"lr": float, "betas": lambda b: tuple(float(x) for x in b), "eps": float,
              "t": int, "m": _host, "v": _host}
 
-    def __init__(
-        self,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        *,
-        mask: Any = None,
-    ) -> None:
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, *, mask: Any = None) -> None:
         super().__init__(lr, mask)
         self.betas = tuple(float(b) for b in betas)
         require(all(0 <= b < 1 for b in self.betas), "0 <= betas < 1", betas=tuple(betas))
@@ -136,20 +123,14 @@ class GradientDescent(_Outer):
     """θ ← θ − α g with Armijo backtracking on the upper loss: trials α = lr, lr·shrink,
     lr·shrink², … until loss_fn(θ − α g) ≤ loss − c1 α ‖g‖² (g the masked gradient); after
     ``max_backtracks`` refused trials θ stays (``accepted=False``).  Without ``loss_fn``
-    (or with ``max_backtracks=0``) the plain step α = lr is taken."""
+    (or with ``max_backtracks=0``) the plain step α = lr is taken; with it, ``loss`` is
+    needed too."""
 
     name = Optimizer.gd
     STATE: ClassVar = {"lr": float, "shrink": float, "c1": float, "max_backtracks": int, "t": int}
 
-    def __init__(
-        self,
-        lr: float = 1.0,
-        *,
-        shrink: float = 0.5,
-        c1: float = 1e-4,
-        max_backtracks: int = 10,
-        mask: Any = None,
-    ) -> None:
+    def __init__(self, lr: float = 1.0, *, shrink: float = 0.5, c1: float = 1e-4,
+                 max_backtracks: int = 10, mask: Any = None) -> None:
         super().__init__(lr, mask)
         require(0 < shrink < 1, "0 < shrink < 1", shrink=shrink)
         require(0 < c1 < 1, "0 < c1 < 1", c1=c1)
@@ -159,10 +140,7 @@ class GradientDescent(_Outer):
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
             return OuterStep(theta - self.lr * g, self.lr, 0, True, 0)
-        if loss is None:
-            loss = float(loss_fn(theta))
-        gg = float(xp.sum(g * g))
-        alpha = self.lr
+        gg, alpha = float(xp.sum(g * g)), self.lr
         for trial in range(self.max_backtracks + 1):
             candidate = theta - alpha * g
             value = float(loss_fn(candidate))
@@ -176,6 +154,5 @@ def make_optimizer(cfg: Any, mask: Any = None) -> Adam | GradientDescent:
     """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
     if Optimizer(cfg.name) == Optimizer.adam:
         return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask)
-    return GradientDescent(
-        cfg.lr, shrink=cfg.shrink, c1=cfg.c1, max_backtracks=cfg.max_backtracks, mask=mask
-    )
+    return GradientDescent(cfg.lr, shrink=cfg.shrink, c1=cfg.c1,
+                           max_backtracks=cfg.max_backtracks, mask=mask)

@@ -1,6 +1,5 @@
 """Counted evaluations of the rows of a batch of iterates (B samples' iterates as the rows
-of X (B, n)), and counted host transfers of per-sample scalars (a synchronisation on a GPU).
-"""
+of X (B, n)), and counted host transfers of per-sample scalars (a synchronisation on a GPU)."""
 
 from __future__ import annotations
 
@@ -31,29 +30,21 @@ def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
 class RowEvaluator:
     """Evaluations of f and ∇f at the rows of X and the host transfers of a batch, for a
     start x0 of shape (B, n) or (n,) (``single``: promoted to rows ``X0`` (1, n) and
-    evaluated by the caller's single-sample functions on row 0).
-
-    ``evaluations`` counts the calls (one per line-search round, plus the one at x0);
-    ``sample_evaluations[i]`` the evaluations of sample i; ``host_reads`` the transfers.
+    evaluated by the caller's single-sample functions on row 0).  ``evaluations`` counts
+    the calls (one per line-search round, plus the one at x0), ``sample_evaluations[i]``
+    those of sample i, ``host_reads`` the transfers.
     """
 
-    def __init__(
-        self,
-        x0: Any,
-        fun: Callable[[Any], Any],
-        grad: Callable[[Any], Any],
-        *,
-        value_and_grad: ValueAndGrad | None,
-        rows_value_and_grad: RowsValueAndGrad | None,
-    ) -> None:
+    def __init__(self, x0: Any, fun: Callable[[Any], Any], grad: Callable[[Any], Any], *,
+                 value_and_grad: ValueAndGrad | None,
+                 rows_value_and_grad: RowsValueAndGrad | None) -> None:
         if x0.ndim not in (1, 2):
             raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (n,) or (B, n)")
         self.single = x0.ndim == 1
         if self.single and rows_value_and_grad is not None:
             raise ValueError("rows_value_and_grad needs x0 of shape (B, n)")
         self.X0 = x0[None, :] if self.single else x0
-        self.xp = array_api_compat.array_namespace(x0)
-        self.device = array_api_compat.device(x0)
+        self.xp, self.device = array_api_compat.array_namespace(x0), array_api_compat.device(x0)
         self.bsz = int(self.X0.shape[0])
         self.rows_value_and_grad = rows_value_and_grad
         if value_and_grad is None:
@@ -61,8 +52,7 @@ class RowEvaluator:
                 return fun(x), grad(x)
         self.value_and_grad = _on_row_zero(self.xp, value_and_grad) if self.single \
             else value_and_grad
-        self.evaluations = 0
-        self.host_reads = 0
+        self.evaluations = self.host_reads = 0
         self.sample_evaluations = np.zeros(self.bsz, dtype=np.int64)
 
     def host(self, a: Any) -> np.ndarray:
@@ -71,9 +61,8 @@ class RowEvaluator:
         return np.asarray(to_host(a), dtype=np.float64)
 
     def select(self, mask: np.ndarray, new: Any, old: Any) -> Any:
-        """Rows of ``new`` ((B,) or (B, n)) where the host (B,) ``mask`` holds, else rows
-        of ``old``; no device work when the mask is all true or all false (always so for
-        B = 1)."""
+        """Rows of ``new`` ((B,) or (B, n)) where the host ``mask`` holds, else of ``old``
+        (no device work when the mask is uniform, always so for B = 1)."""
         count = np.count_nonzero(mask)
         if count == self.bsz:
             return new
@@ -81,12 +70,6 @@ class RowEvaluator:
             return old
         rows = mask.reshape(mask.shape + (1,) * (new.ndim - 1))
         return self.xp.where(self.xp.asarray(rows, device=self.device), new, old)
-
-    def select_rows(self, rows: list[int], new: Any, old: Any) -> Any:
-        """``select`` for the samples ``rows`` (host indices)."""
-        mask = np.zeros(self.bsz, dtype=bool)
-        mask[rows] = True
-        return self.select(mask, new, old)
 
     def step(self, X: Any, alpha: list[float], P: Any) -> Any:
         """X + diag(α) P for the host steps α (B,); a scalar multiply when all are equal
@@ -96,9 +79,8 @@ class RowEvaluator:
         column = self.xp.asarray(np.array(alpha)[:, None], dtype=X.dtype, device=self.device)
         return X + column * P
 
-    def evaluate(
-        self, X: Any, rows: np.ndarray, D: Any = None
-    ) -> tuple[np.ndarray, Any, np.ndarray]:
+    def evaluate(self, X: Any, rows: np.ndarray, D: Any = None
+                 ) -> tuple[np.ndarray, Any, np.ndarray]:
         """(f (B,) and ∇fᵀd (B,) on the host, ∇f (B, n)) for the samples in the host mask
         ``rows``, in one host transfer; d is the row of ``D`` (∇f itself when None).
         Entries of the other samples may hold anything: with ``rows_value_and_grad`` they
@@ -119,12 +101,20 @@ class RowEvaluator:
         return F, scatter_rows(Gr, index, bsz), dots
 
     def _values_and_dots(self, F: Any, G: Any, D: Any) -> tuple[np.ndarray, Any, np.ndarray]:
-        """(f, ∇f, ∇fᵀd) with f and ∇fᵀd (d the rows of D, or of ∇f when None) brought to
-        the host in one transfer."""
+        """(f, ∇f, ∇fᵀd), f and ∇fᵀd (d: rows of D, or of ∇f) on the host in one transfer."""
         xp = self.xp
         F = F if F.dtype == G.dtype else xp.astype(F, G.dtype)
         both = self.host(xp.concat([F, rowdot(xp, G, G if D is None else D)])).reshape(2, -1)
         return both[0], G, both[1]
+
+
+def take_rows(rows: list[int], *arrays: Any) -> tuple[Any, ...]:
+    """The rows ``rows`` (sorted host indices) of each of ``arrays`` (B, ...)."""
+    if len(rows) == arrays[0].shape[0]:
+        return arrays
+    xp, device = array_api_compat.array_namespace(arrays[0]), array_api_compat.device(arrays[0])
+    pick = xp.asarray(rows, dtype=xp.int64, device=device)
+    return tuple(xp.take(A, pick, axis=0) for A in arrays)
 
 
 def scatter_rows(R: Any, rows: np.ndarray | list[int], bsz: int) -> Any:
