@@ -69,15 +69,10 @@ class Linearization:
     """
 
     def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool) -> None:
-        self.problem = problem
+        self.problem, self.single = problem, single
         self._hvp3, self._jac_t3 = hvp3, jac_t3
-        self.single = single
-        self.batch_size, self.n, self.p = problem.batch_size, problem.n, problem.p
+        self.batch_size, self.n = problem.batch_size, problem.n
         self.shape = (problem.n, problem.n)
-        self.dtype = problem.dtype
-
-    def __call__(self, v: Any) -> Any:
-        return self.hvp(v)
 
     def hvp(self, v: Any) -> Any:
         """∇²ₓₓf_i v_i, shaped like v."""
@@ -85,6 +80,8 @@ class Linearization:
         self.problem.counter.add("hvp", self.batch_size * int(v3.shape[2]))
         out = self._hvp3(v3)
         return from_blocks(array_api_compat.array_namespace(v), out, v.ndim, self.single)
+
+    __call__ = hvp
 
     def jac_t(self, w: Any) -> Any:
         """∂θ⟨∇ₓf_i, w_i⟩ masked by ``theta_mask``: (n,) → (p,), (n, b) → (p, b);
@@ -105,17 +102,6 @@ def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
     if shape == (p,):
         return xp.reshape(theta, tuple(theta_shape))
     raise ValueError(f"theta has shape {shape}; expected {tuple(theta_shape)} (or flat ({p},))")
-
-
-def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
-    """``rows`` as a tuple of sample indices in [0, batch_size); raise ValueError otherwise."""
-    key = tuple(int(r) for r in rows)
-    if not key or any(not 0 <= r < batch_size for r in key):
-        raise ValueError(
-            f"rows must be a non-empty list of sample indices in [0, {batch_size}); "
-            f"got {list(key)!r}"
-        )
-    return key
 
 
 def check_agree(
@@ -143,10 +129,9 @@ LN10 = math.log(10.0)  # regularisers weight by 10^θ
 class RowRegularizer:
     """A regulariser of (H, W) images.  Subclasses set ``theta_shape`` and implement
     ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
-    (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (∇²R and Jᵀ
-    frozen at X: ``hvp``/``jac_t`` on blocks (B, n, b)), ``mask_host()`` (flat 0/1 host
-    mask of the learned entries of θ) and a ``repr`` naming their whole configuration
-    (two samples' regularisers with equal reprs are solved as one batch)."""
+    (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (``hvp``/``jac_t``
+    on blocks (B, n, b)), ``mask_host()`` (flat 0/1 mask of the learned entries of θ) and a
+    ``repr`` naming their whole configuration (equal reprs are solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:
@@ -260,7 +245,10 @@ class Problem:
     def subset(self, rows: Sequence[int]) -> Any:
         """Samples ``rows`` (host indices, in that order) as a problem of their own, sharing
         this one's counter; the last few subsets are cached."""
-        key = check_rows(rows, self.batch_size)
+        key = tuple(int(r) for r in rows)
+        if not key or any(not 0 <= r < self.batch_size for r in key):
+            raise ValueError(f"rows must be a non-empty list of sample indices in "
+                             f"[0, {self.batch_size}); got {list(key)!r}")
         if key == tuple(range(self.batch_size)):
             return self
         cache = self.__dict__.setdefault("_subsets", {})

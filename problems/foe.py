@@ -78,20 +78,17 @@ class FieldsOfExperts(RowRegularizer):
         super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
-        if num_filters < 1:
-            raise ValueError(f"num_filters must be positive; got {num_filters!r}")
         if learn not in LEARN_OPTIONS:
             raise ValueError(f"learn must be one of {LEARN_OPTIONS}; got learn={learn!r}")
-        self.kernel_size = int(kernel_size)
+        self.kernel_size = k = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)
         self.learn = learn
-        self.theta_shape = (self.num_filters, self.kernel_size**2 + 1)
+        self.theta_shape = (self.num_filters, k**2 + 1)
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
         # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
         h, w = self.image_shape
-        k = self.kernel_size
         r = self.radius = k // 2
         self.windows = [
             (slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)

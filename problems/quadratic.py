@@ -43,16 +43,13 @@ class QuadraticProblem(Problem):
     ) -> None:
         if n < 3:
             raise ValueError(f"n must be at least 3; got n={n!r}")
-        if num_terms < 1:
-            raise ValueError(f"num_terms must be positive; got num_terms={num_terms!r}")
         rng = np.random.default_rng(seed)
         a = np.eye(n) + coupling * rng.standard_normal((n, n)) / (2.0 * np.sqrt(n))
-        ds = []
-        for i in range(num_terms):
-            if i < 2:  # difference of order i + 1, zero-padded to n rows
-                ds.append(np.vstack([np.diff(np.eye(n), i + 1, axis=0), np.zeros((i + 1, n))]))
-            else:
-                ds.append(rng.standard_normal((n, n)) / np.sqrt(n))
+        ds = [  # differences of order 1 and 2 zero-padded to n rows, then random matrices
+            np.vstack([np.diff(np.eye(n), i + 1, axis=0), np.zeros((i + 1, n))]) if i < 2
+            else rng.standard_normal((n, n)) / np.sqrt(n)
+            for i in range(num_terms)
+        ]
         t = np.linspace(0.0, 1.0, n)
         x_true = np.sin(2 * np.pi * t) + 0.5 * (t > 0.5)
         clean = a @ x_true
