@@ -19,11 +19,8 @@ def to_host(a: Any) -> np.ndarray:
         return np.asarray(a.get())
     if hasattr(a, "detach"):  # PyTorch
         return a.detach().cpu().numpy()
-    to_device = getattr(a, "to_device", None)
-    if to_device is not None and type(a).__module__.startswith("array_api_strict"):
-        import array_api_strict
-
-        return np.asarray(to_device(array_api_strict.Device("CPU_DEVICE")))
+    if type(a).__module__.startswith("array_api_strict"):
+        return np.asarray(a.to_device(a.__array_namespace__().Device("CPU_DEVICE")))
     return np.array(a, copy=True)
 
 
