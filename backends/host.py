@@ -8,11 +8,8 @@ import numpy as np
 
 
 def to_host(a: Any) -> np.ndarray:
-    """A NumPy copy of ``a`` (NumPy, CuPy, PyTorch, array-api-strict on any device).
-
-    For the documented small transfers of the solvers (per-sample scalars, summaries at
-    the end of a solve) and checkpoints; a device synchronisation on GPUs.
-    """
+    """A NumPy copy of ``a`` (NumPy, CuPy, PyTorch, array-api-strict on any device), for the
+    solvers' documented small transfers and checkpoints; a device synchronisation on GPUs."""
     if isinstance(a, np.ndarray):
         return a.copy()
     if hasattr(a, "get"):  # CuPy

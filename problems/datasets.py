@@ -20,10 +20,9 @@ IDX_LABEL_MAGIC = 2049
 
 
 def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np.ndarray:
-    """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...).
-
-    The file has a big-endian uint32 header (``magic``, N, then the item's dimensions:
-    magic 2051 images (N, rows, cols), 2049 labels (N,)) followed by uint8 data."""
+    """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...): a
+    big-endian uint32 header (``magic``, N, then the item's dimensions: magic 2051 images
+    (N, rows, cols), 2049 labels (N,)) followed by uint8 data."""
     data = Path(path).read_bytes()  # FileNotFoundError names the path
     if data[:2] == b"\x1f\x8b":  # gzip
         try:
@@ -72,11 +71,9 @@ def load_bsds300(
     count: int | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``.
-
-    Images are taken in sorted file-name order; image i gets one crop whose corner is
-    drawn from ``numpy.random.default_rng([seed, i])``, so crops are deterministic.
-    """
+    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``:
+    image i in sorted file-name order gets one crop, its corner drawn by
+    ``numpy.random.default_rng([seed, i])``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got split={split!r}")
     folder = Path(root) / "images" / split

@@ -130,11 +130,9 @@ def gaussian_kernel_1d(sigma: float) -> np.ndarray:
 
 
 class GaussianBlur(_Operator):
-    """Convolution with a normalised Gaussian of width ``sigma`` (zero boundary, same size).
-
-    Applied separably (a 1-D convolution along rows, then along columns) to (B, H, W, b).
-    The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
-    """
+    """Convolution with a normalised Gaussian of width ``sigma`` (zero boundary, same size),
+    applied separably (along rows, then columns) to (B, H, W, b).  The kernel is symmetric,
+    so with zero boundaries A is a symmetric matrix and Aᵀ = A."""
 
     parameters = ("sigma",)
 

@@ -22,13 +22,10 @@ from problems.base import Linearization, Problem, check_agree, check_theta
 
 
 class QuadraticProblem(Problem):
-    """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
-
-    D_1 is the first difference, D_2 the second difference, further D_j are random
-    n×n Gaussian matrices scaled by 1/√n.  A is the identity plus a random n×n Gaussian
-    perturbation of norm about ``coupling``; y = A x_true + relative noise.
-    ``backend`` (from ``backends.get_backend``) holds the arrays (NumPy when omitted).
-    """
+    """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers: D_1, D_2 the first
+    and second differences, further D_j random n×n Gaussian matrices scaled by 1/√n; A the
+    identity plus a random Gaussian perturbation of norm about ``coupling``; y = A x_true +
+    relative noise.  ``backend`` holds the arrays (NumPy when omitted)."""
 
     def __init__(
         self,
