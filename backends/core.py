@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,12 +135,9 @@ def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
     page faults on first touch cost more than the arithmetic on small images.  Raising the
     mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do)
     removes that; a no-op off glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError, TypeError):  # no mallopt (not glibc) or no dlopen(NULL)
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok_mmap = mallopt(m_mmap_threshold, int(threshold_bytes)) == 1
