@@ -164,14 +164,13 @@ class Problem:
     Y: Any
     theta_mask: Any
 
-    def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
+    def _rows(self, x: Any) -> tuple[Any, bool]:
         """x promoted to (B, n); one point (n,) only for a single-sample problem."""
-        rows, single = as_rows(x, self.n, name)
+        rows, single = as_rows(x, self.n, "x")
         if rows.shape[0] != self.batch_size:
-            want = f"({self.batch_size}, {self.n})"
-            if self.batch_size == 1:
-                want = f"({self.n},) or {want}"
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {want}")
+            one = f"({self.n},) or " if self.batch_size == 1 else ""
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected "
+                             f"{one}({self.batch_size}, {self.n})")
         return rows, single
 
     def _sample_row(self, a: Any, name: str) -> Any:
