@@ -128,17 +128,17 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
     return _FACTORIES[name](dtype, device)
 
 
-def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
+def tune_cpu_allocator() -> bool:
     """Keep freed array memory in the process heap (glibc ``mallopt``; True when applied).
 
     By default glibc serves each batched temporary (a few MB) from a fresh ``mmap``, whose
     page faults on first touch cost more than the arithmetic on small images.  Raising the
-    mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do)
-    removes that; a no-op off glibc."""
+    mmap / trim thresholds to 32 / 64 MiB (as ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_`` do) removes that; a no-op off glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (OSError, AttributeError, TypeError):  # no mallopt (not glibc) or no dlopen(NULL)
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok_mmap = mallopt(m_mmap_threshold, int(threshold_bytes)) == 1
-    return ok_mmap and mallopt(m_trim_threshold, 2 * int(threshold_bytes)) == 1
+    m_trim_threshold, m_mmap_threshold, threshold = -1, -3, 32 * 1024 * 1024
+    ok_mmap = mallopt(m_mmap_threshold, threshold) == 1
+    return ok_mmap and mallopt(m_trim_threshold, 2 * threshold) == 1

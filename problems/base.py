@@ -263,10 +263,10 @@ def pad_zeros_2d(xp: Any, a: Any, c: int) -> Any:
     return out
 
 
-def psnr(x: Any, x_true: Any, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB (host float)."""
+def psnr(x: Any, x_true: Any) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] (host float)."""
     xp = array_api_compat.array_namespace(x, x_true)
     mse = float(xp.mean((x - x_true) ** 2))
     if mse == 0.0:
         return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
+    return 10.0 * math.log10(1.0 / mse)

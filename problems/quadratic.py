@@ -36,7 +36,6 @@ class QuadraticProblem(Problem):
         noise_level: float = 0.1,
         coupling: float = 0.5,
         backend: Any = None,
-        counter: Counter | None = None,
     ) -> None:
         if n < 3:
             raise ValueError(f"n must be at least 3; got n={n!r}")
@@ -54,7 +53,7 @@ class QuadraticProblem(Problem):
         y = clean + noise_level * np.linalg.norm(clean) * e / np.linalg.norm(e)
         g = np.stack([d.T @ d for d in ds])  # (q, n, n)
         self._setup((a[None], g[None], y[None], x_true[None]),
-                    backend if backend is not None else get_backend("numpy"), counter)
+                    backend if backend is not None else get_backend("numpy"), None)
 
     def _setup(self, host: tuple[np.ndarray, ...], backend: Any, counter: Counter | None) -> None:
         """Host data (A, G, y, x_true) with a leading sample axis → device arrays."""
