@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +19,12 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    """An array namespace bound to one device and one floating dtype; ``sync()`` blocks until
-    queued device work has finished (for timing; a no-op on the CPU)."""
+    """An array namespace bound to one device and one floating dtype."""
 
     name: str
     xp: Any = field(repr=False)
     device: Any
     dtype: Any
-    sync: Callable[[], None] = field(repr=False)
 
     def asarray(self, data: Any, *, dtype: Any = None) -> Any:
         """Copy host data (NumPy array, list, scalar) to this backend's device."""
@@ -46,11 +43,9 @@ def available_backends() -> tuple[str, ...]:
     """Names of the backends that can be constructed on this machine."""
     names = []
     for name in BACKEND_NAMES:
-        try:
+        with contextlib.suppress(BackendUnavailableError):
             get_backend(name)
-        except BackendUnavailableError:
-            continue
-        names.append(name)
+            names.append(name)
     return tuple(names)
 
 
@@ -74,19 +69,17 @@ def _import(module: str, hint: str) -> Any:
 def _numpy_backend(dtype: Any, device: Any) -> Backend:
     if device not in (None, "cpu"):
         raise ValueError(f"NumPy runs on the CPU only; device={device!r} is not valid")
-    return Backend("numpy", np, "cpu", _dtype(np, dtype), lambda: None)
+    return Backend("numpy", np, "cpu", _dtype(np, dtype))
 
 
 def _strict_backend(dtype: Any, device: Any) -> Backend:
     xp = _import("array_api_strict", "pip install 'hyperkrylov[test]'")
-    devices = list(xp.__array_namespace_info__().devices())
-    if device is None:
-        dev = xp.__array_namespace_info__().default_device()
-    else:
-        dev = xp.Device(device) if isinstance(device, str) else device
-        if dev not in devices:
-            raise ValueError(f"array_api_strict has no device {device!r}; choose one of {devices}")
-    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype), lambda: None)
+    info = xp.__array_namespace_info__()
+    dev = xp.Device(device) if isinstance(device, str) else device or info.default_device()
+    if dev not in info.devices():
+        raise ValueError(f"array_api_strict has no device {device!r}; "
+                         f"choose one of {info.devices()}")
+    return Backend("array_api_strict", xp, dev, _dtype(xp, dtype))
 
 
 def _cupy_backend(dtype: Any, device: Any) -> Backend:
@@ -105,7 +98,7 @@ def _cupy_backend(dtype: Any, device: Any) -> Backend:
         raise ValueError(f"CUDA device {device!r} does not exist ({count} visible)")
     dev = cp.cuda.Device(index)
     xp = importlib.import_module("array_api_compat.cupy")
-    return Backend("cupy", xp, dev, _dtype(xp, dtype), cp.cuda.runtime.deviceSynchronize)
+    return Backend("cupy", xp, dev, _dtype(xp, dtype))
 
 
 def _torch_backend(dtype: Any, device: Any) -> Backend:
@@ -114,8 +107,7 @@ def _torch_backend(dtype: Any, device: Any) -> Backend:
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("PyTorch has no usable CUDA device on this machine")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    return Backend("torch", xp, dev, _dtype(xp, dtype), sync)
+    return Backend("torch", xp, dev, _dtype(xp, dtype))
 
 
 _FACTORIES = {
@@ -136,21 +128,17 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
     return _FACTORIES[name](dtype, device)
 
 
-def tune_cpu_allocator(threshold_bytes: int = 32 * 1024 * 1024) -> bool:
+def tune_cpu_allocator() -> bool:
     """Keep freed array memory in the process heap (glibc ``mallopt``; True when applied).
 
-    Batched temporaries are a few MB; by default glibc serves each from a fresh ``mmap``, so
-    every array pays page faults on first touch — slower than the arithmetic on small images.
-    Raising the mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` do) removes that; a no-op off glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
+    By default glibc serves each batched temporary (a few MB) from a fresh ``mmap``, whose
+    page faults on first touch cost more than the arithmetic on small images.  Raising the
+    mmap / trim thresholds to 32 / 64 MiB (as ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_`` do) removes that; a no-op off glibc."""
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError, TypeError):  # no mallopt (not glibc) or no dlopen(NULL)
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok_mmap = mallopt(m_mmap_threshold, int(threshold_bytes)) == 1
-    return ok_mmap and mallopt(m_trim_threshold, 2 * int(threshold_bytes)) == 1
+    m_trim_threshold, m_mmap_threshold, threshold = -1, -3, 32 * 1024 * 1024
+    ok_mmap = mallopt(m_mmap_threshold, threshold) == 1
+    return ok_mmap and mallopt(m_trim_threshold, 2 * threshold) == 1

@@ -8,22 +8,16 @@ import numpy as np
 
 
 def to_host(a: Any) -> np.ndarray:
-    """A NumPy copy of ``a`` (NumPy, CuPy, PyTorch, array-api-strict on any device).
-
-    For the documented small transfers of the solvers (per-sample scalars, summaries at
-    the end of a solve) and checkpoints; a device synchronisation on GPUs.
-    """
+    """A NumPy copy of ``a`` (NumPy, CuPy, PyTorch, array-api-strict on any device), for the
+    solvers' documented small transfers and checkpoints; a device synchronisation on GPUs."""
     if isinstance(a, np.ndarray):
         return a.copy()
     if hasattr(a, "get"):  # CuPy
         return np.asarray(a.get())
     if hasattr(a, "detach"):  # PyTorch
         return a.detach().cpu().numpy()
-    to_device = getattr(a, "to_device", None)
-    if to_device is not None and type(a).__module__.startswith("array_api_strict"):
-        import array_api_strict
-
-        return np.asarray(to_device(array_api_strict.Device("CPU_DEVICE")))
+    if type(a).__module__.startswith("array_api_strict"):
+        return np.asarray(a.to_device(a.__array_namespace__().Device("CPU_DEVICE")))
     return np.array(a, copy=True)
 
 

@@ -44,11 +44,10 @@ def choose_num_threads(
     return 1
 
 
-def pool_threads(user_api: str = "blas") -> int | None:
-    """The largest thread count threadpoolctl reports for the loaded ``user_api`` pools
-    ("blas" or "openmp"); None when no such library is loaded."""
-    counts = [int(p["num_threads"]) for p in threadpool_info() if p["user_api"] == user_api]
-    return max(counts) if counts else None
+def pool_threads() -> int | None:
+    """The largest thread count threadpoolctl reports for the BLAS pools; None without BLAS."""
+    return max((int(p["num_threads"]) for p in threadpool_info() if p["user_api"] == "blas"),
+               default=None)
 
 
 @contextmanager

@@ -59,25 +59,17 @@ Kernel = Callable[[Any], Any]
 
 
 class Linearization:
-    """∇²ₓₓf (``hvp``, also ``__call__``) and Jᵀ (``jac_t``) of a problem frozen at (X, θ).
-
-    The problem computes once what depends only on (X, θ) and hands over two kernels on
-    blocks, ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3`` (B, n, b) → (B, p, b).  This object
-    promotes inputs (v (n,) or (n, b) for one point; V (B, n) or (B, n, b)), counts each call
-    as one pass of B·b applications in ``problem.counter``, masks Jᵀ by
-    ``problem.theta_mask`` and unwraps.
-    """
+    """∇²ₓₓf (``hvp``, also ``__call__``) and Jᵀ (``jac_t``) of a problem frozen at (X, θ),
+    from the problem's kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3``
+    (B, n, b) → (B, p, b).  Promotes inputs (v (n,) or (n, b) for one point; V (B, n) or
+    (B, n, b)), counts each call as one pass of B·b applications in ``problem.counter``,
+    masks Jᵀ by ``problem.theta_mask`` and unwraps."""
 
     def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool) -> None:
-        self.problem = problem
+        self.problem, self.single = problem, single
         self._hvp3, self._jac_t3 = hvp3, jac_t3
-        self.single = single
-        self.batch_size, self.n, self.p = problem.batch_size, problem.n, problem.p
+        self.batch_size, self.n = problem.batch_size, problem.n
         self.shape = (problem.n, problem.n)
-        self.dtype = problem.dtype
-
-    def __call__(self, v: Any) -> Any:
-        return self.hvp(v)
 
     def hvp(self, v: Any) -> Any:
         """∇²ₓₓf_i v_i, shaped like v."""
@@ -85,6 +77,8 @@ class Linearization:
         self.problem.counter.add("hvp", self.batch_size * int(v3.shape[2]))
         out = self._hvp3(v3)
         return from_blocks(array_api_compat.array_namespace(v), out, v.ndim, self.single)
+
+    __call__ = hvp
 
     def jac_t(self, w: Any) -> Any:
         """∂θ⟨∇ₓf_i, w_i⟩ masked by ``theta_mask``: (n,) → (p,), (n, b) → (p, b);
@@ -105,17 +99,6 @@ def check_theta(xp: Any, theta: Any, theta_shape: tuple[int, ...]) -> Any:
     if shape == (p,):
         return xp.reshape(theta, tuple(theta_shape))
     raise ValueError(f"theta has shape {shape}; expected {tuple(theta_shape)} (or flat ({p},))")
-
-
-def check_rows(rows: Sequence[int], batch_size: int) -> tuple[int, ...]:
-    """``rows`` as a tuple of sample indices in [0, batch_size); raise ValueError otherwise."""
-    key = tuple(int(r) for r in rows)
-    if not key or any(not 0 <= r < batch_size for r in key):
-        raise ValueError(
-            f"rows must be a non-empty list of sample indices in [0, {batch_size}); "
-            f"got {list(key)!r}"
-        )
-    return key
 
 
 def check_agree(
@@ -143,10 +126,9 @@ LN10 = math.log(10.0)  # regularisers weight by 10^θ
 class RowRegularizer:
     """A regulariser of (H, W) images.  Subclasses set ``theta_shape`` and implement
     ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
-    (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (∇²R and Jᵀ
-    frozen at X: ``hvp``/``jac_t`` on blocks (B, n, b)), ``mask_host()`` (flat 0/1 host
-    mask of the learned entries of θ) and a ``repr`` naming their whole configuration
-    (two samples' regularisers with equal reprs are solved as one batch)."""
+    (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (``hvp``/``jac_t``
+    on blocks (B, n, b)), ``mask_host()`` (flat 0/1 mask of the learned entries of θ) and a
+    ``repr`` naming their whole configuration (equal reprs are solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:
@@ -162,16 +144,13 @@ class RowRegularizer:
 
 
 class Problem:
-    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖² and counted operators,
-    and the bookkeeping every batch-first problem shares (points promoted to rows,
-    single-sample views, cached subsets).
+    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖², counted operators and
+    the shared bookkeeping (points promoted to rows, single-sample views, cached subsets).
 
-    Every method takes one point x (n,) (B = 1) or a batch X (B, n); ``hvp``/``jac_t``
-    process a block in one pass and count it as one pass of B·b applications.  Subclasses
-    set the attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)``
-    (f (B,) and ∇ₓf (B, n) of rows X (B, n), uncounted; None where not asked),
-    ``linearize`` and ``_select(rows)`` (samples ``rows`` as a new problem).
-    """
+    Every method takes one point x (n,) (B = 1) or a batch X (B, n).  Subclasses set the
+    attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,)
+    and ∇ₓf (B, n) of rows X (B, n), uncounted; None where not asked), ``linearize`` and
+    ``_select(rows)`` (samples ``rows`` as a new problem)."""
 
     n: int
     batch_size: int
@@ -185,14 +164,13 @@ class Problem:
     Y: Any
     theta_mask: Any
 
-    def _rows(self, x: Any, name: str = "x") -> tuple[Any, bool]:
+    def _rows(self, x: Any) -> tuple[Any, bool]:
         """x promoted to (B, n); one point (n,) only for a single-sample problem."""
-        rows, single = as_rows(x, self.n, name)
+        rows, single = as_rows(x, self.n, "x")
         if rows.shape[0] != self.batch_size:
-            want = f"({self.batch_size}, {self.n})"
-            if self.batch_size == 1:
-                want = f"({self.n},) or {want}"
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {want}")
+            one = f"({self.n},) or " if self.batch_size == 1 else ""
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected "
+                             f"{one}({self.batch_size}, {self.n})")
         return rows, single
 
     def _sample_row(self, a: Any, name: str) -> Any:
@@ -260,7 +238,10 @@ class Problem:
     def subset(self, rows: Sequence[int]) -> Any:
         """Samples ``rows`` (host indices, in that order) as a problem of their own, sharing
         this one's counter; the last few subsets are cached."""
-        key = check_rows(rows, self.batch_size)
+        key = tuple(int(r) for r in rows)
+        if not key or any(not 0 <= r < self.batch_size for r in key):
+            raise ValueError(f"rows must be a non-empty list of sample indices in "
+                             f"[0, {self.batch_size}); got {list(key)!r}")
         if key == tuple(range(self.batch_size)):
             return self
         cache = self.__dict__.setdefault("_subsets", {})
@@ -282,10 +263,10 @@ def pad_zeros_2d(xp: Any, a: Any, c: int) -> Any:
     return out
 
 
-def psnr(x: Any, x_true: Any, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB (host float)."""
+def psnr(x: Any, x_true: Any) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] (host float)."""
     xp = array_api_compat.array_namespace(x, x_true)
     mse = float(xp.mean((x - x_true) ** 2))
     if mse == 0.0:
         return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
+    return 10.0 * math.log10(1.0 / mse)

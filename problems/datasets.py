@@ -19,26 +19,16 @@ IDX_IMAGE_MAGIC = 2051
 IDX_LABEL_MAGIC = 2049
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The bytes of ``path``, decompressed if it is a gzip file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    data = path.read_bytes()
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"cannot read {path}: corrupt or truncated file ({exc})") from exc
-
-
 def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np.ndarray:
-    """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...).
-
-    The file has a big-endian uint32 header (``magic``, N, then the item's dimensions:
-    magic 2051 images (N, rows, cols), 2049 labels (N,)) followed by uint8 data."""
-    path = Path(path)
-    data = _read_bytes(path)
+    """Items [start, start + count) of an IDX file (gzip or raw) as uint8 (count, ...): a
+    big-endian uint32 header (``magic``, N, then the item's dimensions: magic 2051 images
+    (N, rows, cols), 2049 labels (N,)) followed by uint8 data."""
+    data = Path(path).read_bytes()  # FileNotFoundError names the path
+    if data[:2] == b"\x1f\x8b":  # gzip
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"cannot read {path}: corrupt or truncated file ({exc})") from exc
     kind = "image" if magic == IDX_IMAGE_MAGIC else "label"
     header = 4 * (1 + magic - 2048)  # the last byte of the magic is the number of dimensions
     if len(data) < header:
@@ -52,11 +42,9 @@ def _read_idx(path: str | Path, magic: int, count: int | None, start: int) -> np
             f"{path} is corrupt: header announces {'×'.join(map(str, [total, *shape]))} items "
             f"but the file holds {len(data) - header} bytes of data"
         )
-    if start < 0 or start > total:
-        raise ValueError(f"start={start} is outside the {total} items of {path}")
     count = total - start if count is None else count
-    if count < 0 or start + count > total:
-        raise ValueError(f"count={count} from start={start} exceeds the {total} items of {path}")
+    if not 0 <= start <= start + count <= total:
+        raise ValueError(f"start={start}, count={count} exceed the {total} items of {path}")
     items = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=header + start * size)
     return items.reshape(count, *shape)
 
@@ -83,25 +71,18 @@ def load_bsds300(
     count: int | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``.
-
-    Images are taken in sorted file-name order; image i gets one crop whose corner is
-    drawn from ``numpy.random.default_rng([seed, i])``, so crops are deterministic.
-    """
+    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``:
+    image i in sorted file-name order gets one crop, its corner drawn by
+    ``numpy.random.default_rng([seed, i])``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got split={split!r}")
-    if crop < 1:
-        raise ValueError(f"crop must be positive; got crop={crop!r}")
     folder = Path(root) / "images" / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"BSDS300 folder not found: {folder}")
     files = sorted(folder.glob("*.jpg"))
     if not files:
-        raise FileNotFoundError(f"no .jpg files in {folder}")
-    if count is not None:
-        if count < 0 or count > len(files):
-            raise ValueError(f"count={count} but {folder} holds {len(files)} images")
-        files = files[:count]
+        raise FileNotFoundError(f"no .jpg files in {folder} (BSDS300 holds images/{split})")
+    if count is not None and not 0 <= count <= len(files):
+        raise ValueError(f"count={count} but {folder} holds {len(files)} images")
+    files = files[:count]
     crops = np.empty((len(files), crop, crop))
     for i, path in enumerate(files):
         try:
@@ -130,8 +111,5 @@ class MnistSample:
 
 def load_embedded_mnist() -> MnistSample:
     """The first MNIST test digits shipped in ``problems/data/mnist_sample.npz``."""
-    path = Path(__file__).resolve().parent / "data" / "mnist_sample.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"embedded MNIST sample missing: {path}")
-    with np.load(path) as data:
+    with np.load(Path(__file__).resolve().parent / "data" / "mnist_sample.npz") as data:
         return MnistSample(data["images"].astype(np.float64) / 255.0, data["labels"].copy())

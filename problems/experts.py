@@ -1,23 +1,19 @@
-"""Expert (penalty) functions φ for Fields of Experts, with first and second derivatives."""
+"""Expert (penalty) functions φ for Fields of Experts, with first and second derivatives.
+
+Each expert is (φ, φ', φ'') as separate functions of (z, γ), so callers pay only for the
+derivative they need.  The hot ones update fresh temporaries in place (array-API in-place
+operators, dtype preserved): with NumPy, allocating a new temporary per operation costs
+several times the arithmetic for arrays of this size.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
-EXPERT_NAMES = ("l2", "huber", "smooth_l1", "lorentzian")
+from array_api_compat import array_namespace as _xp
 
 
-def _xp(z: Any) -> Any:
-    return array_api_compat.array_namespace(z)
-
-
-# Each expert: (φ, φ', φ'') as separate functions of (z, γ), so callers pay only for
-# the derivative they need.  The hot ones update fresh temporaries in place (standard
-# array-API in-place operators, dtype preserved): with NumPy, allocating a new temporary
-# per operation costs several times the arithmetic for arrays of this size.
 def _huber_value(z: Any, gamma: float) -> Any:
     xp = _xp(z)
     a = xp.abs(z)
@@ -81,6 +77,7 @@ _FUNCTIONS = {
     ),
     "lorentzian": (lambda z, gamma: _xp(z).log1p(z * z), _lorentzian_d1, _lorentzian_d2),
 }
+EXPERT_NAMES = tuple(_FUNCTIONS)
 
 
 @dataclass(frozen=True)
@@ -101,11 +98,9 @@ class Expert:
             raise ValueError(f"expert gamma must be positive; got gamma={self.gamma!r}")
 
     def value(self, z: Any) -> Any:
-        """φ(z) elementwise."""
         return _FUNCTIONS[self.name][0](z, self.gamma)
 
     def d1(self, z: Any) -> Any:
-        """φ'(z) elementwise."""
         return _FUNCTIONS[self.name][1](z, self.gamma)
 
     def value_and_d1(self, z: Any) -> tuple[Any, Any]:
@@ -115,5 +110,4 @@ class Expert:
         return self.value(z), self.d1(z)
 
     def d2(self, z: Any) -> Any:
-        """φ''(z) elementwise."""
         return _FUNCTIONS[self.name][2](z, self.gamma)

@@ -56,11 +56,8 @@ def _images(cfg: Any) -> np.ndarray:
         if path.is_dir():
             path = path / MNIST_IMAGES
         return load_mnist(path, count=cfg.num_samples, start=cfg.start)
-    if cfg.dataset == "bsds300":
-        count = cfg.start + cfg.num_samples
-        crops = load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=count)
-        return crops[cfg.start :]
-    raise ValueError(f"problem.dataset: unknown dataset {cfg.dataset!r}")
+    count = cfg.start + cfg.num_samples  # bsds300 (the schema admits no other dataset)
+    return load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=count)[cfg.start :]
 
 
 def _operator(cfg: Any, shape: tuple[int, int], seed: int) -> Any:
@@ -68,17 +65,13 @@ def _operator(cfg: Any, shape: tuple[int, int], seed: int) -> Any:
         return Identity(shape)
     if cfg.operator == "inpainting":
         return Inpainting(shape, cfg.fraction_removed, seed=seed)
-    if cfg.operator == "blur":
-        return GaussianBlur(shape, cfg.blur_sigma)
-    raise ValueError(f"problem.operator: unknown operator {cfg.operator!r}")
+    return GaussianBlur(shape, cfg.blur_sigma)
 
 
 def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.ndarray]:
     if cfg.regularizer == "tv":
         return TotalVariation(shape, gamma=cfg.gamma), np.array([cfg.init_exponent])
-    if cfg.regularizer != "foe":
-        raise ValueError(f"problem.regularizer: unknown regulariser {cfg.regularizer!r}")
-    k = cfg.kernel_size
+    k = cfg.kernel_size  # foe
     count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
     dct = cfg.filters_init == "dct"
     filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)

@@ -14,6 +14,7 @@ contracts over each sample's pixels in the sample-major layout (K², B, n, b).
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any, Literal
 
 import array_api_compat
@@ -78,20 +79,17 @@ class FieldsOfExperts(RowRegularizer):
         super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
-        if num_filters < 1:
-            raise ValueError(f"num_filters must be positive; got {num_filters!r}")
         if learn not in LEARN_OPTIONS:
             raise ValueError(f"learn must be one of {LEARN_OPTIONS}; got learn={learn!r}")
-        self.kernel_size = int(kernel_size)
+        self.kernel_size = k = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)
         self.learn = learn
-        self.theta_shape = (self.num_filters, self.kernel_size**2 + 1)
+        self.theta_shape = (self.num_filters, k**2 + 1)
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
         # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
         h, w = self.image_shape
-        k = self.kernel_size
         r = self.radius = k // 2
         self.windows = [
             (slice(2 * r - a, 2 * r - a + h), slice(2 * r - c, 2 * r - c + w), ...)
@@ -200,7 +198,6 @@ class FoELinearization:
         self.filters, self.scales = reg.split(xp, theta)
         self.sx, self.z = reg.responses(xp, X, self.filters)
         self._weight: Any = None
-        self._samples: tuple[Any, Any, Any] | None = None
 
     def weight(self) -> Any:
         """10^{p_f} φ''(z), (F, n·B)."""
@@ -220,20 +217,19 @@ class FoELinearization:
         u = xp.reshape(kv, (f, n * bsz * b))
         return reg.adjoint(xp, self.filters, u, bsz, b)
 
+    @cached_property
     def _sample_major(self) -> tuple[Any, Any, Any]:
         """(stack of X (K², B, n), φ'(z), φ''(z) (F, B, n)) in the sample-major layout."""
-        if self._samples is None:
-            xp, reg = self.xp, self.reg
-            bsz, n = self.X.shape
-            f, k2 = reg.num_filters, reg.kernel_size**2
-            if bsz == 1:
-                sx, z = self.sx, self.z
-            else:
-                sx = xp.reshape(reg.stack_samples(xp, xp.reshape(self.X, (bsz, n, 1))), (k2, -1))
-                z = xp.matmul(self.filters, sx)
-            z = xp.reshape(z, (f, bsz, n))
-            self._samples = (xp.reshape(sx, (k2, bsz, n)), reg.expert.d1(z), reg.expert.d2(z))
-        return self._samples
+        xp, reg = self.xp, self.reg
+        bsz, n = self.X.shape
+        f, k2 = reg.num_filters, reg.kernel_size**2
+        if bsz == 1:
+            sx, z = self.sx, self.z
+        else:
+            sx = xp.reshape(reg.stack_samples(xp, xp.reshape(self.X, (bsz, n, 1))), (k2, -1))
+            z = xp.matmul(self.filters, sx)
+        z = xp.reshape(z, (f, bsz, n))
+        return xp.reshape(sx, (k2, bsz, n)), reg.expert.d1(z), reg.expert.d2(z)
 
     def jac_t(self, w3: Any) -> Any:
         """∂θ⟨∇R(x_i), w_i⟩ for W (B, n, b) → (B, p, b), unmasked (θ row-major).
@@ -245,7 +241,7 @@ class FoELinearization:
         sample and column; for many (b ≥ 8), (K², n) @ (n, b) per sample and filter.
         """
         xp, reg = self.xp, self.reg
-        sx, d1, d2 = self._sample_major()
+        sx, d1, d2 = self._sample_major
         bsz, n, b = w3.shape
         f, k2 = reg.num_filters, reg.kernel_size**2
         sw = reg.stack_samples(xp, w3)  # (K², B, n, b)

@@ -34,8 +34,7 @@ class ImagingProblem(Problem):
         self.xp = xp = array_api_compat.array_namespace(x_true, y)
         self.device = array_api_compat.device(x_true)
         self.dtype = x_true.dtype
-        self.image_shape = tuple(regularizer.image_shape)
-        self.n = math.prod(self.image_shape)
+        self.image_shape, self.n = tuple(regularizer.image_shape), regularizer.n
         X_true, _ = as_rows(x_true, self.n, "x_true")
         Y, _ = as_rows(y, self.n, "y")
         if Y.shape[0] != X_true.shape[0]:
@@ -51,8 +50,6 @@ class ImagingProblem(Problem):
             raise ValueError(
                 f"operator holds {operator.batch_size} samples; the problem {self.batch_size}"
             )
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be non-negative; got epsilon={epsilon!r}")
         self.X_true, self.Y = X_true, Y
         self.operator = operator
         self.regularizer = regularizer

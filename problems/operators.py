@@ -37,13 +37,10 @@ class _Operator:
         bsz = 1 if v.ndim == 1 else v.shape[0]
         ok = v.ndim in (1, 2, 3) and v.shape[min(v.ndim, 2) - 1] == self.n
         if not ok or self.batch_size not in (None, bsz):
-            want = "(n,), (B, n) or (B, n, b)" if self.batch_size is None else (
-                f"({self.n},) for one sample or ({self.batch_size}, n[, b])"
-            )
-            raise ValueError(
-                f"{type(self).__name__} for n={self.n} applied to an array of shape "
-                f"{tuple(v.shape)}; expected {want}"
-            )
+            want = ("(n,), (B, n) or (B, n, b)" if self.batch_size is None
+                    else f"({self.batch_size}, {self.n}) or ({self.batch_size}, {self.n}, b)")
+            raise ValueError(f"{type(self).__name__} for n={self.n} applied to an array of "
+                             f"shape {tuple(v.shape)}; expected {want}")
         v3 = v if v.ndim == 3 else xp.reshape(v, (bsz, self.n, 1))
         return xp.reshape(kernel(xp, v3), v.shape)
 
@@ -88,15 +85,12 @@ class Inpainting(_Operator):
         masks: np.ndarray | None = None,
     ) -> None:
         super().__init__(image_shape)
-        fraction = float(fraction_removed)
-        if not 0.0 <= fraction < 1.0 or not math.isfinite(fraction):
-            raise ValueError(
-                f"fraction_removed must be in [0, 1); got fraction={fraction_removed!r}"
-            )
-        self.fraction_removed = fraction
-        self.seed = seed
+        if not 0.0 <= fraction_removed < 1.0:  # false for NaN too
+            raise ValueError(f"fraction_removed must be in [0, 1); got {fraction_removed!r}")
+        self.fraction_removed, self.seed = float(fraction_removed), seed
         if masks is None:
-            removed = np.random.default_rng(seed).permutation(self.n)[: round(fraction * self.n)]
+            count = round(self.fraction_removed * self.n)
+            removed = np.random.default_rng(seed).permutation(self.n)[:count]
             masks = np.ones((1, self.n))
             masks[0, removed] = 0.0
         self.masks = np.asarray(masks, dtype=np.float64)
@@ -136,11 +130,9 @@ def gaussian_kernel_1d(sigma: float) -> np.ndarray:
 
 
 class GaussianBlur(_Operator):
-    """Convolution with a normalised Gaussian of width ``sigma`` (zero boundary, same size).
-
-    Applied separably (a 1-D convolution along rows, then along columns) to (B, H, W, b).
-    The kernel is symmetric, so with zero boundaries A is a symmetric matrix and Aᵀ = A.
-    """
+    """Convolution with a normalised Gaussian of width ``sigma`` (zero boundary, same size),
+    applied separably (along rows, then columns) to (B, H, W, b).  The kernel is symmetric,
+    so with zero boundaries A is a symmetric matrix and Aᵀ = A."""
 
     parameters = ("sigma",)
 

@@ -22,13 +22,10 @@ from problems.base import Linearization, Problem, check_agree, check_theta
 
 
 class QuadraticProblem(Problem):
-    """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers.
-
-    D_1 is the first difference, D_2 the second difference, further D_j are random
-    n×n Gaussian matrices scaled by 1/√n.  A is the identity plus a random n×n Gaussian
-    perturbation of norm about ``coupling``; y = A x_true + relative noise.
-    ``backend`` (from ``backends.get_backend``) holds the arrays (NumPy when omitted).
-    """
+    """Dense, seeded sample of size ``n`` with ``num_terms`` regularisers: D_1, D_2 the first
+    and second differences, further D_j random n×n Gaussian matrices scaled by 1/√n; A the
+    identity plus a random Gaussian perturbation of norm about ``coupling``; y = A x_true +
+    relative noise.  ``backend`` holds the arrays (NumPy when omitted)."""
 
     def __init__(
         self,
@@ -39,20 +36,16 @@ class QuadraticProblem(Problem):
         noise_level: float = 0.1,
         coupling: float = 0.5,
         backend: Any = None,
-        counter: Counter | None = None,
     ) -> None:
         if n < 3:
             raise ValueError(f"n must be at least 3; got n={n!r}")
-        if num_terms < 1:
-            raise ValueError(f"num_terms must be positive; got num_terms={num_terms!r}")
         rng = np.random.default_rng(seed)
         a = np.eye(n) + coupling * rng.standard_normal((n, n)) / (2.0 * np.sqrt(n))
-        ds = []
-        for i in range(num_terms):
-            if i < 2:  # difference of order i + 1, zero-padded to n rows
-                ds.append(np.vstack([np.diff(np.eye(n), i + 1, axis=0), np.zeros((i + 1, n))]))
-            else:
-                ds.append(rng.standard_normal((n, n)) / np.sqrt(n))
+        ds = [  # differences of order 1 and 2 zero-padded to n rows, then random matrices
+            np.vstack([np.diff(np.eye(n), i + 1, axis=0), np.zeros((i + 1, n))]) if i < 2
+            else rng.standard_normal((n, n)) / np.sqrt(n)
+            for i in range(num_terms)
+        ]
         t = np.linspace(0.0, 1.0, n)
         x_true = np.sin(2 * np.pi * t) + 0.5 * (t > 0.5)
         clean = a @ x_true
@@ -60,7 +53,7 @@ class QuadraticProblem(Problem):
         y = clean + noise_level * np.linalg.norm(clean) * e / np.linalg.norm(e)
         g = np.stack([d.T @ d for d in ds])  # (q, n, n)
         self._setup((a[None], g[None], y[None], x_true[None]),
-                    backend if backend is not None else get_backend("numpy"), counter)
+                    backend if backend is not None else get_backend("numpy"), None)
 
     def _setup(self, host: tuple[np.ndarray, ...], backend: Any, counter: Counter | None) -> None:
         """Host data (A, G, y, x_true) with a leading sample axis → device arrays."""

@@ -80,23 +80,15 @@ class DriftingSequence:
         ]
 
 
-def drifting_sequence(
-    side: int = 64,
-    count: int = 30,
-    *,
-    p: int = 20,
-    drift: float = 1e-4,
-    rhs_drift: float = 0.05,
-    seed: int = 0,
-) -> DriftingSequence:
-    """The synthetic sequence (see module docstring), seeded."""
+def drifting_sequence(side: int = 64, count: int = 30, *, seed: int = 0) -> DriftingSequence:
+    """The sequence of the module docstring, seeded: |δ| ~ 10⁻⁴|N(0, 1)|, ε = 0.05/count, p = 20."""
     rng = np.random.default_rng(seed)
     n = side * side
     d0 = rng.uniform(0.0, 1e-3, n)
-    delta = np.abs(rng.standard_normal(n)) * drift
+    delta = np.abs(rng.standard_normal(n)) * 1e-4
     b0, e = rng.standard_normal(n), rng.standard_normal(n)
     grid = np.linspace(0.0, 1.0, side)
-    modes = [(i % 5 + 1, i // 5 + 1) for i in range(p)]
+    modes = [(i % 5 + 1, i // 5 + 1) for i in range(20)]
     J = np.stack(
         [np.outer(np.sin(a * np.pi * grid), np.sin(b * np.pi * grid)).ravel() for a, b in modes],
         axis=1,
@@ -104,6 +96,6 @@ def drifting_sequence(
     return DriftingSequence(
         side=side,
         diagonals=tuple(d0 + t * delta for t in range(count)),
-        rhs=tuple(b0 + rhs_drift * t / count * e for t in range(count)),
+        rhs=tuple(b0 + 0.05 * t / count * e for t in range(count)),
         J=J,
     )

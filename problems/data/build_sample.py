@@ -5,14 +5,12 @@ Usage: python problems/data/build_sample.py [path/to/mnist folder]
 MNIST: Y. LeCun, C. Cortes, C. J. C. Burges, CC BY-SA 3.0.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from problems.datasets import load_mnist, load_mnist_labels
+from problems.datasets import MNIST_IMAGES, load_mnist, load_mnist_labels
 
 COUNT = 16
 
@@ -20,16 +18,12 @@ COUNT = 16
 def main() -> None:
     here = Path(__file__).resolve().parent
     source = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parents[1] / "../shared/data/mnist"
-    images = load_mnist(source / "t10k-images-idx3-ubyte.gz", count=COUNT)
+    images = load_mnist(source / MNIST_IMAGES, count=COUNT)
     labels = load_mnist_labels(source / "t10k-labels-idx1-ubyte.gz", count=COUNT)
     out = here / "mnist_sample.npz"
-    np.savez_compressed(
-        out,
-        images=np.rint(images * 255.0).astype(np.uint8),
-        labels=labels,
-        credit=np.array("MNIST test set, first 16 digits; Y. LeCun, C. Cortes, C. J. C. Burges; "
-                        "CC BY-SA 3.0"),
-    )
+    credit = "MNIST test set, first 16 digits; Y. LeCun, C. Cortes, C. J. C. Burges; CC BY-SA 3.0"
+    np.savez_compressed(out, images=np.rint(images * 255.0).astype(np.uint8), labels=labels,
+                        credit=np.array(credit))
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 
