@@ -32,12 +32,9 @@ class CheckpointError(RuntimeError):
 
 def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
     if isinstance(obj, dict):
-        out = {}
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise CheckpointError(f"{where}: dict keys must be strings; got {key!r}")
-            out[key] = _encode(value, arrays, f"{where}.{key}")
-        return out
+        if bad := [key for key in obj if not isinstance(key, str)]:
+            raise CheckpointError(f"{where}: dict keys must be strings; got {bad[0]!r}")
+        return {key: _encode(value, arrays, f"{where}.{key}") for key, value in obj.items()}
     if isinstance(obj, list | tuple):
         return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray):
@@ -60,9 +57,8 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    meta = {"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")}
-    text = json.dumps(meta, allow_nan=True).encode("utf-8")
-    members = {_META: np.frombuffer(text, dtype=np.uint8), **arrays}
+    text = json.dumps({"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")})
+    members = {_META: np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -86,8 +82,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save`` (arrays as NumPy, no pickle)."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
