@@ -7,14 +7,12 @@ every tracker of this interpreter (a sweep with the basic launcher, a test sessi
 mlflow once).  A call pickles its write (later changes to its arrays do not matter) and
 returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
 
-Failures: an http(s) server that does not answer at the start is reported at once.  A store
-that becomes unavailable later (server down, read-only, I/O errors) stops nothing: the
-writer buffers the writes on disk in the output folder (``tracking.PENDING_FILE``) and sends
-them when the store answers again, or leaves them to the next run in that folder; its
-warnings reach the ``hyperkrylov`` logger.  Any other failure stops that run's writes and is
-raised as one ``TrackingError`` line by its next call.  The writer runs in its own
-session, so Ctrl-C reaches only this process (the run then ends KILLED); when this process
-dies, the writer writes what it was sent and exits.
+Failures: an http(s) server that does not answer at the start is reported at once; a store
+that becomes unavailable later stops nothing (the writer buffers, see ``tracking``; its
+warnings reach the ``hyperkrylov`` logger); any other failure stops that run's writes and is
+raised as one ``TrackingError`` line by its next call.  The writer runs in its own session,
+so Ctrl-C reaches only this process (the run then ends KILLED); when this process dies, the
+writer writes what it was sent and exits.
 """
 
 from __future__ import annotations
