@@ -48,8 +48,7 @@ def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
         return obj
     raise CheckpointError(
         f"{where}: cannot checkpoint a value of type {type(obj).__name__}; "
-        "use host NumPy arrays and Python scalars"
-    )
+        "use host NumPy arrays and Python scalars")
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
@@ -86,16 +85,14 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            text = bytes(archive[_META]).decode("utf-8")
-            if (version := json.loads(text).get("format")) != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: checkpoint format {version!r}; this version "
-                                      f"reads format {FORMAT_VERSION}")
-            return json.loads(text, object_hook=lambda d: (
-                np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))["state"]
-    except CheckpointError:
-        raise
+            meta = json.loads(bytes(archive[_META]).decode("utf-8"), object_hook=lambda d: (
+                np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))
     except Exception as exc:  # NumPy's own message may advise unpickling: not shown
         raise CheckpointError(
             f"{path}: unreadable checkpoint (not an archive this program wrote: "
             f"{type(exc).__name__}); delete it to start afresh (or choose another "
             "hydra.run.dir)") from exc
+    if (version := meta.get("format")) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r}; this version reads "
+                              f"format {FORMAT_VERSION}")
+    return meta["state"]

@@ -117,10 +117,10 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
     ])
 
 
-def _sweep_ids(uri: str | None, experiment: str) -> list[str]:
-    """The sweep ids of the runs of ``experiment``, oldest first."""
-    found = (r.tags.get(names.SWEEP_TAG) for r in read_runs(uri, experiment, history_keys=()))
-    return list(dict.fromkeys(i for i in found if i))
+def _sweep_tags(uri: str | None, experiment: str) -> list[str]:
+    """The sweep id of each run of ``experiment`` in a sweep, oldest run first."""
+    runs = read_runs(uri, experiment, history_keys=())
+    return [r.tags[names.SWEEP_TAG] for r in runs if r.tags.get(names.SWEEP_TAG)]
 
 
 def _read(
@@ -128,9 +128,7 @@ def _read(
 ) -> list[RunRecord]:
     """The runs of ``experiment``: all, those of one sweep, or (``"latest"``) the newest."""
     if sweep == "latest":
-        runs = read_runs(uri, experiment, history_keys=())  # oldest first
-        tagged = [r.tags[names.SWEEP_TAG] for r in runs if names.SWEEP_TAG in r.tags]
-        if not tagged:
+        if not (tagged := _sweep_tags(uri, experiment)):
             raise TrackingError(f"experiment {experiment!r} has no sweep runs")
         sweep = tagged[-1]
     return read_runs(uri, experiment, sweep_id=sweep, history_keys=history_keys)
@@ -192,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = "finished task=resolve runs" if args.paper else "runs"
         hint = ""
         if args.sweep:
-            ids = _sweep_ids(args.uri, args.experiment)
+            ids = list(dict.fromkeys(_sweep_tags(args.uri, args.experiment)))
             hint = (f" sweep {args.sweep!r}; its sweeps: {', '.join(ids)}" if ids
                     else f" sweep {args.sweep!r}; none of its runs is in a sweep")
         print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{hint}",
