@@ -32,12 +32,9 @@ class CheckpointError(RuntimeError):
 
 def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
     if isinstance(obj, dict):
-        out = {}
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise CheckpointError(f"{where}: dict keys must be strings; got {key!r}")
-            out[key] = _encode(value, arrays, f"{where}.{key}")
-        return out
+        if bad := [key for key in obj if not isinstance(key, str)]:
+            raise CheckpointError(f"{where}: dict keys must be strings; got {bad[0]!r}")
+        return {key: _encode(value, arrays, f"{where}.{key}") for key, value in obj.items()}
     if isinstance(obj, list | tuple):
         return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray):
@@ -51,8 +48,7 @@ def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
         return obj
     raise CheckpointError(
         f"{where}: cannot checkpoint a value of type {type(obj).__name__}; "
-        "use host NumPy arrays and Python scalars"
-    )
+        "use host NumPy arrays and Python scalars")
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
@@ -60,9 +56,8 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    meta = {"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")}
-    text = json.dumps(meta, allow_nan=True).encode("utf-8")
-    members = {_META: np.frombuffer(text, dtype=np.uint8), **arrays}
+    text = json.dumps({"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")})
+    members = {_META: np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -86,21 +81,18 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save`` (arrays as NumPy, no pickle)."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            text = bytes(archive[_META]).decode("utf-8")
-            if (version := json.loads(text).get("format")) != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: checkpoint format {version!r}; this version "
-                                      f"reads format {FORMAT_VERSION}")
-            return json.loads(text, object_hook=lambda d: (
-                np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))["state"]
-    except CheckpointError:
-        raise
+            meta = json.loads(bytes(archive[_META]).decode("utf-8"), object_hook=lambda d: (
+                np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))
     except Exception as exc:  # NumPy's own message may advise unpickling: not shown
         raise CheckpointError(
             f"{path}: unreadable checkpoint (not an archive this program wrote: "
             f"{type(exc).__name__}); delete it to start afresh (or choose another "
             "hydra.run.dir)") from exc
+    if (version := meta.get("format")) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r}; this version reads "
+                              f"format {FORMAT_VERSION}")
+    return meta["state"]

@@ -5,8 +5,7 @@ Runs are read from the tracking store (``tracking.read_runs``), optionally of on
 which the figures are logged; a ``tracking.sweep_id`` tag; or ``latest``).  Savings are
 against the run's own shadow baseline (warm-started MINRES without recycling on the same
 systems, ``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same
-sweep.
-``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
+sweep.  ``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """
@@ -73,12 +72,11 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
         its = r.metric(ITERATIONS)
         shadow = r.metric(names.cumulative(names.BASELINE_KRYLOV_ITERATIONS))
         baseline = baselines.get(r.tags.get(names.SWEEP_TAG, ""))
+        savings, ref = math.nan, "-"
         if math.isfinite(shadow):
             savings, ref = percent_saved(its, shadow), "shadow"
         elif baseline is not None:
             savings, ref = percent_saved(its, baseline), "recycle=none run"
-        else:
-            savings, ref = math.nan, "-"
         errors = [v for _, v in r.history.get(names.HG_ERROR_ESTIMATE, ()) if math.isfinite(v)]
         imbalance = [v for _, v in r.history.get(names.WORKER_IMBALANCE, ())]
         steps = len(r.history.get(names.UPPER_LOSS, ()))
@@ -86,25 +84,18 @@ def rows_from_records(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             names.HVP, names.JAC_T, names.BATCH_SIZE, names.BASELINE_HVP))
         # applications against the shadow: recycling's HVPs (solve and C = HU) plus the Jᵀ
         # products beyond the one −Jᵀw per system both need
-        mine = hvp + (jac_t - batch)
-        rows.append(
-            ComparisonRow(
-                run_id=r.run_id,
-                name=r.name,
-                strategy=r.params.get("recycle.strategy", "?"),
-                dim=r.params.get("recycle.dim", "?"),
-                steps=steps or int(r.metrics.get(names.BATCH_SIZE, 0) > 0),
-                krylov_iterations=its,
-                applications=r.metric(APPLICATIONS),
-                savings_percent=savings,
-                savings_reference=ref,
-                application_savings_percent=percent_saved(mine, shadow_hvp),
-                mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
-                solve_time=r.metric(names.cumulative(names.STEP_TIME)),
-                wall_time=r.end_time - r.start_time if r.start_time and r.end_time else math.nan,
-                imbalance=sum(imbalance) / len(imbalance) if imbalance else math.nan,
-            )
-        )
+        rows.append(ComparisonRow(
+            run_id=r.run_id, name=r.name, strategy=r.params.get("recycle.strategy", "?"),
+            dim=r.params.get("recycle.dim", "?"),
+            steps=steps or int(r.metrics.get(names.BATCH_SIZE, 0) > 0),
+            krylov_iterations=its, applications=r.metric(APPLICATIONS),
+            savings_percent=savings, savings_reference=ref,
+            application_savings_percent=percent_saved(hvp + (jac_t - batch), shadow_hvp),
+            mean_hg_error=sum(errors) / len(errors) if errors else math.nan,
+            solve_time=r.metric(names.cumulative(names.STEP_TIME)),
+            wall_time=r.end_time - r.start_time if r.start_time and r.end_time else math.nan,
+            imbalance=sum(imbalance) / len(imbalance) if imbalance else math.nan,
+        ))
     return rows
 
 
@@ -126,10 +117,10 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
     ])
 
 
-def latest_sweep(records: Sequence[RunRecord]) -> str | None:
-    """The sweep id of the most recently started tagged run."""
-    tagged = [r for r in records if names.SWEEP_TAG in r.tags]
-    return max(tagged, key=lambda r: r.start_time or 0.0).tags[names.SWEEP_TAG] if tagged else None
+def _sweep_tags(uri: str | None, experiment: str) -> list[str]:
+    """The sweep id of each run of ``experiment`` in a sweep, oldest run first."""
+    runs = read_runs(uri, experiment, history_keys=())
+    return [r.tags[names.SWEEP_TAG] for r in runs if r.tags.get(names.SWEEP_TAG)]
 
 
 def _read(
@@ -137,19 +128,14 @@ def _read(
 ) -> list[RunRecord]:
     """The runs of ``experiment``: all, those of one sweep, or (``"latest"``) the newest."""
     if sweep == "latest":
-        sweep = latest_sweep(read_runs(uri, experiment, history_keys=()))
-        if sweep is None:
+        if not (tagged := _sweep_tags(uri, experiment)):
             raise TrackingError(f"experiment {experiment!r} has no sweep runs")
+        sweep = tagged[-1]
     return read_runs(uri, experiment, sweep_id=sweep, history_keys=history_keys)
 
 
-def compare(
-    experiment: str,
-    *,
-    sweep: str | None = None,
-    uri: str | None = None,
-    figure: str | Path | None = None,
-) -> list[ComparisonRow]:
+def compare(experiment: str, *, sweep: str | None = None, uri: str | None = None,
+            figure: str | Path | None = None) -> list[ComparisonRow]:
     """Rows of the runs of ``experiment`` (one sweep when ``sweep`` is given; ``"latest"``
     picks the newest) and, when ``figure`` is a path, the comparison figure as PNG there."""
     records = _read(experiment, sweep, uri, HISTORY_KEYS)
@@ -159,26 +145,13 @@ def compare(
     return rows_from_records(records)
 
 
-def compare_paper(
-    experiment: str,
-    *,
-    sweep: str | None = None,
-    uri: str | None = None,
-    folder: str | Path | None = ".",
-) -> tuple[list[PaperRow], list[Path]]:
+def compare_paper(experiment: str, *, sweep: str | None = None, uri: str | None = None,
+                  folder: str | Path | None = ".") -> tuple[list[PaperRow], list[Path]]:
     """The paper report of the re-solve runs of ``experiment`` (one sweep when given):
     ``(rows, figure paths)``; figures are written to ``folder`` (None: none written)."""
     records = _read(experiment, sweep, uri, paper.HISTORY_KEYS)
     figures = [] if folder is None else paper.paper_figures(records, folder)
     return paper.paper_rows(records), figures
-
-
-def _sweeps_hint(args: argparse.Namespace) -> str:
-    """'; its sweeps: a, b' (the sweep ids of the experiment's runs, newest last)."""
-    found = [r.tags.get(names.SWEEP_TAG) for r in read_runs(args.uri, args.experiment,
-                                                              history_keys=())]
-    ids = list(dict.fromkeys(i for i in found if i))
-    return f"; its sweeps: {', '.join(ids)}" if ids else "; none of its runs is in a sweep"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,9 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not rows:
         runs = "finished task=resolve runs" if args.paper else "runs"
-        sweep = f" sweep {args.sweep!r}" if args.sweep else ""
-        print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{sweep}"
-              f"{_sweeps_hint(args) if args.sweep else ''}", file=sys.stderr)
+        hint = ""
+        if args.sweep:
+            ids = list(dict.fromkeys(_sweep_tags(args.uri, args.experiment)))
+            hint = (f" sweep {args.sweep!r}; its sweeps: {', '.join(ids)}" if ids
+                    else f" sweep {args.sweep!r}; none of its runs is in a sweep")
+        print(f"hyperkrylov-compare: no {runs} in experiment {args.experiment!r}{hint}",
+              file=sys.stderr)
         return 1
     print(table)
     for path in figures:

@@ -7,14 +7,12 @@ every tracker of this interpreter (a sweep with the basic launcher, a test sessi
 mlflow once).  A call pickles its write (later changes to its arrays do not matter) and
 returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
 
-Failures: an http(s) server that does not answer at the start is reported at once.  A store
-that becomes unavailable later (server down, read-only, I/O errors) stops nothing: the
-writer buffers the writes on disk in the output folder (``tracking.PENDING_FILE``) and sends
-them when the store answers again, or leaves them to the next run in that folder; its
-warnings reach the ``hyperkrylov`` logger.  Any other failure stops that run's writes and is
-raised as one ``TrackingError`` line by its next call.  The writer runs in its own
-session, so Ctrl-C reaches only this process (the run then ends KILLED); when this process
-dies, the writer writes what it was sent and exits.
+Failures: an http(s) server that does not answer at the start is reported at once; a store
+that becomes unavailable later stops nothing (the writer buffers, see ``tracking``; its
+warnings reach the ``hyperkrylov`` logger); any other failure stops that run's writes and is
+raised as one ``TrackingError`` line by its next call.  The writer runs in its own session,
+so Ctrl-C reaches only this process (the run then ends KILLED); when this process dies, the
+writer writes what it was sent and exits.
 """
 
 from __future__ import annotations
@@ -49,8 +47,7 @@ class _WriterProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "framework.experiment.tracking"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
-        )
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
         self.pid = os.getpid()  # a forked interpreter must start its own writer
         self.trackers: dict[int, Tracker] = {}
         self.gone: str | None = None
@@ -60,30 +57,24 @@ class _WriterProcess:
 
     def _feed(self) -> None:
         """Write queued requests to the pipe (a full pipe blocks this thread only)."""
-        pipe = self.process.stdin
-        while True:
-            message = self.outbox.get()
-            try:
-                pipe.write(message)
-                pipe.flush()
-            except (OSError, ValueError):  # the writer is gone: ``_read`` reports it
-                return
+        with contextlib.suppress(OSError, ValueError):  # the writer is gone: ``_read`` says it
+            while True:
+                self.process.stdin.write(self.outbox.get())
+                self.process.stdin.flush()
 
     def _read(self) -> None:
         """Hand each reply and failure to its tracker; on the writer's end, fail them all."""
-        while True:
-            try:
+        with contextlib.suppress(EOFError, OSError, pickle.UnpicklingError):
+            while True:
                 key, kind, payload = pickle.load(self.process.stdout)
-            except (EOFError, OSError, pickle.UnpicklingError):
-                break
-            if kind == "notice":
-                LOG.log(*payload)
-            elif (tracker := self.trackers.get(key)) is not None and kind == "failed":
-                tracker.failure = tracker.failure or payload
-            elif tracker is not None:
-                tracker.replies.put(payload)
-        code = self.process.wait()
-        self.gone = f"the MLflow writer process exited (code {code})"
+                tracker = self.trackers.get(key)
+                if kind == "notice":
+                    LOG.log(*payload)
+                elif tracker is not None and kind == "failed":
+                    tracker.failure = tracker.failure or payload
+                elif tracker is not None:
+                    tracker.replies.put(payload)
+        self.gone = f"the MLflow writer process exited (code {self.process.wait()})"
         for tracker in list(self.trackers.values()):
             tracker.failure = tracker.failure or self.gone
             tracker.replies.put(None)  # wakes a waiting call, which raises the failure
@@ -139,6 +130,7 @@ class Tracker:
         return value
 
     def _write(self, op: str, *args: Any) -> None:
+        """Send ``op`` (a ``tracking._Writer`` method) for the started run."""
         if not self._started:
             raise TrackingError("no active run: call Tracker.start() first")
         self._send(op, *args)
@@ -174,20 +166,20 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params.  On a resumed run, params already logged are skipped; a changed value is
         recorded as the tag ``resume.<key>`` (MLflow forbids changing a param within a run)."""
-        self._write("log_params", {key: str(value) for key, value in params.items()})
+        self._write("write", "log_params", {key: str(value) for key, value in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (non-numeric values are skipped)."""
-        self._write("log_batch", _numbers(metrics, step))
+        self._write("write", "log_batch", _numbers(metrics, step), [], [])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._write("log_batch", (), (), [(k, str(v)) for k, v in tags.items()])
+        self._write("write", "log_batch", [], [], [(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._write("call", "log_artifact", str(path), artifact_path)
+        self._write("write", "log_artifact", str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._write("call", "log_text", text, artifact_file)
+        self._write("write", "log_text", text, artifact_file)
 
     def log_figure(self, fig: Any, artifact_file: str, **save_kwargs: Any) -> None:
         """MLflow's ``log_figure`` of a matplotlib figure (pickled now, drawn by the writer)."""

@@ -1,28 +1,24 @@
 """Experiment tracking through MLflow — the only module of hyperkrylov that imports mlflow.
 
-Where results go: ``tracking.uri`` when set, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/mlflow/mlflow.db``; a SQLite store keeps artifacts in ``artifacts/`` next
-to the database file, a tracking server chooses its own artifact store.
+The store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow/mlflow.db`` with artifacts in ``artifacts/`` beside the database (a
+tracking server chooses its own).  Parallel jobs sharing a new SQLite file would race on its
+schema: it is created under a file lock, and a sweep's experiment once up front
+(``prepare_experiment``, from the sweep's Hydra callback).
 
-Parallel sweep jobs sharing one SQLite file race on schema creation: the schema is created
-under a file lock and the experiment once up front (``prepare_experiment``, from the sweep's
-Hydra callback); MLflow itself waits for a locked SQLite file (its busy timeout).  This
-module run as a script is the writer process of ``framework.experiment.tracker``
-(``_serve``), so neither a run's interpreter nor a disabled tracker imports mlflow.
-
-Store outages: the writer's HTTP requests are bounded (``HTTP_LIMITS``, MLflow's own retry
-settings); a write the store cannot take (unreachable, timing out, 5xx, read-only or I/O
-error) is appended to ``PENDING_FILE`` in the run's output folder, and so is every later
-write until the store takes them all, in order (tried again every ``RETRY_SECONDS`` and at
-the run's end; what is left is sent by the next run in that folder).  Resending is safe:
-MLflow's SQL stores (a server's too) keep one copy of a metric with the same key, step,
-timestamp and value.
+Run as a script, this module is the writer process of ``framework.experiment.tracker`` (so
+neither a run's interpreter nor a disabled tracker imports mlflow).  Outages: its HTTP
+requests are bounded (``HTTP_LIMITS``, MLflow's own retry settings); a write the store cannot
+take (unreachable, 5xx, read-only or I/O error) is appended to ``PENDING_FILE`` in the run's
+output folder, and so is every later one until the store takes them all, in order (tried
+every ``RETRY_SECONDS`` and at the run's end; what is left is sent by the next run in that
+folder).  Resending is safe: MLflow's SQL stores (a server's too) keep one copy of a metric
+with the same key, step, timestamp and value.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import json
 import logging
@@ -47,8 +43,8 @@ from framework.experiment import checkpoint, names
 MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
 PENDING_FILE = "mlflow_pending.jsonl"  # in a run's output folder: writes the store has not taken
 RETRY_SECONDS = 5.0  # while the store is unavailable, how often the writer tries it again
-# MLflow's HTTP retry settings for the writer (unless set): a dead server costs a few seconds
-# per try instead of MLflow's default of 7 retries with backoff (minutes)
+# the writer's HTTP retries (unless set): a dead server costs a few seconds per try, not
+# MLflow's default of 7 retries with backoff (minutes)
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in a sweep folder: the sweep's parent run
@@ -92,8 +88,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TrackingError(
         f"MLflow tracking server {uri} is unreachable ({reason}); start it "
         "(`mlflow server ...`), fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
-        "tracking=disabled"
-    )
+        "tracking=disabled")
 
 
 def check_writable(uri: str) -> None:
@@ -152,8 +147,7 @@ def _experiment_id(client: Any, uri: str, name: str) -> str | None:
     if exp is not None and exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted at {uri}; restore it "
-            "(`mlflow experiments restore`) or choose another tracking.experiment"
-        )
+            "(`mlflow experiments restore`) or choose another tracking.experiment")
     return None if exp is None else exp.experiment_id
 
 
@@ -163,17 +157,16 @@ def prepare_experiment(uri: str, name: str, client: Any = None) -> str:
 
     client = client or _client(uri)
     with _store_lock(uri):
-        exp_id = _experiment_id(client, uri, name)
-        if exp_id is None:
-            root = artifact_root(uri)
-            try:
-                exp_id = client.create_experiment(
-                    name, artifact_location=None if root is None else f"{root}/{name}")
-            except MlflowException:  # created meanwhile by a parallel job (a server's store)
-                exp_id = _experiment_id(client, uri, name)
-                if exp_id is None:
-                    raise
-    return exp_id
+        if (exp_id := _experiment_id(client, uri, name)) is not None:
+            return exp_id
+        root = artifact_root(uri)
+        try:
+            return client.create_experiment(
+                name, artifact_location=None if root is None else f"{root}/{name}")
+        except MlflowException:  # created meanwhile by a parallel job (a server's store)
+            if (exp_id := _experiment_id(client, uri, name)) is None:
+                raise
+            return exp_id
 
 
 # -- the writer process (run as a script by framework.experiment.tracker) ----------------
@@ -181,13 +174,13 @@ class _Writer:
     """The writer process's side of one tracker: the MLflow client and the active run."""
 
     def __init__(self, notify: Callable[[int, str], None]) -> None:
+        self.notify = notify  # (logging level, message) for the run's console
         self.client: Any = None
-        self.uri, self.experiment, self.experiment_id = "", "", ""
+        self.uri = self.experiment = self.experiment_id = ""
         self.active: str | None = None
         self.lock: filelock.FileLock | None = None
         self.monitor: Any = None  # MLflow's system metrics monitor, when enabled
         self.failed = False  # after a failure, requests are only answered
-        self.notify = notify  # (logging level, message) for the run's console
         self.pending: Path | None = None  # the output folder's PENDING_FILE (None: no folder)
         self.waiting = 0  # writes in it: while > 0, every write is appended to it
         self.retry_at = 0.0  # time.monotonic() of the next try to send them
@@ -211,10 +204,6 @@ class _Writer:
             self.lock = folder_lock(Path(record_to).parent)
             self.lock.acquire()  # released by ``close`` or the end of this process
             self.pending = Path(record_to).parent / PENDING_FILE
-            text = self.pending.read_text() if self.pending.is_file() else ""
-            if text and not text.endswith("\n"):  # a killed run's last append, cut short
-                with self.pending.open("a") as fh:
-                    fh.write("\n")
             self.waiting = len(_pending_writes(self.pending))
             if self.waiting:  # a previous run's writes go first
                 self._send_pending()
@@ -225,22 +214,20 @@ class _Writer:
             except MlflowException:
                 if not adopt:
                     raise
-        if adopt and run is not None and (run.info.status == "FINISHED"
-                                          or run.info.lifecycle_stage != "active"
-                                          or run.info.experiment_id != self.experiment_id):
+        if run and run.info.experiment_id != self.experiment_id and not adopt:
+            raise TrackingError(f"run {run_id} belongs to experiment "
+                                f"{run.info.experiment_id}, not {self.experiment!r}")
+        if adopt and run and (run.info.status == "FINISHED" or run.info.lifecycle_stage
+                              != "active" or run.info.experiment_id != self.experiment_id):
             run = None
-        resumed = run is not None
-        if run is None:
+        if run:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
             if sweep is not None:
                 tags = {**tags, MLFLOW_PARENT_RUN_ID: self._parent_run(*sweep, command)}
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags=_standard_tags(tags, command))
-        elif run.info.experiment_id != self.experiment_id:
-            raise TrackingError(f"run {run_id} belongs to experiment "
-                                f"{run.info.experiment_id}, not {self.experiment!r}")
-        else:
-            self.client.update_run(run_id, status="RUNNING")
-        self.active = run.info.run_id
+        resumed, self.active = run_id == run.info.run_id, run.info.run_id
         if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():  # system/* metrics, sampled here
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -248,13 +235,13 @@ class _Writer:
                                                 tracking_uri=self.uri)
             self.monitor.start()
         if resumed:
-            self.log_batch(tags=list(tags.items()))
+            self.write("log_batch", [], [], list(tags.items()))
             return
         if record_to is not None:  # atomically
             tmp = Path(record_to).with_name(f".{Path(record_to).name}.tmp")
             tmp.write_text(self.active)
             os.replace(tmp, record_to)
-        self.call("log_text", _requirements(), "requirements.txt")
+        self.write("log_text", _requirements(), "requirements.txt")
 
     def _parent_run(self, folder: str, name: str, command: str) -> str:
         """The id of the sweep's parent run, created by its first job: under a lock in the
@@ -290,7 +277,7 @@ class _Writer:
         if self.monitor is not None:
             self.monitor.finish()
             self.monitor = None
-        self.call("set_terminated", status)  # buffered, like any write, in an outage
+        self.write("set_terminated", status)  # buffered, like any write, in an outage
 
     def log_input(self, path: str, name: str, context: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -302,8 +289,8 @@ class _Writer:
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(path)
         dataset = MetaDataset(source, name=name)._to_mlflow_entity()
-        self.client.log_inputs(self.active,
-              [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        self.client.log_inputs(
+            self.active, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def figure(self, fig: Any, artifact_file: str, save_kwargs: dict[str, Any]) -> None:
         self.client.log_figure(self.active, fig, artifact_file, save_kwargs=save_kwargs)
@@ -326,26 +313,15 @@ class _Writer:
 
     def checkpoint(self, path: str, state: dict[str, Any], metrics: list[Any]) -> None:
         if metrics:
-            self.log_batch(metrics)
+            self.write("log_batch", metrics, [], [])
         checkpoint.save(path, {**state, "run_id": self.active})
-        self.call("log_artifact", path)  # after the metrics before it: resumable elsewhere
+        self.write("log_artifact", path)  # after the metrics before it: resumable elsewhere
 
-    def log_batch(self, metrics=(), params=(), tags=()) -> None:
-        """``log_batch`` of (key, value, timestamp, step), (key, value) and (key, value)
-        tuples; MLflow splits the batches and cuts values to its length limits."""
-        self._store("log_batch", [list(metrics), list(params), list(tags)])
-
-    def log_params(self, params: dict[str, str]) -> None:
-        self._store("log_params", [params])
-
-    def call(self, method: str, *args: Any) -> None:
-        self._store(method, list(args))
-
-    def _store(self, op: str, args: list[Any]) -> None:
-        """Write to the active run, or append the write to the pending file while the store
-        is unavailable (one warning when an outage starts); try to send those every
-        ``RETRY_SECONDS``."""
-        write = [self.active, op, args]
+    def write(self, op: str, *args: Any) -> None:
+        """Write to the active run (see ``_apply``), or append the write to the pending file
+        while the store is unavailable (one warning when an outage starts); try to send
+        those every ``RETRY_SECONDS``."""
+        write = [self.active, op, list(args)]
         if not self.waiting:
             try:
                 self._apply(*write)
@@ -357,8 +333,8 @@ class _Writer:
                 self.notify(logging.WARNING, f"tracking store {self.uri} unavailable "
                             f"({self.describe(exc, short=True)}); training continues, writes "
                             f"are buffered in {self.pending} until it answers")
-        with self.pending.open("a") as fh:  # on disk before a checkpoint that follows them
-            fh.write(json.dumps(write) + "\n")
+        with self.pending.open("a") as fh:  # on disk before a checkpoint that follows them;
+            fh.write(f"\n{json.dumps(write)}")  # a line cut short by a kill stays on its own
             fh.flush()
             os.fsync(fh.fileno())
         self.waiting += 1
@@ -372,11 +348,11 @@ class _Writer:
         writes = _pending_writes(self.pending)
         try:
             check_reachable(self.uri, timeout=2.0)  # a dead server: at once, not retried
-            for write in _merged(writes):
+            for write in writes:
                 self._apply(*write)
             for run_id, count in Counter(run_id for run_id, *_ in writes).items():
-                tags = self.client.get_run(run_id).data.tags
-                count += int(tags.get(names.BUFFERED_WRITES_TAG, 0))
+                count += int(self.client.get_run(run_id).data.tags.get(
+                    names.BUFFERED_WRITES_TAG, 0))
                 self.client.set_tag(run_id, names.BUFFERED_WRITES_TAG, str(count))
         except Exception as exc:
             self.retry_at = time.monotonic() + RETRY_SECONDS
@@ -393,9 +369,10 @@ class _Writer:
                     f"{len(writes)} writes buffered in {self.pending}")
 
     def _apply(self, run_id: str, op: str, args: list[Any]) -> None:
-        """One write to the store: ``log_batch`` (metrics, params, tags), ``log_params``
-        (those not logged yet; a changed one as the tag ``resume.<key>``) or a client method
-        that takes the run id first (``log_artifact``, ``log_text``, ``set_terminated``)."""
+        """One write to the store: ``log_batch`` of (key, value, timestamp, step) metrics,
+        (key, value) params and tags (MLflow splits the batch and cuts values to its
+        limits); ``log_params`` (those not logged yet; a changed one as the tag
+        ``resume.<key>``); or a client method taking the run id first (``log_artifact``...)."""
         from mlflow.entities import Metric, Param, RunTag
 
         if op == "log_params":
@@ -408,8 +385,7 @@ class _Writer:
         if op == "log_batch":
             metrics, params, tags = args
             self.client.log_batch(run_id, [Metric(*m) for m in metrics],
-                                  [Param(*p) for p in params],
-                                  [RunTag(k, str(v)) for k, v in tags])
+                                  [Param(*p) for p in params], [RunTag(*t) for t in tags])
         else:
             getattr(self.client, op)(run_id, *args)
 
@@ -434,20 +410,6 @@ def _unavailable(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
     return isinstance(exc, OSError)
-
-
-def _merged(writes: list[list[Any]]) -> list[list[Any]]:
-    """``writes`` with each run of consecutive metrics-only ``log_batch`` writes of one run
-    made one (a step's metrics each: MLflow sends them 1000 at a time)."""
-    merged: list[list[Any]] = []
-    for run_id, op, args in writes:
-        last = merged[-1] if merged else None
-        if (op == "log_batch" and args[1:] == [[], []] and last is not None
-                and last[:2] == [run_id, op] and last[2][1:] == [[], []]):
-            last[2][0] = last[2][0] + args[0]
-        else:
-            merged.append([run_id, op, list(args)])
-    return merged
 
 
 def _pending_writes(path: Path) -> list[list[Any]]:
@@ -483,9 +445,8 @@ def folder_lock(folder: Path) -> filelock.FileLock:
 
 def _requirements() -> str:
     """The installed distributions, one ``name==version`` per line (pip freeze style)."""
-    found = {
-        (d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()
-    }
+    found = {(d.metadata["Name"] or "").lower(): d.version
+             for d in importlib.metadata.distributions()}
     return "".join(f"{name}=={version}\n" for name, version in sorted(found.items()) if name)
 
 
@@ -505,8 +466,8 @@ def _serve() -> None:
     sys.stdout = sys.stderr
     writers: dict[int, _Writer] = {}
 
-    def notify(key: int, level: int, message: str) -> None:
-        pickle.dump((key, "notice", (level, message)), outbox)
+    def send(key: int, kind: str, payload: Any) -> None:
+        pickle.dump((key, kind, payload), outbox)
         outbox.flush()
 
     while True:
@@ -514,10 +475,9 @@ def _serve() -> None:
             key, op, args, reply = pickle.load(inbox)
         except (EOFError, pickle.UnpicklingError):  # the parent ended or was killed (maybe
             # in the middle of a message, which is dropped); every write is committed
-            outbox.flush()
             os._exit(0)  # skip tearing down mlflow's modules (about a second)
         if key not in writers:
-            writers[key] = _Writer(functools.partial(notify, key))
+            writers[key] = _Writer(lambda *notice, key=key: send(key, "notice", notice))
         writer = writers[key]
         value = None
         if not writer.failed:
@@ -525,10 +485,9 @@ def _serve() -> None:
                 value = getattr(writer, op)(*args)
             except Exception as exc:
                 writer.failed = True
-                pickle.dump((key, "failed", writer.describe(exc)), outbox)
+                send(key, "failed", writer.describe(exc))
         if reply:
-            pickle.dump((key, "reply", value), outbox)
-        outbox.flush()
+            send(key, "reply", value)
         if op == "close":
             writers.pop(key, None)
 
@@ -553,13 +512,8 @@ class RunRecord:
         return self.metrics.get(key, math.nan)
 
 
-def read_runs(
-    uri: str | None,
-    experiment: str,
-    *,
-    sweep_id: str | None = None,
-    history_keys: Iterable[str] | None = None,
-) -> list[RunRecord]:
+def read_runs(uri: str | None, experiment: str, *, sweep_id: str | None = None,
+              history_keys: Iterable[str] | None = None) -> list[RunRecord]:
     """Runs of ``experiment`` (optionally only those of one sweep: the nested runs of the
     parent run with id or name ``sweep_id``, else the runs tagged with it), oldest first, with
     the step histories of ``history_keys`` (all metrics when None); parent runs left out."""
@@ -569,35 +523,30 @@ def read_runs(
         raise TrackingError(f"no tracking store at {db}; run hyperkrylov first, or give the "
                             "store's URI (--uri or MLFLOW_TRACKING_URI)")
     client = _client(uri)
-    exp_id = _experiment_id(client, uri, experiment)
-    if exp_id is None:
+    if (exp_id := _experiment_id(client, uri, experiment)) is None:
         raise TrackingError(f"no MLflow experiment named {experiment!r} at {uri}")
     flt = f"tags.`{names.SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""  # a parent's name
     if sweep_id and sweep_id in _sweep_parents(client, exp_id, sweep_id):  # a parent's id
         flt = f"tags.`mlflow.parentRunId` = '{sweep_id}'"
     runs = client.search_runs([exp_id], filter_string=flt,
                               order_by=["attributes.start_time ASC"], max_results=5000)
-    records = []
-    for run in runs:
-        info, data = run.info, run.data
-        if data.tags.get(names.TASK_TAG) == SWEEP_TASK:
-            continue
-        keys = [k for k in (data.metrics if history_keys is None else history_keys)
-                if k in data.metrics]
-        history = {
-            key: tuple(sorted((int(m.step), float(m.value))
-                              for m in client.get_metric_history(info.run_id, key)))
-            for key in keys
-        }
-        records.append(RunRecord(
-            run_id=info.run_id, name=info.run_name or info.run_id, status=info.status,
-            start_time=None if info.start_time is None else info.start_time / 1000,
-            end_time=None if info.end_time is None else info.end_time / 1000,
-            params=dict(data.params), tags=dict(data.tags),
-            metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
-            history=history,
-        ))
-    return records
+    return [_record(client, run, history_keys) for run in runs
+            if run.data.tags.get(names.TASK_TAG) != SWEEP_TASK]
+
+
+def _record(client: Any, run: Any, history_keys: Iterable[str] | None) -> RunRecord:
+    info, data = run.info, run.data
+    keys = [k for k in (data.metrics if history_keys is None else history_keys)
+            if k in data.metrics]
+    return RunRecord(
+        run_id=info.run_id, name=info.run_name or info.run_id, status=info.status,
+        start_time=None if info.start_time is None else info.start_time / 1000,
+        end_time=None if info.end_time is None else info.end_time / 1000,
+        params=dict(data.params), tags=dict(data.tags),
+        metrics={k: float(v) for k, v in data.metrics.items() if not math.isnan(v)},
+        history={key: tuple(sorted((int(m.step), float(m.value))
+                                   for m in client.get_metric_history(info.run_id, key)))
+                 for key in keys})
 
 
 def _sweep_parents(client: Any, experiment_id: str, sweep: str) -> list[str]:
@@ -616,10 +565,9 @@ def log_to_sweep(uri: str | None, experiment: str, sweep: str,
     uri = resolve_uri(uri)
     client = _client(uri)
     parents = _sweep_parents(client, _experiment_id(client, uri, experiment) or "", sweep)
-    parent = parents[0] if parents else None
-    for path in paths if parent else ():
-        client.log_artifact(parent, str(path), "compare")
-    return parent
+    for path in paths if parents else ():
+        client.log_artifact(parents[0], str(path), "compare")
+    return parents[0] if parents else None
 
 
 def percent_saved(mine: float, reference: float) -> float:
