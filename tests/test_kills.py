@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 KILL_POINTS = Path(__file__).resolve().parent / "kill_points"
 JOB = ["problem=quadratic", "problem.n=20", "problem.num_samples=2", "outer.lr=0.1",
        "outer.steps=6", "checkpoint.every=2"]
-WALL_CLOCK = {names.STEP_TIME, names.cumulative(names.STEP_TIME)}  # and time_*: differ run to run
 KILLED, TERMINATED = -signal.SIGKILL, 143  # the CLI's exit: killed; SIGTERM handled
 
 
@@ -60,6 +60,7 @@ class Outcome:
     files (paths relative to the job's folder, the run id replaced by ``<run>``)."""
 
     theta: bytes
+    theta_artifact: bytes
     statuses: list[str]
     histories: dict[str, list[tuple[int, float]]]
     params: dict[str, str]
@@ -67,13 +68,23 @@ class Outcome:
     checkpoint_artifact_step: int
 
 
-def _outcome(folder: Path) -> Outcome:
+def _wall_clock(key: str) -> bool:
+    """Whether the metric ``key`` is a time measured (its values differ run to run)."""
+    return key in (names.STEP_TIME, names.cumulative(names.STEP_TIME)) or key.startswith("time_")
+
+
+def _runs(folder: Path) -> tuple[Any, list[Any]]:
+    """The job's MLflow client and every run in its store (any experiment, any state)."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{folder}/store/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              run_view_type=ViewType.ALL)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client, client.search_runs(experiments, run_view_type=ViewType.ALL)
+
+
+def _outcome(folder: Path) -> Outcome:
+    client, runs = _runs(folder)
     run = runs[0]
     run_id = run.info.run_id
     histories = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
@@ -83,9 +94,10 @@ def _outcome(folder: Path) -> Outcome:
     artifact = folder / "store" / "artifacts" / "hyperkrylov" / run_id / "artifacts"
     return Outcome(
         theta=np.load(folder / "run" / "theta.npz")["theta"].tobytes(),
+        theta_artifact=np.load(artifact / "theta.npz")["theta"].tobytes(),
         statuses=[r.info.status for r in runs],
         histories=histories,
-        params={k: v for k, v in run.data.params.items()},
+        params=dict(run.data.params),
         files=files,
         checkpoint_artifact_step=checkpoint.load(artifact / "checkpoint.npz")["step"],
     )
@@ -139,66 +151,80 @@ def reference(tmp_path_factory, worker_id, store) -> Outcome:
     return outcome
 
 
-def _same_as_reference(folder: Path, reference: Outcome) -> None:
+def _kill(folder: Path, kill_at: str, code: int = KILLED) -> None:
+    """Run the job with the kill point ``kill_at`` armed: it must stop with ``code``."""
+    result = _cli(folder, kill_at)
+    assert result.returncode == code, (
+        f"{kill_at}: exit {result.returncode}, expected {code}\n{result.stderr[-3000:]}")
+
+
+def _rerun_is_uninterrupted(folder: Path, reference: Outcome) -> str:
+    """Rerun the job unarmed: it finishes once, as the uninterrupted job; its stdout."""
+    rerun = _cli(folder)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Traceback" not in rerun.stderr
     got = _outcome(folder)
     assert got.theta == reference.theta, "θ differs from the uninterrupted run's"
+    assert got.theta_artifact == reference.theta
     assert got.statuses == ["FINISHED"], got.statuses  # one run: no orphan, no stray run
     assert got.histories.keys() == reference.histories.keys()
     for key, points in reference.histories.items():
         steps = [s for s, _ in got.histories[key]]
         assert steps == [s for s, _ in points], f"{key}: steps {steps}"  # once each
-        if key not in WALL_CLOCK and not key.startswith("time_"):
+        if not _wall_clock(key):
             assert got.histories[key] == points, key
-    assert got.params == {k: v for k, v in reference.params.items()}
+    assert got.params == reference.params
     assert got.checkpoint_artifact_step == reference.checkpoint_artifact_step
     left = got.files ^ reference.files
     assert not left, f"files that differ from the uninterrupted run's: {sorted(left)}"
+    return rerun.stdout
 
 
-def _kill_then_rerun(folder: Path, reference: Outcome,
-                     *kills: tuple[str, int]) -> subprocess.CompletedProcess:
-    """Run the job with each kill point of ``kills`` in turn (each must stop it with its
-    exit code), then once more unarmed: it must finish as the uninterrupted job."""
-    for kill_at, code in kills:
-        result = _cli(folder, kill_at)
-        assert result.returncode == code, (
-            f"{kill_at}: exit {result.returncode}, expected {code}\n{result.stderr[-3000:]}")
-    rerun = _cli(folder)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Traceback" not in rerun.stderr
-    _same_as_reference(folder, reference)
-    return rerun
+def _left(folder: Path, pattern: str) -> list[Path]:
+    return sorted(folder.rglob(pattern))
 
 
 def test_killed_before_the_run_exists(job, reference):
-    _kill_then_rerun(job, reference, ("create-run", KILLED))
+    _kill(job, "create-run")
+    assert not _runs(job)[1]
+    _rerun_is_uninterrupted(job, reference)
 
 
 def test_killed_right_after_the_run_exists(job, reference):
-    _kill_then_rerun(job, reference, ("run-created", KILLED))
+    _kill(job, "run-created")  # before its id was recorded in the output folder
+    assert [r.info.status for r in _runs(job)[1]] == ["RUNNING"]
+    assert not (job / "run" / names.RUN_ID_FILE).exists()
+    _rerun_is_uninterrupted(job, reference)
 
 
 def test_killed_mid_step(job, reference):
-    rerun = _kill_then_rerun(job, reference, ("step:4", KILLED))  # after checkpoint 2
-    assert re.search(r"resuming from \S+ at step 2", rerun.stdout), rerun.stdout
+    _kill(job, "step:4")  # the CLI alone; its writer finishes the checkpoint of step 2
+    stdout = _rerun_is_uninterrupted(job, reference)
+    assert re.search(r"resuming from \S+ at step 2", stdout), stdout
 
 
 def test_killed_mid_checkpoint_write(job, reference):
-    # the second checkpoint (step 4): its metrics of steps 2, 3 may be in the store already
-    rerun = _kill_then_rerun(job, reference, ("checkpoint-write:2", KILLED))
-    assert re.search(r"resuming from \S+ at step 2", rerun.stdout), rerun.stdout
+    _kill(job, "checkpoint-write:2")  # step 4's: the metrics of steps 2, 3 are in the store
+    assert _left(job / "run", ".checkpoint.npz.*.tmp")  # torn
+    stdout = _rerun_is_uninterrupted(job, reference)
+    assert re.search(r"resuming from \S+ at step 2", stdout), stdout
 
 
 def test_killed_mid_artifact_logging(job, reference):
-    _kill_then_rerun(job, reference, ("artifact:theta.npz", KILLED))
+    _kill(job, "artifact:theta.npz")  # after the last checkpoint: the rerun only logs
+    assert _left(job / "store", ".artifact.uploading.*")  # MLflow's, torn
+    _rerun_is_uninterrupted(job, reference)
 
 
 def test_killed_three_times_in_a_row(job, reference):
-    _kill_then_rerun(job, reference, ("run-created", KILLED), ("step:3", KILLED),
-                     ("checkpoint-write:2", KILLED))
+    _kill(job, "run-created")
+    _kill(job, "step:3")  # from the start, adopting the run; killed after checkpoint 2
+    _kill(job, "checkpoint-write:2")  # resumed; killed writing the last checkpoint (step 6)
+    _rerun_is_uninterrupted(job, reference)
 
 
 def test_sigterm_mid_step(job, reference):
-    # held until the step ends: the state of step 3 is saved, not a checkpoint's multiple
-    rerun = _kill_then_rerun(job, reference, ("sigterm:3", TERMINATED))
-    assert re.search(r"resuming from \S+ at step 3", rerun.stdout), rerun.stdout
+    _kill(job, "sigterm:3", TERMINATED)  # held until step 3 ends: its state is saved
+    assert [r.info.status for r in _runs(job)[1]] == ["KILLED"]
+    stdout = _rerun_is_uninterrupted(job, reference)
+    assert re.search(r"resuming from \S+ at step 3", stdout), stdout
