@@ -271,8 +271,8 @@ class _Writer:
             if (run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
                     and run.info.experiment_id == self.experiment_id):
                 return run
-        folder = tags.get(names.OUTPUT_DIR_TAG, "'")
-        if "'" in folder:  # not expressible in a filter string
+        folder = tags.get(names.OUTPUT_DIR_TAG)
+        if folder is None or "'" in folder:  # a quote: not expressible in a filter string
             return None
         runs = self.client.search_runs(
             [self.experiment_id], max_results=1, filter_string=(
