@@ -108,6 +108,41 @@ def test_resume_continues_the_same_run(uri):
     assert record.history["loss"] == ((0, 3.0), (1, 2.0))
 
 
+def test_a_resumed_run_does_not_log_steps_the_store_holds_again(uri):
+    first = Tracker(experiment="unit")
+    first.start(run_name="r")
+    for step, loss, seconds in ((0, 3.0, 0.5), (1, 2.0, 0.6)):  # step 1: after the checkpoint
+        first.log_metrics({"loss": loss, "seconds": seconds}, step)
+    run_id = first.flush()  # then killed: the rerun resumes from the checkpoint of step 1
+    second = Tracker(experiment="unit")
+    second.start(run_id=run_id)
+    for step, loss, seconds in ((1, 2.0, 0.7), (2, 1.0, 0.4)):
+        second.log_metrics({"loss": loss, "seconds": seconds}, step)
+    second.end()
+    (record,) = tracking.read_runs(None, "unit")
+    assert record.history["loss"] == ((0, 3.0), (1, 2.0), (2, 1.0))
+    assert record.history["seconds"] == ((0, 0.5), (1, 0.6), (2, 0.4))  # step 1's first
+
+
+def test_a_run_killed_before_recording_its_id_is_adopted_by_the_rerun(uri, tmp_path):
+    recorded = tmp_path / names.RUN_ID_FILE
+    tags = {names.OUTPUT_DIR_TAG: str(tmp_path)}
+    first = Tracker(experiment="unit")
+    first.start(run_name="r", tags=tags)  # created, not recorded: as if killed right then
+    run_id = first.flush()
+    other = Tracker(experiment="unit")  # another folder's unfinished run: not adopted
+    other.start(run_name="o", tags={names.OUTPUT_DIR_TAG: str(tmp_path / "other")})
+    other.flush()
+    second = Tracker(experiment="unit")
+    second.start(run_name="r", tags=tags, record_to=recorded)
+    assert second.run_id == run_id and recorded.read_text() == run_id
+    second.end()
+    third = Tracker(experiment="unit")  # that run finished: a rerun starts a new one
+    third.start(run_name="r", tags=tags, record_to=recorded)
+    assert third.run_id not in (run_id, None) and recorded.read_text() == third.run_id
+    third.end()
+
+
 def test_unreachable_server_is_reported_fast():
     start = time.perf_counter()
     with pytest.raises(TrackingError, match="unreachable"):

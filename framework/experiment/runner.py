@@ -161,17 +161,12 @@ def _tracked(c: Config, out: Path, tags: dict[str, str], state: dict[str, Any] |
              params: dict[str, str] | None, work: Any, tracker: Tracker | None,
              sweep: tuple[str, str] | None) -> Any:
     """``work(tracker)`` as one tracked run: a new one (nested in the ``sweep``'s parent
-    run), the checkpoint's (``state``), or the one recorded in ``out`` by a run killed
-    before its first checkpoint."""
+    run), the checkpoint's (``state``), or the one left by a run killed in ``out`` before
+    its first checkpoint."""
     tracker = tracker or make_tracker(c.tracking)  # unreachable or read-only store: here
-    recorded = out / names.RUN_ID_FILE  # the run's id, written the moment the run exists
-    run_id, adopt = None, False
-    if state is not None:
-        run_id = state.get("run_id")
-    elif recorded.is_file():
-        run_id, adopt = recorded.read_text().strip(), True
-    tracker.start(run_name=_run_name(c), tags=tags, run_id=run_id, record_to=recorded,
-                  adopt=adopt, sweep=sweep)
+    tracker.start(run_name=_run_name(c), tags=tags,
+                  run_id=None if state is None else state.get("run_id"),
+                  record_to=out / names.RUN_ID_FILE, sweep=sweep)
     say(f"output dir {out.resolve()}")
     if tracker.enabled:
         say(f"tracking {tracker.uri} experiment {c.tracking.experiment!r}")

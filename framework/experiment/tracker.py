@@ -137,18 +137,20 @@ class Tracker:
 
     def start(self, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               run_id: str | None = None, record_to: str | Path | None = None,
-              adopt: bool = False, sweep: tuple[str, str] | None = None) -> None:
+              sweep: tuple[str, str] | None = None) -> None:
         """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING).
 
-        ``record_to``: a file that receives the new run's id the moment the run exists (a
-        rerun reads it back and passes ``adopt=True``: the run is resumed unless it has
-        FINISHED or is gone, so a run killed before its first checkpoint leaves no orphan).
-        ``sweep``: (folder, name) of a multirun sweep: a new run is nested in the sweep's
-        parent run (``mlflow.parentRunId``), which the sweep's first run creates.
+        ``record_to``: a file that receives the new run's id the moment the run exists;
+        without ``run_id``, the unfinished run that a run killed in that folder left (the
+        one it recorded, or one tagged with the folder) is resumed, so a run killed before
+        its first checkpoint leaves no orphan.  A resumed run does not log metrics again at
+        steps the store holds.  ``sweep``: (folder, name) of a multirun sweep: a new run is
+        nested in the sweep's parent run (``mlflow.parentRunId``), which the sweep's first
+        run creates.
         """
         tags = {k: str(v) for k, v in (tags or {}).items()}
         self._send("start", run_name, tags, run_id, sys.argv[0],
-                   None if record_to is None else str(record_to), adopt, sweep)
+                   None if record_to is None else str(record_to), sweep)
         self._started = True
 
     @property

@@ -19,6 +19,7 @@ with the same key, step, timestamp and value.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import json
 import logging
@@ -28,6 +29,7 @@ import pickle
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections import Counter
@@ -184,6 +186,7 @@ class _Writer:
         self.pending: Path | None = None  # the output folder's PENDING_FILE (None: no folder)
         self.waiting = 0  # writes in it: while > 0, every write is appended to it
         self.retry_at = 0.0  # time.monotonic() of the next try to send them
+        self.logged: dict[str, int] = {}  # a resumed run's last step in the store, per metric
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
@@ -191,15 +194,17 @@ class _Writer:
         self.experiment_id = prepare_experiment(uri, experiment, self.client)
 
     def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None,
-              command: str, record_to: str | None, adopt: bool,
+              command: str, record_to: str | None,
               sweep: tuple[str, str] | None = None) -> None:
-        """Create a run, or resume ``run_id``; ``adopt``: resume it only if it is still
-        there, unfinished, in this experiment (else create a run).  ``sweep``: (folder,
-        name) of the multirun sweep whose parent run a new run is nested in."""
+        """Create a run, or resume ``run_id`` (a checkpoint's).  ``record_to``: the output
+        folder's run-id file; without ``run_id``, the unfinished run a killed run in that
+        folder left is resumed (see ``_left_run``).  ``sweep``: (folder, name) of the
+        multirun sweep whose parent run a new run is nested in.  On a resumed run, metrics
+        at steps the store already holds are not logged again (``logged``)."""
         from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
-        from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+        run = None
         if record_to is not None:  # a rerun in this folder waits for these writes
             self.lock = folder_lock(Path(record_to).parent)
             self.lock.acquire()  # released by ``close`` or the end of this process
@@ -207,27 +212,26 @@ class _Writer:
             self.waiting = len(_pending_writes(self.pending))
             if self.waiting:  # a previous run's writes go first
                 self._send_pending()
-        run = None
+            if run_id is None:  # looked up under the lock: after the killed run's writes
+                run = self._left_run(Path(record_to), tags)
+        adopted = run is not None
         if run_id is not None:
-            try:
-                run = self.client.get_run(run_id)
-            except MlflowException:
-                if not adopt:
-                    raise
-        if run and run.info.experiment_id != self.experiment_id and not adopt:
-            raise TrackingError(f"run {run_id} belongs to experiment "
-                                f"{run.info.experiment_id}, not {self.experiment!r}")
-        if adopt and run and (run.info.status == "FINISHED" or run.info.lifecycle_stage
-                              != "active" or run.info.experiment_id != self.experiment_id):
-            run = None
-        if run:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
+            run = self.client.get_run(run_id)
+        resumed = run is not None
+        if run is None:
             if sweep is not None:
                 tags = {**tags, MLFLOW_PARENT_RUN_ID: self._parent_run(*sweep, command)}
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags=_standard_tags(tags, command))
-        resumed, self.active = run_id == run.info.run_id, run.info.run_id
+        elif run.info.experiment_id != self.experiment_id:
+            raise TrackingError(f"run {run_id} belongs to experiment "
+                                f"{run.info.experiment_id}, not {self.experiment!r}")
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            self.logged = {key: max(m.step for m in self.client.get_metric_history(
+                run.info.run_id, key)) for key in run.data.metrics}
+            _remove_staged_artifacts(run.info.artifact_uri)
+        self.active = run.info.run_id
         if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():  # system/* metrics, sampled here
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -236,12 +240,33 @@ class _Writer:
             self.monitor.start()
         if resumed:
             self.write("log_batch", [], [], list(tags.items()))
+        if resumed and not adopted:
             return
         if record_to is not None:  # atomically
             tmp = Path(record_to).with_name(f".{Path(record_to).name}.tmp")
             tmp.write_text(self.active)
             os.replace(tmp, record_to)
         self.write("log_text", _requirements(), "requirements.txt")
+
+    def _left_run(self, record: Path, tags: dict[str, str]) -> Any:
+        """The unfinished run of this experiment that a run killed in the output folder of
+        ``record`` left: the one it recorded, else (killed between creating its run and
+        recording it) a RUNNING one of this experiment tagged with that folder; None when
+        there is none."""
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException, FileNotFoundError):
+            run = self.client.get_run(record.read_text().strip())
+            if (run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
+                    and run.info.experiment_id == self.experiment_id):
+                return run
+        folder = tags.get(names.OUTPUT_DIR_TAG)
+        if folder is None or "'" in folder:  # a quote: not expressible in a filter string
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=1, filter_string=(
+                f"tags.`{names.OUTPUT_DIR_TAG}` = '{folder}' and attributes.status = 'RUNNING'"))
+        return runs[0] if runs else None
 
     def _parent_run(self, folder: str, name: str, command: str) -> str:
         """The id of the sweep's parent run, created by its first job: under a lock in the
@@ -321,6 +346,8 @@ class _Writer:
         """Write to the active run (see ``_apply``), or append the write to the pending file
         while the store is unavailable (one warning when an outage starts); try to send
         those every ``RETRY_SECONDS``."""
+        if op == "log_batch":  # leave out steps a resumed run has in the store (a rerun's)
+            args = ([m for m in args[0] if m[3] > self.logged.get(m[0], -1)], *args[1:])
         write = [self.active, op, list(args)]
         if not self.waiting:
             try:
@@ -400,6 +427,20 @@ class _Writer:
         if isinstance(exc, TrackingError | checkpoint.CheckpointError):
             return first
         return f"MLflow {self.uri} ({self.experiment!r}): {type(exc).__name__}: {first}"
+
+
+def _remove_staged_artifacts(artifact_uri: str) -> None:
+    """Remove the temporary files a killed writer left in a local artifact store (MLflow
+    writes an artifact to a hidden file beside it, then renames it)."""
+    from mlflow.store.artifact import local_artifact_repo
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    prefix = getattr(local_artifact_repo, "_TEMP_ARTIFACT_PREFIX", None)
+    if prefix is None or urllib.parse.urlparse(artifact_uri).scheme not in ("", "file"):
+        return
+    root = Path(local_file_uri_to_path(artifact_uri))
+    for stale in root.rglob(f"{glob.escape(prefix)}*") if root.is_dir() else ():
+        stale.unlink(missing_ok=True)
 
 
 def _unavailable(exc: BaseException) -> bool:
