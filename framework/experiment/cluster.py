@@ -24,7 +24,7 @@ import importlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import astuple, dataclass, replace
 from typing import Any
 
@@ -53,33 +53,29 @@ def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
     if c.name == ClusterName.local:
         yield None
         return
-    if c.name == ClusterName.dask_address:
-        try:
-            client = Client(c.address, timeout=CONNECT_SECONDS)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
-                              f"({type(exc).__name__}); start one (`dask scheduler`) or fix "
-                              "the address") from exc
-        cluster = None
-    else:
-        if c.name == ClusterName.dask_cuda:
+    with ExitStack() as started:
+        if c.name == ClusterName.dask_address:
+            try:
+                client = Client(c.address, timeout=CONNECT_SECONDS)
+            except (OSError, TimeoutError) as exc:
+                raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
+                                  f"({type(exc).__name__}); start one (`dask scheduler`) or "
+                                  "fix the address") from exc
+        elif c.name == ClusterName.dask_cuda:
             try:
                 cuda = importlib.import_module("dask_cuda")  # optional: GPU nodes only
             except ImportError as exc:
                 raise ConfigError("cluster.name: dask_cuda is not installed; pip install "
                                   "dask-cuda (on a node with NVIDIA GPUs)") from exc
-            cluster = cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)
+            client = Client(started.enter_context(
+                cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)))
         else:  # one thread per worker; ShardEngine limits its BLAS threads
-            cluster = LocalCluster(n_workers=c.workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-        client = Client(cluster)
-    try:
-        client.wait_for_workers(c.workers or 1)
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+            client = Client(started.enter_context(LocalCluster(
+                n_workers=c.workers, threads_per_worker=1, processes=True,
+                dashboard_address=None)))
+        with client:
+            client.wait_for_workers(c.workers or 1)
+            yield client
 
 
 class ShardEngine:
@@ -201,9 +197,15 @@ class DaskEngine:
 
     def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
         """``method(*args)`` on the actor of each shard k of ``parts`` (k → args), in
-        parallel; a shard whose worker was lost is re-created and its call repeated."""
-        calls = {k: self._send(k, method, args) for k, args in parts.items()}
-        out = {}
+        parallel; a shard whose worker was lost (before the call or during it) is
+        re-created and its call repeated."""
+        calls, out = {}, {}
+        for k, args in parts.items():
+            try:
+                calls[k] = getattr(self.actors[k], method)(*args)
+            except Exception as exc:
+                self._replace(k, exc)
+                calls[k] = getattr(self.actors[k], method)(*args)
         for k, call in calls.items():
             try:
                 out[k] = call.result()
@@ -211,13 +213,6 @@ class DaskEngine:
                 self._replace(k, exc)
                 out[k] = getattr(self.actors[k], method)(*parts[k]).result()
         return out
-
-    def _send(self, k: int, method: str, args: tuple) -> Any:
-        try:
-            return getattr(self.actors[k], method)(*args)
-        except Exception as exc:  # the actor's worker was lost before this call
-            self._replace(k, exc)
-            return getattr(self.actors[k], method)(*args)
 
     def _split(self, theta: Any, indices: Sequence[int]) -> dict[int, tuple]:
         host = self.backend.to_numpy(theta)
@@ -274,10 +269,7 @@ class DaskEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Scatter a checkpoint's per-sample state to the shards."""
-        samples = state["samples"]
-        count = sum(len(s) for s in self.shards)
-        if len(samples) != count:
-            raise ValueError(f"checkpoint holds {len(samples)} samples, the engine has {count}")
+        samples = state["samples"]  # one per sample: the config (num_samples) is the same
         self.saved = list(samples)
         self._call("load_state", {k: ([samples[i] for i in shard],)
                                   for k, shard in enumerate(self.shards)})
