@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -127,35 +127,16 @@ class ShardEngine:
 
 
 @dataclass(frozen=True)
-class WorkerFigures:
-    """One shard's part of a step: its samples, Krylov iterations and seconds."""
-
-    samples: int
-    krylov_iterations: int
-    seconds: float
-
-
-@dataclass(frozen=True)
 class ClusterStepResult(StepResult):
     """A step's result added up over the shards (``StepResult``: passes and host syncs
-    summed over the workers, phase times the slowest worker's), with each shard's figures
-    and the workers lost (samples cold-started) during the step."""
+    summed over the workers, phase times the slowest worker's) and the step's ``cluster``
+    metrics: each shard's samples, Krylov iterations and seconds, the imbalance and the
+    workers lost (samples cold-started)."""
 
-    workers: tuple[WorkerFigures, ...] = ()
-    workers_lost: int = 0
-    cold_started: int = 0
+    cluster: Mapping[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        out = super().metrics()
-        times = [w.seconds for w in self.workers]
-        for k, w in enumerate(self.workers):
-            out[f"worker_{k}_time"] = w.seconds
-            out[f"worker_{k}_samples"] = float(w.samples)
-            out[f"worker_{k}_krylov_iterations"] = float(w.krylov_iterations)
-        out[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
-        out[names.WORKERS_LOST] = float(self.workers_lost)
-        out[names.COLD_STARTED] = float(self.cold_started)
-        return out
+        return {**super().metrics(), **self.cluster}
 
 
 class DaskEngine:
@@ -231,19 +212,25 @@ class DaskEngine:
         B = len(indices)
         grad = sum(res.grad * len(res.indices) for res, _ in (done[k] for k in sorted(done)))
         results = [res for res, _ in done.values()]
-        figures = tuple(
-            WorkerFigures(0, 0, 0.0) if k not in done else WorkerFigures(
-                len(done[k][0].indices), sum(r.krylov_iterations for r in done[k][0].samples),
-                done[k][1])
-            for k in range(len(self.shards)))
+        cluster, times = {}, []
+        for k in range(len(self.shards)):  # a shard without samples in the batch: zeros
+            res, seconds = done.get(k, (None, 0.0))
+            records = () if res is None else res.samples
+            cluster[f"worker_{k}_time"] = seconds
+            cluster[f"worker_{k}_samples"] = float(len(records))
+            cluster[f"worker_{k}_krylov_iterations"] = float(
+                sum(r.krylov_iterations for r in records))
+            times.append(seconds)
+        cluster[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
+        cluster[names.WORKERS_LOST] = float(self.lost)
+        cluster[names.COLD_STARTED] = float(self.cold)
         return ClusterStepResult(
             float(sum(r.upper_loss for r in samples)) / B,
             self.backend.asarray(np.reshape(grad / B, self.theta_shape)), tuple(indices),
             samples, counts=_total(r.counts for r in results),
             lower_counts=_total(r.lower_counts for r in results),
             times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
-            host_syncs=sum(r.host_syncs for r in results), workers=figures,
-            workers_lost=self.lost, cold_started=self.cold)
+            host_syncs=sum(r.host_syncs for r in results), cluster=cluster)
 
     def loss(self, theta: Any, indices: Sequence[int]) -> float:
         """The mean upper loss of ``indices`` at θ (states unchanged)."""

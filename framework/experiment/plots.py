@@ -40,12 +40,10 @@ def _label_axes(ax: Any, xlabel: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _series(history: History, key: str) -> np.ndarray | None:
+    """The (steps, values) rows of metric ``key``, or None when it has no points."""
     points = history.get(key)
-    if not points:
-        return None
-    steps, values = zip(*points, strict=True)
-    return np.asarray(steps), np.asarray(values, dtype=float)
+    return np.asarray(points, dtype=float).T if points else None
 
 
 def iterations_per_system(rows: Sequence[Sequence[float]]) -> Any:

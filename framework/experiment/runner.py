@@ -65,7 +65,7 @@ def _wait_for_previous_writer(out: Path) -> None:
 def _run_name(c: Config) -> str:
     if c.tracking.run_name:
         return c.tracking.run_name
-    dim = f"-k{resolve.recycle_dim(c.recycle)}" if c.recycle.enabled else ""
+    dim = f"-k{c.recycle.dim}" if c.recycle.enabled else ""
     if c.task == Task.resolve:
         return f"resolve-{resolve.method_label(c.recycle, c.stop)}{dim}"
     prefix = "" if c.task == Task.train else f"{c.task}-"
