@@ -85,15 +85,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
-    """Console entry point (arguments are Hydra overrides from ``sys.argv``).
-
-    A bad value (an unknown option name, a wrong type) fails at composition against the
-    schema; it is reported in one line naming the key, exit code 2, like the values
-    ``validate`` rejects.  Other composition errors (an unknown key or group option) exit
-    with code 1.  (``HYDRA_FULL_ERROR`` lets those errors reach this function instead of
-    Hydra's multi-line report.)  An output folder that cannot be created is one line, exit
-    code 2.  Ctrl-C exits with code 130 and SIGTERM with 143, after the run has saved its
-    state and ended KILLED."""
+    """Console entry point (arguments are Hydra overrides from ``sys.argv``); every error
+    is one line with the exit code of the README (``HYDRA_FULL_ERROR`` lets composition
+    errors reach this function instead of Hydra's multi-line report)."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import astuple, dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,33 +53,29 @@ def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
     if c.name == ClusterName.local:
         yield None
         return
-    if c.name == ClusterName.dask_address:
-        try:
-            client = Client(c.address, timeout=CONNECT_SECONDS)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
-                              f"({type(exc).__name__}); start one (`dask scheduler`) or fix "
-                              "the address") from exc
-        cluster = None
-    else:
-        if c.name == ClusterName.dask_cuda:
+    with ExitStack() as started:
+        if c.name == ClusterName.dask_address:
+            try:
+                client = Client(c.address, timeout=CONNECT_SECONDS)
+            except (OSError, TimeoutError) as exc:
+                raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
+                                  f"({type(exc).__name__}); start one (`dask scheduler`) or "
+                                  "fix the address") from exc
+        elif c.name == ClusterName.dask_cuda:
             try:
                 cuda = importlib.import_module("dask_cuda")  # optional: GPU nodes only
             except ImportError as exc:
                 raise ConfigError("cluster.name: dask_cuda is not installed; pip install "
                                   "dask-cuda (on a node with NVIDIA GPUs)") from exc
-            cluster = cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)
+            client = Client(started.enter_context(
+                cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)))
         else:  # one thread per worker; ShardEngine limits its BLAS threads
-            cluster = LocalCluster(n_workers=c.workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-        client = Client(cluster)
-    try:
-        client.wait_for_workers(c.workers or 1)
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+            client = Client(started.enter_context(LocalCluster(
+                n_workers=c.workers, threads_per_worker=1, processes=True,
+                dashboard_address=None)))
+        with client:
+            client.wait_for_workers(c.workers or 1)
+            yield client
 
 
 class ShardEngine:
@@ -131,35 +127,16 @@ class ShardEngine:
 
 
 @dataclass(frozen=True)
-class WorkerFigures:
-    """One shard's part of a step: its samples, Krylov iterations and seconds."""
-
-    samples: int
-    krylov_iterations: int
-    seconds: float
-
-
-@dataclass(frozen=True)
 class ClusterStepResult(StepResult):
     """A step's result added up over the shards (``StepResult``: passes and host syncs
-    summed over the workers, phase times the slowest worker's), with each shard's figures
-    and the workers lost (samples cold-started) during the step."""
+    summed over the workers, phase times the slowest worker's) and the step's ``cluster``
+    metrics: each shard's samples, Krylov iterations and seconds, the imbalance and the
+    workers lost (samples cold-started)."""
 
-    workers: tuple[WorkerFigures, ...] = ()
-    workers_lost: int = 0
-    cold_started: int = 0
+    cluster: Mapping[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        out = super().metrics()
-        times = [w.seconds for w in self.workers]
-        for k, w in enumerate(self.workers):
-            out[f"worker_{k}_time"] = w.seconds
-            out[f"worker_{k}_samples"] = float(w.samples)
-            out[f"worker_{k}_krylov_iterations"] = float(w.krylov_iterations)
-        out[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
-        out[names.WORKERS_LOST] = float(self.workers_lost)
-        out[names.COLD_STARTED] = float(self.cold_started)
-        return out
+        return {**super().metrics(), **self.cluster}
 
 
 class DaskEngine:
@@ -201,9 +178,15 @@ class DaskEngine:
 
     def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
         """``method(*args)`` on the actor of each shard k of ``parts`` (k → args), in
-        parallel; a shard whose worker was lost is re-created and its call repeated."""
-        calls = {k: self._send(k, method, args) for k, args in parts.items()}
-        out = {}
+        parallel; a shard whose worker was lost (before the call or during it) is
+        re-created and its call repeated."""
+        calls, out = {}, {}
+        for k, args in parts.items():
+            try:
+                calls[k] = getattr(self.actors[k], method)(*args)
+            except Exception as exc:
+                self._replace(k, exc)
+                calls[k] = getattr(self.actors[k], method)(*args)
         for k, call in calls.items():
             try:
                 out[k] = call.result()
@@ -211,13 +194,6 @@ class DaskEngine:
                 self._replace(k, exc)
                 out[k] = getattr(self.actors[k], method)(*parts[k]).result()
         return out
-
-    def _send(self, k: int, method: str, args: tuple) -> Any:
-        try:
-            return getattr(self.actors[k], method)(*args)
-        except Exception as exc:  # the actor's worker was lost before this call
-            self._replace(k, exc)
-            return getattr(self.actors[k], method)(*args)
 
     def _split(self, theta: Any, indices: Sequence[int]) -> dict[int, tuple]:
         host = self.backend.to_numpy(theta)
@@ -236,19 +212,25 @@ class DaskEngine:
         B = len(indices)
         grad = sum(res.grad * len(res.indices) for res, _ in (done[k] for k in sorted(done)))
         results = [res for res, _ in done.values()]
-        figures = tuple(
-            WorkerFigures(0, 0, 0.0) if k not in done else WorkerFigures(
-                len(done[k][0].indices), sum(r.krylov_iterations for r in done[k][0].samples),
-                done[k][1])
-            for k in range(len(self.shards)))
+        cluster, times = {}, []
+        for k in range(len(self.shards)):  # a shard without samples in the batch: zeros
+            res, seconds = done.get(k, (None, 0.0))
+            records = () if res is None else res.samples
+            cluster[f"worker_{k}_time"] = seconds
+            cluster[f"worker_{k}_samples"] = float(len(records))
+            cluster[f"worker_{k}_krylov_iterations"] = float(
+                sum(r.krylov_iterations for r in records))
+            times.append(seconds)
+        cluster[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
+        cluster[names.WORKERS_LOST] = float(self.lost)
+        cluster[names.COLD_STARTED] = float(self.cold)
         return ClusterStepResult(
             float(sum(r.upper_loss for r in samples)) / B,
             self.backend.asarray(np.reshape(grad / B, self.theta_shape)), tuple(indices),
             samples, counts=_total(r.counts for r in results),
             lower_counts=_total(r.lower_counts for r in results),
             times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
-            host_syncs=sum(r.host_syncs for r in results), workers=figures,
-            workers_lost=self.lost, cold_started=self.cold)
+            host_syncs=sum(r.host_syncs for r in results), cluster=cluster)
 
     def loss(self, theta: Any, indices: Sequence[int]) -> float:
         """The mean upper loss of ``indices`` at θ (states unchanged)."""
@@ -274,10 +256,7 @@ class DaskEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Scatter a checkpoint's per-sample state to the shards."""
-        samples = state["samples"]
-        count = sum(len(s) for s in self.shards)
-        if len(samples) != count:
-            raise ValueError(f"checkpoint holds {len(samples)} samples, the engine has {count}")
+        samples = state["samples"]  # one per sample: the config (num_samples) is the same
         self.saved = list(samples)
         self._call("load_state", {k: ([samples[i] for i in shard],)
                                   for k, shard in enumerate(self.shards)})

@@ -12,12 +12,11 @@ import math
 from collections.abc import Sequence
 
 LOG = logging.getLogger("hyperkrylov")
+say = LOG.info  # a message for the user
 
 
 class _JobLabel(logging.Filter):
-    def __init__(self, num: int) -> None:
-        super().__init__()
-        self.prefix = f"[job {num}] "
+    prefix = ""  # "[job N] " in a multirun's job
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith(self.prefix):
@@ -25,17 +24,13 @@ class _JobLabel(logging.Filter):
         return True
 
 
-def say(message: str) -> None:
-    """Log ``message`` at INFO on the ``hyperkrylov`` logger."""
-    LOG.info(message)
+_JOB_LABEL = _JobLabel()
+LOG.addFilter(_JOB_LABEL)
 
 
 def label_job(num: int | None) -> None:
     """Start this process's messages with ``[job num]`` (a multirun's job), or not (None)."""
-    for old in [f for f in LOG.filters if isinstance(f, _JobLabel)]:
-        LOG.removeFilter(old)
-    if num is not None:
-        LOG.addFilter(_JobLabel(num))
+    _JOB_LABEL.prefix = "" if num is None else f"[job {num}] "
 
 
 def fmt(value: float, spec: str) -> str:

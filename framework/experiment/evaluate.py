@@ -24,18 +24,12 @@ import numpy as np
 from backends import get_backend
 from framework.bilevel.engine import BilevelEngine, EngineConfig
 from framework.experiment.config import Config, ConfigError, ProblemConfig
-from framework.experiment.console import fmt, markdown_table
+from framework.experiment.console import fmt, markdown_table, say
 from framework.experiment.engine_setup import engine_config
 from problems.base import psnr
 from problems.factory import build_problems
 
 PSNR_FIELDS = ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")
-
-
-@dataclass(frozen=True)
-class PreparedEvaluation:
-    theta: np.ndarray
-    held_out: ProblemConfig  # the held-out images
 
 
 @dataclass(frozen=True)
@@ -49,7 +43,6 @@ class EvaluationRow:
 
 @dataclass(frozen=True)
 class EvaluationSummary:
-    output_dir: Path
     run_id: str | None
     rows: tuple[EvaluationRow, ...]
     tv_log10_weight: float
@@ -62,8 +55,9 @@ class EvaluationSummary:
         return -self.mean("psnr_learned")
 
 
-def prepare_evaluation(c: Config) -> PreparedEvaluation:
-    """Check θ and the held-out range (``ConfigError`` naming the key) before any run."""
+def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
+    """θ and the held-out images' config, checked (``ConfigError`` naming the key) before
+    any run."""
     p = c.problem
     if p.name == "quadratic":
         raise ConfigError("problem.name: task=evaluate needs an imaging problem, not quadratic")
@@ -84,7 +78,7 @@ def prepare_evaluation(c: Config) -> PreparedEvaluation:
             f"{start}..{start + c.evaluate.num_samples - 1} do not exist (lower "
             "problem.num_samples or evaluate.num_samples)"
         )
-    return PreparedEvaluation(theta, held_out)
+    return theta, held_out
 
 
 def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
@@ -116,8 +110,6 @@ def best_tv_weight(
     """Grid search over θ = log10(TV weight): the PSNR against ``x_true`` of x*(θ) of each
     of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``,
     solved with the lower-level settings of ``config``."""
-    if len(grid) == 0:
-        raise ValueError("grid must contain at least one log10 weight")
     engine = BilevelEngine(problems, config)
     xp, dtype, device = problems[0].xp, problems[0].dtype, problems[0].device
     psnrs = [reconstruction_psnrs(engine, xp.asarray([float(g)], dtype=dtype, device=device))
@@ -125,10 +117,10 @@ def best_tv_weight(
     return TVWeightSearch(tuple(float(g) for g in grid), np.stack(psnrs))
 
 
-def run_evaluation(
-    c: Config, prepared: PreparedEvaluation, out: Path, tracker: Any, say: Any
-) -> EvaluationSummary:
+def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: Path,
+                   tracker: Any) -> EvaluationSummary:
     """Reconstruct the held-out images three ways and log their PSNRs."""
+    theta, held_out = prepared
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     config, grid = engine_config(c), [float(v) for v in c.evaluate.tv_grid]
 
@@ -139,13 +131,12 @@ def run_evaluation(
     train_tv = images(c.problem, regularizer="tv", num_samples=count)
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
-    learned = images(prepared.held_out)
-    learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config),
-                                         backend.asarray(prepared.theta))
-    tv = best_tv_weight(images(prepared.held_out, regularizer="tv"), grid, config).psnrs
+    learned = images(held_out)
+    learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config), backend.asarray(theta))
+    tv = best_tv_weight(images(held_out, regularizer="tv"), grid, config).psnrs
     rows = [
         EvaluationRow(
-            image=prepared.held_out.start + j,
+            image=held_out.start + j,
             psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
             psnr_learned=float(learned_psnrs[j]),
             psnr_tv=float(tv[grid.index(tv_weight), j]),
@@ -155,19 +146,15 @@ def run_evaluation(
     ]
     for j, row in enumerate(rows):
         tracker.log_metrics({k: getattr(row, k) for k in PSNR_FIELDS}, j)
-    summary = EvaluationSummary(out.resolve(), tracker.run_id, tuple(rows), tv_weight)
-    means = {f"mean_{k}": summary.mean(k) for k in PSNR_FIELDS}
-    tracker.log_metrics({**means, "tv_log10_weight": tv_weight}, len(rows))
-    table = format_evaluation(summary)
+    summary = EvaluationSummary(tracker.run_id, tuple(rows), tv_weight)
+    means = {k: summary.mean(k) for k in PSNR_FIELDS}
+    tracker.log_metrics({**{f"mean_{k}": v for k, v in means.items()},
+                         "tv_log10_weight": tv_weight}, len(rows))
+    # a Markdown table of the PSNRs (dB): one row per held-out image, then the mean
+    body = [(str(r.image), *(fmt(getattr(r, k), ".2f") for k in PSNR_FIELDS)) for r in rows]
+    body.append(("mean", *(fmt(v, ".2f") for v in means.values())))
+    table = markdown_table(("image", "measurement", "learned", "Huber-TV", "TV oracle"), body)
     (out / "psnr.txt").write_text(table + "\n")
     tracker.log_artifact(out / "psnr.txt")
     print(table, flush=True)
     return summary
-
-
-def format_evaluation(summary: EvaluationSummary) -> str:
-    """A Markdown table: one row per held-out image plus the mean (PSNR in dB)."""
-    body = [(str(r.image), *(fmt(getattr(r, k), ".2f") for k in PSNR_FIELDS))
-            for r in summary.rows]
-    body.append(("mean", *(fmt(summary.mean(k), ".2f") for k in PSNR_FIELDS)))
-    return markdown_table(("image", "measurement", "learned", "Huber-TV", "TV oracle"), body)

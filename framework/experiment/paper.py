@@ -29,8 +29,6 @@ HISTORY_KEYS = tuple(key for _, key, _ in PANELS)
 # The re-solve totals ``names.total(key)`` that are ``PaperRow`` fields of the same name.
 TOTALS = (names.ITERATIONS, names.HVP, names.JAC_T, names.APPLICATIONS, names.PASSES,
           names.SOLVE_TIME)
-STRATEGIES_FIGURE = "paper_strategies.png"
-DIMENSIONS_FIGURE = "paper_dimensions.png"
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
     # the upper-level cost is the recording's, the same for every run: drawn once
     figure = plots.panels(series, PANELS, "system t (outer step)", columns=6,
                           once=(names.UPPER_LOSS,))
-    paths = [plots.save(figure, Path(folder) / STRATEGIES_FIGURE)]
+    paths = [plots.save(figure, Path(folder) / "paper_strategies.png")]
     total = names.total(names.ITERATIONS)
     none_total = next((r.metric(total) for r in reversed(runs) if _is_none(r)), math.nan)
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -147,5 +145,5 @@ def paper_figures(records: Sequence[RunRecord], folder: str | Path) -> list[Path
     curves = {k: v for k, v in curves.items() if len(v) >= 2}
     if curves:
         paths.append(plots.save(plots.dimension_sweep(curves, none_total),
-                                Path(folder) / DIMENSIONS_FIGURE))
+                                Path(folder) / "paper_dimensions.png"))
     return paths

@@ -40,12 +40,10 @@ def _label_axes(ax: Any, xlabel: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _series(history: History, key: str) -> np.ndarray | None:
+    """The (steps, values) rows of metric ``key``, or None when it has no points."""
     points = history.get(key)
-    if not points:
-        return None
-    steps, values = zip(*points, strict=True)
-    return np.asarray(steps), np.asarray(values, dtype=float)
+    return np.asarray(points, dtype=float).T if points else None
 
 
 def iterations_per_system(rows: Sequence[Sequence[float]]) -> Any:
@@ -157,16 +155,13 @@ def panels(
     return fig
 
 
-def dimension_sweep(
-    curves: Mapping[str, Sequence[tuple[int, float]]], baseline: float | None = None
-) -> Any:
+def dimension_sweep(curves: Mapping[str, Sequence[tuple[int, float]]], baseline: float) -> Any:
     """Total Krylov iterations against the recycle dimension k, one line per strategy, and
-    the no-recycling total as a horizontal line."""
+    the no-recycling total (NaN: none) as a horizontal line."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label, points in curves.items():
-        pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    if baseline is not None and math.isfinite(baseline):
+        ax.plot(*zip(*sorted(points), strict=True), "o-", label=label)
+    if math.isfinite(baseline):
         ax.axhline(baseline, color="k", ls="--", lw=1, label="none (no recycling)")
     _label_axes(ax, "recycle dimension k", "total Krylov iterations")
     fig.tight_layout()

@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-import time
 import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
 from framework.experiment import checkpoint, names
 from framework.experiment.config import Config, ConfigError, ProblemConfig, Task, flatten
+from framework.experiment.console import say
 from framework.experiment.engine_setup import engine_config
 from framework.krylov.recycle import RecycleConfig
 from framework.krylov.selection import DEFAULT_WHICH, Strategy, Which
@@ -68,13 +67,12 @@ def load_sequence(path: str | Path) -> RecordedSequence:
             f"sequence.path: {str(path)!r} is not a readable recording ({type(exc).__name__}: "
             f"{exc}); write one with task=record"
         ) from exc
-    if "problem" not in config or recording.xs.ndim != 3:
+    shape = (recording.steps, len(recording.sample_indices))
+    if "problem" not in config or recording.xs.ndim != 3 or recording.xs.shape[:2] != shape:
         raise ConfigError(
             f"sequence.path: {str(path)!r} lacks the problem config or has malformed arrays; "
             "write it with task=record"
         )
-    if recording.xs.shape[:2] != (recording.steps, len(recording.sample_indices)):
-        raise ConfigError(f"sequence.path: {str(path)!r} has inconsistent array shapes")
     return recording
 
 
@@ -122,20 +120,15 @@ def reference_hypergradients(
 
 @dataclass(frozen=True)
 class ResolveSummary:
-    """What a re-solve produced: per-system counts and totals."""
+    """What a re-solve produced: per-system counts and totals, the last system's upper
+    loss."""
 
-    output_dir: Path
     run_id: str | None
     label: str
     sample: int
     result: SequenceResult
-    upper_losses: tuple[float, ...]
+    final_loss: float
     references_cached: bool
-    wall_time: float
-
-    @property
-    def final_loss(self) -> float:
-        return self.upper_losses[-1] if self.upper_losses else math.nan
 
 
 def resolve_params(c: Config, recording: RecordedSequence) -> dict[str, str]:
@@ -173,15 +166,13 @@ def resolve_tags(c: Config) -> dict[str, str]:
         names.STRATEGY_TAG: c.recycle.strategy,
         names.DIM_TAG: str(recycle_dim(c.recycle)),
         names.STOP_TAG: c.stop.kind,
-        names.WHICH_TAG: which,
+        "hyperkrylov.which": which,
         names.LABEL_TAG: method_label(c.recycle, c.stop),
         names.SEQUENCE_TAG: str(sequence),
     }
 
 
-def run_resolve(
-    c: Config, recording: RecordedSequence, out: Path, tracker: Any, say: Any, started: float
-) -> ResolveSummary:
+def run_resolve(c: Config, recording: RecordedSequence, tracker: Any) -> ResolveSummary:
     """Re-solve the recorded sequence of one sample with ``c``'s solver settings."""
     tracker.log_input(Path(c.sequence.path or "").expanduser().resolve(), "recording", "resolve")
     dtype = recording.config().get("dtype", c.backend.dtype)
@@ -226,13 +217,4 @@ def run_resolve(
         f"{int(sums[names.APPLICATIONS])} operator applications, {int(sums[names.PASSES])} "
         f"passes over {len(result.records)} systems; hypergradient error mean "
         f"{totals[names.MEAN_HG_ERROR]:.3g} max {totals[names.MAX_HG_ERROR]:.3g}")
-    return ResolveSummary(
-        output_dir=out.resolve(),
-        run_id=tracker.run_id,
-        label=label,
-        sample=sample,
-        result=result,
-        upper_losses=losses,
-        references_cached=cached,
-        wall_time=time.perf_counter() - started,
-    )
+    return ResolveSummary(tracker.run_id, label, sample, result, losses[-1], cached)

@@ -6,7 +6,6 @@ and was written under the same config (same MLflow run, steps continue).
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,26 +33,19 @@ from framework.experiment.engine_setup import make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
 from framework.experiment.tracker import Tracker, make_tracker
 from framework.experiment.tracking import folder_lock, resolve_uri, sqlite_path
-from framework.experiment.train import (
-    EngineFactory,
-    check_resumable,
-    check_training_state,
-    train,
-)
+from framework.experiment.train import EngineFactory, check_resumable, train
 
 
-def _hydra_context() -> tuple[Path | None, dict[str, str], str | None]:
-    """The Hydra output dir, sweep tags and sweep folder when running under Hydra."""
+def _hydra_context() -> tuple[Path | None, dict[str, str]]:
+    """The Hydra output dir when running under Hydra, and a multirun job's sweep tags."""
     if not HydraConfig.initialized():
-        return None, {}, None
+        return None, {}
     hc = HydraConfig.get()
-    label_job(hc.job.num if hc.mode == RunMode.MULTIRUN else None)
-    if hc.mode != RunMode.MULTIRUN:
-        return Path(hc.runtime.output_dir), {}, None
-    return Path(hc.runtime.output_dir), {names.SWEEP_TAG: str(hc.sweep.dir),
-                                         names.JOB_NUM_TAG: str(hc.job.num),
-                                         names.OVERRIDES_TAG: " ".join(hc.overrides.task)}, \
-        str(hc.sweep.dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    label_job(hc.job.num if multirun else None)
+    tags = {names.SWEEP_TAG: str(hc.sweep.dir), "hyperkrylov.job_num": str(hc.job.num),
+            "hyperkrylov.overrides": " ".join(hc.overrides.task)} if multirun else {}
+    return Path(hc.runtime.output_dir), tags
 
 
 def _wait_for_previous_writer(out: Path) -> None:
@@ -73,7 +65,7 @@ def _wait_for_previous_writer(out: Path) -> None:
 def _run_name(c: Config) -> str:
     if c.tracking.run_name:
         return c.tracking.run_name
-    dim = f"-k{resolve.recycle_dim(c.recycle)}" if c.recycle.enabled else ""
+    dim = f"-k{c.recycle.dim}" if c.recycle.enabled else ""
     if c.task == Task.resolve:
         return f"resolve-{resolve.method_label(c.recycle, c.stop)}{dim}"
     prefix = "" if c.task == Task.train else f"{c.task}-"
@@ -91,7 +83,6 @@ def run(
     checkpoint of another config) fail before the tracking run is created.  The run holds
     the BLAS/OpenMP thread limit of ``backend.num_threads`` (``backends.threads``) and logs
     the count threadpoolctl reports as the param ``backend.blas_threads``."""
-    started = time.perf_counter()
     c = validate(cfg)
     try:  # the backend and device exist, before any run is created
         get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
@@ -100,7 +91,8 @@ def run(
     quadratic = c.problem.name == ProblemName.quadratic and c.task != Task.resolve
     dense = c.problem.n**2 if quadratic else 0
     limit = choose_num_threads(c.backend.name, c.backend.num_threads, dense_entries=dense)
-    hydra_dir, tags, sweep_dir = _hydra_context()
+    hydra_dir, tags = _hydra_context()
+    sweep_dir = tags.get(names.SWEEP_TAG)
     with limited_threads(limit) as blas_threads:
         if limit is not None:
             say(f"threads: {blas_threads} BLAS thread(s) (backend.num_threads="
@@ -115,10 +107,10 @@ def run(
             recording = resolve.load_sequence(c.sequence.path or "")
             tags.update(resolve.resolve_tags(c))
             params = resolve.resolve_params(c, recording)
-            work = partial(resolve.run_resolve, c, recording, out, say=say, started=started)
+            work = partial(resolve.run_resolve, c, recording)
         elif c.task == Task.evaluate:
             params = flatten(c)
-            work = partial(run_evaluation, c, prepare_evaluation(c), out, say=say)
+            work = partial(run_evaluation, c, prepare_evaluation(c), out)
         else:
             ckpt_path = out / c.checkpoint.filename
             _wait_for_previous_writer(out)
@@ -126,9 +118,8 @@ def run(
                 tracker = _fetch_checkpoint(c, out)
             state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
             if state is not None:
-                check_training_state(state, ckpt_path)
                 check_resumable(state, c, ckpt_path)
-            work = partial(train, c, out, ckpt_path, state, started=started,
+            work = partial(train, c, out, ckpt_path, state,
                            engine_factory=engine_factory or make_engine, run_params=run_params)
         out.mkdir(parents=True, exist_ok=True)
         params = None if params is None else {**params, **run_params}

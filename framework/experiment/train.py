@@ -44,7 +44,6 @@ from framework.experiment.config import (
 from framework.experiment.console import say
 from framework.experiment.resolve import problem_config_json
 from framework.experiment.stop_signals import StepBoundary
-from framework.experiment.tracking import resolve_uri
 from framework.optim import make_optimizer
 from problems.base import psnr
 from problems.factory import ProblemSet, build_problems
@@ -60,28 +59,20 @@ EngineFactory = Callable[[ProblemSet, Config, Any], Any]
 class RunSummary:
     """What a finished run produced and where to find it."""
 
-    output_dir: Path
     checkpoint_path: Path
     theta_path: Path
     tracking_uri: str | None
-    experiment: str | None
     run_id: str | None
     steps: int
     resumed_from_step: int | None
-    initial_loss: float
     final_loss: float
     cumulative: Mapping[str, float]
-    wall_time: float
     theta: np.ndarray
     sequence_path: Path | None = None
 
 
 class DivergedError(RuntimeError):
     """θ or the upper loss became non-finite during training."""
-
-
-def _finite(xp: Any, a: Any) -> bool:
-    return bool(xp.all(xp.isfinite(a)))  # one host transfer
 
 
 def _batch_generator(seed: int) -> tuple[np.random.Generator, int]:
@@ -98,6 +89,8 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
 
 # Keys that may change between a run and its resumption (length, bookkeeping, display).
 _RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress", "resume_from")
+_STATE_KEYS = ("step", "theta", "optimizer", "engine", "rng", "history", "per_sample",
+               "cumulative", "config")
 
 
 def resume_identity(c: Config) -> dict[str, str]:
@@ -105,13 +98,10 @@ def resume_identity(c: Config) -> dict[str, str]:
     return {k: v for k, v in flatten(c).items() if not k.startswith(_RESUMABLE_CHANGES)}
 
 
-_STATE_KEYS = ("step", "theta", "optimizer", "engine", "rng", "history", "per_sample",
-               "cumulative", "config")
-
-
-def check_training_state(state: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint that cannot resume a run exactly: keys missing, θ not finite,
-    or a random state the mini-batch generator does not accept."""
+def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
+    """Refuse a checkpoint that cannot resume the run ``c`` exactly: keys missing, θ not
+    finite, a random state the mini-batch generator does not accept (``CheckpointError``),
+    or written under another config (``ConfigError``)."""
     fix = f"delete {path} to start afresh (or choose another hydra.run.dir)"
     missing = [key for key in _STATE_KEYS if key not in state]
     if missing:
@@ -125,11 +115,7 @@ def check_training_state(state: dict[str, Any], path: Path) -> None:
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: the mini-batch generator's state is invalid ({exc}); "
                               f"{fix}") from exc
-
-
-def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
-    """Refuse to resume a checkpoint written under a different config."""
-    old, new = state.get("config", {}), resume_identity(c)
+    old, new = state["config"], resume_identity(c)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in changed[:5])
@@ -146,7 +132,6 @@ def train(
     state: dict[str, Any] | None,
     tracker: Any,
     engine_factory: EngineFactory,
-    started: float,
     run_params: dict[str, str],
 ) -> RunSummary:
     """The outer loop of ``task=train``/``record`` (see the module docstring)."""
@@ -182,9 +167,8 @@ def train(
             recorder.load_state_dict(state["recording"])
     start = int(state["step"])
     theta = backend.asarray(np.asarray(state["theta"]))
-    history: list[dict[str, float]] = list(state["history"])
-    per_sample: list[list[float]] = [list(r) for r in state["per_sample"]]
-    sums = {k: float(v) for k, v in state["cumulative"].items()}
+    # the checkpoint's lists and sums (JSON: exact), extended in place
+    history, per_sample, sums = state["history"], state["per_sample"], state["cumulative"]
     identity = resume_identity(c)
     # with checkpoints, a step's metrics go to the store with the next checkpoint, so a run
     # killed between checkpoints and resumed logs every step once
@@ -244,13 +228,14 @@ def train(
                 loss_fn = partial(engine.loss, indices=indices) if gd else None
                 update = optimizer.step(theta, result.grad, loss=float(result.loss),
                                         loss_fn=loss_fn)
-                if not (math.isfinite(result.loss) and _finite(backend.xp, update.theta)):
+                finite = bool(backend.xp.all(backend.xp.isfinite(update.theta)))  # one transfer
+                if not (math.isfinite(result.loss) and finite):
                     _diverged(step, f"θ became non-finite (upper loss {result.loss:.6g})")
                 theta = update.theta
                 metrics = {k: float(v) for k, v in result.metrics().items()}
                 metrics[names.STEP_TIME] = time.perf_counter() - t0
-                metrics[names.OUTER_STEP_SIZE] = update.step_size
-                metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
+                metrics["outer_step_size"] = update.step_size
+                metrics["outer_backtracks"] = float(update.backtracks)
                 metrics[names.BATCH_SIZE] = float(len(indices))
                 for key in names.TRAIN_COUNTS:
                     if key in metrics:
@@ -265,19 +250,16 @@ def train(
                      math.nan if s.shadow is None else float(s.shadow.iterations)]
                     for i, s in zip(indices, result.samples, strict=True)
                 )
+                loss = metrics[names.UPPER_LOSS]
+                krylov = int(metrics.get(names.KRYLOV_ITERATIONS, 0))
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics[names.UPPER_LOSS]:.4g}",
-                    krylov=int(metrics.get(names.KRYLOV_ITERATIONS, 0)),
-                )
+                bar.set_postfix(loss=f"{loss:.4g}", krylov=krylov)
                 now = time.perf_counter()
                 if c.progress and not show and (step in (start, c.outer.steps - 1)
-                                 or now - last_line >= PROGRESS_SECONDS):
+                                                or now - last_line >= PROGRESS_SECONDS):
                     last_line = now  # no terminal (a log file, a scheduler): a line now and then
-                    say(f"step {step + 1}/{c.outer.steps}: upper loss "
-                        f"{metrics[names.UPPER_LOSS]:.6g}, Krylov iterations "
-                        f"{int(metrics.get(names.KRYLOV_ITERATIONS, 0))}, "
-                        f"{metrics[names.STEP_TIME]:.3g} s/step")
+                    say(f"step {step + 1}/{c.outer.steps}: upper loss {loss:.6g}, Krylov "
+                        f"iterations {krylov}, {metrics[names.STEP_TIME]:.3g} s/step")
                 if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
                     snapshot(step + 1, finished=False)
                 done = step + 1
@@ -315,18 +297,14 @@ def train(
         say(f"finished {len(history)} steps; upper loss {losses[0]:.6g} → {losses[-1]:.6g}")
     say(f"results in {out.resolve()} (θ: {theta_path.name})")
     return RunSummary(
-        output_dir=out.resolve(),
         checkpoint_path=ckpt_path.resolve(),
         theta_path=theta_path.resolve(),
-        tracking_uri=resolve_uri(c.tracking.uri) if tracker.enabled else None,
-        experiment=c.tracking.experiment if tracker.enabled else None,
+        tracking_uri=tracker.uri,
         run_id=tracker.run_id,
         steps=len(history),
         resumed_from_step=resumed_from,
-        initial_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
-        cumulative=dict(sums),
-        wall_time=time.perf_counter() - started,
+        cumulative=sums,
         theta=theta_np,
         sequence_path=sequence_path,
     )
