@@ -238,39 +238,6 @@ def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_bit_identically(tmp_path, uri):
-    steps = 60
-    args = [*BASE, "recycle.dim=3", f"outer.steps={steps}", "checkpoint.every=1"]
-    out = tmp_path / "run"
-    ckpt = out / "checkpoint.npz"
-    proc = _start_until([*args, f"hydra.run.dir={out}"], tmp_path, uri, ckpt,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = checkpoint.load(ckpt)["step"]
-    assert 0 < killed_at < steps
-
-    resumed = _hyperkrylov([*args, f"hydra.run.dir={out}"], tmp_path, uri)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    reference = _hyperkrylov(
-        [*args, f"hydra.run.dir={tmp_path / 'ref'}", "tracking.experiment=reference"],
-        tmp_path, uri,
-    )
-    assert reference.returncode == 0, reference.stderr
-    theta = np.load(out / "theta.npz")["theta"]
-    theta_ref = np.load(tmp_path / "ref" / "theta.npz")["theta"]
-    assert theta.tobytes() == theta_ref.tobytes()
-    (record,) = _runs(uri)
-    assert record.status == "FINISHED"
-    _assert_continuous(record, steps)
-    (ref_record,) = _runs(uri, "reference")
-    for key in ("upper_loss", "cumulative_krylov_iterations"):
-        assert dict(record.history[key]) == dict(ref_record.history[key])
-
-
-@pytest.mark.slow
 def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
     steps = 200
     args = [*SLOW, f"outer.steps={steps}", "checkpoint.every=1",
