@@ -13,10 +13,13 @@ TASK_TAG = "hyperkrylov.task"
 STRATEGY_TAG = "hyperkrylov.strategy"
 DIM_TAG = "hyperkrylov.dim"
 STOP_TAG = "hyperkrylov.stop"
+WHICH_TAG = "hyperkrylov.which"
 LABEL_TAG = "hyperkrylov.label"
 SEQUENCE_TAG = "hyperkrylov.sequence"
 SWEEP_TAG = "hyperkrylov.sweep_id"
 OUTPUT_DIR_TAG = "hyperkrylov.output_dir"
+JOB_NUM_TAG = "hyperkrylov.job_num"
+OVERRIDES_TAG = "hyperkrylov.overrides"
 # writes that waited in the output folder during a store outage, sent later
 BUFFERED_WRITES_TAG = "hyperkrylov.buffered_writes"
 RECORD_RUN_TAG = "hyperkrylov.record_run_id"  # of a re-solve: the run that recorded it
@@ -31,6 +34,7 @@ OPERATOR_APPLICATIONS = "operator_applications"
 HG_ERROR_ESTIMATE = "hg_error_estimate"
 HVP, JAC_T, BASELINE_HVP = "hvp", "jac_t", "baseline_hvp"
 STEP_TIME, BATCH_SIZE = "step_time", "batch_size"
+OUTER_STEP_SIZE, OUTER_BACKTRACKS = "outer_step_size", "outer_backtracks"
 # a Dask run's steps (framework.experiment.cluster): slowest worker's seconds over the mean,
 # workers lost and samples cold-started (their shard re-created without a checkpoint)
 WORKER_IMBALANCE, WORKERS_LOST, COLD_STARTED = "worker_imbalance", "workers_lost", "cold_started"

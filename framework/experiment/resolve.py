@@ -166,7 +166,7 @@ def resolve_tags(c: Config) -> dict[str, str]:
         names.STRATEGY_TAG: c.recycle.strategy,
         names.DIM_TAG: str(recycle_dim(c.recycle)),
         names.STOP_TAG: c.stop.kind,
-        "hyperkrylov.which": which,
+        names.WHICH_TAG: which,
         names.LABEL_TAG: method_label(c.recycle, c.stop),
         names.SEQUENCE_TAG: str(sequence),
     }

@@ -43,8 +43,8 @@ def _hydra_context() -> tuple[Path | None, dict[str, str]]:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     label_job(hc.job.num if multirun else None)
-    tags = {names.SWEEP_TAG: str(hc.sweep.dir), "hyperkrylov.job_num": str(hc.job.num),
-            "hyperkrylov.overrides": " ".join(hc.overrides.task)} if multirun else {}
+    tags = {names.SWEEP_TAG: str(hc.sweep.dir), names.JOB_NUM_TAG: str(hc.job.num),
+            names.OVERRIDES_TAG: " ".join(hc.overrides.task)} if multirun else {}
     return Path(hc.runtime.output_dir), tags
 
 

@@ -234,8 +234,8 @@ def train(
                 theta = update.theta
                 metrics = {k: float(v) for k, v in result.metrics().items()}
                 metrics[names.STEP_TIME] = time.perf_counter() - t0
-                metrics["outer_step_size"] = update.step_size
-                metrics["outer_backtracks"] = float(update.backtracks)
+                metrics[names.OUTER_STEP_SIZE] = update.step_size
+                metrics[names.OUTER_BACKTRACKS] = float(update.backtracks)
                 metrics[names.BATCH_SIZE] = float(len(indices))
                 for key in names.TRAIN_COUNTS:
                     if key in metrics:
