@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,50 @@ def test_cluster_config_checks() -> None:
         validate(_compose("cluster=dask_cuda"))
     with pytest.raises(ConfigError, match=r"^cluster\.workers: must be positive"):
         validate(_compose("cluster=dask_local", "cluster.workers=0"))
+
+
+SLURM = ("cluster=dask_slurm", "cluster.workers=3", "cluster.slurm.queue=compute",
+         "cluster.slurm.account=proj1", "cluster.slurm.cores=4", "cluster.slurm.memory=8GiB",
+         "cluster.slurm.walltime=2-00:00:00",
+         'cluster.slurm.job_extra_directives=["--gres=gpu:1","--qos=long"]')
+
+
+def test_dask_slurm_job_script_carries_the_options() -> None:
+    """No SLURM here (so the run itself is untested): the script each job would run, built
+    without submitting, asks for the configured resources and starts one worker of this
+    interpreter with ``cores`` threads and the job's memory."""
+    c = validate(_compose(*SLURM))
+    with cluster.slurm_cluster(c.cluster) as jobs:
+        script = jobs.job_script().splitlines()
+    assert [line for line in script if line.startswith("#SBATCH")] == [
+        "#SBATCH -J dask-worker", "#SBATCH -p compute", "#SBATCH -A proj1", "#SBATCH -n 1",
+        "#SBATCH --cpus-per-task=4", "#SBATCH --mem=8G", "#SBATCH -t 2-00:00:00",
+        "#SBATCH --gres=gpu:1", "#SBATCH --qos=long"]
+    worker = script[-1].split()
+    assert worker[:3] == [sys.executable, "-m", "distributed.cli.dask_worker"]
+    assert worker[worker.index("--nthreads") + 1] == "4"
+    assert worker[worker.index("--memory-limit") + 1] == "8.00GiB"
+
+
+def test_dask_slurm_config_checks() -> None:
+    with pytest.raises(ConfigError, match=r"^cluster\.name: dask_slurm needs its job options"):
+        validate(_compose("cluster.name=dask_slurm"))
+    with pytest.raises(ConfigError, match=r"^cluster\.slurm\.cores: must be positive; got 0"):
+        validate(_compose(*SLURM, "cluster.slurm.cores=0"))
+    with pytest.raises(ConfigError, match=r"^cluster\.slurm\.memory: '4 apples' is not an"):
+        validate(_compose(*SLURM, "cluster.slurm.memory=4 apples"))
+    with pytest.raises(ConfigError, match=r"^cluster\.slurm\.walltime: '90 min' is not a SLURM"):
+        validate(_compose(*SLURM, "cluster.slurm.walltime=90 min"))
+
+
+def test_dask_slurm_without_sbatch_is_a_config_error() -> None:
+    if shutil.which("sbatch"):
+        pytest.skip("sbatch is on PATH: this machine could submit jobs")
+    c = validate(_compose(*SLURM))
+    with pytest.raises(ConfigError, match=r"^cluster\.name: dask_slurm submits its workers "
+                                          "with sbatch, which is not on PATH"):
+        with cluster.cluster_client(c.cluster):
+            pass
 
 
 def test_dask_cuda_missing_is_a_config_error() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -29,6 +30,7 @@ from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from dask_jobqueue import SLURMCluster
 from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
@@ -48,34 +50,54 @@ CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
 @contextmanager
 def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
     """A Dask client of the cluster ``c`` (None for ``local``), closed (with a cluster it
-    started) on exit.  A missing ``dask_cuda`` or a scheduler that does not answer is a
-    ``ConfigError`` before any work."""
+    started) on exit.  A missing ``dask_cuda`` or ``sbatch`` or a scheduler that does not
+    answer is a ``ConfigError`` before any work."""
     if c.name == ClusterName.local:
         yield None
         return
-    with ExitStack() as started:
+    with ExitStack() as started:  # clients call the actors directly, not via the scheduler
         if c.name == ClusterName.dask_address:
             try:
-                client = Client(c.address, timeout=CONNECT_SECONDS)
+                client = Client(c.address, timeout=CONNECT_SECONDS, direct_to_workers=True)
             except (OSError, TimeoutError) as exc:
                 raise ConfigError(f"cluster.address: no Dask scheduler answers at {c.address} "
                                   f"({type(exc).__name__}); start one (`dask scheduler`) or "
                                   "fix the address") from exc
-        elif c.name == ClusterName.dask_cuda:
-            try:
-                cuda = importlib.import_module("dask_cuda")  # optional: GPU nodes only
-            except ImportError as exc:
-                raise ConfigError("cluster.name: dask_cuda is not installed; pip install "
-                                  "dask-cuda (on a node with NVIDIA GPUs)") from exc
-            client = Client(started.enter_context(
-                cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)))
-        else:  # one thread per worker; ShardEngine limits its BLAS threads
-            client = Client(started.enter_context(LocalCluster(
-                n_workers=c.workers, threads_per_worker=1, processes=True,
-                dashboard_address=None)))
+        else:
+            client = Client(started.enter_context(_start(c)), direct_to_workers=True)
         with client:
             client.wait_for_workers(c.workers or 1)
             yield client
+
+
+def _start(c: ClusterConfig) -> Any:
+    """A new cluster of the kind ``c.name`` (not ``dask_address``) with ``c.workers``."""
+    if c.name == ClusterName.dask_cuda:
+        try:
+            cuda = importlib.import_module("dask_cuda")  # optional: GPU nodes only
+        except ImportError as exc:
+            raise ConfigError("cluster.name: dask_cuda is not installed; pip install "
+                              "dask-cuda (on a node with NVIDIA GPUs)") from exc
+        return cuda.LocalCUDACluster(n_workers=c.workers, dashboard_address=None)
+    if c.name == ClusterName.dask_slurm:
+        if shutil.which("sbatch") is None:
+            raise ConfigError("cluster.name: dask_slurm submits its workers with sbatch, which "
+                              "is not on PATH; run on a SLURM login node")
+        jobs = slurm_cluster(c)
+        jobs.scale(c.workers)  # submits the jobs
+        return jobs
+    return LocalCluster(n_workers=c.workers, threads_per_worker=1, processes=True,
+                        dashboard_address=None)  # ShardEngine limits its BLAS threads
+
+
+def slurm_cluster(c: ClusterConfig) -> SLURMCluster:
+    """The scheduler (in this process) of ``cluster=dask_slurm``, whose ``scale(n)``
+    submits n jobs of one worker each with the options ``c.slurm``."""
+    s = c.slurm
+    return SLURMCluster(queue=s.queue, account=s.account, cores=s.cores, processes=1,
+                        memory=s.memory, walltime=s.walltime,
+                        job_extra_directives=list(s.job_extra_directives),
+                        scheduler_options={"dashboard_address": None})
 
 
 class ShardEngine:

@@ -9,11 +9,13 @@ checks ranges and the rules that tie keys together (``ConfigError`` naming the k
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
 from typing import Any, cast
 
+from dask.utils import parse_bytes
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,7 +43,7 @@ Regularizer = Choice("Regularizer", "foe tv none")
 FilterInit = Choice("FilterInit", "dct gaussian")
 DType = Choice("DType", "float32 float64")
 Baseline = Choice("Baseline", "none shadow")
-ClusterName = Choice("ClusterName", "local dask_local dask_address dask_cuda")
+ClusterName = Choice("ClusterName", "local dask_local dask_address dask_cuda dask_slurm")
 
 
 class ConfigError(ValueError):
@@ -139,16 +141,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The SLURM job of each worker of ``cluster=dask_slurm`` (``dask_jobqueue``'s
+    ``SLURMCluster``): ``cores`` CPUs and ``memory`` (``4GiB``) for ``walltime``
+    ([days-]hours:minutes:seconds) in partition ``queue``, charged to ``account`` (null:
+    the site's defaults); ``job_extra_directives``: more ``#SBATCH`` options."""
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 1
+    memory: str = "4GiB"
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ClusterConfig:
     """Where a run's engine evaluates its samples (``framework.experiment.cluster``):
     ``local`` in this process; the Dask options shard the samples over ``workers``
     processes of this machine (``dask_local``), the workers of the scheduler at
-    ``address`` (``dask_address``; the run waits for ``workers`` of them, null: one) or one
-    worker per visible GPU (``dask_cuda``)."""
+    ``address`` (``dask_address``; the run waits for ``workers`` of them, null: one), one
+    worker per visible GPU (``dask_cuda``) or ``workers`` SLURM jobs (``dask_slurm``, each
+    as ``slurm`` says)."""
 
     name: ClusterName = ClusterName.local
     workers: int | None = None
     address: str | None = None
+    slurm: SlurmConfig | None = None
 
 
 @dataclass
@@ -313,6 +332,23 @@ def _validate_cluster(c: Config) -> None:
            "required for dask_address; give cluster.address=tcp://<scheduler host>:8786")
     _check(c.cluster.name != ClusterName.dask_cuda or c.backend.name == "cupy", "backend.name",
            f"cluster=dask_cuda runs the CuPy backend; add backend=cupy (got {c.backend.name})")
+    if c.cluster.name == ClusterName.dask_slurm:
+        _validate_slurm(c.cluster)
+
+
+def _validate_slurm(c: ClusterConfig) -> None:
+    s = c.slurm
+    _check(s is not None and c.workers, "cluster.name", "dask_slurm needs its job options "
+           "and a number of workers; choose it as cluster=dask_slurm cluster.workers=<jobs>")
+    _check(s.cores > 0, "cluster.slurm.cores", f"must be positive; got {s.cores}")
+    try:
+        parse_bytes(s.memory)
+    except ValueError:
+        _check(False, "cluster.slurm.memory", f"{s.memory!r} is not an amount of memory; "
+               "give e.g. 4GiB or 500MB")
+    _check(re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", s.walltime), "cluster.slurm.walltime",
+           f"{s.walltime!r} is not a SLURM time limit; give hours:minutes:seconds "
+           "(01:30:00) or days-hours:minutes:seconds (2-00:00:00)")
 
 
 def validate(cfg: DictConfig | Config) -> Config:

@@ -87,8 +87,10 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
     return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
 
 
-# Keys that may change between a run and its resumption (length, bookkeeping, display).
-_RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress", "resume_from")
+# Keys that may change between a run and its resumption (length, bookkeeping, display, the
+# SLURM jobs of its workers).
+_RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress", "resume_from",
+                      "cluster.slurm")
 _STATE_KEYS = ("step", "theta", "optimizer", "engine", "rng", "history", "per_sample",
                "cumulative", "config")
 
