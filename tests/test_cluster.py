@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_module
 from framework.experiment import checkpoint, cluster, compare, names, runner
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.runner import run
-from framework.experiment.tracking import RunRecord
+from framework.experiment.tracking import RunRecord, read_runs
 
 QUADRATIC = ("problem=quadratic", "problem.num_samples=6", "outer.batch_size=4",
              "outer.steps=10")
@@ -118,16 +118,23 @@ class _KillsAWorker(cluster.DaskEngine):
         return super().evaluate(theta, indices)
 
 
-def test_killed_worker_restored_from_checkpoint(tmp_path: Path, monkeypatch) -> None:
+def test_killed_worker_restored_from_checkpoint(tmp_path: Path, monkeypatch, uri) -> None:
     """Step 5 of 10 (index 4) loses a worker; its shard is re-created from the checkpoint
     of step 4, which is exactly the state it had, so the run follows the fault-free one
-    (the in-process run, which a fault-free Dask run equals: the tests above)."""
+    (the in-process run, which a fault-free Dask run equals: the tests above).  The MLflow
+    run records the loss in its metrics and tags."""
     args = (*QUADRATIC, "checkpoint.every=2")
     clean = _run(tmp_path, "clean", *args)
     monkeypatch.setattr(runner, "DaskEngine", _KillsAWorker)
-    faulty = _run(tmp_path, "faulty", *args, "cluster=dask_local", "cluster.workers=2")
+    faulty = _run(tmp_path, "faulty", *args, "cluster=dask_local", "cluster.workers=2",
+                  "tracking.enabled=true")
     lost = [h[names.WORKERS_LOST] for h in faulty[1]["history"]]
     assert lost == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    (record,) = read_runs(uri, "hyperkrylov", history_keys=[names.WORKERS_LOST])
+    assert record.run_id == faulty[0].run_id and record.status == "FINISHED"
+    assert record.history[names.WORKERS_LOST] == tuple((s, float(s == 4)) for s in range(10))
+    assert record.tags[names.LOST_WORKERS_TAG] == "1"
+    assert record.tags[names.LOST_WORKER_STEPS_TAG] == "4"
     assert faulty[1]["history"][4][names.COLD_STARTED] == 0
     _assert_same_path(clean, faulty, atol=1e-12)
 

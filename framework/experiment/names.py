@@ -23,6 +23,9 @@ OVERRIDES_TAG = "hyperkrylov.overrides"
 # writes that waited in the output folder during a store outage, sent later
 BUFFERED_WRITES_TAG = "hyperkrylov.buffered_writes"
 RECORD_RUN_TAG = "hyperkrylov.record_run_id"  # of a re-solve: the run that recorded it
+# a Dask run that lost workers: how many in all, and the steps that lost them ("4,7")
+LOST_WORKERS_TAG = "hyperkrylov.lost_workers"
+LOST_WORKER_STEPS_TAG = "hyperkrylov.lost_worker_steps"
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's output folder: the id of its MLflow run
 

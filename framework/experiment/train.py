@@ -247,6 +247,11 @@ def train(
                 if not c.checkpoint.every:
                     tracker.log_metrics(*pending.pop())
                 history.append({"step": float(step), **metrics})
+                if metrics.get(names.WORKERS_LOST):  # a Dask worker died: tag the run now
+                    lost = {int(h["step"]): h[names.WORKERS_LOST] for h in history
+                            if h.get(names.WORKERS_LOST)}
+                    tracker.set_tags({names.LOST_WORKERS_TAG: int(sum(lost.values())),
+                                      names.LOST_WORKER_STEPS_TAG: ",".join(map(str, lost))})
                 per_sample.extend(  # [step, sample, Krylov iterations, shadow iterations or NaN]
                     [float(step), int(i), float(s.krylov_iterations),
                      math.nan if s.shadow is None else float(s.shadow.iterations)]
