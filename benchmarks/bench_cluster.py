@@ -11,12 +11,19 @@ passed on) through ``runner.run``; the per-step figure is the median of the step
 Dask runs log each worker's seconds inside its engine, so a step splits into the slowest
 worker's compute and the rest (messages, pickling, the driver): the overhead o(W).
 
+The driver's calls to the workers are counted during the Dask runs (per method: calls
+and the pickled bytes of the arguments out and of the answers back; Dask's messages add
+small headers): one ``evaluate`` per busy worker per step (θ out; loss, gradient and
+records back), one ``state`` per worker per checkpoint (the per-sample state, recycle
+spaces included, gathered for the file) and ``loss`` calls only for ``outer=gd``'s
+backtracking.
+
 Model for W workers: T(W) = t_sample · ⌈B / W⌉ + o₀ + c · min(W, B), with t_sample the
 in-process step time per sample, c the driver's seconds to pickle one shard's call and
 unpickle its answer (measured) and o₀ the rest of the 1-worker overhead (the messages to
 different workers overlap; the driver's pickling does not).  Bytes per step are the pickled sizes of
 one shard's call (θ and its indices) and of its answer (mean loss, hypergradient,
-per-sample records, counts): no state is sent.
+per-sample records, counts): no state is sent in a step.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any, ClassVar
 
 from hydra import compose, initialize_config_module
 
@@ -38,13 +47,26 @@ sys.path.insert(0, str(REPO))
 
 from backends import get_backend  # noqa: E402
 from backends.threads import pool_threads  # noqa: E402
-from framework.experiment import checkpoint  # noqa: E402
-from framework.experiment.cluster import ShardEngine  # noqa: E402
+from framework.experiment import checkpoint, runner  # noqa: E402
+from framework.experiment.cluster import DaskEngine, ShardEngine  # noqa: E402
 from framework.experiment.config import validate  # noqa: E402
 from framework.experiment.runner import run  # noqa: E402
 from problems.factory import build_problems  # noqa: E402
 
 REPEATS = 200  # pickling rounds timed per message size
+
+
+class _Counted(DaskEngine):
+    """The Dask engine, tallying its calls to the workers (see the module docstring)."""
+
+    tally: ClassVar[Counter] = Counter()
+
+    def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
+        done = super()._call(method, parts)
+        self.tally[method, "calls"] += len(parts)
+        self.tally[method, "out"] += sum(len(pickle.dumps(a, protocol=5)) for a in parts.values())
+        self.tally[method, "back"] += sum(len(pickle.dumps(v, protocol=5)) for v in done.values())
+        return done
 
 
 def _steps(overrides: list[str], folder: Path) -> list[dict]:
@@ -86,14 +108,17 @@ def main() -> None:
     print(f"command: python benchmarks/bench_cluster.py {' '.join(sys.argv[1:])}")
     print(f"inputs: {' '.join(base)}; {os.cpu_count()} CPUs; load average before "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    rows = {}
+    rows, calls = {}, {}
+    runner.DaskEngine = _Counted
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("in-process", ["cluster=local"]),
                             ("dask_local, 1 worker", ["cluster=dask_local", "cluster.workers=1"]),
                             ("dask_local, 2 workers",
                              ["cluster=dask_local", "cluster.workers=2"])):
             t0 = time.perf_counter()
+            _Counted.tally.clear()
             history = _steps([*base, *extra], Path(tmp) / name.replace(" ", "_"))
+            calls[name] = dict(_Counted.tally)
             step = _median(history, "step_time")
             workers = sorted(k for k in history[0] if k.endswith("_time") and
                              k.startswith("worker_"))
@@ -112,6 +137,15 @@ def main() -> None:
     for name, (step, slowest, _, wall, imbalance) in rows.items():
         print(f"| {name} | {step:.3f} | {slowest:.3f} | {step - slowest:.3f} | "
               f"{imbalance:.2f} | {local / step:.2f} | {wall:.1f} |")
+    print(f"\ncalls to the workers in each Dask run ({args.steps} steps, one checkpoint at "
+          "the end); bytes pickled")
+    print("| engine | method | calls | per step | bytes out/call | bytes back/call |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, tally in calls.items():
+        for method in sorted({m for m, _ in tally}):
+            n = tally[method, "calls"]
+            print(f"| {name} | {method} | {n} | {n / args.steps:.2f} | "
+                  f"{tally[method, 'out'] // n} | {tally[method, 'back'] // n} |")
     o1 = rows["dask_local, 1 worker"][0] - rows["dask_local, 1 worker"][1]
     per_sample = local / args.samples
     table = {w: _messages(base, min(w, args.samples)) for w in (1, 2, 8, 64)}
