@@ -92,12 +92,12 @@ def _start(c: ClusterConfig) -> Any:
 
 def slurm_cluster(c: ClusterConfig) -> SLURMCluster:
     """The scheduler (in this process) of ``cluster=dask_slurm``, whose ``scale(n)``
-    submits n jobs of one worker each with the options ``c.slurm``."""
+    submits n jobs of one worker each with the options ``c.slurm`` (the rest, such as the
+    network interface, from dask-jobqueue's configuration)."""
     s = c.slurm
     return SLURMCluster(queue=s.queue, account=s.account, cores=s.cores, processes=1,
                         memory=s.memory, walltime=s.walltime,
-                        job_extra_directives=list(s.job_extra_directives),
-                        scheduler_options={"dashboard_address": None})
+                        job_extra_directives=list(s.job_extra_directives))
 
 
 class ShardEngine:
