@@ -39,20 +39,23 @@ class SampleRecord:
 
     ``hvp``/``jac_t``: applications to this sample's operators in the Hessian phase (the
     solver's per-sample count, plus the recycle set-up, selection, NSC set-up and −Jᵀw
-    counted per row).  ``lower_*``: the lower-level solve, a Newton polish included.  The
-    shadow baseline is not included."""
+    counted per row); ``preconditioner``: its applications of M (rows of M's blocks, the
+    solver's and the recycle set-up's).  ``lower_*``: the lower-level solve, a Newton polish
+    included.  The shadow baseline is not included."""
 
     upper_loss: float
     lower_iterations: int
     lower_converged: bool
     lower_grad_evals: int
     lower_hvp: int
+    lower_preconditioner: int
     krylov_iterations: int
     krylov_converged: bool
     krylov_status: str
     recycle_dim: int
     hvp: int
     jac_t: int
+    preconditioner: int
     hg_error_estimate: float
     shadow: ShadowRecord | None = None
 
@@ -92,8 +95,8 @@ class StepResult:
         fraction; passes, batch applications and times are the batch's)."""
         recs = self.samples
         total = lambda name: float(sum(getattr(r, name) for r in recs))  # noqa: E731
-        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "krylov_iterations", "hvp",
-                  "jac_t")
+        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "lower_preconditioner",
+                  "krylov_iterations", "hvp", "jac_t", "preconditioner")
         xp = array_namespace(self.grad)
         out = {
             "upper_loss": self.loss,
