@@ -36,6 +36,7 @@ from framework.bilevel.records import (
     SampleState,
     ShadowRecord,
     StepResult,
+    mean_gradient,
 )
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import (
@@ -385,11 +386,12 @@ class BilevelEngine:
             self.states[i] = SampleState(
                 x=X[j, ...], w=res.x[j, ...], w_shadow=None if base is None else base.x[j, ...],
                 carry=self._carry_after(res, space, j, self.states[i].carry))
-        grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
-            float(sum(losses)) / B, grad, indices, tuple(records),
+            float(sum(losses)) / B, mean_gradient(grads, self.theta_shape), indices,
+            tuple(records),
             counts=after_hessian - after_lower, lower_counts=after_lower - start,
-            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs)
+            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
+            sample_grads=grads)
 
     def _recycler(self, plan: Plan | None, use: str) -> Recycler:
         """The configured recycler, or (adaptive) one with the plan's ``dim``/``harvest``

@@ -79,7 +79,8 @@ class StepResult:
     ``counts``: the batch's Hessian phase as counted by the problem's counter (passes:
     batched operator calls; applications: every row of every call, frozen and padding
     included); ``lower_counts`` the same for the lower solve; ``host_syncs`` the transfers
-    of per-sample scalars to the host."""
+    of per-sample scalars to the host; ``sample_grads`` the samples' hypergradients (B, p),
+    whose ``mean_gradient`` is ``grad``."""
 
     loss: float
     grad: Any
@@ -89,6 +90,7 @@ class StepResult:
     lower_counts: Counts
     times: PhaseTimes
     host_syncs: int
+    sample_grads: Any = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, float]:
         """Per-step figures for logging (sums over the samples unless named mean_ or
@@ -127,3 +129,10 @@ class StepResult:
             mine = out["hvp"] + out["jac_t"] - len(recs)
             out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
         return out
+
+
+def mean_gradient(sample_grads: Any, shape: tuple[int, ...]) -> Any:
+    """The mean of the rows of ``sample_grads`` (B, p) shaped as θ: one reduction over the
+    rows in their order, so the same rows give the same bits wherever they were solved."""
+    xp = array_namespace(sample_grads)
+    return xp.reshape(xp.sum(sample_grads, axis=0) / sample_grads.shape[0], shape)
