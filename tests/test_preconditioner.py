@@ -162,3 +162,41 @@ def test_engine_hypergradients_with_the_preconditioner_match_without(lower):
         assert all(s.lower_converged for r in (a, b) for s in r.samples)
         inner = [s.lower_hvp for s in a.samples], [s.lower_hvp for s in b.samples]
         assert all(p < 0.7 * q for p, q in zip(inner[1], inner[0], strict=True)), inner
+
+
+def test_engine_records_count_the_preconditioner_applications(monkeypatch):
+    """Per-sample M applications in both phases.  B = 1: one M per MINRES iteration plus
+    two (M r₀ and M b) per solve — lower: per Newton step, Hessian phase: once.  B = 3:
+    the records add up to the rows an independent wrapper of M saw."""
+    from framework.bilevel import engine as engine_module
+    from framework.bilevel.engine import BilevelEngine, EngineConfig
+    from framework.krylov.stopping import StopConfig
+
+    seen = {"rows": 0}
+    build = engine_module._preconditioner
+
+    def counting(kind, batch, X, theta):
+        M = build(kind, batch, X, theta)
+
+        def apply(V):
+            seen["rows"] += int(np.count_nonzero(np.any(V != 0, axis=1)))
+            return M(V)
+
+        return None if M is None else apply
+
+    monkeypatch.setattr(engine_module, "_preconditioner", counting)
+    be = get_backend("numpy")
+    images = load_embedded_mnist().images[:3]
+    problems = [mnist_deblurring(be, img, i) for i, img in enumerate(images)]
+    theta = be.asarray(initial_theta(dct_filters(5), -3.0))
+    config = EngineConfig(stop=StopConfig(rtol=1e-6), lower_gtol=1e-8, lower_maxiter=500,
+                          lower_solver="newton_krylov", preconditioner="fft",
+                          lower_preconditioner="fft")
+    (one,) = BilevelEngine(problems[:1], config, backend=be).evaluate(theta).samples
+    assert one.preconditioner == one.krylov_iterations + 2
+    assert one.lower_preconditioner == one.lower_hvp + 2 * one.lower_iterations
+    seen["rows"] = 0
+    step = BilevelEngine(problems, config, backend=be).evaluate(theta)
+    metrics = step.metrics()
+    assert metrics["preconditioner"] + metrics["lower_preconditioner"] == seen["rows"] > 0
+    assert all(s.preconditioner >= s.krylov_iterations + 2 for s in step.samples)

@@ -36,6 +36,7 @@ from framework.bilevel.records import (
     SampleState,
     ShadowRecord,
     StepResult,
+    mean_gradient,
 )
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import (
@@ -110,7 +111,7 @@ class RowTally:
     def __init__(self, like: Any) -> None:
         self.xp = array_namespace(like)
         zero = self.xp.zeros(like.shape[:1], dtype=self.xp.int64, device=device_of(like))
-        self.tallies = {"hvp": zero, "jac_t": zero}
+        self.tallies = {"hvp": zero, "jac_t": zero, "preconditioner": zero}
 
     def counted(self, op: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
         xp = self.xp
@@ -123,8 +124,8 @@ class RowTally:
         return apply
 
     def read(self) -> dict[str, list[int]]:
-        both = to_host(self.xp.stack([self.tallies["hvp"], self.tallies["jac_t"]]))
-        return {"hvp": both[0].tolist(), "jac_t": both[1].tolist()}
+        table = to_host(self.xp.stack(list(self.tallies.values())))
+        return {kind: row.tolist() for kind, row in zip(self.tallies, table, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class LowerSolve:
     grad_evals: tuple[int, ...]
     hvp: tuple[int, ...]
     host_syncs: int
+    preconditioner: tuple[int, ...]  # applications of the inner solves' preconditioner
 
 
 class BilevelEngine:
@@ -213,8 +215,10 @@ class BilevelEngine:
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
+        preconditioner = [0] * batch.batch_size
         if cfg.lower_solver == LowerSolver.newton_krylov:
-            lower = newton_krylov(fun, grad, X0, self._newton_step(batch, theta, solve_syncs),
+            step = self._newton_step(batch, theta, solve_syncs, preconditioner)
+            lower = newton_krylov(fun, grad, X0, step,
                                   eta_first=[WARM_ETA if w else ETA_MAX for w in warm], **options)
         else:
             lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
@@ -223,18 +227,23 @@ class BilevelEngine:
             raise NonFiniteError(f"the lower-level f or ∇f is not finite at this θ (batch "
                                  f"rows {bad} of {batch.batch_size})")
         solved = LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
-                            lower.hvp, lower.host_reads + sum(solve_syncs))
+                            lower.hvp, lower.host_reads + sum(solve_syncs),
+                            tuple(preconditioner))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
-    def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
+    def _newton_step(self, batch: Any, theta: Any, syncs: list[int],
+                     preconditioner: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
-        iterating, H_i p_i = −∇f_i to relative residual η_i; host reads go to ``syncs``."""
+        iterating, H_i p_i = −∇f_i to relative residual η_i; host reads go to ``syncs``,
+        each row's applications of the preconditioner are added to ``preconditioner``."""
 
         def solve(X: Any, G: Any, eta: Any, rows: Any) -> tuple[Any, Any]:
             keep = rows.nonzero()[0].tolist()
             X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
             M = _preconditioner(self.config.lower_preconditioner, sub, X, theta)
+            tally = RowTally(G)
+            M = None if M is None else tally.counted(M, "preconditioner")
             res = rminres(sub.linearize(X, theta), -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
@@ -243,6 +252,9 @@ class BilevelEngine:
             hvp = [0] * batch.batch_size
             for j, count in zip(keep, res.matvecs, strict=True):
                 hvp[j] = count
+            if M is not None:
+                for j, count in zip(keep, tally.read()["preconditioner"], strict=True):
+                    preconditioner[j] += count
             return scatter_rows(res.x, keep, batch.batch_size), hvp
 
         return solve
@@ -274,7 +286,7 @@ class BilevelEngine:
                 hvp[j] += res.matvecs[r]
             X = X - scatter_rows(res.x, active, B)
         return LowerSolve(X, solved.iterations, tuple(converged), tuple(grad_evals), tuple(hvp),
-                          syncs)
+                          syncs, solved.preconditioner)
 
     def lower_solutions(self, theta: Any, indices: Sequence[int] | None = None, *,
                         x0: Any = None) -> Any:
@@ -314,6 +326,7 @@ class BilevelEngine:
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
         M = _preconditioner(cfg.preconditioner, batch, X, theta)
+        M = None if M is None else tally.counted(M, "preconditioner")
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop  # NSC without a recycle space: the residual rule
         nsc = stop.kind == StopKind.hypergradient_change or (
@@ -359,23 +372,26 @@ class BilevelEngine:
                 lower_converged=lower.converged[j],
                 lower_grad_evals=lower.grad_evals[j],
                 lower_hvp=lower.hvp[j],
+                lower_preconditioner=lower.preconditioner[j],
                 krylov_iterations=res.iterations[j],
                 krylov_converged=res.converged[j],
                 krylov_status=res.status[j].value,
                 recycle_dim=dims[j],
                 hvp=res.matvecs[j] + applied["hvp"][j],
                 jac_t=applied["jac_t"][j],
+                preconditioner=applied["preconditioner"][j],
                 hg_error_estimate=estimates[j],
                 shadow=None if base is None else ShadowRecord(base.iterations[j], base.matvecs[j]),
             ))
             self.states[i] = SampleState(
                 x=X[j, ...], w=res.x[j, ...], w_shadow=None if base is None else base.x[j, ...],
                 carry=self._carry_after(res, space, j, self.states[i].carry))
-        grad = xp.reshape(xp.sum(grads, axis=0) / B, self.theta_shape)
         return StepResult(
-            float(sum(losses)) / B, grad, indices, tuple(records),
+            float(sum(losses)) / B, mean_gradient(grads, self.theta_shape), indices,
+            tuple(records),
             counts=after_hessian - after_lower, lower_counts=after_lower - start,
-            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs)
+            times=PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), host_syncs=syncs,
+            sample_grads=grads)
 
     def _recycler(self, plan: Plan | None, use: str) -> Recycler:
         """The configured recycler, or (adaptive) one with the plan's ``dim``/``harvest``

@@ -39,20 +39,23 @@ class SampleRecord:
 
     ``hvp``/``jac_t``: applications to this sample's operators in the Hessian phase (the
     solver's per-sample count, plus the recycle set-up, selection, NSC set-up and −Jᵀw
-    counted per row).  ``lower_*``: the lower-level solve, a Newton polish included.  The
-    shadow baseline is not included."""
+    counted per row); ``preconditioner``: its applications of M (rows of M's blocks, the
+    solver's and the recycle set-up's).  ``lower_*``: the lower-level solve, a Newton polish
+    included.  The shadow baseline is not included."""
 
     upper_loss: float
     lower_iterations: int
     lower_converged: bool
     lower_grad_evals: int
     lower_hvp: int
+    lower_preconditioner: int
     krylov_iterations: int
     krylov_converged: bool
     krylov_status: str
     recycle_dim: int
     hvp: int
     jac_t: int
+    preconditioner: int
     hg_error_estimate: float
     shadow: ShadowRecord | None = None
 
@@ -76,7 +79,8 @@ class StepResult:
     ``counts``: the batch's Hessian phase as counted by the problem's counter (passes:
     batched operator calls; applications: every row of every call, frozen and padding
     included); ``lower_counts`` the same for the lower solve; ``host_syncs`` the transfers
-    of per-sample scalars to the host."""
+    of per-sample scalars to the host; ``sample_grads`` the samples' hypergradients (B, p),
+    whose ``mean_gradient`` is ``grad``."""
 
     loss: float
     grad: Any
@@ -86,14 +90,15 @@ class StepResult:
     lower_counts: Counts
     times: PhaseTimes
     host_syncs: int
+    sample_grads: Any = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, float]:
         """Per-step figures for logging (sums over the samples unless named mean_ or
         fraction; passes, batch applications and times are the batch's)."""
         recs = self.samples
         total = lambda name: float(sum(getattr(r, name) for r in recs))  # noqa: E731
-        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "krylov_iterations", "hvp",
-                  "jac_t")
+        summed = ("lower_iterations", "lower_grad_evals", "lower_hvp", "lower_preconditioner",
+                  "krylov_iterations", "hvp", "jac_t", "preconditioner")
         xp = array_namespace(self.grad)
         out = {
             "upper_loss": self.loss,
@@ -124,3 +129,10 @@ class StepResult:
             mine = out["hvp"] + out["jac_t"] - len(recs)
             out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
         return out
+
+
+def mean_gradient(sample_grads: Any, shape: tuple[int, ...]) -> Any:
+    """The mean of the rows of ``sample_grads`` (B, p) shaped as θ: one reduction over the
+    rows in their order, so the same rows give the same bits wherever they were solved."""
+    xp = array_namespace(sample_grads)
+    return xp.reshape(xp.sum(sample_grads, axis=0) / sample_grads.shape[0], shape)

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 from backends import get_backend, tune_cpu_allocator
 from backends.counting import Counts
 from backends.threads import choose_num_threads
-from framework.bilevel.records import PhaseTimes, StepResult
+from framework.bilevel.records import PhaseTimes, StepResult, mean_gradient
 from framework.experiment import names
 from framework.experiment.config import BackendName, ClusterConfig, ClusterName, Config, ConfigError
 from framework.experiment.console import say
@@ -126,7 +126,8 @@ class ShardEngine:
         t0 = time.perf_counter()
         result = self.engine.evaluate(self.backend.asarray(theta), self._local(indices))
         seconds = time.perf_counter() - t0
-        return replace(result, grad=self.backend.to_numpy(result.grad), indices=indices), seconds
+        return replace(result, grad=None, sample_grads=self.backend.to_numpy(result.sample_grads),
+                       indices=indices), seconds
 
     def loss(self, theta: np.ndarray, indices: list[int]) -> float:
         return self.engine.loss(self.backend.asarray(theta), self._local(indices))
@@ -228,11 +229,12 @@ class DaskEngine:
         self.lost, self.cold = 0, 0
         parts = self._split(theta, indices)
         done = self._call("evaluate", parts)
-        by_sample = {i: rec for res, _ in done.values()
-                     for i, rec in zip(res.indices, res.samples, strict=True)}
-        samples = tuple(by_sample[i] for i in indices)
+        by_sample = {i: (rec, g) for res, _ in done.values()
+                     for i, rec, g in zip(res.indices, res.samples, res.sample_grads, strict=True)}
+        samples = tuple(by_sample[i][0] for i in indices)
         B = len(indices)
-        grad = sum(res.grad * len(res.indices) for res, _ in (done[k] for k in sorted(done)))
+        # the in-process engine's reduction over the same rows in the same order: same bits
+        grads = self.backend.asarray(np.stack([by_sample[i][1] for i in indices]))
         results = [res for res, _ in done.values()]
         cluster, times = {}, []
         for k in range(len(self.shards)):  # a shard without samples in the batch: zeros
@@ -248,11 +250,11 @@ class DaskEngine:
         cluster[names.COLD_STARTED] = float(self.cold)
         return ClusterStepResult(
             float(sum(r.upper_loss for r in samples)) / B,
-            self.backend.asarray(np.reshape(grad / B, self.theta_shape)), tuple(indices),
-            samples, counts=_total(r.counts for r in results),
+            mean_gradient(grads, self.theta_shape), tuple(indices), samples,
+            counts=_total(r.counts for r in results),
             lower_counts=_total(r.lower_counts for r in results),
             times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
-            host_syncs=sum(r.host_syncs for r in results), cluster=cluster)
+            host_syncs=sum(r.host_syncs for r in results), sample_grads=grads, cluster=cluster)
 
     def loss(self, theta: Any, indices: Sequence[int]) -> float:
         """The mean upper loss of ``indices`` at θ (states unchanged)."""
