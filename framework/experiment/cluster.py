@@ -5,11 +5,12 @@ A mini-batch hypergradient is a sum over samples and each sample's warm starts a
 recycle carry stay with the worker that solves it, so the unit of distribution is a shard
 of samples with its state (a Dask actor, ``ShardEngine``), never a task.  Per outer step
 the driver (``DaskEngine``) sends θ and each shard's part of the mini-batch; each worker
-runs the batched engine on its part and sends back its mean loss and hypergradient with
-the per-sample records, counts and its seconds.  The driver adds them up in shard order,
-so a run is deterministic: the loss is the in-process engine's exactly (per-sample losses
-added in index order), the hypergradient equals it to rounding (partial sums added in
-another order), and every per-sample count is the same.
+runs the batched engine on its part and sends back the per-sample losses, hypergradients,
+records and counts and its seconds.  The driver takes the in-process engine's own mean over
+the samples' hypergradients in index order, so a run is deterministic and, as every
+per-sample solve is the one the in-process batch does, equal to the in-process run (to the
+bit without recycling; recycle spaces padded per shard change BLAS blocking at rounding
+level).
 
 When a worker is lost (the call raises ``OSError`` or its actor's future is no longer
 finished) its shard is re-created on a live worker from the per-sample state of the last
@@ -27,11 +28,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import astuple, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dask_jobqueue import SLURMCluster
-from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
 from backends import get_backend, tune_cpu_allocator
@@ -44,6 +43,11 @@ from framework.experiment.console import say
 from framework.experiment.engine_setup import make_engine
 from problems.factory import ProblemSet, build_problems
 
+if TYPE_CHECKING:
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+# Dask (≈ 1 s to import) is imported by the runs that use it, in the functions below.
 CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
 
 
@@ -55,6 +59,8 @@ def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
     if c.name == ClusterName.local:
         yield None
         return
+    from distributed import Client
+
     with ExitStack() as started:  # clients call the actors directly, not via the scheduler
         if c.name == ClusterName.dask_address:
             try:
@@ -86,6 +92,8 @@ def _start(c: ClusterConfig) -> Any:
         jobs = slurm_cluster(c)
         jobs.scale(c.workers)  # submits the jobs
         return jobs
+    from distributed import LocalCluster
+
     return LocalCluster(n_workers=c.workers, threads_per_worker=1, processes=True,
                         dashboard_address=None)  # ShardEngine limits its BLAS threads
 
@@ -94,6 +102,8 @@ def slurm_cluster(c: ClusterConfig) -> SLURMCluster:
     """The scheduler (in this process) of ``cluster=dask_slurm``, whose ``scale(n)``
     submits n jobs of one worker each with the options ``c.slurm`` (the rest, such as the
     network interface, from dask-jobqueue's configuration)."""
+    from dask_jobqueue import SLURMCluster
+
     s = c.slurm
     return SLURMCluster(queue=s.queue, account=s.account, cores=s.cores, processes=1,
                         memory=s.memory, walltime=s.walltime,

@@ -15,7 +15,6 @@ from functools import reduce
 from pathlib import Path
 from typing import Any, cast
 
-from dask.utils import parse_bytes
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -341,6 +340,8 @@ def _validate_slurm(c: ClusterConfig) -> None:
     _check(s is not None and c.workers, "cluster.name", "dask_slurm needs its job options "
            "and a number of workers; choose it as cluster=dask_slurm cluster.workers=<jobs>")
     _check(s.cores > 0, "cluster.slurm.cores", f"must be positive; got {s.cores}")
+    from dask.utils import parse_bytes  # Dask is imported only where a run needs it
+
     try:
         parse_bytes(s.memory)
     except ValueError:
