@@ -10,10 +10,11 @@ Prints per (sequence, τ, rule): the fraction of systems with error ≤ τ, max 
 iterations, operator applications (HVP + Jᵀ) and the share of NSC's iteration saving over
 the residual rule that the rule keeps.  ``--sweep`` runs the safety factors
 1, 1.5, 2, 3, 4 and adds the trade-off table: per sequence and τ, reliability (share ≤ τ,
-max error/τ) against the NSC saving kept, one row per rule.  BSDS is skipped (with the
-reason) without the data.
+max error/τ) against iterations and the NSC saving kept, one row per rule.  BSDS is
+skipped (with the reason) without the data.
 
     python benchmarks/bench_stopping_calibration.py [--steps 30] [--k 10] [--sweep]
+        [--safety 1 2] [--window 2] [--only synthetic mnist bsds]
         [--data ../shared/data/bsds300] [--mnist sequence.npz] [--bsds sequence.npz]
 """
 

@@ -62,8 +62,8 @@ def test_stops_with_the_true_hypergradient_error_below_the_tolerance(backend, to
 
 def test_estimate_follows_the_dense_error_per_iteration(backend):
     """Per iteration of one warm-started recycled solve, the rule's estimate against the
-    dense error of the same iterate: never below a third of it once a rate exists
-    (k ≥ 2), and the estimate at the stop is ≤ rtol."""
+    dense error of the same iterate: never below a third of it (inf until the window's two
+    rates exist, k ≥ 3), and the estimate at the stop is ≤ rtol."""
     mats, rhs, J = drifting_problem(2)
     H0, H1 = (backend.asarray(A) for A in mats)
     g0, g1 = (backend.asarray(g) for g in rhs)
@@ -141,3 +141,9 @@ def test_estimate_is_the_tail_formula_on_dense_iterates(backend, window):
     finite = np.isfinite(dense)
     np.testing.assert_allclose(est[finite], dense[finite], rtol=1e-8)
     assert res.iterations == int(np.argmax(dense <= 1e-5)) > window
+
+
+@pytest.mark.parametrize("window", [0, 1.5])
+def test_bad_window_is_one_clear_error(window):
+    with pytest.raises(ValueError, match="^window must be an integer >= 1"):
+        StopConfig("hypergradient_change", window=window)
