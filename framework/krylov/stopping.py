@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -206,9 +207,7 @@ class HypergradientChangeRule:
                 ][-self.window:]
             q = xp.ones_like(rnorm)  # no stop before ``window`` ratios exist
             if len(self.rates) == self.window:
-                q = self.rates[0]
-                for ratio in self.rates[1:]:
-                    q = xp.maximum(q, ratio)
+                q = reduce(xp.maximum, self.rates)
                 q = xp.where(q < 1, q, xp.ones_like(q))
             tail = xp.where(q < 1, step * q / xp.where(q < 1, 1 - q, xp.ones_like(q)),
                             xp.full_like(q, math.inf))
