@@ -2,15 +2,19 @@
 
 For each sequence (the synthetic drifting sequence; MNIST inpainting and BSDS300 deblurring
 recorded with the paper's *_small presets, shortened by ``--steps``) every rule
-(``residual``, ``hypergradient`` = NSC, ``hypergradient_change`` at safety factors
-``--safety``, and an oracle that knows w*) re-solves all systems
+(``residual``, ``hypergradient`` = NSC, ``hypergradient_change`` at the safety factors
+``--safety`` × rate windows ``--window``, and an oracle that knows w*) re-solves all systems
 with warm starts and RGen-L(R) recycling at each tolerance τ; the true error
 ‖Jᵀw − Jᵀw*‖/‖Jᵀw*‖ of every system is measured against a tight solve (rtol 1e-10).
 Prints per (sequence, τ, rule): the fraction of systems with error ≤ τ, max error/τ, the
 iterations, operator applications (HVP + Jᵀ) and the share of NSC's iteration saving over
-the residual rule that the rule keeps.  BSDS is skipped (with the reason) without the data.
+the residual rule that the rule keeps.  ``--sweep`` runs the safety factors
+1, 1.5, 2, 3, 4 and adds the trade-off table: per sequence and τ, reliability (share ≤ τ,
+max error/τ) against iterations and the NSC saving kept, one row per rule.  BSDS is
+skipped (with the reason) without the data.
 
-    python benchmarks/bench_stopping_calibration.py [--steps 30] [--k 10]
+    python benchmarks/bench_stopping_calibration.py [--steps 30] [--k 10] [--sweep]
+        [--safety 1 2] [--window 2] [--only synthetic mnist bsds]
         [--data ../shared/data/bsds300] [--mnist sequence.npz] [--bsds sequence.npz]
 """
 
@@ -21,6 +25,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -43,6 +48,7 @@ from problems.sequences import drifting_sequence
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 TOLERANCES = (1e-2, 1e-3, 1e-4)
+SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 class OracleRule:
@@ -94,8 +100,14 @@ def main() -> None:
     parser.add_argument("--bsds", type=Path, help="a recorded sequence.npz to reuse")
     parser.add_argument("--safety", type=float, nargs="+", default=[1.0, 2.0],
                         help="safety factors of hypergradient_change to run")
+    parser.add_argument("--window", type=int, nargs="+", default=[StopConfig.window],
+                        help="rate windows of hypergradient_change to run")
+    parser.add_argument("--sweep", action="store_true",
+                        help="safety 1, 1.5, 2, 3, 4 and the trade-off table")
     parser.add_argument("--only", nargs="+", default=["synthetic", "mnist", "bsds"])
     args = parser.parse_args()
+    if args.sweep:
+        args.safety = SWEEP
     be = get_backend("numpy")
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"BLAS threads (threadpoolctl): {pool_threads()}; load average: {os.getloadavg()}")
@@ -119,14 +131,17 @@ def main() -> None:
     print(f"recorded and referenced in {time.perf_counter() - t0:.0f} s")
     print(f"\n| sequence | τ | rule | ≤ τ | max err/τ | iterations | HVP | Jᵀ | applications "
           f"| NSC saving kept |\n|{' --- |' * 10}")
+    table = {}
     for name, systems in cases.items():
         for tol in TOLERANCES:
-            rows = {}
+            rows = table[name, tol] = {}
             stops = {"residual": StopConfig("residual", rtol=tol),
                      "hypergradient": StopConfig("hypergradient", rtol=tol)}
-            for safety in args.safety:
-                stops[f"hypergradient_change, safety {safety:g}"] = StopConfig(
-                    "hypergradient_change", rtol=tol, safety=safety)
+            for window in args.window:
+                for safety in args.safety:
+                    stops[f"hypergradient_change, safety {safety:g}, window {window}"] = (
+                        StopConfig("hypergradient_change", rtol=tol, safety=safety,
+                                   window=window))
             stops["oracle (knows w*)"] = OracleStop(
                 rtol=tol, references=iter([s.reference[None, :] for s in systems]))
             for rule, stop in stops.items():
@@ -137,10 +152,28 @@ def main() -> None:
                               int(res.total("hvp")), int(res.total("jac_t")), res.applications)
             saving = rows["residual"][2] - rows["hypergradient"][2]
             for rule, (frac, worst, its, hvp, jt, apps) in rows.items():
-                kept = (rows["residual"][2] - its) / saving if saving > 0 else float("nan")
+                rows[rule] += ((rows["residual"][2] - its) / saving if saving > 0 else math.nan,)
                 print(f"| {name} | {tol:g} | {rule} | {100 * frac:.0f} % | {worst:.2f} | {its} "
-                      f"| {hvp} | {jt} | {apps} | {100 * kept:.0f} % |")
+                      f"| {hvp} | {jt} | {apps} | {100 * rows[rule][-1]:.0f} % |", flush=True)
+    if args.sweep:
+        print_trade_off(table)
     print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+def print_trade_off(table: dict) -> None:
+    """One row per rule, one column per (sequence, τ): share ≤ τ · max error/τ · iterations
+    (NSC saving kept; the residual and NSC rows are the ends of the scale, 0 % and 100 %;
+    — where NSC saves none)."""
+    cells = list(table)
+    print(f"\n| rule | {' | '.join(f'{name} {tol:g}' for name, tol in cells)} |\n"
+          f"|{' --- |' * (len(cells) + 1)}")
+    for rule in table[cells[0]]:
+        entries = []
+        for cell in cells:
+            frac, worst, its, *_, kept = table[cell][rule]
+            entries.append(f"{100 * frac:.0f} % · {worst:.2f} · {its} ("
+                           + ("—" if math.isnan(kept) else f"{100 * kept:.0f} %") + ")")
+        print(f"| {rule} | {' | '.join(entries)} |")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["checkpoint.every=-1"], "checkpoint.every"),
         (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
+        (["stop=hypergradient_change", "stop.window=0"], "stop.window"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
         (["solver.preconditioner=fft", "stop=hypergradient"],
          "solver.preconditioner"),  # with recycling and NSC

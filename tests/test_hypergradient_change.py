@@ -62,8 +62,8 @@ def test_stops_with_the_true_hypergradient_error_below_the_tolerance(backend, to
 
 def test_estimate_follows_the_dense_error_per_iteration(backend):
     """Per iteration of one warm-started recycled solve, the rule's estimate against the
-    dense error of the same iterate: never below a third of it once a rate exists
-    (k ≥ 2), and the estimate at the stop is ≤ rtol."""
+    dense error of the same iterate: never below a third of it (inf until the window's two
+    rates exist, k ≥ 3), and the estimate at the stop is ≤ rtol."""
     mats, rhs, J = drifting_problem(2)
     H0, H1 = (backend.asarray(A) for A in mats)
     g0, g1 = (backend.asarray(g) for g in rhs)
@@ -108,3 +108,42 @@ def test_batch_rows_stop_as_each_alone(backend):
     per_check = applied[: max(together.iterations)]  # the batch's calls
     assert per_check == [sum(i >= k for i in together.iterations)
                          for k in range(1, max(together.iterations) + 1)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_estimate_is_the_tail_formula_on_dense_iterates(backend, window):
+    """Without a recycle space E_k = q_k/(1 − q_k)·Δ_k, q_k the largest of the last
+    ``window`` ratios max(‖r_j‖/‖r_{j−1}‖, Δ_j/Δ_{j−1}), j ≥ 2: recomputed in numpy from
+    the iterates with true residuals ‖g − Hw_j‖ and Δ_j = ‖Jᵀ(w_j − w_{j−1})‖ — equal to
+    1e-8 relative (the recurrence and true residual norms differ by ~κ·eps·‖g‖/‖r_k‖ ≤ 1e-11
+    here); inf before k = window + 1 and where q_k ≥ 1; the solve stops at the first k
+    with E_k ≤ rtol·‖Jᵀw_k‖."""
+    mats, rhs, J = drifting_problem(1, smallest=0.05)
+    H, g = backend.asarray(mats[0]), backend.asarray(rhs[0])
+    rows = lambda W: W @ backend.asarray(J)  # noqa: E731
+    rule = StopConfig("hypergradient_change", rtol=1e-5, window=window).rule(
+        None, rows, g[None, :])
+    iterates = [np.zeros(N)]
+    res = rminres(H, g, stop=rule,  # a copy: without recycling x is updated in place
+                  callback=lambda x: iterates.append(np.array(backend.to_numpy(x))))
+    h = np.array([J.T @ w for w in iterates])
+    r = np.array([np.linalg.norm(rhs[0] - mats[0] @ w) for w in iterates])
+    step = np.r_[np.inf, np.linalg.norm(np.diff(h, axis=0), axis=1)]
+    ratio = np.r_[np.nan, np.nan, np.maximum(r[2:] / r[1:-1], step[2:] / step[1:-1])]
+    dense = np.full(len(iterates), np.inf)
+    for k in range(window + 1, len(iterates)):
+        q = ratio[k - window + 1: k + 1].max()
+        if q < 1:
+            dense[k] = q / (1 - q) * step[k] / np.linalg.norm(h[k])
+    est = np.array([float(backend.to_numpy(e)[0]) for e in rule.estimates])
+    assert len(est) == len(iterates) == res.iterations + 1
+    assert np.array_equal(np.isinf(est), np.isinf(dense))
+    finite = np.isfinite(dense)
+    np.testing.assert_allclose(est[finite], dense[finite], rtol=1e-8)
+    assert res.iterations == int(np.argmax(dense <= 1e-5)) > window
+
+
+@pytest.mark.parametrize("window", [0, 1.5])
+def test_bad_window_is_one_clear_error(window):
+    with pytest.raises(ValueError, match="^window must be an integer >= 1"):
+        StopConfig("hypergradient_change", window=window)

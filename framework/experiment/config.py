@@ -226,7 +226,7 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
-    stop.keep cluster.workers outer.lr outer.steps outer.batch_size outer.eps
+    stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
     sequence.reference_rtol evaluate.num_samples""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
     stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -159,30 +160,32 @@ class HypergradientErrorRule:
 
 
 class HypergradientChangeRule:
-    """Stop sample i at iteration k ≥ 2 when its estimated hypergradient error
+    """Stop sample i at iteration k ≥ window + 1 when its estimated hypergradient error
 
-        E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·‖Jᵀ(w_k − w_{k−1})‖),
-        q_k = max(‖r_k‖/‖r_{k−1}‖, ‖Jᵀ(w_k − w_{k−1})‖/‖Jᵀ(w_{k−1} − w_{k−2})‖),
+        E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·Δ_k),   Δ_k = ‖Jᵀ(w_k − w_{k−1})‖,
+        q_k = max over j = k − window + 1 … k of max(‖r_j‖/‖r_{j−1}‖, Δ_j/Δ_{j−1}),
 
     is ≤ max(rtol·‖Jᵀw_k‖, atol): the NSC's Galerkin estimate (range U) and the geometric
-    tail of the hypergradient's own changes (all of the space; q_k ≥ 1 never stops),
-    times ``safety``; before k = 2 only r = 0 stops.  One Jᵀ application per call to
-    the rows still running.  ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A
-    hypergradient-error rule that holds")."""
+    tail of the hypergradient's own changes (all of the space) at the slowest contraction
+    of the last ``window`` steps (q_k ≥ 1 never stops), times ``safety``; before
+    k = window + 1 only r = 0 stops.  One Jᵀ application per call to the rows still running.
+    ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A hypergradient-error rule
+    that holds")."""
 
     needs_residual = True
     needs_iterate = True
     batch = True
 
     def __init__(self, estimator: HypergradientErrorEstimator | None, jac_t: Any, b: Any, *,
-                 rtol: float, atol: float, safety: float) -> None:
+                 rtol: float, atol: float, safety: float, window: int) -> None:
         xp = array_namespace(b)
         self.estimator, self.jac_t, self.rtol, self.atol = estimator, jac_t, rtol, atol
-        self.safety = safety
+        self.safety, self.window = safety, window
         self.active = xp.ones(b.shape[:1], dtype=xp.bool, device=device_of(b))
         self.done = ~self.active
         self.estimates: list[Any] = []
-        self.previous: tuple[Any, Any, Any] | None = None  # Jᵀw, ‖r‖, ‖JᵀΔw‖ of k − 1
+        self.rates: list[Any] = []  # the last ``window`` contraction ratios (k ≥ 2)
+        self.previous: tuple[Any, Any, Any] | None = None  # Jᵀw, ‖r‖, Δ of k − 1
 
     def __call__(self, state: IterationState) -> Any:
         xp = array_namespace(state.iterate)
@@ -193,13 +196,19 @@ class HypergradientChangeRule:
             h = self.jac_t(xp.where(self.done[:, None], xp.zeros_like(w), w))
         h_norm = xp.sqrt(xp.sum(h * h, axis=-1))
         step = xp.full_like(rnorm, math.inf)
-        est = xp.where(rnorm > 0, step, 0 * rnorm)  # k < 2: no rate yet, only r = 0 stops
+        est = xp.where(rnorm > 0, step, 0 * rnorm)  # k = 0: only r = 0 stops
         if self.previous is not None:
             h_prev, r_prev, step_prev = self.previous
             step = xp.sqrt(xp.sum((h - h_prev) ** 2, axis=-1))
-            q = xp.maximum(rnorm / xp.where(r_prev > 0, r_prev, xp.ones_like(r_prev)),
-                           step / xp.where(step_prev > 0, step_prev, xp.ones_like(step_prev)))
-            q = xp.where((step_prev < math.inf) & (q < 1), q, xp.ones_like(q))
+            if len(self.estimates) >= 2:  # k ≥ 2: Δ_{k−1} exists
+                self.rates = [*self.rates, xp.maximum(
+                    rnorm / xp.where(r_prev > 0, r_prev, xp.ones_like(r_prev)),
+                    step / xp.where(step_prev > 0, step_prev, xp.ones_like(step_prev)))
+                ][-self.window:]
+            q = xp.ones_like(rnorm)  # no stop before ``window`` ratios exist
+            if len(self.rates) == self.window:
+                q = reduce(xp.maximum, self.rates)
+                q = xp.where(q < 1, q, xp.ones_like(q))
             tail = xp.where(q < 1, step * q / xp.where(q < 1, 1 - q, xp.ones_like(q)),
                             xp.full_like(q, math.inf))
             if self.estimator is not None:
@@ -222,7 +231,8 @@ class StopConfig:
     ``residual``, ‖r‖ ≤ max(rtol·‖b‖, atol); ``hypergradient``, the NSC with relative
     tolerance ``hg_rtol`` (default rtol), ``safety`` and ``keep`` generalised singular
     values (all when None); ``hypergradient_change``, the NSC and the tail of the
-    hypergradient's changes (``HypergradientChangeRule``, tolerance hg_rtol or rtol)."""
+    hypergradient's changes at the slowest of the last ``window`` contraction ratios
+    (``HypergradientChangeRule``, tolerance hg_rtol or rtol)."""
 
     kind: StopKind = StopKind.residual
     rtol: float = 1e-5
@@ -230,9 +240,12 @@ class StopConfig:
     hg_rtol: float | None = None
     safety: float = 1.0
     keep: int | None = None
+    window: int = 2
 
     def __post_init__(self) -> None:
         self.kind = StopKind(self.kind)
+        if not (isinstance(self.window, int) and self.window >= 1):
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
         if not (math.isfinite(self.safety) and self.safety > 0):
             raise ValueError(f"safety must be a finite number > 0, got {self.safety!r}")
         check_tolerances(self.rtol, self.atol)
@@ -251,7 +264,7 @@ class StopConfig:
         hg_rtol = self.rtol if self.hg_rtol is None else self.hg_rtol
         if self.kind == StopKind.hypergradient_change:
             return HypergradientChangeRule(estimator, jac_t, b, rtol=hg_rtol, atol=self.atol,
-                                           safety=self.safety)
+                                           safety=self.safety, window=self.window)
         return HypergradientErrorRule(
             estimator, b, rtol=hg_rtol, atol=self.atol, safety=self.safety,
             fallback=ResidualRule(self.rtol, self.atol))
