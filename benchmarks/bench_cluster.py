@@ -22,8 +22,8 @@ Model for W workers: T(W) = t_sample · ⌈B / W⌉ + o₀ + c · min(W, B), wit
 in-process step time per sample, c the driver's seconds to pickle one shard's call and
 unpickle its answer (measured) and o₀ the rest of the 1-worker overhead (the messages to
 different workers overlap; the driver's pickling does not).  Bytes per step are the pickled sizes of
-one shard's call (θ and its indices) and of its answer (mean loss, hypergradient,
-per-sample records, counts): no state is sent in a step.
+one shard's call (θ and its indices) and of its answer (per-sample losses,
+hypergradients and records, counts): no state is sent in a step.
 """
 
 from __future__ import annotations

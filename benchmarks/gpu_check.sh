@@ -28,4 +28,11 @@ log="${OUT:-.}/gpu_check.log"
     echo "no BSDS300 under $data: running the MNIST variant (embedded digits)"
     python3 benchmarks/bench_batched_engine.py --batch 16 --backends numpy cupy --steps 4
   fi
+  # the dask_cuda engine (one GPU worker) against the in-process CuPy engine, where the
+  # machine has dask_cuda and the project's dependencies (hydra, dask, mlflow)
+  if python3 -c "import dask_cuda, hydra, distributed" 2>/dev/null; then
+    python3 -m pytest -q -rs -p no:cacheprovider --durations=0 -m gpu tests/test_cluster.py
+  else
+    echo "dask_cuda or the project's dependencies are missing: dask_cuda stage skipped"
+  fi
 } 2>&1 | tee "$log"

@@ -241,6 +241,18 @@ def test_dask_cuda_missing_is_a_config_error() -> None:
         pytest.skip("dask_cuda is installed; its cluster needs NVIDIA GPUs")
 
 
+@pytest.mark.gpu
+def test_dask_cuda_one_gpu_worker_equals_in_process_cupy(tmp_path: Path, cupy_backend) -> None:
+    """cluster=dask_cuda with one GPU worker against the in-process CuPy engine: the same
+    batch on the same device, so θ, losses and counts identical (skips with the reason
+    without CuPy, a GPU or dask_cuda; step times: ``benchmarks/gpu_check.sh``)."""
+    pytest.importorskip("dask_cuda", reason="dask_cuda is not installed (GPU nodes only)")
+    args = (*MNIST, "recycle=none", "backend=cupy")
+    local = _run(tmp_path, "local", *args)
+    dask = _run(tmp_path, "dask", *args, "cluster=dask_cuda", "cluster.workers=1")
+    _assert_same_path(local, dask, atol=0.0)
+
+
 def test_compare_shows_the_mean_imbalance() -> None:
     history = {names.WORKER_IMBALANCE: ((0, 1.5), (1, 1.1)), names.UPPER_LOSS: ((0, 1), (1, 1))}
     dask = RunRecord("a", "dask", "FINISHED", 0.0, 1.0, {}, {}, {}, history)
