@@ -15,12 +15,17 @@ Cases (BSDS ones skipped without the data):
 * ``bsds256``: the same on 256×256 crops with rtol 1e-6 (long systems, where recycling
   must pay).
 
+``--preconditioner`` adds the same three with the FFT preconditioner M on the Hessian solve
+(``M``, ``ritz+M``, ``adaptive+M``; building M counts in the Hessian phase); ``--rtol``
+replaces the cases' tolerance (BSDS 64×64 at 1e-6 is the preconditioning issue's case).
+
 Prints per case and mode the Hessian-phase seconds (sum over steps), its ratio to no
 recycling, Krylov iterations and operator applications, the adaptive run's dimension per
 step, and the largest relative difference of the upper losses against no recycling.
 
     python benchmarks/bench_adaptive_recycling.py [--cases mnist bsds64 bsds256]
-        [--steps 20] [--batch 4] [--data ../shared/data/bsds300]
+        [--steps 20] [--batch 4] [--data ../shared/data/bsds300] [--preconditioner]
+        [--rtol 1e-6]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,21 +86,24 @@ def problems(case: Case, data: Path, batch: int, be) -> list | None:
 
 
 def engine(case: Case, mode: str, samples: list, be) -> BilevelEngine:
-    recycle = RecycleConfig() if mode == "none" else RecycleConfig(
-        "ritz", case.dim, adaptive=mode == "adaptive")
+    kind = mode.removesuffix("+M")
+    recycle = RecycleConfig() if kind in ("none", "M") else RecycleConfig(
+        "ritz", case.dim, adaptive=kind == "adaptive")
     cfg = EngineConfig(recycle=recycle, stop=StopConfig(rtol=case.rtol), lower_gtol=1e-6,
-                       lower_solver=LowerSolver.newton_krylov)
+                       lower_solver=LowerSolver.newton_krylov,
+                       preconditioner="fft" if mode.endswith("M") else "none")
     return BilevelEngine(samples, cfg, backend=be)
 
 
-def run_case(case: Case, samples: list, steps: int, be) -> dict[str, list[dict]]:
+def run_case(case: Case, samples: list, steps: int, be,
+             modes: tuple[str, ...] = MODES) -> dict[str, list[dict]]:
     runs = {mode: dict(engine=engine(case, mode, samples, be), adam=Adam(lr=1e-2), log=[],
                        theta=be.asarray(initial_theta(
                            dct_filters(case.kernel)[: samples[0].regularizer.num_filters],
                            case.exponent)))
-            for mode in MODES}
+            for mode in modes}
     for _ in range(steps):
-        for mode in MODES:
+        for mode in modes:
             run = runs[mode]
             result = run["engine"].evaluate(run["theta"])
             run["theta"] = run["adam"].step(run["theta"], result.grad).theta
@@ -104,7 +112,7 @@ def run_case(case: Case, samples: list, steps: int, be) -> dict[str, list[dict]]
                 hessian=result.times.recycle + result.times.krylov, loss=result.loss,
                 iterations=sum(r.krylov_iterations for r in s), hvp=sum(r.hvp for r in s),
                 dim=max(r.recycle_dim for r in s)))
-    return {mode: runs[mode]["log"] for mode in MODES}
+    return {mode: runs[mode]["log"] for mode in modes}
 
 
 def main() -> None:
@@ -113,7 +121,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--preconditioner", action="store_true",
+                        help="also M, ritz+M and adaptive+M (FFT preconditioner)")
+    parser.add_argument("--rtol", type=float, default=None, help="every case's tolerance")
     args = parser.parse_args()
+    modes = MODES + (("M", "ritz+M", "adaptive+M") if args.preconditioner else ())
     tune_cpu_allocator()
     be = get_backend("numpy")
     print("command:", " ".join([sys.executable, *sys.argv]))
@@ -122,24 +134,28 @@ def main() -> None:
           f"{pool_threads()}")
     for name in args.cases:
         case = CASES[name]
+        if args.rtol is not None:
+            case = replace(case, rtol=args.rtol)
         samples = problems(case, args.data, args.batch, be)
         if samples is None:
             print(f"\n{name}: skipped (no BSDS300 at {args.data})")
             continue
-        logs = run_case(case, samples, args.steps, be)
+        logs = run_case(case, samples, args.steps, be, modes)
         plain = sum(s["hessian"] for s in logs["none"])
         print(f"\n{name} (k = {case.dim}, rtol {case.rtol:g}, n = {samples[0].n})")
-        print(f"{'mode':<9} {'Hessian s':>10} {'/ none':>7} {'iterations':>11} {'HVPs':>7} "
+        print(f"{'mode':<10} {'Hessian s':>10} {'/ none':>7} {'iterations':>11} {'HVPs':>7} "
               f"{'max rel loss diff':>18}")
-        for mode in MODES:
+        for mode in modes:
             log = logs[mode]
             seconds = sum(s["hessian"] for s in log)
             diff = max(abs(a["loss"] - b["loss"]) / abs(b["loss"])
                        for a, b in zip(log, logs["none"], strict=True))
-            print(f"{mode:<9} {seconds:>10.3f} {seconds / plain:>7.3f} "
+            print(f"{mode:<10} {seconds:>10.3f} {seconds / plain:>7.3f} "
                   f"{sum(s['iterations'] for s in log):>11} {sum(s['hvp'] for s in log):>7} "
                   f"{diff:>18.2e}")
-        print("adaptive dimension per step:", " ".join(str(s["dim"]) for s in logs["adaptive"]))
+        for mode in modes:
+            if mode.startswith("adaptive"):
+                print(f"{mode} dimension per step:", " ".join(str(s["dim"]) for s in logs[mode]))
 
 
 if __name__ == "__main__":
