@@ -63,10 +63,12 @@ class Linearization:
     from the problem's kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3``
     (B, n, b) → (B, p, b).  Promotes inputs (v (n,) or (n, b) for one point; V (B, n) or
     (B, n, b)), counts each call as one pass of B·b applications in ``problem.counter``,
-    masks Jᵀ by ``problem.theta_mask`` and unwraps."""
+    masks Jᵀ by ``problem.theta_mask`` and unwraps.  ``frozen``: the regulariser's own
+    linearization (its x-dependent arrays, for preconditioners built at the same point)."""
 
-    def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool) -> None:
-        self.problem, self.single = problem, single
+    def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool,
+                 frozen: Any = None) -> None:
+        self.problem, self.single, self.frozen = problem, single, frozen
         self._hvp3, self._jac_t3 = hvp3, jac_t3
         self.batch_size, self.n = problem.batch_size, problem.n
         self.shape = (problem.n, problem.n)

@@ -151,4 +151,4 @@ class ImagingProblem(Problem):
                 out += epsilon * v3
             return out
 
-        return Linearization(self, hvp3, reg.jac_t, single=single)
+        return Linearization(self, hvp3, reg.jac_t, single=single, frozen=reg)

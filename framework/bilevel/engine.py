@@ -99,8 +99,10 @@ def default_check_every(like: Any) -> int:
     return 8 if host_check_needs_sync(like) else 1
 
 
-def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any) -> Any:
-    return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta)
+def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any, lin: Any) -> Any:
+    """M for the Hessians ``lin`` of ``batch`` at (X, θ) (sharing their weight field)."""
+    return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta,
+                                                                       frozen=lin.frozen)
 
 
 class RowTally:
@@ -234,8 +236,9 @@ class BilevelEngine:
             keep = rows.nonzero()[0].tolist()
             X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
-            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta)
-            res = rminres(sub.linearize(X, theta), -G, M=M,
+            lin = sub.linearize(X, theta)
+            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta, lin)
+            res = rminres(lin, -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
@@ -313,7 +316,7 @@ class BilevelEngine:
         plan = None if self.policy is None else self.policy.plan()
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
-        M = _preconditioner(cfg.preconditioner, batch, X, theta)
+        M = _preconditioner(cfg.preconditioner, batch, X, theta, lin)
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop  # NSC without a recycle space: the residual rule
         nsc = stop.kind == StopKind.hypergradient_change or (
