@@ -166,23 +166,7 @@ class FieldsOfExperts(RowRegularizer):
     def rows_value_and_grad(
         self, xp: Any, X: Any, theta: Any, *, value: bool = True, grad: bool = True
     ) -> tuple[Any, Any]:
-        bsz = X.shape[0]
-        filters, scales = self.split(xp, theta)
-        _, z = self.responses(xp, X, filters)
-        out_value = out_grad = None
-        if value and grad:
-            phi, u = self.expert.value_and_d1(z)
-        else:
-            phi = self.expert.value(z) if value else None
-            u = self.expert.d1(z) if grad else None
-        if value:  # Σ_j Σ_f 10^{p_f} φ_fj per sample: Σ_f by one product (as z = k ∗ x),
-            # then each sample's pixels as one contiguous row (its sum independent of B)
-            weighted = xp.reshape(xp.matmul(scales[None, :], phi), (self.n, bsz))
-            out_value = xp.sum(self._sample_rows(xp, weighted), axis=-1)
-        if grad:
-            u *= scales[:, None]
-            out_grad = xp.reshape(self.adjoint(xp, filters, u, bsz, 1), (bsz, self.n))
-        return out_value, out_grad
+        return FoELinearization(self, xp, X, theta).value_and_grad(value=value, grad=grad)
 
     def linearize(self, xp: Any, X: Any, theta: Any) -> FoELinearization:
         return FoELinearization(self, xp, X, theta)
@@ -199,6 +183,25 @@ class FoELinearization:
         self.filters, self.scales = reg.split(xp, theta)
         self.sx, self.z = reg.responses(xp, X, self.filters)
         self._weight: Any = None
+
+    def value_and_grad(self, *, value: bool = True, grad: bool = True) -> tuple[Any, Any]:
+        """R (B,) and ∇R (B, n) at X from the responses z (None where not asked)."""
+        xp, reg, z, scales = self.xp, self.reg, self.z, self.scales
+        bsz, n = self.X.shape
+        out_value = out_grad = None
+        if value and grad:
+            phi, u = reg.expert.value_and_d1(z)
+        else:
+            phi = reg.expert.value(z) if value else None
+            u = reg.expert.d1(z) if grad else None
+        if value:  # Σ_j Σ_f 10^{p_f} φ_fj per sample: Σ_f by one product (as z = k ∗ x),
+            # then each sample's pixels as one contiguous row (its sum independent of B)
+            weighted = xp.reshape(xp.matmul(scales[None, :], phi), (n, bsz))
+            out_value = xp.sum(reg._sample_rows(xp, weighted), axis=-1)
+        if grad:
+            u *= scales[:, None]
+            out_grad = xp.reshape(reg.adjoint(xp, self.filters, u, bsz, 1), (bsz, n))
+        return out_value, out_grad
 
     def weight(self) -> Any:
         """10^{p_f} φ''(z), (F, n·B)."""

@@ -163,6 +163,23 @@ def test_block_of_a_large_batch_equals_each_sample_alone(backend) -> None:
         np.testing.assert_array_equal(hv[i], backend.to_numpy(alone))
 
 
+@pytest.mark.parametrize("expert", ["lorentzian", "huber"])
+def test_linearization_evaluates_f_and_grad_as_the_problem(backend, expert: str) -> None:
+    """An FoE linearization's (f, ∇f) at its point, from its own filter responses, are the
+    problem's, bit for bit, and counted the same; TV linearizations share nothing."""
+    problem, theta_h = foe_setup(backend, expert, "inpainting")
+    x, theta = backend.asarray(image().ravel()), backend.asarray(theta_h)
+    before = problem.counter.snapshot()
+    f, g = problem.linearize(x, theta).value_and_grad()
+    work = problem.counter.snapshot() - before
+    assert (work.f_evals, work.grad_evals) == (1, 1)
+    f_ref, g_ref = problem.lower_value_and_grad(x, theta)
+    assert float(f) == float(f_ref) and f.shape == ()
+    np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(g_ref))
+    tv = ImagingProblem.from_image(image(), backend, Identity(SHAPE), TotalVariation(SHAPE))
+    assert tv.linearize(x, backend.asarray(np.array([-1.0]))).value_and_grad is None
+
+
 def test_function_counts() -> None:
     from backends import get_backend
 

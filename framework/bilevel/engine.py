@@ -178,6 +178,7 @@ class BilevelEngine:
         self.states = [SampleState() for _ in self.problems]
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
+        self._last_linearization: tuple[Any, Any, Any, Any] | None = None
 
     def _batch(self, indices: Sequence[int] | None) -> tuple[tuple[int, ...], Any]:
         """The samples ``indices`` (all when None) and them as one batch-first problem
@@ -210,16 +211,19 @@ class BilevelEngine:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
         cfg = self.config
-        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter, rows_value_and_grad=(
-            lambda X, rows: batch.subset(rows).lower_value_and_grad(X, theta)))
+        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter)
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
         if cfg.lower_solver == LowerSolver.newton_krylov:
             lower = newton_krylov(fun, grad, X0, self._newton_step(batch, theta, solve_syncs),
-                                  eta_first=[WARM_ETA if w else ETA_MAX for w in warm], **options)
+                                  eta_first=[WARM_ETA if w else ETA_MAX for w in warm],
+                                  rows_value_and_grad=partial(self._evaluate, batch, theta),
+                                  **options)
         else:
-            lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
+            lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options,
+                          rows_value_and_grad=(lambda X, rows: batch.subset(rows)
+                                               .lower_value_and_grad(X, theta)))
         bad = [j for j, status in enumerate(lower.status) if status is MinimizeStatus.NONFINITE]
         if bad:  # nothing after this could be finite
             raise NonFiniteError(f"the lower-level f or ∇f is not finite at this θ (batch "
@@ -227,6 +231,24 @@ class BilevelEngine:
         solved = LowerSolve(lower.x, lower.iterations, lower.converged, lower.grad_evals,
                             lower.hvp, lower.host_reads + sum(solve_syncs))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
+
+    def _linearize(self, problem: Any, X: Any, theta: Any) -> Any:
+        """``problem.linearize(X, θ)``, the one of Newton's last evaluation when that was at
+        these very arrays (then the Newton step, or the Hessian phase, reuses its work)."""
+        last = self._last_linearization
+        if last is not None and last[0] is problem and last[1] is X and last[2] is theta:
+            return last[3]
+        lin = problem.linearize(X, theta)
+        self._last_linearization = (problem, X, theta, lin)
+        return lin
+
+    def _evaluate(self, batch: Any, theta: Any, X: Any, rows: Any) -> tuple[Any, Any]:
+        """Newton's f and ∇f of the rows ``rows``: from their linearization where the
+        problem shares the work (the accepted point's Newton step then reuses it)."""
+        sub = batch.subset(rows)
+        lin = self._linearize(sub, X, theta)
+        return (sub.lower_value_and_grad(X, theta) if lin.value_and_grad is None
+                else lin.value_and_grad())
 
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
@@ -236,7 +258,7 @@ class BilevelEngine:
             keep = rows.nonzero()[0].tolist()
             X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
-            lin = sub.linearize(X, theta)
+            lin = self._linearize(sub, X, theta)
             M = _preconditioner(self.config.lower_preconditioner, sub, X, theta, lin)
             res = rminres(lin, -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
@@ -306,7 +328,8 @@ class BilevelEngine:
         X = lower.X
         t1 = time.perf_counter()
         after_lower = self.counter.snapshot()
-        lin = batch.linearize(X, theta)
+        lin = self._linearize(batch, X, theta)
+        self._last_linearization = None
         G = batch.upper_grad(X)
         tally = RowTally(G)
         W0 = self._warm_start(xp, "w", indices, xp.zeros_like(G))
