@@ -63,10 +63,9 @@ class Linearization:
     from the problem's kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3``
     (B, n, b) → (B, p, b).  Promotes inputs (v (n,) or (n, b) for one point; V (B, n) or
     (B, n, b)), counts each call as one pass of B·b applications in ``problem.counter``,
-    masks Jᵀ by ``problem.theta_mask`` and unwraps.  ``frozen``: the regulariser's own
-    linearization (its x-dependent arrays, for preconditioners built at the same point);
-    ``value_and_grad``: the problem's counted (f, ∇ₓf) at the same point from that work,
-    where it can share it (else None)."""
+    masks Jᵀ by ``problem.theta_mask`` and unwraps; ``frozen``: the regulariser's own
+    linearization, ``value_and_grad``: the counted (f, ∇ₓf) at the point from its work
+    (None where the problem cannot share it)."""
 
     def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool,
                  frozen: Any = None, value_and_grad: Callable[[], Any] | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from problems.foe import FieldsOfExperts, FoELinearization
+from problems.foe import FieldsOfExperts
 from problems.operators import GaussianBlur, Identity, Inpainting, gaussian_kernel_1d
 
 
@@ -35,8 +35,7 @@ def _power(xp: Any, kernels: Any, shape: tuple[int, int]) -> Any:
 def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
                        ) -> Callable[[Any], Any]:
     """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹; blocks
-    (B, n, k) column by column.  ``frozen``: the problem's ``FoELinearization`` at (X, θ),
-    whose weight field M then shares (the same numbers, not computed twice)."""
+    (B, n, k) column by column; ``frozen``: the FoE linearization at (X, θ), if at hand."""
     reg, op = problem.regularizer, problem.operator
     if not isinstance(reg, FieldsOfExperts):
         raise ValueError(f"the FFT preconditioner is built for Fields of Experts, not {reg!r}; "
@@ -46,8 +45,7 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
     dev, dtype = array_api_compat.device(X), X.dtype
     h, w = reg.image_shape
     k, f, bsz = reg.kernel_size, reg.num_filters, X.shape[0]
-    if frozen is None:
-        frozen = FoELinearization(reg, xp, X, theta)
+    frozen = frozen or reg.linearize(xp, X, theta)
     filters, weight = frozen.filters, frozen.weight()  # weight (F, n·B), pixel-major
     c = xp.mean(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), axis=1)  # (F, B)
     powers = _power(xp, xp.reshape(filters, (f, k, k)), (h, w))  # (F, h, w')

@@ -100,7 +100,6 @@ def default_check_every(like: Any) -> int:
 
 
 def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any, lin: Any) -> Any:
-    """M for the Hessians ``lin`` of ``batch`` at (X, θ) (sharing their weight field)."""
     return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta,
                                                                        frozen=lin.frozen)
 
@@ -211,19 +210,17 @@ class BilevelEngine:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
         cfg = self.config
-        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter)
+        newton = cfg.lower_solver == LowerSolver.newton_krylov
+        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter,
+                       rows_value_and_grad=partial(self._evaluate, batch, theta, newton))
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
-        if cfg.lower_solver == LowerSolver.newton_krylov:
+        if newton:
             lower = newton_krylov(fun, grad, X0, self._newton_step(batch, theta, solve_syncs),
-                                  eta_first=[WARM_ETA if w else ETA_MAX for w in warm],
-                                  rows_value_and_grad=partial(self._evaluate, batch, theta),
-                                  **options)
+                                  eta_first=[WARM_ETA if w else ETA_MAX for w in warm], **options)
         else:
-            lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options,
-                          rows_value_and_grad=(lambda X, rows: batch.subset(rows)
-                                               .lower_value_and_grad(X, theta)))
+            lower = lbfgs(fun, grad, X0, memory=cfg.lower_memory, **options)
         bad = [j for j, status in enumerate(lower.status) if status is MinimizeStatus.NONFINITE]
         if bad:  # nothing after this could be finite
             raise NonFiniteError(f"the lower-level f or ∇f is not finite at this θ (batch "
@@ -242,12 +239,12 @@ class BilevelEngine:
         self._last_linearization = (problem, X, theta, lin)
         return lin
 
-    def _evaluate(self, batch: Any, theta: Any, X: Any, rows: Any) -> tuple[Any, Any]:
-        """Newton's f and ∇f of the rows ``rows``: from their linearization where the
+    def _evaluate(self, batch: Any, theta: Any, newton: bool, X: Any, rows: Any) -> Any:
+        """f and ∇f of the rows ``rows``; for Newton from their linearization where the
         problem shares the work (the accepted point's Newton step then reuses it)."""
         sub = batch.subset(rows)
-        lin = self._linearize(sub, X, theta)
-        return (sub.lower_value_and_grad(X, theta) if lin.value_and_grad is None
+        lin = self._linearize(sub, X, theta) if newton else None
+        return (sub.lower_value_and_grad(X, theta) if lin is None or lin.value_and_grad is None
                 else lin.value_and_grad())
 
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int]) -> Callable[..., Any]:
