@@ -209,7 +209,7 @@ class BilevelEngine:
     def _solve_lower(self, batch: Any, theta: Any, X0: Any, warm: Sequence[bool]) -> LowerSolve:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
-        cfg = self.config
+        cfg, self._last_linearization = self.config, None  # none from another call
         newton = cfg.lower_solver == LowerSolver.newton_krylov
         options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter,
                        rows_value_and_grad=partial(self._evaluate, batch, theta, newton))
