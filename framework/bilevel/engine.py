@@ -305,7 +305,8 @@ class BilevelEngine:
         indices, batch = self._batch(indices)
         X0, warm = (self._lower_start(array_namespace(theta), batch, indices) if x0 is None
                     else (x0, [True] * len(indices)))
-        return self._solve_lower(batch, theta, X0, warm).X
+        X, self._last_linearization = self._solve_lower(batch, theta, X0, warm).X, None
+        return X
 
     def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
         """The mean upper loss of samples ``indices`` at θ (lower solves warm-started from
