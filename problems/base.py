@@ -63,10 +63,14 @@ class Linearization:
     from the problem's kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3``
     (B, n, b) → (B, p, b).  Promotes inputs (v (n,) or (n, b) for one point; V (B, n) or
     (B, n, b)), counts each call as one pass of B·b applications in ``problem.counter``,
-    masks Jᵀ by ``problem.theta_mask`` and unwraps."""
+    masks Jᵀ by ``problem.theta_mask`` and unwraps; ``frozen``: the regulariser's own
+    linearization, ``value_and_grad``: the counted (f, ∇ₓf) at the point from its work
+    (None where the problem cannot share it)."""
 
-    def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool) -> None:
-        self.problem, self.single = problem, single
+    def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool,
+                 frozen: Any = None, value_and_grad: Callable[[], Any] | None = None) -> None:
+        self.problem, self.single, self.frozen = problem, single, frozen
+        self.value_and_grad = value_and_grad
         self._hvp3, self._jac_t3 = hvp3, jac_t3
         self.batch_size, self.n = problem.batch_size, problem.n
         self.shape = (problem.n, problem.n)
@@ -202,9 +206,10 @@ class Problem:
         rows, single = self._rows(x)
         return from_rows(self.xp, rows - self.X_true, single)
 
-    def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool) -> tuple[Any, Any]:
+    def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool,
+                        **shared: Any) -> tuple[Any, Any]:
         X, single = self._rows(x)
-        out = self._rows_value_and_grad(X, theta, value=value, grad=grad)
+        out = self._rows_value_and_grad(X, theta, value=value, grad=grad, **shared)
         if value:
             self.counter.add("f", self.batch_size)
         if grad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -120,14 +121,15 @@ class ImagingProblem(Problem):
         )
 
     def _rows_value_and_grad(
-        self, X: Any, theta: Any, *, value: bool, grad: bool
+        self, X: Any, theta: Any, *, value: bool, grad: bool, frozen: Any = None
     ) -> tuple[Any, Any]:
         xp = array_api_compat.array_namespace(X)
         bsz, n = X.shape
         r = self.operator.apply3(xp, xp.reshape(X, (bsz, n, 1)))
         r = xp.reshape(r, (bsz, n)) - self.Y
-        reg_value, reg_grad = self.regularizer.rows_value_and_grad(
-            xp, X, theta, value=value, grad=grad)
+        reg_value, reg_grad = (
+            self.regularizer.rows_value_and_grad(xp, X, theta, value=value, grad=grad)
+            if frozen is None else frozen.value_and_grad(value=value, grad=grad))
         out_value = out_grad = None
         if value:
             ridge = (0.5 * self.epsilon) * xp.sum(X * X, axis=1)
@@ -151,4 +153,8 @@ class ImagingProblem(Problem):
                 out += epsilon * v3
             return out
 
-        return Linearization(self, hvp3, reg.jac_t, single=single)
+        shared = None  # FoE: f and ∇f from the linearization's own filter responses
+        if hasattr(reg, "value_and_grad"):
+            shared = partial(self._value_and_grad, x, theta, value=True, grad=True, frozen=reg)
+        return Linearization(self, hvp3, reg.jac_t, single=single, frozen=reg,
+                             value_and_grad=shared)

@@ -32,9 +32,10 @@ def _power(xp: Any, kernels: Any, shape: tuple[int, int]) -> Any:
     return xp.abs(xp.fft.rfftn(kernels, s=shape, axes=(-2, -1))) ** 2
 
 
-def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]:
+def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
+                       ) -> Callable[[Any], Any]:
     """M: rows (B, n) → (B, n) (or one point (n,) for B = 1), M_i ≈ H_i(x_i, θ)⁻¹; blocks
-    (B, n, k) column by column."""
+    (B, n, k) column by column; ``frozen``: the FoE linearization at (X, θ), if at hand."""
     reg, op = problem.regularizer, problem.operator
     if not isinstance(reg, FieldsOfExperts):
         raise ValueError(f"the FFT preconditioner is built for Fields of Experts, not {reg!r}; "
@@ -44,9 +45,8 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any) -> Callable[[Any], Any]
     dev, dtype = array_api_compat.device(X), X.dtype
     h, w = reg.image_shape
     k, f, bsz = reg.kernel_size, reg.num_filters, X.shape[0]
-    filters, scales = reg.split(xp, theta)
-    _, z = reg.responses(xp, X, filters)  # (F, n·B), pixel-major
-    weight = reg.expert.d2(z) * scales[:, None]
+    frozen = frozen or reg.linearize(xp, X, theta)
+    filters, weight = frozen.filters, frozen.weight()  # weight (F, n·B), pixel-major
     c = xp.mean(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), axis=1)  # (F, B)
     powers = _power(xp, xp.reshape(filters, (f, k, k)), (h, w))  # (F, h, w')
     D = xp.reshape(xp.matmul(xp.matrix_transpose(c), xp.reshape(powers, (f, -1))),

@@ -22,6 +22,7 @@ from test_hypergradient import (  # tests/ is on sys.path (rootdir)
     hypergradient_error_bound,
 )
 
+import framework.bilevel.engine as engine_module
 from backends import get_backend
 from framework.bilevel.engine import BilevelEngine, EngineConfig, default_check_every
 from framework.krylov.recycle import ORACLES, RecycleConfig
@@ -167,6 +168,37 @@ def test_foe_batch_matches_alone_within_the_tolerances():
             bounds.append(2 * np.linalg.norm(J, 2) / lam_min * (rtol * g + gtol / lam_min))
         want = np.mean([be.to_numpy(s.grad) for s in singles], axis=0)
         assert np.linalg.norm(be.to_numpy(batch.grad) - want) <= np.mean(bounds)
+
+
+def test_newton_steps_and_the_hessian_phase_reuse_the_evaluations_linearizations(
+        monkeypatch):
+    """Newton–Krylov on FoE: f and ∇f come from a linearization at the evaluated point,
+    which that point's Newton step and, at x*, the Hessian phase reuse — one linearization
+    per evaluation round, none more — and every number is that of an engine which
+    linearizes afresh for each solve."""
+    be = get_backend("numpy")
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", 3), lower_solver="newton_krylov")
+    problems = mnist_problems(be, 3, size=12)
+    theta = be.asarray(initial_theta(dct_filters(3)[:8], -1.0))
+    calls, rounds = [], []
+    linearize, newton = ImagingProblem.linearize, engine_module.newton_krylov
+    monkeypatch.setattr(ImagingProblem, "linearize",
+                        lambda self, x, th: calls.append(1) or linearize(self, x, th))
+    monkeypatch.setattr(engine_module, "newton_krylov", lambda *a, **k: (
+        rounds.append((result := newton(*a, **k)).evaluation_rounds) or result))
+    shared, fresh = BilevelEngine(problems, cfg), BilevelEngine(problems, cfg)
+    remember = BilevelEngine._linearize
+    monkeypatch.setattr(fresh, "_linearize", lambda problem, X, th: (
+        setattr(fresh, "_last_linearization", None) or remember(fresh, problem, X, th)))
+    for th in (theta, theta * 1.05):
+        calls.clear()
+        got = shared.evaluate(th)
+        assert len(calls) == rounds[-1] >= 2
+        want = fresh.evaluate(th)
+        assert len(calls) > 2 * rounds[-1]  # the fresh engine linearizes more often
+        assert got.loss == want.loss
+        np.testing.assert_array_equal(be.to_numpy(got.grad), be.to_numpy(want.grad))
+        assert [per_sample(r) for r in got.samples] == [per_sample(r) for r in want.samples]
 
 
 def test_engine_on_the_quadratic_problem_matches_the_closed_form(backend):

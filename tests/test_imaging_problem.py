@@ -8,7 +8,7 @@ from array_api_compat import device as device_of
 
 from problems.base import Problem
 from problems.experts import EXPERT_NAMES
-from problems.foe import FieldsOfExperts, gaussian_filters, initial_theta
+from problems.foe import COLUMN_WISE, FieldsOfExperts, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import GaussianBlur, Identity, Inpainting
 from problems.tv import TotalVariation
@@ -141,6 +141,43 @@ def test_blocks_equal_columns_and_counts(backend, expert: str) -> None:
         )
     work = problem.counter.snapshot() - before
     assert (work.hvp, work.hvp_passes, work.applications, work.passes) == (10, 6, 20, 12)
+
+
+def test_block_of_a_large_batch_equals_each_sample_alone(backend) -> None:
+    """From ``COLUMN_WISE`` samples on, NumPy applies a block column by column: the
+    numbers are those of each sample's block alone (applied as one block), bit for bit."""
+    reg = FieldsOfExperts(SHAPE, 3, 4, gamma=0.1)
+    rng = np.random.default_rng(9)
+    images = [image() + 0.1 * rng.standard_normal(SHAPE) for _ in range(COLUMN_WISE)]
+    samples = [ImagingProblem.from_image(img, backend, Inpainting(SHAPE, 0.5, seed=i), reg,
+                                         seed=i) for i, img in enumerate(images)]
+    batch = ImagingProblem.concat(samples)
+    theta = backend.asarray(initial_theta(gaussian_filters(3, 4, seed=4), -0.5))
+    vh = rng.standard_normal((COLUMN_WISE, N, 3))
+    before = batch.counter.snapshot()
+    hv = backend.to_numpy(batch.hvp(batch.Y, theta, backend.asarray(vh)))
+    work = batch.counter.snapshot() - before
+    assert (work.hvp, work.hvp_passes) == (3 * COLUMN_WISE, 1)
+    for i, sample in enumerate(samples):
+        alone = sample.hvp(sample.y, theta, backend.asarray(vh[i]))
+        np.testing.assert_array_equal(hv[i], backend.to_numpy(alone))
+
+
+@pytest.mark.parametrize("expert", ["lorentzian", "huber"])
+def test_linearization_evaluates_f_and_grad_as_the_problem(backend, expert: str) -> None:
+    """An FoE linearization's (f, ∇f) at its point, from its own filter responses, are the
+    problem's, bit for bit, and counted the same; TV linearizations share nothing."""
+    problem, theta_h = foe_setup(backend, expert, "inpainting")
+    x, theta = backend.asarray(image().ravel()), backend.asarray(theta_h)
+    before = problem.counter.snapshot()
+    f, g = problem.linearize(x, theta).value_and_grad()
+    work = problem.counter.snapshot() - before
+    assert (work.f_evals, work.grad_evals) == (1, 1)
+    f_ref, g_ref = problem.lower_value_and_grad(x, theta)
+    assert float(f) == float(f_ref) and f.shape == ()
+    np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(g_ref))
+    tv = ImagingProblem.from_image(image(), backend, Identity(SHAPE), TotalVariation(SHAPE))
+    assert tv.linearize(x, backend.asarray(np.array([-1.0]))).value_and_grad is None
 
 
 def test_function_counts() -> None:

@@ -100,8 +100,9 @@ def default_check_every(like: Any) -> int:
     return 8 if host_check_needs_sync(like) else 1
 
 
-def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any) -> Any:
-    return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta)
+def _preconditioner(kind: Preconditioner, batch: Any, X: Any, theta: Any, lin: Any) -> Any:
+    return None if kind == Preconditioner.none else fft_preconditioner(batch, X, theta,
+                                                                       frozen=lin.frozen)
 
 
 class RowTally:
@@ -178,6 +179,7 @@ class BilevelEngine:
         self.states = [SampleState() for _ in self.problems]
         self.counter = Counter()
         self._batch_cache: tuple[tuple[int, ...], Any] | None = None
+        self._last_linearization: tuple[Any, Any, Any, Any] | None = None
 
     def _batch(self, indices: Sequence[int] | None) -> tuple[tuple[int, ...], Any]:
         """The samples ``indices`` (all when None) and them as one batch-first problem
@@ -209,14 +211,15 @@ class BilevelEngine:
     def _solve_lower(self, batch: Any, theta: Any, X0: Any, warm: Sequence[bool]) -> LowerSolve:
         """The lower-level solve from X₀; Newton's first forcing term is ``WARM_ETA`` on the
         ``warm`` rows (their start is the last solution at a nearby θ)."""
-        cfg = self.config
-        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter, rows_value_and_grad=(
-            lambda X, rows: batch.subset(rows).lower_value_and_grad(X, theta)))
+        cfg, self._last_linearization = self.config, None  # none from another call
+        newton = cfg.lower_solver == LowerSolver.newton_krylov
+        options = dict(gtol=cfg.lower_gtol, maxiter=cfg.lower_maxiter,
+                       rows_value_and_grad=partial(self._evaluate, batch, theta, newton))
         fun, grad = (lambda X: batch.lower_objective(X, theta),
                      lambda X: batch.lower_grad(X, theta))
         solve_syncs: list[int] = []
         preconditioner = [0] * batch.batch_size
-        if cfg.lower_solver == LowerSolver.newton_krylov:
+        if newton:
             step = self._newton_step(batch, theta, solve_syncs, preconditioner)
             lower = newton_krylov(fun, grad, X0, step,
                                   eta_first=[WARM_ETA if w else ETA_MAX for w in warm], **options)
@@ -231,6 +234,24 @@ class BilevelEngine:
                             tuple(preconditioner))
         return self._newton_polish(batch, theta, solved) if cfg.lower_newton_steps else solved
 
+    def _linearize(self, problem: Any, X: Any, theta: Any) -> Any:
+        """``problem.linearize(X, θ)``, the one of Newton's last evaluation when that was at
+        these very arrays (then the Newton step, or the Hessian phase, reuses its work)."""
+        last = self._last_linearization
+        if last is not None and last[0] is problem and last[1] is X and last[2] is theta:
+            return last[3]
+        lin = problem.linearize(X, theta)
+        self._last_linearization = (problem, X, theta, lin)
+        return lin
+
+    def _evaluate(self, batch: Any, theta: Any, newton: bool, X: Any, rows: Any) -> Any:
+        """f and ∇f of the rows ``rows``; for Newton from their linearization where the
+        problem shares the work (the accepted point's Newton step then reuses it)."""
+        sub = batch.subset(rows)
+        lin = self._linearize(sub, X, theta) if newton else None
+        return (sub.lower_value_and_grad(X, theta) if lin is None or lin.value_and_grad is None
+                else lin.value_and_grad())
+
     def _newton_step(self, batch: Any, theta: Any, syncs: list[int],
                      preconditioner: list[int]) -> Callable[..., Any]:
         """The inner solve of ``newton_krylov``: MINRES on the Hessians of the rows still
@@ -241,10 +262,11 @@ class BilevelEngine:
             keep = rows.nonzero()[0].tolist()
             X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
-            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta)
+            lin = self._linearize(sub, X, theta)
+            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta, lin)
             tally = RowTally(G)
             M = None if M is None else tally.counted(M, "preconditioner")
-            res = rminres(sub.linearize(X, theta), -G, M=M,
+            res = rminres(lin, -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
                           true_residual=False)
@@ -295,7 +317,8 @@ class BilevelEngine:
         indices, batch = self._batch(indices)
         X0, warm = (self._lower_start(array_namespace(theta), batch, indices) if x0 is None
                     else (x0, [True] * len(indices)))
-        return self._solve_lower(batch, theta, X0, warm).X
+        X, self._last_linearization = self._solve_lower(batch, theta, X0, warm).X, None
+        return X
 
     def loss(self, theta: Any, indices: Sequence[int] | None = None) -> float:
         """The mean upper loss of samples ``indices`` at θ (lower solves warm-started from
@@ -315,7 +338,8 @@ class BilevelEngine:
         X = lower.X
         t1 = time.perf_counter()
         after_lower = self.counter.snapshot()
-        lin = batch.linearize(X, theta)
+        lin = self._linearize(batch, X, theta)
+        self._last_linearization = None
         G = batch.upper_grad(X)
         tally = RowTally(G)
         W0 = self._warm_start(xp, "w", indices, xp.zeros_like(G))
@@ -325,7 +349,7 @@ class BilevelEngine:
         plan = None if self.policy is None else self.policy.plan()
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
-        M = _preconditioner(cfg.preconditioner, batch, X, theta)
+        M = _preconditioner(cfg.preconditioner, batch, X, theta, lin)
         M = None if M is None else tally.counted(M, "preconditioner")
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop  # NSC without a recycle space: the residual rule
