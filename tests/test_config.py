@@ -66,6 +66,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["outer.lr=0"], "outer.lr"),
         (["outer.lr=-1e-3"], "outer.lr"),
         (["outer.steps=0"], "outer.steps"),
+        (["outer.lr_decay=0"], "outer.lr_decay"),
+        (["outer.lr_decay=1.5"], "outer.lr_decay"),
         (["problem=bsds_deblur"], "problem.data_path"),
         (["problem=bsds_deblur", "problem.data_path=/no/such/folder"], "problem.data_path"),
         (["problem.kernel_size=4"], "problem.kernel_size"),

@@ -134,7 +134,7 @@ def test_shape_mismatch_and_wrong_state_are_reported():
 
 def test_make_optimizer_from_config():
     class Cfg:
-        name, lr, betas, eps = "adam", 0.1, [0.9, 0.99], 1e-8
+        name, lr, lr_decay, betas, eps = "adam", 0.1, 1.0, [0.9, 0.99], 1e-8
         shrink, c1, max_backtracks = 0.5, 1e-4, 5
 
     assert isinstance(make_optimizer(Cfg()), Adam)
@@ -144,3 +144,24 @@ def test_make_optimizer_from_config():
     with pytest.raises(ValueError, match="unknown Optimizer .sgd.; valid names are adam, gd"):
         make_optimizer(Cfg())
     assert math.isclose(Adam(0.1, (0.9, 0.99)).betas[1], 0.99)
+
+
+def test_lr_decay_scales_each_step_by_a_power_of_the_decay(backend):
+    # Adam's t-th step is lr · dᵗ⁻¹ · m̂/(√v̂ + eps): with a constant gradient m̂ = g and
+    # v̂ = g², so each step is lr · dᵗ⁻¹ · sign(g) (to eps); gradient descent's plain step
+    # is lr · dᵗ⁻¹ · g
+    g = np.array([0.5, -2.0])
+    adam, gd = Adam(lr=0.1, lr_decay=0.5), GradientDescent(lr=0.1, lr_decay=0.5)
+    a = b = backend.asarray([1.0, 1.0])
+    for t in range(1, 5):
+        before_a, before_b = backend.to_numpy(a), backend.to_numpy(b)
+        step_a, step_b = adam.step(a, backend.asarray(g)), gd.step(b, backend.asarray(g))
+        a, b = step_a.theta, step_b.theta
+        assert step_a.step_size == step_b.step_size == 0.1 * 0.5 ** (t - 1)
+        np.testing.assert_allclose(before_a - backend.to_numpy(a),
+                                   0.1 * 0.5 ** (t - 1) * np.sign(g), rtol=1e-7, atol=0)
+        # the step is read back as a difference of O(1) iterates: a few roundings of θ
+        np.testing.assert_allclose(before_b - backend.to_numpy(b), 0.1 * 0.5 ** (t - 1) * g,
+                                   rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="lr_decay"):
+        Adam(lr_decay=0.0)

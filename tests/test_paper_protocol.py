@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
+from mlflow.tracking import MlflowClient
 
 from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
@@ -220,6 +221,12 @@ def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
                       "evaluate.tv_grid=[-2,-1]"), output_dir=tmp_path / "eval")
     assert [r.image for r in ev.rows] == [1, 2]  # test images 1 and 2
     assert all(math.isfinite(r.psnr_learned) for r in ev.rows)
+    # one reconstruction figure (truth, data, Huber-TV, learned) per image, a PNG in MLflow
+    client = MlflowClient(uri)
+    figures = [a.path for a in client.list_artifacts(ev.run_id, "reconstructions")]
+    assert figures == ["reconstructions/image_001.png", "reconstructions/image_002.png"]
+    png = Path(client.download_artifacts(ev.run_id, figures[0], str(tmp_path)))
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # the held-out problems are built from the test folder, with their own seeds
     be = get_backend("numpy")
     cfg = validate(_compose(*base)).problem
@@ -248,6 +255,10 @@ def test_presets_match_the_paper_settings():
     b = _compose("experiment=paper_bsds_deblur", f"problem.data_path={data}")
     assert (b.problem.crop, b.problem.blur_sigma, b.problem.noise_level, b.problem.expert,
             b.outer.lr, b.outer.batch_size) == (64, 3.0, 0.2, "lorentzian", 1e-2, 16)
+    # the learning preset solves the same task (images, forward model, noise, regulariser)
+    learn = _compose("experiment=bsds_deblur_learn", f"problem.data_path={data}")
+    assert learn.problem == b.problem and learn.outer.lr_decay < 1 == b.outer.lr_decay
+    assert (learn.solver.lower.name, learn.solver.preconditioner) == ("newton_krylov", "fft")
 
 
 def test_recorded_states_solve_the_lower_problem(recorded):

@@ -110,6 +110,7 @@ class SolverConfig:
 class OuterConfig:
     name: Optimizer = Optimizer.adam
     lr: float = 1e-2
+    lr_decay: float = 1.0  # step t's step size: lr · lr_decay^(t−1)
     steps: int = 10
     batch_size: int | None = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -395,6 +396,8 @@ def validate(cfg: DictConfig | Config) -> Config:
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
+    _check(0 < c.outer.lr_decay <= 1, "outer.lr_decay",
+           f"must be in (0, 1]; got {c.outer.lr_decay!r}")
     _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
     _validate_cluster(c)
     _check(c.tracking.experiment, "tracking.experiment", "must be a non-empty name")

@@ -7,7 +7,9 @@ evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300), the test folde
 image of the same size), x*(θ) of the learned regulariser (``evaluate.theta_path``), and
 x* of Huber-TV with the log10 weight of ``evaluate.tv_grid`` best on the first training
 images (``best_tv_weight``) and, as an optimistic bound, the best per image ("TV oracle");
-each x* the engine's batched lower-level solution.
+each x* the engine's batched lower-level solution (Huber-TV's without the FFT
+preconditioners, which are built for Fields of Experts).  A figure per image (truth, data,
+Huber-TV, learned) is logged to the run as ``reconstructions/image_<index>.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from backends import get_backend
-from framework.bilevel.engine import BilevelEngine, EngineConfig
+from backends.host import to_host
+from framework.bilevel.engine import BilevelEngine, EngineConfig, Preconditioner
+from framework.experiment import plots
 from framework.experiment.config import Config, ConfigError, ProblemConfig
 from framework.experiment.console import fmt, markdown_table, say
 from framework.experiment.engine_setup import engine_config
@@ -81,18 +85,21 @@ def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
     return theta, held_out
 
 
-def reconstruction_psnrs(engine: BilevelEngine, theta: Any) -> np.ndarray:
-    """PSNR of x*(θ) of each of the engine's images (all solved as one batch)."""
+def reconstructions(engine: BilevelEngine, theta: Any) -> tuple[np.ndarray, np.ndarray]:
+    """x*(θ) of each of the engine's images (all solved as one batch) as host rows (B, n),
+    and their PSNRs (B,)."""
     X = engine.lower_solutions(theta)
-    return np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
+    psnrs = np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
+    return to_host(X), psnrs
 
 
 @dataclass(frozen=True)
 class TVWeightSearch:
-    """Result of ``best_tv_weight``: the PSNR of every image at every grid point."""
+    """Result of ``best_tv_weight``: the PSNR and x* of every image at every grid point."""
 
     grid: tuple[float, ...]
     psnrs: np.ndarray  # (len(grid), images)
+    solutions: np.ndarray  # (len(grid), images, n), host
 
     @property
     def best_theta(self) -> float:
@@ -109,12 +116,17 @@ def best_tv_weight(
 ) -> TVWeightSearch:
     """Grid search over θ = log10(TV weight): the PSNR against ``x_true`` of x*(θ) of each
     of ``problems`` (``ImagingProblem``s with a TV regulariser) at each θ of ``grid``,
-    solved with the lower-level settings of ``config``."""
+    solved with the lower-level settings of ``config`` (no FFT preconditioners: they are
+    built for Fields of Experts)."""
+    plain = Preconditioner.none
+    config = dataclasses.replace(config or EngineConfig(), preconditioner=plain,
+                                 lower_preconditioner=plain)
     engine = BilevelEngine(problems, config)
     xp, dtype, device = problems[0].xp, problems[0].dtype, problems[0].device
-    psnrs = [reconstruction_psnrs(engine, xp.asarray([float(g)], dtype=dtype, device=device))
-             for g in grid]
-    return TVWeightSearch(tuple(float(g) for g in grid), np.stack(psnrs))
+    solved = [reconstructions(engine, xp.asarray([float(g)], dtype=dtype, device=device))
+              for g in grid]
+    return TVWeightSearch(tuple(float(g) for g in grid), np.stack([p for _, p in solved]),
+                          np.stack([x for x, _ in solved]))
 
 
 def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: Path,
@@ -132,8 +144,10 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = images(held_out)
-    learned_psnrs = reconstruction_psnrs(BilevelEngine(learned, config), backend.asarray(theta))
-    tv = best_tv_weight(images(held_out, regularizer="tv"), grid, config).psnrs
+    learned_x, learned_psnrs = reconstructions(BilevelEngine(learned, config),
+                                               backend.asarray(theta))
+    tv_search = best_tv_weight(images(held_out, regularizer="tv"), grid, config)
+    tv, tv_x = tv_search.psnrs, tv_search.solutions[grid.index(tv_weight)]
     rows = [
         EvaluationRow(
             image=held_out.start + j,
@@ -144,8 +158,14 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
         )
         for j, p in enumerate(learned)
     ]
-    for j, row in enumerate(rows):
+    for j, (row, p) in enumerate(zip(rows, learned, strict=True)):
         tracker.log_metrics({k: getattr(row, k) for k in PSNR_FIELDS}, j)
+        data = [] if math.isnan(row.psnr_measurement) else [
+            ("data", to_host(p.y), row.psnr_measurement)]  # y not an image (inpainting)
+        fig = plots.reconstruction(tuple(p.image_shape), to_host(p.x_true), (
+            *data, (f"Huber-TV 10^{tv_weight:g}", tv_x[j], row.psnr_tv),
+            ("learned", learned_x[j], row.psnr_learned)))
+        tracker.log_figure(fig, f"reconstructions/image_{row.image:03d}.png", **plots.SAVE_KWARGS)
     summary = EvaluationSummary(tracker.run_id, tuple(rows), tv_weight)
     means = {k: summary.mean(k) for k in PSNR_FIELDS}
     tracker.log_metrics({**{f"mean_{k}": v for k, v in means.items()},

@@ -101,19 +101,21 @@ def parameters(theta: np.ndarray) -> Any:
 
 
 def reconstruction(
-    x_true: np.ndarray, y: np.ndarray, x: np.ndarray, shape: tuple[int, ...], psnrs: Sequence[float]
+    shape: tuple[int, ...], x_true: np.ndarray, estimates: Sequence[tuple[str, np.ndarray, float]]
 ) -> Any:
-    """Ground truth, data and the lower-level solution at the learned θ."""
+    """The ground truth beside each (label, image, PSNR in dB; NaN: none shown) of
+    ``estimates`` (the data, lower-level solutions): images side by side, signals as lines."""
+    panels = [("ground truth", x_true), *((label if math.isnan(db) else f"{label} ({db:.1f} dB)",
+                                           img) for label, img, db in estimates)]
     if len(shape) == 2:
-        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-        titles = ("ground truth", f"data ({psnrs[0]:.1f} dB)", f"x(θ) ({psnrs[1]:.1f} dB)")
-        for ax, img, title in zip(axes, (x_true, y, x), titles, strict=True):
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels), 2.8))
+        for ax, (title, img) in zip(axes, panels, strict=True):
             ax.imshow(np.asarray(img).reshape(shape), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
         return fig
     fig, ax = plt.subplots(figsize=(6, 3))
-    for sig, label in ((x_true, "ground truth"), (y, "data"), (x, "x(θ)")):
+    for label, sig in panels:
         ax.plot(np.asarray(sig), label=label)
     ax.legend(fontsize=8)
     return fig

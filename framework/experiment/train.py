@@ -344,8 +344,9 @@ def _log_figures(
         figures["parameters.png"] = plots.parameters(theta_np)
     p, x = problem_set.problems[0], engine.lower_solutions(theta, [0])[0, ...]
     figures["reconstruction.png"] = plots.reconstruction(
-        *(backend.to_numpy(a) for a in (p.x_true, p.y, x)), tuple(p.image_shape),
-        (psnr(p.y, p.x_true), psnr(x, p.x_true)),
+        tuple(p.image_shape), backend.to_numpy(p.x_true),
+        (("data", backend.to_numpy(p.y), psnr(p.y, p.x_true)),
+         ("x(θ)", backend.to_numpy(x), psnr(x, p.x_true))),
     )
     for name, fig in figures.items():
         plots.save(fig, out / "figures" / name)  # closed: pickled without pyplot's state

@@ -1,9 +1,10 @@
 """Outer (upper-level) optimisers on θ: Adam and gradient descent with Armijo backtracking.
 
 Both keep their state in θ's namespace, on its device.  ``mask`` (θ's shape, 1 = learned,
-0 = frozen) zeroes the gradient of frozen entries.  ``state_dict()`` gives host NumPy
-arrays and Python scalars; ``load_state_dict`` restores them (arrays move back to θ's
-device at the next step).
+0 = frozen) zeroes the gradient of frozen entries.  ``lr_decay`` d ∈ (0, 1] decays the step
+size exponentially: step t (1, 2, …) uses lr · dᵗ⁻¹ (d = 1: constant).  ``state_dict()``
+gives host NumPy arrays and Python scalars; ``load_state_dict`` restores them (arrays move
+back to θ's device at the next step).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class _Outer:
     name: Any
     STATE: ClassVar[dict[str, Callable[[Any], Any]]]
 
-    def __init__(self, lr: float, mask: Any) -> None:
+    def __init__(self, lr: float, mask: Any, lr_decay: float) -> None:
         require(lr > 0, "lr > 0", lr=lr)
-        self.lr, self.t = float(lr), 0
+        require(0 < lr_decay <= 1, "0 < lr_decay <= 1", lr_decay=lr_decay)
+        self.lr, self.lr_decay, self.t = float(lr), float(lr_decay), 0
         self._mask_host = None if mask is None else to_host(mask).astype(np.float64)
         self._mask_dev: Any = None
 
@@ -74,6 +76,11 @@ class _Outer:
         self.t += 1
         return self._update(xp, theta, grad, loss, loss_fn)
 
+    @property
+    def step_lr(self) -> float:
+        """The step size of the current step t: lr · lr_decayᵗ⁻¹."""
+        return self.lr * self.lr_decay ** (self.t - 1)
+
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name.value,
                 **{key: kind(getattr(self, key)) for key, kind in self.STATE.items()}}
@@ -89,7 +96,7 @@ class Adam(_Outer):
     """Adam (Kingma & Ba 2015) with bias correction:
 
     m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr · m̂ / (√v̂ + eps),
-    m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ).
+    m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)  (lr decayed by ``lr_decay`` per step).
     """
 
     name = Optimizer.adam
@@ -97,8 +104,8 @@ class Adam(_Outer):
              "t": int, "m": _host, "v": _host}
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, *, mask: Any = None) -> None:
-        super().__init__(lr, mask)
+                 eps: float = 1e-8, *, mask: Any = None, lr_decay: float = 1.0) -> None:
+        super().__init__(lr, mask, lr_decay)
         self.betas = tuple(float(b) for b in betas)
         require(all(0 <= b < 1 for b in self.betas), "0 <= betas < 1", betas=tuple(betas))
         require(eps > 0, "eps > 0", eps=eps)
@@ -115,8 +122,9 @@ class Adam(_Outer):
         self.v = b2 * self.v + (1.0 - b2) * (g * g)
         m_hat = self.m / (1.0 - b1**self.t)
         v_hat = self.v / (1.0 - b2**self.t)
-        new = theta - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
-        return OuterStep(new, self.lr, 0, True, 0)
+        lr = self.step_lr
+        new = theta - lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+        return OuterStep(new, lr, 0, True, 0)
 
 
 class GradientDescent(_Outer):
@@ -130,8 +138,8 @@ class GradientDescent(_Outer):
     STATE: ClassVar = {"lr": float, "shrink": float, "c1": float, "max_backtracks": int, "t": int}
 
     def __init__(self, lr: float = 1.0, *, shrink: float = 0.5, c1: float = 1e-4,
-                 max_backtracks: int = 10, mask: Any = None) -> None:
-        super().__init__(lr, mask)
+                 max_backtracks: int = 10, mask: Any = None, lr_decay: float = 1.0) -> None:
+        super().__init__(lr, mask, lr_decay)
         require(0 < shrink < 1, "0 < shrink < 1", shrink=shrink)
         require(0 < c1 < 1, "0 < c1 < 1", c1=c1)
         require(max_backtracks >= 0, "max_backtracks >= 0", max_backtracks=max_backtracks)
@@ -139,8 +147,8 @@ class GradientDescent(_Outer):
 
     def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
         if loss_fn is None or self.max_backtracks == 0:
-            return OuterStep(theta - self.lr * g, self.lr, 0, True, 0)
-        gg, alpha = float(xp.sum(g * g)), self.lr
+            return OuterStep(theta - self.step_lr * g, self.step_lr, 0, True, 0)
+        gg, alpha = float(xp.sum(g * g)), self.step_lr
         for trial in range(self.max_backtracks + 1):
             candidate = theta - alpha * g
             value = float(loss_fn(candidate))
@@ -153,6 +161,6 @@ class GradientDescent(_Outer):
 def make_optimizer(cfg: Any, mask: Any = None) -> Adam | GradientDescent:
     """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
     if Optimizer(cfg.name) == Optimizer.adam:
-        return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask)
+        return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask, lr_decay=cfg.lr_decay)
     return GradientDescent(cfg.lr, shrink=cfg.shrink, c1=cfg.c1,
-                           max_backtracks=cfg.max_backtracks, mask=mask)
+                           max_backtracks=cfg.max_backtracks, mask=mask, lr_decay=cfg.lr_decay)
