@@ -225,6 +225,7 @@ def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
     client = MlflowClient(uri)
     figures = [a.path for a in client.list_artifacts(ev.run_id, "reconstructions")]
     assert figures == ["reconstructions/image_001.png", "reconstructions/image_002.png"]
+    assert all((tmp_path / "eval" / name).is_file() for name in figures)  # and in the folder
     png = Path(client.download_artifacts(ev.run_id, figures[0], str(tmp_path)))
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # the held-out problems are built from the test folder, with their own seeds
