@@ -206,6 +206,25 @@ def test_dask_slurm_job_script_carries_the_options() -> None:
     assert worker[worker.index("--memory-limit") + 1] == "8.00GiB"
 
 
+def test_dask_slurm_keeps_ctrl_c_a_keyboard_interrupt(tmp_path: Path) -> None:
+    """dask-jobqueue's import replaces SIGINT's handler by ``sys.exit``; building the SLURM
+    cluster undoes that, so Ctrl-C still saves the step and exits 130 (a fresh interpreter:
+    the import happens there for the first time)."""
+    script = (
+        "import signal, sys\n"
+        "from hydra import compose, initialize_config_module\n"
+        "from framework.experiment import cluster\n"
+        "from framework.experiment.config import validate\n"
+        "with initialize_config_module(config_module='conf', version_base='1.3'):\n"
+        f"    cfg = compose(config_name='config', overrides={[*SLURM, 'tracking=disabled']!r})\n"
+        "cluster.slurm_cluster(validate(cfg).cluster).close()\n"
+        "assert 'dask_jobqueue' in sys.modules\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_dask_slurm_config_checks() -> None:
     with pytest.raises(ConfigError, match=r"^cluster\.name: dask_slurm needs its job options"):
         validate(_compose("cluster.name=dask_slurm"))

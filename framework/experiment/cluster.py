@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -102,8 +104,11 @@ def slurm_cluster(c: ClusterConfig) -> SLURMCluster:
     """The scheduler (in this process) of ``cluster=dask_slurm``, whose ``scale(n)``
     submits n jobs of one worker each with the options ``c.slurm`` (the rest, such as the
     network interface, from dask-jobqueue's configuration)."""
-    from dask_jobqueue import SLURMCluster
+    handler = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster  # its import sets SIGINT to sys.exit: undone
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)  # Ctrl-C stays KeyboardInterrupt (exit 130)
     s = c.slurm
     return SLURMCluster(queue=s.queue, account=s.account, cores=s.cores, processes=1,
                         memory=s.memory, walltime=s.walltime,
