@@ -27,13 +27,6 @@ BACKEND_CASES = [
 ]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long end-to-end tests (marked ``slow``) first: pytest-xdist hands tests out in this
-    order, so the long ones start while the short ones fill the other workers, and the run
-    does not end waiting on one long test started last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def _case_id(case: tuple[str, str | None]) -> str:
     name, device = case
     return name if device is None else f"{name}-{device}"
