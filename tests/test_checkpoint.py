@@ -119,7 +119,18 @@ needs_main_thread = pytest.mark.skipif(
     reason="signal handlers can only be set in the main thread")
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT's handler is Python's own (KeyboardInterrupt) during the test, whatever an
+    earlier test in this worker process left; the previous one is put back after."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @needs_main_thread
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_a_stop_signal_waits_for_the_step_to_end():
     boundary, reached = StepBoundary(), []
     with pytest.raises(KeyboardInterrupt), boundary.step():
@@ -130,6 +141,7 @@ def test_a_stop_signal_waits_for_the_step_to_end():
 
 
 @needs_main_thread
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_a_second_stop_signal_stops_at_once():
     boundary, reached = StepBoundary(), []
     with pytest.raises(KeyboardInterrupt), boundary.step():

@@ -209,9 +209,11 @@ def test_dask_slurm_job_script_carries_the_options() -> None:
 def test_dask_slurm_keeps_ctrl_c_a_keyboard_interrupt(tmp_path: Path) -> None:
     """dask-jobqueue's import replaces SIGINT's handler by ``sys.exit``; building the SLURM
     cluster undoes that, so Ctrl-C still saves the step and exits 130 (a fresh interpreter:
-    the import happens there for the first time)."""
+    the import happens there for the first time, after Python's own SIGINT handler is set:
+    a child of a process that ignores SIGINT would start ignoring it)."""
     script = (
         "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from hydra import compose, initialize_config_module\n"
         "from framework.experiment import cluster\n"
         "from framework.experiment.config import validate\n"
