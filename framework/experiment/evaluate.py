@@ -165,9 +165,8 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
         fig = plots.reconstruction(tuple(p.image_shape), to_host(p.x_true), (
             *data, (f"Huber-TV 10^{tv_weight:g}", tv_x[j], row.psnr_tv),
             ("learned", learned_x[j], row.psnr_learned)))
-        name = f"reconstructions/image_{row.image:03d}.png"
-        plots.save(fig, out / name)  # closed: pickled without pyplot's state
-        tracker.log_figure(fig, name, **plots.SAVE_KWARGS)
+        path = plots.save(fig, out / "reconstructions" / f"image_{row.image:03d}.png")
+        tracker.log_artifact(path, "reconstructions")
     summary = EvaluationSummary(tracker.run_id, tuple(rows), tv_weight)
     means = {k: summary.mean(k) for k in PSNR_FIELDS}
     tracker.log_metrics({**{f"mean_{k}": v for k, v in means.items()},

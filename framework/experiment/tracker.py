@@ -183,10 +183,6 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._write("write", "log_text", text, artifact_file)
 
-    def log_figure(self, fig: Any, artifact_file: str, **save_kwargs: Any) -> None:
-        """MLflow's ``log_figure`` of a matplotlib figure (pickled now, drawn by the writer)."""
-        self._write("figure", fig, artifact_file, save_kwargs)
-
     def log_input(self, path: str | Path, name: str, context: str) -> None:
         """Log the file ``path`` as the run's input dataset ``name`` (``mlflow.log_input``)."""
         self._write("log_input", str(path), name, context)
@@ -241,7 +237,7 @@ class NullTracker:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    start = log_params = log_metrics = set_tags = log_artifact = log_text = log_figure = _ignore
+    start = log_params = log_metrics = set_tags = log_artifact = log_text = _ignore
     log_input = flush = end = _ignore
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],

@@ -317,9 +317,6 @@ class _Writer:
         self.client.log_inputs(
             self.active, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
-    def figure(self, fig: Any, artifact_file: str, save_kwargs: dict[str, Any]) -> None:
-        self.client.log_figure(self.active, fig, artifact_file, save_kwargs=save_kwargs)
-
     def flush(self) -> str | None:
         """Nothing to do (the requests run in order); the run's id."""
         return self.active

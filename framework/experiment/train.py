@@ -328,7 +328,7 @@ def _log_figures(
     history: list[dict[str, float]],
     per_sample: list[list[float]],
 ) -> None:
-    """Write the run's figures to ``<out>/figures`` and log them (``log_figure``); the
+    """Write the run's figures to ``<out>/figures`` and log those files; the
     reconstruction is the engine's lower-level solution (``solver.lower``) of sample 0."""
     counts = [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
                                             names.BASELINE_KRYLOV_ITERATIONS)]
@@ -348,6 +348,5 @@ def _log_figures(
         (("data", backend.to_numpy(p.y), psnr(p.y, p.x_true)),
          ("x(θ)", backend.to_numpy(x), psnr(x, p.x_true))),
     )
-    for name, fig in figures.items():
-        plots.save(fig, out / "figures" / name)  # closed: pickled without pyplot's state
-        tracker.log_figure(fig, f"figures/{name}", **plots.SAVE_KWARGS)
+    for name, fig in figures.items():  # drawn once: the PNG file is the artifact
+        tracker.log_artifact(plots.save(fig, out / "figures" / name), "figures")
