@@ -7,10 +7,12 @@ tag in a temporary git worktree, ``python -m framework.app``; this tree,
 directory, ``OPENBLAS_NUM_THREADS=1``:
 
 * default job: the tag's plain default (``tracking=disabled``) against this tree's default
-  with the tag's lower level, ``solver.lower.name=lbfgs``; compared: every per-step metric
+  with the tag's solvers (``solver.lower.name=lbfgs recycle=ritz``, no preconditioners);
+  compared: every per-step metric
   both write to ``checkpoint.npz`` (its ``history``; timings left out), the per-system
   Krylov iterations (``per_sample``) and ``theta.npz``.  This tree's own default (inexact
-  Newton–Krylov lower level, a deliberate change of issue 17) is run and shown, not compared;
+  Newton–Krylov lower level, FFT preconditioners, no recycling: deliberate changes of issue
+  17) is run and shown, not compared;
   the tag's ``*_passes`` were per-sample formulas (its measured passes were
   ``batch_passes``, compared with this tree's ``operator_passes``): shown, not compared;
 * paper preset ``paper_mnist_inpainting_small``: recorded once by the tag (``task=record``),
@@ -72,6 +74,10 @@ class Row:
     new: str
     diff: str
     equal: bool | None  # None: shown, not compared
+
+
+OLD_DEFAULT_SOLVERS = ("solver.lower.name=lbfgs", "recycle=ritz", "solver.preconditioner=none",
+                       "solver.lower.preconditioner=none")
 
 
 def app(tree: str, root: str, folder: Path, *overrides: str, store: Path | None = None,
@@ -246,16 +252,16 @@ def main() -> None:
         runs = {"old": work / "old-default", "new": work / "new-default-lbfgs",
                 "new-newton": work / "new-default"}
         app("old", old_root, runs["old"], "tracking=disabled")
-        app("new", ROOT, runs["new"], "tracking=disabled", "solver.lower.name=lbfgs")
+        app("new", ROOT, runs["new"], "tracking=disabled", *OLD_DEFAULT_SOLVERS)
         app("new", ROOT, runs["new-newton"], "tracking=disabled")
         default_rows = compare_default(trees, runs)
         newton = trees["new"].load(CHECKPOINT_MODULES["new"]).load(
             runs["new-newton"] / "checkpoint.npz")
         default_rows += [
-            Row(f"[new default, Newton–Krylov] {k}", "-", _text(newton["cumulative"][k]), "",
+            Row(f"[new default] {k}", "-", _text(newton["cumulative"][k]), "",
                 None) for k in ("lower_iterations", "krylov_iterations", "hvp", "jac_t")
             if k in newton["cumulative"]]
-        default_rows.append(Row("[new default, Newton–Krylov] upper_loss (last)", "-",
+        default_rows.append(Row("[new default] upper_loss (last)", "-",
                                 _text(newton["history"][-1]["upper_loss"]), "", None))
 
         print(f"paper preset ({PRESET}):")
@@ -282,7 +288,7 @@ def main() -> None:
                 app(tree, roots[tree], work / f"{tree}-resolve-2", *sweep, store=stores[tree])
         resolve_rows += compare_resolve(trees, stores, sequences)
 
-    print_table("default job (old: tag default; new: solver.lower.name=lbfgs)", default_rows)
+    print_table("default job (old: tag default; new: the old default's solvers)", default_rows)
     print_table(f"re-solve of one recording ({PRESET}, sample 0)", resolve_rows)
     different = [r.quantity for r in default_rows + resolve_rows if r.equal is False]
     print(f"\nran {time.perf_counter() - started:.0f} s")

@@ -129,7 +129,8 @@ def test_quadratic_end_to_end_from_another_cwd(tmp_path, uri):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     out = tmp_path / "run"
-    result = _hyperkrylov([*QUICK, "recycle.dim=3", f"hydra.run.dir={out}"], cwd, uri)
+    result = _hyperkrylov([*QUICK, "recycle=ritz", "recycle.dim=3", f"hydra.run.dir={out}"],
+                          cwd, uri)
     assert result.returncode == 0, result.stderr
     (record,) = _runs(uri)
     assert record.status == "FINISHED"

@@ -35,7 +35,8 @@ def test_default_config_is_valid():
     c = validate(_compose())
     assert isinstance(c, Config)
     assert c.problem.name == "mnist_inpainting" and c.problem.dataset == "embedded_mnist"
-    assert c.recycle.strategy == "ritz" and c.outer.name == "adam"
+    assert c.recycle.strategy == "none" and c.outer.name == "adam"
+    assert c.solver.preconditioner == c.solver.lower.preconditioner == "auto"
     assert c.baseline.mode == "shadow" and c.tracking.enabled
 
 
@@ -77,7 +78,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["solver.check_every=0"], "solver.check_every"),
         (["stop=hypergradient_change", "stop.window=0"], "stop.window"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
-        (["solver.preconditioner=fft", "stop=hypergradient"],
+        (["solver.preconditioner=fft", "stop=hypergradient", "recycle=ritz"],
          "solver.preconditioner"),  # with recycling and NSC
         (["solver.preconditioner=fft", "stop=hypergradient_change"],
          "solver.preconditioner"),  # its estimate needs the unpreconditioned residual
@@ -123,11 +124,13 @@ def test_recycle_and_stop_groups_are_the_library_dataclasses():
 
 
 def test_the_two_preconditioners_map_to_their_solves():
-    settings = engine_config(validate(_compose("solver.lower.preconditioner=fft")))
+    settings = engine_config(validate(_compose("solver.lower.preconditioner=fft",
+                                               "solver.preconditioner=none")))
     assert (settings.lower_preconditioner, settings.preconditioner) == ("fft", "none")
-    settings = engine_config(validate(_compose("solver.preconditioner=fft", "recycle=none")))
+    settings = engine_config(validate(_compose("solver.preconditioner=fft",
+                                               "solver.lower.preconditioner=none")))
     assert (settings.lower_preconditioner, settings.preconditioner) == ("none", "fft")
-    settings = engine_config(validate(_compose("solver.preconditioner=fft")))  # recycling
+    settings = engine_config(validate(_compose("solver.preconditioner=fft", "recycle=ritz")))
     assert (settings.preconditioner, settings.recycle.strategy) == ("fft", "ritz")
 
 

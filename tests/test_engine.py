@@ -271,3 +271,26 @@ def test_host_syncs_do_not_grow_with_the_batch(backend):
         assert all(math.isfinite(r.times.krylov) and r.times.krylov > 0 for r in results)
     assert syncs[0] == syncs[1]
     assert min(syncs[0]) > 0
+
+
+def test_shadow_baseline_without_recycling_is_not_solved_twice():
+    """Without recycling or an NSC rule the shadow solve would repeat the hypergradient
+    solve from the same warm starts: it is not run (the engine applies exactly the
+    operators of an engine without the baseline, records no shadow); with recycling it is."""
+    be = get_backend("numpy")
+    problems = [QuadraticProblem(n=30, num_terms=3, seed=s, backend=be) for s in range(2)]
+
+    def engine(shadow, recycle=None):
+        return BilevelEngine(problems, EngineConfig(
+            recycle=recycle or RecycleConfig(), stop=StopConfig(rtol=1e-8), lower_gtol=1e-6,
+            shadow_baseline=shadow), backend=be)
+
+    shadowed, plain, recycled = engine(True), engine(False), engine(True, RecycleConfig("ritz", 3))
+    for t in range(3):
+        theta = be.asarray(THETA + 0.1 * t)
+        a, b, c = shadowed.evaluate(theta), plain.evaluate(theta), recycled.evaluate(theta)
+        assert shadowed.counter.snapshot() == plain.counter.snapshot()
+        assert np.array_equal(be.to_numpy(a.grad), be.to_numpy(b.grad))
+        assert [per_sample(r) for r in a.samples] == [per_sample(r) for r in b.samples]
+        assert all(r.shadow is None for r in a.samples)
+        assert all(r.shadow is not None and r.shadow.iterations > 0 for r in c.samples)

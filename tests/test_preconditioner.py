@@ -200,3 +200,35 @@ def test_engine_records_count_the_preconditioner_applications(monkeypatch):
     metrics = step.metrics()
     assert metrics["preconditioner"] + metrics["lower_preconditioner"] == seen["rows"] > 0
     assert all(s.preconditioner >= s.krylov_iterations + 2 for s in step.samples)
+
+
+def test_auto_is_fft_exactly_where_it_applies():
+    """``auto`` becomes fft on FoE imaging samples (the Hessian solve unless an NSC rule
+    estimates from a recycle space; the lower level with Newton–Krylov) and none on TV and
+    quadratic samples; explicit choices are kept as given."""
+    from framework.bilevel.engine import EngineConfig, with_preconditioners
+    from framework.krylov.recycle import RecycleConfig
+    from framework.krylov.stopping import StopConfig
+    from problems import QuadraticProblem
+
+    be = get_backend("numpy")
+    image = load_embedded_mnist().images[0]
+    foe = mnist_deblurring(be, image)
+    tv = ImagingProblem.from_image(image, be, Identity(image.shape),
+                                   TotalVariation(image.shape), noise_level=0.05)
+    quadratic = QuadraticProblem(n=10, num_terms=2, seed=0, backend=be)
+    auto = dict(preconditioner="auto", lower_preconditioner="auto")
+
+    def chosen(problem, **settings):
+        c = with_preconditioners(EngineConfig(**{**auto, **settings}), problem)
+        return c.preconditioner, c.lower_preconditioner
+
+    assert chosen(foe, lower_solver="newton_krylov") == ("fft", "fft")
+    assert chosen(foe, lower_solver="lbfgs") == ("fft", "none")
+    assert chosen(tv, lower_solver="newton_krylov") == ("none", "none")
+    assert chosen(quadratic, lower_solver="newton_krylov") == ("none", "none")
+    nsc = StopConfig("hypergradient", rtol=1e-3)
+    assert chosen(foe, stop=nsc, lower_solver="lbfgs") == ("fft", "none")  # no recycling
+    assert chosen(foe, stop=nsc, recycle=RecycleConfig("ritz", 3),
+                  lower_solver="lbfgs") == ("none", "none")
+    assert chosen(foe, lower_solver="newton_krylov", preconditioner="none") == ("none", "fft")

@@ -51,10 +51,11 @@ from framework.krylov.stopping import ResidualRule, StopConfig, StopKind
 from framework.optim import MinimizeStatus, lbfgs, newton_krylov
 from framework.optim.newton import ETA_MAX
 from framework.optim.rows import scatter_rows, take_rows
+from problems.foe import FieldsOfExperts
 from problems.preconditioners import fft_preconditioner
 
 LowerSolver = Choice("LowerSolver", "lbfgs newton_krylov")
-Preconditioner = Choice("Preconditioner", "none fft")
+Preconditioner = Choice("Preconditioner", "none fft auto")
 
 
 class NonFiniteError(FloatingPointError):
@@ -70,7 +71,8 @@ class EngineConfig:
     longer changes in floating point, Newton does not.  ``preconditioner="fft"``
     preconditions the Hessian solve with ``problems.preconditioners.fft_preconditioner``
     (FoE imaging; a recycle space is prepared with M), ``lower_preconditioner="fft"``
-    Newton–Krylov's inner solves (it stops on ‖∇f‖, so its solution is unchanged).
+    Newton–Krylov's inner solves (it stops on ‖∇f‖, so its solution is unchanged);
+    ``"auto"`` is ``"fft"`` where it applies and ``"none"`` elsewhere (``with_preconditioners``).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -84,7 +86,23 @@ class EngineConfig:
     preconditioner: Preconditioner = Preconditioner.none
     lower_preconditioner: Preconditioner = Preconditioner.none
     warm_start: bool = True
-    shadow_baseline: bool = False
+    shadow_baseline: bool = False  # also solve without recycling (none when nothing recycles)
+
+
+def with_preconditioners(config: EngineConfig, problem: Any) -> EngineConfig:
+    """``config`` with its ``auto`` preconditioners made concrete for samples like
+    ``problem``: fft for FoE imaging samples — on the Hessian solve unless an NSC rule
+    estimates from a recycle space (its estimates need the unpreconditioned residual), on
+    the lower level with Newton–Krylov — and none elsewhere."""
+    foe = isinstance(getattr(problem, "regularizer", None), FieldsOfExperts)
+    kind = config.stop.kind
+    nsc = kind == StopKind.hypergradient_change or (
+        kind == StopKind.hypergradient and config.recycle.enabled)
+    fits = {"preconditioner": foe and not nsc,
+            "lower_preconditioner": foe and config.lower_solver == LowerSolver.newton_krylov}
+    return replace(config, **{
+        name: (Preconditioner.fft if fits[name] else Preconditioner.none)
+        for name in fits if getattr(config, name) == Preconditioner.auto})
 
 
 NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
@@ -160,7 +178,7 @@ class BilevelEngine:
             raise ValueError("the engine needs samples of one batch-first problem type "
                              "(with concat)")
         self.problems, self.backend = list(problems), backend
-        self.config = config if config is not None else EngineConfig()
+        self.config = with_preconditioners(config or EngineConfig(), self.problems[0])
         self.theta_shape = shapes.pop()
         if check_every is None:
             check_every = default_check_every(self.problems[0].y)
@@ -369,8 +387,8 @@ class BilevelEngine:
         applied = tally.read()
         syncs = lower.host_syncs + res.host_syncs + 1
 
-        base = None
-        if cfg.shadow_baseline:
+        base = None  # without recycling or an NSC rule the shadow would be this very solve
+        if cfg.shadow_baseline and (cfg.recycle.enabled or rule is not None):
             base = solve(x0=self._warm_start(xp, "w_shadow", indices, xp.zeros_like(G)))
             syncs += base.host_syncs
         t5 = time.perf_counter()

@@ -95,14 +95,14 @@ class LowerSolverConfig:
     gtol: float = 1e-6
     maxiter: int = 500
     memory: int = 10
-    preconditioner: Preconditioner = Preconditioner.none  # Newton–Krylov's inner solves
+    preconditioner: Preconditioner = Preconditioner.auto  # Newton–Krylov's inner solves
 
 
 @dataclass
 class SolverConfig:
     maxiter: int = 500
     check_every: int | None = None
-    preconditioner: Preconditioner = Preconditioner.none
+    preconditioner: Preconditioner = Preconditioner.auto
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 
@@ -205,7 +205,7 @@ class Config:
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
-    recycle: RecycleConfig = field(default_factory=lambda: RecycleConfig(Strategy.ritz, 10))
+    recycle: RecycleConfig = field(default_factory=RecycleConfig)
     stop: StopConfig = field(default_factory=lambda: StopConfig(rtol=1e-3))
     outer: OuterConfig = field(default_factory=OuterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -46,12 +46,12 @@ def _series(history: History, key: str) -> np.ndarray | None:
     return np.asarray(points, dtype=float).T if points else None
 
 
-def iterations_per_system(rows: Sequence[Sequence[float]]) -> Any:
+def iterations_per_system(rows: Sequence[Sequence[float]], solver: str = "recycled") -> Any:
     """Krylov iterations of every system: rows (step, sample index, iterations, shadow
-    iterations or NaN), one line per sample and solver."""
+    iterations or NaN), one line per sample and solver (the run's labelled ``solver``)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     table = np.asarray(rows, dtype=float).reshape(-1, 4)
-    for col, style, label in ((2, "o-", "recycled"), (3, "x--", "MINRES (shadow)")):
+    for col, style, label in ((2, "o-", solver), (3, "x--", "MINRES (shadow)")):
         data = table[np.isfinite(table[:, col])]
         for k, sample in enumerate(np.unique(data[:, 1])):
             sel = data[data[:, 1] == sample]

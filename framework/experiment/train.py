@@ -333,7 +333,8 @@ def _log_figures(
     counts = [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
                                             names.BASELINE_KRYLOV_ITERATIONS)]
     figures = {
-        "iterations_per_system.png": plots.iterations_per_system(per_sample),
+        "iterations_per_system.png": plots.iterations_per_system(
+            per_sample, "recycled" if c.recycle.enabled else "MINRES"),
         "cumulative_iterations.png": plots.line(history, counts, "cumulative Krylov iterations"),
         "upper_loss.png": plots.line(history, [names.UPPER_LOSS], "upper loss"),
     }
