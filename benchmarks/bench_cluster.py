@@ -9,7 +9,11 @@ inpainting samples (the default FoE problem and solvers; extra Hydra overrides a
 passed on) through ``runner.run``; the per-step figure is the median of the steps'
 ``step_time`` after the first (which holds the workers' first imports and set-up).  The
 Dask runs log each worker's seconds inside its engine, so a step splits into the slowest
-worker's compute and the rest (messages, pickling, the driver): the overhead o(W).
+worker's compute and the rest (messages, pickling, the driver): the overhead o(W).  On a
+shared machine wall-clock seconds follow the other jobs, so each step's CPU seconds are
+printed too: the slowest worker process's and the driver process's (all their threads,
+read with psutil around each step; in-process both are the one process's), and the CPU
+speed-up, the in-process step's CPU seconds over the slowest worker's.
 
 The driver's calls to the workers are counted during the Dask runs (per method: calls
 and the pickled bytes of the arguments out and of the answers back; Dask's messages add
@@ -68,7 +72,7 @@ class _Counted(DaskEngine):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.processes = [psutil.Process(pid) for pid in self.worker_pids()]
+        self.processes = [psutil.Process(pid) for pid in self.client.run(os.getpid).values()]
 
     def evaluate(self, theta: Any, indices: Sequence[int]) -> Any:
         before, driver = [_cpu(p) for p in self.processes], time.process_time()

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import numpy as np
 import psutil
 import pytest
@@ -181,6 +182,21 @@ def test_cluster_config_checks() -> None:
         validate(_compose("cluster=dask_cuda"))
     with pytest.raises(ConfigError, match=r"^cluster\.workers: must be positive"):
         validate(_compose("cluster=dask_local", "cluster.workers=0"))
+
+
+def _housekeeping() -> tuple[bool, str]:
+    return (dask.config.get("distributed.worker.profile.enabled"),
+            dask.config.get("distributed.admin.tick.interval"))
+
+
+def test_dask_local_workers_run_without_the_profiler_and_fast_ticks() -> None:
+    """The worker processes a run starts get ``cluster.QUIET`` (no statistical profiler,
+    1 s event-loop ticks); the driver's own Dask configuration is restored afterwards."""
+    before = _housekeeping()
+    with cluster.cluster_client(validate(_compose("cluster=dask_local",
+                                                  "cluster.workers=1")).cluster) as client:
+        assert list(client.run(_housekeeping).values()) == [(False, "1s")]
+    assert _housekeeping() == before
 
 
 SLURM = ("cluster=dask_slurm", "cluster.workers=3", "cluster.slurm.queue=compute",
