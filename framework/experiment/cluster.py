@@ -51,12 +51,12 @@ if TYPE_CHECKING:
 
 # Dask (≈ 1 s to import) is imported by the runs that use it, in the functions below.
 CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
-# Dask's housekeeping that these runs do not use, off or slowed in the processes they start:
-# the workers' statistical profiler (a stack sample every 10 ms, for a dashboard not
-# served) and the 20 ms event-loop ticks of the scheduler, nannies and workers (they only
-# time the loop).  On the 2-core machine, idle 2-worker LocalCluster: workers 5 → 1.5 %
-# of a core each, driver 7 → 3.6 %; B = 16 MNIST steps: workers' CPU seconds per step −30 %
-# under load (benchmarks/bench_cluster.py).
+# Dask's housekeeping that these runs do not use, off or slowed in the driver and in the
+# workers a local cluster starts (SLURM jobs' workers read their own configuration): the
+# workers' statistical profiler (a stack sample every 10 ms, for a dashboard not served)
+# and the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
+# loop).  Idle 2-worker LocalCluster on the 2-core machine: each worker 5 → 1.5 % of a
+# core, the driver 7 → 3.6 % (README, "Speed on this 2-core machine").
 QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
 
 
