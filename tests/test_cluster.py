@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import dask
+import distributed.config  # noqa: F401  (loads Dask's distributed settings)
 import numpy as np
 import psutil
 import pytest
