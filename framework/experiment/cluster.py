@@ -53,11 +53,15 @@ if TYPE_CHECKING:
 CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
 # Dask's housekeeping that these runs do not use, off or slowed in the driver and in the
 # workers a local cluster starts (SLURM jobs' workers read their own configuration): the
-# workers' statistical profiler (a stack sample every 10 ms, for a dashboard not served)
-# and the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
-# loop).  Idle 2-worker LocalCluster on the 2-core machine: each worker 5 → 1.5 % of a
-# core, the driver 7 → 3.6 % (README, "Speed on this 2-core machine").
-QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+# workers' statistical profiler (a stack sample every 10 ms, for a dashboard not served),
+# the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
+# loop), the memory monitor (100 ms → 1 s: spilling, pausing and the nanny's terminate
+# threshold react within a second) and the system monitor (500 ms → 5 s: dashboard
+# figures).  Idle 2-worker LocalCluster on the 2-core machine: each worker 5.5 → 0.5 % of
+# a core, the driver 7–9 → 1.1 % (README, "Speed on this 2-core machine").
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+         "distributed.worker.memory.monitor-interval": "1s",
+         "distributed.admin.system-monitor.interval": "5s"}
 
 
 @contextmanager
