@@ -57,8 +57,8 @@ CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
 # the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
 # loop), the memory monitor (100 ms → 1 s: spilling, pausing and the nanny's terminate
 # threshold react within a second) and the system monitor (500 ms → 5 s: dashboard
-# figures).  Idle 2-worker LocalCluster on the 2-core machine: each worker 5.5 → 0.5 % of
-# a core, the driver 7–9 → 1.1 % (README, "Speed on this 2-core machine").
+# figures).  An idle 2-worker cluster=dask_local on the 2-core machine: each worker 3.2–3.5
+# → 0.2–0.4 % of a core, the driver 4–5 → 1 % (README, "Speed on this 2-core machine").
 QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
          "distributed.worker.memory.monitor-interval": "1s",
          "distributed.admin.system-monitor.interval": "5s"}
