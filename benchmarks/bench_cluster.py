@@ -9,7 +9,11 @@ inpainting samples (the default FoE problem and solvers; extra Hydra overrides a
 passed on) through ``runner.run``; the per-step figure is the median of the steps'
 ``step_time`` after the first (which holds the workers' first imports and set-up).  The
 Dask runs log each worker's seconds inside its engine, so a step splits into the slowest
-worker's compute and the rest (messages, pickling, the driver): the overhead o(W).
+worker's compute and the rest (messages, pickling, the driver): the overhead o(W).  On a
+shared machine wall-clock seconds follow the other jobs, so each step's CPU seconds are
+printed too: the slowest worker process's and the driver process's (all their threads,
+read with psutil around each step; in-process both are the one process's), and the CPU
+speed-up, the in-process step's CPU seconds over the slowest worker's.
 
 The driver's calls to the workers are counted during the Dask runs (per method: calls
 and the pickled bytes of the arguments out and of the answers back; Dask's messages add
@@ -37,9 +41,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
 from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +56,7 @@ from backends.threads import pool_threads  # noqa: E402
 from framework.experiment import checkpoint, runner  # noqa: E402
 from framework.experiment.cluster import DaskEngine, ShardEngine  # noqa: E402
 from framework.experiment.config import validate  # noqa: E402
+from framework.experiment.engine_setup import make_engine  # noqa: E402
 from framework.experiment.runner import run  # noqa: E402
 from problems.factory import build_problems  # noqa: E402
 
@@ -57,9 +64,22 @@ REPEATS = 200  # pickling rounds timed per message size
 
 
 class _Counted(DaskEngine):
-    """The Dask engine, tallying its calls to the workers (see the module docstring)."""
+    """The Dask engine, tallying its calls to the workers (see the module docstring) and
+    each step's CPU seconds of the workers' and the driver's processes (``cpu``)."""
 
     tally: ClassVar[Counter] = Counter()
+    cpu: ClassVar[list[tuple[list[float], float]]] = []
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.processes = [psutil.Process(pid) for pid in self.client.run(os.getpid).values()]
+
+    def evaluate(self, theta: Any, indices: Sequence[int]) -> Any:
+        before, driver = [_cpu(p) for p in self.processes], time.process_time()
+        result = super().evaluate(theta, indices)
+        self.cpu.append(([_cpu(p) - b for p, b in zip(self.processes, before, strict=True)],
+                         time.process_time() - driver))
+        return result
 
     def _call(self, method: str, parts: dict[int, tuple]) -> dict[int, Any]:
         done = super()._call(method, parts)
@@ -69,10 +89,32 @@ class _Counted(DaskEngine):
         return done
 
 
-def _steps(overrides: list[str], folder: Path) -> list[dict]:
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _timed_engine(*args: Any) -> Any:
+    """The in-process engine, its ``evaluate`` adding each step's CPU seconds to
+    ``_Counted.cpu`` (as one worker's, the driver's the same)."""
+    engine = make_engine(*args)
+    evaluate = engine.evaluate
+
+    def timed(theta: Any, indices: Sequence[int]) -> Any:
+        t0 = time.process_time()
+        result = evaluate(theta, indices)
+        seconds = time.process_time() - t0
+        _Counted.cpu.append(([seconds], seconds))
+        return result
+
+    engine.evaluate = timed
+    return engine
+
+
+def _steps(overrides: list[str], folder: Path, local: bool) -> list[dict]:
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    summary = run(cfg, output_dir=folder)
+    summary = run(cfg, output_dir=folder, engine_factory=_timed_engine if local else None)
     return checkpoint.load(summary.checkpoint_path)["history"]
 
 
@@ -117,7 +159,11 @@ def main() -> None:
                              ["cluster=dask_local", "cluster.workers=2"])):
             t0 = time.perf_counter()
             _Counted.tally.clear()
-            history = _steps([*base, *extra], Path(tmp) / name.replace(" ", "_"))
+            _Counted.cpu.clear()
+            history = _steps([*base, *extra], Path(tmp) / name.replace(" ", "_"),
+                             local=name == "in-process")
+            cpu_worker = statistics.median(max(w) for w, _ in _Counted.cpu[1:])
+            cpu_driver = statistics.median(d for _, d in _Counted.cpu[1:])
             calls[name] = dict(_Counted.tally)
             step = _median(history, "step_time")
             workers = sorted(k for k in history[0] if k.endswith("_time") and
@@ -125,18 +171,21 @@ def main() -> None:
             slowest = statistics.median(max(h[k] for k in workers) for h in history[1:]) \
                 if workers else step
             rows[name] = (step, slowest, len(workers), time.perf_counter() - t0,
-                          _median(history, "worker_imbalance") if workers else math.nan)
+                          _median(history, "worker_imbalance") if workers else math.nan,
+                          cpu_worker, cpu_driver)
     threads = pool_threads()
     print(f"BLAS threads (driver): {threads}; per Dask worker: 1 "
           "(one thread, threadpoolctl limit in each worker)")
     print(f"load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     local = rows["in-process"][0]
+    local_cpu = rows["in-process"][5]
     print("| engine | s/step (median) | slowest worker s | overhead s | imbalance "
-          "| speed-up | run s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, (step, slowest, _, wall, imbalance) in rows.items():
+          "| speed-up | CPU s/step, slowest worker | driver CPU s/step | CPU speed-up | run s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (step, slowest, _, wall, imbalance, cpu, driver) in rows.items():
         print(f"| {name} | {step:.3f} | {slowest:.3f} | {step - slowest:.3f} | "
-              f"{imbalance:.2f} | {local / step:.2f} | {wall:.1f} |")
+              f"{imbalance:.2f} | {local / step:.2f} | {cpu:.3f} | {driver:.3f} | "
+              f"{local_cpu / cpu:.2f} | {wall:.1f} |")
     print(f"\ncalls to the workers in each Dask run ({args.steps} steps, one checkpoint at "
           "the end); bytes pickled")
     print("| engine | method | calls | per step | bytes out/call | bytes back/call |")

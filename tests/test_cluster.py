@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
+import distributed.config  # noqa: F401  (loads Dask's distributed settings)
 import numpy as np
 import psutil
 import pytest
@@ -181,6 +183,21 @@ def test_cluster_config_checks() -> None:
         validate(_compose("cluster=dask_cuda"))
     with pytest.raises(ConfigError, match=r"^cluster\.workers: must be positive"):
         validate(_compose("cluster=dask_local", "cluster.workers=0"))
+
+
+def _housekeeping() -> dict[str, object]:
+    return {key: dask.config.get(key) for key in cluster.QUIET}
+
+
+def test_dask_local_workers_run_without_dask_housekeeping() -> None:
+    """The worker processes a run starts get ``cluster.QUIET`` (no statistical profiler,
+    slower ticks and monitors); the driver's own Dask configuration is restored afterwards."""
+    before = _housekeeping()
+    assert before != cluster.QUIET  # Dask's defaults
+    with cluster.cluster_client(validate(_compose("cluster=dask_local",
+                                                  "cluster.workers=1")).cluster) as client:
+        assert list(client.run(_housekeeping).values()) == [cluster.QUIET]
+    assert _housekeeping() == before
 
 
 SLURM = ("cluster=dask_slurm", "cluster.workers=3", "cluster.slurm.queue=compute",

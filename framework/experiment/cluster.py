@@ -51,6 +51,17 @@ if TYPE_CHECKING:
 
 # Dask (≈ 1 s to import) is imported by the runs that use it, in the functions below.
 CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
+# Dask's housekeeping that these runs do not use, off or slowed in the driver and in the
+# workers a local cluster starts (SLURM jobs' workers read their own configuration): the
+# workers' statistical profiler (a stack sample every 10 ms, for a dashboard not served),
+# the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
+# loop), the memory monitor (100 ms → 1 s: spilling, pausing and the nanny's terminate
+# threshold react within a second) and the system monitor (500 ms → 5 s: dashboard
+# figures).  An idle 2-worker cluster=dask_local on the 2-core machine: each worker 3.2–3.5
+# → 0.2–0.4 % of a core, the driver 4–5 → 1 % (README, "Speed on this 2-core machine").
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+         "distributed.worker.memory.monitor-interval": "1s",
+         "distributed.admin.system-monitor.interval": "5s"}
 
 
 @contextmanager
@@ -61,9 +72,11 @@ def cluster_client(c: ClusterConfig) -> Iterator[Client | None]:
     if c.name == ClusterName.local:
         yield None
         return
+    import dask
     from distributed import Client
 
     with ExitStack() as started:  # clients call the actors directly, not via the scheduler
+        started.enter_context(dask.config.set(QUIET))
         if c.name == ClusterName.dask_address:
             try:
                 client = Client(c.address, timeout=CONNECT_SECONDS, direct_to_workers=True)
