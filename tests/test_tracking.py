@@ -206,9 +206,9 @@ def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
     assert record.status == "RUNNING" and record.params == {} and record.metrics == {}
 
 
-def test_writes_return_before_the_store_exists_and_all_reach_it(uri, tmp_path):
-    db = tracking.sqlite_path(uri)
-    with tracking._store_lock(uri):  # the writer waits here to create the store
+def test_writes_return_before_the_store_exists_and_all_reach_it(no_store_uri, tmp_path):
+    db = tracking.sqlite_path(no_store_uri)
+    with tracking._store_lock(no_store_uri):  # the writer waits here to create the store
         tracker = Tracker(experiment="unit")
         tracker.start(run_name="r")
         for step in range(5):
