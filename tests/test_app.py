@@ -176,7 +176,7 @@ def _git_head() -> str | None:
 
 @pytest.mark.slow
 def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_it(
-        tmp_path, uri):
+        tmp_path, uri, capsys):
     from framework.experiment import compare
 
     sweep = tmp_path / "sweep"
@@ -223,16 +223,15 @@ def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_
         assert row.strategy == by_id[row.run_id].params["recycle.strategy"]
     table = compare.format_table(rows)
     assert len(table.splitlines()) == 6
-    for chosen in (parent_id, str(sweep)):  # the parent by id and by name: the same table
-        shown = subprocess.run(
-            [sys.executable, "-m", "framework.experiment.compare", "--sweep", chosen,
-             "--figure", ""], cwd=tmp_path, env=_env(uri), capture_output=True, text=True,
-            timeout=240)
-        assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.strip() == table
-    shown = subprocess.run(  # with the figure: logged to the parent run
-        [sys.executable, "-m", "framework.experiment.compare", "--sweep", parent_id],
+    # the parent by id and by name: the same table; the figure is logged to the parent run
+    capsys.readouterr()
+    assert compare.main(["--sweep", parent_id, "--figure", ""]) == 0  # the entry point
+    assert capsys.readouterr().out.strip() == table
+    shown = subprocess.run(  # the command itself
+        [sys.executable, "-m", "framework.experiment.compare", "--sweep", str(sweep)],
         cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=240)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{table}\n")
     assert f"figures logged to the sweep's parent run {parent_id}" in shown.stdout
     assert [a.path for a in client.list_artifacts(parent_id, "compare")] == [
         "compare/comparison.png"]

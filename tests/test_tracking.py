@@ -260,10 +260,12 @@ def _read_only(folder: Path):
             folder.chmod(0o755)
 
 
-def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path, caplog):
+def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path, empty_store,
+                                                                        caplog):
     store, folder = tmp_path / "store", tmp_path / "run"
     store.mkdir()
     folder.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
     pending = folder / tracking.PENDING_FILE
     first = Tracker(uri, "unit")
@@ -296,10 +298,11 @@ def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path,
     assert record.tags[names.BUFFERED_WRITES_TAG] == "7"
 
 
-def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path):
+def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path, empty_store):
     store, folder = tmp_path / "store", tmp_path / "run"
     store.mkdir()
     folder.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
     first = Tracker(uri, "unit")
     first.start(run_name="r", record_to=recorded)
