@@ -21,6 +21,14 @@ threadpool_limits(limits=TEST_THREADS)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first, the order otherwise kept: pytest-xdist then hands
+    out the long ones while many short ones remain to even out the workers' ends (by name
+    the outage test, among the longest, would come last and run alone)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # (backend name, device) pairs every core test runs on.  array-api-strict's "device1" is
 # a fake second device: mixing it with default-device arrays raises, so leaks show.
 BACKEND_CASES = [
