@@ -493,8 +493,10 @@ def _read_only(folder: Path) -> list[str]:
     return prefix
 
 
-def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path):
+def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path, empty_store):
     store = tmp_path / "store"
+    store.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri = f"sqlite:///{store}/mlflow.db"
     first = _hyperkrylov([*QUICK, f"hydra.run.dir={tmp_path}/a"], tmp_path, uri)
     assert first.returncode == 0, first.stderr
