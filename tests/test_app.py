@@ -82,11 +82,12 @@ def _compose(*overrides: str):
         ("hydra.run.dir={tmp}/a-file/run", "cannot write {tmp}/a-file/run", 2),
     ],
 )
-def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, uri, override, key, code):
+def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, no_store_uri, override, key, code):
     (tmp_path / "a-file").write_text("")
     override, key = override.format(tmp=tmp_path), key.format(tmp=tmp_path)
     start = time.perf_counter()
-    result = _hyperkrylov([f"hydra.run.dir={tmp_path}/run", *override.split()], tmp_path, uri)
+    result = _hyperkrylov([f"hydra.run.dir={tmp_path}/run", *override.split()], tmp_path,
+                          no_store_uri)
     assert result.returncode == code, result.stderr
     assert key in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
@@ -95,12 +96,12 @@ def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, uri, override, ke
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
-def test_a_missing_backend_is_one_line_before_any_run(tmp_path, uri):
+def test_a_missing_backend_is_one_line_before_any_run(tmp_path, no_store_uri):
     from backends import available_backends
 
     if "cupy" in available_backends():
         pytest.skip("CuPy works here: nothing to refuse")
-    result = _hyperkrylov(["backend=cupy", f"hydra.run.dir={tmp_path}/run"], tmp_path, uri)
+    result = _hyperkrylov(["backend=cupy", f"hydra.run.dir={tmp_path}/run"], tmp_path, no_store_uri)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("hyperkrylov: configuration error: backend.name: ")
     assert not (tmp_path / "mlflow.db").exists()
@@ -176,7 +177,7 @@ def _git_head() -> str | None:
 
 @pytest.mark.slow
 def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_it(
-        tmp_path, uri):
+        tmp_path, uri, capsys):
     from framework.experiment import compare
 
     sweep = tmp_path / "sweep"
@@ -223,16 +224,15 @@ def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_
         assert row.strategy == by_id[row.run_id].params["recycle.strategy"]
     table = compare.format_table(rows)
     assert len(table.splitlines()) == 6
-    for chosen in (parent_id, str(sweep)):  # the parent by id and by name: the same table
-        shown = subprocess.run(
-            [sys.executable, "-m", "framework.experiment.compare", "--sweep", chosen,
-             "--figure", ""], cwd=tmp_path, env=_env(uri), capture_output=True, text=True,
-            timeout=240)
-        assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.strip() == table
-    shown = subprocess.run(  # with the figure: logged to the parent run
-        [sys.executable, "-m", "framework.experiment.compare", "--sweep", parent_id],
+    # the parent by id and by name: the same table; the figure is logged to the parent run
+    capsys.readouterr()
+    assert compare.main(["--sweep", parent_id, "--figure", ""]) == 0  # the entry point
+    assert capsys.readouterr().out.strip() == table
+    shown = subprocess.run(  # the command itself
+        [sys.executable, "-m", "framework.experiment.compare", "--sweep", str(sweep)],
         cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=240)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{table}\n")
     assert f"figures logged to the sweep's parent run {parent_id}" in shown.stdout
     assert [a.path for a in client.list_artifacts(parent_id, "compare")] == [
         "compare/comparison.png"]
@@ -301,26 +301,26 @@ def test_checkpoint_off_writes_no_checkpoint_and_a_rerun_runs_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_parallel_jobs_share_one_fresh_sqlite_store(tmp_path, uri):
+def test_parallel_jobs_share_one_fresh_sqlite_store(tmp_path, no_store_uri):
     procs = [
         subprocess.Popen(
             [*_command(), *QUICK, "outer.steps=3", f"recycle.dim={k}",
              f"hydra.run.dir={tmp_path / str(k)}"],
-            cwd=tmp_path, env=_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=tmp_path, env=_env(no_store_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True,
         )
         for k in (1, 2, 3, 4)
     ]
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
-    records = _runs(uri)
+    records = _runs(no_store_uri)
     assert sorted(r.params["recycle.dim"] for r in records) == ["1", "2", "3", "4"]
     assert all(r.status == "FINISHED" and len(r.history["upper_loss"]) == 3 for r in records)
 
 
 def test_gradient_descent_backtracks_on_the_batch_loss(tmp_path):
     cfg = _compose("problem.num_samples=2", "problem.num_filters=4", "recycle.dim=2",
-                   "outer=gd", "outer.lr=1", "outer.steps=3", "tracking=disabled",
+                   "outer=gd", "outer.lr=1", "outer.steps=2", "tracking=disabled",
                    "baseline=none")
     summary = run(cfg, output_dir=tmp_path)
     state = checkpoint.load(summary.checkpoint_path)
@@ -419,8 +419,8 @@ def test_without_a_terminal_progress_lines_reach_stdout_and_the_job_log(tmp_path
     assert "outer:" not in result.stdout + result.stderr  # no tqdm bar without a terminal
 
 
-def test_help_says_what_the_tool_does_and_lists_the_groups(tmp_path, uri):
-    result = _hyperkrylov(["--help"], tmp_path, uri)
+def test_help_says_what_the_tool_does_and_lists_the_groups(tmp_path, no_store_uri):
+    result = _hyperkrylov(["--help"], tmp_path, no_store_uri)
     assert result.returncode == 0, result.stderr
     for part in ("== Tasks (task=...) ==", "resolve    re-solve a recording",
                  "recycle: auto, harmonic_ritz, none, rgen_both", "hyperkrylov-compare --paper",
@@ -467,17 +467,17 @@ def test_a_killed_run_resumes_from_its_mlflow_checkpoint_in_a_fresh_folder(tmp_p
         assert dict(record.history[key]) == dict(ref_record.history[key])
 
 
-def test_resume_from_an_unknown_run_is_one_line_before_any_work(tmp_path, uri):
+def test_resume_from_an_unknown_run_is_one_line_before_any_work(tmp_path, no_store_uri):
     args = [*QUICK, "resume_from=0123abcd", f"hydra.run.dir={tmp_path}/run"]
     for missing in (f"store at {tmp_path}/mlflow.db", "run '0123abcd'"):
-        result = _hyperkrylov(args, tmp_path, uri)
+        result = _hyperkrylov(args, tmp_path, no_store_uri)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(
             f"hyperkrylov: configuration error: resume_from: no MLflow {missing}")
         assert len(result.stderr.strip().splitlines()) == 1 and "step 1/" not in result.stdout
         assert not (tmp_path / "run" / "checkpoint.npz").exists()
-        tracking.prepare_experiment(uri, "hyperkrylov")  # the store, without that run
-    assert _runs(uri) == []
+        tracking.prepare_experiment(no_store_uri, "hyperkrylov")  # the store, without that run
+    assert _runs(no_store_uri) == []
 
 
 def _read_only(folder: Path) -> list[str]:
@@ -494,8 +494,10 @@ def _read_only(folder: Path) -> list[str]:
     return prefix
 
 
-def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path):
+def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path, empty_store):
     store = tmp_path / "store"
+    store.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri = f"sqlite:///{store}/mlflow.db"
     first = _hyperkrylov([*QUICK, f"hydra.run.dir={tmp_path}/a"], tmp_path, uri)
     assert first.returncode == 0, first.stderr
@@ -511,9 +513,11 @@ def test_a_read_only_store_is_one_line_exit_3_and_no_run(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A ``mlflow server`` on 127.0.0.1 (artifacts proxied); its URL.  Skips when it does not
-    answer within 180 s (it imports much: about 40 s on a loaded 2-core machine)."""
+def mlflow_server(tmp_path, empty_store):
+    """A ``mlflow server`` on 127.0.0.1 (artifacts proxied; its store a copy of the empty
+    store); its URL.  Skips when it does not answer within 180 s (it imports much: about
+    40 s on a loaded 2-core machine)."""
+    shutil.copyfile(empty_store, tmp_path / "server.db")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

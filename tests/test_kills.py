@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from filelock import FileLock
 
 from framework.experiment import checkpoint, names
 
@@ -103,49 +102,24 @@ def _outcome(folder: Path) -> Outcome:
     )
 
 
-def _once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
-    """The folder ``name`` made by ``make(folder)`` once for all xdist workers."""
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared if worker_id == "master" else shared.parent
-    folder = shared / name
-    with FileLock(shared / f"{name}.lock"):
-        if not (shared / f"{name}.done").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            make(folder)
-            (shared / f"{name}.done").write_text("")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, worker_id) -> Path:
-    """An empty SQLite store (its schema made once: a copy costs no migrations)."""
-    from mlflow.tracking import MlflowClient
-
-    def make(folder: Path) -> None:
-        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
-
-    return _once(tmp_path_factory, worker_id, "kill-store", make) / "mlflow.db"
-
-
 @pytest.fixture
-def job(tmp_path, store) -> Path:
+def job(tmp_path, empty_store) -> Path:
     """A folder for one job: an empty store in ``store/``, the output in ``run/``."""
     (tmp_path / "store").mkdir()
-    shutil.copy(store, tmp_path / "store" / "mlflow.db")
+    shutil.copy(empty_store, tmp_path / "store" / "mlflow.db")
     return tmp_path
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, worker_id, store) -> Outcome:
+def reference(made_once, empty_store) -> Outcome:
     """The uninterrupted job, run once for all xdist workers."""
     def make(folder: Path) -> None:
         (folder / "store").mkdir()
-        shutil.copy(store, folder / "store" / "mlflow.db")
+        shutil.copy(empty_store, folder / "store" / "mlflow.db")
         result = _cli(folder)
         assert result.returncode == 0, result.stderr
 
-    outcome = _outcome(_once(tmp_path_factory, worker_id, "kill-reference", make))
+    outcome = _outcome(made_once("kill-reference", make))
     assert outcome.statuses == ["FINISHED"]
     assert outcome.checkpoint_artifact_step == 6
     return outcome

@@ -128,7 +128,7 @@ def test_resolve_other_sample_and_bad_sample(tmp_path, uri, recorded):
         _resolve(tmp_path, path, "ritz_s", "sequence.sample=7")
 
 
-def test_bad_sequence_path_fails_fast(tmp_path, uri):
+def test_bad_sequence_path_fails_fast(tmp_path, no_store_uri):
     with pytest.raises(ConfigError, match=r"^sequence\.path: required"):
         run(_compose(*QUADRATIC, "task=resolve"), output_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"^sequence\.path: .* does not exist"):

@@ -206,9 +206,9 @@ def test_a_failed_write_is_raised_as_one_line_and_stops_the_writes(uri):
     assert record.status == "RUNNING" and record.params == {} and record.metrics == {}
 
 
-def test_writes_return_before_the_store_exists_and_all_reach_it(uri, tmp_path):
-    db = tracking.sqlite_path(uri)
-    with tracking._store_lock(uri):  # the writer waits here to create the store
+def test_writes_return_before_the_store_exists_and_all_reach_it(no_store_uri, tmp_path):
+    db = tracking.sqlite_path(no_store_uri)
+    with tracking._store_lock(no_store_uri):  # the writer waits here to create the store
         tracker = Tracker(experiment="unit")
         tracker.start(run_name="r")
         for step in range(5):
@@ -260,10 +260,12 @@ def _read_only(folder: Path):
             folder.chmod(0o755)
 
 
-def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path, caplog):
+def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path, empty_store,
+                                                                        caplog):
     store, folder = tmp_path / "store", tmp_path / "run"
     store.mkdir()
     folder.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
     pending = folder / tracking.PENDING_FILE
     first = Tracker(uri, "unit")
@@ -296,10 +298,11 @@ def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path,
     assert record.tags[names.BUFFERED_WRITES_TAG] == "7"
 
 
-def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path):
+def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path, empty_store):
     store, folder = tmp_path / "store", tmp_path / "run"
     store.mkdir()
     folder.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
     uri, recorded = f"sqlite:///{store}/mlflow.db", folder / "mlflow_run_id"
     first = Tracker(uri, "unit")
     first.start(run_name="r", record_to=recorded)

@@ -76,10 +76,12 @@ def _finished(client, run_id: str) -> dict[int, float]:
 
 
 class _Server:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts in ``root``."""
+    """``mlflow server`` on 127.0.0.1 with a SQLite store (a copy of ``store``) and served
+    artifacts in ``root``."""
 
-    def __init__(self, root: Path, processes: list[subprocess.Popen]) -> None:
+    def __init__(self, root: Path, processes: list[subprocess.Popen], store: Path) -> None:
         self.port = _free_port()
+        shutil.copyfile(store, root / f"{self.port}.db")  # the schema made: no migrations
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / f"server-{self.port}.log"
         self.command = [
@@ -111,12 +113,13 @@ class _Server:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
-def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, processes):
+def test_a_dead_tracking_server_neither_slows_nor_loses_the_run(tmp_path, processes,
+                                                                empty_store):
     if not (Path(sys.executable).parent / "mlflow").exists():
         pytest.skip(f"no mlflow command next to {sys.executable}")
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("pins the jobs to one core: needs os.sched_setaffinity (Linux)")
-    server = _Server(tmp_path, processes)
+    server = _Server(tmp_path, processes, empty_store)
     if not server.wait():
         pytest.skip(f"`mlflow server` did not start: {server.log.read_text()[-500:]}")
     reference_uri = f"sqlite:///{tmp_path}/reference.db"  # the schema made, no runs yet
