@@ -91,9 +91,10 @@ class EngineConfig:
 
 def with_preconditioners(config: EngineConfig, problem: Any) -> EngineConfig:
     """``config`` with its ``auto`` preconditioners made concrete for samples like
-    ``problem``: fft for FoE imaging samples — on the Hessian solve unless an NSC rule
-    estimates from a recycle space (its estimates need the unpreconditioned residual), on
-    the lower level with Newton–Krylov — and none elsewhere."""
+    ``problem``: fft for FoE imaging samples — on the Hessian solve unless a
+    hypergradient-error rule needs the unpreconditioned residual (hypergradient_change, or
+    hypergradient with recycling), on the lower level with Newton–Krylov — and none
+    elsewhere."""
     foe = isinstance(getattr(problem, "regularizer", None), FieldsOfExperts)
     kind = config.stop.kind
     nsc = kind == StopKind.hypergradient_change or (
