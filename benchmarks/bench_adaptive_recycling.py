@@ -68,7 +68,7 @@ CASES = {"mnist": Case("mnist", 10, 1e-3, 5, -1.0), "bsds64": Case("bsds64", 30,
          "bsds256": Case("bsds256", 30, 1e-6, 7, -2.0)}
 
 
-def problems(case: Case, data: Path, batch: int, be) -> list | None:
+def problems(case: Case, data: Path, batch: int, be, crop: int | None = None) -> list | None:
     if case.name == "mnist":
         images = load_embedded_mnist().images[:batch]
         reg = FieldsOfExperts(images[0].shape, 5, 24, expert="lorentzian")
@@ -77,7 +77,7 @@ def problems(case: Case, data: Path, batch: int, be) -> list | None:
                 for i, img in enumerate(images)]
     if not (data / "images" / "train").is_dir():
         return None
-    crop = 64 if case.name == "bsds64" else 256
+    crop = crop or (64 if case.name == "bsds64" else 256)
     images = load_bsds300(data, "train", crop=crop, count=batch)
     reg = FieldsOfExperts(images[0].shape, 7, 16, expert="lorentzian")
     return [ImagingProblem.from_image(img, be, GaussianBlur(img.shape, 1.5), reg,
