@@ -66,14 +66,12 @@ _CODES = (Status.MAXITER, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status
 @dataclass(frozen=True)
 class KrylovResult:
     """Outcome of a solve: per-sample tuples for a batch, plain values for a 1-D ``b``.
-
-    ``matvecs`` counts each sample's operator applications (one per iteration, one for
-    the initial residual when ``x0`` is given); ``check_matvecs`` the final true-residual
-    check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
-    recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
-    ``passes`` counts the batched operator calls (each applies all B operators, frozen
-    samples and the symmetry check included, the true-residual check not),
-    ``preconditioner_passes`` those of M; ``host_syncs`` the host reads of scalars.
+    ``matvecs``: each sample's operator applications (one per iteration, one more for the
+    initial residual when ``x0`` is given), ``check_matvecs`` the final true-residual
+    check's; ``residual_norm``: the true ‖b − Ax‖ at exit when that check ran (else the
+    estimate); ``residual_history``: the estimates from iteration 0 on; ``passes``: the
+    batched operator calls (frozen samples and the symmetry check included, the true-residual
+    check not), ``preconditioner_passes`` those of M; ``host_syncs``: host reads of scalars.
     """
 
     x: Any

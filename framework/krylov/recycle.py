@@ -69,6 +69,11 @@ class RecycleCarry:
     basis: Any
     selected: bool
 
+    @property
+    def size(self) -> int:
+        """Vectors carried (the largest count of a batch)."""
+        return max(widths(self.basis if self.basis.ndim == 3 else self.basis[None, ...]))
+
     def sample(self, i: int) -> RecycleCarry:
         """Sample i's carry, (n, D_i) without its padding columns."""
         width = widths(self.basis[i:i + 1, ...])[0]
@@ -147,10 +152,8 @@ class RecycleHarvester:
         self.v_prev = self.u_prev = None
         if self.Z is None:
             return None
-        xp = array_namespace(self.Z)
-        width = int(xp.max(xp.sum(xp.astype(self.zvalid, xp.int64), axis=-1)))
         carried = self.Zres if self.preconditioned else self.Z
-        return RecycleCarry(carried[..., :width], selected=True)
+        return RecycleCarry(carried[..., :max(widths(self.Z))], selected=True)
 
     def _terms(self) -> tuple[Any, ...]:
         """The cycle's Lanczos scalars as (B, m) arrays (α, β_{j+1}, β_j), B = (MC)ᵀAV

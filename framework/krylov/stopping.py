@@ -83,15 +83,10 @@ class SingleSampleRule:
 
 @dataclass(frozen=True)
 class HypergradientErrorEstimator:
-    """The Galerkin estimate of the hypergradient error from recycle spaces (U, C = HU),
-    per sample:
-
-        Jᵀ(w_k − w*) = −JᵀH⁻¹r_k ≈ −JᵀU (UᵀHU)⁻¹ Uᵀ r_k,
-
-    and with the GSVD of (JᵀU S, SᵀUᵀHUS) (S orthonormal coordinates of U),
-    ‖JᵀU(UᵀHU)⁻¹Uᵀr‖ = ‖M r‖ with M = diag(σ)[sel] V_H[:, sel]ᵀ Sᵀ Uᵀ, σ = c/s.
-    ``M`` is (B, sel, n); ``zero_block`` (B,) marks samples whose JᵀU is zero.
-    """
+    """The Galerkin estimate of the hypergradient error from recycle spaces (U, C = HU) per
+    sample, Jᵀ(w_k − w*) = −JᵀH⁻¹r_k ≈ −JᵀU (UᵀHU)⁻¹ Uᵀ r_k: with the GSVD of (JᵀU S, SᵀUᵀHUS)
+    (S orthonormal coordinates of U), ‖JᵀU(UᵀHU)⁻¹Uᵀr‖ = ‖M r‖ with M = diag(σ)[sel]
+    V_H[:, sel]ᵀ Sᵀ Uᵀ, σ = c/s, (B, sel, n); ``zero_block`` (B,) marks samples with JᵀU = 0."""
 
     M: Any
     zero_block: Any
