@@ -1,8 +1,5 @@
-"""Pick an array namespace, device and dtype for a run.
-
-This is the only place that knows which array libraries exist.  Everything else gets
-its namespace from the arrays it is handed (``array_api_compat.array_namespace``).
-"""
+"""Pick an array namespace, device and dtype for a run: the only place that knows which
+array libraries exist (everything else takes its namespace from the arrays it is handed)."""
 
 from backends.core import (
     Backend,

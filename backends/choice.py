@@ -1,9 +1,6 @@
-"""``Choice``: a string enum for option names (strategies, stop rules, backends, ...).
-
-Members equal their strings (``Strategy.ritz == "ritz"``), so a name is defined once and
-compared, printed and stored as text; an unknown name raises ``ValueError`` listing the
-valid ones.  The Hydra schema uses the same enums, so a bad value fails at composition.
-"""
+"""``Choice``: a string enum for option names, defined once: members equal their strings
+(``Strategy.ritz == "ritz"``); an unknown name raises ``ValueError`` listing the valid ones
+(the Hydra schema uses the same enums, so a bad value fails at composition)."""
 
 from __future__ import annotations
 

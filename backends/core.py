@@ -129,12 +129,10 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
 
 
 def tune_cpu_allocator() -> bool:
-    """Keep freed array memory in the process heap (glibc ``mallopt``; True when applied).
-
-    By default glibc serves each batched temporary (a few MB) from a fresh ``mmap``, whose
-    page faults on first touch cost more than the arithmetic on small images.  Raising the
-    mmap / trim thresholds to 32 / 64 MiB (as ``MALLOC_MMAP_THRESHOLD_`` /
-    ``MALLOC_TRIM_THRESHOLD_`` do) removes that; a no-op off glibc."""
+    """Keep freed array memory in the process heap (True when applied, a no-op off glibc):
+    glibc ``mallopt`` mmap / trim thresholds of 32 / 64 MiB (as ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_``), so batched temporaries of a few MB do not come from fresh
+    ``mmap``s whose first-touch page faults cost more than the arithmetic."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (OSError, AttributeError, TypeError):  # no mallopt (not glibc) or no dlopen(NULL)

@@ -1,9 +1,5 @@
-"""Counting operator applications.
-
-Every Hessian-vector product (HVP) and Jacobian-transpose product (Jᵀ) is counted where
-it happens.  A *pass* is one sequential call (a block of b vectors is one pass); an
-*application* counts each vector of a block (b applications).  See DESIGN.md "Counting".
-"""
+"""Counting operator applications where they happen: a *pass* is one sequential call (a
+block of b vectors is one pass), an *application* counts each vector (b per block)."""
 
 from __future__ import annotations
 
@@ -64,14 +60,8 @@ class CountingOperator:
     """Wrap ``apply(v)`` (v of shape (n,) or (n, b)) so every application is counted, as
     ``kind`` in ``counter`` (a problem's shared one, or a fresh one)."""
 
-    def __init__(
-        self,
-        apply: Callable[[Any], Any],
-        n: int,
-        *,
-        counter: Counter | None = None,
-        kind: str = "hvp",
-    ) -> None:
+    def __init__(self, apply: Callable[[Any], Any], n: int, *, counter: Counter | None = None,
+                 kind: str = "hvp") -> None:
         self._apply = apply
         self.shape = (n, n)
         self.counter = counter if counter is not None else Counter()

@@ -12,11 +12,10 @@ from numpy.lib.stride_tricks import as_strided
 
 
 def rowdot(xp: Any, a: Any, b: Any) -> Any:
-    """Row-wise inner products of two (B, n) arrays: (B,).  Each row's rounding depends
-    only on its own entries, not on B nor on where the row lies in memory: NumPy's
-    ``einsum`` loop (about twice as fast as the generic form at B = 16, n = 784), else an
-    elementwise product summed along the row.  Not ``vecdot``: it calls BLAS ``ddot``,
-    which rounds with the row's memory alignment on some kernels (OpenBLAS Prescott)."""
+    """Row-wise inner products of two (B, n) arrays: (B,), each row's rounding depending
+    only on its own entries (not on B nor on the row's place in memory): NumPy's ``einsum``
+    loop, else a row sum of the product.  Not ``vecdot``: BLAS ``ddot`` rounds with the
+    row's memory alignment on some kernels (OpenBLAS Prescott)."""
     if is_numpy_namespace(xp):
         return np.einsum("ij,ij->i", a, b)
     return xp.sum(a * b, axis=-1)
@@ -24,8 +23,7 @@ def rowdot(xp: Any, a: Any, b: Any) -> Any:
 
 def flipped_windows(xp: Any, padded: Any, k: int, windows: Sequence[tuple]) -> Any:
     """The K² windows ``padded[windows[a·K + c]]`` = P[2r − a + i, 2r − c + j, :] of an
-    (h + 2r, w + 2r, m) array stacked as (K², h·w·m).  NumPy reads them through one
-    strided view (one copy instead of K² slices: a third of the time at 28×28)."""
+    (h + 2r, w + 2r, m) array stacked as (K², h·w·m); NumPy copies one strided view."""
     if not is_numpy_namespace(xp):
         return xp.reshape(xp.stack([padded[win] for win in windows], axis=0), (k * k, -1))
     r = k // 2
@@ -39,8 +37,7 @@ def flipped_windows(xp: Any, padded: Any, k: int, windows: Sequence[tuple]) -> A
 def shifted_sum(xp: Any, mixed: Any, k: int, windows: Sequence[tuple]) -> Any:
     """Σ_{a,c} of plane a·K + c of ``mixed`` (K², h, w, m) shifted by (a − r, c − r), zero
     outside: out[i, j] = Σ mixed[a·K + c, i + a − r, j + c − r], (h, w, m), adding the
-    planes in order a·K + c.  For m = 1 NumPy sums a strided view of the padded planes
-    (half the time at 28×28; for m > 1 its reduction loop is slower than K² additions)."""
+    planes in order a·K + c; NumPy sums a strided view for m = 1 (slower for m > 1)."""
     _, h, w, m = mixed.shape
     r = k // 2
     if is_numpy_namespace(xp) and m == 1:

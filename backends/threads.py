@@ -1,11 +1,6 @@
-"""BLAS/OpenMP thread limits of a run, through threadpoolctl.
-
-This project's kernels are elementwise passes and thin matrix products on small images,
-where extra BLAS threads give little alone and cost a lot beside other work (spinning
-OpenBLAS threads made the default job take 83 s instead of 11 s beside a second job).  So
-a run limits the host pools to ``num_threads`` or, when that is null, to one thread, except
-for dense problems of at least ``DENSE_THREADED_ENTRIES`` matrix entries, where every core
-pays.  Device backends (CuPy) are left alone: their work does not run in the host pools.
+"""BLAS/OpenMP thread limits of a run, through threadpoolctl: ``num_threads`` or, when
+null, one thread on the host backends except every core for dense problems of at least
+``DENSE_THREADED_ENTRIES`` entries; device backends (CuPy) are left alone (README, "Threads").
 """
 
 from __future__ import annotations
@@ -30,9 +25,8 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_num_threads(
-    backend: str, requested: int | None, *, dense_entries: int = 0
-) -> int | None:
+def choose_num_threads(backend: str, requested: int | None, *,
+                       dense_entries: int = 0) -> int | None:
     """The thread limit for a run on ``backend`` (None: leave the pools alone), chosen as the
     module doc says from ``requested`` (``backend.num_threads``) and ``dense_entries``."""
     if backend not in HOST_BACKENDS:

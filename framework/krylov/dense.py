@@ -41,12 +41,10 @@ GSVD = namedtuple("GSVD", "sigma c s left right")
 
 
 def gsvd(A1: Any, A2: Any) -> GSVD:
-    """GSVD through a QR of the stacked pair and an SVD of its lower block.
-
-    [A1; A2] = [Q1; Q2] R and Q2 = V_H diag(s) Zᵀ give A2 R⁻¹Z = V_H diag(s) and
-    A1 R⁻¹Z = Q1 Z with orthogonal columns of norms c (computed directly, so small c
-    keep their relative accuracy).  Requires the stacked matrix to have full column rank.
-    """
+    """GSVD through a QR of the stacked pair, [A1; A2] = [Q1; Q2] R, and an SVD of its lower
+    block, Q2 = V_H diag(s) Zᵀ: A2 R⁻¹Z = V_H diag(s), and A1 R⁻¹Z = Q1 Z has orthogonal
+    columns of norms c (computed directly, so small c keep their relative accuracy).
+    Requires the stacked matrix to have full column rank."""
     xp = array_namespace(A1, A2)
     p = A1.shape[-2]
     Q, R = xp.linalg.qr(xp.concat([A1, A2], axis=-2))

@@ -1,12 +1,11 @@
 """The per-sample scalar step of MINRES: Lanczos scalars → Givens rotation → coefficients.
 
-Each iteration sample i adds a column (β_k, α_k, β_{k+1}) to its tridiagonal T̄; the two
-previous rotations and a new one reduce it, giving the direction recurrence
-d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ and the step φ along d_k.  ``rotate`` is written
-once against an ``ops`` table for ``HostScalars`` (Python floats, one call per sample: a
-few microseconds) and ``DeviceScalars`` ((B,) device arrays, one call per batch; the host
-reads one "any sample running?" flag every ``check_every`` iterations).  A frozen sample
-(converged, exact, broken down, non-finite) gets the identity rotation and zero step.
+Each iteration adds a column (β_k, α_k, β_{k+1}) to sample i's T̄; the two previous
+rotations and a new one reduce it to the recurrence d_k = (v_k − δ d_{k−1} − ε d_{k−2}) / γ
+and the step φ along d_k.  ``rotate`` is written once against an ``ops`` table, called per
+sample on Python floats (``HostScalars``) or once on (B,) device arrays (``DeviceScalars``,
+the host reading one "any sample running?" flag every ``check_every`` iterations).  A
+frozen sample (converged, exact, broken down, non-finite) gets the identity rotation.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Recording the Lanczos process of a (recycled) MINRES solve, per sample.
 
-During RMINRES the solver runs Lanczos on (I − CCᵀ)A restricted to range(C)^⊥:
-
-    (I − CCᵀ) A V_m = V_{m+1} T̄_m,      B_m = Cᵀ A V_m,      Vᵀ C = 0.
-
+RMINRES runs Lanczos on (I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m, B_m = CᵀAV_m, VᵀC = 0.
 A *harvester* (``rminres(harvest=...)``) gets ``begin(space, v1, u1, beta1)``, then per
-iteration ``step(alpha, beta_next, b_col, v_next, u_next, update)`` for all samples at
-once: the tridiagonal entries ((B,) arrays), the column of B ((B, k)), the basis vectors
-((B, n) rows) and which samples were updated; ``finish()`` returns what it kept.  With a
-preconditioner M it receives both forms of each basis vector, v (solution space, the V
-above) and u = M⁻¹v (residual space: (I − C(MC)ᵀ)AV_m = U_{m+1}T̄_m, B_m = (MC)ᵀAV_m);
-without one u is None.  The recorder keeps v.
+iteration ``step(alpha, beta_next, b_col, v_next, u_next, update)`` for the whole batch
+(α, β_{k+1} and the update mask (B,), the column of B (B, k), the basis vectors (B, n));
+``finish()`` returns what it kept.  With a preconditioner M it also receives each basis
+vector's residual form u = M⁻¹v ((I − C(MC)ᵀ)AV_m = U_{m+1}T̄_m, B_m = (MC)ᵀAV_m); without
+one u is None.  The recorder keeps v.
 """
 
 from __future__ import annotations
@@ -26,10 +22,10 @@ from backends.host import to_host
 
 @dataclass(frozen=True)
 class LanczosHarvest:
-    """Lanczos data of one sample's solve: the stored basis vectors v_1..v_s as columns of
-    ``V`` (s ≤ cap, possibly s = m+1), ``alphas`` = (α_1..α_m), ``betas`` = (β_2..β_{m+1})
-    (the sub-diagonal of T̄_m), ``B`` = CᵀAV_m (k × m) with the recycle space ``U``/``C``,
-    and ``beta1`` = ‖r_0‖ after projection."""
+    """One sample's Lanczos data: stored basis vectors v_1..v_s as columns of ``V`` (s ≤ cap,
+    possibly s = m+1), ``alphas`` = (α_1..α_m), ``betas`` = (β_2..β_{m+1}) (T̄_m's
+    sub-diagonal), ``B`` = CᵀAV_m (k × m), the space's ``U``/``C``, and the projected
+    ``beta1`` = ‖r_0‖."""
 
     U: Any
     C: Any

@@ -1,23 +1,15 @@
 """MINRES with an optional recycle space (RMINRES), batch-first, against the array API.
 
-B symmetric systems A_i x_i = b_i are solved together: vectors are rows of (B, n) arrays
-and one *pass* of the operator maps (B, n) → (B, n); a 1-D ``b`` is a batch of one.
-Given per-sample recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the non-zero columns;
-zero columns are padding) the solver
-
-* projects the start:  x₀ ← x₀ + U Cᵀr₀,  r₀ ← (I − CCᵀ) r₀;
-* runs Lanczos on (I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m with B_m = CᵀAV_m;
-* returns the minimal-residual iterate x_m = x₀ + V_m y − U B_m y with
-  y = argmin ‖β₁e₁ − T̄_m y‖, by short recurrences (Givens rotations): no basis is stored.
-
-With a preconditioner M = LLᵀ ≈ A⁻¹ the same method runs on Â = LᵀAL (never formed):
-v = L v̂, u = L⁻ᵀv̂ (v = M u), Ĉ = LᵀC, so ĈᵀĈ = I reads CᵀMC = I, the projector
-I − C(MC)ᵀ on residuals, B_m = (MC)ᵀAV_m and ‖r̂‖ = ‖r‖_M (README, "Preconditioned
-recycling"); the space carries MC: one application of M per iteration.
-
-Per iteration: one pass, two row-wise inner products, a few row updates and the scalar
-step of ``framework.krylov.givens``.  A sample that meets its stopping rule freezes at
-exactly the iteration where it would stop alone.
+B symmetric systems A_i x_i = b_i are solved together as rows of (B, n) arrays (one *pass*
+of the operator maps (B, n) → (B, n)); a 1-D ``b`` is a batch of one.  Given per-sample
+recycle spaces (U_i, C_i = A_i U_i, C_iᵀC_i = I on the non-zero columns; zero columns are
+padding) the start is projected (x₀ ← x₀ + U Cᵀr₀, r₀ ← (I − CCᵀ) r₀), Lanczos runs on
+(I − CCᵀ)A: (I − CCᵀ)AV_m = V_{m+1}T̄_m with B_m = CᵀAV_m, and the minimal-residual
+iterate x_m = x₀ + V_m y − U B_m y, y = argmin ‖β₁e₁ − T̄_m y‖, follows by short
+recurrences (``framework.krylov.givens``): no basis is stored.  With a preconditioner
+M = LLᵀ ≈ A⁻¹ the method runs on LᵀAL in the M-norm, the space carrying MC (one M per
+iteration; README, "Preconditioned recycling").  A sample that meets its stopping rule
+freezes at exactly the iteration where it would stop alone.
 """
 
 from __future__ import annotations
@@ -74,14 +66,12 @@ _CODES = (Status.MAXITER, Status.CONVERGED, Status.EXACT, Status.MAXITER, Status
 @dataclass(frozen=True)
 class KrylovResult:
     """Outcome of a solve: per-sample tuples for a batch, plain values for a 1-D ``b``.
-
-    ``matvecs`` counts each sample's operator applications (one per iteration, one for
-    the initial residual when ``x0`` is given); ``check_matvecs`` the final true-residual
-    check.  ``residual_norm`` is the true ‖b − Ax‖ at exit when that check ran (else the
-    recurrence estimate); ``residual_history`` the estimates from iteration 0 on.
-    ``passes`` counts the batched operator calls (each applies all B operators, frozen
-    samples and the symmetry check included, the true-residual check not),
-    ``preconditioner_passes`` those of M; ``host_syncs`` the host reads of scalars.
+    ``matvecs``: each sample's operator applications (one per iteration, one more for the
+    initial residual when ``x0`` is given), ``check_matvecs`` the final true-residual
+    check's; ``residual_norm``: the true ‖b − Ax‖ at exit when that check ran (else the
+    estimate); ``residual_history``: the estimates from iteration 0 on; ``passes``: the
+    batched operator calls (frozen samples and the symmetry check included, the true-residual
+    check not), ``preconditioner_passes`` those of M; ``host_syncs``: host reads of scalars.
     """
 
     x: Any

@@ -1,14 +1,12 @@
 """Carrying recycle spaces from one batch of linear systems to the next.
 
-A ``RecycleHarvester`` (``rminres(harvest=...)``) chooses each sample's next recycle vectors
-from W_i = [U_i, V_i] (its non-padding recycle columns and its own iterations) against the
-matrix just solved ("inner" selection), with HW = [C, V_{m+1}T̄ + CB] from the Lanczos
-relation (no operator application).  With a cap s on stored Lanczos vectors it compresses
-[Z, V_s] to k vectors every s steps (a "cycle"), carrying HZ (and JᵀZ) as combinations:
-memory O(Bn(k + s)).  ``Recycler.prepare`` turns the carry into a ``RecycleSpace`` for the
-next H (C = HU: k applications).  "Outer" selection keeps all of W and selects against the
-next H (dim W applications); the dense oracles ``eig`` and ``gsvd`` select from the whole
-space (n applications; tests and small n only).
+A ``RecycleHarvester`` (``rminres(harvest=...)``) chooses each sample's next vectors from
+W_i = [U_i, V_i] against the matrix just solved ("inner" selection), HW coming from the
+Lanczos relation (no operator application), compressing [Z, V_s] to k vectors every s
+stored Lanczos vectors (a "cycle"); ``Recycler.prepare`` turns the carry into the next H's
+``RecycleSpace``.  "Outer" selection keeps all of W and selects against the next H; the
+dense oracles ``eig`` and ``gsvd`` select from the whole space (README, "Recycling without
+extra operator applications").
 """
 
 from __future__ import annotations
@@ -30,14 +28,12 @@ Selection = Choice("Selection", "inner outer")  # (see the module docstring)
 
 @dataclass
 class RecycleConfig:
-    """How the recycle space is chosen and carried (the schema of the config group
-    ``recycle``): ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the
-    spectrum (None: the strategy's default), ``max_vectors`` the cap s on stored Lanczos
-    vectors (None: all; the default 200 bounds a solve's memory by n·(k + s + 10) per
-    sample and never binds on the paper presets: ``benchmarks/bench_memory.py``),
-    ``selection``, ``rank_tol`` the relative rank cut of the space.
-    ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only while it pays
-    in measured seconds (``framework.bilevel.adaptive``)."""
+    """How the recycle space is chosen and carried (the config group ``recycle``):
+    ``strategy``, ``dim`` the recycle dimension k, ``which`` end of the spectrum (None: the
+    strategy's default), ``max_vectors`` the cap s on stored Lanczos vectors (None: all;
+    memory n·(k + s + 10) per sample), ``selection``, ``rank_tol`` the relative rank cut of
+    the space; ``adaptive``: the bilevel engine recycles (at most ``dim`` vectors) only
+    while it pays in measured seconds (``framework.bilevel.adaptive``)."""
 
     strategy: Strategy = Strategy.none
     dim: int = 0
@@ -101,13 +97,11 @@ ROWS = 1024  # the compression forms W in blocks of rows (see ``_compress``)
 
 
 class RecycleHarvester:
-    """A harvester that selects each sample's next recycle vectors as the solve runs.
-
-    It keeps references to the solver's Lanczos vectors (no copy per iteration) and, at a
-    compression, forms W = [Z, V], HW and their projected matrices in blocks of rows,
-    writing Z = W·Y and HZ = HW·Y in place once they are its own: the working memory is
-    the s + 1 Lanczos vectors, Z and HZ (2k) and about three vectors' worth of blocks (the
-    RGen strategies apply Jᵀ to the stacked V of a cycle: m more vectors then)."""
+    """Selects each sample's next recycle vectors as the solve runs: it keeps references to
+    the solver's Lanczos vectors and, at a compression, forms W = [Z, V], HW and their
+    projections in blocks of rows, writing Z = W·Y and HZ = HW·Y in place once they are its
+    own (working memory: s + 1 Lanczos vectors, Z, HZ and about three vectors of blocks;
+    RGen applies Jᵀ to a cycle's stacked V, m vectors more)."""
 
     def __init__(self, config: RecycleConfig, jac_t: Operator | None = None) -> None:
         if config.needs_jacobian and jac_t is None:
@@ -158,10 +152,8 @@ class RecycleHarvester:
         self.v_prev = self.u_prev = None
         if self.Z is None:
             return None
-        xp = array_namespace(self.Z)
-        width = int(xp.max(xp.sum(xp.astype(self.zvalid, xp.int64), axis=-1)))
         carried = self.Zres if self.preconditioned else self.Z
-        return RecycleCarry(carried[..., :width], selected=True)
+        return RecycleCarry(carried[..., :max(widths(self.Z))], selected=True)
 
     def _terms(self) -> tuple[Any, ...]:
         """The cycle's Lanczos scalars as (B, m) arrays (α, β_{j+1}, β_j), B = (MC)ᵀAV
@@ -369,10 +361,9 @@ class Recycler:
         JW = jac_t(W) if cfg.needs_jacobian else None
         Y = select(Projection.from_products(W, HW, JW, Wres=Wres, MHW=MHW), strategy,
                    cfg.dim, cfg.which)
-        if M is None:
-            return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol)
-        return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol, MAY=MHW @ Y,
-                                          MinvY=Wres @ Y)
+        MAY, MinvY = (None, None) if M is None else (MHW @ Y, Wres @ Y)
+        return RecycleSpace.from_products(W @ Y, HW @ Y, rank_tol=cfg.rank_tol, MAY=MAY,
+                                          MinvY=MinvY)
 
     def carry_after(self, result: Any, space: RecycleSpace | None) -> RecycleCarry | None:
         """The carry after a solve: its harvest, or the unchanged space when the solve

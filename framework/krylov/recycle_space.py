@@ -35,12 +35,10 @@ def widths(basis: Any) -> list[int]:
 @dataclass(frozen=True)
 class RecycleSpace:
     """U and C = A U, each (B, n, k) for a batch or (n, k) for one system, with CᵢᵀCᵢ = I
-    on the non-zero columns; zero columns are padding (samples with fewer vectors).
-
-    A space for a preconditioned solve (M ≈ A⁻¹, ``from_basis(..., M=M)``) is
-    M-orthonormal instead, CᵀMC = I, and carries ``MC`` = M C (the solver's projector
-    I − C(MC)ᵀ) and ``MinvU`` = M⁻¹U (U's residual-space form, for the harvest's
-    M⁻¹-Gram); both are None without a preconditioner."""
+    on the non-zero columns; zero columns are padding (samples with fewer vectors).  A space
+    for a preconditioned solve (M ≈ A⁻¹, ``from_basis(..., M=M)``) is M-orthonormal,
+    CᵀMC = I, and carries ``MC`` = M C (the projector I − C(MC)ᵀ) and ``MinvU`` = M⁻¹U (U's
+    residual-space form, for the harvest); both are None without a preconditioner."""
 
     U: Any
     C: Any
@@ -107,19 +105,15 @@ class RecycleSpace:
         return self._map(lambda X: X[i, ...])
 
     @classmethod
-    def from_basis(
-        cls, operator: Callable[[Any], Any], Y: Any, *, rank_tol: float = 1e-10,
-        M: Callable[[Any], Any] | None = None,
-    ) -> RecycleSpace | None:
-        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator):
-        one block application gives AY; a thin QR AY = QR and an SVD R = P Σ Qᵀ give
-        C = Q P (orthonormal) and U = Y Q Σ⁻¹, so A U = C in exact arithmetic.  Directions
-        with σ_i ≤ rank_tol · σ_max become zero columns (a near-dependent Y yields a
-        smaller space, not a blow-up).  ``None`` when k = 0.
-
-        With a preconditioner ``M``, ``Y`` is the basis in residual form, as the harvest
-        carries it: the space is spanned by MY, so that M⁻¹U is known, and C is made
-        M-orthonormal (``from_products``).  Applications: k of A, 2k of M."""
+    def from_basis(cls, operator: Callable[[Any], Any], Y: Any, *, rank_tol: float = 1e-10,
+                   M: Callable[[Any], Any] | None = None) -> RecycleSpace | None:
+        """Build (U, C) from a basis ``Y`` ((B, n, k), or (n, k) with a 1-D operator) with one
+        block application AY: a thin QR AY = QR and an SVD R = P Σ Qᵀ give C = Q P and
+        U = Y Q Σ⁻¹ (A U = C in exact arithmetic); directions with σ_i ≤ rank_tol · σ_max
+        become zero columns (a near-dependent Y gives a smaller space).  ``None`` when k = 0.
+        With a preconditioner ``M``, ``Y`` is in residual form (as the harvest carries it):
+        the space is spanned by MY, so M⁻¹U is known, and made M-orthonormal
+        (``from_products``); k applications of A, 2k of M."""
         xp = array_namespace(Y)
         if Y.ndim not in (2, 3):
             raise ValueError(f"recycle basis must be (n, k) or (B, n, k), got {tuple(Y.shape)}")

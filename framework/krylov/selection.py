@@ -1,24 +1,18 @@
 """Recycle-space selection strategies on projected bases, for every sample at once.
 
-Sample i's basis W_i (n × D, stacked to (B, n, D)) has valid columns (non-padding
-recycle vectors, Lanczos vectors of its own iterations); the rest are zero.  Every
-strategy needs only the small projected matrices (``Projection``)
+Sample i's basis W_i (stacked to (B, n, D)) has valid columns (non-padding recycle vectors,
+Lanczos vectors of its own iterations) and zero ones.  A strategy needs only the projected
+matrices (``Projection``) and returns coefficients Y (B, D, k) of U = W Y: min(k, rank W_i)
+vectors per sample, zero columns after them.  Every problem is posed in rank-revealing
+orthonormal coordinates S (Sᵀ·gram·S = I), so a nearly dependent W cannot blow up; dropped
+or padding directions get values never chosen (a separated eigenvalue, an identity block)
+and are recognised by where their vectors live.
 
-    gram = WᵀW,   G = WᵀHW,   F = (HW)ᵀ(HW),   P = JᵀW  (RGen only)
-
-and returns coefficients Y (B, D, k) of the new recycle space U = W Y.  All problems are
-first reduced to rank-revealing orthonormal coordinates S (Sᵀ·gram·S = I), so a nearly
-dependent W cannot blow up; masked or dropped directions get values that are never chosen
-(a separated eigenvalue, an identity block) and are recognised by where their vectors
-live.  Each sample gets min(k, rank W_i) vectors (zero columns pad the rest).
-
-Strategies (config names):
-* ``ritz``          — Ritz vectors: G z = θ gram z; ``which`` by |θ| (small = closest to 0).
-* ``harmonic_ritz`` — harmonic Ritz vectors: F z = θ G z, by the harmonic Ritz values θ
-  (small = closest to 0); solved as G z = (1/θ) F z with F positive definite.
-* ``rgen_left``, ``rgen_right``, ``rgen_both`` — Ritz generalised singular vectors from
-  the GSVD of (JᵀW̃, W̃ᵀHW̃), W̃ = WS; ``which`` by σ (large by default): the left vectors
-  V_H, the right vectors X⁻ᵀ, or their (sign-aligned) mean.
+Strategies: ``ritz``, G z = θ gram z by |θ| (small = closest to 0); ``harmonic_ritz``,
+F z = θ G z by the harmonic Ritz values θ (small = closest to 0), solved as
+G z = (1/θ) F z with F positive definite; ``rgen_left``, ``rgen_right``, ``rgen_both``,
+Ritz generalised singular vectors from the GSVD of (JᵀW̃, W̃ᵀHW̃), W̃ = WS, by σ (large by
+default): the left vectors V_H, the right vectors X⁻ᵀ, or their sign-aligned mean.
 ``which = "mix"`` keeps ⌊k/2⌋ from the small end and k − ⌊k/2⌋ from the large end.
 """
 from __future__ import annotations
@@ -49,8 +43,8 @@ def needs_jacobian(strategy: str) -> bool:
 
 @dataclass(frozen=True)
 class Projection:
-    """gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW of a basis whose padding columns are
-    zero, each (B, D, ·) (or unbatched)."""
+    """gram = WᵀW, G = WᵀHW, F = (HW)ᵀ(HW), P = JᵀW (RGen only) of a basis whose padding
+    columns are zero, each (B, D, ·) (or unbatched)."""
 
     gram: Any
     G: Any

@@ -35,17 +35,9 @@ class RecycledSolve:
         return float(estimates[-1][0]) if estimates and bool(self.rule.active[0]) else math.nan
 
 
-def recycled_solve(
-    H: Operator,
-    g: Any,
-    *,
-    recycler: Recycler,
-    carry: RecycleCarry | None = None,
-    x0: Any = None,
-    jac_t: Operator | None = None,
-    stop: StopConfig | None = None,
-    maxiter: int | None = None,
-) -> RecycledSolve:
+def recycled_solve(H: Operator, g: Any, *, recycler: Recycler, carry: RecycleCarry | None = None,
+                   x0: Any = None, jac_t: Operator | None = None, stop: StopConfig | None = None,
+                   maxiter: int | None = None) -> RecycledSolve:
     """Prepare the recycle space for H from ``carry``, solve H w = g by RMINRES with the
     configured stopping rule, and harvest the carry for the next system."""
     stop = stop if stop is not None else StopConfig()
@@ -109,13 +101,8 @@ def _norm(v: Any) -> float:
     return math.sqrt(float(v @ v))
 
 
-def solve_sequence(
-    systems: Iterable[LinearSystem],
-    *,
-    recycle: RecycleConfig | None = None,
-    stop: StopConfig | None = None,
-    maxiter: int | None = None,
-) -> SequenceResult:
+def solve_sequence(systems: Iterable[LinearSystem], *, recycle: RecycleConfig | None = None,
+                   stop: StopConfig | None = None, maxiter: int | None = None) -> SequenceResult:
     """Walk ``systems`` with warm starts (w_{t−1} as x0) and recycling; when a system has
     ``jac_t`` its hypergradient −Jᵀw is formed (one application) and, given a
     ``reference``, its relative error reported."""

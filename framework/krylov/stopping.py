@@ -1,11 +1,8 @@
-"""Stopping rules for Krylov solves, per sample of a batch.
-
-A rule is called before the first iteration and after every iteration with the batch's
-``IterationState`` and returns a (B,) boolean mask (True: the sample stops).  With
-``needs_residual = True`` it also gets the residual rows (kept by recurrence, no extra
-applications).  A rule for one system (floats in, a bool out) serves a 1-D right-hand side
-through ``SingleSampleRule``.
-"""
+"""Stopping rules for Krylov solves, per sample of a batch: called before the first and
+after every iteration with the batch's ``IterationState``, a rule returns a (B,) boolean
+mask (True: the sample stops).  With ``needs_residual`` it also gets the residual rows
+(kept by recurrence, no extra applications).  A rule for one system (floats in, a bool
+out) serves a 1-D right-hand side through ``SingleSampleRule``."""
 
 from __future__ import annotations
 
@@ -86,15 +83,10 @@ class SingleSampleRule:
 
 @dataclass(frozen=True)
 class HypergradientErrorEstimator:
-    """The Galerkin estimate of the hypergradient error from recycle spaces (U, C = HU),
-    per sample:
-
-        Jᵀ(w_k − w*) = −JᵀH⁻¹r_k ≈ −JᵀU (UᵀHU)⁻¹ Uᵀ r_k,
-
-    and with the GSVD of (JᵀU S, SᵀUᵀHUS) (S orthonormal coordinates of U),
-    ‖JᵀU(UᵀHU)⁻¹Uᵀr‖ = ‖M r‖ with M = diag(σ)[sel] V_H[:, sel]ᵀ Sᵀ Uᵀ, σ = c/s.
-    ``M`` is (B, sel, n); ``zero_block`` (B,) marks samples whose JᵀU is zero.
-    """
+    """The Galerkin estimate of the hypergradient error from recycle spaces (U, C = HU) per
+    sample, Jᵀ(w_k − w*) = −JᵀH⁻¹r_k ≈ −JᵀU (UᵀHU)⁻¹ Uᵀ r_k: with the GSVD of (JᵀU S, SᵀUᵀHUS)
+    (S orthonormal coordinates of U), ‖JᵀU(UᵀHU)⁻¹Uᵀr‖ = ‖M r‖ with M = diag(σ)[sel]
+    V_H[:, sel]ᵀ Sᵀ Uᵀ, σ = c/s, (B, sel, n); ``zero_block`` (B,) marks samples with JᵀU = 0."""
 
     M: Any
     zero_block: Any
@@ -160,16 +152,11 @@ class HypergradientErrorRule:
 
 
 class HypergradientChangeRule:
-    """Stop sample i at iteration k ≥ window + 1 when its estimated hypergradient error
-
-        E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·Δ_k),   Δ_k = ‖Jᵀ(w_k − w_{k−1})‖,
-        q_k = max over j = k − window + 1 … k of max(‖r_j‖/‖r_{j−1}‖, Δ_j/Δ_{j−1}),
-
-    is ≤ max(rtol·‖Jᵀw_k‖, atol): the NSC's Galerkin estimate (range U) and the geometric
-    tail of the hypergradient's own changes (all of the space) at the slowest contraction
-    of the last ``window`` steps (q_k ≥ 1 never stops), times ``safety``; before
-    k = window + 1 only r = 0 stops.  One Jᵀ application per call to the rows still running.
-    ``estimates`` records E_k/‖Jᵀw_k‖ at every call (README, "A hypergradient-error rule
+    """Stop sample i at iteration k ≥ window + 1 when safety·E_k ≤ max(rtol·‖Jᵀw_k‖, atol),
+    E_k = max(‖M_i r_k‖, q_k/(1 − q_k)·Δ_k), Δ_k = ‖Jᵀ(w_k − w_{k−1})‖ and q_k the largest
+    of ‖r_j‖/‖r_{j−1}‖ and Δ_j/Δ_{j−1} over the last ``window`` steps (q_k ≥ 1 never stops;
+    before k = window + 1 only r = 0 stops).  One Jᵀ application per call to the rows still
+    running; ``estimates`` records safety·E_k/‖Jᵀw_k‖ (README, "A hypergradient-error rule
     that holds")."""
 
     needs_residual = True
