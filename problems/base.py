@@ -59,13 +59,11 @@ Kernel = Callable[[Any], Any]
 
 
 class Linearization:
-    """∇²ₓₓf (``hvp``, also ``__call__``) and Jᵀ (``jac_t``) of a problem frozen at (X, θ),
-    from the problem's kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and ``jac_t3``
-    (B, n, b) → (B, p, b).  Promotes inputs (v (n,) or (n, b) for one point; V (B, n) or
-    (B, n, b)), counts each call as one pass of B·b applications in ``problem.counter``,
-    masks Jᵀ by ``problem.theta_mask`` and unwraps; ``frozen``: the regulariser's own
-    linearization, ``value_and_grad``: the counted (f, ∇ₓf) at the point from its work
-    (None where the problem cannot share it)."""
+    """∇²ₓₓf (``hvp``, also ``__call__``) and Jᵀ (``jac_t``, masked by ``theta_mask``) of a
+    problem frozen at (X, θ), from its kernels on blocks ``hvp3`` (B, n, b) → (B, n, b) and
+    ``jac_t3`` (B, n, b) → (B, p, b); each call counts one pass of B·b applications in
+    ``problem.counter``.  ``frozen``: the regulariser's own linearization;
+    ``value_and_grad``: the counted (f, ∇ₓf) at the point from its work (or None)."""
 
     def __init__(self, problem: Any, hvp3: Kernel, jac_t3: Kernel, *, single: bool,
                  frozen: Any = None, value_and_grad: Callable[[], Any] | None = None) -> None:
@@ -149,12 +147,9 @@ class RowRegularizer:
 
 class Problem:
     """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖², counted operators and
-    the shared bookkeeping (points promoted to rows, single-sample views, cached subsets).
-
-    Every method takes one point x (n,) (B = 1) or a batch X (B, n).  Subclasses set the
-    attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,)
-    and ∇ₓf (B, n) of rows X (B, n), uncounted; None where not asked), ``linearize`` and
-    ``_select(rows)`` (samples ``rows`` as a new problem)."""
+    the shared bookkeeping.  Subclasses set the attributes below and implement
+    ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,) and ∇ₓf (B, n) of rows X,
+    uncounted; None where not asked), ``linearize`` and ``_select(rows)`` (a new problem)."""
 
     n: int
     batch_size: int

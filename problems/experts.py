@@ -1,10 +1,7 @@
-"""Expert (penalty) functions φ for Fields of Experts, with first and second derivatives.
-
-Each expert is (φ, φ', φ'') as separate functions of (z, γ), so callers pay only for the
-derivative they need.  The hot ones update fresh temporaries in place (array-API in-place
-operators, dtype preserved): with NumPy, allocating a new temporary per operation costs
-several times the arithmetic for arrays of this size.
-"""
+"""Expert (penalty) functions φ for Fields of Experts: (φ, φ', φ'') as separate functions
+of (z, γ), so callers pay only for what they need.  The hot ones update fresh temporaries
+in place (dtype preserved): with NumPy a new temporary per operation costs more than the
+arithmetic."""
 
 from __future__ import annotations
 

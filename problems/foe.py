@@ -4,11 +4,10 @@
 p_f.  ∗ is the true 2-D convolution with zero boundary and output the image's size, i.e.
 ``scipy.signal.convolve2d(x, k, mode="same")`` for odd K.
 
-Layout: a batch of blocks (B, n, b) is laid out batch-last, (H, W, B·b), so that each of
-the K² shifted copies of the zero-padded batch is a slice of contiguous rows; stacked
-once, (K², n·B·b), all F filters act in one matmul, and the adjoint is one matmul
-followed by K² shifted additions.  Filter responses stay pixel-major (F, n·B); Jᵀ
-contracts over each sample's pixels in the sample-major layout (K², B, n, b).
+Layout: blocks (B, n, b) are laid out batch-last, (H, W, B·b); the K² shifted copies of
+the zero-padded batch, stacked once (K², n·B·b), meet all F filters in one matmul, and the
+adjoint is one matmul and K² shifted additions.  Filter responses are pixel-major
+(F, n·B); Jᵀ works in the sample-major layout (K², B, n, b).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from problems.experts import Expert
 
 LEARN_OPTIONS = ("filters", "exponents", "both")
 COLUMN_WISE = 8  # batch size from which NumPy applies a block Hessian column by column
-# (5 columns, B = 8 and 16: 0.8–0.9 of the block's CPU time at 28×28, 0.6–0.7 at 64×64)
 
 
 def dct_filters(kernel_size: int) -> np.ndarray:

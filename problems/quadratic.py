@@ -2,9 +2,8 @@
 
 x_i(θ) = (A_iᵀA_i + Σ_j e^{θ_j} G_ij)⁻¹ A_iᵀy_i with G_ij = D_ijᵀD_ij, and the
 hypergradient of ℓ_i(x) = ½‖x − x_true,i‖² is −Jᵀ H⁻¹ (x − x_true,i) with
-J[:, j] = e^{θ_j} G_ij x: both computed densely on the host by ``exact_solution`` /
-``exact_hypergradient`` as references for tests.  Batch-first like the imaging problem:
-a ``QuadraticProblem`` holds B samples (one seed each), ``concat`` joins them.
+J[:, j] = e^{θ_j} G_ij x: ``exact_solution`` / ``exact_hypergradient`` compute both
+densely on the host, as test references.  B samples (one seed each); ``concat`` joins them.
 """
 
 from __future__ import annotations

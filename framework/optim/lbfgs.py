@@ -106,15 +106,12 @@ def steepest_descent(
 
 
 class LBFGSMemory:
-    """Per-sample L-BFGS memories of a batch: at most ``size`` pairs per sample, newest
-    first; ``count[i]`` pairs of sample i.
-
-    Slot a holds the a-th newest pair (s, y, ρ = 1/sᵀy) of every sample as rows of (B, n)
-    arrays and a (B,) array; ρ = 0 marks an empty slot (the recursion passes it unchanged;
-    a sample with pairs has ρ ≠ 0 in its newest).  The recursion runs over as many slots as
-    the fullest memory among the samples iterating, so a sample's arithmetic is the same
-    alone as in a batch.
-    """
+    """Per-sample L-BFGS memories of a batch: at most ``size`` pairs per sample, ``count[i]``
+    of sample i.  Slot a holds the a-th newest pair (s, y, ρ = 1/sᵀy) of every sample as rows
+    of (B, n) arrays and a (B,) array; ρ = 0 marks an empty slot (the recursion passes it
+    unchanged; a sample with pairs has ρ ≠ 0 in its newest).  The recursion runs over as
+    many slots as the fullest memory among the samples iterating, so a sample's arithmetic
+    is the same alone as in a batch."""
 
     def __init__(self, ev: RowEvaluator, X: Any, size: int) -> None:
         self.ev, self.xp = ev, ev.xp

@@ -107,12 +107,8 @@ def search_rows(
     accepted = np.zeros(bsz, dtype=bool)
     taken, kept = (X, G, F.copy()), (X, G, F.copy())  # (X, G, F) of accepted / kept trials
 
-    def put(rows: list[int], source: tuple, target: tuple) -> tuple:
-        """``target`` with the rows ``rows`` of ``source`` (X, G, F)."""
-        if not rows:
-            return target
-        mask = np.zeros(bsz, dtype=bool)
-        mask[rows] = True
+    def put(mask: np.ndarray, source: tuple, target: tuple) -> tuple:
+        """``target`` with the rows ``mask`` of ``source`` (X, G, F)."""
         target[2][mask] = source[2][mask]
         return ev.select(mask, source[0], target[0]), ev.select(mask, source[1], target[1]), \
             target[2]
@@ -122,19 +118,17 @@ def search_rows(
         pending[list(searches)] = True
         Xt = ev.step(X, [a if pending[i] else 0.0 for i, a in enumerate(alpha)], P)
         Ft, Gt, st = ev.evaluate(Xt, pending, P)
-        keep: list[int] = []
-        take: dict[Outcome, list[int]] = {"last": [], "kept": [], None: []}
+        keep = np.zeros(bsz, dtype=bool)
+        take = {o: np.zeros(bsz, dtype=bool) for o in ("last", "kept", None)}
         for i in list(searches):
             fi = float(Ft[i])
             si = float(st[i]) if math.isfinite(fi) else math.nan
             try:
-                keeps, alpha[i] = searches[i].send((fi, si))
-                if keeps:
-                    keep.append(i)
+                keep[i], alpha[i] = searches[i].send((fi, si))
             except StopIteration as stop:
                 del searches[i]
-                take[stop.value].append(i)
+                take[stop.value][i] = True
         taken = put(take["last"], (Xt, Gt, Ft), put(take["kept"], kept, taken))
         kept = put(keep, (Xt, Gt, Ft), kept)
-        accepted[take["last"] + take["kept"]] = True
+        accepted |= take["last"] | take["kept"]
     return accepted, *taken

@@ -6,14 +6,11 @@ rows)`` → (P, hvp) gives, for the samples in the host mask ``rows``, steps p_i
 Hessian-vector products (host ints (B,)); for a 1-D x0, ``solve(x, g, eta)`` → (p, hvp).
 MINRES suits it: it needs no definiteness.  Iteration k of sample i:
 
-1. forcing term η_i: Eisenstat–Walker choice 2 (``forcing="eisenstat_walker"``),
-   η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)², raised to 0.9 η_{k−1}² when that exceeds 0.1, η₀ =
-   ``eta_first`` (default η_max; from a start near the solution, in Newton's region of
-   fast local convergence, a first step solved to 1e-2 saves Newton iterations); or
-   η_k = √‖g_k‖ (``"sqrt"``); capped at η_max, never below 0.5·tol_i/‖g_k‖ (the last step
-   is not over-solved) or ``ETA_MIN``;
-2. p_i is used only when ∇f_iᵀp_i < 0 (an indefinite Hessian can give an uphill Newton
-   direction); else steepest descent −g_i, first step min(1, 1/‖g_i‖);
+1. forcing term η_i: Eisenstat–Walker choice 2 (``"eisenstat_walker"``), η_k = 0.9
+   (‖g_k‖/‖g_{k−1}‖)², raised to 0.9 η_{k−1}² when that exceeds 0.1, η₀ = ``eta_first``
+   (default η_max; near the solution 1e-2 saves Newton iterations); or η_k = √‖g_k‖
+   (``"sqrt"``); capped at η_max, never below 0.5·tol_i/‖g_k‖ or ``ETA_MIN``;
+2. p_i only when ∇f_iᵀp_i < 0, else steepest descent −g_i, first step min(1, 1/‖g_i‖);
 3. backtracking α ← α/2 from α = 1 accepts Armijo's f(x + αp) ≤ f(x) + c1 α ∇fᵀp or,
    once f no longer changes in floating point, f(x + αp) ≤ f(x) with a smaller ‖∇f‖.  A
    Newton direction without such a trial in ``max_backtracks`` halvings is replaced by

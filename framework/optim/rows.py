@@ -28,12 +28,10 @@ def choose(mask: np.ndarray, new: Any, old: np.ndarray) -> np.ndarray:
 
 
 class RowEvaluator:
-    """Evaluations of f and ∇f at the rows of X and the host transfers of a batch, for a
-    start x0 of shape (B, n) or (n,) (``single``: promoted to rows ``X0`` (1, n) and
-    evaluated by the caller's single-sample functions on row 0).  ``evaluations`` counts
-    the calls (one per line-search round, plus the one at x0), ``sample_evaluations[i]``
-    those of sample i, ``host_reads`` the transfers.
-    """
+    """Evaluations of f and ∇f at the rows of X, and host transfers, for x0 (B, n) or (n,)
+    (``single``: promoted to rows ``X0`` (1, n), the caller's functions called on row 0).
+    ``evaluations`` counts the calls (one per line-search round, plus the one at x0),
+    ``sample_evaluations[i]`` those of sample i, ``host_reads`` the transfers."""
 
     def __init__(self, x0: Any, fun: Callable[[Any], Any], grad: Callable[[Any], Any], *,
                  value_and_grad: ValueAndGrad | None,
@@ -47,9 +45,7 @@ class RowEvaluator:
         self.xp, self.device = array_api_compat.array_namespace(x0), array_api_compat.device(x0)
         self.bsz = int(self.X0.shape[0])
         self.rows_value_and_grad = rows_value_and_grad
-        if value_and_grad is None:
-            def value_and_grad(x: Any) -> tuple[Any, Any]:
-                return fun(x), grad(x)
+        value_and_grad = value_and_grad or (lambda x: (fun(x), grad(x)))
         self.value_and_grad = _on_row_zero(self.xp, value_and_grad) if self.single \
             else value_and_grad
         self.evaluations = self.host_reads = 0
