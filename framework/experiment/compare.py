@@ -1,11 +1,10 @@
-"""``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
+"""``hyperkrylov-compare``: a table and a figure of the runs of an experiment.
 
-Runs are read from the tracking store (``tracking.read_runs``), optionally of one sweep
-(``--sweep``: the id or name of a multirun's parent run, whose nested runs are shown and to
-which the figures are logged; a ``tracking.sweep_id`` tag; or ``latest``).  Savings are
-against the run's own shadow baseline (warm-started MINRES without recycling on the same
-systems, ``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same
-sweep.  ``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
+Runs are read from the tracking store, optionally of one sweep (``--sweep``: the id or name
+of a multirun's parent run, to which the figures are logged; a ``tracking.sweep_id``; or
+``latest``).  Savings are against the run's shadow baseline (``baseline=shadow``) when
+logged, else against a ``recycle=none`` run of the same sweep.  ``--paper`` reports the
+``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """
@@ -123,9 +122,8 @@ def _sweep_tags(uri: str | None, experiment: str) -> list[str]:
     return [r.tags[names.SWEEP_TAG] for r in runs if r.tags.get(names.SWEEP_TAG)]
 
 
-def _read(
-    experiment: str, sweep: str | None, uri: str | None, history_keys: Sequence[str]
-) -> list[RunRecord]:
+def _read(experiment: str, sweep: str | None, uri: str | None,
+          history_keys: Sequence[str]) -> list[RunRecord]:
     """The runs of ``experiment``: all, those of one sweep, or (``"latest"``) the newest."""
     if sweep == "latest":
         if not (tagged := _sweep_tags(uri, experiment)):
