@@ -378,10 +378,6 @@ def validate(cfg: DictConfig | Config) -> Config:
            "recycle.adaptive", "needs a recycle strategy with inner selection (ritz, "
            f"harmonic_ritz, rgen_*); got {c.recycle.strategy}, {c.recycle.selection}; or "
            "add recycle.adaptive=false")
-    for key, chosen in (("solver.preconditioner", c.solver.preconditioner),
-                        ("solver.lower.preconditioner", c.solver.lower.preconditioner)):
-        _check(chosen != Preconditioner.fft or c.problem.regularizer == Regularizer.foe, key,
-               "fft is built for the FoE regulariser; use none")
     if c.solver.preconditioner == Preconditioner.fft:
         _check(c.stop.kind == StopKind.residual or (c.stop.kind == StopKind.hypergradient
                                                     and c.recycle.strategy == Strategy.none),
@@ -390,9 +386,13 @@ def validate(cfg: DictConfig | Config) -> Config:
                "unpreconditioned residual); use stop=residual")
         _check(c.task != Task.resolve, "solver.preconditioner",
                "task=resolve re-solves a recording without a preconditioner; use none")
-    _check(c.solver.lower.preconditioner != Preconditioner.fft
-           or c.solver.lower.name == LowerSolver.newton_krylov, "solver.lower.preconditioner",
-           "preconditions Newton–Krylov's inner solves; add solver.lower.name=newton_krylov")
+        _check(c.problem.regularizer == Regularizer.foe, "solver.preconditioner",
+               "fft is built for the FoE regulariser; use none")
+    if c.solver.lower.preconditioner == Preconditioner.fft:
+        _check(c.solver.lower.name == LowerSolver.newton_krylov, "solver.lower.preconditioner",
+               "preconditions Newton–Krylov's inner solves; add solver.lower.name=newton_krylov")
+        _check(c.problem.regularizer == Regularizer.foe, "solver.lower.preconditioner",
+               "fft is built for the FoE regulariser; use none")
     for i, beta in enumerate(c.outer.betas):
         _within(f"outer.betas[{i}]", beta, 0.0, 1.0, closed_low=True)
     _within("outer.shrink", c.outer.shrink, 0.0, 1.0, closed_low=False)
