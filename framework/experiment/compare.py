@@ -122,8 +122,9 @@ def _sweep_tags(uri: str | None, experiment: str) -> list[str]:
     return [r.tags[names.SWEEP_TAG] for r in runs if r.tags.get(names.SWEEP_TAG)]
 
 
-def _read(experiment: str, sweep: str | None, uri: str | None,
-          history_keys: Sequence[str]) -> list[RunRecord]:
+def _read(
+    experiment: str, sweep: str | None, uri: str | None, history_keys: Sequence[str]
+) -> list[RunRecord]:
     """The runs of ``experiment``: all, those of one sweep, or (``"latest"``) the newest."""
     if sweep == "latest":
         if not (tagged := _sweep_tags(uri, experiment)):

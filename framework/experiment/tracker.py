@@ -7,7 +7,8 @@ its write (later changes to its arrays do not matter) and returns; ``run_id``, `
 reported at once; a store unavailable later stops nothing (the writer buffers; its warnings
 reach the ``hyperkrylov`` logger); any other failure stops the run's writes and is raised as
 one ``TrackingError`` line by its next call.  The writer runs in its own session (Ctrl-C
-reaches only this process); when this process dies, it writes what it was sent and exits.
+reaches only this process: the run ends KILLED); when this process dies, the writer writes
+what it was sent and exits.
 """
 
 from __future__ import annotations
