@@ -1,12 +1,10 @@
 """Atomic save and restore of a nested state (run checkpoints, caches) in one ``.npz``.
 
-Format (version 1): the state is dicts (string keys), lists (tuples are stored as lists),
-NumPy arrays and JSON scalars.  The archive holds ``__state__.json`` (a uint8 array of
-the UTF-8 JSON of the structure, each array replaced by ``{"__ndarray__": "<key>"}``) and
-one member per array (``a0``, ``a1``, …; dtype and shape kept, no pickling: object arrays
-are refused).  NumPy scalars become Python scalars; floats round-trip exactly (NaN/±inf
-included).  The file is written to a temporary file in the same folder, fsync-ed and
-``os.replace``-d over the target, so a crash leaves the old or the new file, never a torn one.
+Format (version 1): the state is dicts (string keys), lists (tuples become lists), NumPy
+arrays and JSON scalars.  The archive holds ``__state__.json`` (uint8 UTF-8 JSON of the
+structure, each array replaced by ``{"__ndarray__": "<key>"}``) and one member per array
+(``a0``, ``a1``, …; no pickling: object arrays are refused).  NumPy scalars become Python
+scalars; floats round-trip exactly.  A crash leaves the old or the new file, never a torn one.
 """
 
 from __future__ import annotations

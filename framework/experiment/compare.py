@@ -1,11 +1,10 @@
-"""``hyperkrylov-compare``: a table and a paper-style figure of the runs of an experiment.
+"""``hyperkrylov-compare``: a table and a figure of the runs of an experiment.
 
-Runs are read from the tracking store (``tracking.read_runs``), optionally of one sweep
-(``--sweep``: the id or name of a multirun's parent run, whose nested runs are shown and to
-which the figures are logged; a ``tracking.sweep_id`` tag; or ``latest``).  Savings are
-against the run's own shadow baseline (warm-started MINRES without recycling on the same
-systems, ``baseline=shadow``) when logged, else against a ``recycle=none`` run of the same
-sweep.  ``--paper`` reports the ``task=resolve`` runs instead (``framework.experiment.paper``)::
+Runs are read from the tracking store, optionally of one sweep (``--sweep``: the id or name
+of a multirun's parent run, to which the figures are logged; a ``tracking.sweep_id``; or
+``latest``).  Savings are against the run's shadow baseline (``baseline=shadow``) when
+logged, else against a ``recycle=none`` run of the same sweep.  ``--paper`` reports the
+``task=resolve`` runs instead (``framework.experiment.paper``)::
 
     hyperkrylov-compare --paper --sweep mnist-small --outdir report
 """

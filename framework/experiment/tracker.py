@@ -1,18 +1,14 @@
 """A run's MLflow tracker: writes go to a writer process, in call order, without waiting.
 
-``Tracker`` is one MLflow run.  Importing mlflow, opening the store (for a new SQLite file:
-creating its schema, some seconds) and every write happen in a writer process (``python -m
-framework.experiment.tracking``), beside the computation on another core.  One writer serves
-every tracker of this interpreter (a sweep with the basic launcher, a test session imports
-mlflow once).  A call pickles its write (later changes to its arrays do not matter) and
-returns; ``run_id``, ``flush`` and ``end`` wait for the writer to catch up.
-
-Failures: an http(s) server that does not answer at the start is reported at once; a store
-that becomes unavailable later stops nothing (the writer buffers, see ``tracking``; its
-warnings reach the ``hyperkrylov`` logger); any other failure stops that run's writes and is
-raised as one ``TrackingError`` line by its next call.  The writer runs in its own session,
-so Ctrl-C reaches only this process (the run then ends KILLED); when this process dies, the
-writer writes what it was sent and exits.
+Importing mlflow, opening the store and every write happen in one writer process per
+interpreter (``python -m framework.experiment.tracking``), on another core.  A call pickles
+its write (later changes to its arrays do not matter) and returns; ``run_id``, ``flush`` and
+``end`` wait for the writer.  An http(s) server that does not answer at the start is
+reported at once; a store unavailable later stops nothing (the writer buffers; its warnings
+reach the ``hyperkrylov`` logger); any other failure stops the run's writes and is raised as
+one ``TrackingError`` line by its next call.  The writer runs in its own session (Ctrl-C
+reaches only this process: the run ends KILLED); when this process dies, the writer writes
+what it was sent and exits.
 """
 
 from __future__ import annotations
@@ -138,16 +134,12 @@ class Tracker:
     def start(self, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               run_id: str | None = None, record_to: str | Path | None = None,
               sweep: tuple[str, str] | None = None) -> None:
-        """Create a run, or resume the run ``run_id`` (same run, status back to RUNNING).
-
-        ``record_to``: a file that receives the new run's id the moment the run exists;
-        without ``run_id``, the unfinished run that a run killed in that folder left (the
-        one it recorded, or one tagged with the folder) is resumed, so a run killed before
-        its first checkpoint leaves no orphan.  A resumed run does not log metrics again at
-        steps the store holds.  ``sweep``: (folder, name) of a multirun sweep: a new run is
-        nested in the sweep's parent run (``mlflow.parentRunId``), which the sweep's first
-        run creates.
-        """
+        """Create a run, or resume the run ``run_id`` (status back to RUNNING; metrics at
+        steps the store holds are not logged again).  ``record_to``: a file that receives the
+        new run's id once it exists; without ``run_id``, the unfinished run that a run killed
+        in that folder left (recorded there, or tagged with the folder) is resumed.
+        ``sweep``: (folder, name) of a multirun sweep, whose parent run (created by its first
+        job) a new run is nested in."""
         tags = {k: str(v) for k, v in (tags or {}).items()}
         self._send("start", run_name, tags, run_id, sys.argv[0],
                    None if record_to is None else str(record_to), sweep)
@@ -161,13 +153,13 @@ class Tracker:
         return self._run_id
 
     def flush(self) -> str | None:
-        """Wait until every write so far is in the store (or, while it is unavailable, in the
-        output folder's buffer); the run's id."""
+        """Wait until every write so far is in the store (or the output folder's buffer);
+        the run's id."""
         return self._send("flush", reply=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params.  On a resumed run, params already logged are skipped; a changed value is
-        recorded as the tag ``resume.<key>`` (MLflow forbids changing a param within a run)."""
+        """Log params; on a resumed run, those logged are skipped and a changed one is the tag
+        ``resume.<key>`` (MLflow forbids changing a param)."""
         self._write("write", "log_params", {key: str(value) for key, value in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -188,15 +180,15 @@ class Tracker:
         self._write("log_input", str(path), name, context)
 
     def fetch(self, run_id: str, artifact: str, folder: str | Path) -> str | None:
-        """Download ``artifact`` of the run ``run_id`` (of this experiment) into ``folder``
+        """Download ``artifact`` of the run ``run_id`` of this experiment into ``folder``
         (before ``start``); None, or why it cannot (one line)."""
         return self._send("fetch", run_id, artifact, str(folder), reply=True)
 
     def save_checkpoint(self, path: str | Path, state: dict[str, Any],
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
-        """``checkpoint.save`` of ``state`` plus ``"run_id"``, by the writer once every write
-        before it and ``metrics`` ((metrics, step) pairs) are in the store: one message, so
-        a kill of this process keeps both or neither.  Returns without waiting."""
+        """``checkpoint.save`` of ``state`` plus ``"run_id"`` and its artifact, by the writer
+        once every write before it and ``metrics`` ((metrics, step) pairs) are in the store:
+        one message, so a kill keeps both or neither.  Returns without waiting."""
         numbers = [n for m, step in metrics for n in _numbers(m, step)]
         self._write("checkpoint", str(path), state, numbers)
 

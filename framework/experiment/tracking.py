@@ -1,19 +1,15 @@
 """Experiment tracking through MLflow — the only module of hyperkrylov that imports mlflow.
 
 The store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/mlflow/mlflow.db`` with artifacts in ``artifacts/`` beside the database (a
-tracking server chooses its own).  Parallel jobs sharing a new SQLite file would race on its
-schema: it is created under a file lock, and a sweep's experiment once up front
-(``prepare_experiment``, from the sweep's Hydra callback).
+``sqlite:///<cwd>/mlflow/mlflow.db`` with artifacts in ``artifacts/`` beside it.  A new
+SQLite file's schema is created under a file lock (parallel jobs would race on it).
 
-Run as a script, this module is the writer process of ``framework.experiment.tracker`` (so
-neither a run's interpreter nor a disabled tracker imports mlflow).  Outages: its HTTP
-requests are bounded (``HTTP_LIMITS``, MLflow's own retry settings); a write the store cannot
-take (unreachable, 5xx, read-only or I/O error) is appended to ``PENDING_FILE`` in the run's
+Run as a script, this module is the writer process of ``framework.experiment.tracker``.
+Outages: HTTP requests are bounded (``HTTP_LIMITS``); a write the store cannot take
+(unreachable, 5xx, read-only or I/O error) is appended to ``PENDING_FILE`` in the run's
 output folder, and so is every later one until the store takes them all, in order (tried
-every ``RETRY_SECONDS`` and at the run's end; what is left is sent by the next run in that
-folder).  Resending is safe: MLflow's SQL stores (a server's too) keep one copy of a metric
-with the same key, step, timestamp and value.
+every ``RETRY_SECONDS``, at the run's end and by the next run in that folder).  Resending is
+safe: MLflow's SQL stores keep one copy of a metric with the same key, step, time and value.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +41,7 @@ from framework.experiment import checkpoint, names
 MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
 PENDING_FILE = "mlflow_pending.jsonl"  # in a run's output folder: writes the store has not taken
 RETRY_SECONDS = 5.0  # while the store is unavailable, how often the writer tries it again
-# the writer's HTTP retries (unless set): a dead server costs a few seconds per try, not
-# MLflow's default of 7 retries with backoff (minutes)
+# unless set: a dead server costs seconds per try, not MLflow's default of minutes
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in a sweep folder: the sweep's parent run
@@ -121,16 +116,12 @@ def end_sweep(uri: str, folder: str | Path) -> None:
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialise store creation (schema migrations) of one SQLite file across processes."""
-    db = sqlite_path(uri)
-    if db is None:
-        yield
-        return
+def _store_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
+    """Serialises store creation (schema migrations) of one SQLite file across processes."""
+    if (db := sqlite_path(uri)) is None:
+        return contextlib.nullcontext()
     (db.parent / "artifacts").mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(db.parent / f".{db.name}.lock"):
-        yield
+    return filelock.FileLock(db.parent / f".{db.name}.lock")
 
 
 def _client(uri: str) -> Any:
@@ -196,11 +187,7 @@ class _Writer:
     def start(self, run_name: str | None, tags: dict[str, str], run_id: str | None,
               command: str, record_to: str | None,
               sweep: tuple[str, str] | None = None) -> None:
-        """Create a run, or resume ``run_id`` (a checkpoint's).  ``record_to``: the output
-        folder's run-id file; without ``run_id``, the unfinished run a killed run in that
-        folder left is resumed (see ``_left_run``).  ``sweep``: (folder, name) of the
-        multirun sweep whose parent run a new run is nested in.  On a resumed run, metrics
-        at steps the store already holds are not logged again (``logged``)."""
+        """``Tracker.start``, run as ``command``; a resumed run's ``tags`` are set again."""
         from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -217,15 +204,15 @@ class _Writer:
         adopted = run is not None
         if run_id is not None:
             run = self.client.get_run(run_id)
+            if run.info.experiment_id != self.experiment_id:
+                raise TrackingError(f"run {run_id} belongs to experiment "
+                                    f"{run.info.experiment_id}, not {self.experiment!r}")
         resumed = run is not None
         if run is None:
             if sweep is not None:
                 tags = {**tags, MLFLOW_PARENT_RUN_ID: self._parent_run(*sweep, command)}
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags=_standard_tags(tags, command))
-        elif run.info.experiment_id != self.experiment_id:
-            raise TrackingError(f"run {run_id} belongs to experiment "
-                                f"{run.info.experiment_id}, not {self.experiment!r}")
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
             self.logged = {key: max(m.step for m in self.client.get_metric_history(
@@ -249,10 +236,8 @@ class _Writer:
         self.write("log_text", _requirements(), "requirements.txt")
 
     def _left_run(self, record: Path, tags: dict[str, str]) -> Any:
-        """The unfinished run of this experiment that a run killed in the output folder of
-        ``record`` left: the one it recorded, else (killed between creating its run and
-        recording it) a RUNNING one of this experiment tagged with that folder; None when
-        there is none."""
+        """The unfinished run a run killed in ``record``'s folder left: the one it recorded,
+        else (killed before recording it) a RUNNING one tagged with that folder; or None."""
         from mlflow.exceptions import MlflowException
 
         with contextlib.suppress(MlflowException, FileNotFoundError):
@@ -269,8 +254,8 @@ class _Writer:
         return runs[0] if runs else None
 
     def _parent_run(self, folder: str, name: str, command: str) -> str:
-        """The id of the sweep's parent run, created by its first job: under a lock in the
-        sweep folder, which keeps the id, so parallel jobs (any launcher) share one."""
+        """The sweep's parent run id, created by its first job under a lock in the sweep
+        folder, which keeps the id: parallel jobs (any launcher) share one."""
         record = Path(folder) / PARENT_RUN_FILE
         with filelock.FileLock(Path(folder) / f".{PARENT_RUN_FILE}.lock"):
             if not record.is_file():
@@ -281,8 +266,7 @@ class _Writer:
             return record.read_text().strip()
 
     def fetch(self, run_id: str, artifact: str, folder: str) -> str | None:
-        """Download ``artifact`` of the run ``run_id`` of this experiment into ``folder``;
-        None, or why it cannot (one line)."""
+        """``Tracker.fetch``."""
         try:
             run = self.client.get_run(run_id)
         except Exception:
@@ -318,7 +302,7 @@ class _Writer:
             self.active, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def flush(self) -> str | None:
-        """Nothing to do (the requests run in order); the run's id."""
+        """The run's id (the requests run in order: nothing to wait for)."""
         return self.active
 
     def close(self) -> str | None:
@@ -340,9 +324,8 @@ class _Writer:
         self.write("log_artifact", path)  # after the metrics before it: resumable elsewhere
 
     def write(self, op: str, *args: Any) -> None:
-        """Write to the active run (see ``_apply``), or append the write to the pending file
-        while the store is unavailable (one warning when an outage starts); try to send
-        those every ``RETRY_SECONDS``."""
+        """Write to the active run (``_apply``), or, while the store is unavailable, to the
+        pending file (one warning when an outage starts), sent every ``RETRY_SECONDS``."""
         if op == "log_batch":  # leave out steps a resumed run has in the store (a rerun's)
             args = ([m for m in args[0] if m[3] > self.logged.get(m[0], -1)], *args[1:])
         write = [self.active, op, list(args)]
@@ -366,9 +349,8 @@ class _Writer:
             self._send_pending()
 
     def _send_pending(self) -> None:
-        """Send the pending writes in order and count them in each run's tag
-        ``names.BUFFERED_WRITES_TAG``; the file goes once the store took them all (after a
-        partial send they are all sent again: the store keeps one copy)."""
+        """Send the pending writes in order, counted in each run's tag
+        ``names.BUFFERED_WRITES_TAG``; the file goes once the store took them all."""
         writes = _pending_writes(self.pending)
         try:
             check_reachable(self.uri, timeout=2.0)  # a dead server: at once, not retried
@@ -427,8 +409,8 @@ class _Writer:
 
 
 def _remove_staged_artifacts(artifact_uri: str) -> None:
-    """Remove the temporary files a killed writer left in a local artifact store (MLflow
-    writes an artifact to a hidden file beside it, then renames it)."""
+    """Remove the hidden files a killed writer left in a local artifact store (MLflow copies
+    an artifact to one, then renames it)."""
     from mlflow.store.artifact import local_artifact_repo
     from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -460,9 +442,8 @@ def _pending_writes(path: Path) -> list[list[Any]]:
 
 
 def _standard_tags(tags: dict[str, str], command: str) -> dict[str, str]:
-    """``tags`` plus the tags ``mlflow.start_run`` adds (user, source name and type, from
-    MLflow's run-context providers, as if run by ``command``) and the git commit, branch and
-    remote of hyperkrylov's own source tree when it is a git checkout."""
+    """``tags`` plus those ``mlflow.start_run`` adds (MLflow's run-context providers, as if
+    run by ``command``) and the git commit, branch and remote of hyperkrylov's source tree."""
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils import git_utils, mlflow_tags
 
@@ -489,15 +470,13 @@ def _requirements() -> str:
 
 
 def _serve() -> None:
-    """The writer process (see ``framework.experiment.tracker``): run the requests from
-    stdin in order until EOF, each for the run (``_Writer``) its key names.
-
-    Replies, notices (level, message) and failures are pickled to the original stdout as
-    (key, kind, payload); what a library prints goes to stderr.  After a run's first failure
-    its requests are only answered, not run."""
+    """The writer process: run the requests from stdin in order until EOF, each for the
+    ``_Writer`` its key names.  Replies, notices (level, message) and failures go pickled to
+    the original stdout as (key, kind, payload); what a library prints goes to stderr.  After
+    a run's first failure its requests are only answered, not run."""
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
-    # its tracebacks of SQLite errors: they reach the writer as exceptions (said once)
+    # its tracebacks of SQLite errors (the writer reports them once)
     logging.getLogger("mlflow.store.db.utils").addFilter(lambda r: r.levelno < logging.ERROR)
     inbox, outbox = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -511,9 +490,8 @@ def _serve() -> None:
     while True:
         try:
             key, op, args, reply = pickle.load(inbox)
-        except (EOFError, pickle.UnpicklingError):  # the parent ended or was killed (maybe
-            # in the middle of a message, which is dropped); every write is committed
-            os._exit(0)  # skip tearing down mlflow's modules (about a second)
+        except (EOFError, pickle.UnpicklingError):  # the parent ended or died (a message cut
+            os._exit(0)  # short is dropped); skip tearing down mlflow's modules (a second)
         if key not in writers:
             writers[key] = _Writer(lambda *notice, key=key: send(key, "notice", notice))
         writer = writers[key]
@@ -552,9 +530,9 @@ class RunRecord:
 
 def read_runs(uri: str | None, experiment: str, *, sweep_id: str | None = None,
               history_keys: Iterable[str] | None = None) -> list[RunRecord]:
-    """Runs of ``experiment`` (optionally only those of one sweep: the nested runs of the
-    parent run with id or name ``sweep_id``, else the runs tagged with it), oldest first, with
-    the step histories of ``history_keys`` (all metrics when None); parent runs left out."""
+    """Runs of ``experiment``, oldest first, parent runs left out, with the step histories
+    of ``history_keys`` (None: all); ``sweep_id``: only the nested runs of the parent run with
+    that id, else the runs tagged with it (a parent's name)."""
     uri = resolve_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading never creates a store
@@ -588,8 +566,8 @@ def _record(client: Any, run: Any, history_keys: Iterable[str] | None) -> RunRec
 
 
 def _sweep_parents(client: Any, experiment_id: str, sweep: str) -> list[str]:
-    """The ids of the parent runs with id or name ``sweep`` (the name is the sweep's
-    ``hyperkrylov.sweep_id`` tag, which several multiruns may share), newest first."""
+    """The ids of the parent runs with id or name ``sweep`` (several multiruns may share a
+    name), newest first."""
     parents = client.search_runs([experiment_id],
                                  filter_string=f"tags.`{names.TASK_TAG}` = '{SWEEP_TASK}'",
                                  order_by=["attributes.start_time DESC"])
@@ -598,8 +576,7 @@ def _sweep_parents(client: Any, experiment_id: str, sweep: str) -> list[str]:
 
 def log_to_sweep(uri: str | None, experiment: str, sweep: str,
                  paths: Iterable[str | Path]) -> str | None:
-    """Log the files ``paths`` (the compare figures) to the newest parent run of ``sweep``;
-    its id, None when there is none (single runs grouped by ``tracking.sweep_id``)."""
+    """Log the files ``paths`` to the newest parent run of ``sweep``; its id (None: none)."""
     uri = resolve_uri(uri)
     client = _client(uri)
     parents = _sweep_parents(client, _experiment_id(client, uri, experiment) or "", sweep)
