@@ -1,10 +1,6 @@
-"""Recording the Hessian systems of a training run, to re-solve them per strategy.
-
-``SequenceRecorder`` records θ_t and the lower-level solutions x_t = x(θ_t) of chosen
-samples during a run; afterwards any solver configuration can solve the identical systems
-H(x_t, θ_t) w = ∇ℓ(x_t), as the paper compares strategies.  ``RecordedSequence.save``
-writes one ``.npz`` (θ_t, x_t, the samples' x_true / y, the problem config as JSON).
-"""
+"""Recording the Hessian systems of a training run (θ_t and x_t = x(θ_t) of chosen
+samples, ``SequenceRecorder``), so that every solver configuration re-solves the identical
+systems H(x_t, θ_t) w = ∇ℓ(x_t); ``RecordedSequence.save`` writes one ``.npz``."""
 
 from __future__ import annotations
 
