@@ -66,12 +66,11 @@ class EngineConfig:
     """Tolerances of the two inner solves and the recycling/stopping choices.
 
     ``lower_newton_steps`` > 0 polishes the lower solution with up to that many Newton
-    steps (tight MINRES solves, HVPs counted): L-BFGS stalls at ‖∇f‖ ≈ 1e-9 where f no
-    longer changes in floating point, Newton does not.  ``preconditioner="fft"``
-    preconditions the Hessian solve with ``problems.preconditioners.fft_preconditioner``
-    (FoE imaging; a recycle space is prepared with M), ``lower_preconditioner="fft"``
-    Newton–Krylov's inner solves (it stops on ‖∇f‖, so its solution is unchanged);
-    ``"auto"`` is ``"fft"`` where it applies and ``"none"`` elsewhere (``with_preconditioners``).
+    steps (tight MINRES solves, HVPs counted).  ``preconditioner="fft"`` preconditions the
+    Hessian solve with ``problems.preconditioners.fft_preconditioner`` (FoE imaging; a
+    recycle space is prepared with M), ``lower_preconditioner="fft"`` Newton–Krylov's inner
+    solves (it stops on ‖∇f‖, so its solution is unchanged); ``"auto"``: fft where it
+    applies (``with_preconditioners``).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)

@@ -15,9 +15,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -155,19 +155,6 @@ class ShardEngine:
         return [self.local[i] for i in indices]
 
 
-@dataclass(frozen=True)
-class ClusterStepResult(StepResult):
-    """A step's result added up over the shards (``StepResult``: passes and host syncs
-    summed over the workers, phase times the slowest worker's) and the step's ``cluster``
-    metrics: each shard's samples, Krylov iterations and seconds, the imbalance and the
-    workers lost (samples cold-started)."""
-
-    cluster: Mapping[str, float] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), **self.cluster}
-
-
 class DaskEngine:
     """The engine interface ``train`` uses (``evaluate``, ``loss``, ``lower_solutions``,
     ``state_dict``/``load_state_dict``) over ``ShardEngine`` actors on the workers of
@@ -230,8 +217,10 @@ class DaskEngine:
         return {k: (host, part) for k in range(width)
                 if (part := [int(i) for i in indices if i % width == k])}
 
-    def evaluate(self, theta: Any, indices: Sequence[int]) -> ClusterStepResult:
-        """The mini-batch ``indices`` at θ, each shard's part on its worker."""
+    def evaluate(self, theta: Any, indices: Sequence[int]) -> StepResult:
+        """The mini-batch ``indices`` at θ, each shard's part on its worker, added up (passes
+        and host syncs summed over the workers, phase times the slowest worker's); ``extra``:
+        each shard's samples, Krylov iterations and seconds, the imbalance, workers lost."""
         self.lost, self.cold = 0, 0
         parts = self._split(theta, indices)
         done = self._call("evaluate", parts)
@@ -254,13 +243,13 @@ class DaskEngine:
         cluster[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
         cluster[names.WORKERS_LOST] = float(self.lost)
         cluster[names.COLD_STARTED] = float(self.cold)
-        return ClusterStepResult(
+        return StepResult(
             float(sum(r.upper_loss for r in samples)) / B,
             mean_gradient(grads, self.theta_shape), tuple(indices), samples,
             counts=_total(r.counts for r in results),
             lower_counts=_total(r.lower_counts for r in results),
             times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
-            host_syncs=sum(r.host_syncs for r in results), sample_grads=grads, cluster=cluster)
+            host_syncs=sum(r.host_syncs for r in results), sample_grads=grads, extra=cluster)
 
     def loss(self, theta: Any, indices: Sequence[int]) -> float:
         """The mean upper loss of ``indices`` at θ (states unchanged)."""
