@@ -117,7 +117,7 @@ class SequenceRecorder:
 
 
 def record_training(engine: BilevelEngine, optimizer: Any, theta0: Any, steps: int, *,
-                    problem_config: dict[str, Any] | None = None,
+                    problem_config: dict[str, Any] | None = None
                     ) -> tuple[RecordedSequence, list[float]]:
     """Run ``steps`` outer steps on all the samples, recording θ_t and their x_t; returns
     the recording and the upper losses."""

@@ -2,9 +2,10 @@
 sharded over the workers, each holding a ``BilevelEngine`` over its shard with the shard's
 per-sample state (a Dask actor, ``ShardEngine``).  Per step the driver (``DaskEngine``)
 sends θ and each shard's part of the mini-batch and takes the in-process engine's own
-mean over the returned per-sample hypergradients in index order.  A lost worker's shard
-(its call raises ``OSError`` or its actor's future is no longer finished) is re-created
-on a live worker from the last checkpoint's state, or cold, and its part recomputed.
+mean over the returned per-sample hypergradients in index order (so, without recycling, a
+run is the in-process run to the bit).  A lost worker's shard (its call raises ``OSError``
+or its actor's future is no longer finished) is re-created on a live worker from the last
+checkpoint's state, or cold, and its part recomputed.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data
 (README, "Results").  Held-out images: ``evaluate.num_samples`` from ``problem.start +
 problem.num_samples + evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300),
-the test folder's from ``evaluate.offset`` on; each image's draws from the child of
-``seed`` for its index (never a training image's).
+the test folder's from ``evaluate.offset`` on; same operator and noise model, each image's
+draws from the child of ``seed`` for its index (never a training image's).
 """
 
 from __future__ import annotations

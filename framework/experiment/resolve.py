@@ -1,8 +1,9 @@
 """``task=resolve``: re-solve a recorded Hessian sequence with one solver configuration
 (the paper's protocol, README "Results").  References come from a tight MINRES
 (``sequence.reference_rtol``), cached as ``<stem>.refs.npz`` next to the recording (keyed
-by its SHA-256 and the tolerance).  Per system t (MLflow step t) the run logs the
-``SystemRecord`` figures, ``solve_time``, ``upper_loss`` and the ``cumulative_*`` of
+by its SHA-256 and the tolerance; rewritten atomically when stale).  Per system t (MLflow
+step t) the run logs the ``SystemRecord`` figures (``hg_error``: the relative error of
+−Jᵀw against the reference), ``solve_time``, ``upper_loss`` and the ``cumulative_*`` of
 ``names.RESOLVE_COUNTS``; at the end ``total_*``, ``mean_hg_error`` and ``max_hg_error``.
 """
 
