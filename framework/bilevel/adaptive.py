@@ -1,20 +1,18 @@
 """Adaptive recycling: use recycle vectors only while they pay in measured seconds.
 
 Recycling k vectors costs k operator applications (C = HU) and k-vector projections per
-iteration; on a CPU, warm-started systems need so few iterations that what it saves often
-costs less.  ``RecyclePolicy`` decides before each step between no recycling and k' ≤ k
-vectors, from what the engine measured:
+iteration, often more than it saves on warm-started systems.  ``RecyclePolicy`` decides
+before each step between no recycling and k' ≤ k vectors, from what the engine measured:
 
-* k' = min(k, ⌊BUDGET · m⌋), m the recent iterations per system without recycling, so a
-  losing try costs at most a quarter of a plain solve; k' = 0 (no recycling, no harvest,
-  no try) when that leaves fewer than MIN_DIM vectors.
+* k' = min(k, ⌊BUDGET · m⌋), m the recent iterations per system without recycling (a
+  losing try costs at most a quarter of a plain solve); none (no harvest, no try) when
+  k' < MIN_DIM.
 * The Hessian-phase seconds per system of each choice decide (an exponential average for
   the choice in use, the latest try for the other; the cold first step is not measured;
-  recycling must be 5 % faster to be chosen).  The other choice is tried after
-  ``interval`` steps; a losing try doubles it (quadruples it when the try took over 1.5×
-  as long) up to MAX_INTERVAL, so a choice that never pays costs a few per cent of a run.
-* The plain step before a try harvests the k' vectors the try uses (harvesting is
-  otherwise skipped while recycling does not pay; a try without a carry is a plain step).
+  recycling must be 5 % faster).  The other choice is tried after ``interval`` steps; a
+  losing try doubles it (quadruples it when it took over 1.5× as long) up to MAX_INTERVAL.
+* The plain step before a try harvests the k' vectors the try uses (otherwise nothing is
+  harvested while recycling does not pay; a try without a carry is a plain step).
 
 With a shadow baseline the plain seconds are measured on every step instead of by tries.
 """

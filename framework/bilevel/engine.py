@@ -10,8 +10,7 @@
 
 and returns the mean upper loss and hypergradient with one record per sample.  Each
 sample's warm starts and recycle carry (``SampleState``) live in the engine, so any subset
-can be evaluated at any step.  Per-sample counts come from the solvers or are counted per
-row (``RowTally``); passes come from the problem's counter, times are the batch's.
+can be evaluated at any step.
 """
 
 from __future__ import annotations
@@ -67,12 +66,11 @@ class EngineConfig:
     """Tolerances of the two inner solves and the recycling/stopping choices.
 
     ``lower_newton_steps`` > 0 polishes the lower solution with up to that many Newton
-    steps (tight MINRES solves, HVPs counted): L-BFGS stalls at ‖∇f‖ ≈ 1e-9 where f no
-    longer changes in floating point, Newton does not.  ``preconditioner="fft"``
-    preconditions the Hessian solve with ``problems.preconditioners.fft_preconditioner``
-    (FoE imaging; a recycle space is prepared with M), ``lower_preconditioner="fft"``
-    Newton–Krylov's inner solves (it stops on ‖∇f‖, so its solution is unchanged);
-    ``"auto"`` is ``"fft"`` where it applies and ``"none"`` elsewhere (``with_preconditioners``).
+    steps (tight MINRES solves, HVPs counted).  ``preconditioner="fft"`` preconditions the
+    Hessian solve with ``problems.preconditioners.fft_preconditioner`` (FoE imaging; a
+    recycle space is prepared with M), ``lower_preconditioner="fft"`` Newton–Krylov's inner
+    solves (it stops on ‖∇f‖, so its solution is unchanged); ``"auto"``: fft where it
+    applies (``with_preconditioners``).
     """
 
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
@@ -107,10 +105,9 @@ def with_preconditioners(config: EngineConfig, problem: Any) -> EngineConfig:
 
 
 NEWTON_RTOL = 1e-12  # MINRES tolerance of a Newton step of the lower-level polish
-# Newton–Krylov's first forcing term from a warm start (measured on MNIST inpainting B = 16:
-# Newton iterations per sample 4.0 → 2.0, f+∇f evaluations 5.0 → 3.0, HVPs unchanged)
-WARM_ETA = 1e-2
+WARM_ETA = 1e-2  # Newton–Krylov's first forcing term from a warm start (README)
 WARM_STARTS = ("x", "w", "w_shadow")  # the arrays of a ``SampleState`` besides its carry
+LOWER_COUNTS = ("iterations", "converged", "grad_evals", "hvp", "preconditioner")  # per row
 
 
 def default_check_every(like: Any) -> int:
@@ -291,11 +288,10 @@ class BilevelEngine:
                           true_residual=False)
             syncs.append(res.host_syncs)
             hvp = [0] * batch.batch_size
-            for j, count in zip(keep, res.matvecs, strict=True):
-                hvp[j] = count
-            if M is not None:
-                for j, count in zip(keep, tally.read()["preconditioner"], strict=True):
-                    preconditioner[j] += count
+            applied = tally.read()["preconditioner"] if M is not None else [0] * len(keep)
+            for r, j in enumerate(keep):
+                hvp[j] = res.matvecs[r]
+                preconditioner[j] += applied[r]
             return scatter_rows(res.x, keep, batch.batch_size), hvp
 
         return solve
@@ -411,11 +407,7 @@ class BilevelEngine:
         for j, i in enumerate(indices):
             records.append(SampleRecord(
                 upper_loss=float(losses[j]),
-                lower_iterations=lower.iterations[j],
-                lower_converged=lower.converged[j],
-                lower_grad_evals=lower.grad_evals[j],
-                lower_hvp=lower.hvp[j],
-                lower_preconditioner=lower.preconditioner[j],
+                **{f"lower_{name}": getattr(lower, name)[j] for name in LOWER_COUNTS},
                 krylov_iterations=res.iterations[j],
                 krylov_converged=res.converged[j],
                 krylov_status=res.status[j].value,

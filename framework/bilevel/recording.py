@@ -1,10 +1,6 @@
-"""Recording the Hessian systems of a training run, to re-solve them per strategy.
-
-``SequenceRecorder`` records θ_t and the lower-level solutions x_t = x(θ_t) of chosen
-samples during a run; afterwards any solver configuration can solve the identical systems
-H(x_t, θ_t) w = ∇ℓ(x_t), as the paper compares strategies.  ``RecordedSequence.save``
-writes one ``.npz`` (θ_t, x_t, the samples' x_true / y, the problem config as JSON).
-"""
+"""Recording the Hessian systems of a training run (θ_t and x_t = x(θ_t) of chosen
+samples, ``SequenceRecorder``), so that every solver configuration re-solves the identical
+systems H(x_t, θ_t) w = ∇ℓ(x_t); ``RecordedSequence.save`` writes one ``.npz``."""
 
 from __future__ import annotations
 
@@ -120,19 +116,18 @@ class SequenceRecorder:
             sample_indices=self.samples, problem_config=problem_config)
 
 
-def record_training(
-    engine: BilevelEngine, optimizer: Any, theta0: Any, steps: int, *,
-    indices: Sequence[int] | None = None, problem_config: dict[str, Any] | None = None,
-) -> tuple[RecordedSequence, list[float]]:
-    """Run ``steps`` outer steps on samples ``indices`` (all by default), recording θ_t
-    and every sample's x_t; returns the recording and the upper losses."""
+def record_training(engine: BilevelEngine, optimizer: Any, theta0: Any, steps: int, *,
+                    problem_config: dict[str, Any] | None = None
+                    ) -> tuple[RecordedSequence, list[float]]:
+    """Run ``steps`` outer steps on all the samples, recording θ_t and their x_t; returns
+    the recording and the upper losses."""
     if engine.backend is None:
         raise ValueError("record_training needs an engine with a backend")
-    idx = tuple(range(len(engine.problems))) if indices is None else tuple(indices)
-    recorder, losses, theta = SequenceRecorder(idx, engine.backend), [], theta0
+    everyone = range(len(engine.problems))
+    recorder, losses, theta = SequenceRecorder(everyone, engine.backend), [], theta0
     for _ in range(steps):
-        result = engine.evaluate(theta, idx)
-        recorder.capture(engine, theta, idx)
+        result = engine.evaluate(theta)
+        recorder.capture(engine, theta, everyone)
         losses.append(result.loss)
         theta = optimizer.step(theta, result.grad).theta
     return recorder.recording(engine.problems, json.dumps(problem_config or {})), losses

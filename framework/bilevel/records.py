@@ -4,6 +4,7 @@ per row), the batch's passes and phase times, and the step's metrics."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class StepResult:
     batched operator calls; applications: every row of every call, frozen and padding
     included); ``lower_counts`` the same for the lower solve; ``host_syncs`` the transfers
     of per-sample scalars to the host; ``sample_grads`` the samples' hypergradients (B, p),
-    whose ``mean_gradient`` is ``grad``."""
+    whose ``mean_gradient`` is ``grad``; ``extra`` further step metrics (a Dask step's)."""
 
     loss: float
     grad: Any
@@ -91,6 +92,7 @@ class StepResult:
     times: PhaseTimes
     host_syncs: int
     sample_grads: Any = field(default=None, repr=False)
+    extra: Mapping[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Per-step figures for logging (sums over the samples unless named mean_ or
@@ -128,7 +130,7 @@ class StepResult:
             # Jᵀ products spent on selection/NSC beyond the one −Jᵀw both need
             mine = out["hvp"] + out["jac_t"] - len(recs)
             out["savings_applications"] = 1.0 - mine / hvp if hvp else 0.0
-        return out
+        return {**out, **self.extra}
 
 
 def mean_gradient(sample_grads: Any, shape: tuple[int, ...]) -> Any:

@@ -1,12 +1,6 @@
-"""The ``hyperkrylov`` console command: a Hydra application around ``runner.run``.
-
-Configs ship inside the package (``conf/``, searched as ``pkg://conf``), so the command
-works from any working directory.  Examples::
-
-    hyperkrylov                                      # default MNIST inpainting run
-    hyperkrylov problem=quadratic recycle=harmonic_ritz recycle.dim=4
-    hyperkrylov -m recycle=ritz,harmonic_ritz recycle.dim=5,10   # a sweep
-"""
+"""The ``hyperkrylov`` console command: a Hydra application around ``runner.run``.  Its
+configs ship inside the package (``conf/``, searched as ``pkg://conf``), so it works from
+any working directory (examples: README)."""
 
 from __future__ import annotations
 

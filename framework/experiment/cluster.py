@@ -1,22 +1,11 @@
-"""Data-parallel hypergradients on Dask: the samples are sharded over the workers of a
-cluster, each worker holding a ``BilevelEngine`` over its shard with the shard's state.
-
-A mini-batch hypergradient is a sum over samples and each sample's warm starts and
-recycle carry stay with the worker that solves it, so the unit of distribution is a shard
-of samples with its state (a Dask actor, ``ShardEngine``), never a task.  Per outer step
-the driver (``DaskEngine``) sends θ and each shard's part of the mini-batch; each worker
-runs the batched engine on its part and sends back the per-sample losses, hypergradients,
-records and counts and its seconds.  The driver takes the in-process engine's own mean over
-the samples' hypergradients in index order, so a run is deterministic and, as every
-per-sample solve is the one the in-process batch does, equal to the in-process run (to the
-bit without recycling; recycle spaces padded per shard change BLAS blocking at rounding
-level).
-
-When a worker is lost (the call raises ``OSError`` or its actor's future is no longer
-finished) its shard is re-created on a live worker from the per-sample state of the last
-checkpoint (gathered by ``state_dict``), or cold-started when there is none, the lost part
-of the step is recomputed, and the step's metrics ``workers_lost``/``cold_started_samples``
-and one log line record it.
+"""Data-parallel hypergradients on Dask (README, "Running on a cluster"): the samples are
+sharded over the workers, each holding a ``BilevelEngine`` over its shard with the shard's
+per-sample state (a Dask actor, ``ShardEngine``).  Per step the driver (``DaskEngine``)
+sends θ and each shard's part of the mini-batch and takes the in-process engine's own
+mean over the returned per-sample hypergradients in index order (so, without recycling, a
+run is the in-process run to the bit).  A lost worker's shard (its call raises ``OSError``
+or its actor's future is no longer finished) is re-created on a live worker from the last
+checkpoint's state, or cold, and its part recomputed.
 """
 
 from __future__ import annotations
@@ -27,23 +16,22 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from backends import get_backend, tune_cpu_allocator
 from backends.counting import Counts
 from backends.threads import choose_num_threads
 from framework.bilevel.records import PhaseTimes, StepResult, mean_gradient
 from framework.experiment import names
-from framework.experiment.config import BackendName, ClusterConfig, ClusterName, Config, ConfigError
+from framework.experiment.config import ClusterConfig, ClusterName, Config, ConfigError
 from framework.experiment.console import say
-from framework.experiment.engine_setup import make_engine
-from problems.factory import ProblemSet, build_problems
+from framework.experiment.engine_setup import build_samples, make_engine
+from problems.factory import ProblemSet
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
@@ -51,14 +39,9 @@ if TYPE_CHECKING:
 
 # Dask (≈ 1 s to import) is imported by the runs that use it, in the functions below.
 CONNECT_SECONDS = 5  # dask_address: how long a scheduler may take to answer
-# Dask's housekeeping that these runs do not use, off or slowed in the driver and in the
-# workers a local cluster starts (SLURM jobs' workers read their own configuration): the
-# workers' statistical profiler (a stack sample every 10 ms, for a dashboard not served),
-# the 20 ms event-loop ticks of the scheduler, nannies and workers (they only time the
-# loop), the memory monitor (100 ms → 1 s: spilling, pausing and the nanny's terminate
-# threshold react within a second) and the system monitor (500 ms → 5 s: dashboard
-# figures).  An idle 2-worker cluster=dask_local on the 2-core machine: each worker 3.2–3.5
-# → 0.2–0.4 % of a core, the driver 4–5 → 1 % (README, "Speed on this 2-core machine").
+# Dask's housekeeping these runs do not use (the profiler, 20 ms ticks, 100 ms memory and
+# 500 ms system monitors), off or slowed in the driver and a local cluster's workers
+# (README, "Speed on this 2-core machine").
 QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
          "distributed.worker.memory.monitor-interval": "1s",
          "distributed.admin.system-monitor.interval": "5s"}
@@ -137,11 +120,7 @@ class ShardEngine:
         limit = choose_num_threads(cfg.backend.name, cfg.backend.num_threads)
         if limit is not None:
             threadpool_limits(limits=limit)  # for the worker process's life
-        backend = get_backend(cfg.backend.name, dtype=cfg.backend.dtype,
-                              device=cfg.backend.device)
-        if backend.name == BackendName.numpy:
-            tune_cpu_allocator()
-        problem_set = build_problems(cfg.problem, backend, cfg.seed)
+        backend, problem_set = build_samples(cfg)
         mine = replace(problem_set, problems=tuple(problem_set.problems[i] for i in shard))
         self.backend, self.engine = backend, make_engine(mine, cfg, backend)
         self.local = {i: j for j, i in enumerate(shard)}
@@ -175,19 +154,6 @@ class ShardEngine:
 
     def _local(self, indices: list[int]) -> list[int]:
         return [self.local[i] for i in indices]
-
-
-@dataclass(frozen=True)
-class ClusterStepResult(StepResult):
-    """A step's result added up over the shards (``StepResult``: passes and host syncs
-    summed over the workers, phase times the slowest worker's) and the step's ``cluster``
-    metrics: each shard's samples, Krylov iterations and seconds, the imbalance and the
-    workers lost (samples cold-started)."""
-
-    cluster: Mapping[str, float] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), **self.cluster}
 
 
 class DaskEngine:
@@ -252,8 +218,10 @@ class DaskEngine:
         return {k: (host, part) for k in range(width)
                 if (part := [int(i) for i in indices if i % width == k])}
 
-    def evaluate(self, theta: Any, indices: Sequence[int]) -> ClusterStepResult:
-        """The mini-batch ``indices`` at θ, each shard's part on its worker."""
+    def evaluate(self, theta: Any, indices: Sequence[int]) -> StepResult:
+        """The mini-batch ``indices`` at θ, each shard's part on its worker, added up (passes
+        and host syncs summed over the workers, phase times the slowest worker's); ``extra``:
+        each shard's samples, Krylov iterations and seconds, the imbalance, workers lost."""
         self.lost, self.cold = 0, 0
         parts = self._split(theta, indices)
         done = self._call("evaluate", parts)
@@ -276,13 +244,13 @@ class DaskEngine:
         cluster[names.WORKER_IMBALANCE] = max(times) / (sum(times) / len(times))
         cluster[names.WORKERS_LOST] = float(self.lost)
         cluster[names.COLD_STARTED] = float(self.cold)
-        return ClusterStepResult(
+        return StepResult(
             float(sum(r.upper_loss for r in samples)) / B,
             mean_gradient(grads, self.theta_shape), tuple(indices), samples,
             counts=_total(r.counts for r in results),
             lower_counts=_total(r.lower_counts for r in results),
             times=PhaseTimes(*np.max([astuple(r.times) for r in results], axis=0).tolist()),
-            host_syncs=sum(r.host_syncs for r in results), sample_grads=grads, cluster=cluster)
+            host_syncs=sum(r.host_syncs for r in results), sample_grads=grads, extra=cluster)
 
     def loss(self, theta: Any, indices: Sequence[int]) -> float:
         """The mean upper loss of ``indices`` at θ (states unchanged)."""

@@ -1,9 +1,5 @@
-"""What a run tells its user: messages on the ``hyperkrylov`` logger, and tables.
-
-Under the ``hyperkrylov`` command Hydra's job logging (``conf/config.yaml``) shows them on
-stdout as ``hyperkrylov: <message>`` and writes them, timestamped, to the run's
-``hyperkrylov.log``; a multirun job's lines start with ``[job N]``.
-"""
+"""What a run tells its user: messages on the ``hyperkrylov`` logger (shown and written to
+``hyperkrylov.log`` by Hydra's job logging, ``conf/config.yaml``), and tables."""
 
 from __future__ import annotations
 

@@ -1,13 +1,22 @@
-"""The bilevel engine a run uses, built from the typed config (the one mapping from the
-Hydra schema's solver/recycle/stop/baseline groups to the engine's settings)."""
+"""The backend, samples and bilevel engine of a run, from the typed config (the one mapping
+of the solver/recycle/stop/baseline groups to the engine's settings)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from backends import get_backend, tune_cpu_allocator
 from framework.bilevel.engine import BilevelEngine, EngineConfig
-from framework.experiment.config import Baseline, Config
-from problems.factory import ProblemSet
+from framework.experiment.config import BackendName, Baseline, Config
+from problems.factory import ProblemSet, build_problems
+
+
+def build_samples(cfg: Config) -> tuple[Any, ProblemSet]:
+    """The run's backend (NumPy's with the CPU allocator tuned) and its samples."""
+    backend = get_backend(cfg.backend.name, dtype=cfg.backend.dtype, device=cfg.backend.device)
+    if backend.name == BackendName.numpy:
+        tune_cpu_allocator()  # batched temporaries: avoid an mmap + page faults per array
+    return backend, build_problems(cfg.problem, backend, cfg.seed)
 
 
 def make_engine(problem_set: ProblemSet, cfg: Config, backend: Any) -> BilevelEngine:

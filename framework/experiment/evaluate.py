@@ -1,15 +1,8 @@
-"""``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data.
-
-Held-out images: ``evaluate.num_samples`` from ``problem.start + problem.num_samples +
-evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300), the test folder's from
-``evaluate.offset`` on; same operator and noise model, each image's draws from the child of
-``seed`` for its index (never a training image's).  Per image: the measurement y (when an
-image of the same size), x*(θ) of the learned regulariser (``evaluate.theta_path``), and
-x* of Huber-TV with the log10 weight of ``evaluate.tv_grid`` best on the first training
-images (``best_tv_weight``) and, as an optimistic bound, the best per image ("TV oracle");
-each x* the engine's batched lower-level solution (Huber-TV's without the FFT
-preconditioners, which are built for Fields of Experts).  A figure per image (truth, data,
-Huber-TV, learned) is logged to the run as ``reconstructions/image_<index>.png``.
+"""``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data
+(README, "Results").  Held-out images: ``evaluate.num_samples`` from ``problem.start +
+problem.num_samples + evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300),
+the test folder's from ``evaluate.offset`` on; same operator and noise model, each image's
+draws from the child of ``seed`` for its index (never a training image's).
 """
 
 from __future__ import annotations
@@ -131,7 +124,8 @@ def best_tv_weight(
 
 def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: Path,
                    tracker: Any) -> EvaluationSummary:
-    """Reconstruct the held-out images three ways and log their PSNRs."""
+    """Reconstruct the held-out images with the learned θ, with Huber-TV at the grid weight
+    best on the training images and at each image's best ("TV oracle"); log their PSNRs."""
     theta, held_out = prepared
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
     config, grid = engine_config(c), [float(v) for v in c.evaluate.tv_grid]
@@ -148,17 +142,15 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
                                                backend.asarray(theta))
     tv_search = best_tv_weight(images(held_out, regularizer="tv"), grid, config)
     tv, tv_x = tv_search.psnrs, tv_search.solutions[grid.index(tv_weight)]
-    rows = [
-        EvaluationRow(
+    rows = []
+    for j, p in enumerate(learned):
+        row = EvaluationRow(
             image=held_out.start + j,
             psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
             psnr_learned=float(learned_psnrs[j]),
             psnr_tv=float(tv[grid.index(tv_weight), j]),
-            psnr_tv_oracle=float(tv[:, j].max()),
-        )
-        for j, p in enumerate(learned)
-    ]
-    for j, (row, p) in enumerate(zip(rows, learned, strict=True)):
+            psnr_tv_oracle=float(tv[:, j].max()))
+        rows.append(row)
         tracker.log_metrics({k: getattr(row, k) for k in PSNR_FIELDS}, j)
         data = [] if math.isnan(row.psnr_measurement) else [
             ("data", to_host(p.y), row.psnr_measurement)]  # y not an image (inpainting)

@@ -1,10 +1,5 @@
-"""MLflow tag and metric names, defined once for the writers (train, resolve, runner) and
-the readers (compare, paper, plots).
-
-Training steps log the engine's ``StepResult.metrics()`` plus ``STEP_TIME``, ``BATCH_SIZE``
-and the running sums ``cumulative(key)`` of the ``TRAIN_COUNTS``; a re-solve logs per
-system the ``RESOLVE_COUNTS`` (with running sums) and ``HG_ERROR``, at the end ``total(key)``.
-"""
+"""MLflow tag and metric names, defined once for the writers (train, resolve, runner,
+cluster) and the readers (compare, paper)."""
 
 from __future__ import annotations
 

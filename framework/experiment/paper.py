@@ -1,10 +1,6 @@
-"""The paper-style report of re-solve runs (``hyperkrylov-compare --paper``).
-
-Reads only the tracking store: the totals and per-system histories of the runs tagged
-``hyperkrylov.task=resolve``, one row per (recording, label, recycle dimension), the latest
-run where one was repeated.  Savings: 100 · (1 − mine / none), against the ``none`` run of
-the same recording.
-"""
+"""The paper-style report of re-solve runs (``hyperkrylov-compare --paper``), read from the
+tracking store only.  Savings: 100 · (1 − mine / none), against the ``none`` run of the
+same recording."""
 
 from __future__ import annotations
 

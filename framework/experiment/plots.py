@@ -1,9 +1,5 @@
-"""Figures of one run and of a comparison of runs (matplotlib, Agg; no display needed).
-
-Inputs are plain host data: metric rows or histories ``{key: [(step, value), ...]}``,
-per-step per-sample iteration counts, host arrays.  Every function returns a matplotlib Figure;
-the caller saves it (``save``) and closes it.
-"""
+"""Figures of one run and of a comparison of runs (matplotlib, Agg; no display needed), from
+plain host data; every function returns a Figure for ``save``, which closes it."""
 
 from __future__ import annotations
 
@@ -21,21 +17,17 @@ import numpy as np
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 
-SAVE_KWARGS = {"dpi": 110, "bbox_inches": "tight"}  # of every PNG (files and MLflow's)
-
-
 def save(fig: Any, path: str | Path) -> Path:
     """Save ``fig`` as PNG to ``path`` (folders created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **SAVE_KWARGS)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def _label_axes(ax: Any, xlabel: str, ylabel: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -95,8 +87,7 @@ def parameters(theta: np.ndarray) -> Any:
     fig, ax = plt.subplots(figsize=(5, 3))
     flat = np.asarray(theta).reshape(-1)
     ax.bar(np.arange(flat.size), flat)
-    ax.set_xlabel("parameter")
-    ax.set_ylabel("θ")
+    ax.set(xlabel="parameter", ylabel="θ")
     return fig
 
 

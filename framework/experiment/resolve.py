@@ -1,15 +1,10 @@
-"""``task=resolve``: re-solve a recorded Hessian sequence with one solver configuration.
-
-The paper's protocol: one training run records θ_t and x_t (``task=record``); every
-strategy then solves the *same* systems H(x_t, θ_t) w = ∇ℓ(x_t) with warm starts and its
-own recycling, its hypergradients compared with references from a tight MINRES
-(``sequence.reference_rtol``), cached next to the recording as ``<stem>.refs.npz`` (keyed
-by its SHA-256 and the tolerance; rewritten atomically when stale).
-
-Per system t (MLflow step t) the run logs the ``SystemRecord`` figures (``hg_error``: the
-relative error of −Jᵀw against the reference), ``solve_time``, ``upper_loss`` and the
-``cumulative_*`` of ``names.RESOLVE_COUNTS``; at the end ``total_*``, ``mean_hg_error``
-and ``max_hg_error``.
+"""``task=resolve``: re-solve a recorded Hessian sequence with one solver configuration
+(the paper's protocol, README "Results").  References come from a tight MINRES
+(``sequence.reference_rtol``), cached as ``<stem>.refs.npz`` next to the recording (keyed
+by its SHA-256 and the tolerance; rewritten atomically when stale).  Per system t (MLflow
+step t) the run logs the ``SystemRecord`` figures (``hg_error``: the relative error of
+−Jᵀw against the reference), ``solve_time``, ``upper_loss`` and the ``cumulative_*`` of
+``names.RESOLVE_COUNTS``; at the end ``total_*``, ``mean_hg_error`` and ``max_hg_error``.
 """
 
 from __future__ import annotations

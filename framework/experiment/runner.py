@@ -1,8 +1,5 @@
-"""One experiment run: validate the config, hold the thread limit, run the task tracked.
-
-``task=train``/``record`` resume from ``<output dir>/<checkpoint.filename>`` when it exists
-and was written under the same config (same MLflow run, steps continue).
-"""
+"""One experiment run: validate the config, hold the thread limit, run the task tracked
+(``task=train``/``record`` resume from the output folder's checkpoint)."""
 
 from __future__ import annotations
 

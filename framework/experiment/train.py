@@ -1,13 +1,8 @@
 """``task=train`` / ``task=record``: the outer loop, its checkpoints and its figures.
 
-``train`` runs (or resumes, from a checkpoint ``state``) the outer loop: mini-batches from
-a NumPy generator seeded by ``SeedSequence(seed)`` (entropy logged, state checkpointed, so
-a resumed run draws the same batches as an uninterrupted one), one engine evaluation and
-one optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written by the
-tracker after the metrics it follows) and at the end, then θ, the recording
-(``task=record``) and the figures.
-
-Metrics at step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
+Mini-batches come from a NumPy generator seeded by ``SeedSequence(seed)`` (entropy logged,
+state checkpointed: a resumed run draws the batches of an uninterrupted one).  Metrics at
+step k describe the evaluation at θ_k (before the update to θ_{k+1}); the
 ``names.cumulative(key)`` metrics add up the ``names.TRAIN_COUNTS`` of steps 0..k.
 """
 
@@ -25,13 +20,11 @@ from typing import Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from backends import get_backend, tune_cpu_allocator
 from framework.bilevel.engine import NonFiniteError
 from framework.bilevel.recording import SequenceRecorder
 from framework.experiment import names, plots
 from framework.experiment.checkpoint import CheckpointError
 from framework.experiment.config import (
-    BackendName,
     Config,
     ConfigError,
     Optimizer,
@@ -42,15 +35,15 @@ from framework.experiment.config import (
     to_yaml,
 )
 from framework.experiment.console import say
+from framework.experiment.engine_setup import build_samples
 from framework.experiment.resolve import problem_config_json
 from framework.experiment.stop_signals import StepBoundary
 from framework.optim import make_optimizer
 from problems.base import psnr
-from problems.factory import ProblemSet, build_problems
+from problems.factory import ProblemSet
 
 THETA_FILE = "theta.npz"
-PROGRESS_SECONDS = 10.0  # without a terminal: a progress line at most this often (and at
-# the first and last step)
+PROGRESS_SECONDS = 10.0  # without a terminal: a progress line at most this often
 _BATCH_STREAM = 2**31 - 1  # spawn key of the mini-batch generator (distinct from sample seeds)
 EngineFactory = Callable[[ProblemSet, Config, Any], Any]
 
@@ -87,8 +80,7 @@ def _batch(rng: np.random.Generator, count: int, size: int | None) -> list[int]:
     return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
 
 
-# Keys that may change between a run and its resumption (length, bookkeeping, display, the
-# SLURM jobs of its workers).
+# Keys a resumed run may change (length, bookkeeping, display, its SLURM workers' jobs)
 _RESUMABLE_CHANGES = ("outer.steps", "checkpoint.", "tracking.", "progress", "resume_from",
                       "cluster.slurm")
 _STATE_KEYS = ("step", "theta", "optimizer", "engine", "rng", "history", "per_sample",
@@ -127,22 +119,15 @@ def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
         )
 
 
-def train(
-    c: Config,
-    out: Path,
-    ckpt_path: Path,
-    state: dict[str, Any] | None,
-    tracker: Any,
-    engine_factory: EngineFactory,
-    run_params: dict[str, str],
-) -> RunSummary:
-    """The outer loop of ``task=train``/``record`` (see the module docstring)."""
+def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, tracker: Any,
+          engine_factory: EngineFactory, run_params: dict[str, str]) -> RunSummary:
+    """Run (or resume, from a checkpoint ``state``) the outer loop: one engine evaluation
+    and one optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written
+    by the tracker after the metrics it follows) and at the end; then θ, the recording
+    (``task=record``) and the figures."""
     if state is not None:
         say(f"resuming from {ckpt_path} at step {state['step']}")
-    backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
-    if backend.name == BackendName.numpy:
-        tune_cpu_allocator()  # batched temporaries: avoid an mmap + page faults per array
-    problem_set = build_problems(c.problem, backend, c.seed)
+    backend, problem_set = build_samples(c)
     engine = engine_factory(problem_set, c, backend)
     optimizer = make_optimizer(c.outer, mask=problem_set.mask)
     rng, entropy = _batch_generator(c.seed)
@@ -317,17 +302,9 @@ def train(
     )
 
 
-def _log_figures(
-    c: Config,
-    out: Path,
-    tracker: Any,
-    problem_set: ProblemSet,
-    backend: Any,
-    engine: Any,
-    theta: Any,
-    history: list[dict[str, float]],
-    per_sample: list[list[float]],
-) -> None:
+def _log_figures(c: Config, out: Path, tracker: Any, problem_set: ProblemSet, backend: Any,
+                 engine: Any, theta: Any, history: list[dict[str, float]],
+                 per_sample: list[list[float]]) -> None:
     """Write the run's figures to ``<out>/figures`` and log those files; the
     reconstruction is the engine's lower-level solution (``solver.lower``) of sample 0."""
     counts = [names.cumulative(k) for k in (names.KRYLOV_ITERATIONS,
