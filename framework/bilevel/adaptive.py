@@ -13,6 +13,12 @@ before each step between no recycling and k' ≤ k vectors, from what the engine
   losing try doubles it (quadruples it when it took over 1.5× as long) up to MAX_INTERVAL.
 * The plain step before a try harvests the k' vectors the try uses (otherwise nothing is
   harvested while recycling does not pay; a try without a carry is a plain step).
+* Tries are paid from an exploration budget: a try (with the harvest before it) starts only
+  when what all tries cost so far (seconds beyond the choice in use) plus the expected cost
+  of this one (the last try's; one step of the choice in use before any) is at most
+  ``explore`` (EXPLORE = 4 %) of the Hessian-phase seconds spent so far.  Exploring never
+  costs a run more than about that share, whatever its length; the first try comes after
+  about 1/EXPLORE steps.
 
 With a shadow baseline the plain seconds are measured on every step instead of by tries.
 """
@@ -26,6 +32,7 @@ MAX_INTERVAL = 64  # steps: how long a change of costs can go unnoticed
 FIRST_INTERVAL = 8  # steps before the other choice is tried after a switch
 BUDGET = 0.25
 SMOOTHING = 0.5  # weight of the newest figure in the exponential averages
+EXPLORE = 0.04  # the most of the Hessian-phase seconds that tries may cost
 
 
 @dataclass(frozen=True)
@@ -38,18 +45,24 @@ class Plan:
 
 
 class RecyclePolicy:
-    """Chooses per step between no recycling and k' ≤ ``max_dim`` recycle vectors."""
+    """Chooses per step between no recycling and k' ≤ ``max_dim`` recycle vectors; tries
+    may cost at most ``explore`` of the Hessian-phase seconds."""
 
-    def __init__(self, max_dim: int) -> None:
+    def __init__(self, max_dim: int, explore: float = EXPLORE) -> None:
         if max_dim < 1:
             raise ValueError(f"adaptive recycling needs recycle dim >= 1; got {max_dim}")
-        self.max_dim = max_dim
+        self.max_dim, self.explore = max_dim, explore
         self.seconds: dict[bool, float] = {}  # recycling? → Hessian seconds per system
         self.plain_iterations: float | None = None
         self.recycling = False  # the choice in use
         self.interval, self.wait = FIRST_INTERVAL, 1  # steps until the other choice is tried
         self.warming_up = True  # the first step (cold, not warm-started) is not measured
         self.shadowed = False  # plain seconds measured on every step (a shadow baseline)
+        self.spent = 0.0  # Hessian seconds per system of the measured steps, summed
+        self.explored = 0.0  # what tries and their harvests cost beyond the choice in use
+        self.try_cost: float | None = None  # the last try's (None: none yet)
+        self.exploring = False  # the budget granted the coming try (and its harvest)
+        self.cost = 0.0  # what the current try has cost so far
 
     def affordable(self) -> int:
         """k' = min(k, ⌊BUDGET · plain iterations per system⌋)."""
@@ -63,11 +76,12 @@ class RecyclePolicy:
         if k < min(MIN_DIM, self.max_dim):
             return Plan(0, 0)
         if self.recycling:  # a try without recycling keeps harvesting for the step after
-            try_plain = self.wait == 0 and not self.shadowed
+            try_plain = self.wait == 0 and self.exploring and not self.shadowed
             return Plan(0, k) if try_plain else Plan(k, k)
-        if self.wait == 0:
+        if self.wait == 0 and self.exploring:
             return Plan(k, k)
-        return Plan(0, k if self.wait == 1 else 0)  # harvest for the try that comes next
+        # harvest for the try that comes next
+        return Plan(0, k if self.wait == 1 and self.exploring else 0)
 
     def record(self, dim: int, seconds: float, iterations: float, *,
                plain_seconds: float | None = None, plain_iterations: float | None = None) -> None:
@@ -78,8 +92,13 @@ class RecyclePolicy:
             self.warming_up = False
             return
         used = dim > 0
+        self.spent += seconds
+        if self.exploring and self.recycling in self.seconds:  # beyond the choice in use
+            extra = max(seconds - self.seconds[self.recycling], 0.0)
+            self.explored, self.cost = self.explored + extra, self.cost + extra
         if used != self.recycling:  # a try: the choice's last figure is stale, replace it
             self.seconds.pop(used, None)
+            self.exploring, self.try_cost, self.cost = False, self.cost, 0.0
         self.seconds[used] = _smooth(self.seconds.get(used), seconds)
         if not used:
             self.plain_iterations = _smooth(self.plain_iterations, iterations)
@@ -88,7 +107,7 @@ class RecyclePolicy:
             self.seconds[False] = _smooth(self.seconds.get(False), plain_seconds)
             self.plain_iterations = _smooth(self.plain_iterations, plain_iterations)
         if len(self.seconds) < 2:
-            self.wait = max(self.wait - 1, 0)
+            self._count_down()
             return
         # recycling must win by 5 % to be chosen (one noisy try should not switch to it)
         best = self.seconds[True] < (0.95 if not self.recycling else 1.0) * self.seconds[False]
@@ -100,7 +119,18 @@ class RecyclePolicy:
             self.interval = min(self.interval * (4 if lost_by > 1.5 else 2), MAX_INTERVAL)
             self.wait = self.interval
         else:
-            self.wait = max(self.wait - 1, 0)
+            self._count_down()
+
+    def _count_down(self) -> None:
+        """One step less to wait; at the step that starts a try (its harvest when not
+        recycling), wait there until the exploration budget grants it."""
+        self.wait = max(self.wait - 1, 0)
+        start = 0 if self.recycling else 1
+        if self.wait <= start and not self.exploring:
+            self.wait = start
+            cost = self.try_cost if self.try_cost is not None else self.seconds.get(
+                self.recycling, 0.0)
+            self.exploring = self.explored + cost <= self.explore * self.spent
 
 
 def _smooth(old: float | None, value: float) -> float:
