@@ -60,6 +60,17 @@ def test_recycling_that_loses_costs_at_most_the_exploration_budget(steps):
     assert len(tries(log)) >= (1 if steps >= 2 / EXPLORE else 0)
 
 
+def test_recycling_is_entered_only_by_budgeted_tries_while_systems_drift():
+    # systems grow harder (plain seconds rise 5 % a step) and recycling costs 2 % more: the
+    # plain average rising past the last try's stale figure must not switch to recycling
+    def plain(t):
+        return 1.0 + t / 20
+
+    log = simulate(RecyclePolicy(10), 200, 80, plain, lambda t: 1.02 * plain(t))
+    assert 1 <= len(tries(log)) <= 5
+    assert all(not log[t - 1][0] and log[t - 1][2] for t in tries(log))  # each after a harvest
+
+
 def test_recycling_that_pays_is_found_and_kept_with_k_prime_vectors():
     log = simulate(RecyclePolicy(30), 100, 80, lambda t: 1.0, lambda t: 0.5)
     used = [d for d, _, _ in log]

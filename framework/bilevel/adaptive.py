@@ -9,8 +9,10 @@ before each step between no recycling and k' ≤ k vectors, from what the engine
   k' < MIN_DIM.
 * The Hessian-phase seconds per system of each choice decide (an exponential average for
   the choice in use, the latest try for the other; the cold first step is not measured;
-  recycling must be 5 % faster).  The other choice is tried after ``interval`` steps; a
-  losing try doubles it (quadruples it when it took over 1.5× as long) up to MAX_INTERVAL.
+  recycling must be 5 % faster).  Recycling is entered only after a try of it; while it is
+  in use, each step may switch back to plain solves.  The other choice is tried after
+  ``interval`` steps; a losing try doubles it (quadruples it when it took over 1.5× as
+  long) up to MAX_INTERVAL.
 * The plain step before a try harvests the k' vectors the try uses (otherwise nothing is
   harvested while recycling does not pay; a try without a carry is a plain step).
 * Tries are paid from an exploration budget: a try (with the harvest before it) starts only
@@ -106,7 +108,9 @@ class RecyclePolicy:
             self.shadowed = True
             self.seconds[False] = _smooth(self.seconds.get(False), plain_seconds)
             self.plain_iterations = _smooth(self.plain_iterations, plain_iterations)
-        if len(self.seconds) < 2:
+        # decide after a try, or while recycling (only back to plain solves: recycling is
+        # entered only by a try, which the budget paid; the other figure may be stale)
+        if len(self.seconds) < 2 or not (used != self.recycling or self.recycling):
             self._count_down()
             return
         # recycling must win by 5 % to be chosen (one noisy try should not switch to it)
