@@ -282,8 +282,10 @@ def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path,
     assert record.status == "RUNNING" and record.history["loss"] == ((0, 0.0),)
     said = [r.getMessage() for r in caplog.records if r.name == "hyperkrylov"]
     assert len([m for m in said if "unavailable (OperationalError: " in m]) == 1
-    assert said[-1] == (f"7 writes buffered in {pending}; they will be sent by the next run "
-                        "in this folder")  # 3 checkpoints' metrics and artifacts, the end
+    # 3 checkpoints' metrics, the first one's artifact (uploads are at most every
+    # UPLOAD_SECONDS), the last one's at the end, and the end
+    assert said[-1] == (f"6 writes buffered in {pending}; they will be sent by the next run "
+                        "in this folder")
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hyperkrylov"):
@@ -291,11 +293,13 @@ def test_a_store_made_read_only_mid_run_buffers_and_the_next_run_sends(tmp_path,
         second.start(run_id=run_id, record_to=recorded)
         second.end()
     assert [r.getMessage() for r in caplog.records if r.name == "hyperkrylov"] == [
-        f"tracking store {uri} answers: sent the 7 writes buffered in {pending}"]
+        f"tracking store {uri} answers: sent the 6 writes buffered in {pending}"]
     (record,) = tracking.read_runs(uri, "unit")
     assert record.status == "FINISHED" and not pending.exists()
     assert record.history["loss"] == tuple((s, float(s)) for s in range(4))
-    assert record.tags[names.BUFFERED_WRITES_TAG] == "7"
+    assert record.tags[names.BUFFERED_WRITES_TAG] == "6"
+    artifact = store / "artifacts" / "unit" / run_id / "artifacts" / "ckpt.npz"
+    assert checkpoint.load(artifact)["step"] == 3  # the last checkpoint, uploaded at the end
 
 
 def test_a_buffered_write_the_store_rejects_is_moved_aside(tmp_path, empty_store):

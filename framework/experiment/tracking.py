@@ -41,6 +41,7 @@ from framework.experiment import checkpoint, names
 MAX_PARAM_LENGTH = 6000  # MLflow's limit, to which it cuts longer values
 PENDING_FILE = "mlflow_pending.jsonl"  # in a run's output folder: writes the store has not taken
 RETRY_SECONDS = 5.0  # while the store is unavailable, how often the writer tries it again
+UPLOAD_SECONDS = 10.0  # the checkpoint artifact: uploaded at most this often, and at the end
 # unless set: a dead server costs seconds per try, not MLflow's default of minutes
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -178,6 +179,8 @@ class _Writer:
         self.waiting = 0  # writes in it: while > 0, every write is appended to it
         self.retry_at = 0.0  # time.monotonic() of the next try to send them
         self.logged: dict[str, int] = {}  # a resumed run's last step in the store, per metric
+        self.unsent: str | None = None  # a checkpoint saved but not uploaded yet
+        self.upload_at = 0.0  # time.monotonic() from which a checkpoint is uploaded
 
     def open(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
@@ -282,7 +285,9 @@ class _Writer:
         return None
 
     def end(self, status: str) -> None:
-        """Stop the system metrics monitor (logging its last samples), then end the run."""
+        """Upload the last checkpoint, stop the system metrics monitor (logging its last
+        samples), then end the run."""
+        self._upload_checkpoint()
         if self.monitor is not None:
             self.monitor.finish()
             self.monitor = None
@@ -306,6 +311,8 @@ class _Writer:
         return self.active
 
     def close(self) -> str | None:
+        if self.active is not None and not self.failed:  # a run that failed before ``end``
+            self._upload_checkpoint()
         if self.waiting:
             self._send_pending()  # a last try, whenever it was due
         if self.waiting:
@@ -321,7 +328,17 @@ class _Writer:
         if metrics:
             self.write("log_batch", metrics, [], [])
         checkpoint.save(path, {**state, "run_id": self.active})
-        self.write("log_artifact", path)  # after the metrics before it: resumable elsewhere
+        self.unsent = path
+        if time.monotonic() >= self.upload_at:
+            self._upload_checkpoint()
+
+    def _upload_checkpoint(self) -> None:
+        """Log the last saved checkpoint as an artifact (after the metrics before it: a run
+        resumes elsewhere from it), at most every UPLOAD_SECONDS: the file grows with the
+        run's history, and a writer uploading it every step falls behind the run."""
+        if self.unsent is not None:
+            self.write("log_artifact", self.unsent)
+            self.unsent, self.upload_at = None, time.monotonic() + UPLOAD_SECONDS
 
     def write(self, op: str, *args: Any) -> None:
         """Write to the active run (``_apply``), or, while the store is unavailable, to the
@@ -352,10 +369,13 @@ class _Writer:
         """Send the pending writes in order, counted in each run's tag
         ``names.BUFFERED_WRITES_TAG``; the file goes once the store took them all."""
         writes = _pending_writes(self.pending)
+        # an artifact uploads its file as it is now: of repeated uploads only the last counts
+        last = {json.dumps(w): i for i, w in enumerate(writes) if w[1] == "log_artifact"}
         try:
             check_reachable(self.uri, timeout=2.0)  # a dead server: at once, not retried
-            for write in writes:
-                self._apply(*write)
+            for i, write in enumerate(writes):
+                if write[1] != "log_artifact" or last[json.dumps(write)] == i:
+                    self._apply(*write)
             for run_id, count in Counter(run_id for run_id, *_ in writes).items():
                 count += int(self.client.get_run(run_id).data.tags.get(
                     names.BUFFERED_WRITES_TAG, 0))
