@@ -64,7 +64,7 @@ class RecyclePolicy:
         self.explored = 0.0  # what tries and their harvests cost beyond the choice in use
         self.try_cost: float | None = None  # the last try's (None: none yet)
         self.exploring = False  # the budget granted the coming try (and its harvest)
-        self.cost = 0.0  # what the current try has cost so far
+        self.granted_at = 0.0  # ``explored`` when the coming try was granted
 
     def affordable(self) -> int:
         """k' = min(k, ⌊BUDGET · plain iterations per system⌋)."""
@@ -96,11 +96,11 @@ class RecyclePolicy:
         used = dim > 0
         self.spent += seconds
         if self.exploring and self.recycling in self.seconds:  # beyond the choice in use
-            extra = max(seconds - self.seconds[self.recycling], 0.0)
-            self.explored, self.cost = self.explored + extra, self.cost + extra
-        if used != self.recycling:  # a try: the choice's last figure is stale, replace it
+            self.explored += max(seconds - self.seconds[self.recycling], 0.0)
+        tried = used != self.recycling
+        if tried:  # the choice's last figure is stale, replace it
             self.seconds.pop(used, None)
-            self.exploring, self.try_cost, self.cost = False, self.cost, 0.0
+            self.exploring, self.try_cost = False, self.explored - self.granted_at
         self.seconds[used] = _smooth(self.seconds.get(used), seconds)
         if not used:
             self.plain_iterations = _smooth(self.plain_iterations, iterations)
@@ -110,15 +110,15 @@ class RecyclePolicy:
             self.plain_iterations = _smooth(self.plain_iterations, plain_iterations)
         # decide after a try, or while recycling (only back to plain solves: recycling is
         # entered only by a try, which the budget paid; the other figure may be stale)
-        if len(self.seconds) < 2 or not (used != self.recycling or self.recycling):
+        if len(self.seconds) < 2 or not (tried or self.recycling):
             self._count_down()
             return
         # recycling must win by 5 % to be chosen (one noisy try should not switch to it)
         best = self.seconds[True] < (0.95 if not self.recycling else 1.0) * self.seconds[False]
-        if best != self.recycling:  # the other choice now wins: switch
-            self.recycling, self.interval = best, FIRST_INTERVAL
+        if best != self.recycling:  # the other choice now wins: switch (a grant lapses)
+            self.recycling, self.interval, self.exploring = best, FIRST_INTERVAL, False
             self.wait = self.interval
-        elif used != self.recycling:  # a try lost: wait 2× longer (4× when it lost by half)
+        elif tried:  # a try lost: wait 2× longer (4× when it lost by half)
             lost_by = self.seconds[used] / self.seconds[self.recycling]
             self.interval = min(self.interval * (4 if lost_by > 1.5 else 2), MAX_INTERVAL)
             self.wait = self.interval
@@ -132,9 +132,12 @@ class RecyclePolicy:
         start = 0 if self.recycling else 1
         if self.wait <= start and not self.exploring:
             self.wait = start
+            if self.recycling and self.shadowed:  # plain seconds come from the shadow
+                return
             cost = self.try_cost if self.try_cost is not None else self.seconds.get(
                 self.recycling, 0.0)
             self.exploring = self.explored + cost <= self.explore * self.spent
+            self.granted_at = self.explored
 
 
 def _smooth(old: float | None, value: float) -> float:

@@ -311,8 +311,7 @@ class _Writer:
         return self.active
 
     def close(self) -> str | None:
-        if self.active is not None and not self.failed:  # a run that failed before ``end``
-            self._upload_checkpoint()
+        self._upload_checkpoint()  # a run that failed before ``end``
         if self.waiting:
             self._send_pending()  # a last try, whenever it was due
         if self.waiting:
