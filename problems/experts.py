@@ -60,6 +60,43 @@ def _lorentzian_d2(z: Any, gamma: float) -> Any:
     return out
 
 
+def _student_t_value(z: Any, gamma: float) -> Any:
+    return _xp(z).log1p((z / gamma) ** 2)
+
+
+def _student_t_d1(z: Any, gamma: float) -> Any:
+    # φ' = 2z/(γ² + z²)
+    q = z * z
+    q += gamma * gamma
+    out = 2.0 * z
+    out /= q
+    return out
+
+
+def _student_t_value_d1(z: Any, gamma: float) -> tuple[Any, Any]:
+    # one (z/γ)² for both: φ = log1p(t²), φ' = 2t/(γ(1 + t²)) with t = z/γ
+    t = z / gamma
+    q = t * t
+    value = _xp(z).log1p(q)
+    q += 1.0
+    q *= gamma
+    t *= 2.0
+    t /= q
+    return value, t
+
+
+def _student_t_d2(z: Any, gamma: float) -> Any:
+    # φ'' = 2(γ² − z²)/(γ² + z²)² = 2r(2γ²r − 1) with r = 1/(γ² + z²)
+    r = z * z
+    r += gamma * gamma
+    r = 1.0 / r
+    out = (2.0 * gamma * gamma) * r
+    out -= 1.0
+    out *= r
+    out *= 2.0
+    return out
+
+
 _FUNCTIONS = {
     "l2": (
         lambda z, gamma: 0.5 * z * z,
@@ -73,6 +110,7 @@ _FUNCTIONS = {
         _smooth_l1_d2,
     ),
     "lorentzian": (lambda z, gamma: _xp(z).log1p(z * z), _lorentzian_d1, _lorentzian_d2),
+    "student_t": (_student_t_value, _student_t_d1, _student_t_d2),
 }
 EXPERT_NAMES = tuple(_FUNCTIONS)
 
@@ -80,8 +118,13 @@ EXPERT_NAMES = tuple(_FUNCTIONS)
 @dataclass(frozen=True)
 class Expert:
     """φ by name: ``l2`` z²/2; ``huber`` z²/(2γ) for |z| ≤ γ, |z| − γ/2 otherwise;
-    ``smooth_l1`` √(γ² + z²); ``lorentzian`` log(1 + z²).  ``gamma`` is used by the
-    Huber and smooth-ℓ1 experts only."""
+    ``smooth_l1`` √(γ² + z²); ``lorentzian`` log(1 + z²); ``student_t`` log(1 + z²/γ²),
+    the Lorentzian of width γ (the negative log of a Student-t density up to constants).
+    ``gamma`` is used by the Huber, smooth-ℓ1 and Student-t experts.
+
+    ``student_t`` is the Lorentzian with filters scaled by 1/γ: the same FoE family, with
+    filter entries of order one where the responses of images in [0, 1] reach the
+    expert's heavy tail (with ``lorentzian`` the filters must grow to ~1/γ first)."""
 
     name: str
     gamma: float = 0.01
@@ -104,6 +147,8 @@ class Expert:
         """(φ(z), φ'(z)) elementwise, sharing the work both need (fused for lorentzian)."""
         if self.name == "lorentzian":
             return _lorentzian_value_d1(z, self.gamma)
+        if self.name == "student_t":
+            return _student_t_value_d1(z, self.gamma)
         return self.value(z), self.d1(z)
 
     def d2(self, z: Any) -> Any:

@@ -22,6 +22,8 @@ def numpy_phi(name: str, z: np.ndarray, gamma: float) -> np.ndarray:
         return np.where(np.abs(z) <= gamma, z**2 / (2 * gamma), np.abs(z) - gamma / 2)
     if name == "smooth_l1":
         return np.sqrt(gamma**2 + z**2)
+    if name == "student_t":
+        return np.log(1 + (z / gamma) ** 2)
     return np.log(1 + z**2)
 
 
@@ -152,3 +154,12 @@ def test_tv_differences_adjoint_and_value(backend) -> None:
     huber = np.where(t <= 0.05, t**2 / 0.1, t - 0.025).sum()
     value = tv.value(backend.asarray(xh), backend.asarray([0.5]))
     assert float(value) == pytest.approx(10**0.5 * huber, rel=1e-13)
+
+
+@pytest.mark.parametrize("name", EXPERT_NAMES)
+def test_fused_value_and_first_derivative_match_the_separate_ones(name: str) -> None:
+    expert = Expert(name, 0.03)
+    z = np.concatenate([np.linspace(-2.0, 2.0, 41) + 0.0123, [1e-9, -3e-12]])
+    value, d1 = expert.value_and_d1(z)
+    np.testing.assert_allclose(value, expert.value(z), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(d1, expert.d1(z), rtol=1e-14, atol=0)

@@ -1,4 +1,5 @@
-"""Outer optimisers: Adam against hand-computed steps, gradient descent on a quadratic."""
+"""Outer optimisers: Adam against hand-computed steps, gradient descent on a quadratic,
+L-BFGS against the dense BFGS inverse update and SciPy's minimiser."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import numpy as np
 import pytest
 
+from framework.experiment import checkpoint
 from framework.optim import Adam, GradientDescent, make_optimizer
+from framework.optim.outer import LBFGS
 
 
 def test_adam_matches_hand_computed_steps(backend):
@@ -165,3 +168,141 @@ def test_lr_decay_scales_each_step_by_a_power_of_the_decay(backend):
                                    rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="lr_decay"):
         Adam(lr_decay=0.0)
+
+
+def _rosenbrock():
+    def loss(x):
+        x = np.asarray(x)
+        return float(100 * (x[1] - x[0] ** 2) ** 2 + (1 - x[0]) ** 2)
+
+    def grad(x):
+        x = np.asarray(x)
+        return np.array([-400 * x[0] * (x[1] - x[0] ** 2) - 2 * (1 - x[0]),
+                         200 * (x[1] - x[0] ** 2)])
+
+    return loss, grad
+
+
+def _lbfgs_run(opt, loss, grad, theta, steps):
+    thetas = [theta]
+    for _ in range(steps):
+        step = opt.step(theta, grad(theta), loss=loss(theta), loss_fn=loss)
+        assert step.accepted
+        theta = step.theta
+        thetas.append(theta)
+    return thetas
+
+
+def test_lbfgs_direction_is_the_dense_bfgs_inverse_update():
+    # after m accepted steps, d = −H g with H from H₀ = (sᵀy/yᵀy) I (the newest pair) and
+    # the m BFGS inverse updates H ← (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ, ρ = 1/(yᵀs), oldest first
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((6, 6))
+    a = q @ q.T + 6 * np.eye(6)
+    target = rng.standard_normal(6)
+
+    def loss(t):
+        return 0.5 * float((t - target) @ a @ (t - target))
+
+    def grad(t):
+        return a @ (t - target)
+
+    opt = LBFGS(lr=0.5, memory=3)
+    thetas = _lbfgs_run(opt, loss, grad, np.zeros(6), 5)
+    # the 5th step formed the pair of steps 3 → 4; memory 3 holds the pairs ending at 2, 3, 4
+    s_y = [(t1 - t0, grad(t1) - grad(t0)) for t0, t1 in itertools.pairwise(thetas[:-1])][-3:]
+    assert len(opt.pairs) == 3
+    s_last, y_last = s_y[-1]
+    h = (s_last @ y_last) / (y_last @ y_last) * np.eye(6)
+    for s, y in s_y:
+        rho = 1.0 / (y @ s)
+        v = np.eye(6) - rho * np.outer(y, s)
+        h = v.T @ h @ v + rho * np.outer(s, s)
+    g = grad(thetas[-1])
+    # two products of six 6×6 factors of condition ≲ 10: agreement to ~1e-13 relative
+    np.testing.assert_allclose(opt._direction(g), -h @ g, rtol=1e-10,
+                               atol=1e-12 * np.linalg.norm(h @ g))
+
+
+def test_lbfgs_reaches_the_minimiser_scipy_finds_on_rosenbrock():
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    loss, grad = _rosenbrock()
+    ref = scipy_optimize.minimize(loss, [-1.2, 1.0], jac=grad, method="L-BFGS-B",
+                                  options={"gtol": 1e-12, "ftol": 0}).x
+    opt = LBFGS(lr=0.1, memory=5, max_backtracks=30)
+    theta, values = np.array([-1.2, 1.0]), []
+    for _ in range(100):
+        values.append(loss(theta))
+        if np.linalg.norm(grad(theta)) < 1e-9:
+            break
+        theta = opt.step(theta, grad(theta), loss=values[-1], loss_fn=loss).theta
+    assert all(b <= a for a, b in itertools.pairwise(values))
+    # both near the minimiser (1, 1): ‖θ − θ*‖ ≲ ‖g‖/λ_min(∇²f(θ*)) ≈ 1e-9/0.4
+    np.testing.assert_allclose(theta, [1.0, 1.0], atol=1e-8)
+    np.testing.assert_allclose(theta, ref, atol=1e-5)
+    assert len(values) < 60  # superlinear: gradient descent needs thousands here
+
+
+def test_lbfgs_masks_resumes_identically_and_needs_a_loss(tmp_path):
+    tmp = tmp_path
+    loss, grad = _rosenbrock()
+    mask = np.array([1.0, 0.0])
+    a = LBFGS(lr=0.1, memory=4, max_backtracks=30, mask=mask)
+    theta = _lbfgs_run(a, loss, grad, np.array([-1.2, 1.0]), 5)[-1]
+    assert theta[1] == 1.0 and theta[0] != -1.2
+    path = checkpoint.save(tmp / "opt.npz", {"opt": a.state_dict()})
+    b = LBFGS(lr=5.0, memory=1, mask=mask)  # the mask is the run's, not the state's
+    b.load_state_dict(checkpoint.load(path)["opt"])
+    ta = _lbfgs_run(a, loss, grad, theta, 5)
+    tb = _lbfgs_run(b, loss, grad, theta, 5)
+    np.testing.assert_array_equal(ta[-1], tb[-1])
+    with pytest.raises(ValueError, match="loss"):
+        LBFGS().step(theta, grad(theta))
+
+
+def test_lbfgs_falls_back_to_the_gradient_when_its_direction_fails():
+    loss, grad = _rosenbrock()
+    opt = LBFGS(lr=0.1, memory=4, max_backtracks=3)
+    theta = _lbfgs_run(opt, loss, grad, np.array([-1.2, 1.0]), 3)[-1]
+    assert opt.pairs
+    step = opt.step(theta, grad(theta), loss=loss(theta), loss_fn=lambda t: math.inf)
+    # 3 trials along d, then 3 gradient trials; memory cleared, θ kept
+    assert not step.accepted and step.loss_evals == 6 and opt.pairs == []
+    np.testing.assert_array_equal(step.theta, theta)
+
+
+def test_lbfgs_on_the_bilevel_quadratic_problem_reaches_scipys_minimiser():
+    # the upper loss of two closed-form samples, its gradient from the engine (Krylov
+    # solves to rtol 1e-12); reference: SciPy's L-BFGS-B on the dense closed forms
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    from framework.bilevel.engine import BilevelEngine, EngineConfig
+    from framework.krylov.stopping import StopConfig
+    from problems.quadratic import QuadraticProblem
+
+    problems = [QuadraticProblem(n=20, num_terms=2, seed=s) for s in range(2)]
+    engine = BilevelEngine(problems, EngineConfig(stop=StopConfig(rtol=1e-12), lower_gtol=1e-12))
+
+    def dense_loss(theta):
+        return float(np.mean([0.5 * np.sum((p.exact_solution(theta) - p.x_true) ** 2)
+                              for p in problems]))
+
+    def dense_grad(theta):
+        return np.mean([p.exact_hypergradient(theta) for p in problems], axis=0)
+
+    ref = scipy_optimize.minimize(dense_loss, np.zeros(2), jac=dense_grad, method="L-BFGS-B",
+                                  options={"gtol": 1e-11, "ftol": 0})
+    opt, theta = LBFGS(lr=0.1, memory=5, max_backtracks=30), np.zeros(2)
+    steps = 0
+    while np.linalg.norm((result := engine.evaluate(theta)).grad) >= 1e-7 and steps < 40:
+        theta = opt.step(theta, result.grad, loss=result.loss, loss_fn=engine.loss).theta
+        steps += 1
+    assert steps < 20  # superlinear (11 steps when written)
+    # stationary points of a loss whose Hessian (FD of the dense gradient) has λ_min > 0
+    # lie within ‖g‖/λ_min of its minimiser
+    h = 1e-4
+    hess = np.array([(dense_grad(ref.x + h * e) - dense_grad(ref.x - h * e)) / (2 * h)
+                     for e in np.eye(2)])
+    lam_min = float(np.linalg.eigvalsh((hess + hess.T) / 2)[0])
+    assert lam_min > 0
+    bound = (np.linalg.norm(dense_grad(theta)) + np.linalg.norm(dense_grad(ref.x))) / lam_min
+    assert np.linalg.norm(theta - ref.x) <= 2 * bound

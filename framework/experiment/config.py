@@ -118,6 +118,7 @@ class OuterConfig:
     shrink: float = 0.5
     c1: float = 1e-4
     max_backtracks: int = 10
+    memory: int = 10  # L-BFGS pairs
 
 
 @dataclass

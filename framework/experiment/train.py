@@ -211,7 +211,7 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
                     _diverged(step, str(exc))
                 if recorder is not None:
                     recorder.capture(engine, theta, indices)
-                gd = c.outer.name == Optimizer.gd  # backtracking needs the batch's loss
+                gd = c.outer.name != Optimizer.adam  # backtracking needs the batch's loss
                 loss_fn = partial(engine.loss, indices=indices) if gd else None
                 update = optimizer.step(theta, result.grad, loss=float(result.loss),
                                         loss_fn=loss_fn)

@@ -1,6 +1,7 @@
-"""Outer (upper-level) optimisers on θ: Adam and gradient descent with Armijo backtracking.
+"""Outer (upper-level) optimisers on θ: Adam, gradient descent with Armijo backtracking,
+and L-BFGS with Armijo backtracking (deterministic, full-batch objectives).
 
-Both keep their state in θ's namespace, on its device.  ``mask`` (θ's shape, 1 = learned,
+All keep their state in θ's namespace, on its device.  ``mask`` (θ's shape, 1 = learned,
 0 = frozen) zeroes the gradient of frozen entries.  ``lr_decay`` d ∈ (0, 1] decays the step
 size exponentially: step t (1, 2, …) uses lr · dᵗ⁻¹ (d = 1: constant).  ``state_dict()``
 gives host NumPy arrays and Python scalars; ``load_state_dict`` restores them (arrays move
@@ -21,7 +22,7 @@ from backends.choice import Choice
 from backends.host import to_host
 from framework.optim.outcome import require
 
-Optimizer = Choice("Optimizer", "adam gd")  # config ``outer.name``
+Optimizer = Choice("Optimizer", "adam gd lbfgs")  # config ``outer.name``
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,91 @@ class GradientDescent(_Outer):
         return OuterStep(theta, 0.0, self.max_backtracks, False, self.max_backtracks + 1)
 
 
+class LBFGS(GradientDescent):
+    """L-BFGS (Nocedal & Wright, *Numerical Optimization*, Alg. 7.4–7.5) on the upper loss:
+    the direction d = −H g from the two-loop recursion over the last ``memory`` pairs
+    (s, y) = (θ_{t+1} − θ_t, g_{t+1} − g_t) with sᵀy > 0 (others are skipped), initial
+    matrix (sᵀy/yᵀy) I; Armijo backtracking from α = 1 (α = lr/‖g‖ before any pair,
+    decayed by ``lr_decay``) until loss_fn(θ + αd) ≤ loss + c1 α gᵀd.  A direction that is
+    not a descent one, or whose backtracking fails, is replaced once by the plain
+    gradient-descent trial of step lr and the memory is cleared.  The loss, gradient and
+    pairs must come from one deterministic objective (a full batch: with mini-batches the
+    pairs mix different functions); ``loss_fn`` is required."""
+
+    name = Optimizer.lbfgs
+    STATE: ClassVar = {**GradientDescent.STATE, "memory": int, "pairs": list,
+                       "last": lambda v: None if v is None else (to_host(v[0]), to_host(v[1]))}
+
+    def __init__(self, lr: float = 1.0, *, memory: int = 10, shrink: float = 0.5,
+                 c1: float = 1e-4, max_backtracks: int = 10, mask: Any = None,
+                 lr_decay: float = 1.0) -> None:
+        super().__init__(lr, shrink=shrink, c1=c1, max_backtracks=max_backtracks, mask=mask,
+                         lr_decay=lr_decay)
+        require(memory >= 1, "memory >= 1", memory=memory)
+        require(max_backtracks >= 1, "max_backtracks >= 1 (L-BFGS needs a line search)",
+                max_backtracks=max_backtracks)
+        self.memory = int(memory)
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # host (s, y), oldest first
+        self.last: tuple[Any, Any] | None = None  # (θ, masked g) of the last accepted step
+
+    def _direction(self, g: np.ndarray) -> np.ndarray:
+        q = g.copy()
+        alphas = []
+        for s, y in reversed(self.pairs):
+            a = float(s @ q) / float(s @ y)
+            q -= a * y
+            alphas.append(a)
+        s, y = self.pairs[-1]
+        q *= float(s @ y) / float(y @ y)
+        for (s, y), a in zip(self.pairs, reversed(alphas), strict=True):
+            q += (a - float(y @ q) / float(s @ y)) * s
+        return -q
+
+    def _update(self, xp: Any, theta: Any, g: Any, loss: Any, loss_fn: Any) -> OuterStep:
+        require(loss_fn is not None and loss is not None,
+                "the batch's loss and loss function (L-BFGS backtracks on them)")
+        th, gh = to_host(theta).reshape(-1), to_host(g).reshape(-1)
+        if self.last is not None:
+            s = th - np.asarray(self.last[0]).reshape(-1)
+            y = gh - np.asarray(self.last[1]).reshape(-1)
+            if float(s @ y) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(y)):
+                self.pairs = [*self.pairs, (s, y)][-self.memory :]
+        self.last = (th, gh)
+        gnorm = float(np.linalg.norm(gh))
+        trials = 0
+        if self.pairs:
+            d = self._direction(gh)
+            slope = float(gh @ d)
+            if slope < 0:
+                alpha = 1.0
+                for _ in range(self.max_backtracks):
+                    candidate = theta + alpha * _like(d.reshape(theta.shape), theta)
+                    value = float(loss_fn(candidate))
+                    trials += 1
+                    if math.isfinite(value) and value <= loss + self.c1 * alpha * slope:
+                        return OuterStep(candidate, alpha, trials - 1, True, trials)
+                    alpha *= self.shrink
+            self.pairs = []  # no descent along d: start the memory again from the gradient
+        if gnorm == 0:
+            return OuterStep(theta, 0.0, 0, False, trials)
+        alpha = self.step_lr / gnorm
+        for _ in range(self.max_backtracks):
+            candidate = theta - alpha * g
+            value = float(loss_fn(candidate))
+            trials += 1
+            if math.isfinite(value) and value <= loss - self.c1 * alpha * gnorm**2:
+                return OuterStep(candidate, alpha, trials - 1, True, trials)
+            alpha *= self.shrink
+        return OuterStep(theta, 0.0, trials, False, trials)
+
+
 def make_optimizer(cfg: Any, mask: Any = None) -> Adam | GradientDescent:
-    """Build the optimiser named ``cfg.name`` (``adam`` or ``gd``) from an ``OuterConfig``."""
+    """Build the optimiser named ``cfg.name`` (``adam``, ``gd`` or ``lbfgs``) from an
+    ``OuterConfig``."""
     if Optimizer(cfg.name) == Optimizer.adam:
         return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, mask=mask, lr_decay=cfg.lr_decay)
+    if Optimizer(cfg.name) == Optimizer.lbfgs:
+        return LBFGS(cfg.lr, memory=cfg.memory, shrink=cfg.shrink, c1=cfg.c1,
+                     max_backtracks=cfg.max_backtracks, mask=mask, lr_decay=cfg.lr_decay)
     return GradientDescent(cfg.lr, shrink=cfg.shrink, c1=cfg.c1,
                            max_backtracks=cfg.max_backtracks, mask=mask, lr_decay=cfg.lr_decay)
