@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -330,6 +331,18 @@ def test_gradient_descent_backtracks_on_the_batch_loss(tmp_path):
     assert all(h["outer_step_size"] < 1 for h in history)
     losses = [h["upper_loss"] for h in history]
     assert losses[-1] < losses[0]
+
+
+def test_lbfgs_lowers_the_full_batch_loss_at_every_step(tmp_path):
+    cfg = _compose("problem.num_samples=2", "problem.num_filters=4", "recycle.dim=2",
+                   "outer=lbfgs", "outer.lr=0.05", "outer.steps=4", "tracking=disabled",
+                   "baseline=none")
+    summary = run(cfg, output_dir=tmp_path)
+    history = checkpoint.load(summary.checkpoint_path)["history"]
+    losses = [h["upper_loss"] for h in history]
+    # every step is accepted by Armijo on the same (full-batch) loss: a monotone decrease
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
+    assert all(h["outer_step_size"] > 0 for h in history)
 
 
 def test_unreachable_tracking_server_is_reported_at_start(tmp_path, uri):

@@ -69,6 +69,9 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["outer.steps=0"], "outer.steps"),
         (["outer.lr_decay=0"], "outer.lr_decay"),
         (["outer.lr_decay=1.5"], "outer.lr_decay"),
+        (["outer=lbfgs", "outer.batch_size=2"], "outer.batch_size"),  # of 4 samples
+        (["outer=lbfgs", "outer.max_backtracks=0"], "outer.max_backtracks"),
+        (["outer=lbfgs", "outer.memory=0"], "outer.memory"),
         (["problem=bsds_deblur"], "problem.data_path"),
         (["problem=bsds_deblur", "problem.data_path=/no/such/folder"], "problem.data_path"),
         (["problem.kernel_size=4"], "problem.kernel_size"),

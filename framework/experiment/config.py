@@ -229,6 +229,7 @@ _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
+    outer.memory
     sequence.reference_rtol evaluate.num_samples""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
     stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
@@ -400,6 +401,13 @@ def validate(cfg: DictConfig | Config) -> Config:
     _check(0 < c.outer.lr_decay <= 1, "outer.lr_decay",
            f"must be in (0, 1]; got {c.outer.lr_decay!r}")
     _within("outer.c1", c.outer.c1, 0.0, 1.0, closed_low=False)
+    if c.outer.name == Optimizer.lbfgs:  # its curvature pairs need one deterministic loss
+        batch = c.outer.batch_size
+        _check(batch is None or batch >= c.problem.num_samples, "outer.batch_size",
+               f"outer=lbfgs needs the full batch (null or ≥ problem.num_samples = "
+               f"{c.problem.num_samples}); got {batch!r} — use outer=adam for mini-batches")
+        _check(c.outer.max_backtracks >= 1, "outer.max_backtracks",
+               "outer=lbfgs needs a line search: at least 1")
     _validate_cluster(c)
     _check(c.tracking.experiment, "tracking.experiment", "must be a non-empty name")
     _check(not c.resume_from or (c.tracking.enabled and c.task in (Task.train, Task.record)),
