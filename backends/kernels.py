@@ -34,20 +34,26 @@ def flipped_windows(xp: Any, padded: Any, k: int, windows: Sequence[tuple]) -> A
     return np.reshape(np.ascontiguousarray(view), (k * k, -1))
 
 
-def shifted_sum(xp: Any, mixed: Any, k: int, windows: Sequence[tuple]) -> Any:
+def shifted_sum(xp: Any, mixed: Any, k: int, windows: Sequence[tuple], *,
+                full: bool = False) -> Any:
     """Σ_{a,c} of plane a·K + c of ``mixed`` (K², h, w, m) shifted by (a − r, c − r), zero
     outside: out[i, j] = Σ mixed[a·K + c, i + a − r, j + c − r], (h, w, m), adding the
-    planes in order a·K + c; NumPy sums a strided view for m = 1 (slower for m > 1)."""
+    planes in order a·K + c; NumPy sums a strided view for m = 1 (slower for m > 1).
+    ``full``: the whole (h + 2r, w + 2r, m) sum in the padded frame (the adjoint of the
+    windows ``padded[windows[a·K + c]]`` alone; its interior is the cropped result), a
+    fresh array."""
     _, h, w, m = mixed.shape
     r = k // 2
     if is_numpy_namespace(xp) and m == 1:
-        padded = np.zeros((k * k, h + 2 * r, w + 2 * r, 1), dtype=mixed.dtype)
-        padded[:, r:r + h, r:r + w, :] = mixed
+        e = 2 * r if full else r  # the view starts e − r before the interior
+        padded = np.zeros((k * k, h + 2 * e, w + 2 * e, 1), dtype=mixed.dtype)
+        padded[:, e:e + h, e:e + w, :] = mixed
         s0, s1, s2, s3 = padded.strides
-        view = as_strided(padded, (k, k, h, w, 1), (k * s0 + s1, s0 + s2, s1, s2, s3),
+        oh, ow = h + 2 * (e - r), w + 2 * (e - r)
+        view = as_strided(padded, (k, k, oh, ow, 1), (k * s0 + s1, s0 + s2, s1, s2, s3),
                           writeable=False)
         return np.sum(view, axis=(0, 1))
     buf = xp.zeros((h + 2 * r, w + 2 * r, m), dtype=mixed.dtype, device=device(mixed))
     for i, win in enumerate(windows):
         buf[win] += mixed[i, ...]
-    return buf[r:r + h, r:r + w, :]
+    return buf if full else buf[r:r + h, r:r + w, :]

@@ -75,7 +75,8 @@ def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.n
     count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
     dct = cfg.filters_init == "dct"
     filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)
-    reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn)
+    reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn,
+                          boundary=cfg.boundary)
     return reg, initial_theta(filters, cfg.init_exponent)
 
 

@@ -1,13 +1,23 @@
 """Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j), batch-first.
 
 θ has shape (F, K·K + 1): row f holds filter k_f flattened row-major, then the exponent
-p_f.  ∗ is the true 2-D convolution with zero boundary and output the image's size, i.e.
-``scipy.signal.convolve2d(x, k, mode="same")`` for odd K.
+p_f.  ∗ is the true 2-D convolution with output the image's size, for odd K, on the image
+padded by r = K // 2 on each side as ``boundary`` says:
+
+- ``"zero"`` (the default): zeros outside, ``scipy.signal.convolve2d(x, k, mode="same")``;
+  a derivative-like filter then sees a jump at the border and penalises the border
+  pixels' own values;
+- ``"symmetric"``: the image reflected about its edges (the edge pixel repeated,
+  ``numpy.pad(x, r, mode="symmetric")``: P[r − 1 − t] = x[t], P[r + h + t] = x[h − 1 − t]
+  for t < r; rows, then columns, so corners reflect twice), i.e.
+  ``scipy.signal.convolve2d(x, k, mode="same", boundary="symm")``; needs r ≤ H, W.
 
 Layout: blocks (B, n, b) are laid out batch-last, (H, W, B·b); the K² shifted copies of
-the zero-padded batch, stacked once (K², n·B·b), meet all F filters in one matmul, and the
-adjoint is one matmul and K² shifted additions.  Filter responses are pixel-major
-(F, n·B); Jᵀ works in the sample-major layout (K², B, n, b).
+the padded batch, stacked once (K², n·B·b), meet all F filters in one matmul, and the
+adjoint is one matmul and K² shifted additions, then the padding's adjoint: the interior
+(zero), or the interior with the ring folded back (added) onto the pixels it copies
+(symmetric).  Filter responses are pixel-major (F, n·B); Jᵀ works in the sample-major
+layout (K², B, n, b).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
 from problems.experts import Expert
 
 LEARN_OPTIONS = ("filters", "exponents", "both")
+BOUNDARY_OPTIONS = ("zero", "symmetric")
 COLUMN_WISE = 8  # batch size from which NumPy applies a block Hessian column by column
 
 
@@ -53,6 +64,34 @@ def gaussian_filters(kernel_size: int, num_filters: int, seed: int = 0) -> np.nd
     return filters
 
 
+def _reflect_ring(xp: Any, padded: Any, r: int, axis: int) -> Any:
+    """Fill, in place, the ring of width r around the interior of ``padded`` (image axes
+    ``axis``, ``axis + 1``; interior already written) by the symmetric reflection: rows
+    over the interior columns, then columns over all rows (corners reflect twice)."""
+    lead = (slice(None),) * axis
+    hp, wp = padded.shape[axis], padded.shape[axis + 1]
+    h, w = hp - 2 * r, wp - 2 * r
+    cols = slice(r, r + w)
+    padded[*lead, :r, cols, ...] = xp.flip(padded[*lead, r:2 * r, cols, ...], axis=axis)
+    padded[*lead, r + h:, cols, ...] = xp.flip(padded[*lead, h:h + r, cols, ...], axis=axis)
+    padded[*lead, :, :r, ...] = xp.flip(padded[*lead, :, r:2 * r, ...], axis=axis + 1)
+    padded[*lead, :, r + w:, ...] = xp.flip(padded[*lead, :, w:w + r, ...], axis=axis + 1)
+    return padded
+
+
+def _fold_ring(xp: Any, buf: Any, r: int) -> Any:
+    """The adjoint of ``_reflect_ring`` on the first two axes of ``buf`` (h + 2r, w + 2r, m),
+    then of the interior's placement: the ring added back onto the pixels it copies
+    (columns over all rows, then rows over the interior columns), the interior (h, w, m)."""
+    h, w = buf.shape[0] - 2 * r, buf.shape[1] - 2 * r
+    buf[:, r:2 * r, ...] += xp.flip(buf[:, :r, ...], axis=1)
+    buf[:, w:w + r, ...] += xp.flip(buf[:, r + w:, ...], axis=1)
+    cols = slice(r, r + w)
+    buf[r:2 * r, cols, ...] += xp.flip(buf[:r, cols, ...], axis=0)
+    buf[h:h + r, cols, ...] += xp.flip(buf[r + h:, cols, ...], axis=0)
+    return buf[r:r + h, r:r + w, ...]
+
+
 def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np.ndarray:
     """Pack host filters (F, K, K) and exponents (scalar or (F,)) into θ of shape (F, K² + 1)."""
     filters = np.asarray(filters, dtype=np.float64)
@@ -64,7 +103,8 @@ def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np
 class FieldsOfExperts(RowRegularizer):
     """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters; ``learn``
     selects the learned parameters (the others are masked out of the problem's Jᵀ), ``gamma``
-    is the Huber / smooth-ℓ1 parameter."""
+    is the Huber / smooth-ℓ1 parameter, ``boundary`` the padding outside the image
+    (``BOUNDARY_OPTIONS``; module docstring)."""
 
     def __init__(
         self,
@@ -75,16 +115,25 @@ class FieldsOfExperts(RowRegularizer):
         expert: str = "lorentzian",
         gamma: float = 0.01,
         learn: Literal["filters", "exponents", "both"] = "both",
+        boundary: Literal["zero", "symmetric"] = "zero",
     ) -> None:
         super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
         if learn not in LEARN_OPTIONS:
             raise ValueError(f"learn must be one of {LEARN_OPTIONS}; got learn={learn!r}")
+        if boundary not in BOUNDARY_OPTIONS:
+            raise ValueError(
+                f"boundary must be one of {BOUNDARY_OPTIONS}; got boundary={boundary!r}")
+        if boundary == "symmetric" and kernel_size // 2 > min(self.image_shape):
+            raise ValueError(f"boundary='symmetric' reflects kernel_size // 2 = "
+                             f"{kernel_size // 2} pixels; the image {self.image_shape} "
+                             "is smaller")
         self.kernel_size = k = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)
         self.learn = learn
+        self.boundary = str(boundary)  # a config's enum member as its name (for the repr)
         self.theta_shape = (self.num_filters, k**2 + 1)
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
@@ -101,7 +150,7 @@ class FieldsOfExperts(RowRegularizer):
         return (
             f"FieldsOfExperts(image_shape={self.image_shape}, kernel_size={self.kernel_size}, "
             f"num_filters={self.num_filters}, expert={self.expert.name!r}, "
-            f"gamma={self.expert.gamma}, learn={self.learn!r})"
+            f"gamma={self.expert.gamma}, learn={self.learn!r}, boundary={self.boundary!r})"
         )
 
     def mask_host(self) -> np.ndarray:
@@ -124,9 +173,12 @@ class FieldsOfExperts(RowRegularizer):
         k, r = self.kernel_size, self.radius
         bsz, _, b = v3.shape
         dev = array_api_compat.device(v3)
-        padded = xp.zeros((h + 2 * r, w + 2 * r, bsz, b), dtype=v3.dtype, device=dev)
+        alloc = xp.zeros if self.boundary == "zero" else xp.empty
+        padded = alloc((h + 2 * r, w + 2 * r, bsz, b), dtype=v3.dtype, device=dev)
         grid = v3 if bsz == 1 else xp.permute_dims(v3, (1, 0, 2))
         padded[r : r + h, r : r + w, :, :] = xp.reshape(grid, (h, w, bsz, b))
+        if self.boundary == "symmetric":
+            _reflect_ring(xp, padded, r, 0)
         padded = xp.reshape(padded, (h + 2 * r, w + 2 * r, bsz * b))
         return flipped_windows(xp, padded, k, self.windows)
 
@@ -135,16 +187,30 @@ class FieldsOfExperts(RowRegularizer):
         h, w = self.image_shape
         k, r = self.kernel_size, self.radius
         bsz, n, b = v3.shape
-        img = pad_zeros_2d(xp, xp.reshape(v3, (bsz, h, w, b)), r)
+        img = xp.reshape(v3, (bsz, h, w, b))
+        if self.boundary == "zero":
+            img = pad_zeros_2d(xp, img, r)
+        else:
+            padded = xp.empty((bsz, h + 2 * r, w + 2 * r, b), dtype=v3.dtype,
+                              device=array_api_compat.device(v3))
+            padded[:, r : r + h, r : r + w, :] = img
+            img = _reflect_ring(xp, padded, r, 1)
         shifted = xp.stack([img[:, *win] for win in self.windows], axis=0)
         return xp.reshape(shifted, (k * k, bsz, n, b))
 
     def adjoint(self, xp: Any, filters: Any, u: Any, bsz: int, b: int) -> Any:
-        """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b)."""
+        """Σ_f k_f ⋆ u_f for u of shape (F, n·B·b) (pixel-major) → rows (B, n, b): the
+        windows' adjoint, then the padding's (the interior, with the ring folded back onto
+        it for the symmetric boundary)."""
         h, w = self.image_shape
         k = self.kernel_size
         mixed = xp.reshape(xp.matmul(xp.permute_dims(filters, (1, 0)), u), (k * k, h, w, bsz * b))
-        grid = xp.reshape(shifted_sum(xp, mixed, k, self.windows), (self.n, bsz, b))
+        if self.boundary == "zero":
+            crop = shifted_sum(xp, mixed, k, self.windows)
+        else:
+            full = shifted_sum(xp, mixed, k, self.windows, full=True)
+            crop = _fold_ring(xp, full, self.radius)
+        grid = xp.reshape(crop, (self.n, bsz, b))
         return self._sample_rows(xp, grid)
 
     def _sample_rows(self, xp: Any, grid: Any) -> Any:

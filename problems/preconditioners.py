@@ -3,11 +3,11 @@ H_i = A_iᵀA_i + Σ_f K_fᵀ diag(w_{f,i}) K_f + εI with w_{f,i} = 10^{p_f} φ
 
 Each weight field becomes its clipped mean c_{f,i} = mean(max(w_{f,i}, 0)) (the clip keeps
 M positive definite where a non-convex expert has φ'' < 0), A_iᵀA_i a convolution (a blur
-by |ĝ|², an inpainting mask by its kept fraction, the identity by 1) and the zero
-boundaries periodic ones.  Then D_i(ω) = â_i(ω) + Σ_f c_{f,i}|k̂_f(ω)|² + ε is real,
-positive and even, and M_i v = F⁻¹(F v / D_i) is symmetric positive definite: F + 1 real
-FFTs of image size to build, one forward and one inverse real FFT per sample to apply
-(O(n log n), against O(n F K²) for an HVP).
+by |ĝ|², an inpainting mask by its kept fraction, the identity by 1) and the image
+boundary (zero or symmetric) a periodic one.  Then D_i(ω) = â_i(ω) + Σ_f c_{f,i}|k̂_f(ω)|²
++ ε is real, positive and even, and M_i v = F⁻¹(F v / D_i) is symmetric positive definite:
+F + 1 real FFTs of image size to build, one forward and one inverse real FFT per sample to
+apply (O(n log n), against O(n F K²) for an HVP).
 """
 
 from __future__ import annotations

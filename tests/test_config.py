@@ -94,6 +94,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
          "solver.lower.preconditioner"),
         (["solver.lower.preconditioner=fft", "problem.regularizer=tv"],
          "solver.lower.preconditioner"),
+        (["problem.boundary=symmetric", "problem.kernel_size=59"],
+         "problem.boundary"),  # reflects 29 pixels of a 28×28 digit
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -107,7 +109,8 @@ def test_bad_values_name_the_key(overrides, key):
      ("backend.name=jax", "backend.name"), ("stop.kind=galerkin", "stop.kind"),
      ("baseline.mode=all", "baseline.mode"), ("problem.split=val", "problem.split"),
      ("outer.name=sgd", "outer.name"), ("task=fit", "task"), ("recycle.dim=abc", "recycle.dim"),
-     ("solver.preconditioner=ilu", "solver.preconditioner")],
+     ("solver.preconditioner=ilu", "solver.preconditioner"),
+     ("problem.boundary=reflect", "problem.boundary")],
 )
 def test_unknown_option_names_fail_at_composition_naming_the_key(override, key):
     """Choices are enums of the schema: Hydra rejects a bad name while composing."""
@@ -115,6 +118,31 @@ def test_unknown_option_names_fail_at_composition_naming_the_key(override, key):
         _compose(override)
     assert isinstance(info.value.__cause__, ValidationError)
     assert info.value.__cause__.full_key == key
+
+
+def test_bad_boundary_names_the_valid_choices_in_its_first_line():
+    """The line ``hyperkrylov`` prints for a composition error (``app.main``)."""
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("problem=denoise", "problem.boundary=reflect")
+    first = str(info.value.__cause__).splitlines()[0]
+    assert "reflect" in first and "zero" in first and "symmetric" in first
+
+
+@pytest.mark.parametrize("problem", ["mnist_inpainting", "denoise"])
+def test_boundary_reaches_the_fields_of_experts(problem):
+    from backends import get_backend
+    from problems.factory import build_problems
+
+    numpy = get_backend("numpy")
+    default = validate(_compose(f"problem={problem}", "problem.num_samples=1"))
+    assert default.problem.boundary == "zero"
+    assert build_problems(default.problem, numpy, 0).problems[0].regularizer.boundary == "zero"
+    c = validate(_compose(f"problem={problem}", "problem.num_samples=1",
+                          "problem.boundary=symmetric"))
+    problems = build_problems(c.problem, numpy, 0)
+    reg = problems.problems[0].regularizer
+    assert reg.boundary == "symmetric" and "boundary='symmetric'" in problems.description
+    assert flatten(c)["problem.boundary"] == "symmetric"
 
 
 def test_recycle_and_stop_groups_are_the_library_dataclasses():

@@ -27,37 +27,85 @@ def numpy_phi(name: str, z: np.ndarray, gamma: float) -> np.ndarray:
     return np.log(1 + z**2)
 
 
+BOUNDARIES = ["zero", "symmetric"]
+SCIPY_BOUNDARY = {"zero": "fill", "symmetric": "symm"}
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("k", [3, 5, 7])
-def test_convolution_matches_scipy(backend, k: int) -> None:
+def test_convolution_matches_scipy(backend, k: int, boundary: str) -> None:
     rng = np.random.default_rng(k)
     img = rng.standard_normal(SHAPE)
     filters = rng.standard_normal((3, k, k))
-    foe = FieldsOfExperts(SHAPE, k, 3)
+    foe = FieldsOfExperts(SHAPE, k, 3, boundary=boundary)
+    xp = backend.xp
     x = backend.asarray(img.reshape(1, N))
-    _, z = foe.responses(backend.xp, x, backend.asarray(filters.reshape(3, k * k)))
+    sx, z = foe.responses(xp, x, backend.asarray(filters.reshape(3, k * k)))
     assert device_of(z) == backend.device
-    ref = np.stack([scipy.signal.convolve2d(img, f, mode="same").ravel() for f in filters])
+    ref = np.stack([
+        scipy.signal.convolve2d(img, f, mode="same", boundary=SCIPY_BOUNDARY[boundary]).ravel()
+        for f in filters])
     np.testing.assert_allclose(backend.to_numpy(z), ref, rtol=0, atol=1e-13)
+    samples = foe.stack_samples(xp, xp.reshape(x, (1, N, 1)))  # Jᵀ's layout: the same copies
+    np.testing.assert_array_equal(backend.to_numpy(samples).reshape(k * k, N),
+                                  backend.to_numpy(sx))
 
 
-def test_convolution_block_and_adjoint(backend) -> None:
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_symmetric_boundary_changes_only_the_border_ring(backend, k: int) -> None:
+    """Responses within r = K // 2 of the border differ from the zero boundary's (each of
+    them, for random data); farther in, both read the image only and agree."""
+    rng = np.random.default_rng(10 + k)
+    xp, r = backend.xp, k // 2
+    x = backend.asarray(rng.standard_normal((1, N)))
+    filters = backend.asarray(rng.standard_normal((3, k * k)))
+    zero = backend.to_numpy(FieldsOfExperts(SHAPE, k, 3).responses(xp, x, filters)[1])
+    symm = FieldsOfExperts(SHAPE, k, 3, boundary="symmetric").responses(xp, x, filters)[1]
+    diff = np.abs(backend.to_numpy(symm) - zero).reshape(3, *SHAPE)
+    ring = np.ones(SHAPE, dtype=bool)
+    ring[r:-r, r:-r] = False
+    assert diff[:, ring].min() > 1e-6
+    assert diff[:, ~ring].max() <= 1e-13
+
+
+def test_symmetric_boundary_does_not_penalise_a_constant_image(backend) -> None:
+    """Zero-mean filters see nothing in a constant image when the border reflects it:
+    R = Σ φ(0) = 0 (Lorentzian), ∇R = 0; the zero boundary penalises the border pixels."""
+    theta = backend.asarray(initial_theta(dct_filters(3), 0.0))
+    x = backend.asarray(np.full((1, N), 0.7))
+    xp = backend.xp
+    symm = FieldsOfExperts(SHAPE, 3, 8, boundary="symmetric")
+    value, grad = symm.rows_value_and_grad(xp, x, theta)
+    assert float(value[0]) == pytest.approx(0.0, abs=1e-20)
+    assert np.abs(backend.to_numpy(grad)).max() <= 1e-14
+    value, grad = FieldsOfExperts(SHAPE, 3, 8).rows_value_and_grad(xp, x, theta)
+    assert float(value[0]) > 1.0
+    g = np.abs(backend.to_numpy(grad)).reshape(SHAPE)
+    assert g[0].min() > 1e-3 and g[2:-2, 2:-2].max() <= 1e-14
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize(("bsz", "b"), [(1, 1), (2, 3)])  # (1, 1): NumPy's strided adjoint
+def test_convolution_block_and_adjoint(backend, boundary: str, bsz: int, b: int) -> None:
     rng = np.random.default_rng(0)
     xp = backend.xp
-    foe = FieldsOfExperts(SHAPE, 5, 4)
+    foe = FieldsOfExperts(SHAPE, 5, 4, boundary=boundary)
     filters = backend.asarray(rng.standard_normal((4, 25)))
-    vh = rng.standard_normal((2, N, 3))  # two samples, a block of 3 each
-    uh = rng.standard_normal((4, N, 2, 3))  # pixel-major, as the stack's columns
+    vh = rng.standard_normal((bsz, N, b))  # bsz samples, a block of b each
+    uh = rng.standard_normal((4, N, bsz, b))  # pixel-major, as the stack's columns
     zb = backend.to_numpy(xp.matmul(filters, foe.stack(xp, backend.asarray(vh))))
-    zb = zb.reshape(4, N, 2, 3)
-    for i in range(2):
-        for j in range(3):
+    zb = zb.reshape(4, N, bsz, b)
+    for i in range(bsz):
+        for j in range(b):
             _, zj = foe.responses(xp, backend.asarray(vh[i, :, j].reshape(1, N)), filters)
             np.testing.assert_allclose(zb[:, :, i, j], backend.to_numpy(zj), atol=1e-14)
-    adj = foe.adjoint(xp, filters, backend.asarray(uh.reshape(4, -1)), 2, 3)
-    assert device_of(adj) == backend.device
+    adj = foe.adjoint(xp, filters, backend.asarray(uh.reshape(4, -1)), bsz, b)
+    assert device_of(adj) == backend.device and adj.shape == (bsz, N, b)
+    # ⟨K v, u⟩ = ⟨v, Kᵀ u⟩: each side a sum of ~4·N·B·b products, so its round-off is a
+    # few ulps of ‖K v‖‖u‖ (Cauchy–Schwarz); a missing or misplaced fold is O(1) of that
     lhs = float(np.sum(zb * uh))
     rhs = float(np.sum(vh * backend.to_numpy(adj)))
-    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+    assert abs(lhs - rhs) <= 1e-13 * np.linalg.norm(zb) * np.linalg.norm(uh)
 
 
 @pytest.mark.parametrize("name", EXPERT_NAMES)
@@ -86,6 +134,15 @@ def test_unknown_expert_lists_valid_names() -> None:
         FieldsOfExperts(SHAPE, 3, 2, expert="cauchy")
 
 
+def test_boundary_is_checked_and_named_in_the_repr() -> None:
+    with pytest.raises(ValueError, match="boundary.*'zero', 'symmetric'.*'reflect'"):
+        FieldsOfExperts(SHAPE, 3, 2, boundary="reflect")
+    with pytest.raises(ValueError, match="symmetric.*3 pixels"):
+        FieldsOfExperts((2, 9), 7, 2, boundary="symmetric")
+    assert "boundary='zero'" in repr(FieldsOfExperts(SHAPE, 3, 2))
+    assert "boundary='symmetric'" in repr(FieldsOfExperts(SHAPE, 3, 2, boundary="symmetric"))
+
+
 @pytest.mark.parametrize("k", [3, 5])
 def test_dct_filters_orthonormal_without_constant(k: int) -> None:
     f = dct_filters(k)
@@ -108,15 +165,17 @@ def test_gaussian_filters_seeded() -> None:
     np.testing.assert_allclose(np.linalg.norm(a.reshape(8, -1), axis=1), 1.0)
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("name", EXPERT_NAMES)
-def test_foe_value_matches_reference(backend, name: str) -> None:
+def test_foe_value_matches_reference(backend, name: str, boundary: str) -> None:
     rng = np.random.default_rng(5)
     img = rng.random(SHAPE)
-    foe = FieldsOfExperts(SHAPE, 3, 4, expert=name, gamma=0.1)
+    foe = FieldsOfExperts(SHAPE, 3, 4, expert=name, gamma=0.1, boundary=boundary)
     theta = initial_theta(gaussian_filters(3, 4, seed=2), rng.uniform(-1, 1, 4))
     value = foe.value(backend.asarray(img.ravel()), backend.asarray(theta))
     assert device_of(value) == backend.device
-    responses = [scipy.signal.convolve2d(img, theta[f, :9].reshape(3, 3), "same") for f in range(4)]
+    responses = [scipy.signal.convolve2d(img, theta[f, :9].reshape(3, 3), "same",
+                                         boundary=SCIPY_BOUNDARY[boundary]) for f in range(4)]
     ref = sum(10 ** theta[f, -1] * numpy_phi(name, responses[f], 0.1).sum() for f in range(4))
     assert float(value) == pytest.approx(ref, rel=1e-13)
 

@@ -50,7 +50,8 @@ def upper_loss_at(problem, theta, x0):
     return float(problem.upper_loss(x)), grad_norm
 
 
-def small_foe_problem(expert: str, operator: str, backend) -> ImagingProblem:
+def small_foe_problem(expert: str, operator: str, backend,
+                      boundary: str = "zero") -> ImagingProblem:
     image = load_embedded_mnist().images[3][6:22, 6:22]  # 16 × 16 crop of a digit
     shape = (16, 16)
     op = {
@@ -58,20 +59,23 @@ def small_foe_problem(expert: str, operator: str, backend) -> ImagingProblem:
         "inpainting": lambda: Inpainting(shape, 0.5, seed=1),
         "blur": lambda: GaussianBlur(shape, 0.6),
     }[operator]()
-    reg = FieldsOfExperts(shape, 3, 4, expert=expert, gamma=0.1)
+    reg = FieldsOfExperts(shape, 3, 4, expert=expert, gamma=0.1, boundary=boundary)
     return ImagingProblem.from_image(image, backend, op, reg, noise_level=0.1, seed=2)
 
 
+@pytest.mark.parametrize("boundary", ["zero", "symmetric"])
 @pytest.mark.parametrize("expert", ["l2", "huber", "smooth_l1", "lorentzian"])
 @pytest.mark.parametrize("operator", ["identity", "inpainting", "blur"])
-def test_hypergradient_matches_finite_differences(expert, operator):
+def test_hypergradient_matches_finite_differences(expert, operator, boundary):
     be = get_backend("numpy")
-    problem = small_foe_problem(expert, operator, be)
+    problem = small_foe_problem(expert, operator, be, boundary)
     theta = initial_theta(dct_filters(3)[[0, 2, 4, 7]], -0.5)
     grad, state, record = hypergradient(problem, be.asarray(theta), TIGHT)
     assert record.lower_converged and record.krylov_converged
     direction = np.random.default_rng(0).standard_normal(theta.shape)
     direction /= np.linalg.norm(direction)
+    # h = 1e-4: truncation O(h²) ≈ 1e-8 relative, lower solves polished to ‖∇f‖ ≤ 1e-11; the
+    # misfit measured ≤ 1.1e-7 over these cases (either boundary): the 1e-5 bound leaves 100×
     h = 1e-4
     plus, g1 = upper_loss_at(problem, theta + h * direction, state.x)
     minus, g2 = upper_loss_at(problem, theta - h * direction, state.x)

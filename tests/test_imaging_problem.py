@@ -27,8 +27,11 @@ def image() -> np.ndarray:
     return 0.5 + 0.3 * np.sin(6 * t)[:, None] * np.cos(4 * t)[None, :] + 0.2 * (t[None, :] > 0.5)
 
 
-def foe_setup(backend, expert: str, operator: str, learn: str = "both"):
-    reg = FieldsOfExperts(SHAPE, 3, 4, expert=expert, gamma=0.1, learn=learn)
+BOUNDARIES = ["zero", "symmetric"]
+
+
+def foe_setup(backend, expert: str, operator: str, learn: str = "both", boundary: str = "zero"):
+    reg = FieldsOfExperts(SHAPE, 3, 4, expert=expert, gamma=0.1, learn=learn, boundary=boundary)
     problem = ImagingProblem.from_image(image(), backend, OPERATORS[operator](), reg, seed=2)
     rng = np.random.default_rng(3)
     theta = initial_theta(gaussian_filters(3, 4, seed=4), rng.uniform(-1.0, 0.5, 4))
@@ -44,6 +47,10 @@ def check_derivatives(backend, problem, theta_h: np.ndarray, seed: int = 0) -> N
     xh = image().ravel() + 0.1 * rng.standard_normal(N)
     vh, wh = rng.standard_normal((2, N))
     x, theta = backend.asarray(xh), backend.asarray(theta_h)
+    # central differences: truncation O(h²) ≈ 1e-10 and round-off ≈ ε‖f‖/h ≈ 1e-11 relative
+    # for h = 1e-5 (smooth experts, O(1) derivatives), far inside the 1e-6 tolerances; a
+    # wrong boundary term misses by percents (a dropped fold of the symmetric adjoint: 3 %,
+    # Jᵀ's stack zero-padded: 37 %)
     h = 1e-5
 
     def f(z: np.ndarray, th: np.ndarray = theta_h) -> float:
@@ -78,10 +85,11 @@ def check_derivatives(backend, problem, theta_h: np.ndarray, seed: int = 0) -> N
     assert rel_err(backend.to_numpy(jt), mask * fd_j) <= 1e-6
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("operator", list(OPERATORS))
 @pytest.mark.parametrize("expert", EXPERT_NAMES)
-def test_foe_derivatives(backend, expert: str, operator: str) -> None:
-    problem, theta = foe_setup(backend, expert, operator)
+def test_foe_derivatives(backend, expert: str, operator: str, boundary: str) -> None:
+    problem, theta = foe_setup(backend, expert, operator, boundary=boundary)
     check_derivatives(backend, problem, theta)
 
 
@@ -93,12 +101,13 @@ def test_tv_derivatives(backend, operator: str) -> None:
     check_derivatives(backend, problem, np.array([-0.7]))
 
 
-def test_foe_5x5_dct_derivatives() -> None:
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_foe_5x5_dct_derivatives(boundary: str) -> None:
     from backends import get_backend
     from problems.foe import dct_filters
 
     backend = get_backend("numpy")
-    reg = FieldsOfExperts(SHAPE, 5, 24, expert="lorentzian")
+    reg = FieldsOfExperts(SHAPE, 5, 24, expert="lorentzian", boundary=boundary)
     problem = ImagingProblem.from_image(image(), backend, Inpainting(SHAPE, 0.3), reg)
     check_derivatives(backend, problem, initial_theta(dct_filters(5), -1.0))
 
@@ -118,9 +127,10 @@ def test_protocol_and_attributes(backend) -> None:
     )
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("expert", ["lorentzian", "huber"])
-def test_blocks_equal_columns_and_counts(backend, expert: str) -> None:
-    problem, theta_h = foe_setup(backend, expert, "blur")
+def test_blocks_equal_columns_and_counts(backend, expert: str, boundary: str) -> None:
+    problem, theta_h = foe_setup(backend, expert, "blur", boundary=boundary)
     rng = np.random.default_rng(8)
     x, theta = backend.asarray(image().ravel()), backend.asarray(theta_h)
     vh = rng.standard_normal((N, 5))
@@ -143,10 +153,11 @@ def test_blocks_equal_columns_and_counts(backend, expert: str) -> None:
     assert (work.hvp, work.hvp_passes, work.applications, work.passes) == (10, 6, 20, 12)
 
 
-def test_block_of_a_large_batch_equals_each_sample_alone(backend) -> None:
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_block_of_a_large_batch_equals_each_sample_alone(backend, boundary: str) -> None:
     """From ``COLUMN_WISE`` samples on, NumPy applies a block column by column: the
     numbers are those of each sample's block alone (applied as one block), bit for bit."""
-    reg = FieldsOfExperts(SHAPE, 3, 4, gamma=0.1)
+    reg = FieldsOfExperts(SHAPE, 3, 4, gamma=0.1, boundary=boundary)
     rng = np.random.default_rng(9)
     images = [image() + 0.1 * rng.standard_normal(SHAPE) for _ in range(COLUMN_WISE)]
     samples = [ImagingProblem.from_image(img, backend, Inpainting(SHAPE, 0.5, seed=i), reg,

@@ -32,7 +32,7 @@ NUMPY = get_backend("numpy")
 
 
 def make_regularizer(kind: str, shape: tuple[int, int] = SHAPE, **kw):
-    if kind == "tv":
+    if kind == "tv":  # FoE options (``kw``) do not apply
         return TotalVariation(shape, gamma=0.05)
     return FieldsOfExperts(shape, 3, 4, expert=kind, gamma=0.1, **kw)
 
@@ -128,9 +128,10 @@ def batch_versus_alone(backend, problems, theta, X, V, bitwise_reg: bool) -> Non
     w=st.integers(4, 9),
     b=st.sampled_from([1, 2, 9]),  # b ≥ 8 takes the other Jᵀ product order
     seed=st.integers(0, 2**16),
+    boundary=st.sampled_from(["zero", "symmetric"]),  # FoE only
 )
-def test_batch_equals_each_sample_alone(bsz, reg_kind, op_kind, h, w, b, seed) -> None:
-    problems = make_problems(NUMPY, reg_kind, op_kind, bsz, (h, w), seed)
+def test_batch_equals_each_sample_alone(bsz, reg_kind, op_kind, h, w, b, seed, boundary) -> None:
+    problems = make_problems(NUMPY, reg_kind, op_kind, bsz, (h, w), seed, boundary=boundary)
     rng = np.random.default_rng(seed)
     X = NUMPY.asarray(rng.standard_normal((bsz, h * w)))
     V = NUMPY.asarray(rng.standard_normal((bsz, h * w, b)))
@@ -154,10 +155,13 @@ def test_quadratic_batch_equals_each_sample_alone(bsz, n, b, seed) -> None:
                                       pr.exact_solution(NUMPY.to_numpy(theta)))
 
 
-@pytest.mark.parametrize(("reg_kind", "op_kind"), [("lorentzian", "inpainting"), ("tv", "blur")])
-def test_batch_equals_each_sample_alone_on_every_backend(backend, reg_kind, op_kind) -> None:
+@pytest.mark.parametrize(("reg_kind", "op_kind", "boundary"), [
+    ("lorentzian", "inpainting", "zero"), ("lorentzian", "inpainting", "symmetric"),
+    ("tv", "blur", "zero")])
+def test_batch_equals_each_sample_alone_on_every_backend(backend, reg_kind, op_kind,
+                                                         boundary) -> None:
     rng = np.random.default_rng(5)
-    problems = make_problems(backend, reg_kind, op_kind)
+    problems = make_problems(backend, reg_kind, op_kind, boundary=boundary)
     X = backend.asarray(rng.standard_normal((B, problems[0].n)))
     V = backend.asarray(rng.standard_normal((B, problems[0].n, 2)))
     batch_versus_alone(backend, problems, make_theta(backend, reg_kind), X, V,
@@ -216,6 +220,10 @@ def test_concat_validation() -> None:
     with pytest.raises(ValueError, match="regulariser"):
         ImagingProblem.concat(
             [*good, *make_problems(be, "lorentzian", "inpainting", 1, learn="filters")]
+        )
+    with pytest.raises(ValueError, match="regulariser.*boundary='symmetric'"):
+        ImagingProblem.concat(
+            [*good, *make_problems(be, "lorentzian", "inpainting", 1, boundary="symmetric")]
         )
     with pytest.raises(ValueError, match="Identity"):
         ImagingProblem.concat([*good, *make_problems(be, "lorentzian", "identity", 1)])

@@ -27,12 +27,13 @@ from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
 from problems.datasets import MNIST_IMAGES
 from problems.experts import EXPERT_NAMES
-from problems.foe import LEARN_OPTIONS
+from problems.foe import BOUNDARY_OPTIONS, LEARN_OPTIONS
 
 # Option names (enum members equal their strings; the library's where a library owns them).
 BackendName = Choice("BackendName", BACKEND_NAMES)
 Expert = Choice("Expert", EXPERT_NAMES)
 Learn = Choice("Learn", LEARN_OPTIONS)
+Boundary = Choice("Boundary", BOUNDARY_OPTIONS)
 Task = Choice("Task", "train record resolve evaluate")
 ProblemName = Choice("ProblemName", "mnist_inpainting bsds_deblur denoise quadratic")
 Dataset = Choice("Dataset", "embedded_mnist mnist bsds300 none")
@@ -72,6 +73,7 @@ class ProblemConfig:
     expert: Expert = Expert.lorentzian
     gamma: float = 0.01
     learn: Learn = Learn.both
+    boundary: Boundary = Boundary.zero  # FoE: the padding outside the image
     epsilon: float = 1e-6
     # quadratic test problem
     n: int = 30
@@ -286,6 +288,9 @@ def _validate_problem(p: ProblemConfig) -> None:
     _check(p.operator != OperatorName.blur or p.blur_sigma <= widest, "problem.blur_sigma",
            f"at most {widest:.3g} for {side}×{side} images (the blur's radius σ/0.3 + 1 "
            f"must not exceed the image side); got {p.blur_sigma!r}")
+    _check(p.boundary != Boundary.symmetric or p.kernel_size // 2 <= side, "problem.boundary",
+           f"symmetric reflects kernel_size // 2 = {p.kernel_size // 2} pixels, more than the "
+           f"{side}×{side} images hold; use zero or a smaller kernel_size")
     if p.dataset == Dataset.embedded_mnist:
         _check(p.start + p.num_samples <= 16, "problem.num_samples", "the embedded MNIST "
                f"sample holds 16 digits; start + num_samples = {p.start + p.num_samples}")
