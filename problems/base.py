@@ -145,11 +145,16 @@ class RowRegularizer:
         return from_rows(xp, self.rows_value_and_grad(xp, X, theta, grad=False)[0], single)
 
 
+UPPER_LOSSES = ("squared_error", "neg_psnr")
+
+
 class Problem:
-    """B samples f_i(x, θ) with upper loss ℓ_i(x) = ½‖x − x_true,i‖², counted operators and
-    the shared bookkeeping.  Subclasses set the attributes below and implement
-    ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,) and ∇ₓf (B, n) of rows X,
-    uncounted; None where not asked), ``linearize`` and ``_select(rows)`` (a new problem)."""
+    """B samples f_i(x, θ) with upper loss ℓ_i(x) (``upper``: ``squared_error``
+    ½‖x − x_true,i‖², or ``neg_psnr`` 10 log10(‖x − x_true,i‖²/n), minus the PSNR in dB of
+    images in [0, 1]), counted operators and the shared bookkeeping.  Subclasses set the
+    attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,)
+    and ∇ₓf (B, n) of rows X, uncounted; None where not asked), ``linearize`` and
+    ``_select(rows)`` (a new problem)."""
 
     n: int
     batch_size: int
@@ -162,6 +167,7 @@ class Problem:
     X_true: Any
     Y: Any
     theta_mask: Any
+    upper: str = "squared_error"
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
         """x promoted to (B, n); one point (n,) only for a single-sample problem."""
@@ -191,15 +197,22 @@ class Problem:
         return self._sample_row(self.Y, "y")
 
     def upper_loss(self, x: Any) -> Any:
-        """½‖x_i − x_true,i‖²: 0-d or (B,)."""
+        """ℓ_i(x_i) (see the class doc): 0-d or (B,)."""
         rows, single = self._rows(x)
         r = rows - self.X_true
-        return from_rows(self.xp, 0.5 * self.xp.sum(r * r, axis=1), single)
+        sq = self.xp.sum(r * r, axis=1)
+        if self.upper == "neg_psnr":
+            return from_rows(self.xp, (10.0 / LN10) * self.xp.log(sq / self.n), single)
+        return from_rows(self.xp, 0.5 * sq, single)
 
     def upper_grad(self, x: Any) -> Any:
-        """x_i − x_true,i, shaped like x."""
+        """∇ℓ_i(x_i), shaped like x: x_i − x_true,i, or (20/ln 10)(x_i − x_true,i)/‖x_i −
+        x_true,i‖² for ``neg_psnr``."""
         rows, single = self._rows(x)
-        return from_rows(self.xp, rows - self.X_true, single)
+        r = rows - self.X_true
+        if self.upper == "neg_psnr":
+            r = r * ((20.0 / LN10) / self.xp.sum(r * r, axis=1))[:, None]
+        return from_rows(self.xp, r, single)
 
     def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool,
                         **shared: Any) -> tuple[Any, Any]:

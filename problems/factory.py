@@ -100,7 +100,8 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     reg, theta0 = _regularizer(cfg, shape, seeds[-1])
     problems = [
         ImagingProblem.from_image(image, backend, _operator(cfg, shape, s), reg,
-                                  noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon)
+                                  noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon,
+                                  upper=cfg.upper_loss)
         for image, s in zip(images, seeds[:-1], strict=True)
     ]
     mask = reg.mask_host().reshape(theta0.shape)

@@ -11,7 +11,7 @@ import array_api_compat
 import numpy as np
 
 from backends.counting import Counter
-from problems.base import Linearization, Problem, as_rows, check_agree
+from problems.base import UPPER_LOSSES, Linearization, Problem, as_rows, check_agree
 from problems.operators import add_relative_noise, stack_operators
 
 
@@ -29,9 +29,13 @@ class ImagingProblem(Problem):
         regularizer: Any,
         *,
         epsilon: float = 1e-6,
+        upper: str = "squared_error",
         counter: Counter | None = None,
         checked: bool = False,
     ) -> None:
+        if upper not in UPPER_LOSSES:
+            raise ValueError(f"upper must be one of {UPPER_LOSSES}; got upper={upper!r}")
+        self.upper = upper
         self.xp = xp = array_api_compat.array_namespace(x_true, y)
         self.device = array_api_compat.device(x_true)
         self.dtype = x_true.dtype
@@ -71,6 +75,7 @@ class ImagingProblem(Problem):
         noise_level: float = 0.1,
         seed: int = 0,
         epsilon: float = 1e-6,
+        upper: str = "squared_error",
     ) -> ImagingProblem:
         """A sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
         host = np.asarray(image, dtype=np.float64)
@@ -82,7 +87,7 @@ class ImagingProblem(Problem):
             )
         x_true = backend.asarray(host.reshape(-1))
         y = add_relative_noise(operator.apply(x_true), noise_level, seed)
-        return cls(x_true, y, operator, regularizer, epsilon=epsilon)
+        return cls(x_true, y, operator, regularizer, epsilon=epsilon, upper=upper)
 
     @classmethod
     def concat(
@@ -94,6 +99,7 @@ class ImagingProblem(Problem):
             "image shape": lambda pr: pr.image_shape,
             "regulariser": lambda pr: repr(pr.regularizer),
             "epsilon": lambda pr: pr.epsilon,
+            "upper loss": lambda pr: pr.upper,
             "array namespace, device and dtype": lambda pr: (pr.xp.__name__, pr.device, pr.dtype),
         }, ImagingProblem)
         xp = first.xp
@@ -101,7 +107,8 @@ class ImagingProblem(Problem):
             xp.concat([pr.X_true for pr in problems], axis=0),
             xp.concat([pr.Y for pr in problems], axis=0),
             stack_operators([pr.operator for pr in problems]),
-            first.regularizer, epsilon=first.epsilon, counter=counter, checked=True,
+            first.regularizer, epsilon=first.epsilon, upper=first.upper, counter=counter,
+            checked=True,
         )
 
     def _select(self, rows: tuple[int, ...]) -> ImagingProblem:
@@ -110,14 +117,14 @@ class ImagingProblem(Problem):
         return ImagingProblem(
             xp.take(self.X_true, index, axis=0), xp.take(self.Y, index, axis=0),
             self.operator.rows(rows), self.regularizer, epsilon=self.epsilon,
-            counter=self.counter, checked=True,
+            upper=self.upper, counter=self.counter, checked=True,
         )
 
     def __repr__(self) -> str:
         return (
             f"ImagingProblem(batch_size={self.batch_size}, n={self.n}, "
             f"operator={self.operator!r}, regularizer={self.regularizer!r}, "
-            f"epsilon={self.epsilon})"
+            f"epsilon={self.epsilon}, upper={self.upper!r})"
         )
 
     def _rows_value_and_grad(

@@ -143,6 +143,10 @@ def test_boundary_reaches_the_fields_of_experts(problem):
     reg = problems.problems[0].regularizer
     assert reg.boundary == "symmetric" and "boundary='symmetric'" in problems.description
     assert flatten(c)["problem.boundary"] == "symmetric"
+    assert problems.problems[0].upper == "squared_error"
+    c = validate(_compose(f"problem={problem}", "problem.num_samples=1",
+                          "problem.upper_loss=neg_psnr"))
+    assert build_problems(c.problem, numpy, 0).problems[0].upper == "neg_psnr"
 
 
 def test_recycle_and_stop_groups_are_the_library_dataclasses():

@@ -51,7 +51,7 @@ def upper_loss_at(problem, theta, x0):
 
 
 def small_foe_problem(expert: str, operator: str, backend,
-                      boundary: str = "zero") -> ImagingProblem:
+                      boundary: str = "zero", upper: str = "squared_error") -> ImagingProblem:
     image = load_embedded_mnist().images[3][6:22, 6:22]  # 16 × 16 crop of a digit
     shape = (16, 16)
     op = {
@@ -60,15 +60,18 @@ def small_foe_problem(expert: str, operator: str, backend,
         "blur": lambda: GaussianBlur(shape, 0.6),
     }[operator]()
     reg = FieldsOfExperts(shape, 3, 4, expert=expert, gamma=0.1, boundary=boundary)
-    return ImagingProblem.from_image(image, backend, op, reg, noise_level=0.1, seed=2)
+    return ImagingProblem.from_image(image, backend, op, reg, noise_level=0.1, seed=2,
+                                     upper=upper)
 
 
-@pytest.mark.parametrize("boundary", ["zero", "symmetric"])
-@pytest.mark.parametrize("expert", ["l2", "huber", "smooth_l1", "lorentzian"])
+@pytest.mark.parametrize(("boundary", "upper"), [("zero", "squared_error"),
+                                                ("symmetric", "squared_error"),
+                                                ("zero", "neg_psnr")])
+@pytest.mark.parametrize("expert", ["l2", "huber", "smooth_l1", "lorentzian", "student_t"])
 @pytest.mark.parametrize("operator", ["identity", "inpainting", "blur"])
-def test_hypergradient_matches_finite_differences(expert, operator, boundary):
+def test_hypergradient_matches_finite_differences(expert, operator, boundary, upper):
     be = get_backend("numpy")
-    problem = small_foe_problem(expert, operator, be, boundary)
+    problem = small_foe_problem(expert, operator, be, boundary, upper)
     theta = initial_theta(dct_filters(3)[[0, 2, 4, 7]], -0.5)
     grad, state, record = hypergradient(problem, be.asarray(theta), TIGHT)
     assert record.lower_converged and record.krylov_converged

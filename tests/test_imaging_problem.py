@@ -267,3 +267,47 @@ def test_psnr() -> None:
     b = np.full(100, 0.1)
     assert psnr(b, a) == pytest.approx(20.0)
     assert psnr(a, a) == float("inf")
+
+
+def _two_samples(backend, upper: str) -> ImagingProblem:
+    rng = np.random.default_rng(5)
+    shape = (8, 9)
+    reg = FieldsOfExperts(shape, 3, 2)
+    return ImagingProblem.concat([
+        ImagingProblem.from_image(rng.random(shape), backend, Identity(shape), reg,
+                                  noise_level=0.1, seed=s, upper=upper) for s in (1, 2)])
+
+
+def test_neg_psnr_upper_loss_is_minus_the_psnr_and_its_gradient_matches_differences(
+        backend) -> None:
+    from problems.base import psnr
+
+    problem = _two_samples(backend, "neg_psnr")
+    squared = _two_samples(backend, "squared_error")
+    rng = np.random.default_rng(0)
+    x = backend.asarray(backend.to_numpy(problem.X_true) + 0.05 * rng.standard_normal((2, 72)))
+    loss = backend.to_numpy(problem.upper_loss(x))
+    for i in range(2):
+        assert loss[i] == pytest.approx(-psnr(x[i, ...], problem.X_true[i, ...]), rel=1e-13)
+    # ½‖r‖² for the default loss, and the two gradients differ by 20/(ln 10 ‖r‖²) per row
+    r = backend.to_numpy(x) - backend.to_numpy(problem.X_true)
+    np.testing.assert_allclose(backend.to_numpy(squared.upper_loss(x)), 0.5 * np.sum(r * r, 1),
+                               rtol=1e-14)
+    grad = backend.to_numpy(problem.upper_grad(x))
+    np.testing.assert_allclose(grad, r * (20 / np.log(10) / np.sum(r * r, 1))[:, None],
+                               rtol=1e-13)
+    # central differences along a random direction: truncation O(h²‖∇³ℓ‖) ≈ 1e-10 relative
+    d = rng.standard_normal((2, 72))
+    h = 1e-5
+    fd = (backend.to_numpy(problem.upper_loss(backend.asarray(backend.to_numpy(x) + h * d)))
+          - backend.to_numpy(problem.upper_loss(backend.asarray(backend.to_numpy(x) - h * d))))
+    np.testing.assert_allclose(fd / (2 * h), np.sum(grad * d, 1), rtol=1e-7)
+
+
+def test_upper_losses_are_checked_and_not_mixed(backend) -> None:
+    with pytest.raises(ValueError, match="upper must be one of"):
+        _two_samples(backend, "psnr")
+    a, b = _two_samples(backend, "neg_psnr"), _two_samples(backend, "squared_error")
+    with pytest.raises(ValueError, match="upper loss"):
+        ImagingProblem.concat([a, b])
+    assert a.subset([1]).upper == "neg_psnr"

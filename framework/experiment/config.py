@@ -25,6 +25,7 @@ from framework.krylov.recycle import ORACLES, RecycleConfig, Selection
 from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
+from problems.base import UPPER_LOSSES
 from problems.datasets import MNIST_IMAGES
 from problems.experts import EXPERT_NAMES
 from problems.foe import BOUNDARY_OPTIONS, LEARN_OPTIONS
@@ -34,6 +35,7 @@ BackendName = Choice("BackendName", BACKEND_NAMES)
 Expert = Choice("Expert", EXPERT_NAMES)
 Learn = Choice("Learn", LEARN_OPTIONS)
 Boundary = Choice("Boundary", BOUNDARY_OPTIONS)
+UpperLoss = Choice("UpperLoss", UPPER_LOSSES)
 Task = Choice("Task", "train record resolve evaluate")
 ProblemName = Choice("ProblemName", "mnist_inpainting bsds_deblur denoise quadratic")
 Dataset = Choice("Dataset", "embedded_mnist mnist bsds300 none")
@@ -75,6 +77,7 @@ class ProblemConfig:
     learn: Learn = Learn.both
     boundary: Boundary = Boundary.zero  # FoE: the padding outside the image
     epsilon: float = 1e-6
+    upper_loss: UpperLoss = UpperLoss.squared_error  # imaging problems only
     # quadratic test problem
     n: int = 30
     num_terms: int = 3
