@@ -256,10 +256,15 @@ def test_presets_match_the_paper_settings():
     b = _compose("experiment=paper_bsds_deblur", f"problem.data_path={data}")
     assert (b.problem.crop, b.problem.blur_sigma, b.problem.noise_level, b.problem.expert,
             b.outer.lr, b.outer.batch_size) == (64, 3.0, 0.2, "lorentzian", 1e-2, 16)
-    # the learning preset solves the same task (images, forward model, noise, regulariser)
+    # the learning preset solves the same task (images, forward model, noise, FoE size)
+    # with its own expert, boundary and start
     learn = _compose("experiment=bsds_deblur_learn", f"problem.data_path={data}")
-    assert learn.problem == b.problem and learn.outer.lr_decay < 1 == b.outer.lr_decay
-    assert (learn.solver.lower.name, learn.solver.preconditioner) == ("newton_krylov", "fft")
+    task = ("dataset", "num_samples", "crop", "operator", "blur_sigma", "noise_level",
+            "kernel_size", "num_filters", "filters_init", "learn")
+    assert all(learn.problem[k] == b.problem[k] for k in task)
+    assert (learn.problem.expert, learn.problem.boundary, b.problem.boundary) == (
+        "smooth_l1", "symmetric", "zero")
+    assert (learn.solver.lower.name, learn.solver.preconditioner) == ("lbfgs", "fft")
 
 
 def test_recorded_states_solve_the_lower_problem(recorded):
