@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from problems.composite import SumRegularizer
 from problems.datasets import MNIST_IMAGES, load_bsds300, load_embedded_mnist, load_mnist
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
@@ -68,16 +69,24 @@ def _operator(cfg: Any, shape: tuple[int, int], seed: int) -> Any:
     return GaussianBlur(shape, cfg.blur_sigma)
 
 
-def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.ndarray]:
-    if cfg.regularizer == "tv":
-        return TotalVariation(shape, gamma=cfg.gamma), np.array([cfg.init_exponent])
-    k = cfg.kernel_size  # foe
+def _foe(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[FieldsOfExperts, np.ndarray]:
+    k = cfg.kernel_size
     count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
     dct = cfg.filters_init == "dct"
     filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)
     reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn,
                           boundary=cfg.boundary)
     return reg, initial_theta(filters, cfg.init_exponent)
+
+
+def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.ndarray]:
+    if cfg.regularizer == "tv":
+        return TotalVariation(shape, gamma=cfg.gamma), np.array([cfg.init_exponent])
+    if cfg.regularizer == "tv_foe":  # θ = (TV's log10 weight, the FoE's θ flattened)
+        foe, foe_theta = _foe(cfg, shape, seed)
+        reg = SumRegularizer([TotalVariation(shape, gamma=cfg.gamma), foe])
+        return reg, np.concatenate([[cfg.tv_init_exponent], foe_theta.reshape(-1)])
+    return _foe(cfg, shape, seed)
 
 
 def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:

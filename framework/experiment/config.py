@@ -41,7 +41,7 @@ ProblemName = Choice("ProblemName", "mnist_inpainting bsds_deblur denoise quadra
 Dataset = Choice("Dataset", "embedded_mnist mnist bsds300 none")
 Split = Choice("Split", "train test")
 OperatorName = Choice("OperatorName", "identity inpainting blur none")
-Regularizer = Choice("Regularizer", "foe tv none")
+Regularizer = Choice("Regularizer", "foe tv tv_foe none")
 FilterInit = Choice("FilterInit", "dct gaussian")
 DType = Choice("DType", "float32 float64")
 Baseline = Choice("Baseline", "none shadow")
@@ -72,6 +72,7 @@ class ProblemConfig:
     num_filters: int | None = None
     filters_init: FilterInit = FilterInit.dct
     init_exponent: float = -1.0
+    tv_init_exponent: float = -1.5  # regularizer=tv_foe: the TV part's initial log10 weight
     expert: Expert = Expert.lorentzian
     gamma: float = 0.01
     learn: Learn = Learn.both
@@ -268,7 +269,7 @@ def _check_split(key: str, split: Split | None, dataset: Dataset, hint: str) -> 
 
 
 def _validate_problem(p: ProblemConfig) -> None:
-    for key in ("init_exponent", "coupling"):  # finite, or θ0 / the problem is not
+    for key in ("init_exponent", "tv_init_exponent", "coupling"):  # finite: θ0, the problem
         _check(math.isfinite(getattr(p, key)), f"problem.{key}",
                f"must be a finite number; got {getattr(p, key)!r}")
     if p.name == ProblemName.quadratic:
