@@ -1,7 +1,8 @@
 """Outer (upper-level) optimisers on θ: Adam, gradient descent with Armijo backtracking,
 and L-BFGS with Armijo backtracking (deterministic, full-batch objectives).
 
-All keep their state in θ's namespace, on its device.  ``mask`` (θ's shape, 1 = learned,
+Adam and gradient descent keep their state in θ's namespace, on its device; L-BFGS keeps
+its pairs on the host (one transfer of θ and g per step: θ is small).  ``mask`` (θ's shape, 1 = learned,
 0 = frozen) zeroes the gradient of frozen entries.  ``lr_decay`` d ∈ (0, 1] decays the step
 size exponentially: step t (1, 2, …) uses lr · dᵗ⁻¹ (d = 1: constant).  ``state_dict()``
 gives host NumPy arrays and Python scalars; ``load_state_dict`` restores them (arrays move
@@ -184,7 +185,7 @@ class LBFGS(GradientDescent):
                 max_backtracks=max_backtracks)
         self.memory = int(memory)
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # host (s, y), oldest first
-        self.last: tuple[Any, Any] | None = None  # (θ, masked g) of the last accepted step
+        self.last: tuple[Any, Any] | None = None  # host (θ, masked g) of the previous call
 
     def _direction(self, g: np.ndarray) -> np.ndarray:
         q = g.copy()
