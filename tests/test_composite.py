@@ -82,7 +82,7 @@ def test_tv_plus_foe_hypergradient_matches_finite_differences() -> None:
 
 
 def test_bad_sums_are_refused() -> None:
-    tv, foe = _parts()
+    tv, _ = _parts()
     with pytest.raises(ValueError, match="at least two"):
         SumRegularizer([tv])
     with pytest.raises(ValueError, match="different image shapes"):
