@@ -5,9 +5,8 @@ Adam and gradient descent keep their state in θ's namespace, on its device; L-B
 its pairs on the host (one transfer of θ and g per step: θ is small).  ``mask`` (θ's
 shape, 1 = learned, 0 = frozen) zeroes the gradient of frozen entries.  ``lr_decay``
 d ∈ (0, 1] decays the step size exponentially: step t (1, 2, …) uses lr · dᵗ⁻¹ (d = 1:
-constant).  ``state_dict()``
-gives host NumPy arrays and Python scalars; ``load_state_dict`` restores them (arrays move
-back to θ's device at the next step).
+constant).  ``state_dict()`` gives host NumPy arrays and Python scalars;
+``load_state_dict`` restores them (arrays move back to θ's device at the next step).
 """
 
 from __future__ import annotations
