@@ -24,8 +24,10 @@ from framework.experiment import checkpoint, names, tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOWN_SECONDS = 3.0  # at least: MLflow's own retries (2, backoff factor 1) outlast 2 s
-# MNIST with 4 filters: about 0.1 s a step alone, so tens of steps in the outage window
-JOB = ["problem.num_samples=2", "outer.batch_size=2", "problem.num_filters=4", "recycle.dim=3",
+# MNIST, 8 samples, 16 filters: 0.1 s a step on a fast host (about 110 steps in the ~11 s
+# outage window, ≥ 10 needed on a host 4× slower); lighter jobs stepped so fast (20+ steps/s)
+# that the writer fell behind and each job needed 20-60 s to send its backlog at exit
+JOB = ["problem.num_samples=8", "outer.batch_size=8", "problem.num_filters=16", "recycle.dim=3",
        "baseline=none", "outer.steps=100000", "checkpoint.every=1"]
 
 
