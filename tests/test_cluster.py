@@ -191,13 +191,19 @@ def _housekeeping() -> dict[str, object]:
 
 def test_dask_local_workers_run_without_dask_housekeeping() -> None:
     """The worker processes a run starts get ``cluster.QUIET`` (no statistical profiler,
-    slower ticks and monitors); the driver's own Dask configuration is restored afterwards."""
+    slower ticks and monitors) and the driver a 5 s connect timeout; the driver's own Dask
+    configuration is restored afterwards."""
     before = _housekeeping()
     assert before != cluster.QUIET  # Dask's defaults
+    connect = "distributed.comm.timeouts.connect"
+    default_connect = dask.config.get(connect)
+    assert default_connect != cluster.LOCAL_CONNECT[connect]
     with cluster.cluster_client(validate(_compose("cluster=dask_local",
                                                   "cluster.workers=1")).cluster) as client:
         assert list(client.run(_housekeeping).values()) == [cluster.QUIET]
-    assert _housekeeping() == before
+        # a lost local worker is given up after 5 s of connecting, not Dask's 30 s
+        assert dask.config.get(connect) == cluster.LOCAL_CONNECT[connect]
+    assert _housekeeping() == before and dask.config.get(connect) == default_connect
 
 
 SLURM = ("cluster=dask_slurm", "cluster.workers=3", "cluster.slurm.queue=compute",
