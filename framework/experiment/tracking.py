@@ -286,10 +286,15 @@ class _Writer:
 
     def end(self, status: str) -> None:
         """Upload the last checkpoint, stop the system metrics monitor (logging its last
-        samples), then end the run."""
+        samples, then one more taken now: a run shorter than the sampling interval still
+        gets its system metrics), then end the run."""
         self._upload_checkpoint()
         if self.monitor is not None:
-            self.monitor.finish()
+            self.monitor.finish()  # its thread has stopped: the sample below is the last
+            with contextlib.suppress(Exception):  # as MLflow's own flush: never fails a run
+                self.monitor.collect_metrics()
+                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+                self.monitor.mlflow_logger.flush()
             self.monitor = None
         self.write("set_terminated", status)  # buffered, like any write, in an outage
 
