@@ -3,6 +3,8 @@ summed or stacked; the hypergradient of a TV + FoE problem against finite differ
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,22 @@ def test_the_factory_builds_tv_plus_foe_with_its_start() -> None:
     foe_theta = built.theta0[1:].reshape(8, 10)
     np.testing.assert_array_equal(foe_theta[:, :9], dct_filters(3).reshape(8, 9))
     assert np.all(foe_theta[:, 9] == -4.0) and np.all(built.mask == 1)
+
+
+def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from framework.experiment import checkpoint
+    from framework.experiment.runner import run
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            "problem.regularizer=tv_foe", "problem.num_samples=2", "outer.batch_size=2",
+            "problem.num_filters=4", "problem.kernel_size=3", "problem.tv_init_exponent=-2",
+            "outer.steps=3", "tracking=disabled"])
+    summary = run(cfg, output_dir=tmp_path)
+    assert summary.theta.shape == (1 + 4 * 10,)
+    history = checkpoint.load(summary.checkpoint_path)["history"]
+    assert len(history) == 3 and all(np.isfinite(h["upper_loss"]) for h in history)
+    assert (tmp_path / "figures" / "filters.png").stat().st_size > 0

@@ -64,9 +64,10 @@ def line(rows: Sequence[Mapping[str, float]], keys: Sequence[str], ylabel: str) 
     return fig
 
 
-def filters(theta: np.ndarray, kernel_size: int) -> Any:
+def filters(theta: np.ndarray, kernel_size: int, note: str = "") -> Any:
     """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight), each scaled
-    to its own range, tiled 8 to a row in one image (one Axes: cheap to draw)."""
+    to its own range, tiled 8 to a row in one image (one Axes: cheap to draw); ``note`` is
+    added to the title."""
     theta, k = np.asarray(theta), kernel_size
     cols = min(theta.shape[0], 8)
     tiles = np.full((math.ceil(theta.shape[0] / cols) * (k + 1), cols * (k + 1)), np.nan)
@@ -78,7 +79,7 @@ def filters(theta: np.ndarray, kernel_size: int) -> Any:
         ax.text(left + (k - 1) / 2, top - 0.7, f"10^{row[-1]:.2f}", ha="center", fontsize=7)
     ax.imshow(tiles, cmap="gray")
     ax.axis("off")
-    fig.suptitle("learned filters (weight 10^p)", fontsize=9)
+    fig.suptitle("learned filters (weight 10^p)" + (f"; {note}" if note else ""), fontsize=9)
     return fig
 
 

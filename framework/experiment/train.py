@@ -316,8 +316,13 @@ def _log_figures(c: Config, out: Path, tracker: Any, problem_set: ProblemSet, ba
         "upper_loss.png": plots.line(history, [names.UPPER_LOSS], "upper loss"),
     }
     theta_np = backend.to_numpy(theta)  # θ's figure: FoE filters, else a bar per entry
-    if c.problem.name != ProblemName.quadratic and c.problem.regularizer == Regularizer.foe:
+    imaging = c.problem.name != ProblemName.quadratic
+    if imaging and c.problem.regularizer == Regularizer.foe:
         figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
+    elif imaging and c.problem.regularizer == Regularizer.tv_foe:  # θ = (TV's p, the FoE's θ)
+        foe = theta_np.reshape(-1)[1:].reshape(-1, c.problem.kernel_size**2 + 1)
+        figures["filters.png"] = plots.filters(foe, c.problem.kernel_size,
+                                               f"TV weight 10^{theta_np.reshape(-1)[0]:.2f}")
     else:
         figures["parameters.png"] = plots.parameters(theta_np)
     p, x = problem_set.problems[0], engine.lower_solutions(theta, [0])[0, ...]
