@@ -124,7 +124,7 @@ def main() -> None:
     print(f"| both shards together, slower of the two | {med(together):.4f} | "
           f"**{med(whole) / med(together):.2f}** |")
     print(f"\ntogether / alone (what a second process costs the first): "
-          f"{med([t for t in times[0]]) / med(alone):.3f} (shard 0's own time)")
+          f"{med(times[0]) / med(alone):.3f} (shard 0's own time)")
 
 
 if __name__ == "__main__":

@@ -211,8 +211,8 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
                     _diverged(step, str(exc))
                 if recorder is not None:
                     recorder.capture(engine, theta, indices)
-                gd = c.outer.name != Optimizer.adam  # backtracking needs the batch's loss
-                loss_fn = partial(engine.loss, indices=indices) if gd else None
+                backtracks = c.outer.name != Optimizer.adam  # needs the batch's loss
+                loss_fn = partial(engine.loss, indices=indices) if backtracks else None
                 update = optimizer.step(theta, result.grad, loss=float(result.loss),
                                         loss_fn=loss_fn)
                 finite = bool(backend.xp.all(backend.xp.isfinite(update.theta)))  # one transfer
