@@ -241,13 +241,13 @@ def test_joblib_multirun_is_one_parent_run_with_nested_runs_and_compare_selects_
 
 @pytest.mark.slow
 def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
-    steps = 200
+    steps = 100_000  # far more than it can run before the signal, on any machine
     args = [*SLOW, f"outer.steps={steps}", "checkpoint.every=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    ckpt, recorded = tmp_path / "run" / "checkpoint.npz", tmp_path / "run" / names.RUN_ID_FILE
-    proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.PIPE,
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    proc = _start_until(args, tmp_path, uri, ckpt, stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # mid-way through some step
+    time.sleep(0.2)  # a step has ended (its checkpoint exists); now mid-way through another
     proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, once the run exists
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -276,7 +276,7 @@ def test_sigterm_saves_ends_the_run_killed_and_the_rerun_resumes(tmp_path, uri):
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_continued_not_orphaned(tmp_path, uri):
-    args = [*SLOW, "outer.steps=200", "checkpoint.every=1000",
+    args = [*SLOW, "outer.steps=100000", "checkpoint.every=1000",
             f"hydra.run.dir={tmp_path / 'run'}"]
     recorded = tmp_path / "run" / names.RUN_ID_FILE
     proc = _start_until(args, tmp_path, uri, recorded, stdout=subprocess.DEVNULL,
