@@ -221,6 +221,17 @@ def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
                       "evaluate.tv_grid=[-2,-1]"), output_dir=tmp_path / "eval")
     assert [r.image for r in ev.rows] == [1, 2]  # test images 1 and 2
     assert all(math.isfinite(r.psnr_learned) for r in ev.rows)
+    # the Huber-TV baseline has its own smoothing, evaluate.tv_gamma, not the expert's
+    # problem.gamma (which the Lorentzian expert ignores: the learned PSNRs stay too)
+    held_out = [*base, "task=evaluate", f"evaluate.theta_path={trained.theta_path}",
+                "evaluate.split=test", "evaluate.offset=1", "evaluate.num_samples=2",
+                "evaluate.tv_grid=[-2,-1]", "tracking=disabled"]
+    wider = run(_compose(*held_out, "problem.gamma=0.05"), output_dir=tmp_path / "eval_g")
+    own = run(_compose(*held_out, "evaluate.tv_gamma=0.05"), output_dir=tmp_path / "eval_t")
+    for a, b, c in zip(ev.rows, wider.rows, own.rows, strict=True):
+        assert (b.psnr_learned, b.psnr_tv, b.psnr_tv_oracle) == (
+            a.psnr_learned, a.psnr_tv, a.psnr_tv_oracle)
+        assert c.psnr_learned == a.psnr_learned and c.psnr_tv_oracle != a.psnr_tv_oracle
     # one reconstruction figure (truth, data, Huber-TV, learned) per image, a PNG in MLflow
     client = MlflowClient(uri)
     figures = [a.path for a in client.list_artifacts(ev.run_id, "reconstructions")]

@@ -194,7 +194,9 @@ class SequenceConfig:
 class EvaluateConfig:
     """``task=evaluate``: held-out images from ``problem.start + problem.num_samples +
     offset`` on in the training split (``split=null``), or from ``offset`` on in another
-    split (BSDS300's test folder); ``tv_grid``: the log10 Huber-TV weights tried."""
+    split (BSDS300's test folder); ``tv_grid``: the log10 Huber-TV weights tried;
+    ``tv_gamma``: the baseline's Huber smoothing (its own, not ``problem.gamma``, which
+    belongs to the learned regulariser's expert)."""
 
     theta_path: str | None = None
     offset: int = 0
@@ -203,6 +205,7 @@ class EvaluateConfig:
     tv_grid: list[float] = field(
         default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
     )
+    tv_gamma: float = 0.01
 
 
 @dataclass
@@ -236,7 +239,7 @@ _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
     outer.memory
-    sequence.reference_rtol evaluate.num_samples""".split()
+    sequence.reference_rtol evaluate.num_samples evaluate.tv_gamma""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
     stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
 

@@ -134,13 +134,14 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
         return build_problems(dataclasses.replace(p, **changes), backend, c.seed).problems
 
     count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
-    train_tv = images(c.problem, regularizer="tv", num_samples=count)
+    baseline = {"regularizer": "tv", "gamma": c.evaluate.tv_gamma}  # whatever expert θ has
+    train_tv = images(c.problem, num_samples=count, **baseline)
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
     learned = images(held_out)
     learned_x, learned_psnrs = reconstructions(BilevelEngine(learned, config),
                                                backend.asarray(theta))
-    tv_search = best_tv_weight(images(held_out, regularizer="tv"), grid, config)
+    tv_search = best_tv_weight(images(held_out, **baseline), grid, config)
     tv, tv_x = tv_search.psnrs, tv_search.solutions[grid.index(tv_weight)]
     rows = []
     for j, p in enumerate(learned):
