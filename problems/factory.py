@@ -84,7 +84,8 @@ def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.n
         return TotalVariation(shape, gamma=cfg.gamma), np.array([cfg.init_exponent])
     if cfg.regularizer == "tv_foe":  # θ = (TV's log10 weight, the FoE's θ flattened)
         foe, foe_theta = _foe(cfg, shape, seed)
-        reg = SumRegularizer([TotalVariation(shape, gamma=cfg.gamma), foe])
+        tv = TotalVariation(shape, gamma=cfg.gamma if cfg.tv_gamma is None else cfg.tv_gamma)
+        reg = SumRegularizer([tv, foe])
         return reg, np.concatenate([[cfg.tv_init_exponent], foe_theta.reshape(-1)])
     return _foe(cfg, shape, seed)
 

@@ -3,6 +3,7 @@ summed or stacked; the hypergradient of a TV + FoE problem against finite differ
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,10 @@ def test_the_factory_builds_tv_plus_foe_with_its_start() -> None:
     foe_theta = built.theta0[1:].reshape(8, 10)
     np.testing.assert_array_equal(foe_theta[:, :9], dct_filters(3).reshape(8, 9))
     assert np.all(foe_theta[:, 9] == -4.0) and np.all(built.mask == 1)
+    assert reg.parts[0].gamma == reg.parts[1].expert.gamma == cfg.gamma  # one by default
+    own = build_problems(replace(cfg, expert="student_t", gamma=0.05, tv_gamma=0.02),
+                         get_backend("numpy"), 0).problems[0].regularizer
+    assert (own.parts[0].gamma, own.parts[1].expert.gamma) == (0.02, 0.05)  # TV: its own
 
 
 def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path) -> None:

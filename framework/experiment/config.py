@@ -73,6 +73,7 @@ class ProblemConfig:
     filters_init: FilterInit = FilterInit.dct
     init_exponent: float = -1.0
     tv_init_exponent: float = -1.5  # regularizer=tv_foe: the TV part's initial log10 weight
+    tv_gamma: float | None = None  # regularizer=tv_foe: the TV part's Huber smoothing (null: gamma)
     expert: Expert = Expert.lorentzian
     gamma: float = 0.01
     learn: Learn = Learn.both
@@ -234,7 +235,8 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 # -- validation: ranges (None passes) and rules across keys --------------------------------
-_POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.blur_sigma problem.crop
+_POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.tv_gamma
+    problem.blur_sigma problem.crop
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
