@@ -168,6 +168,7 @@ class Problem:
     Y: Any
     theta_mask: Any
     upper: str = "squared_error"
+    scales: tuple[float, ...] | None = None  # per sample: its image is scale · x (None: 1)
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
         """x promoted to (B, n); one point (n,) only for a single-sample problem."""
@@ -195,6 +196,13 @@ class Problem:
     def y(self) -> Any:
         """The data of a single-sample problem."""
         return self._sample_row(self.Y, "y")
+
+    @property
+    def scale(self) -> float:
+        """A single-sample problem's intensity scale: its image is scale · x (1 unless the
+        sample was posed on its data's scale, ``ImagingProblem.from_image(normalize=True)``)."""
+        self._sample_row(self.Y, "scale")
+        return 1.0 if self.scales is None else self.scales[0]
 
     def upper_loss(self, x: Any) -> Any:
         """ℓ_i(x_i) (see the class doc): 0-d or (B,)."""

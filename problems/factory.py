@@ -111,12 +111,12 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     problems = [
         ImagingProblem.from_image(image, backend, _operator(cfg, shape, s), reg,
                                   noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon,
-                                  upper=cfg.upper_loss)
+                                  upper=cfg.upper_loss, normalize=cfg.normalize)
         for image, s in zip(images, seeds[:-1], strict=True)
     ]
     mask = reg.mask_host().reshape(theta0.shape)
     desc = (
         f"{cfg.name}: {len(problems)} × {shape[0]}×{shape[1]} {cfg.dataset} images, "
-        f"{cfg.operator} operator, {reg!r}"
+        f"{cfg.operator} operator, {reg!r}{', normalised' if cfg.normalize else ''}"
     )
     return ProblemSet(tuple(problems), theta0, mask, desc)

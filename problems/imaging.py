@@ -19,7 +19,9 @@ class ImagingProblem(Problem):
     """B imaging samples (rows of ``X_true`` and ``Y``, (n,) for one sample or (B, n)), one
     forward operator A_i each (``problems.operators``), one regulariser (``FieldsOfExperts``
     or ``TotalVariation``) and one θ; ``concat`` joins samples into one batch.  Inputs are
-    checked for NaN/inf once, here (checking in every HVP would sync the device)."""
+    checked for NaN/inf once, here (checking in every HVP would sync the device).
+    ``scales``: each sample's intensity scale, 1 unless it was normalised (``from_image``):
+    sample i's image is scales[i] times its x."""
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class ImagingProblem(Problem):
         upper: str = "squared_error",
         counter: Counter | None = None,
         checked: bool = False,
+        scales: Sequence[float] | None = None,
     ) -> None:
         if upper not in UPPER_LOSSES:
             raise ValueError(f"upper must be one of {UPPER_LOSSES}; got upper={upper!r}")
@@ -56,6 +59,9 @@ class ImagingProblem(Problem):
                 f"operator holds {operator.batch_size} samples; the problem {self.batch_size}"
             )
         self.X_true, self.Y = X_true, Y
+        self.scales = (1.0,) * self.batch_size if scales is None else tuple(map(float, scales))
+        if len(self.scales) != self.batch_size or not all(s > 0 for s in self.scales):
+            raise ValueError(f"scales must be {self.batch_size} positive numbers; got {scales!r}")
         self.operator = operator
         self.regularizer = regularizer
         self.epsilon = float(epsilon)
@@ -76,8 +82,14 @@ class ImagingProblem(Problem):
         seed: int = 0,
         epsilon: float = 1e-6,
         upper: str = "squared_error",
+        normalize: bool = False,
     ) -> ImagingProblem:
-        """A sample from a host image (H, W): y = A x_true + relative noise (seeded)."""
+        """A sample from a host image (H, W): y = A x_true + relative noise (seeded).
+
+        ``normalize``: the sample is posed on the scale of its own data, y/s and x_true/s
+        with s = ‖y‖/√m (the RMS of y, known without x_true), and records s in ``scales``;
+        multiply its x*(θ) by s for the image.  A regulariser that is not 1-homogeneous
+        (any FoE expert but the TV-like ones) then sees images of one brightness."""
         host = np.asarray(image, dtype=np.float64)
         if not np.all(np.isfinite(host)):
             raise ValueError("image contains NaN or inf values")
@@ -87,7 +99,14 @@ class ImagingProblem(Problem):
             )
         x_true = backend.asarray(host.reshape(-1))
         y = add_relative_noise(operator.apply(x_true), noise_level, seed)
-        return cls(x_true, y, operator, regularizer, epsilon=epsilon, upper=upper)
+        if not normalize:
+            return cls(x_true, y, operator, regularizer, epsilon=epsilon, upper=upper)
+        xp = array_api_compat.array_namespace(y)
+        scale = float(xp.sqrt(xp.mean(y * y)))  # one host sync, at set-up
+        if not scale > 0:
+            raise ValueError("normalize needs data y that are not all zero; set normalize=false")
+        return cls(x_true / scale, y / scale, operator, regularizer, epsilon=epsilon,
+                   upper=upper, scales=(scale,))
 
     @classmethod
     def concat(
@@ -108,7 +127,7 @@ class ImagingProblem(Problem):
             xp.concat([pr.Y for pr in problems], axis=0),
             stack_operators([pr.operator for pr in problems]),
             first.regularizer, epsilon=first.epsilon, upper=first.upper, counter=counter,
-            checked=True,
+            checked=True, scales=[s for pr in problems for s in pr.scales],
         )
 
     def _select(self, rows: tuple[int, ...]) -> ImagingProblem:
@@ -118,6 +137,7 @@ class ImagingProblem(Problem):
             xp.take(self.X_true, index, axis=0), xp.take(self.Y, index, axis=0),
             self.operator.rows(rows), self.regularizer, epsilon=self.epsilon,
             upper=self.upper, counter=self.counter, checked=True,
+            scales=[self.scales[r] for r in rows],
         )
 
     def __repr__(self) -> str:

@@ -52,6 +52,16 @@ def test_every_group_option_composes_and_validates(override):
         assert c.problem.name == option
 
 
+@pytest.mark.parametrize("preset", ["paper_mnist_inpainting", "paper_bsds_deblur",
+                                    "bsds_deblur_learn"])
+def test_a_presets_outer_optimiser_is_a_group_choice_the_command_line_changes(preset):
+    # the presets choose outer=adam in their defaults list, not by pinning outer.name, so
+    # outer=lbfgs on the command line takes effect (with the presets' step count and lr)
+    assert _compose(f"experiment={preset}").outer.name == "adam"
+    lbfgs = _compose(f"experiment={preset}", "outer=lbfgs", "outer.batch_size=null").outer
+    assert (lbfgs.name, lbfgs.memory, lbfgs.steps) == ("lbfgs", 10, 200)
+
+
 def test_bsds_with_existing_path_validates(tmp_path):
     (tmp_path / "images" / "train").mkdir(parents=True)
     for i in range(4):  # the layout only: the loader reads them later
@@ -89,6 +99,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
          "solver.preconditioner"),
         (["problem.init_exponent=inf"], "problem.init_exponent"),
         (["problem=quadratic", "problem.coupling=nan"], "problem.coupling"),
+        (["problem=quadratic", "problem.normalize=true"], "problem.normalize"),  # no images
         (["problem.operator=blur", "problem.blur_sigma=9"], "problem.blur_sigma"),  # 28×28
         (["solver.lower.preconditioner=fft", "solver.lower.name=lbfgs"],
          "solver.lower.preconditioner"),

@@ -127,6 +127,28 @@ def test_protocol_and_attributes(backend) -> None:
     )
 
 
+def test_normalised_samples_keep_their_scales_through_batches(backend) -> None:
+    reg = TotalVariation(SHAPE)
+    images = [image(), 0.3 * image(), image()[::-1]]
+    plain = [ImagingProblem.from_image(im, backend, GaussianBlur(SHAPE, 1.0), reg, seed=j)
+             for j, im in enumerate(images)]
+    normal = [ImagingProblem.from_image(im, backend, GaussianBlur(SHAPE, 1.0), reg, seed=j,
+                                        normalize=True) for j, im in enumerate(images)]
+    scales = [float(np.sqrt(np.mean(backend.to_numpy(p.y) ** 2))) for p in plain]
+    assert [p.scale for p in plain] == [1.0] * 3
+    assert [p.scale for p in normal] == pytest.approx(scales, rel=1e-14)
+    batch = ImagingProblem.concat(normal)
+    assert batch.scales == tuple(p.scale for p in normal)
+    assert batch.subset([2, 0]).scales == (normal[2].scale, normal[0].scale)
+    assert batch.subset([1]).scale == normal[1].scale
+    np.testing.assert_allclose(backend.to_numpy(batch.Y[1, ...]) * scales[1],
+                               backend.to_numpy(plain[1].y), rtol=1e-14)
+    with pytest.raises(ValueError, match="ambiguous"):
+        _ = batch.scale  # one number for three samples
+    with pytest.raises(ValueError, match="scales must be 3 positive numbers"):
+        ImagingProblem(batch.X_true, batch.Y, batch.operator, reg, scales=[1.0, 2.0])
+
+
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("expert", ["lorentzian", "huber"])
 def test_blocks_equal_columns_and_counts(backend, expert: str, boundary: str) -> None:

@@ -232,6 +232,17 @@ def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
         assert (b.psnr_learned, b.psnr_tv, b.psnr_tv_oracle) == (
             a.psnr_learned, a.psnr_tv, a.psnr_tv_oracle)
         assert c.psnr_learned == a.psnr_learned and c.psnr_tv_oracle != a.psnr_tv_oracle
+    # problem.normalize poses the learned θ's images on their data's scale but reports
+    # PSNRs on the images' own (the data's PSNR is unchanged); the baseline stays the plain
+    # Huber-TV unless evaluate.tv_normalize asks for its normalised form
+    normal = run(_compose(*held_out, "problem.normalize=true"), output_dir=tmp_path / "eval_n")
+    both = run(_compose(*held_out, "problem.normalize=true", "evaluate.tv_normalize=true"),
+               output_dir=tmp_path / "eval_nt")
+    for a, n, m in zip(ev.rows, normal.rows, both.rows, strict=True):
+        assert n.psnr_measurement == pytest.approx(a.psnr_measurement, abs=1e-10)
+        assert (n.psnr_tv, n.psnr_tv_oracle) == (a.psnr_tv, a.psnr_tv_oracle)
+        assert abs(n.psnr_learned - a.psnr_learned) > 1e-6
+        assert m.psnr_learned == n.psnr_learned and m.psnr_tv_oracle != a.psnr_tv_oracle
     # one reconstruction figure (truth, data, Huber-TV, learned) per image, a PNG in MLflow
     client = MlflowClient(uri)
     figures = [a.path for a in client.list_artifacts(ev.run_id, "reconstructions")]

@@ -80,6 +80,9 @@ class ProblemConfig:
     boundary: Boundary = Boundary.zero  # FoE: the padding outside the image
     epsilon: float = 1e-6
     upper_loss: UpperLoss = UpperLoss.squared_error  # imaging problems only
+    # imaging problems: pose each sample on the scale of its data (y/s, x_true/s, s = RMS of
+    # y); reconstructions and PSNRs are reported on the images' own scale
+    normalize: bool = False
     # quadratic test problem
     n: int = 30
     num_terms: int = 3
@@ -197,7 +200,9 @@ class EvaluateConfig:
     offset`` on in the training split (``split=null``), or from ``offset`` on in another
     split (BSDS300's test folder); ``tv_grid``: the log10 Huber-TV weights tried;
     ``tv_gamma``: the baseline's Huber smoothing (its own, not ``problem.gamma``, which
-    belongs to the learned regulariser's expert)."""
+    belongs to the learned regulariser's expert); ``tv_normalize``: the baseline's
+    ``problem.normalize`` (its own: false is the plain Huber-TV, one weight for every
+    image; true scales each image's weight by the RMS of its data)."""
 
     theta_path: str | None = None
     offset: int = 0
@@ -207,6 +212,7 @@ class EvaluateConfig:
         default_factory=lambda: [-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0]
     )
     tv_gamma: float = 0.01
+    tv_normalize: bool = False
 
 
 @dataclass
@@ -279,6 +285,8 @@ def _validate_problem(p: ProblemConfig) -> None:
                f"must be a finite number; got {getattr(p, key)!r}")
     if p.name == ProblemName.quadratic:
         _check(p.n >= 3, "problem.n", f"must be at least 3; got {p.n!r}")
+        _check(not p.normalize, "problem.normalize",
+               "is for imaging problems; problem=quadratic has no images (set it false)")
         return
     for key in ("dataset", "operator", "regularizer"):
         _check(getattr(p, key) != "none", f"problem.{key}",

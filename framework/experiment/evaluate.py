@@ -80,10 +80,19 @@ def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
 
 def reconstructions(engine: BilevelEngine, theta: Any) -> tuple[np.ndarray, np.ndarray]:
     """x*(θ) of each of the engine's images (all solved as one batch) as host rows (B, n),
-    and their PSNRs (B,)."""
-    X = engine.lower_solutions(theta)
-    psnrs = np.array([psnr(X[j, ...], p.x_true) for j, p in enumerate(engine.problems)])
-    return to_host(X), psnrs
+    and their PSNRs (B,), both on the images' own scale (a normalised sample's x times its
+    scale)."""
+    X = to_host(engine.lower_solutions(theta))
+    images = np.stack([X[j] * p.scale for j, p in enumerate(engine.problems)])
+    psnrs = np.array([psnr(images[j], original(p.x_true, p))
+                      for j, p in enumerate(engine.problems)])
+    return images, psnrs
+
+
+def original(v: Any, problem: Any) -> np.ndarray:
+    """A single-sample imaging problem's vector ``v`` (x, x_true or y) on the image's own
+    scale, on the host."""
+    return to_host(v) * problem.scale
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,8 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
         return build_problems(dataclasses.replace(p, **changes), backend, c.seed).problems
 
     count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
-    baseline = {"regularizer": "tv", "gamma": c.evaluate.tv_gamma}  # whatever expert θ has
+    baseline = {"regularizer": "tv", "gamma": c.evaluate.tv_gamma,  # whatever expert θ has
+                "normalize": c.evaluate.tv_normalize}
     train_tv = images(c.problem, num_samples=count, **baseline)
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
@@ -145,17 +155,18 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
     tv, tv_x = tv_search.psnrs, tv_search.solutions[grid.index(tv_weight)]
     rows = []
     for j, p in enumerate(learned):
+        truth, y = original(p.x_true, p), original(p.y, p)
         row = EvaluationRow(
             image=held_out.start + j,
-            psnr_measurement=psnr(p.y, p.x_true) if tuple(p.y.shape) == (p.n,) else math.nan,
+            psnr_measurement=psnr(y, truth) if tuple(p.y.shape) == (p.n,) else math.nan,
             psnr_learned=float(learned_psnrs[j]),
             psnr_tv=float(tv[grid.index(tv_weight), j]),
             psnr_tv_oracle=float(tv[:, j].max()))
         rows.append(row)
         tracker.log_metrics({k: getattr(row, k) for k in PSNR_FIELDS}, j)
         data = [] if math.isnan(row.psnr_measurement) else [
-            ("data", to_host(p.y), row.psnr_measurement)]  # y not an image (inpainting)
-        fig = plots.reconstruction(tuple(p.image_shape), to_host(p.x_true), (
+            ("data", y, row.psnr_measurement)]  # y not an image (inpainting)
+        fig = plots.reconstruction(tuple(p.image_shape), truth, (
             *data, (f"Huber-TV 10^{tv_weight:g}", tv_x[j], row.psnr_tv),
             ("learned", learned_x[j], row.psnr_learned)))
         path = plots.save(fig, out / "reconstructions" / f"image_{row.image:03d}.png")

@@ -326,10 +326,9 @@ def _log_figures(c: Config, out: Path, tracker: Any, problem_set: ProblemSet, ba
     else:
         figures["parameters.png"] = plots.parameters(theta_np)
     p, x = problem_set.problems[0], engine.lower_solutions(theta, [0])[0, ...]
+    truth, y, x = (backend.to_numpy(v) * p.scale for v in (p.x_true, p.y, x))  # its own scale
     figures["reconstruction.png"] = plots.reconstruction(
-        tuple(p.image_shape), backend.to_numpy(p.x_true),
-        (("data", backend.to_numpy(p.y), psnr(p.y, p.x_true)),
-         ("x(θ)", backend.to_numpy(x), psnr(x, p.x_true))),
+        tuple(p.image_shape), truth, (("data", y, psnr(y, truth)), ("x(θ)", x, psnr(x, truth))),
     )
     for name, fig in figures.items():  # drawn once: the PNG file is the artifact
         tracker.log_artifact(plots.save(fig, out / "figures" / name), "figures")
