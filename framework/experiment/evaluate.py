@@ -83,7 +83,7 @@ def reconstructions(engine: BilevelEngine, theta: Any) -> tuple[np.ndarray, np.n
     and their PSNRs (B,), both on the images' own scale (a normalised sample's x times its
     scale)."""
     X = to_host(engine.lower_solutions(theta))
-    images = np.stack([X[j] * p.scale for j, p in enumerate(engine.problems)])
+    images = np.stack([original(X[j], p) for j, p in enumerate(engine.problems)])
     psnrs = np.array([psnr(images[j], original(p.x_true, p))
                       for j, p in enumerate(engine.problems)])
     return images, psnrs

@@ -36,6 +36,7 @@ from framework.experiment.config import (
 )
 from framework.experiment.console import say
 from framework.experiment.engine_setup import build_samples
+from framework.experiment.evaluate import original
 from framework.experiment.resolve import problem_config_json
 from framework.experiment.stop_signals import StepBoundary
 from framework.optim import make_optimizer
@@ -326,7 +327,7 @@ def _log_figures(c: Config, out: Path, tracker: Any, problem_set: ProblemSet, ba
     else:
         figures["parameters.png"] = plots.parameters(theta_np)
     p, x = problem_set.problems[0], engine.lower_solutions(theta, [0])[0, ...]
-    truth, y, x = (backend.to_numpy(v) * p.scale for v in (p.x_true, p.y, x))  # its own scale
+    truth, y, x = (original(v, p) for v in (p.x_true, p.y, x))  # the image's own scale
     figures["reconstruction.png"] = plots.reconstruction(
         tuple(p.image_shape), truth, (("data", y, psnr(y, truth)), ("x(θ)", x, psnr(x, truth))),
     )
