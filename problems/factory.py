@@ -75,7 +75,7 @@ def _foe(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[FieldsOfExperts, 
     dct = cfg.filters_init == "dct"
     filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)
     reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn,
-                          boundary=cfg.boundary)
+                          boundary=cfg.boundary, zero_mean=cfg.zero_mean_filters)
     return reg, initial_theta(filters, cfg.init_exponent)
 
 

@@ -1,8 +1,12 @@
 """Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j), batch-first.
 
 θ has shape (F, K·K + 1): row f holds filter k_f flattened row-major, then the exponent
-p_f.  ∗ is the true 2-D convolution with output the image's size, for odd K, on the image
-padded by r = K // 2 on each side as ``boundary`` says:
+p_f.  With ``zero_mean`` the filter is that row minus its mean, k_f = u_f − mean(u_f): the
+regulariser is then blind to the image's mean level whatever θ an optimiser reaches, and
+Jᵀ's filter part is projected the same way (the chain rule through the centring).
+
+∗ is the true 2-D convolution with output the image's size, for odd K, on the image padded
+by r = K // 2 on each side as ``boundary`` says:
 
 - ``"zero"`` (the default): zeros outside, ``scipy.signal.convolve2d(x, k, mode="same")``;
   a derivative-like filter then sees a jump at the border and penalises the border
@@ -116,6 +120,7 @@ class FieldsOfExperts(RowRegularizer):
         gamma: float = 0.01,
         learn: Literal["filters", "exponents", "both"] = "both",
         boundary: Literal["zero", "symmetric"] = "zero",
+        zero_mean: bool = False,
     ) -> None:
         super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -134,6 +139,7 @@ class FieldsOfExperts(RowRegularizer):
         self.expert = Expert(expert, gamma)
         self.learn = learn
         self.boundary = str(boundary)  # a config's enum member as its name (for the repr)
+        self.zero_mean = bool(zero_mean)
         self.theta_shape = (self.num_filters, k**2 + 1)
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
@@ -150,7 +156,8 @@ class FieldsOfExperts(RowRegularizer):
         return (
             f"FieldsOfExperts(image_shape={self.image_shape}, kernel_size={self.kernel_size}, "
             f"num_filters={self.num_filters}, expert={self.expert.name!r}, "
-            f"gamma={self.expert.gamma}, learn={self.learn!r}, boundary={self.boundary!r})"
+            f"gamma={self.expert.gamma}, learn={self.learn!r}, boundary={self.boundary!r}, "
+            f"zero_mean={self.zero_mean})"
         )
 
     def mask_host(self) -> np.ndarray:
@@ -160,10 +167,14 @@ class FieldsOfExperts(RowRegularizer):
         return mask.reshape(-1)
 
     def split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
-        """(filters (F, K²), scales 10^{p_f} (F,))."""
+        """(filters (F, K²), scales 10^{p_f} (F,)); with ``zero_mean`` each filter is its row
+        of θ minus that row's mean."""
         theta = check_theta(xp, theta, self.theta_shape)
         k2 = self.kernel_size**2
-        return theta[:, :k2], xp.exp(LN10 * theta[:, k2])
+        filters = theta[:, :k2]
+        if self.zero_mean:
+            filters = filters - xp.mean(filters, axis=1, keepdims=True)
+        return filters, xp.exp(LN10 * theta[:, k2])
 
     # -- convolutions in the batch-last layout -----------------------------------------
     def stack(self, xp: Any, v3: Any) -> Any:
@@ -335,6 +346,8 @@ class FoELinearization:
             outer = xp.matmul(d1_s, xp.permute_dims(sw, (1, 0, 2, 3)))  # (B, K², F, b)
             both += xp.permute_dims(outer, (0, 2, 1, 3))
         d_filters = self.scales[None, :, None, None] * both
+        if reg.zero_mean:  # the chain rule through k_f = u_f − mean(u_f): the same projection
+            d_filters = d_filters - xp.mean(d_filters, axis=2, keepdims=True)
         d_exps = xp.sum(d1[:, :, :, None] * kw, axis=2)  # (F, B, b)
         d_exps = (LN10 * self.scales)[None, :, None] * xp.permute_dims(d_exps, (1, 0, 2))
         out = xp.concat([d_filters, d_exps[:, :, None, :]], axis=2)

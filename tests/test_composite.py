@@ -109,6 +109,9 @@ def test_the_factory_builds_tv_plus_foe_with_its_start() -> None:
     own = build_problems(replace(cfg, expert="student_t", gamma=0.05, tv_gamma=0.02),
                          get_backend("numpy"), 0).problems[0].regularizer
     assert (own.parts[0].gamma, own.parts[1].expert.gamma) == (0.02, 0.05)  # TV: its own
+    assert not reg.parts[1].zero_mean
+    centred = build_problems(replace(cfg, zero_mean_filters=True), get_backend("numpy"), 0)
+    assert centred.problems[0].regularizer.parts[1].zero_mean
 
 
 def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path) -> None:

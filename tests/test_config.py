@@ -100,6 +100,9 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["problem.init_exponent=inf"], "problem.init_exponent"),
         (["problem=quadratic", "problem.coupling=nan"], "problem.coupling"),
         (["problem=quadratic", "problem.normalize=true"], "problem.normalize"),  # no images
+        (["problem=quadratic", "problem.zero_mean_filters=true"], "problem.zero_mean_filters"),
+        (["problem.regularizer=tv", "problem.zero_mean_filters=true"],
+         "problem.zero_mean_filters"),  # no filters
         (["problem.operator=blur", "problem.blur_sigma=9"], "problem.blur_sigma"),  # 28×28
         (["solver.lower.preconditioner=fft", "solver.lower.name=lbfgs"],
          "solver.lower.preconditioner"),

@@ -180,6 +180,60 @@ def test_foe_value_matches_reference(backend, name: str, boundary: str) -> None:
     assert float(value) == pytest.approx(ref, rel=1e-13)
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_zero_mean_filters_are_theta_rows_centred(backend, boundary: str) -> None:
+    """With ``zero_mean`` filter f is θ's row minus its mean: the value is SciPy's with the
+    centred filters, and shifting a row by a constant changes nothing."""
+    rng = np.random.default_rng(11)
+    img = rng.random(SHAPE)
+    foe = FieldsOfExperts(SHAPE, 3, 4, expert="student_t", gamma=0.1, boundary=boundary,
+                          zero_mean=True)
+    theta = initial_theta(rng.standard_normal((4, 3, 3)), rng.uniform(-1, 1, 4))
+    centred = theta[:, :9] - theta[:, :9].mean(axis=1, keepdims=True)
+    responses = [scipy.signal.convolve2d(img, centred[f].reshape(3, 3), "same",
+                                         boundary=SCIPY_BOUNDARY[boundary]) for f in range(4)]
+    ref = sum(10 ** theta[f, -1] * numpy_phi("student_t", responses[f], 0.1).sum()
+              for f in range(4))
+    x = backend.asarray(img.ravel())
+    assert float(foe.value(x, backend.asarray(theta))) == pytest.approx(ref, rel=1e-13)
+    shifted = theta.copy()
+    shifted[:, :9] += rng.standard_normal((4, 1))
+    assert float(foe.value(x, backend.asarray(shifted))) == pytest.approx(ref, rel=1e-13)
+    assert "zero_mean=True" in repr(foe)
+
+
+@pytest.mark.parametrize("zero_mean", [False, True])
+def test_foe_jacobian_matches_finite_differences(backend, zero_mean: bool) -> None:
+    """Jᵀw = ∂θ⟨∇R(x), w⟩ against central differences along a random direction (one with
+    each filter's mean in it: ``zero_mean`` must then see none of that part).  Student-t
+    with γ = 0.5 on responses of size ≈ 1 is smooth at scale 1, so with h = 1e-4 the
+    truncation is ≈ h² times a third derivative of size ≈ ‖Jᵀw‖: 1e-6 relative holds."""
+    rng = np.random.default_rng(12)
+    xp = backend.xp
+    foe = FieldsOfExperts(SHAPE, 3, 4, expert="student_t", gamma=0.5, boundary="symmetric",
+                          zero_mean=zero_mean)
+    theta = initial_theta(rng.standard_normal((4, 3, 3)), rng.uniform(-1, 0, 4))
+    X = backend.asarray(rng.random((2, N)))
+    W = rng.standard_normal((2, N))
+
+    def pairing(t: np.ndarray) -> float:
+        grad = backend.to_numpy(foe.rows_value_and_grad(xp, X, backend.asarray(t),
+                                                        value=False)[1])
+        return float(np.sum(grad * W))
+
+    jt = backend.to_numpy(foe.linearize(xp, X, backend.asarray(theta)).jac_t(
+        backend.asarray(W[:, :, None])))[:, :, 0].sum(axis=0).reshape(4, 10)
+    direction = rng.standard_normal(theta.shape)
+    h = 1e-4
+    fd = (pairing(theta + h * direction) - pairing(theta - h * direction)) / (2 * h)
+    assert float(np.sum(jt * direction)) == pytest.approx(fd, rel=1e-6)
+    filter_sums = jt[:, :9].sum(axis=1)
+    if zero_mean:  # no component along a filter's mean: the projection's chain rule
+        np.testing.assert_allclose(filter_sums, 0.0, atol=1e-12 * np.abs(jt).max())
+    else:  # a free filter does feel its mean (the check above would pass vacuously if not)
+        assert np.abs(filter_sums).max() > 1e-3 * np.abs(jt).max()
+
+
 @pytest.mark.parametrize(
     ("learn", "filters_on", "exps_on"),
     [("both", 1, 1), ("filters", 1, 0), ("exponents", 0, 1)],

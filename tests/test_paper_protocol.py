@@ -286,6 +286,7 @@ def test_presets_match_the_paper_settings():
     assert all(learn.problem[k] == b.problem[k] for k in task)
     assert (learn.problem.expert, learn.problem.boundary, b.problem.boundary) == (
         "smooth_l1", "symmetric", "zero")
+    assert learn.problem.zero_mean_filters and not b.problem.zero_mean_filters
     assert (learn.solver.lower.name, learn.solver.preconditioner) == ("lbfgs", "fft")
 
 

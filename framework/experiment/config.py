@@ -83,6 +83,9 @@ class ProblemConfig:
     # imaging problems: pose each sample on the scale of its data (y/s, x_true/s, s = RMS of
     # y); reconstructions and PSNRs are reported on the images' own scale
     normalize: bool = False
+    # FoE: each filter is its θ row minus the row's mean, so filters stay blind to the
+    # image's mean level however the optimiser moves θ (the chain rule projects Jᵀ)
+    zero_mean_filters: bool = False
     # quadratic test problem
     n: int = 30
     num_terms: int = 3
@@ -285,9 +288,14 @@ def _validate_problem(p: ProblemConfig) -> None:
                f"must be a finite number; got {getattr(p, key)!r}")
     if p.name == ProblemName.quadratic:
         _check(p.n >= 3, "problem.n", f"must be at least 3; got {p.n!r}")
-        _check(not p.normalize, "problem.normalize",
-               "is for imaging problems; problem=quadratic has no images (set it false)")
+        for key in ("normalize", "zero_mean_filters"):
+            _check(not getattr(p, key), f"problem.{key}",
+                   "is for imaging problems; problem=quadratic has no images (set it false)")
         return
+    _check(not p.zero_mean_filters or p.regularizer in (Regularizer.foe, Regularizer.tv_foe),
+           "problem.zero_mean_filters",
+           f"constrains Fields-of-Experts filters; regularizer={p.regularizer} has none "
+           "(set it false)")
     for key in ("dataset", "operator", "regularizer"):
         _check(getattr(p, key) != "none", f"problem.{key}",
                f"'none' is only for problem=quadratic ({p.name})")
