@@ -150,11 +150,12 @@ UPPER_LOSSES = ("squared_error", "neg_psnr")
 
 class Problem:
     """B samples f_i(x, θ) with upper loss ℓ_i(x) (``upper``: ``squared_error``
-    ½‖x − x_true,i‖², or ``neg_psnr`` 10 log10(‖x − x_true,i‖²/n), minus the PSNR in dB of
-    images in [0, 1]), counted operators and the shared bookkeeping.  Subclasses set the
-    attributes below and implement ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,)
-    and ∇ₓf (B, n) of rows X, uncounted; None where not asked), ``linearize`` and
-    ``_select(rows)`` (a new problem)."""
+    ½‖x − x_true,i‖², or ``neg_psnr`` 10 log10(‖x − x_true,i‖²/n + δ), minus the PSNR in
+    dB of images in [0, 1] for the ``mse_floor`` δ = 0; δ > 0 caps the gain a crop already
+    reconstructed to an MSE ≪ δ can add to the mean), counted operators and the shared
+    bookkeeping.  Subclasses set the attributes below and implement
+    ``_rows_value_and_grad(X, θ, *, value, grad)`` (f (B,) and ∇ₓf (B, n) of rows X,
+    uncounted; None where not asked), ``linearize`` and ``_select(rows)`` (a new problem)."""
 
     n: int
     batch_size: int
@@ -168,6 +169,7 @@ class Problem:
     Y: Any
     theta_mask: Any
     upper: str = "squared_error"
+    mse_floor: float = 0.0  # δ of neg_psnr
     scales: tuple[float, ...] | None = None  # per sample: its image is scale · x (None: 1)
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
@@ -210,16 +212,18 @@ class Problem:
         r = rows - self.X_true
         sq = self.xp.sum(r * r, axis=1)
         if self.upper == "neg_psnr":
-            return from_rows(self.xp, (10.0 / LN10) * self.xp.log(sq / self.n), single)
+            return from_rows(self.xp, (10.0 / LN10) * self.xp.log(sq / self.n + self.mse_floor),
+                             single)
         return from_rows(self.xp, 0.5 * sq, single)
 
     def upper_grad(self, x: Any) -> Any:
-        """∇ℓ_i(x_i), shaped like x: x_i − x_true,i, or (20/ln 10)(x_i − x_true,i)/‖x_i −
-        x_true,i‖² for ``neg_psnr``."""
+        """∇ℓ_i(x_i), shaped like x: x_i − x_true,i, or (20/ln 10)(x_i − x_true,i)/(‖x_i −
+        x_true,i‖² + nδ) for ``neg_psnr``."""
         rows, single = self._rows(x)
         r = rows - self.X_true
         if self.upper == "neg_psnr":
-            r = r * ((20.0 / LN10) / self.xp.sum(r * r, axis=1))[:, None]
+            r = r * ((20.0 / LN10) / (self.xp.sum(r * r, axis=1) + self.n * self.mse_floor)
+                     )[:, None]
         return from_rows(self.xp, r, single)
 
     def _value_and_grad(self, x: Any, theta: Any, *, value: bool, grad: bool,

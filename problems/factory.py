@@ -111,7 +111,8 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     problems = [
         ImagingProblem.from_image(image, backend, _operator(cfg, shape, s), reg,
                                   noise_level=cfg.noise_level, seed=s, epsilon=cfg.epsilon,
-                                  upper=cfg.upper_loss, normalize=cfg.normalize)
+                                  upper=cfg.upper_loss, mse_floor=cfg.mse_floor,
+                                  normalize=cfg.normalize)
         for image, s in zip(images, seeds[:-1], strict=True)
     ]
     mask = reg.mask_host().reshape(theta0.shape)

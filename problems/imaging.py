@@ -32,13 +32,18 @@ class ImagingProblem(Problem):
         *,
         epsilon: float = 1e-6,
         upper: str = "squared_error",
+        mse_floor: float = 0.0,
         counter: Counter | None = None,
         checked: bool = False,
         scales: Sequence[float] | None = None,
     ) -> None:
         if upper not in UPPER_LOSSES:
             raise ValueError(f"upper must be one of {UPPER_LOSSES}; got upper={upper!r}")
-        self.upper = upper
+        if not (math.isfinite(mse_floor) and mse_floor >= 0):
+            raise ValueError(f"mse_floor must be a finite number ≥ 0; got {mse_floor!r}")
+        if mse_floor and upper != "neg_psnr":
+            raise ValueError(f"mse_floor belongs to upper='neg_psnr'; got upper={upper!r}")
+        self.upper, self.mse_floor = upper, float(mse_floor)
         self.xp = xp = array_api_compat.array_namespace(x_true, y)
         self.device = array_api_compat.device(x_true)
         self.dtype = x_true.dtype
@@ -82,6 +87,7 @@ class ImagingProblem(Problem):
         seed: int = 0,
         epsilon: float = 1e-6,
         upper: str = "squared_error",
+        mse_floor: float = 0.0,
         normalize: bool = False,
     ) -> ImagingProblem:
         """A sample from a host image (H, W): y = A x_true + relative noise (seeded).
@@ -100,13 +106,14 @@ class ImagingProblem(Problem):
         x_true = backend.asarray(host.reshape(-1))
         y = add_relative_noise(operator.apply(x_true), noise_level, seed)
         if not normalize:
-            return cls(x_true, y, operator, regularizer, epsilon=epsilon, upper=upper)
+            return cls(x_true, y, operator, regularizer, epsilon=epsilon, upper=upper,
+                       mse_floor=mse_floor)
         xp = array_api_compat.array_namespace(y)
         scale = float(xp.sqrt(xp.mean(y * y)))  # one host sync, at set-up
         if not scale > 0:
             raise ValueError("normalize needs data y that are not all zero; set normalize=false")
         return cls(x_true / scale, y / scale, operator, regularizer, epsilon=epsilon,
-                   upper=upper, scales=(scale,))
+                   upper=upper, mse_floor=mse_floor, scales=(scale,))
 
     @classmethod
     def concat(
@@ -118,7 +125,7 @@ class ImagingProblem(Problem):
             "image shape": lambda pr: pr.image_shape,
             "regulariser": lambda pr: repr(pr.regularizer),
             "epsilon": lambda pr: pr.epsilon,
-            "upper loss": lambda pr: pr.upper,
+            "upper loss": lambda pr: (pr.upper, pr.mse_floor),
             "array namespace, device and dtype": lambda pr: (pr.xp.__name__, pr.device, pr.dtype),
         }, ImagingProblem)
         xp = first.xp
@@ -126,7 +133,8 @@ class ImagingProblem(Problem):
             xp.concat([pr.X_true for pr in problems], axis=0),
             xp.concat([pr.Y for pr in problems], axis=0),
             stack_operators([pr.operator for pr in problems]),
-            first.regularizer, epsilon=first.epsilon, upper=first.upper, counter=counter,
+            first.regularizer, epsilon=first.epsilon, upper=first.upper,
+            mse_floor=first.mse_floor, counter=counter,
             checked=True, scales=[s for pr in problems for s in pr.scales],
         )
 
@@ -136,7 +144,7 @@ class ImagingProblem(Problem):
         return ImagingProblem(
             xp.take(self.X_true, index, axis=0), xp.take(self.Y, index, axis=0),
             self.operator.rows(rows), self.regularizer, epsilon=self.epsilon,
-            upper=self.upper, counter=self.counter, checked=True,
+            upper=self.upper, mse_floor=self.mse_floor, counter=self.counter, checked=True,
             scales=[self.scales[r] for r in rows],
         )
 
@@ -144,7 +152,8 @@ class ImagingProblem(Problem):
         return (
             f"ImagingProblem(batch_size={self.batch_size}, n={self.n}, "
             f"operator={self.operator!r}, regularizer={self.regularizer!r}, "
-            f"epsilon={self.epsilon}, upper={self.upper!r})"
+            f"epsilon={self.epsilon}, upper={self.upper!r}"
+            + (f", mse_floor={self.mse_floor}" if self.mse_floor else "") + ")"
         )
 
     def _rows_value_and_grad(

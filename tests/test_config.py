@@ -101,6 +101,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["problem=quadratic", "problem.coupling=nan"], "problem.coupling"),
         (["problem=quadratic", "problem.normalize=true"], "problem.normalize"),  # no images
         (["problem=quadratic", "problem.zero_mean_filters=true"], "problem.zero_mean_filters"),
+        (["problem.mse_floor=1e-3"], "problem.mse_floor"),  # squared_error has no floor
+        (["problem.upper_loss=neg_psnr", "problem.mse_floor=-1"], "problem.mse_floor"),
         (["problem.regularizer=tv", "problem.zero_mean_filters=true"],
          "problem.zero_mean_filters"),  # no filters
         (["problem.operator=blur", "problem.blur_sigma=9"], "problem.blur_sigma"),  # 28×28
@@ -161,6 +163,9 @@ def test_boundary_reaches_the_fields_of_experts(problem):
     c = validate(_compose(f"problem={problem}", "problem.num_samples=1",
                           "problem.upper_loss=neg_psnr"))
     assert build_problems(c.problem, numpy, 0).problems[0].upper == "neg_psnr"
+    c = validate(_compose(f"problem={problem}", "problem.num_samples=1",
+                          "problem.upper_loss=neg_psnr", "problem.mse_floor=0.003"))
+    assert build_problems(c.problem, numpy, 0).problems[0].mse_floor == 0.003
 
 
 def test_recycle_and_stop_groups_are_the_library_dataclasses():

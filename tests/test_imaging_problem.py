@@ -291,13 +291,14 @@ def test_psnr() -> None:
     assert psnr(a, a) == float("inf")
 
 
-def _two_samples(backend, upper: str) -> ImagingProblem:
+def _two_samples(backend, upper: str, mse_floor: float = 0.0) -> ImagingProblem:
     rng = np.random.default_rng(5)
     shape = (8, 9)
     reg = FieldsOfExperts(shape, 3, 2)
     return ImagingProblem.concat([
         ImagingProblem.from_image(rng.random(shape), backend, Identity(shape), reg,
-                                  noise_level=0.1, seed=s, upper=upper) for s in (1, 2)])
+                                  noise_level=0.1, seed=s, upper=upper, mse_floor=mse_floor)
+        for s in (1, 2)])
 
 
 def test_neg_psnr_upper_loss_is_minus_the_psnr_and_its_gradient_matches_differences(
@@ -324,6 +325,34 @@ def test_neg_psnr_upper_loss_is_minus_the_psnr_and_its_gradient_matches_differen
     fd = (backend.to_numpy(problem.upper_loss(backend.asarray(backend.to_numpy(x) + h * d)))
           - backend.to_numpy(problem.upper_loss(backend.asarray(backend.to_numpy(x) - h * d))))
     np.testing.assert_allclose(fd / (2 * h), np.sum(grad * d, 1), rtol=1e-7)
+
+
+def test_floored_neg_psnr_is_the_log_of_mse_plus_the_floor(backend) -> None:
+    """ℓ_i = 10 log10(‖r_i‖²/n + δ) against the closed form; its gradient against the closed
+    form and central differences; δ = 0 is minus the PSNR (test above)."""
+    delta = 2e-3  # of the size of the rows' MSE (≈ 2.5e-3): both terms matter
+    problem = _two_samples(backend, "neg_psnr", delta)
+    rng = np.random.default_rng(1)
+    x = backend.to_numpy(problem.X_true) + 0.05 * rng.standard_normal((2, 72))
+    r = x - backend.to_numpy(problem.X_true)
+    mse = np.sum(r * r, 1) / 72
+    loss = backend.to_numpy(problem.upper_loss(backend.asarray(x)))
+    np.testing.assert_allclose(loss, 10 * np.log10(mse + delta), rtol=1e-13)
+    grad = backend.to_numpy(problem.upper_grad(backend.asarray(x)))
+    np.testing.assert_allclose(grad, r * (20 / np.log(10) / (72 * (mse + delta)))[:, None],
+                               rtol=1e-13)
+    d = rng.standard_normal((2, 72))
+    h = 1e-5  # truncation O(h²‖∇³ℓ‖) ≈ 1e-10 relative, as above
+    fd = (backend.to_numpy(problem.upper_loss(backend.asarray(x + h * d)))
+          - backend.to_numpy(problem.upper_loss(backend.asarray(x - h * d))))
+    np.testing.assert_allclose(fd / (2 * h), np.sum(grad * d, 1), rtol=1e-7)
+    assert problem.subset([1]).mse_floor == delta and "mse_floor=0.002" in repr(problem)
+    with pytest.raises(ValueError, match="upper loss"):  # one loss per batch
+        ImagingProblem.concat([problem, _two_samples(backend, "neg_psnr")])
+    with pytest.raises(ValueError, match="mse_floor belongs to upper='neg_psnr'"):
+        _two_samples(backend, "squared_error", delta)
+    with pytest.raises(ValueError, match="mse_floor must be a finite number"):
+        _two_samples(backend, "neg_psnr", -1e-3)
 
 
 def test_upper_losses_are_checked_and_not_mixed(backend) -> None:

@@ -80,6 +80,9 @@ class ProblemConfig:
     boundary: Boundary = Boundary.zero  # FoE: the padding outside the image
     epsilon: float = 1e-6
     upper_loss: UpperLoss = UpperLoss.squared_error  # imaging problems only
+    # neg_psnr: 10 log10(MSE + mse_floor); a floor δ > 0 caps what a crop already at an
+    # MSE ≪ δ (a flat one) can add to the mean, so the others steer the training
+    mse_floor: float = 0.0
     # imaging problems: pose each sample on the scale of its data (y/s, x_true/s, s = RMS of
     # y); reconstructions and PSNRs are reported on the images' own scale
     normalize: bool = False
@@ -251,8 +254,9 @@ _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.tv_ga
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
     outer.memory
     sequence.reference_rtol evaluate.num_samples evaluate.tv_gamma""".split()
-_NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon recycle.dim recycle.rank_tol
-    stop.rtol stop.atol outer.max_backtracks checkpoint.every evaluate.offset""".split()
+_NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon problem.mse_floor
+    recycle.dim recycle.rank_tol stop.rtol stop.atol outer.max_backtracks checkpoint.every
+    evaluate.offset""".split()
 
 
 def _check(ok: Any, key: str, message: str) -> None:
@@ -288,10 +292,13 @@ def _validate_problem(p: ProblemConfig) -> None:
                f"must be a finite number; got {getattr(p, key)!r}")
     if p.name == ProblemName.quadratic:
         _check(p.n >= 3, "problem.n", f"must be at least 3; got {p.n!r}")
-        for key in ("normalize", "zero_mean_filters"):
+        for key in ("normalize", "zero_mean_filters", "mse_floor"):
             _check(not getattr(p, key), f"problem.{key}",
                    "is for imaging problems; problem=quadratic has no images (set it false)")
         return
+    _check(p.mse_floor == 0 or p.upper_loss == UpperLoss.neg_psnr, "problem.mse_floor",
+           f"floors the MSE of problem.upper_loss=neg_psnr; upper_loss={p.upper_loss} has no "
+           "MSE to floor (set problem.upper_loss=neg_psnr or problem.mse_floor=0)")
     _check(not p.zero_mean_filters or p.regularizer in (Regularizer.foe, Regularizer.tv_foe),
            "problem.zero_mean_filters",
            f"constrains Fields-of-Experts filters; regularizer={p.regularizer} has none "
