@@ -372,6 +372,24 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, uri):
     assert longer.resumed_from_step == 4 and longer.steps == 6
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_key_was_added(tmp_path, uri):
+    """A key the schema gained after the checkpoint was written cannot have changed the
+    run at its default value; set to anything else, it is a change like any other."""
+    from framework.experiment import checkpoint
+    from framework.experiment.config import ConfigError
+
+    run(_compose(*QUICK, "outer.steps=2", "tracking=disabled"), output_dir=tmp_path)
+    path = tmp_path / "checkpoint.npz"
+    state = checkpoint.load(path)
+    assert state["config"].pop("problem.coupling") == "0.5"  # as if written before it
+    checkpoint.save(path, state)
+    with pytest.raises(ConfigError, match=r"^problem\.coupling: .*another config"):
+        run(_compose(*QUICK, "outer.steps=3", "problem.coupling=0.4", "tracking=disabled"),
+            output_dir=tmp_path)
+    resumed = run(_compose(*QUICK, "outer.steps=3", "tracking=disabled"), output_dir=tmp_path)
+    assert resumed.resumed_from_step == 2 and resumed.steps == 3
+
+
 @pytest.mark.parametrize(
     ("damage", "says"),
     [

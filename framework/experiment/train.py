@@ -111,7 +111,9 @@ def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
         raise CheckpointError(f"{path}: the mini-batch generator's state is invalid ({exc}); "
                               f"{fix}") from exc
     old, new = state["config"], resume_identity(c)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    defaults = flatten(Config)  # a key the schema gained after the checkpoint: its default
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if (old[k] if k in old else defaults.get(k)) != new.get(k))
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in changed[:5])
         raise ConfigError(
