@@ -81,10 +81,16 @@ def _compose(*overrides: str):
         ("problem=bsds_deblur problem.data_path=.", "images/train' holds 0 .jpg images", 2),
         ("problem.dataset=mnist problem.data_path=.", "t10k-images-idx3-ubyte.gz' not found", 2),
         ("hydra.run.dir={tmp}/a-file/run", "cannot write {tmp}/a-file/run", 2),
+        ("outer.init_theta_path={tmp}/none.npz", "outer.init_theta_path", 2),
+        ("outer.init_theta_path={tmp}/a-file", "cannot read θ", 2),
+        ("outer.init_theta_path={tmp}/short.npz", "shape (3,), but this problem's θ", 2),
+        ("task=evaluate evaluate.theta_path={tmp}/short.npz outer.init_theta_path="
+         "{tmp}/short.npz", "outer.init_theta_path: starts a training run", 2),
     ],
 )
 def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, no_store_uri, override, key, code):
     (tmp_path / "a-file").write_text("")
+    np.savez(tmp_path / "short.npz", theta=np.zeros(3))
     override, key = override.format(tmp=tmp_path), key.format(tmp=tmp_path)
     start = time.perf_counter()
     result = _hyperkrylov([f"hydra.run.dir={tmp_path}/run", *override.split()], tmp_path,
@@ -343,6 +349,23 @@ def test_lbfgs_lowers_the_full_batch_loss_at_every_step(tmp_path):
     # every step is accepted by Armijo on the same (full-batch) loss: a monotone decrease
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert all(h["outer_step_size"] > 0 for h in history)
+
+
+def test_a_run_starts_from_the_theta_of_another_run(tmp_path):
+    """``outer.init_theta_path``: the first step evaluates the file's θ.  A 2-step run's θ
+    (``theta.npz``) started from is the θ a 3-step run reaches in its third step; the loss
+    there agrees to the lower-level tolerance (the 3-step run's lower solves start warm,
+    the new run's cold: the same x* to ``solver.lower.gtol`` 1e-6 relative, hence the loss
+    to ~1e-6 relative of its size)."""
+    common = [*QUICK, "tracking=disabled"]
+    three = run(_compose(*common, "outer.steps=3"), output_dir=tmp_path / "three")
+    two = run(_compose(*common, "outer.steps=2"), output_dir=tmp_path / "two")
+    resumed = run(_compose(*common, "outer.steps=1", f"outer.init_theta_path={two.theta_path}"),
+                  output_dir=tmp_path / "from-two")
+    losses = [h["upper_loss"] for h in checkpoint.load(three.checkpoint_path)["history"]]
+    first = checkpoint.load(resumed.checkpoint_path)["history"][0]["upper_loss"]
+    assert first == pytest.approx(losses[2], rel=1e-6)
+    assert abs(first - losses[0]) > 1e-3 * abs(losses[0])  # not the problem's own θ₀
 
 
 def test_unreachable_tracking_server_is_reported_at_start(tmp_path, uri):

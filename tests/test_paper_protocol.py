@@ -278,16 +278,24 @@ def test_presets_match_the_paper_settings():
     b = _compose("experiment=paper_bsds_deblur", f"problem.data_path={data}")
     assert (b.problem.crop, b.problem.blur_sigma, b.problem.noise_level, b.problem.expert,
             b.outer.lr, b.outer.batch_size) == (64, 3.0, 0.2, "lorentzian", 1e-2, 16)
-    # the learning preset solves the same task (images, forward model, noise, FoE size)
-    # with its own expert, boundary and start
+    # the learning preset solves the same task (images, forward model, noise) with its own
+    # regulariser and training: the recipe of the README's run that learned best
     learn = _compose("experiment=bsds_deblur_learn", f"problem.data_path={data}")
-    task = ("dataset", "num_samples", "crop", "operator", "blur_sigma", "noise_level",
-            "kernel_size", "num_filters", "filters_init", "learn")
+    task = ("dataset", "split", "start", "crop", "operator", "blur_sigma", "noise_level",
+            "filters_init", "learn")
     assert all(learn.problem[k] == b.problem[k] for k in task)
-    assert (learn.problem.expert, learn.problem.boundary, b.problem.boundary) == (
-        "smooth_l1", "symmetric", "zero")
-    assert learn.problem.zero_mean_filters and not b.problem.zero_mean_filters
-    assert (learn.solver.lower.name, learn.solver.preconditioner) == ("lbfgs", "fft")
+    lp = learn.problem
+    assert (lp.num_samples, lp.normalize, lp.regularizer, lp.tv_gamma, lp.tv_init_exponent) == (
+        64, True, "tv_foe", 0.01, -1.7)
+    assert (lp.kernel_size, lp.num_filters, lp.expert, lp.gamma, lp.init_exponent) == (
+        7, 48, "student_t", 0.05, -4.3)
+    assert (lp.boundary, b.problem.boundary) == ("symmetric", "zero")
+    assert lp.zero_mean_filters and not b.problem.zero_mean_filters
+    assert (lp.upper_loss, lp.mse_floor) == ("neg_psnr", 0.00316)
+    assert (learn.solver.lower.name, learn.solver.lower.gtol, learn.solver.preconditioner,
+            learn.recycle.strategy) == ("lbfgs", 1e-4, "none", "none")
+    assert (learn.outer.name, learn.outer.lr, learn.outer.steps, learn.outer.batch_size) == (
+        "lbfgs", 1e-3, 30, None)
 
 
 def test_recorded_states_solve_the_lower_problem(recorded):

@@ -135,6 +135,7 @@ class OuterConfig:
     c1: float = 1e-4
     max_backtracks: int = 10
     memory: int = 10  # L-BFGS pairs
+    init_theta_path: str | None = None  # start from this theta.npz instead of the problem's θ₀
 
 
 @dataclass
@@ -354,6 +355,11 @@ def _validate_task(c: Config) -> None:
                f"(problem.num_samples); got {list(s.samples)!r}")
     if c.task == Task.resolve:
         _existing_file("sequence.path", s.path, "resolve", "sequence.npz (written by task=record)")
+    if c.outer.init_theta_path is not None:
+        _check(c.task in (Task.train, Task.record), "outer.init_theta_path",
+               f"starts a training run; task={c.task} does not train (remove the key)")
+        _existing_file("outer.init_theta_path", c.outer.init_theta_path, c.task,
+                       "theta.npz (written by a training run)")
     if c.task == Task.evaluate:
         _existing_file("evaluate.theta_path", c.evaluate.theta_path, "evaluate",
                        "theta.npz (written by a training run)")

@@ -23,6 +23,7 @@ from framework.experiment import plots
 from framework.experiment.config import Config, ConfigError, ProblemConfig
 from framework.experiment.console import fmt, markdown_table, say
 from framework.experiment.engine_setup import engine_config
+from framework.experiment.theta_file import read_theta
 from problems.base import psnr
 from problems.factory import build_problems
 
@@ -58,14 +59,7 @@ def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
     p = c.problem
     if p.name == "quadratic":
         raise ConfigError("problem.name: task=evaluate needs an imaging problem, not quadratic")
-    path = Path(c.evaluate.theta_path or "").expanduser()
-    try:
-        with np.load(path) as data:
-            theta = np.asarray(data["theta"], dtype=np.float64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"evaluate.theta_path: cannot read θ from {str(path)!r} ({exc})"
-        ) from exc
+    theta = read_theta("evaluate.theta_path", c.evaluate.theta_path or "")
     split = c.evaluate.split or p.split  # another folder: its images from offset on
     start = c.evaluate.offset + (p.start + p.num_samples if split == p.split else 0)
     held_out = dataclasses.replace(p, split=split, start=start, num_samples=c.evaluate.num_samples)

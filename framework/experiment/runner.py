@@ -26,8 +26,9 @@ from framework.experiment.config import (
     validate,
 )
 from framework.experiment.console import label_job, say
-from framework.experiment.engine_setup import make_engine
+from framework.experiment.engine_setup import build_samples, make_engine
 from framework.experiment.evaluate import prepare_evaluation, run_evaluation
+from framework.experiment.theta_file import read_theta
 from framework.experiment.tracker import Tracker, make_tracker
 from framework.experiment.tracking import folder_lock, resolve_uri, sqlite_path
 from framework.experiment.train import EngineFactory, check_resumable, train
@@ -116,6 +117,9 @@ def run(
             state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
             if state is not None:
                 check_resumable(state, c, ckpt_path)
+            elif c.outer.init_theta_path is not None:  # readable and of this problem's shape
+                read_theta("outer.init_theta_path", c.outer.init_theta_path,
+                           build_samples(c)[1].theta0.shape)
             work = partial(train, c, out, ckpt_path, state,
                            engine_factory=engine_factory or make_engine, run_params=run_params)
         out.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,11 @@ from framework.experiment.engine_setup import build_samples
 from framework.experiment.evaluate import original
 from framework.experiment.resolve import problem_config_json
 from framework.experiment.stop_signals import StepBoundary
+from framework.experiment.theta_file import THETA_FILE, read_theta, write_theta
 from framework.optim import make_optimizer
 from problems.base import psnr
 from problems.factory import ProblemSet
 
-THETA_FILE = "theta.npz"
 PROGRESS_SECONDS = 10.0  # without a terminal: a progress line at most this often
 _BATCH_STREAM = 2**31 - 1  # spawn key of the mini-batch generator (distinct from sample seeds)
 EngineFactory = Callable[[ProblemSet, Config, Any], Any]
@@ -147,7 +147,9 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
             **run_params,
         })
         tracker.log_text(to_yaml(c), "config.yaml")
-        state = {"step": 0, "theta": problem_set.theta0, "history": [], "per_sample": [],
+        start_theta = (problem_set.theta0 if c.outer.init_theta_path is None else read_theta(
+            "outer.init_theta_path", c.outer.init_theta_path, problem_set.theta0.shape))
+        state = {"step": 0, "theta": start_theta, "history": [], "per_sample": [],
                  "cumulative": {}}
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -276,7 +278,7 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
 
     theta_np = backend.to_numpy(theta)
     theta_path = out / THETA_FILE
-    np.savez(theta_path, theta=theta_np)
+    write_theta(theta_path, theta_np)
     tracker.log_artifact(theta_path)
     sequence_path = None
     if recorder is not None:
