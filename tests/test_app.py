@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -366,6 +367,52 @@ def test_a_run_starts_from_the_theta_of_another_run(tmp_path):
     first = checkpoint.load(resumed.checkpoint_path)["history"][0]["upper_loss"]
     assert first == pytest.approx(losses[2], rel=1e-6)
     assert abs(first - losses[0]) > 1e-3 * abs(losses[0])  # not the problem's own θ₀
+
+
+class _Uphill:
+    """An engine whose hypergradients point uphill, so that no line-search trial along −g
+    lowers the loss."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def evaluate(self, theta, indices=None):
+        result = self._engine.evaluate(theta, indices)
+        return dataclasses.replace(result, grad=-result.grad)
+
+
+def _uphill(problem_set, cfg, backend):
+    from framework.experiment.engine_setup import make_engine
+
+    return _Uphill(make_engine(problem_set, cfg, backend))
+
+
+@pytest.mark.parametrize("outer", ["lbfgs", "gd"])
+def test_a_full_batch_run_whose_line_search_finds_no_descent_stops_there(tmp_path, uri, outer):
+    """Full batch, deterministic: a refused step leaves θ and the optimiser as they were, so
+    every later step would repeat it; the run ends after it, θ₀ kept, and says why."""
+    cfg = _compose(*QUICK, f"outer={outer}", "outer.steps=4", "outer.max_backtracks=3")
+    summary = run(cfg, output_dir=tmp_path, engine_factory=_uphill)
+    state = checkpoint.load(summary.checkpoint_path)
+    assert summary.steps == 1 and state["stalled"] == 1 and state["finished"]
+    assert state["history"][0]["outer_backtracks"] == 3
+    assert np.array_equal(summary.theta, np.zeros_like(summary.theta))  # the quadratic θ₀
+    (record,) = [r for r in _runs(uri) if r.run_id == summary.run_id]
+    assert record.tags[names.STALLED_TAG] == "1" and record.status == "FINISHED"
+    again = run(cfg, output_dir=tmp_path, engine_factory=_uphill)  # nothing left to do
+    assert again.steps == 1 and again.resumed_from_step == 1
+
+
+def test_a_mini_batch_run_goes_on_after_a_refused_step(tmp_path):
+    """With mini-batches the next step's batch is another objective: no stop."""
+    cfg = _compose(*QUICK, "outer=gd", "outer.batch_size=1", "outer.steps=3",
+                   "outer.max_backtracks=2", "tracking=disabled")
+    summary = run(cfg, output_dir=tmp_path, engine_factory=_uphill)
+    history = checkpoint.load(summary.checkpoint_path)["history"]
+    assert summary.steps == 3 and all(h["outer_step_size"] == 0 for h in history)
 
 
 def test_unreachable_tracking_server_is_reported_at_start(tmp_path, uri):

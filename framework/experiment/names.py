@@ -21,6 +21,7 @@ RECORD_RUN_TAG = "hyperkrylov.record_run_id"  # of a re-solve: the run that reco
 # a Dask run that lost workers: how many in all, and the steps that lost them ("4,7")
 LOST_WORKERS_TAG = "hyperkrylov.lost_workers"
 LOST_WORKER_STEPS_TAG = "hyperkrylov.lost_worker_steps"
+STALLED_TAG = "hyperkrylov.stalled_after_step"  # a full-batch line search found no descent
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's output folder: the id of its MLflow run
 

@@ -166,6 +166,8 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
     # killed between checkpoints and resumed logs every step once
     pending: list[tuple[dict[str, float], int]] = []
     saved = [] if resumed_from is None else [resumed_from]  # the last checkpoint's step
+    # the step after which a full-batch line search found no lower loss (the run ends there)
+    stalled: list[int] = [int(state["stalled"])] if state.get("stalled") else []
 
     def snapshot(step: int, finished: bool) -> None:
         if not c.checkpoint.every:  # checkpoint=off: no file (metrics were logged at once)
@@ -186,6 +188,7 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
                 "per_sample": per_sample,
                 "cumulative": sums,
                 "config": identity,
+                **({"stalled": stalled[0]} if stalled else {}),
                 **({} if recorder is None else {"recording": recorder.state_dict()}),
             },
             metrics=steps,
@@ -203,10 +206,12 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
     if state.get("finished") and start >= c.outer.steps:
         say("this run had already finished; nothing to do")
+    if stalled:
+        say(f"this run stopped after step {stalled[0]}: no step lowered its loss; nothing to do")
     done = start  # steps whose every update is made (a step's updates: all or none)
     boundary = StepBoundary()
     try:
-        for step in range(start, c.outer.steps):
+        for step in range(start, start if stalled else c.outer.steps):
             with boundary.step():  # Ctrl-C, SIGTERM: when this step ends
                 indices = _batch(rng, len(problem_set), c.outer.batch_size)
                 t0 = time.perf_counter()
@@ -260,6 +265,14 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
                 if c.checkpoint.every and (step + 1) % c.checkpoint.every == 0:
                     snapshot(step + 1, finished=False)
                 done = step + 1
+                if not update.accepted and len(indices) == len(problem_set):
+                    stalled.append(done)  # every later step would repeat this line search
+                    say(f"step {done}: no trial step lowered the full-batch upper loss "
+                        f"({update.loss_evals} trials); θ cannot move, so the run stops here. "
+                        "A more accurate hypergradient may let it go on: lower "
+                        "solver.lower.gtol or stop.rtol")
+                    tracker.set_tags({names.STALLED_TAG: str(done)})
+                    break
     except KeyboardInterrupt:
         bar.close()
         if boundary.forced:  # a second signal stopped a step half-way: its state is partial
@@ -274,7 +287,7 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
             else "interrupted (checkpoint=off: no state saved)")
         raise
     bar.close()
-    snapshot(c.outer.steps, finished=True)
+    snapshot(stalled[0] if stalled else c.outer.steps, finished=True)
 
     theta_np = backend.to_numpy(theta)
     theta_path = out / THETA_FILE
