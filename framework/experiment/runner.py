@@ -101,6 +101,7 @@ def run(
         out = Path(output_dir) if output_dir is not None else (hydra_dir or Path.cwd())
         tags[names.OUTPUT_DIR_TAG] = str(out.resolve())
         state, params, tracker = None, None, None  # params: logged here for resolve/evaluate
+        init_theta = None  # outer.init_theta_path's θ, read and checked before the run
         if c.task == Task.resolve:
             recording = resolve.load_sequence(c.sequence.path or "")
             tags.update(resolve.resolve_tags(c))
@@ -118,10 +119,11 @@ def run(
             if state is not None:
                 check_resumable(state, c, ckpt_path)
             elif c.outer.init_theta_path is not None:  # readable and of this problem's shape
-                read_theta("outer.init_theta_path", c.outer.init_theta_path,
-                           build_samples(c)[1].theta0.shape)
+                init_theta = read_theta("outer.init_theta_path", c.outer.init_theta_path,
+                                        build_samples(c)[1].theta0.shape)
             work = partial(train, c, out, ckpt_path, state,
-                           engine_factory=engine_factory or make_engine, run_params=run_params)
+                           engine_factory=engine_factory or make_engine, run_params=run_params,
+                           init_theta=init_theta)
         out.mkdir(parents=True, exist_ok=True)
         params = None if params is None else {**params, **run_params}
         sweep = None if sweep_dir is None else (sweep_dir, tags[names.SWEEP_TAG])

@@ -39,7 +39,7 @@ from framework.experiment.engine_setup import build_samples
 from framework.experiment.evaluate import original
 from framework.experiment.resolve import problem_config_json
 from framework.experiment.stop_signals import StepBoundary
-from framework.experiment.theta_file import THETA_FILE, read_theta, write_theta
+from framework.experiment.theta_file import THETA_FILE, write_theta
 from framework.optim import make_optimizer
 from problems.base import psnr
 from problems.factory import ProblemSet
@@ -123,8 +123,10 @@ def check_resumable(state: dict[str, Any], c: Config, path: Path) -> None:
 
 
 def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, tracker: Any,
-          engine_factory: EngineFactory, run_params: dict[str, str]) -> RunSummary:
-    """Run (or resume, from a checkpoint ``state``) the outer loop: one engine evaluation
+          engine_factory: EngineFactory, run_params: dict[str, str],
+          init_theta: np.ndarray | None = None) -> RunSummary:
+    """Run (or resume, from a checkpoint ``state``) the outer loop from ``init_theta`` (None:
+    the problem's θ₀; the caller checked its shape): one engine evaluation
     and one optimiser step per step, a checkpoint every ``checkpoint.every`` steps (written
     by the tracker after the metrics it follows) and at the end; then θ, the recording
     (``task=record``) and the figures."""
@@ -147,8 +149,7 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
             **run_params,
         })
         tracker.log_text(to_yaml(c), "config.yaml")
-        start_theta = (problem_set.theta0 if c.outer.init_theta_path is None else read_theta(
-            "outer.init_theta_path", c.outer.init_theta_path, problem_set.theta0.shape))
+        start_theta = problem_set.theta0 if init_theta is None else init_theta
         state = {"step": 0, "theta": start_theta, "history": [], "per_sample": [],
                  "cumulative": {}}
     else:
@@ -204,10 +205,10 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
     show = c.progress and sys.stdout.isatty()
     last_line = time.perf_counter()
     bar = tqdm(total=c.outer.steps, initial=start, disable=not show, desc="outer", unit="step")
-    if state.get("finished") and start >= c.outer.steps:
-        say("this run had already finished; nothing to do")
     if stalled:
         say(f"this run stopped after step {stalled[0]}: no step lowered its loss; nothing to do")
+    elif state.get("finished") and start >= c.outer.steps:
+        say("this run had already finished; nothing to do")
     done = start  # steps whose every update is made (a step's updates: all or none)
     boundary = StepBoundary()
     try:
