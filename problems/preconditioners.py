@@ -42,10 +42,15 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
     k, f, bsz = reg.kernel_size, reg.num_filters, X.shape[0]
     frozen = frozen or reg.linearize(xp, X, theta)
     filters, weight = frozen.filters, frozen.weight()  # weight (F, n·B), pixel-major
-    c = xp.mean(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), axis=1)  # (F, B)
+    # c (F, B): the mean of each filter's weights over each sample's pixels, summed along
+    # contiguous rows (pixel-major → sample-major first) so that a sample's c has the same
+    # bits in any batch (a restricted solve rebuilds M for fewer rows)
+    positive = xp.permute_dims(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), (0, 2, 1))
+    c = xp.reshape(xp.mean(xp.reshape(positive, (f * bsz, h * w)), axis=1), (f, bsz))
     powers = _power(xp, xp.reshape(filters, (f, k, k)), (h, w))  # (F, h, w')
-    D = xp.reshape(xp.matmul(xp.matrix_transpose(c), xp.reshape(powers, (f, -1))),
-                   (bsz, h, -1))  # the symbol D_i (B, h, w // 2 + 1)
+    # the symbol D_i (B, h, w // 2 + 1), Σ_f c_fi |k̂_f|² summed filter by filter (a
+    # product would take another BLAS path for B = 1 than for a batch)
+    D = xp.sum(c[:, :, None, None] * powers[:, None, :, :], axis=0)
     if isinstance(op, Identity):
         D = D + 1.0
     elif isinstance(op, Inpainting):
@@ -56,16 +61,31 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
         D = D + _power(xp, xp.asarray(np.outer(g, g)[None], dtype=dtype, device=dev), (h, w))
     else:
         raise ValueError(f"no FFT symbol for the forward operator {op!r}")
-    D = D + problem.epsilon
+    return SymbolInverse(xp, D + problem.epsilon, (h, w))
 
-    def rows(V: Any) -> Any:
+
+class SymbolInverse:
+    """M: rows (B, n) → (B, n), the inverse of each sample's FFT symbol D_i (B, h, w′);
+    blocks (B, n, k) column by column; ``restrict(rows)``: the same for fewer samples (their
+    symbols, the same bits)."""
+
+    def __init__(self, xp: Any, D: Any, shape: tuple[int, int]) -> None:
+        self.xp, self.D, self.shape = xp, D, shape
+
+    def _rows(self, V: Any) -> Any:
+        xp, (h, w) = self.xp, self.shape
         images = xp.reshape(V, (*V.shape[:-1], h, w))
-        out = xp.fft.irfftn(xp.fft.rfftn(images, axes=(-2, -1)) / D, s=(h, w), axes=(-2, -1))
+        out = xp.fft.irfftn(xp.fft.rfftn(images, axes=(-2, -1)) / self.D, s=(h, w),
+                            axes=(-2, -1))
         return xp.reshape(xp.astype(out, V.dtype), V.shape)
 
-    def apply(V: Any) -> Any:
+    def __call__(self, V: Any) -> Any:
+        xp = self.xp
         if V.ndim == 3:  # a block (B, n, k), as recycle-space set-up applies M: by columns
-            return xp.permute_dims(rows(xp.permute_dims(V, (2, 0, 1))), (1, 2, 0))
-        return rows(V)
+            return xp.permute_dims(self._rows(xp.permute_dims(V, (2, 0, 1))), (1, 2, 0))
+        return self._rows(V)
 
-    return apply
+    def restrict(self, rows: list[int]) -> SymbolInverse:
+        xp = self.xp
+        pick = xp.asarray(rows, dtype=xp.int64, device=array_api_compat.device(self.D))
+        return SymbolInverse(xp, xp.take(self.D, pick, axis=0), self.shape)

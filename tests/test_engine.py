@@ -175,9 +175,11 @@ def test_newton_steps_and_the_hessian_phase_reuse_the_evaluations_linearizations
     """Newton–Krylov on FoE: f and ∇f come from a linearization at the evaluated point,
     which that point's Newton step and, at x*, the Hessian phase reuse — one linearization
     per evaluation round, none more — and every number is that of an engine which
-    linearizes afresh for each solve."""
+    linearizes afresh for each solve.  (Without compaction, which linearizes the rows a
+    solve goes on with once more.)"""
     be = get_backend("numpy")
-    cfg = EngineConfig(recycle=RecycleConfig("ritz", 3), lower_solver="newton_krylov")
+    cfg = EngineConfig(recycle=RecycleConfig("ritz", 3), lower_solver="newton_krylov",
+                       compact_rows=0)
     problems = mnist_problems(be, 3, size=12)
     theta = be.asarray(initial_theta(dct_filters(3)[:8], -1.0))
     calls, rounds = [], []

@@ -37,6 +37,7 @@ from framework.bilevel.records import (
     StepResult,
     mean_gradient,
 )
+from framework.krylov.compaction import Restrictable, restrictable
 from framework.krylov.minres import rminres
 from framework.krylov.recycle import (
     ORACLES,
@@ -85,6 +86,7 @@ class EngineConfig:
     lower_preconditioner: Preconditioner = Preconditioner.none
     warm_start: bool = True
     shadow_baseline: bool = False  # also solve without recycling (none when nothing recycles)
+    compact_rows: int = 16  # Krylov solves' rows worth dropping (framework.krylov.compaction)
 
 
 def with_preconditioners(config: EngineConfig, problem: Any) -> EngineConfig:
@@ -126,16 +128,22 @@ class RowTally:
     non-zero columns of each row (zero columns are padding), on the device until ``read``."""
 
     def __init__(self, like: Any) -> None:
-        self.xp = array_namespace(like)
+        self.xp, self.rows = array_namespace(like), int(like.shape[0])
         zero = self.xp.zeros(like.shape[:1], dtype=self.xp.int64, device=device_of(like))
         self.tallies = {"hvp": zero, "jac_t": zero, "preconditioner": zero}
 
-    def counted(self, op: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
+    def counted(self, op: Callable[[Any], Any], kind: str,
+                rows: list[int] | None = None) -> Callable[[Any], Any]:
+        """``op`` counting its applications; ``rows``: the tally's rows that ``op``'s rows
+        are (an operator restricted to fewer rows), all when None."""
         xp = self.xp
 
         def apply(V: Any) -> Any:
-            live = xp.any((V if V.ndim == 3 else V[..., None]) != 0, axis=-2)  # (B, b)
-            self.tallies[kind] = self.tallies[kind] + xp.sum(xp.astype(live, xp.int64), axis=-1)
+            live = xp.any((V if V.ndim == 3 else V[..., None]) != 0, axis=-2)  # (r, b)
+            counts = xp.sum(xp.astype(live, xp.int64), axis=-1)
+            if rows is not None and len(rows) != self.rows:
+                counts = scatter_rows(counts[:, None], rows, self.rows)[:, 0]
+            self.tallies[kind] = self.tallies[kind] + counts
             return op(V)
 
         return apply
@@ -260,6 +268,35 @@ class BilevelEngine:
         self._last_linearization = (problem, X, theta, lin)
         return lin
 
+    def _operators(self, batch: Any, X: Any, theta: Any, lin: Any, kind: Preconditioner,
+                   tally: RowTally | None, rows: list[int] | None = None,
+                   M: Any = None) -> tuple[Any, Any]:
+        """A Krylov solve's operators over the rows of ``batch`` at X: the Hessian (``lin``)
+        and the preconditioner ``kind`` (``M`` if built already; None for none), its
+        applications counted in ``tally`` at its rows ``rows`` (all when None); both
+        restrictable to fewer rows unless ``compact_rows`` is 0: the Hessian re-linearised
+        there, M restricted (or rebuilt)."""
+        M = _preconditioner(kind, batch, X, theta, lin) if M is None else M
+        counted = M if M is None or tally is None else tally.counted(M, "preconditioner", rows)
+        if not self.config.compact_rows:
+            return lin, counted
+        rows = list(range(batch.batch_size)) if rows is None else rows
+        made: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+        def restricted(keep: list[int]) -> tuple[Any, Any]:
+            if tuple(keep) not in made:
+                made.clear()  # A and M are restricted to the same rows, one after the other
+                sub = batch.subset(keep)
+                (Xs,) = take_rows(keep, X)
+                part = M.restrict(keep) if M is not None and restrictable(M) else None
+                made[tuple(keep)] = self._operators(
+                    sub, Xs, theta, sub.linearize(Xs, theta), kind, tally,
+                    [rows[r] for r in keep], M=part)
+            return made[tuple(keep)]
+
+        return (Restrictable(lin, lambda keep: restricted(keep)[0]),
+                None if M is None else Restrictable(counted, lambda keep: restricted(keep)[1]))
+
     def _evaluate(self, batch: Any, theta: Any, newton: bool, X: Any, rows: Any) -> Any:
         """f and ∇f of the rows ``rows``; for Newton from their linearization where the
         problem shares the work (the accepted point's Newton step then reuses it)."""
@@ -279,13 +316,12 @@ class BilevelEngine:
             X, G = take_rows(keep, X, G)
             sub = batch.subset(keep)
             lin = self._linearize(sub, X, theta)
-            M = _preconditioner(self.config.lower_preconditioner, sub, X, theta, lin)
             tally = RowTally(G)
-            M = None if M is None else tally.counted(M, "preconditioner")
-            res = rminres(lin, -G, M=M,
+            A, M = self._operators(sub, X, theta, lin, self.config.lower_preconditioner, tally)
+            res = rminres(A, -G, M=M,
                           stop=ResidualRule(tuple(float(e) for e in eta[keep])),
                           maxiter=self.config.krylov_maxiter, check_every=self.check_every,
-                          true_residual=False)
+                          true_residual=False, compact_rows=self.config.compact_rows)
             syncs.append(res.host_syncs)
             hvp = [0] * batch.batch_size
             applied = tally.read()["preconditioner"] if M is not None else [0] * len(keep)
@@ -316,8 +352,11 @@ class BilevelEngine:
                 break
             active = [active[r] for r in still]
             Xs, Gs = take_rows(still, Xa, G)
-            res = rminres(batch.subset(active).linearize(Xs, theta), Gs, rtol=NEWTON_RTOL,
-                          true_residual=False)
+            sub = batch.subset(active)
+            A, _ = self._operators(sub, Xs, theta, sub.linearize(Xs, theta),
+                                   Preconditioner.none, None)
+            res = rminres(A, Gs, rtol=NEWTON_RTOL, true_residual=False,
+                          compact_rows=cfg.compact_rows)
             syncs += res.host_syncs
             for r, j in enumerate(active):
                 hvp[j] += res.matvecs[r]
@@ -364,16 +403,15 @@ class BilevelEngine:
         plan = None if self.policy is None else self.policy.plan()
         if plan is not None and carry_in is not None:  # the first k' ≤ k carried vectors
             carry_in = RecycleCarry(carry_in.basis[..., : plan.dim], selected=True)
-        M = _preconditioner(cfg.preconditioner, batch, X, theta, lin)
-        M = None if M is None else tally.counted(M, "preconditioner")
+        A, M = self._operators(batch, X, theta, lin, cfg.preconditioner, tally)
         space = self._recycler(plan, "dim").prepare(carry_in, H, J, like=G, M=M)
         stop = cfg.stop  # NSC without a recycle space: the residual rule
         nsc = stop.kind == StopKind.hypergradient_change or (
             stop.kind == StopKind.hypergradient and space is not None)
         rule = stop.rule(space, J, G) if nsc else None
-        solve = partial(rminres, lin.hvp, G, rtol=stop.rtol, atol=stop.atol,
+        solve = partial(rminres, A, G, rtol=stop.rtol, atol=stop.atol,
                         maxiter=cfg.krylov_maxiter, check_every=self.check_every,
-                        true_residual=False, M=M)
+                        true_residual=False, M=M, compact_rows=cfg.compact_rows)
         t2 = time.perf_counter()
         res = solve(x0=W0, recycle=space, harvest=self._recycler(plan, "harvest").harvester(J),
                     stop=rule)

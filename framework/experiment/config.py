@@ -119,6 +119,7 @@ class SolverConfig:
     maxiter: int = 500
     check_every: int | None = None
     preconditioner: Preconditioner = Preconditioner.auto
+    compact_rows: int = 16  # Krylov solves go on without this many finished rows (0: never)
     lower: LowerSolverConfig = field(default_factory=LowerSolverConfig)
 
 
@@ -256,8 +257,8 @@ _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.tv_ga
     outer.memory
     sequence.reference_rtol evaluate.num_samples evaluate.tv_gamma""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon problem.mse_floor
-    recycle.dim recycle.rank_tol stop.rtol stop.atol outer.max_backtracks checkpoint.every
-    evaluate.offset""".split()
+    solver.compact_rows recycle.dim recycle.rank_tol stop.rtol stop.atol outer.max_backtracks
+    checkpoint.every evaluate.offset""".split()
 
 
 def _check(ok: Any, key: str, message: str) -> None:

@@ -39,5 +39,6 @@ def engine_config(cfg: Config) -> EngineConfig:
         lower_solver=cfg.solver.lower.name,
         lower_preconditioner=cfg.solver.lower.preconditioner,
         preconditioner=cfg.solver.preconditioner,
+        compact_rows=cfg.solver.compact_rows,
         shadow_baseline=cfg.baseline.mode == Baseline.shadow,
     )

@@ -161,6 +161,16 @@ class HostScalars:
     def running(self) -> bool:
         return self.live
 
+    def live_rows(self) -> list[bool]:
+        return [bool(r.live) for r in self.rows]
+
+    def restrict(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` only (between iterations)."""
+        self.rows = [self.rows[r] for r in keep]
+        self.rnorms = [self.rnorms[r] for r in keep]
+        if self.thresholds is not None:
+            self.thresholds = [self.thresholds[r] for r in keep]
+
     def alpha(self, values: Any) -> Any:
         """Record α_k; returns it as a row scale (a float for B = 1, else (B, 1))."""
         self.alphas = host_list(values)
@@ -218,6 +228,18 @@ class DeviceScalars:
 
     def running(self) -> bool:
         return bool(self.xp.any(self.state.live))
+
+    def live_rows(self) -> list[bool]:
+        return [bool(v) for v in to_host(self.state.live)]
+
+    def restrict(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` only (between iterations)."""
+        xp = self.xp
+        pick = xp.asarray(keep, dtype=xp.int64, device=device_of(self.rnorms))
+        self.state = Rotation(*(xp.take(v, pick, axis=0) for v in self.state))
+        self.rnorms = xp.take(self.rnorms, pick, axis=0)
+        if self.thresholds is not None:
+            self.thresholds = xp.take(self.thresholds, pick, axis=0)
 
     def alpha(self, values: Any) -> Any:
         self.alphas = values

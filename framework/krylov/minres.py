@@ -24,6 +24,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.host import host_check_needs_sync, host_list, to_host
+from framework.krylov.compaction import Retired, host_entries, restrictable, take
 from framework.krylov.givens import DeviceScalars, HostScalars
 from framework.krylov.operators import RowOperator, batch_operator, check_symmetric, shifted
 from framework.krylov.recycle_space import RecycleSpace, bmtv, bmv
@@ -122,6 +123,12 @@ def _check_count(name: str, value: Any) -> int:
     return int(value)
 
 
+def _check_rows_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"compact_rows must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _check_inputs(xp: Any, A: Any, b: Any, x0: Any, recycle: RecycleSpace | None, M: Any,
                   stop: Any, rtol: float, atol: float) -> None:
     """b (n,) or (B, n), the shapes of a matrix A, x0 and the recycle space, M against the
@@ -174,6 +181,7 @@ def rminres(
     M: Any = None,
     shift: float = 0.0,
     check: bool = False,
+    compact_rows: int = 1,
 ) -> KrylovResult:
     """Solve A x = b for symmetric A by (recycled) MINRES, for one or B systems.
 
@@ -195,6 +203,11 @@ def rminres(
         ‖r‖_M = (rᵀMr)^½; a recycle space must be M-orthonormal (``from_basis(M=M)``).
     shift : solve (A − shift·I) x = b.
     check : test A (and M) for symmetry first, as SciPy's ``check=True`` (two passes).
+    compact_rows : once at most half of the rows still iterate and at least this many
+        have finished, go on with the unfinished rows alone (``framework.krylov.compaction``:
+        the same iterates and counts, fewer row applications); 0 never.  Only where A (and
+        M) are restrictable, with the default rule and without a harvester (matrices are
+        restrictable, a shift keeps it).
     """
     xp = array_namespace(b)
     _check_inputs(xp, A, b, x0, recycle, M, stop, rtol, atol)
@@ -225,7 +238,7 @@ def rminres(
         if M is not None:
             check_symmetric(M, b, "the preconditioner M")
     result = _Solve(A, b, recycle, rule, harvest, callback, scalars, M, check).run(
-        x0, maxiter, check_every, true_residual)
+        x0, maxiter, check_every, true_residual, _check_rows_count(compact_rows))
     return result.sample(0) if single else result
 
 
@@ -237,6 +250,8 @@ class _Solve:
         self.xp = array_namespace(b)
         self.A, self.b, self.rule, self.harvest, self.callback = A, b, rule, harvest, callback
         self.M, self.space = M, recycle
+        self.full = (A, b, M)  # the operator, b and M of every row (rows may be dropped)
+        self.retired: Retired | None = None
         self.U, self.C = (None, None) if recycle is None else (recycle.U, recycle.C)
         # the projector is I − C(MC)ᵀ; MC is C itself without a preconditioner
         self.MC = self.C if recycle is None or recycle.MC is None else recycle.MC
@@ -257,7 +272,8 @@ class _Solve:
         self.preconditioner_passes += 1
         return self.M(R)
 
-    def run(self, x0: Any, maxiter: int, check_every: int, true_residual: bool) -> KrylovResult:
+    def run(self, x0: Any, maxiter: int, check_every: int, true_residual: bool,
+            compact_rows: int = 1) -> KrylovResult:
         xp = self.xp
         r = self._start(x0)
         z = self._precondition(r)
@@ -281,6 +297,9 @@ class _Solve:
         r = z = None  # the loop keeps u (and the residual when the rule needs it) only
         self.u_prev = self.beta = None
         self.d, self.e = [None, None], [None, None]  # the last two directions (x, U parts)
+        compact = (compact_rows > 0 and self.b.shape[0] > 1 and limits is not None
+                   and self.harvest is None and restrictable(self.A)
+                   and (self.M is None or restrictable(self.M)))
         syncs, step = 1, 0
         running = self.scalars.running()
         while running and step < maxiter:
@@ -288,9 +307,33 @@ class _Solve:
             v = self._iteration(step, v)
             syncs += self.scalars.syncs_per_iteration
             if host or step % check_every == 0:
-                running = self.scalars.running()
                 syncs += not host
+                if not compact:
+                    running = self.scalars.running()
+                    continue
+                live = self.scalars.live_rows()  # the same one read as ``running``
+                running = any(live)
+                finished = len(live) - sum(live)
+                if running and finished >= max(compact_rows, sum(live)):
+                    v = self._compact([r for r, flag in enumerate(live) if flag], v)
         return self._finish(true_residual, syncs)
+
+    def _compact(self, keep: list[int], v: Any) -> Any:
+        """Go on with rows ``keep`` alone (the others retired with their iterates, statuses
+        and histories); returns their rows of the next Lanczos vector ``v``."""
+        if self.retired is None:
+            self.retired = Retired(self.b.shape[0])
+        self.retired.retire(keep, self._iterate(), *self.scalars.summary(), self.history)
+        self.history = []
+        self.A = self.A.restrict(keep)
+        self.M = None if self.M is None else self.M.restrict(keep)
+        for name in ("b", "b_norm", "x", "u", "u_prev", "beta", "z", "U", "C", "MC",
+                     "residual"):
+            setattr(self, name, take(keep, getattr(self, name)))
+        self.d = [take(keep, a) for a in self.d]
+        self.e = [take(keep, a) for a in self.e]
+        self.scalars.restrict(keep)
+        return take(keep, v)
 
     def _start(self, x0: Any) -> Any:
         """x₀ and the projected initial residual r₀ = (I − CCᵀ)(b − Ax₀)."""
@@ -351,7 +394,8 @@ class _Solve:
             self.residual = col.res_keep * self.residual + col.res_add * p
         self.history.append(self.scalars.rnorms)
         if self.callback is not None:
-            self.callback(self._iterate())
+            x = self._iterate()
+            self.callback(x if self.retired is None else self.retired.rows(x))
         if self.thresholds is None:
             self.scalars.conclude(self._met(step, self.scalars.rnorms, self.residual))
         self.u_prev, self.u, self.beta = self.u, p, col.beta_div
@@ -373,19 +417,25 @@ class _Solve:
         harvest = self.harvest.finish() if self.harvest is not None else None
         self.d = self.e = self.u = self.u_prev = None
         codes, iterations = self.scalars.summary()
+        x, history = self._iterate(), self.history
+        if self.retired is not None:
+            x, codes, iterations, series = self.retired.assemble(x, codes, iterations,
+                                                                 history, host_entries)
+            per_sample = tuple(tuple(series[i][: iterations[i] + 1])
+                               for i in range(len(codes)))
+        else:
+            if self.scalar_kind == "device":
+                history = [host_list(h) for h in history]
+            per_sample = tuple(tuple(float(h[i]) for h in history[: iterations[i] + 1])
+                               for i in range(len(codes)))
         statuses = [_CODES[int(c)] for c in codes]
-        history = self.history
-        if self.scalar_kind == "device":
-            history = [host_list(h) for h in history]
-        per_sample = tuple(tuple(float(h[i]) for h in history[: iterations[i] + 1])
-                           for i in range(len(codes)))
-        x = self._iterate()
         norms = [h[-1] for h in per_sample]
         checks = [0] * len(codes)
         if true_residual:
-            r = self.b - self.A(x)
+            A, b, M = self.full
+            r = b - A(x)
             true = host_list(self._norms(r))
-            ruled = true if self.M is None else host_list(self._norms(r, self.M(r)))
+            ruled = true if M is None else host_list(self._norms(r, M(r)))
             for i, s in enumerate(statuses):
                 if s is not Status.NONFINITE:
                     norms[i], checks[i] = float(true[i]), 1

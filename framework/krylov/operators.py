@@ -11,6 +11,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.host import host_list
+from framework.krylov.compaction import Restrictable, restrictable, take
 
 Operator = Callable[[Any], Any]
 
@@ -38,11 +39,14 @@ class RowOperator:
 
 
 def batch_operator(A: Any) -> Operator:
-    """A callable on rows: (B, n) → (B, n) and blocks (B, n, k) → (B, n, k)."""
+    """A callable on rows: (B, n) → (B, n) and blocks (B, n, k) → (B, n, k); a matrix
+    becomes a ``Restrictable`` (per-sample matrices restrict to their rows, one shared
+    matrix to itself)."""
     if not is_matrix(A):
         return A
     if len(A.shape) == 3:  # one matrix per sample
-        return lambda V: A @ V if V.ndim == 3 else (A @ V[..., None])[..., 0]
+        return Restrictable(lambda V: A @ V if V.ndim == 3 else (A @ V[..., None])[..., 0],
+                            lambda rows: batch_operator(take(rows, A)))
 
     def apply(V: Any) -> Any:
         if V.ndim == 2:
@@ -50,12 +54,18 @@ def batch_operator(A: Any) -> Operator:
         xp = array_namespace(V)
         return xp.stack([A @ V[i, ...] for i in range(V.shape[0])])
 
-    return apply
+    shared = Restrictable(apply, lambda rows: shared)
+    return shared
 
 
 def shifted(A: Operator, shift: float) -> Operator:
-    """v ↦ A v − σ v."""
-    return lambda V: A(V) - shift * V
+    """v ↦ A v − σ v (restrictable when A is)."""
+    def apply(V: Any) -> Any:
+        return A(V) - shift * V
+
+    if not restrictable(A):
+        return apply
+    return Restrictable(apply, lambda rows: shifted(A.restrict(rows), shift))
 
 
 def check_symmetric(A: Operator, like: Any, name: str) -> None:
