@@ -92,6 +92,7 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["checkpoint.every=-1"], "checkpoint.every"),
         (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
+        (["solver.compact_rows=-1"], "solver.compact_rows"),
         (["stop=hypergradient_change", "stop.window=0"], "stop.window"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
         (["solver.preconditioner=fft", "stop=hypergradient", "recycle=ritz"],
