@@ -62,12 +62,8 @@ class Retired:
         self.iterations: dict[int, int] = {}
         self.segments: list[tuple[list[int], list[Any]]] = []  # (rows, residual history)
 
-    @property
-    def any(self) -> bool:
-        return bool(self.pieces)
-
     def retire(self, keep: list[int], x: Any, codes: Sequence[int],
-               iterations: Sequence[int], history: list[Any]) -> list[int]:
+               iterations: Sequence[int], history: list[Any]) -> None:
         """Record the current rows not in ``keep`` (their iterate rows of ``x``, statuses,
         counts) and the history so far; the current rows become ``keep``."""
         gone = [r for r in range(len(self.ids)) if r not in set(keep)]
@@ -76,7 +72,6 @@ class Retired:
             self.codes[self.ids[r]], self.iterations[self.ids[r]] = codes[r], iterations[r]
         self.segments.append((list(self.ids), history))
         self.ids = [self.ids[r] for r in keep]
-        return self.ids
 
     def assemble(self, x: Any, codes: Sequence[int], iterations: Sequence[int],
                  history: list[Any], host: Callable[[Any], list[float]]

@@ -117,15 +117,9 @@ def _check_rows(xp: Any, name: str, v: Any, shape: tuple[int, ...], dtype: Any =
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_rows_count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"compact_rows must be an integer >= 0, got {value!r}")
+def _check_count(name: str, value: Any, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
 
 
@@ -213,6 +207,7 @@ def rminres(
     _check_inputs(xp, A, b, x0, recycle, M, stop, rtol, atol)
     maxiter = _check_count("maxiter", 5 * int(b.shape[-1]) if maxiter is None else maxiter)
     check_every = _check_count("check_every", check_every)
+    compact_rows = _check_count("compact_rows", compact_rows, 0)
     if scalars is None:
         scalars = "device" if host_check_needs_sync(b) else "host"
     if scalars not in ("host", "device"):
@@ -238,7 +233,7 @@ def rminres(
         if M is not None:
             check_symmetric(M, b, "the preconditioner M")
     result = _Solve(A, b, recycle, rule, harvest, callback, scalars, M, check).run(
-        x0, maxiter, check_every, true_residual, _check_rows_count(compact_rows))
+        x0, maxiter, check_every, true_residual, compact_rows)
     return result.sample(0) if single else result
 
 
