@@ -70,10 +70,13 @@ def load_bsds300(
     crop: int = 64,
     count: int | None = None,
     seed: int = 0,
+    per_image: int = 1,
 ) -> np.ndarray:
-    """Grayscale crops (count, crop, crop) in [0, 1] from BSDS300 ``root/images/{split}``:
-    image i in sorted file-name order gets one crop, its corner drawn by
-    ``numpy.random.default_rng([seed, i])``."""
+    """Grayscale crops (count · per_image, crop, crop) in [0, 1] from BSDS300
+    ``root/images/{split}``: image i in sorted file-name order gets ``per_image`` crops
+    (rows i·per_image + j), their corners drawn in turn by
+    ``numpy.random.default_rng([seed, i])`` (so crop 0 of an image is the same whatever
+    ``per_image``); ``count`` counts images."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got split={split!r}")
     folder = Path(root) / "images" / split
@@ -82,8 +85,10 @@ def load_bsds300(
         raise FileNotFoundError(f"no .jpg files in {folder} (BSDS300 holds images/{split})")
     if count is not None and not 0 <= count <= len(files):
         raise ValueError(f"count={count} but {folder} holds {len(files)} images")
+    if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
+        raise ValueError(f"per_image must be an integer >= 1; got {per_image!r}")
     files = files[:count]
-    crops = np.empty((len(files), crop, crop))
+    crops = np.empty((len(files) * per_image, crop, crop))
     for i, path in enumerate(files):
         try:
             with Image.open(path) as im:
@@ -95,9 +100,10 @@ def load_bsds300(
         if crop > min(h, w):
             raise ValueError(f"crop={crop} is larger than image {path} ({h}×{w})")
         rng = np.random.default_rng([seed, i])
-        r = int(rng.integers(0, h - crop + 1))
-        c = int(rng.integers(0, w - crop + 1))
-        crops[i] = gray[r : r + crop, c : c + crop]
+        for j in range(per_image):
+            r = int(rng.integers(0, h - crop + 1))
+            c = int(rng.integers(0, w - crop + 1))
+            crops[i * per_image + j] = gray[r : r + crop, c : c + crop]
     return crops
 
 

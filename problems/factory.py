@@ -3,7 +3,10 @@
 Every random draw (noise, masks, the quadratic matrices, random filters) is seeded by child j
 of ``numpy.random.SeedSequence(seed)`` for image index j (``problem.start`` + position), so an
 image keeps its mask and noise whichever range loads it and held-out images never share a
-training image's draws (BSDS300's test split: ``SeedSequence([seed, 1])``).
+training image's draws (BSDS300's test split: ``SeedSequence([seed, 1])``).  With
+``problem.crops_per_image`` k > 1 sample s is crop s mod k of image s // k: crop 0 is seeded
+as above, crop c > 0 by child s // k of ``SeedSequence([seed, 2, c])`` (``[seed, 3, c]``
+on the test split), so held-out images (one crop each) share no training crop's draws.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ class ProblemSet:
         return len(self.problems)
 
 
-def _sample_seeds(seed: int, count: int, split: str = "train") -> list[int]:
-    entropy = seed if split == "train" else [seed, 1]
+def _sample_seeds(seed: int, count: int, split: str = "train", crop: int = 0) -> list[int]:
+    """The seeds of images 0 … count − 1 of ``split`` (of their crop number ``crop``)."""
+    test = split != "train"
+    entropy = ([seed, 1] if test else seed) if crop == 0 else [seed, 2 + test, crop]
     children = np.random.SeedSequence(entropy).spawn(count)
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
 
@@ -57,8 +62,12 @@ def _images(cfg: Any) -> np.ndarray:
         if path.is_dir():
             path = path / MNIST_IMAGES
         return load_mnist(path, count=cfg.num_samples, start=cfg.start)
-    count = cfg.start + cfg.num_samples  # bsds300 (the schema admits no other dataset)
-    return load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=count)[cfg.start :]
+    # bsds300 (the schema admits no other dataset): samples are crops, crops_per_image
+    # of each image in turn
+    end, per = cfg.start + cfg.num_samples, cfg.crops_per_image
+    crops = load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=-(-end // per),
+                         per_image=per)
+    return crops[cfg.start : end]
 
 
 def _operator(cfg: Any, shape: tuple[int, int], seed: int) -> Any:
@@ -94,8 +103,15 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     """Construct the samples described by ``cfg`` (a ``ProblemConfig``) on ``backend``."""
     # child j seeds image index j (module docstring); the child after the range seeds the
     # regulariser (for start = 0: child num_samples)
-    first = cfg.start
-    seeds = _sample_seeds(seed, first + cfg.num_samples + 1, cfg.split)[first:]
+    first, per = cfg.start, cfg.crops_per_image
+    end = first + cfg.num_samples
+    if per == 1:
+        seeds = _sample_seeds(seed, end + 1, cfg.split)[first:]
+    else:  # sample s: crop s mod k of image s // k; the regulariser: image end's child
+        images = -(-end // per)
+        family = [_sample_seeds(seed, max(images, end + 1), cfg.split, crop)
+                  for crop in range(per)]
+        seeds = [family[s % per][s // per] for s in range(first, end)] + [family[0][end]]
     if cfg.name == "quadratic":
         problems = tuple(
             QuadraticProblem(cfg.n, cfg.num_terms, seed=s, noise_level=cfg.noise_level,

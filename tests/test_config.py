@@ -93,6 +93,8 @@ def test_bsds_with_existing_path_validates(tmp_path):
         (["recycle.max_vectors=0"], "recycle.max_vectors"),
         (["solver.check_every=0"], "solver.check_every"),
         (["solver.compact_rows=-1"], "solver.compact_rows"),
+        (["problem.crops_per_image=0"], "problem.crops_per_image"),
+        (["problem.crops_per_image=2"], "problem.crops_per_image"),  # MNIST: whole digits
         (["stop=hypergradient_change", "stop.window=0"], "stop.window"),
         (["problem.split=test"], "problem.split"),  # embedded MNIST has one split
         (["solver.preconditioner=fft", "stop=hypergradient", "recycle=ritz"],

@@ -120,3 +120,27 @@ def test_bsds300_real_images(shared_data: Path) -> None:
     r = int(rng.integers(0, gray.shape[0] - 48 + 1))
     c = int(rng.integers(0, gray.shape[1] - 48 + 1))
     np.testing.assert_allclose(crops[0], gray[r : r + 48, c : c + 48], atol=1e-15)
+
+
+def test_bsds300_several_crops_per_image(tmp_path: Path) -> None:
+    """Image i gives crops i·k … i·k + k − 1, their corners the successive draws of
+    default_rng([seed, i]) (checked against the decoded image), the first the crop of
+    one crop per image; ``count`` counts images."""
+    pil = pytest.importorskip("PIL.Image")
+    make_jpegs(tmp_path, 3)
+    one = load_bsds300(tmp_path, "train", crop=16, count=2, seed=4)
+    three = load_bsds300(tmp_path, "train", crop=16, count=2, seed=4, per_image=3)
+    assert three.shape == (6, 16, 16)
+    np.testing.assert_array_equal(three[[0, 3]], one)
+    for i, path in enumerate(sorted((tmp_path / "images" / "train").glob("*.jpg"))[:2]):
+        with pil.open(path) as im:
+            gray = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 @ np.array(
+                [0.299, 0.587, 0.114])
+        rng = np.random.default_rng([4, i])
+        for j in range(3):
+            r, c = int(rng.integers(0, 40 - 16 + 1)), int(rng.integers(0, 50 - 16 + 1))
+            np.testing.assert_array_equal(three[3 * i + j], gray[r:r + 16, c:c + 16])
+    assert len({three[k].tobytes() for k in range(6)}) == 6
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="per_image must be an integer >= 1"):
+            load_bsds300(tmp_path, "train", crop=16, per_image=bad)

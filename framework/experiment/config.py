@@ -63,6 +63,7 @@ class ProblemConfig:
     start: int = 0
     split: Split = Split.train  # BSDS300 image folder
     crop: int = 64
+    crops_per_image: int = 1  # BSDS300: samples are crops, this many of each image in turn
     operator: OperatorName = OperatorName.inpainting
     fraction_removed: float = 0.4
     blur_sigma: float = 1.5
@@ -250,7 +251,7 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 
 # -- validation: ranges (None passes) and rules across keys --------------------------------
 _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.tv_gamma
-    problem.blur_sigma problem.crop
+    problem.blur_sigma problem.crop problem.crops_per_image
     problem.num_filters backend.num_threads solver.maxiter solver.check_every solver.lower.gtol
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
@@ -310,6 +311,8 @@ def _validate_problem(p: ProblemConfig) -> None:
                f"'none' is only for problem=quadratic ({p.name})")
     _check_split("problem.split", p.split, p.dataset,
                  "has one set of images (use problem.start to choose them)")
+    _check(p.crops_per_image == 1 or p.dataset == Dataset.bsds300, "problem.crops_per_image",
+           f"crops BSDS300 images; dataset '{p.dataset}' has whole images (set it to 1)")
     _within("problem.fraction_removed", p.fraction_removed, 0.0, 1.0, closed_low=True)
     _check(p.kernel_size >= 1 and p.kernel_size % 2 == 1, "problem.kernel_size",
            f"must be a positive odd integer; got {p.kernel_size!r}")
@@ -334,11 +337,13 @@ def _validate_problem(p: ProblemConfig) -> None:
     path = Path(p.data_path or "").expanduser()
     _check(path.exists(), "problem.data_path", f"{str(path)!r} does not exist")
     if p.dataset == Dataset.bsds300:  # the layout the loader reads, before any work
-        folder, needed = path / "images" / str(p.split), p.start + p.num_samples
+        folder = path / "images" / str(p.split)
+        needed = -(-(p.start + p.num_samples) // p.crops_per_image)  # images
         found = len(list(folder.glob("*.jpg"))) if folder.is_dir() else 0
         _check(found >= needed, "problem.data_path", f"{str(folder)!r} holds {found} .jpg "
                f"images and the run needs {needed}; " + (
-                   "lower problem.start + problem.num_samples" if found else
+                   "lower problem.start + problem.num_samples (or raise "
+                   "problem.crops_per_image)" if found else
                    "give the BSDS300 folder (the one with images/train and images/test)"))
     else:
         images = path / MNIST_IMAGES if path.is_dir() else path

@@ -1,8 +1,10 @@
 """``task=evaluate``: PSNR of a learned θ on held-out images, against Huber-TV and the data
-(README, "Results").  Held-out images: ``evaluate.num_samples`` from ``problem.start +
-problem.num_samples + evaluate.offset`` on, or, with ``evaluate.split=test`` (BSDS300),
-the test folder's from ``evaluate.offset`` on; same operator and noise model, each image's
-draws from the child of ``seed`` for its index (never a training image's).
+(README, "Results").  Held-out images: ``evaluate.num_samples`` from the first image
+training did not use (``problem.start + problem.num_samples``, in images when
+``problem.crops_per_image`` > 1) plus ``evaluate.offset`` on, or, with
+``evaluate.split=test`` (BSDS300), the test folder's from ``evaluate.offset`` on; one crop
+of each; same operator and noise model, each image's draws from the child of ``seed`` for
+its index (never a training image's).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
         raise ConfigError("problem.name: task=evaluate needs an imaging problem, not quadratic")
     theta = read_theta("evaluate.theta_path", c.evaluate.theta_path or "")
     split = c.evaluate.split or p.split  # another folder: its images from offset on
-    start = c.evaluate.offset + (p.start + p.num_samples if split == p.split else 0)
-    held_out = dataclasses.replace(p, split=split, start=start, num_samples=c.evaluate.num_samples)
+    used = -(-(p.start + p.num_samples) // p.crops_per_image)  # images training cropped
+    start = c.evaluate.offset + (used if split == p.split else 0)
+    held_out = dataclasses.replace(p, split=split, start=start, crops_per_image=1,
+                                   num_samples=c.evaluate.num_samples)  # one crop an image
     if p.dataset == "embedded_mnist" and start + c.evaluate.num_samples > 16:
         raise ConfigError(
             f"evaluate.num_samples: the embedded MNIST sample holds 16 digits; held-out images "
