@@ -63,6 +63,11 @@ def load_mnist_labels(path: str | Path, *, count: int | None = None, start: int 
     return _read_idx(path, IDX_LABEL_MAGIC, count, start).copy()
 
 
+def images_spanned(samples_end: int, per_image: int) -> int:
+    """How many images samples 0 … samples_end − 1 come from, ``per_image`` crops each."""
+    return -(-samples_end // per_image)
+
+
 def load_bsds300(
     root: str | Path,
     split: str = "train",

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from problems.composite import SumRegularizer
-from problems.datasets import MNIST_IMAGES, load_bsds300, load_embedded_mnist, load_mnist
+from problems.datasets import (
+    MNIST_IMAGES,
+    images_spanned,
+    load_bsds300,
+    load_embedded_mnist,
+    load_mnist,
+)
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
 from problems.operators import GaussianBlur, Identity, Inpainting
@@ -65,8 +71,8 @@ def _images(cfg: Any) -> np.ndarray:
     # bsds300 (the schema admits no other dataset): samples are crops, crops_per_image
     # of each image in turn
     end, per = cfg.start + cfg.num_samples, cfg.crops_per_image
-    crops = load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop, count=-(-end // per),
-                         per_image=per)
+    crops = load_bsds300(cfg.data_path, cfg.split, crop=cfg.crop,
+                         count=images_spanned(end, per), per_image=per)
     return crops[cfg.start : end]
 
 
@@ -108,9 +114,7 @@ def build_problems(cfg: Any, backend: Any, seed: int) -> ProblemSet:
     if per == 1:
         seeds = _sample_seeds(seed, end + 1, cfg.split)[first:]
     else:  # sample s: crop s mod k of image s // k; the regulariser: image end's child
-        images = -(-end // per)
-        family = [_sample_seeds(seed, max(images, end + 1), cfg.split, crop)
-                  for crop in range(per)]
+        family = [_sample_seeds(seed, end + 1, cfg.split, crop) for crop in range(per)]
         seeds = [family[s % per][s // per] for s in range(first, end)] + [family[0][end]]
     if cfg.name == "quadratic":
         problems = tuple(

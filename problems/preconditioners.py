@@ -44,7 +44,7 @@ def fft_preconditioner(problem: Any, X: Any, theta: Any, *, frozen: Any = None
     filters, weight = frozen.filters, frozen.weight()  # weight (F, n·B), pixel-major
     # c (F, B): the mean of each filter's weights over each sample's pixels, summed along
     # contiguous rows (pixel-major → sample-major first) so that a sample's c has the same
-    # bits in any batch (a restricted solve rebuilds M for fewer rows)
+    # bits in any batch (subsets of rows: Newton's inner solves, Dask shards, B = 1)
     positive = xp.permute_dims(xp.reshape(xp.maximum(weight, 0.0), (f, h * w, bsz)), (0, 2, 1))
     c = xp.reshape(xp.mean(xp.reshape(positive, (f * bsz, h * w)), axis=1), (f, bsz))
     powers = _power(xp, xp.reshape(filters, (f, k, k)), (h, w))  # (F, h, w')

@@ -26,7 +26,7 @@ from framework.krylov.selection import Strategy
 from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
 from problems.base import UPPER_LOSSES
-from problems.datasets import MNIST_IMAGES
+from problems.datasets import MNIST_IMAGES, images_spanned
 from problems.experts import EXPERT_NAMES
 from problems.foe import BOUNDARY_OPTIONS, LEARN_OPTIONS
 
@@ -338,7 +338,7 @@ def _validate_problem(p: ProblemConfig) -> None:
     _check(path.exists(), "problem.data_path", f"{str(path)!r} does not exist")
     if p.dataset == Dataset.bsds300:  # the layout the loader reads, before any work
         folder = path / "images" / str(p.split)
-        needed = -(-(p.start + p.num_samples) // p.crops_per_image)  # images
+        needed = images_spanned(p.start + p.num_samples, p.crops_per_image)
         found = len(list(folder.glob("*.jpg"))) if folder.is_dir() else 0
         _check(found >= needed, "problem.data_path", f"{str(folder)!r} holds {found} .jpg "
                f"images and the run needs {needed}; " + (

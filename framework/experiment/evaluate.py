@@ -27,6 +27,7 @@ from framework.experiment.console import fmt, markdown_table, say
 from framework.experiment.engine_setup import engine_config
 from framework.experiment.theta_file import read_theta
 from problems.base import psnr
+from problems.datasets import images_spanned
 from problems.factory import build_problems
 
 PSNR_FIELDS = ("psnr_measurement", "psnr_learned", "psnr_tv", "psnr_tv_oracle")
@@ -63,7 +64,7 @@ def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
         raise ConfigError("problem.name: task=evaluate needs an imaging problem, not quadratic")
     theta = read_theta("evaluate.theta_path", c.evaluate.theta_path or "")
     split = c.evaluate.split or p.split  # another folder: its images from offset on
-    used = -(-(p.start + p.num_samples) // p.crops_per_image)  # images training cropped
+    used = images_spanned(p.start + p.num_samples, p.crops_per_image)  # training's images
     start = c.evaluate.offset + (used if split == p.split else 0)
     held_out = dataclasses.replace(p, split=split, start=start, crops_per_image=1,
                                    num_samples=c.evaluate.num_samples)  # one crop an image

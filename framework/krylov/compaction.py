@@ -66,7 +66,8 @@ class Retired:
                iterations: Sequence[int], history: list[Any]) -> None:
         """Record the current rows not in ``keep`` (their iterate rows of ``x``, statuses,
         counts) and the history so far; the current rows become ``keep``."""
-        gone = [r for r in range(len(self.ids)) if r not in set(keep)]
+        kept = set(keep)
+        gone = [r for r in range(len(self.ids)) if r not in kept]
         self.pieces.append(([self.ids[r] for r in gone], take(gone, x)))
         for r in gone:
             self.codes[self.ids[r]], self.iterations[self.ids[r]] = codes[r], iterations[r]

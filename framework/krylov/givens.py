@@ -19,6 +19,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from backends.host import host_list, to_host
+from framework.krylov.compaction import take
 
 RUNNING, CONVERGED, EXACT, MAXITER, BREAKDOWN, NONFINITE = range(6)
 
@@ -234,12 +235,8 @@ class DeviceScalars:
 
     def restrict(self, keep: list[int]) -> None:
         """Keep rows ``keep`` only (between iterations)."""
-        xp = self.xp
-        pick = xp.asarray(keep, dtype=xp.int64, device=device_of(self.rnorms))
-        self.state = Rotation(*(xp.take(v, pick, axis=0) for v in self.state))
-        self.rnorms = xp.take(self.rnorms, pick, axis=0)
-        if self.thresholds is not None:
-            self.thresholds = xp.take(self.thresholds, pick, axis=0)
+        self.state = Rotation(*(take(keep, v) for v in self.state))
+        self.rnorms, self.thresholds = take(keep, self.rnorms), take(keep, self.thresholds)
 
     def alpha(self, values: Any) -> Any:
         self.alphas = values
