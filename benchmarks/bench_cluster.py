@@ -4,10 +4,12 @@ workers and the bytes each step sends.
 
     python benchmarks/bench_cluster.py [--steps 6] [--samples 16] [override ...]
 
-Each configuration trains ``--steps`` outer steps of B = ``--samples`` embedded-MNIST
-inpainting samples (the default FoE problem and solvers; extra Hydra overrides are
-passed on) through ``runner.run``; the per-step figure is the median of the steps'
-``step_time`` after the first (which holds the workers' first imports and set-up).  The
+Each configuration trains ``--steps`` outer steps on the full batch of B = ``--samples``
+MNIST inpainting samples (``outer.batch_size`` = B; embedded digits, the default FoE problem and
+solvers; extra Hydra overrides are passed on, e.g. ``experiment=paper_mnist_inpainting
+problem.data_path=...`` for the paper's protocol) through ``runner.run``; the per-step
+figure is the median of the steps' ``step_time`` after the first (which holds the
+workers' first imports and set-up).  The
 Dask runs log each worker's seconds inside its engine, so a step splits into the slowest
 worker's compute and the rest (messages, pickling, the driver): the overhead o(W).  On a
 shared machine wall-clock seconds follow the other jobs, so each step's CPU seconds are
@@ -145,7 +147,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
-    base = [f"problem.num_samples={args.samples}", f"outer.steps={args.steps}",
+    base = [f"problem.num_samples={args.samples}", f"outer.batch_size={args.samples}",
+            f"outer.steps={args.steps}",
             "tracking=disabled", "progress=false", "checkpoint.every=1000", *args.overrides]
     print(f"command: python benchmarks/bench_cluster.py {' '.join(sys.argv[1:])}")
     print(f"inputs: {' '.join(base)}; {os.cpu_count()} CPUs; load average before "
