@@ -177,6 +177,12 @@ def test_killed_mid_step(job, reference):
     assert re.search(r"resuming from \S+ at step 2", stdout), stdout
 
 
+def test_killed_right_after_a_checkpoint(job, reference):
+    _kill(job, "checkpoint-sent:1")  # the CLI alone, as save_checkpoint(step 2) returns
+    stdout = _rerun_is_uninterrupted(job, reference)
+    assert re.search(r"resuming from \S+ at step 2", stdout), stdout
+
+
 def test_killed_mid_checkpoint_write(job, reference):
     _kill(job, "checkpoint-write:2")  # step 4's: the metrics of steps 2, 3 are in the store
     assert _left(job / "run", ".checkpoint.npz.*.tmp")  # torn

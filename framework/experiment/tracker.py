@@ -8,7 +8,10 @@ reported at once; a store unavailable later stops nothing (the writer buffers; i
 reach the ``hyperkrylov`` logger); any other failure stops the run's writes and is raised as
 one ``TrackingError`` line by its next call.  The writer runs in its own session (Ctrl-C
 reaches only this process: the run ends KILLED); when this process dies, the writer writes
-what it was sent and exits.
+what is in its pipe and exits.  A call writes its message into the pipe itself when nothing
+is queued before it and the pipe has room (the writer keeps up; Linux), so such a write, a
+checkpoint's included, survives a kill of this process once the call returned; otherwise a
+thread queues it, and a writer held up (a store down) never holds up the run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import os
 import pickle
 import queue
+import struct
 import subprocess
 import sys
 import threading
@@ -44,19 +48,48 @@ class _WriterProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "framework.experiment.tracking"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
+        self.pipe = _Pipe(self.process.stdin.fileno())
         self.pid = os.getpid()  # a forked interpreter must start its own writer
         self.trackers: dict[int, Tracker] = {}
         self.gone: str | None = None
         self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.queued = 0  # messages in ``outbox`` or being written by ``_feed``
+        self.counting = threading.Lock()  # guards ``queued``
+        self.writing = threading.Lock()  # held by whoever writes to the pipe
         threading.Thread(target=self._feed, name="mlflow-feed", daemon=True).start()
         threading.Thread(target=self._read, name="mlflow-read", daemon=True).start()
+
+    def send(self, message: bytes) -> None:
+        """Write ``message`` into the pipe now when nothing is queued and the pipe takes it
+        without blocking; else queue it for ``_feed``."""
+        with self.counting:
+            direct = self.queued == 0 and self.writing.acquire(blocking=False)
+            if not direct:
+                self.queued += 1
+                self.outbox.put(message)
+                return
+        try:
+            if self.pipe.takes(len(message)):
+                with contextlib.suppress(OSError, ValueError):  # gone: ``_read`` says it
+                    self.process.stdin.write(message)
+                    self.process.stdin.flush()
+                return
+            with self.counting:  # first in line: ``_feed`` writes it once this returns
+                self.queued += 1
+                self.outbox.put(message)
+        finally:
+            self.writing.release()
 
     def _feed(self) -> None:
         """Write queued requests to the pipe (a full pipe blocks this thread only)."""
         with contextlib.suppress(OSError, ValueError):  # the writer is gone: ``_read`` says it
             while True:
-                self.process.stdin.write(self.outbox.get())
-                self.process.stdin.flush()
+                message = self.outbox.get()
+                with self.writing:
+                    self.process.stdin.write(message)
+                    self.process.stdin.flush()
+                with self.counting:
+                    self.queued -= 1
 
     def _read(self) -> None:
         """Hand each reply and failure to its tracker; on the writer's end, fail them all."""
@@ -74,6 +107,36 @@ class _WriterProcess:
         for tracker in list(self.trackers.values()):
             tracker.failure = tracker.failure or self.gone
             tracker.replies.put(None)  # wakes a waiting call, which raises the failure
+
+
+class _Pipe:
+    """The write end ``fd`` of the pipe to the writer, widened to ``size`` bytes where Linux
+    allows (64 KiB by default; unprivileged up to /proc/sys/fs/pipe-max-size, 1 MiB by
+    default), and how much it takes without blocking (Linux; elsewhere nothing is known)."""
+
+    PAGE = 4096  # the unread bytes may leave up to a page unused at either end
+
+    def __init__(self, fd: int, size: int = 1 << 20) -> None:
+        self.fd, self.capacity = fd, 0
+        with contextlib.suppress(ImportError, AttributeError, OSError):  # not Linux
+            import fcntl
+
+            with contextlib.suppress(OSError):  # a lower limit: the default size stays
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+    def takes(self, nbytes: int) -> bool:
+        """Whether writing ``nbytes`` now cannot block (the reader only frees space)."""
+        if not self.capacity:
+            return False
+        try:
+            import fcntl
+            import termios
+
+            unread = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return False
+        return nbytes <= self.capacity - unread - 2 * self.PAGE
 
 
 _shared: _WriterProcess | None = None
@@ -114,11 +177,12 @@ class Tracker:
             raise TrackingError(self.failure)
 
     def _send(self, op: str, *args: Any, reply: bool = False) -> Any:
+        """Send ``op`` to the writer; ``reply``: wait for its answer."""
         self._raise_failure()
         if self._ended:
             raise TrackingError(f"the MLflow run at {self.uri} has ended")
         message = (self._key, op, args, reply)  # pickled now: later changes do not matter
-        self._writer.outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._writer.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         if not reply:
             return None
         value = self.replies.get()
@@ -188,7 +252,9 @@ class Tracker:
                         metrics: Sequence[tuple[Mapping[str, float], int]] = ()) -> None:
         """``checkpoint.save`` of ``state`` plus ``"run_id"`` and its artifact, by the writer
         once every write before it and ``metrics`` ((metrics, step) pairs) are in the store:
-        one message, so a kill keeps both or neither.  Returns without waiting."""
+        one message, so a kill keeps both or neither.  Returns without waiting for them;
+        a kill of this process after it returned keeps the checkpoint when its message went
+        straight into the pipe (the module docstring)."""
         numbers = [n for m, step in metrics for n in _numbers(m, step)]
         self._write("checkpoint", str(path), state, numbers)
 

@@ -14,6 +14,8 @@ Moments (``N`` counts calls in this process):
   store — the job dies;
 - ``step:N``: the CLI, in the middle of its N-th training step (after the engine's evaluation,
   before the optimiser step) — SIGKILL to the CLI only (``kill -9 <pid>``);
+- ``checkpoint-sent:N``: the CLI, the moment its N-th ``Tracker.save_checkpoint`` returns —
+  SIGKILL to the CLI only;
 - ``sigterm:N``: the CLI, in the middle of its N-th step, receives SIGTERM (a scheduler's
   preemption) and carries on as the library decides.
 """
@@ -104,13 +106,18 @@ def _install(moment: str) -> None:
         _half_savez(int(arg))
     elif writer and kind == "artifact":
         _half_copy(arg)
+    elif not writer and kind == "checkpoint-sent":
+        from framework.experiment.tracker import Tracker
+
+        _on_call(Tracker, "save_checkpoint", lambda: os.kill(os.getpid(), signal.SIGKILL),
+                 nth=int(arg))
     elif not writer and kind in ("step", "sigterm"):
         from framework.bilevel.engine import BilevelEngine
 
         sig = signal.SIGKILL if kind == "step" else signal.SIGTERM
         _on_call(BilevelEngine, "evaluate", lambda: os.kill(os.getpid(), sig), nth=int(arg))
     elif kind not in ("create-run", "run-created", "checkpoint-write", "artifact", "step",
-                      "sigterm"):
+                      "sigterm", "checkpoint-sent"):
         raise ValueError(f"HYPERKRYLOV_TEST_KILL_AT={moment!r}: unknown moment")
 
 
