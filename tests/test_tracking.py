@@ -345,3 +345,25 @@ def test_a_resolve_run_names_its_recording_run_and_logs_the_recording_as_input(t
     assert given.dataset.name == "recording"
     assert json.loads(given.dataset.source)["uri"] == str(recorded.sequence_path)
     assert {(t.key, t.value) for t in given.tags} == {("mlflow.data.context", "resolve")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes: Linux only")
+def test_the_pipe_says_what_it_takes_without_blocking():
+    from framework.experiment.tracker import _Pipe
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # a write that would block raises instead
+    try:
+        pipe = _Pipe(write_end, size=1 << 16)
+        assert pipe.capacity >= 1 << 16
+        free = pipe.capacity - 2 * _Pipe.PAGE
+        assert pipe.takes(free) and not pipe.takes(free + 1)
+        os.write(write_end, b"x" * 40_000)
+        assert pipe.takes(free - 40_000) and not pipe.takes(free - 39_999)
+        rest = free - 40_000  # what it said it takes goes in whole, without blocking
+        assert os.write(write_end, b"y" * rest) == rest
+        os.read(read_end, 10_000)  # the reader frees space
+        assert pipe.takes(10_000) and not pipe.takes(10_001)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
