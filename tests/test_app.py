@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -391,11 +392,16 @@ def _uphill(problem_set, cfg, backend):
 
 
 @pytest.mark.parametrize("outer", ["lbfgs", "gd"])
-def test_a_full_batch_run_whose_line_search_finds_no_descent_stops_there(tmp_path, uri, outer):
+def test_a_full_batch_run_whose_line_search_finds_no_descent_stops_there(tmp_path, uri, outer,
+                                                                         caplog):
     """Full batch, deterministic: a refused step leaves θ and the optimiser as they were, so
-    every later step would repeat it; the run ends after it, θ₀ kept, and says why."""
+    every later step would repeat it; the run ends after it, θ₀ kept, and says why and what
+    to try (the lower level's tolerance, with its value)."""
     cfg = _compose(*QUICK, f"outer={outer}", "outer.steps=4", "outer.max_backtracks=3")
-    summary = run(cfg, output_dir=tmp_path, engine_factory=_uphill)
+    with caplog.at_level(logging.INFO, logger="hyperkrylov"):
+        summary = run(cfg, output_dir=tmp_path, engine_factory=_uphill)
+    said = [r.getMessage() for r in caplog.records if "no trial step lowered" in r.getMessage()]
+    assert len(said) == 1 and f"lower solver.lower.gtol (now {cfg.solver.lower.gtol:g})" in said[0]
     state = checkpoint.load(summary.checkpoint_path)
     assert summary.steps == 1 and state["stalled"] == 1 and state["finished"]
     assert state["history"][0]["outer_backtracks"] == 3

@@ -270,8 +270,9 @@ def train(c: Config, out: Path, ckpt_path: Path, state: dict[str, Any] | None, t
                     stalled.append(done)  # every later step would repeat this line search
                     say(f"step {done}: no trial step lowered the full-batch upper loss "
                         f"({update.loss_evals} trials); θ cannot move, so the run stops here. "
-                        "A more accurate hypergradient may let it go on: lower "
-                        "solver.lower.gtol or stop.rtol")
+                        "The lower solves' error may be larger than what a step changes the "
+                        f"loss by: lower solver.lower.gtol (now {c.solver.lower.gtol:g}) for "
+                        "more accurate losses, or stop.rtol for a more accurate hypergradient")
                     tracker.set_tags({names.STALLED_TAG: str(done)})
                     break
     except KeyboardInterrupt:
