@@ -86,6 +86,7 @@ def _compose(*overrides: str):
         ("outer.init_theta_path={tmp}/none.npz", "outer.init_theta_path", 2),
         ("outer.init_theta_path={tmp}/a-file", "cannot read θ", 2),
         ("outer.init_theta_path={tmp}/short.npz", "shape (3,), but this problem's θ", 2),
+        ("outer.init_theta_path={tmp}/state.npz", "a checkpoint without θ", 2),
         ("task=evaluate evaluate.theta_path={tmp}/short.npz outer.init_theta_path="
          "{tmp}/short.npz", "outer.init_theta_path: starts a training run", 2),
     ],
@@ -93,6 +94,7 @@ def _compose(*overrides: str):
 def test_bad_config_fails_fast_without_an_mlflow_run(tmp_path, no_store_uri, override, key, code):
     (tmp_path / "a-file").write_text("")
     np.savez(tmp_path / "short.npz", theta=np.zeros(3))
+    checkpoint.save(tmp_path / "state.npz", {"step": 1})
     override, key = override.format(tmp=tmp_path), key.format(tmp=tmp_path)
     start = time.perf_counter()
     result = _hyperkrylov([f"hydra.run.dir={tmp_path}/run", *override.split()], tmp_path,
@@ -353,7 +355,7 @@ def test_lbfgs_lowers_the_full_batch_loss_at_every_step(tmp_path):
     assert all(h["outer_step_size"] > 0 for h in history)
 
 
-def test_a_run_starts_from_the_theta_of_another_run(tmp_path):
+def test_a_run_starts_from_the_theta_of_another_run(tmp_path, caplog):
     """``outer.init_theta_path``: the first step evaluates the file's θ.  A 2-step run's θ
     (``theta.npz``) started from is the θ a 3-step run reaches in its third step; the loss
     there agrees to the lower-level tolerance (the 3-step run's lower solves start warm,
@@ -368,6 +370,13 @@ def test_a_run_starts_from_the_theta_of_another_run(tmp_path):
     first = checkpoint.load(resumed.checkpoint_path)["history"][0]["upper_loss"]
     assert first == pytest.approx(losses[2], rel=1e-6)
     assert abs(first - losses[0]) > 1e-3 * abs(losses[0])  # not the problem's own θ₀
+    # its checkpoint serves as its θ file: the same θ, hence the same first step to the bit
+    caplog.set_level(logging.INFO, logger="hyperkrylov")
+    from_checkpoint = run(_compose(*common, "outer.steps=1",
+                                   f"outer.init_theta_path={two.checkpoint_path}"),
+                          output_dir=tmp_path / "from-checkpoint")
+    assert checkpoint.load(from_checkpoint.checkpoint_path)["history"][0]["upper_loss"] == first
+    assert "outer.init_theta_path: θ after step 2 of the checkpoint" in caplog.text
 
 
 class _Uphill:

@@ -190,6 +190,12 @@ def test_mnist_small_preset_record_resolve_evaluate(tmp_path, uri):
     assert all(math.isfinite(v) for v in (row.psnr_measurement, row.psnr_learned, row.psnr_tv))
     assert row.psnr_tv_oracle >= row.psnr_tv - 1e-9
     assert (tmp_path / "eval" / "psnr.txt").is_file()
+    # the run's checkpoint serves as its θ file: the same θ, the same figures to the bit
+    from_checkpoint = run(_compose(*small, "task=evaluate",
+                                   f"evaluate.theta_path={rec.checkpoint_path}",
+                                   "evaluate.num_samples=1", "evaluate.tv_grid=[-2,-1]"),
+                          output_dir=tmp_path / "eval-checkpoint")
+    assert from_checkpoint.rows == ev.rows
     with pytest.raises(ConfigError, match=r"^evaluate\.num_samples"):
         run(_compose(*small, "task=evaluate", f"evaluate.theta_path={rec.theta_path}",
                      "evaluate.num_samples=20"), output_dir=tmp_path / "eval2")

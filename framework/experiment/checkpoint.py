@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
-_META = "__state__.json"
+STATE_MEMBER = "__state__.json"  # the archive member that marks a checkpoint
 _ARRAY = "__ndarray__"
 
 
@@ -55,7 +55,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
     text = json.dumps({"format": FORMAT_VERSION, "state": _encode(state, arrays, "state")})
-    members = {_META: np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays}
+    members = {STATE_MEMBER: np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -83,7 +83,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(bytes(archive[_META]).decode("utf-8"), object_hook=lambda d: (
+            meta = json.loads(bytes(archive[STATE_MEMBER]).decode("utf-8"), object_hook=lambda d: (
                 np.array(archive[d[_ARRAY]]) if set(d) == {_ARRAY} else d))
     except Exception as exc:  # NumPy's own message may advise unpickling: not shown
         raise CheckpointError(

@@ -137,7 +137,8 @@ class OuterConfig:
     c1: float = 1e-4
     max_backtracks: int = 10
     memory: int = 10  # L-BFGS pairs
-    init_theta_path: str | None = None  # start from this theta.npz instead of the problem's θ₀
+    # start from this theta.npz (or a training run's checkpoint.npz) instead of the problem's θ₀
+    init_theta_path: str | None = None
 
 
 @dataclass
@@ -211,7 +212,8 @@ class EvaluateConfig:
     ``tv_gamma``: the baseline's Huber smoothing (its own, not ``problem.gamma``, which
     belongs to the learned regulariser's expert); ``tv_normalize``: the baseline's
     ``problem.normalize`` (its own: false is the plain Huber-TV, one weight for every
-    image; true scales each image's weight by the RMS of its data)."""
+    image; true scales each image's weight by the RMS of its data); ``theta_path``: a
+    ``theta.npz`` or a training run's ``checkpoint.npz`` (its θ after that step)."""
 
     theta_path: str | None = None
     offset: int = 0
