@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
-from framework.experiment import tracking
+from framework.experiment import checkpoint, tracking
 from framework.experiment.compare import compare_paper, main
 from framework.experiment.config import ConfigError, validate
 from framework.experiment.engine_setup import engine_config
@@ -196,6 +196,10 @@ def test_mnist_small_preset_record_resolve_evaluate(tmp_path, uri):
                                    "evaluate.num_samples=1", "evaluate.tv_grid=[-2,-1]"),
                           output_dir=tmp_path / "eval-checkpoint")
     assert from_checkpoint.rows == ev.rows
+    kept = np.load(tmp_path / "eval-checkpoint" / "evaluated_theta.npz")["theta"]
+    np.testing.assert_array_equal(kept, checkpoint.load(rec.checkpoint_path)["theta"])
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(from_checkpoint.run_id)]
+    assert "evaluated_theta.npz" in logged
     with pytest.raises(ConfigError, match=r"^evaluate\.num_samples"):
         run(_compose(*small, "task=evaluate", f"evaluate.theta_path={rec.theta_path}",
                      "evaluate.num_samples=20"), output_dir=tmp_path / "eval2")

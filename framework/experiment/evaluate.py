@@ -25,7 +25,7 @@ from framework.experiment import plots
 from framework.experiment.config import Config, ConfigError, ProblemConfig
 from framework.experiment.console import fmt, markdown_table, say
 from framework.experiment.engine_setup import engine_config
-from framework.experiment.theta_file import read_theta
+from framework.experiment.theta_file import read_theta, write_theta
 from problems.base import psnr
 from problems.datasets import images_spanned
 from problems.factory import build_problems
@@ -54,6 +54,9 @@ class EvaluationSummary:
     @property
     def final_loss(self) -> float:
         return -self.mean("psnr_learned")
+
+
+EVALUATED_THETA_FILE = "evaluated_theta.npz"
 
 
 def prepare_evaluation(c: Config) -> tuple[np.ndarray, ProblemConfig]:
@@ -180,5 +183,8 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
     table = markdown_table(("image", "measurement", "learned", "Huber-TV", "TV oracle"), body)
     (out / "psnr.txt").write_text(table + "\n")
     tracker.log_artifact(out / "psnr.txt")
+    # the θ evaluated, kept with its figures (a checkpoint named by evaluate.theta_path moves on)
+    write_theta(out / EVALUATED_THETA_FILE, theta)
+    tracker.log_artifact(out / EVALUATED_THETA_FILE)
     print(table, flush=True)
     return summary
