@@ -129,14 +129,21 @@ def get_backend(name: str = "numpy", *, dtype: Any = "float64", device: Any = No
 
 
 def tune_cpu_allocator() -> bool:
-    """Keep freed array memory in the process heap (True when applied, a no-op off glibc):
-    glibc ``mallopt`` mmap / trim thresholds of 32 / 64 MiB (as ``MALLOC_MMAP_THRESHOLD_`` /
-    ``MALLOC_TRIM_THRESHOLD_``), so batched temporaries of a few MB do not come from fresh
-    ``mmap``s whose first-touch page faults cost more than the arithmetic."""
+    """Keep freed array memory in the process heap (True when applied, a no-op off glibc).
+
+    glibc serves a block above its mmap threshold (at most 32 MiB) with fresh pages from
+    ``mmap`` and unmaps them on free, so each such temporary is faulted in again, page by
+    page and zeroed by the kernel, at its next allocation; the FoE responses of the BSDS
+    preset's 64 crops alone take 100 MB.  ``mallopt``: no ``mmap`` for the heap
+    (``M_MMAP_MAX`` = 0, as ``MALLOC_MMAP_MAX_=0``) and its free top given back only beyond
+    2 GiB (``M_TRIM_THRESHOLD``), so freed blocks are reused without page faults.  The
+    process then keeps its peak heap (at most 2 GiB of it free) until it exits.  Measured
+    by ``benchmarks/bench_allocator.py`` (README, "Benchmarks")."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (OSError, AttributeError, TypeError):  # no mallopt (not glibc) or no dlopen(NULL)
         return False
-    m_trim_threshold, m_mmap_threshold, threshold = -1, -3, 32 * 1024 * 1024
-    ok_mmap = mallopt(m_mmap_threshold, threshold) == 1
-    return ok_mmap and mallopt(m_trim_threshold, 2 * threshold) == 1
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok_mmap = mallopt(m_mmap_max, 0) == 1
+    return ok_mmap and mallopt(m_trim_threshold, 2**31 - 1) == 1  # a C int: about 2 GiB

@@ -89,9 +89,10 @@ def _foe(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[FieldsOfExperts, 
     count = cfg.num_filters if cfg.num_filters is not None else k * k - 1
     dct = cfg.filters_init == "dct"
     filters = dct_filters(k)[:count] if dct else gaussian_filters(k, count, seed)
+    widths = tuple(cfg.expert_widths)
     reg = FieldsOfExperts(shape, k, count, expert=cfg.expert, gamma=cfg.gamma, learn=cfg.learn,
-                          boundary=cfg.boundary, zero_mean=cfg.zero_mean_filters)
-    return reg, initial_theta(filters, cfg.init_exponent)
+                          boundary=cfg.boundary, zero_mean=cfg.zero_mean_filters, widths=widths)
+    return reg, initial_theta(filters, cfg.init_exponent, len(widths))
 
 
 def _regularizer(cfg: Any, shape: tuple[int, int], seed: int) -> tuple[Any, np.ndarray]:

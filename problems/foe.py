@@ -1,7 +1,13 @@
-"""Fields-of-Experts regulariser R_θ(x) = Σ_f 10^{p_f} Σ_j φ((k_f ∗ x)_j), batch-first.
+"""Fields-of-Experts regulariser R_θ(x) = Σ_f Σ_m 10^{p_fm} Σ_j φ_m((k_f ∗ x)_j), batch-first.
 
-θ has shape (F, K·K + 1): row f holds filter k_f flattened row-major, then the exponent
-p_f.  With ``zero_mean`` the filter is that row minus its mean, k_f = u_f − mean(u_f): the
+φ_m is the expert at width γ·c_m for the M multipliers c_m of ``widths`` (default one, c = 1:
+the classic FoE, one weight per filter); with M > 1 each filter's expert is a learned
+mixture of widths, Σ_m 10^{p_fm} φ(z; γ c_m) (the Student-t expert then spans a family of
+heavy-tailed penalties, as the scale mixtures of Gaussians do, with the mixture weights
+learned per filter).
+
+θ has shape (F, K·K + M): row f holds filter k_f flattened row-major, then the exponents
+p_f1 … p_fM.  With ``zero_mean`` the filter is that row minus its mean, k_f = u_f − mean(u_f): the
 regulariser is then blind to the image's mean level whatever θ an optimiser reaches, and
 Jᵀ's filter part is projected the same way (the chain rule through the centring).
 
@@ -27,6 +33,7 @@ layout (K², B, n, b).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, Literal
 
@@ -96,18 +103,22 @@ def _fold_ring(xp: Any, buf: Any, r: int) -> Any:
     return buf[r:r + h, r:r + w, ...]
 
 
-def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0) -> np.ndarray:
-    """Pack host filters (F, K, K) and exponents (scalar or (F,)) into θ of shape (F, K² + 1)."""
+def initial_theta(filters: np.ndarray, exponent: float | np.ndarray = 0.0,
+                  num_widths: int = 1) -> np.ndarray:
+    """Pack host filters (F, K, K) and exponents (scalar, (F,) or (F, M)) into θ of shape
+    (F, K² + M), M = ``num_widths`` (a scalar or (F,) exponent starts every width there)."""
     filters = np.asarray(filters, dtype=np.float64)
     f = filters.shape[0]
-    exps = np.broadcast_to(np.asarray(exponent, dtype=np.float64), (f,))
-    return np.concatenate([filters.reshape(f, -1), exps[:, None]], axis=1)
+    exps = np.asarray(exponent, dtype=np.float64)
+    exps = np.broadcast_to(exps[:, None] if exps.ndim == 1 else exps, (f, num_widths))
+    return np.concatenate([filters.reshape(f, -1), exps], axis=1)
 
 
 class FieldsOfExperts(RowRegularizer):
     """R_θ(x) for images of ``image_shape`` with F = ``num_filters`` K×K filters; ``learn``
     selects the learned parameters (the others are masked out of the problem's Jᵀ), ``gamma``
-    is the Huber / smooth-ℓ1 parameter, ``boundary`` the padding outside the image
+    is the experts' width parameter, ``widths`` its multipliers (one weight per filter and
+    width; module docstring), ``boundary`` the padding outside the image
     (``BOUNDARY_OPTIONS``; module docstring)."""
 
     def __init__(
@@ -121,6 +132,7 @@ class FieldsOfExperts(RowRegularizer):
         learn: Literal["filters", "exponents", "both"] = "both",
         boundary: Literal["zero", "symmetric"] = "zero",
         zero_mean: bool = False,
+        widths: Sequence[float] = (1.0,),
     ) -> None:
         super().__init__(image_shape)
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -134,13 +146,19 @@ class FieldsOfExperts(RowRegularizer):
             raise ValueError(f"boundary='symmetric' reflects kernel_size // 2 = "
                              f"{kernel_size // 2} pixels; the image {self.image_shape} "
                              "is smaller")
+        widths = tuple(float(c) for c in widths)
+        if not widths or not all(c > 0 for c in widths) or len(set(widths)) < len(widths):
+            raise ValueError("widths must be distinct positive multipliers of gamma (at least "
+                             f"one); got widths={list(widths)!r}")
         self.kernel_size = k = int(kernel_size)
         self.num_filters = int(num_filters)
-        self.expert = Expert(expert, gamma)
+        self.expert = Expert(expert, gamma)  # the expert at width γ, and its name
+        self.widths = widths
+        self.experts = tuple(Expert(expert, gamma * c) for c in widths)  # one per width
         self.learn = learn
         self.boundary = str(boundary)  # a config's enum member as its name (for the repr)
         self.zero_mean = bool(zero_mean)
-        self.theta_shape = (self.num_filters, k**2 + 1)
+        self.theta_shape = (self.num_filters, k**2 + len(widths))
         # (k ∗ x)[i, j] = Σ_{a,c} k[a, c] x[i + r − a, j + r − c]
         #              = Σ_{a,c} k[a, c] P[i + 2r − a, j + 2r − c]   (P: x padded by r = K // 2)
         # so window a·K + c of P (image axes first) pairs with filter entry k[a, c]
@@ -157,24 +175,24 @@ class FieldsOfExperts(RowRegularizer):
             f"FieldsOfExperts(image_shape={self.image_shape}, kernel_size={self.kernel_size}, "
             f"num_filters={self.num_filters}, expert={self.expert.name!r}, "
             f"gamma={self.expert.gamma}, learn={self.learn!r}, boundary={self.boundary!r}, "
-            f"zero_mean={self.zero_mean})"
+            f"zero_mean={self.zero_mean}, widths={list(self.widths)})"
         )
 
     def mask_host(self) -> np.ndarray:
-        mask = np.zeros(self.theta_shape)
-        mask[:, :-1] = self.learn != "exponents"
-        mask[:, -1] = self.learn != "filters"
+        mask, k2 = np.zeros(self.theta_shape), self.kernel_size**2
+        mask[:, :k2] = self.learn != "exponents"
+        mask[:, k2:] = self.learn != "filters"
         return mask.reshape(-1)
 
     def split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
-        """(filters (F, K²), scales 10^{p_f} (F,)); with ``zero_mean`` each filter is its row
-        of θ minus that row's mean."""
+        """(filters (F, K²), scales 10^{p_fm} (F, M)); with ``zero_mean`` each filter is its
+        row of θ minus that row's mean."""
         theta = check_theta(xp, theta, self.theta_shape)
         k2 = self.kernel_size**2
         filters = theta[:, :k2]
         if self.zero_mean:
             filters = filters - xp.mean(filters, axis=1, keepdims=True)
-        return filters, xp.exp(LN10 * theta[:, k2])
+        return filters, xp.exp(LN10 * theta[:, k2:])
 
     # -- convolutions in the batch-last layout -----------------------------------------
     def stack(self, xp: Any, v3: Any) -> Any:
@@ -250,41 +268,61 @@ class FieldsOfExperts(RowRegularizer):
 
 class FoELinearization:
     """What ∇²R and Jᵀ need from (X, θ), computed once: the stack of X and z = k ∗ x
-    (pixel-major); on first use 10^{p_f} φ''(z) for ``hvp`` and, for ``jac_t``, the
-    sample-major stack, φ'(z), φ''(z) (recomputed in that layout for B > 1: cheaper than a
-    transposing copy)."""
+    (pixel-major); on first use Σ_m 10^{p_fm} φ_m''(z) for ``hvp`` and, for ``jac_t``, the
+    sample-major stack, each width's φ_m'(z) and the weighted φ''(z) (recomputed in that
+    layout for B > 1: cheaper than a transposing copy).
+
+    With one width the weights 10^{p_f} multiply after the experts' sums, as they always
+    have (the same bits as before widths existed); with several they weight each width's
+    φ_m', φ_m'' before the sums."""
 
     def __init__(self, reg: FieldsOfExperts, xp: Any, X: Any, theta: Any) -> None:
         self.reg, self.xp, self.X = reg, xp, X
-        self.filters, self.scales = reg.split(xp, theta)
+        self.filters, self.scales = reg.split(xp, theta)  # scales (F, M)
         self.sx, self.z = reg.responses(xp, X, self.filters)
         self._weight: Any = None
+
+    def _weighted(self, parts: list[Any]) -> Any:
+        """Σ_m 10^{p_fm} parts[m] for parts (F, ...) each (the first one updated in place)."""
+        extra = (None,) * (parts[0].ndim - 1)
+        out = parts[0]
+        out *= self.scales[(slice(None), 0, *extra)]
+        for m, part in enumerate(parts[1:], start=1):
+            part *= self.scales[(slice(None), m, *extra)]
+            out += part
+        return out
 
     def value_and_grad(self, *, value: bool = True, grad: bool = True) -> tuple[Any, Any]:
         """R (B,) and ∇R (B, n) at X from the responses z (None where not asked)."""
         xp, reg, z, scales = self.xp, self.reg, self.z, self.scales
         bsz, n = self.X.shape
         out_value = out_grad = None
-        if value and grad:
-            phi, u = reg.expert.value_and_d1(z)
-        else:
-            phi = reg.expert.value(z) if value else None
-            u = reg.expert.d1(z) if grad else None
-        if value:  # Σ_j Σ_f 10^{p_f} φ_fj per sample: Σ_f by one product (as z = k ∗ x),
-            # then each sample's pixels as one contiguous row (its sum independent of B)
-            weighted = xp.reshape(xp.matmul(scales[None, :], phi), (n, bsz))
+        phis, us = [], []
+        for expert in reg.experts:
+            if value and grad:
+                phi, u = expert.value_and_d1(z)
+            else:
+                phi = expert.value(z) if value else None
+                u = expert.d1(z) if grad else None
+            phis.append(phi)
+            us.append(u)
+        if value:  # Σ_j Σ_f 10^{p_fm} φ_m,fj per sample: Σ_f by one product per width (as
+            # z = k ∗ x), then each sample's pixels as one contiguous row (its sum
+            # independent of B)
+            total = xp.matmul(scales[None, :, 0], phis[0])
+            for m, phi in enumerate(phis[1:], start=1):
+                total += xp.matmul(scales[None, :, m], phi)
+            weighted = xp.reshape(total, (n, bsz))
             out_value = xp.sum(reg._sample_rows(xp, weighted), axis=-1)
         if grad:
-            u *= scales[:, None]
+            u = self._weighted(us)
             out_grad = xp.reshape(reg.adjoint(xp, self.filters, u, bsz, 1), (bsz, n))
         return out_value, out_grad
 
     def weight(self) -> Any:
-        """10^{p_f} φ''(z), (F, n·B)."""
+        """Σ_m 10^{p_fm} φ_m''(z), (F, n·B)."""
         if self._weight is None:
-            weight = self.reg.expert.d2(self.z)
-            weight *= self.scales[:, None]
-            self._weight = weight
+            self._weight = self._weighted([expert.d2(self.z) for expert in self.reg.experts])
         return self._weight
 
     def hvp(self, v3: Any) -> Any:
@@ -305,8 +343,10 @@ class FoELinearization:
         return reg.adjoint(xp, self.filters, u, bsz, b)
 
     @cached_property
-    def _sample_major(self) -> tuple[Any, Any, Any]:
-        """(stack of X (K², B, n), φ'(z), φ''(z) (F, B, n)) in the sample-major layout."""
+    def _sample_major(self) -> tuple[Any, list[Any], Any, Any]:
+        """(stack of X (K², B, n), each width's φ_m'(z) (F, B, n), and φ'(z), φ''(z)
+        (F, B, n) for the filters' part: with one width unweighted (its weight multiplies
+        later), with several weighted and summed) in the sample-major layout."""
         xp, reg = self.xp, self.reg
         bsz, n = self.X.shape
         f, k2 = reg.num_filters, reg.kernel_size**2
@@ -316,19 +356,25 @@ class FoELinearization:
             sx = xp.reshape(reg.stack_samples(xp, xp.reshape(self.X, (bsz, n, 1))), (k2, -1))
             z = xp.matmul(self.filters, sx)
         z = xp.reshape(z, (f, bsz, n))
-        return xp.reshape(sx, (k2, bsz, n)), reg.expert.d1(z), reg.expert.d2(z)
+        d1 = [expert.d1(z) for expert in reg.experts]
+        if len(d1) == 1:
+            return xp.reshape(sx, (k2, bsz, n)), d1, d1[0], reg.expert.d2(z)
+        d1_sum = self._weighted([xp.asarray(part, copy=True) for part in d1])
+        d2_sum = self._weighted([expert.d2(z) for expert in reg.experts])
+        return xp.reshape(sx, (k2, bsz, n)), d1, d1_sum, d2_sum
 
     def jac_t(self, w3: Any) -> Any:
         """∂θ⟨∇R(x_i), w_i⟩ for W (B, n, b) → (B, p, b), unmasked (θ row-major).
 
-        With z_f = k_f ∗ x and s_f = 10^{p_f}, ⟨∇R, w⟩ = Σ_f s_f ⟨φ'(z_f), k_f ∗ w⟩, so
-        ∂/∂k_f[a] = s_f (⟨φ''(z_f) ⊙ (k_f ∗ w), S_a x⟩ + ⟨φ'(z_f), S_a w⟩) with S_a the shift
-        for filter entry a, and ∂/∂p_f = ln(10) s_f ⟨φ'(z_f), k_f ∗ w⟩ — per sample, as
-        batched products over each sample's pixels: for a few columns, (F, n) @ (n, K²) per
-        sample and column; for many (b ≥ 8), (K², n) @ (n, b) per sample and filter.
+        With z_f = k_f ∗ x and s_fm = 10^{p_fm}, ⟨∇R, w⟩ = Σ_f ⟨Σ_m s_fm φ_m'(z_f), k_f ∗ w⟩,
+        so ∂/∂k_f[a] = ⟨Σ_m s_fm φ_m''(z_f) ⊙ (k_f ∗ w), S_a x⟩ + ⟨Σ_m s_fm φ_m'(z_f), S_a w⟩
+        with S_a the shift for filter entry a, and ∂/∂p_fm = ln(10) s_fm ⟨φ_m'(z_f), k_f ∗ w⟩
+        — per sample, as batched products over each sample's pixels: for a few columns,
+        (F, n) @ (n, K²) per sample and column; for many (b ≥ 8), (K², n) @ (n, b) per
+        sample and filter.
         """
         xp, reg = self.xp, self.reg
-        sx, d1, d2 = self._sample_major
+        sx, d1_each, d1, d2 = self._sample_major
         bsz, n, b = w3.shape
         f, k2 = reg.num_filters, reg.kernel_size**2
         sw = reg.stack_samples(xp, w3)  # (K², B, n, b)
@@ -345,10 +391,12 @@ class FoELinearization:
             both = xp.matmul(sx_s, xp.permute_dims(t, (1, 0, 2, 3)))  # (B, F, K², b)
             outer = xp.matmul(d1_s, xp.permute_dims(sw, (1, 0, 2, 3)))  # (B, K², F, b)
             both += xp.permute_dims(outer, (0, 2, 1, 3))
-        d_filters = self.scales[None, :, None, None] * both
+        # one width: its weight multiplies here; several: already inside d1, d2
+        d_filters = self.scales[None, :, 0, None, None] * both if len(d1_each) == 1 else both
         if reg.zero_mean:  # the chain rule through k_f = u_f − mean(u_f): the same projection
             d_filters = d_filters - xp.mean(d_filters, axis=2, keepdims=True)
-        d_exps = xp.sum(d1[:, :, :, None] * kw, axis=2)  # (F, B, b)
-        d_exps = (LN10 * self.scales)[None, :, None] * xp.permute_dims(d_exps, (1, 0, 2))
-        out = xp.concat([d_filters, d_exps[:, :, None, :]], axis=2)
-        return xp.reshape(out, (bsz, f * (k2 + 1), b))
+        d_exps = xp.stack([xp.sum(part[:, :, :, None] * kw, axis=2) for part in d1_each],
+                          axis=1)  # (F, M, B, b)
+        d_exps = (LN10 * self.scales)[None, :, :, None] * xp.permute_dims(d_exps, (2, 0, 1, 3))
+        out = xp.concat([d_filters, d_exps], axis=2)
+        return xp.reshape(out, (bsz, f * (k2 + len(d1_each)), b))

@@ -114,7 +114,9 @@ def test_the_factory_builds_tv_plus_foe_with_its_start() -> None:
     assert centred.problems[0].regularizer.parts[1].zero_mean
 
 
-def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path) -> None:
+@pytest.mark.parametrize(("widths", "per_filter"), [("[1.0]", 10), ("[0.5,2.0]", 11)])
+def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path, widths: str,
+                                                        per_filter: int) -> None:
     from hydra import compose, initialize_config_dir
 
     from framework.experiment import checkpoint
@@ -125,9 +127,9 @@ def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path) -> None:
         cfg = compose(config_name="config", overrides=[
             "problem.regularizer=tv_foe", "problem.num_samples=2", "outer.batch_size=2",
             "problem.num_filters=4", "problem.kernel_size=3", "problem.tv_init_exponent=-2",
-            "outer.steps=3", "tracking=disabled"])
+            f"problem.expert_widths={widths}", "outer.steps=3", "tracking=disabled"])
     summary = run(cfg, output_dir=tmp_path)
-    assert summary.theta.shape == (1 + 4 * 10,)
+    assert summary.theta.shape == (1 + 4 * per_filter,)  # TV's p, then K² + widths a filter
     history = checkpoint.load(summary.checkpoint_path)["history"]
     assert len(history) == 3 and all(np.isfinite(h["upper_loss"]) for h in history)
     assert (tmp_path / "figures" / "filters.png").stat().st_size > 0

@@ -90,6 +90,10 @@ class ProblemConfig:
     # FoE: each filter is its θ row minus the row's mean, so filters stay blind to the
     # image's mean level however the optimiser moves θ (the chain rule projects Jᵀ)
     zero_mean_filters: bool = False
+    # FoE: each filter's expert is Σ_m 10^{p_fm} φ(z; gamma·c_m) over these multipliers c_m,
+    # one learned weight per filter and width, all starting at 10^init_exponent ([1]: one
+    # width, the classic FoE)
+    expert_widths: list[float] = field(default_factory=lambda: [1.0])
     # quadratic test problem
     n: int = 30
     num_terms: int = 3
@@ -308,6 +312,13 @@ def _validate_problem(p: ProblemConfig) -> None:
            "problem.zero_mean_filters",
            f"constrains Fields-of-Experts filters; regularizer={p.regularizer} has none "
            "(set it false)")
+    widths = list(p.expert_widths)
+    _check(widths and all(math.isfinite(c) and c > 0 for c in widths)
+           and len(set(widths)) == len(widths), "problem.expert_widths",
+           f"must be distinct positive multipliers of problem.gamma; got {widths!r}")
+    _check(widths == [1.0] or p.regularizer in (Regularizer.foe, Regularizer.tv_foe),
+           "problem.expert_widths", f"mixes Fields-of-Experts widths; regularizer="
+           f"{p.regularizer} has no experts (leave it [1.0])")
     for key in ("dataset", "operator", "regularizer"):
         _check(getattr(p, key) != "none", f"problem.{key}",
                f"'none' is only for problem=quadratic ({p.name})")

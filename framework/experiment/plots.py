@@ -65,18 +65,20 @@ def line(rows: Sequence[Mapping[str, float]], keys: Sequence[str], ylabel: str) 
 
 
 def filters(theta: np.ndarray, kernel_size: int, note: str = "") -> Any:
-    """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight), each scaled
-    to its own range, tiled 8 to a row in one image (one Axes: cheap to draw); ``note`` is
-    added to the title."""
+    """Learned FoE filters (rows of θ: K² filter entries, then the log10 weight of each
+    expert width), each scaled to its own range, tiled 8 to a row in one image (one Axes:
+    cheap to draw), labelled with the log10 of its total weight; ``note`` is added to the
+    title."""
     theta, k = np.asarray(theta), kernel_size
     cols = min(theta.shape[0], 8)
     tiles = np.full((math.ceil(theta.shape[0] / cols) * (k + 1), cols * (k + 1)), np.nan)
     fig, ax = plt.subplots(figsize=(1.3 * cols, 1.4 * tiles.shape[0] / (k + 1)))
     for i, row in enumerate(theta):
         top, left = divmod(i, cols)
-        top, left, f = top * (k + 1) + 1, left * (k + 1), row[:-1].reshape(k, k)
+        top, left, f = top * (k + 1) + 1, left * (k + 1), row[: k * k].reshape(k, k)
         tiles[top : top + k, left : left + k] = (f - f.min()) / (np.ptp(f) or 1.0)
-        ax.text(left + (k - 1) / 2, top - 0.7, f"10^{row[-1]:.2f}", ha="center", fontsize=7)
+        weight = np.log10(np.sum(10.0 ** row[k * k :]))
+        ax.text(left + (k - 1) / 2, top - 0.7, f"10^{weight:.2f}", ha="center", fontsize=7)
     ax.imshow(tiles, cmap="gray")
     ax.axis("off")
     fig.suptitle("learned filters (weight 10^p)" + (f"; {note}" if note else ""), fontsize=9)

@@ -340,7 +340,8 @@ def _log_figures(c: Config, out: Path, tracker: Any, problem_set: ProblemSet, ba
     if imaging and c.problem.regularizer == Regularizer.foe:
         figures["filters.png"] = plots.filters(theta_np, c.problem.kernel_size)
     elif imaging and c.problem.regularizer == Regularizer.tv_foe:  # θ = (TV's p, the FoE's θ)
-        foe = theta_np.reshape(-1)[1:].reshape(-1, c.problem.kernel_size**2 + 1)
+        foe = theta_np.reshape(-1)[1:].reshape(
+            -1, c.problem.kernel_size**2 + len(c.problem.expert_widths))
         figures["filters.png"] = plots.filters(foe, c.problem.kernel_size,
                                                f"TV weight 10^{theta_np.reshape(-1)[0]:.2f}")
     else:
