@@ -6,7 +6,8 @@ one width (the preset) and with the mixtures of ``problem.expert_widths``.  Per 
 times R and ∇R together (what each L-BFGS iteration of the lower level pays), the HVP of
 one column (each MINRES iteration of a Hessian solve) and Jᵀ of one column (once per
 hypergradient).  The widths are timed in interleaved rounds, so all see the same load;
-the best round of each is printed, and its ratio to one width.
+the best round of each is printed, and its ratio to one width.  The heap is tuned as in
+a run (``backends.tune_cpu_allocator``).
 
 Usage: python benchmarks/bench_expert_widths.py [--batch B] [--rounds R]
 """
@@ -22,6 +23,7 @@ import time
 
 import numpy as np
 
+from backends import tune_cpu_allocator
 from problems.foe import FieldsOfExperts, dct_filters, initial_theta
 
 WIDTHS = {1: (1.0,), 3: (1 / 3, 1.0, 3.0), 5: (0.25, 0.5, 1.0, 2.0, 4.0)}
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--number", type=int, default=3)
     args = parser.parse_args()
+    tune_cpu_allocator()  # as a run's NumPy heap
     print(f"python benchmarks/bench_expert_widths.py --batch {args.batch} "
           f"--rounds {args.rounds} --number {args.number}  "
           f"(OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']})")
