@@ -113,6 +113,7 @@ _FUNCTIONS = {
     "student_t": (_student_t_value, _student_t_d1, _student_t_d2),
 }
 EXPERT_NAMES = tuple(_FUNCTIONS)
+WIDTHLESS_EXPERTS = ("l2", "lorentzian")  # φ does not depend on γ
 
 
 @dataclass(frozen=True)

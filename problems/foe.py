@@ -42,7 +42,7 @@ import numpy as np
 
 from backends.kernels import flipped_windows, shifted_sum
 from problems.base import LN10, RowRegularizer, check_theta, pad_zeros_2d
-from problems.experts import Expert
+from problems.experts import WIDTHLESS_EXPERTS, Expert
 
 LEARN_OPTIONS = ("filters", "exponents", "both")
 BOUNDARY_OPTIONS = ("zero", "symmetric")
@@ -150,6 +150,9 @@ class FieldsOfExperts(RowRegularizer):
         if not widths or not all(c > 0 for c in widths) or len(set(widths)) < len(widths):
             raise ValueError("widths must be distinct positive multipliers of gamma (at least "
                              f"one); got widths={list(widths)!r}")
+        if len(widths) > 1 and expert in WIDTHLESS_EXPERTS:
+            raise ValueError(f"expert {expert!r} has no width, so its widths would all be "
+                             "the same expert; mix widths of huber, smooth_l1 or student_t")
         self.kernel_size = k = int(kernel_size)
         self.num_filters = int(num_filters)
         self.expert = Expert(expert, gamma)  # the expert at width γ, and its name

@@ -115,6 +115,7 @@ def test_the_factory_builds_tv_plus_foe_with_its_start() -> None:
 
 
 @pytest.mark.parametrize(("widths", "per_filter"), [("[1.0]", 10), ("[0.5,2.0]", 11)])
+# student_t: an expert with a width (lorentzian, the preset's, has none to mix)
 def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path, widths: str,
                                                         per_filter: int) -> None:
     from hydra import compose, initialize_config_dir
@@ -127,7 +128,8 @@ def test_a_tv_plus_foe_run_trains_and_draws_its_filters(tmp_path, widths: str,
         cfg = compose(config_name="config", overrides=[
             "problem.regularizer=tv_foe", "problem.num_samples=2", "outer.batch_size=2",
             "problem.num_filters=4", "problem.kernel_size=3", "problem.tv_init_exponent=-2",
-            f"problem.expert_widths={widths}", "outer.steps=3", "tracking=disabled"])
+            "problem.expert=student_t", "problem.gamma=0.1", f"problem.expert_widths={widths}",
+            "outer.steps=3", "tracking=disabled"])
     summary = run(cfg, output_dir=tmp_path)
     assert summary.theta.shape == (1 + 4 * per_filter,)  # TV's p, then K² + widths a filter
     history = checkpoint.load(summary.checkpoint_path)["history"]

@@ -145,7 +145,8 @@ def test_imaging_problem_derivatives_with_widths() -> None:
 @pytest.mark.parametrize(("learn", "filters_on", "exps_on"),
                          [("both", 1, 1), ("filters", 1, 0), ("exponents", 0, 1)])
 def test_mask_covers_every_width(learn: str, filters_on: int, exps_on: int) -> None:
-    mask = FieldsOfExperts(SHAPE, 3, 2, widths=WIDTHS, learn=learn).mask_host().reshape(2, 12)
+    mask = FieldsOfExperts(SHAPE, 3, 2, expert="student_t", widths=WIDTHS,
+                           learn=learn).mask_host().reshape(2, 12)
     assert (mask[:, :9] == filters_on).all() and (mask[:, 9:] == exps_on).all()
 
 
@@ -165,6 +166,8 @@ def test_bad_widths_are_refused(widths) -> None:
     with pytest.raises(ValueError, match="widths must be distinct positive multipliers"):
         mixture(widths=widths)
     assert "widths=[0.25, 1.0, 4.0]" in repr(mixture())
+    with pytest.raises(ValueError, match="'lorentzian' has no width"):
+        FieldsOfExperts(SHAPE, 3, 4, expert="lorentzian", widths=(0.5, 2.0))
 
 
 def test_config_checks_and_factory() -> None:
@@ -185,5 +188,7 @@ def test_config_checks_and_factory() -> None:
             validate({"problem": {"expert_widths": bad}})
     with pytest.raises(ConfigError, match="^problem.expert_widths: mixes"):
         validate({"problem": {"regularizer": "tv", "expert_widths": [0.5, 2.0]}})
+    with pytest.raises(ConfigError, match="^problem.expert_widths: expert lorentzian has no"):
+        validate({"problem": {"expert": "lorentzian", "expert_widths": [0.5, 2.0]}})
     assert replace(cfg, expert_widths=[1.0]).expert_widths == [1.0]
 

@@ -27,7 +27,7 @@ from framework.krylov.stopping import StopConfig, StopKind
 from framework.optim.outer import Optimizer
 from problems.base import UPPER_LOSSES
 from problems.datasets import MNIST_IMAGES, images_spanned
-from problems.experts import EXPERT_NAMES
+from problems.experts import EXPERT_NAMES, WIDTHLESS_EXPERTS
 from problems.foe import BOUNDARY_OPTIONS, LEARN_OPTIONS
 
 # Option names (enum members equal their strings; the library's where a library owns them).
@@ -319,6 +319,9 @@ def _validate_problem(p: ProblemConfig) -> None:
     _check(widths == [1.0] or p.regularizer in (Regularizer.foe, Regularizer.tv_foe),
            "problem.expert_widths", f"mixes Fields-of-Experts widths; regularizer="
            f"{p.regularizer} has no experts (leave it [1.0])")
+    _check(len(widths) == 1 or p.expert not in WIDTHLESS_EXPERTS, "problem.expert_widths",
+           f"expert {p.expert} has no width, so its widths would all be the same expert; "
+           "use problem.expert=student_t (or huber, smooth_l1)")
     for key in ("dataset", "operator", "regularizer"):
         _check(getattr(p, key) != "none", f"problem.{key}",
                f"'none' is only for problem=quadratic ({p.name})")
