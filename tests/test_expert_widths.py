@@ -5,17 +5,16 @@ config checks (a run with widths: tests/test_composite.py)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import scipy.signal
 from array_api_compat import device as device_of
+from test_imaging_problem import OPERATORS, check_derivatives, image
+from test_imaging_problem import SHAPE as IMAGE_SHAPE
 
 from backends import get_backend
 from problems.foe import FieldsOfExperts, dct_filters, gaussian_filters, initial_theta
 from problems.imaging import ImagingProblem
-from problems.operators import GaussianBlur
 
 SHAPE = (16, 14)
 N = SHAPE[0] * SHAPE[1]
@@ -118,28 +117,14 @@ def test_jacobian_matches_finite_differences(backend, zero_mean: bool, b: int) -
         assert np.all(np.abs(exps) > 1e-6 * np.abs(got).max())  # every width is felt
 
 
-def test_imaging_problem_derivatives_with_widths() -> None:
-    """The imaging problem's ∇ₓf and HVP against central differences for a blurred sample
-    (the same checks and tolerances as tests/test_imaging_problem.py)."""
-    backend = get_backend("numpy")
-    rng = np.random.default_rng(4)
-    img = rng.random(SHAPE)
-    problem = ImagingProblem.from_image(img, backend, GaussianBlur(SHAPE, 1.0), mixture(),
-                                        seed=2)
-    theta = random_theta(rng)
-    xh, vh = img.ravel() + 0.1 * rng.standard_normal(N), rng.standard_normal(N)
-    h = 1e-5
-
-    def f(z: np.ndarray) -> float:
-        return float(problem.lower_objective(z, theta))
-
-    g = problem.lower_grad(xh, theta)
-    fd = (f(xh + h * vh) - f(xh - h * vh)) / (2 * h)
-    assert abs(fd - g @ vh) <= 1e-6 * abs(g @ vh)
-    hv = problem.hvp(xh, theta, vh)
-    fd_hv = (problem.lower_grad(xh + h * vh, theta) - problem.lower_grad(xh - h * vh, theta)) / (
-        2 * h)
-    assert np.linalg.norm(hv - fd_hv) <= 1e-6 * np.linalg.norm(fd_hv)
+@pytest.mark.parametrize("operator", ["blur", "inpainting"])
+def test_imaging_problem_derivatives_with_widths(backend, operator: str) -> None:
+    """The imaging problem's ∇ₓf, HVP and Jᵀ against central differences, by the checks of
+    tests/test_imaging_problem.py (their tolerances; widths ≥ γ/4 = 0.05 there)."""
+    reg = FieldsOfExperts(IMAGE_SHAPE, 3, 4, expert="student_t", gamma=0.2, widths=WIDTHS,
+                          boundary="symmetric")
+    problem = ImagingProblem.from_image(image(), backend, OPERATORS[operator](), reg, seed=2)
+    check_derivatives(backend, problem, random_theta(np.random.default_rng(4)))
 
 
 @pytest.mark.parametrize(("learn", "filters_on", "exps_on"),
@@ -190,5 +175,7 @@ def test_config_checks_and_factory() -> None:
         validate({"problem": {"regularizer": "tv", "expert_widths": [0.5, 2.0]}})
     with pytest.raises(ConfigError, match="^problem.expert_widths: expert lorentzian has no"):
         validate({"problem": {"expert": "lorentzian", "expert_widths": [0.5, 2.0]}})
-    assert replace(cfg, expert_widths=[1.0]).expert_widths == [1.0]
+    one = build_problems(ProblemConfig(num_samples=1, kernel_size=3, num_filters=8),
+                         get_backend("numpy"), 0)  # the default: one exponent per filter
+    assert one.theta0.shape == (8, 10) and one.problems[0].regularizer.widths == (1.0,)
 
