@@ -1,0 +1,182 @@
+"""How much a per-image regularisation strength could add to a learned θ, and how much of
+it rules that do not see the truth recover (issue 15, item 3).
+
+Every log10 weight of θ (TV's and each FoE filter's exponents) is moved by the same s, on
+a grid, for each held-out image of the preset's task; per image and s it records the PSNR,
+the residual ‖Ax_s − y‖² and the predictive risk estimate (``framework.bilevel.risk``,
+Hutchinson probes shared by all s).  It then compares, in mean PSNR and gain over
+Huber-TV at a fixed weight:
+* s = 0 (θ as learned) and the best single s (chosen on these images: an upper bound);
+* the oracle: each image's best s (needs the truth);
+* the discrepancy principle: each image's s with ‖Ax_s − y‖² nearest mσ²;
+* UPRE: each image's s of least estimated predictive risk ‖A(x_s − x_true)‖²; with
+  ``--factors``, also with its divergence term 2σ² tr(A H⁻¹ Aᵀ) scaled by each factor c
+  (c > 1 regularises more; choose c on training images, then apply it to held-out ones).
+σ² = δ²/(1 + δ²)·‖y‖²/m, δ = ``problem.noise_level`` (the data are A x_true plus noise of
+norm δ‖A x_true‖).  Lower solves from y as in ``task=evaluate``.
+
+Usage (``--set`` takes config overrides of the run that made θ, after the preset;
+``--from F.npz`` reports on saved measurements, e.g. with other ``--factors``):
+  python benchmarks/strength_choice.py --data ../shared/data/bsds300 \
+      --theta outputs/bsds-learn/theta.npz [--offset 20 --num 80] [--probes 6] \
+      [--grid -0.3 -0.2 -0.1 0 0.1 0.2 0.3] [--factors 1 1.1 1.2] [--split train]
+      [--set problem.gamma=0.04 ...] [--out F.npz]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+from hydra import compose, initialize_config_module
+
+from backends import get_backend
+from backends.host import to_host
+from framework.bilevel.engine import BilevelEngine
+from framework.bilevel.risk import predictive_risk
+from framework.experiment.config import validate
+from framework.experiment.engine_setup import engine_config
+from framework.experiment.evaluate import best_tv_weight, original
+from framework.experiment.theta_file import read_theta
+from problems.base import psnr as psnr_of
+from problems.composite import SumRegularizer
+from problems.factory import build_problems
+from problems.foe import FieldsOfExperts
+from problems.imaging import ImagingProblem
+
+
+def log_weight_entries(regularizer) -> np.ndarray:
+    """Which entries of the flat θ are log10 weights: TV's θ, an FoE's exponent columns."""
+    parts = regularizer.parts if isinstance(regularizer, SumRegularizer) else (regularizer,)
+    masks = []
+    for part in parts:
+        mask = np.ones(part.theta_shape, bool)
+        if isinstance(part, FieldsOfExperts):
+            mask[:, :part.kernel_size ** 2] = False
+        masks.append(mask.reshape(-1))
+    return np.concatenate(masks)
+
+
+def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """PSNR, residual and UPRE of every image at every s of ``args.grid``."""
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=bsds_deblur_learn", f"problem.data_path={args.data}", *args.set])
+    c = validate(cfg)
+    backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
+    held_out = dataclasses.replace(c.problem, split=args.split, start=args.offset,
+                                   num_samples=args.num, crops_per_image=1)
+    problems = build_problems(held_out, backend, c.seed).problems
+    batch = ImagingProblem.concat(problems)
+    xp, (B, n) = batch.xp, batch.X_true.shape
+    theta = read_theta("--theta", args.theta).reshape(-1)
+    shift = log_weight_entries(batch.regularizer).astype(float)
+    config = engine_config(c)
+    tv = best_tv_weight(build_problems(dataclasses.replace(
+        held_out, regularizer="tv", gamma=c.evaluate.tv_gamma,
+        normalize=c.evaluate.tv_normalize), backend, c.seed).problems, [args.tv_weight],
+        config).psnrs[0]
+    delta = c.problem.noise_level
+    variance = delta**2 / (1 + delta**2) * to_host(xp.mean(batch.Y * batch.Y, axis=1))
+    probes = xp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (args.probes, B, n)))
+    engine = BilevelEngine(problems, config)
+    grid = np.array(args.grid)
+    psnr, residual, risk, trace_error = (np.empty((grid.size, B)) for _ in range(4))
+    for i, s in enumerate(grid):
+        start = time.perf_counter()
+        theta_s = backend.asarray(theta + s * shift)
+        X = engine.lower_solutions(theta_s)
+        host = to_host(X)
+        psnr[i] = [psnr_of(original(host[j], p), original(p.x_true, p))
+                   for j, p in enumerate(problems)]
+        est = predictive_risk(batch, X, theta_s, xp.asarray(variance), probes)
+        residual[i], risk[i] = to_host(est.residual), to_host(est.risk)
+        trace_error[i] = to_host(est.trace_error)
+        print(f"s = {s:+.2f}: mean PSNR {psnr[i].mean():.3f} dB, UPRE trace error "
+              f"{np.median(trace_error[i]):.2f} (median), converged {est.converged}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    return {"grid": grid, "psnr": psnr, "residual": residual, "risk": risk, "tv": tv,
+            "trace_error": trace_error, "variance": variance, "n": np.array(n),
+            "images": np.array([args.offset, args.offset + B - 1]), "split": np.array(args.split)}
+
+
+def report(m: dict[str, np.ndarray], factors: list[float]) -> None:
+    """The Markdown table of the strength rules on measurements ``m``."""
+    grid, psnr, residual, risk, tv = (m[k] for k in ("grid", "psnr", "residual", "risk", "tv"))
+    variance, n, B = m["variance"], int(m["n"]), psnr.shape[1]
+    rows = np.arange(B)
+    zero = int(np.argmin(np.abs(grid)))
+    single = int(np.argmax(psnr.mean(axis=1)))
+    picks = {
+        "s = 0 (θ as learned)": np.full(B, zero),
+        f"best single s ({grid[single]:+g}, chosen on these)": np.full(B, single),
+        "oracle: each image's best s": np.argmax(psnr, axis=0),
+        "discrepancy: ‖Ax − y‖² nearest mσ²": np.argmin(np.abs(residual / (n * variance) - 1),
+                                                         axis=0),
+    }
+    divergence = risk - residual + n * variance  # 2σ² tr(A H⁻¹ Aᵀ)
+    for factor in factors:
+        name = "UPRE: least estimated ‖A(x − x_true)‖²" + (
+            "" if factor == 1 else f", divergence × {factor:g}")
+        picks[name] = np.argmin(residual + factor * divergence, axis=0)
+    first, last = (int(v) for v in m["images"])
+    print(f"\n{B} images ({m['split']} {first}..{last}), Huber-TV: {tv.mean():.3f} dB; "
+          f"grid {[float(g) for g in grid]}")
+    print("| strength | mean PSNR | gain over TV | won | corr. with the oracle's s |")
+    print("|---|---:|---:|---:|---:|")
+    best = grid[picks["oracle: each image's best s"]]
+    for name, pick in picks.items():
+        got, chosen = psnr[pick, rows], grid[pick]
+        corr = np.corrcoef(chosen, best)[0, 1] if np.std(chosen) > 0 else float("nan")
+        print(f"| {name} | {got.mean():.3f} | {got.mean() - tv.mean():+.3f} | "
+              f"{int(np.sum(got > tv))} | {corr:.2f} |")
+
+
+def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Measurements of consecutive image ranges (same grid) as one."""
+    first = parts[0]
+    if any(not np.array_equal(p["grid"], first["grid"]) for p in parts):
+        raise SystemExit("--from: the files were measured on different grids")
+    out = {k: np.concatenate([p[k] for p in parts], axis=-1)
+           for k in ("psnr", "residual", "risk", "tv", "trace_error", "variance")}
+    images = np.array([first["images"][0], parts[-1]["images"][1]])
+    return {**first, **out, "images": images}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data")
+    parser.add_argument("--theta")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--offset", type=int, default=20)
+    parser.add_argument("--num", type=int, default=80)
+    parser.add_argument("--probes", type=int, default=6)
+    parser.add_argument("--grid", type=float, nargs="+",
+                        default=[-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--tv-weight", type=float, default=-1.5)
+    parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--out", default=None, help="save the measurements here (.npz)")
+    parser.add_argument("--from", dest="saved", nargs="+", default=None,
+                        help="report on measurements saved by --out (several: their images "
+                        "joined, in order) instead of measuring")
+    args = parser.parse_args()
+    if args.saved is None and not (args.data and args.theta):
+        parser.error("give --data and --theta (or --from a saved .npz)")
+    if args.saved:
+        m = joined([dict(np.load(path)) for path in args.saved])
+    else:
+        m = measure(args)
+        if args.out:
+            np.savez(args.out, **m)
+    report(m, args.factors)
+
+
+if __name__ == "__main__":
+    main()
