@@ -11,7 +11,9 @@ Huber-TV at a fixed weight:
 * the discrepancy principle: each image's s with ‖Ax_s − y‖² nearest mσ²;
 * UPRE: each image's s of least estimated predictive risk ‖A(x_s − x_true)‖²; with
   ``--factors``, also with its divergence term 2σ² tr(A H⁻¹ Aᵀ) scaled by each factor c
-  (c > 1 regularises more; choose c on training images, then apply it to held-out ones).
+  (c > 1 regularises more; choose c on training images, then apply it to held-out ones);
+  with ``--contrast-below``, UPRE only on the images whose data have a contrast
+  std(y)/RMS(y) below each threshold, s = 0 on the others.
 σ² = δ²/(1 + δ²)·‖y‖²/m, δ = ``problem.noise_level`` (the data are A x_true plus noise of
 norm δ‖A x_true‖).  Lower solves from y as in ``task=evaluate``.
 
@@ -20,6 +22,7 @@ Usage (``--set`` takes config overrides of the run that made θ, after the prese
   python benchmarks/strength_choice.py --data ../shared/data/bsds300 \
       --theta outputs/bsds-learn/theta.npz [--offset 20 --num 80] [--probes 6] \
       [--grid -0.3 -0.2 -0.1 0 0.1 0.2 0.3] [--factors 1 1.1 1.2] [--split train]
+      [--contrast-below 0.25 0.3]
       [--set problem.gamma=0.04 ...] [--out F.npz]
 """
 
@@ -84,6 +87,8 @@ def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
         config).psnrs[0]
     delta = c.problem.noise_level
     variance = delta**2 / (1 + delta**2) * to_host(xp.mean(batch.Y * batch.Y, axis=1))
+    host_y = to_host(batch.Y)
+    contrast = host_y.std(axis=1) / np.sqrt(np.mean(host_y**2, axis=1))
     probes = xp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (args.probes, B, n)))
     engine = BilevelEngine(problems, config)
     grid = np.array(args.grid)
@@ -102,11 +107,12 @@ def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
               f"{np.median(trace_error[i]):.2f} (median), converged {est.converged}, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     return {"grid": grid, "psnr": psnr, "residual": residual, "risk": risk, "tv": tv,
-            "trace_error": trace_error, "variance": variance, "n": np.array(n),
+            "trace_error": trace_error, "variance": variance, "contrast": contrast,
+            "n": np.array(n),
             "images": np.array([args.offset, args.offset + B - 1]), "split": np.array(args.split)}
 
 
-def report(m: dict[str, np.ndarray], factors: list[float]) -> None:
+def report(m: dict[str, np.ndarray], factors: list[float], contrasts: list[float]) -> None:
     """The Markdown table of the strength rules on measurements ``m``."""
     grid, psnr, residual, risk, tv = (m[k] for k in ("grid", "psnr", "residual", "risk", "tv"))
     variance, n, B = m["variance"], int(m["n"]), psnr.shape[1]
@@ -125,6 +131,10 @@ def report(m: dict[str, np.ndarray], factors: list[float]) -> None:
         name = "UPRE: least estimated ‖A(x − x_true)‖²" + (
             "" if factor == 1 else f", divergence × {factor:g}")
         picks[name] = np.argmin(residual + factor * divergence, axis=0)
+    for below in contrasts:
+        flat = m["contrast"] < below
+        picks[f"UPRE where std(y)/RMS(y) < {below:g} ({int(flat.sum())} images), else s = 0"] = (
+            np.where(flat, np.argmin(risk, axis=0), zero))
     first, last = (int(v) for v in m["images"])
     print(f"\n{B} images ({m['split']} {first}..{last}), Huber-TV: {tv.mean():.3f} dB; "
           f"grid {[float(g) for g in grid]}")
@@ -144,7 +154,7 @@ def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if any(not np.array_equal(p["grid"], first["grid"]) for p in parts):
         raise SystemExit("--from: the files were measured on different grids")
     out = {k: np.concatenate([p[k] for p in parts], axis=-1)
-           for k in ("psnr", "residual", "risk", "tv", "trace_error", "variance")}
+           for k in ("psnr", "residual", "risk", "tv", "trace_error", "variance", "contrast")}
     images = np.array([first["images"][0], parts[-1]["images"][1]])
     return {**first, **out, "images": images}
 
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--grid", type=float, nargs="+",
                         default=[-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--contrast-below", type=float, nargs="*", default=[])
     parser.add_argument("--tv-weight", type=float, default=-1.5)
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--out", default=None, help="save the measurements here (.npz)")
@@ -175,7 +186,7 @@ def main() -> None:
         m = measure(args)
         if args.out:
             np.savez(args.out, **m)
-    report(m, args.factors)
+    report(m, args.factors, args.contrast_below)
 
 
 if __name__ == "__main__":
