@@ -45,7 +45,7 @@ from framework.bilevel.engine import BilevelEngine
 from framework.bilevel.risk import predictive_risk
 from framework.experiment.config import validate
 from framework.experiment.engine_setup import engine_config
-from framework.experiment.evaluate import best_tv_weight, original
+from framework.experiment.evaluate import best_tv_weight, original, tv_baseline
 from framework.experiment.theta_file import read_theta
 from problems.base import psnr as psnr_of
 from problems.composite import SumRegularizer
@@ -81,10 +81,9 @@ def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
     theta = read_theta("--theta", args.theta).reshape(-1)
     shift = log_weight_entries(batch.regularizer).astype(float)
     config = engine_config(c)
-    tv = best_tv_weight(build_problems(dataclasses.replace(
-        held_out, regularizer="tv", gamma=c.evaluate.tv_gamma,
-        normalize=c.evaluate.tv_normalize), backend, c.seed).problems, [args.tv_weight],
-        config).psnrs[0]
+    tv = best_tv_weight(build_problems(dataclasses.replace(held_out, **tv_baseline(c)),
+                                       backend, c.seed).problems, [args.tv_weight],
+                        config).psnrs[0]
     delta = c.problem.noise_level
     variance = delta**2 / (1 + delta**2) * to_host(xp.mean(batch.Y * batch.Y, axis=1))
     host_y = to_host(batch.Y)

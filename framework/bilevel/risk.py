@@ -40,11 +40,6 @@ class PredictiveRisk:
     converged: bool
 
 
-def _apply(xp: Any, kernel: Any, V: Any) -> Any:
-    bsz, n = V.shape
-    return xp.reshape(kernel(xp, xp.reshape(V, (bsz, n, 1))), (bsz, n))
-
-
 def predictive_risk(problem: Any, X: Any, theta: Any, noise_variance: Any, probes: Any, *,
                     rtol: float = 1e-4, maxiter: int | None = None) -> PredictiveRisk:
     """The UPRE of each of ``problem``'s samples (an imaging problem of B samples, with
@@ -56,15 +51,15 @@ def predictive_risk(problem: Any, X: Any, theta: Any, noise_variance: Any, probe
         raise ValueError(f"probes must have shape (k, {X.shape[0]}, {X.shape[1]}); "
                          f"got {tuple(probes.shape)}")
     operator, n = problem.operator, X.shape[1]
-    residual = xp.sum((_apply(xp, operator.apply3, X) - problem.Y) ** 2, axis=1)
+    residual = xp.sum((operator.apply(X) - problem.Y) ** 2, axis=1)
     hessian = problem.linearize(X, theta).hvp
     quads, iterations, converged = [], [], True
     for k in range(probes.shape[0]):
         Z = probes[k, ...]
-        solved = rminres(hessian, _apply(xp, operator.adjoint3, Z), rtol=rtol, maxiter=maxiter)
+        solved = rminres(hessian, operator.adjoint(Z), rtol=rtol, maxiter=maxiter)
         converged = converged and all(solved.converged)
         iterations.append(tuple(int(i) for i in solved.iterations))
-        quads.append(xp.sum(Z * _apply(xp, operator.apply3, solved.x), axis=1))
+        quads.append(xp.sum(Z * operator.apply(solved.x), axis=1))
     Q = xp.stack(quads)  # (k, B)
     trace = xp.mean(Q, axis=0)
     count = Q.shape[0]

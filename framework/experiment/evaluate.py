@@ -133,6 +133,13 @@ def best_tv_weight(
                           np.stack([x for x, _ in solved]))
 
 
+def tv_baseline(c: Config) -> dict[str, Any]:
+    """The problem keys that turn ``c.problem``'s images into the Huber-TV baseline's
+    (``evaluate.tv_gamma``, ``evaluate.tv_normalize``; whatever expert θ has)."""
+    return {"regularizer": "tv", "gamma": c.evaluate.tv_gamma,
+            "normalize": c.evaluate.tv_normalize}
+
+
 def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: Path,
                    tracker: Any) -> EvaluationSummary:
     """Reconstruct the held-out images with the learned θ, with Huber-TV at the grid weight
@@ -145,8 +152,7 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
         return build_problems(dataclasses.replace(p, **changes), backend, c.seed).problems
 
     count = min(c.problem.num_samples, c.evaluate.num_samples)  # training images for TV
-    baseline = {"regularizer": "tv", "gamma": c.evaluate.tv_gamma,  # whatever expert θ has
-                "normalize": c.evaluate.tv_normalize}
+    baseline = tv_baseline(c)
     train_tv = images(c.problem, num_samples=count, **baseline)
     tv_weight = best_tv_weight(train_tv, grid, config).best_theta
     say(f"Huber-TV log10 weight {tv_weight} (best mean PSNR on {len(train_tv)} training images)")
