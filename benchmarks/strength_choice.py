@@ -35,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 from hydra import compose, initialize_config_module
@@ -66,47 +67,78 @@ def log_weight_entries(regularizer) -> np.ndarray:
     return np.concatenate(masks)
 
 
-def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """PSNR, residual and UPRE of every image at every s of ``args.grid``."""
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The images a strength rule is scored on, posed as ``task=evaluate`` poses them:
+    ``problems`` and their ``batch``, θ and the 0/1 ``shift`` of its log10 weights, the
+    Huber-TV PSNRs ``tv``, the noise ``variance`` and data ``contrast`` per image (host)."""
+
+    backend: Any
+    problems: list
+    batch: ImagingProblem
+    theta: np.ndarray
+    shift: np.ndarray
+    tv: np.ndarray
+    variance: np.ndarray
+    contrast: np.ndarray
+    engine: BilevelEngine
+    blur_sigma: float
+
+    def psnrs(self, X: Any) -> np.ndarray:
+        """The PSNR of each image's reconstruction (rows of ``X``), on its own scale."""
+        host = to_host(X)
+        return np.array([psnr_of(original(host[j], p), original(p.x_true, p))
+                         for j, p in enumerate(self.problems)])
+
+
+def held_out(args: argparse.Namespace) -> HeldOut:
+    """The images of ``args`` (``--data --theta --split --offset --num --tv-weight --set``)."""
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "experiment=bsds_deblur_learn", f"problem.data_path={args.data}", *args.set])
     c = validate(cfg)
     backend = get_backend(c.backend.name, dtype=c.backend.dtype, device=c.backend.device)
-    held_out = dataclasses.replace(c.problem, split=args.split, start=args.offset,
-                                   num_samples=args.num, crops_per_image=1)
-    problems = build_problems(held_out, backend, c.seed).problems
+    images = dataclasses.replace(c.problem, split=args.split, start=args.offset,
+                                 num_samples=args.num, crops_per_image=1)
+    problems = build_problems(images, backend, c.seed).problems
     batch = ImagingProblem.concat(problems)
-    xp, (B, n) = batch.xp, batch.X_true.shape
+    xp = batch.xp
     theta = read_theta("--theta", args.theta).reshape(-1)
     shift = log_weight_entries(batch.regularizer).astype(float)
     config = engine_config(c)
-    tv = best_tv_weight(build_problems(dataclasses.replace(held_out, **tv_baseline(c)),
+    tv = best_tv_weight(build_problems(dataclasses.replace(images, **tv_baseline(c)),
                                        backend, c.seed).problems, [args.tv_weight],
                         config).psnrs[0]
     delta = c.problem.noise_level
     variance = delta**2 / (1 + delta**2) * to_host(xp.mean(batch.Y * batch.Y, axis=1))
     host_y = to_host(batch.Y)
     contrast = host_y.std(axis=1) / np.sqrt(np.mean(host_y**2, axis=1))
+    return HeldOut(backend, problems, batch, theta, shift, tv, variance, contrast,
+                   BilevelEngine(problems, config), c.problem.blur_sigma)
+
+
+def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """PSNR, residual and UPRE of every image at every s of ``args.grid``."""
+    h = held_out(args)
+    backend, batch, engine = h.backend, h.batch, h.engine
+    theta, shift, variance = h.theta, h.shift, h.variance
+    xp, (B, n) = batch.xp, batch.X_true.shape
     probes = xp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (args.probes, B, n)))
-    engine = BilevelEngine(problems, config)
     grid = np.array(args.grid)
     psnr, residual, risk, trace_error = (np.empty((grid.size, B)) for _ in range(4))
     for i, s in enumerate(grid):
         start = time.perf_counter()
         theta_s = backend.asarray(theta + s * shift)
         X = engine.lower_solutions(theta_s)
-        host = to_host(X)
-        psnr[i] = [psnr_of(original(host[j], p), original(p.x_true, p))
-                   for j, p in enumerate(problems)]
+        psnr[i] = h.psnrs(X)
         est = predictive_risk(batch, X, theta_s, xp.asarray(variance), probes)
         residual[i], risk[i] = to_host(est.residual), to_host(est.risk)
         trace_error[i] = to_host(est.trace_error)
         print(f"s = {s:+.2f}: mean PSNR {psnr[i].mean():.3f} dB, UPRE trace error "
               f"{np.median(trace_error[i]):.2f} (median), converged {est.converged}, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    return {"grid": grid, "psnr": psnr, "residual": residual, "risk": risk, "tv": tv,
-            "trace_error": trace_error, "variance": variance, "contrast": contrast,
+    return {"grid": grid, "psnr": psnr, "residual": residual, "risk": risk, "tv": h.tv,
+            "trace_error": trace_error, "variance": variance, "contrast": h.contrast,
             "n": np.array(n),
             "images": np.array([args.offset, args.offset + B - 1]), "split": np.array(args.split)}
 
@@ -158,8 +190,8 @@ def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {**first, **out, "images": images}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the images, θ, the grid of s and the probes."""
     parser.add_argument("--data")
     parser.add_argument("--theta")
     parser.add_argument("--split", default="test")
@@ -168,10 +200,15 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=6)
     parser.add_argument("--grid", type=float, nargs="+",
                         default=[-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
-    parser.add_argument("--factors", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--contrast-below", type=float, nargs="*", default=[])
     parser.add_argument("--tv-weight", type=float, default=-1.5)
     parser.add_argument("--set", nargs="*", default=[])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(parser)
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--contrast-below", type=float, nargs="*", default=[])
     parser.add_argument("--out", default=None, help="save the measurements here (.npz)")
     parser.add_argument("--from", dest="saved", nargs="+", default=None,
                         help="report on measurements saved by --out (several: their images "
