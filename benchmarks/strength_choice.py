@@ -43,28 +43,15 @@ from hydra import compose, initialize_config_module
 from backends import get_backend
 from backends.host import to_host
 from framework.bilevel.engine import BilevelEngine
-from framework.bilevel.risk import predictive_risk
+from framework.bilevel.strength import strength_risks
 from framework.experiment.config import validate
 from framework.experiment.engine_setup import engine_config
 from framework.experiment.evaluate import best_tv_weight, original, tv_baseline
 from framework.experiment.theta_file import read_theta
 from problems.base import psnr as psnr_of
-from problems.composite import SumRegularizer
 from problems.factory import build_problems
-from problems.foe import FieldsOfExperts
 from problems.imaging import ImagingProblem
-
-
-def log_weight_entries(regularizer) -> np.ndarray:
-    """Which entries of the flat θ are log10 weights: TV's θ, an FoE's exponent columns."""
-    parts = regularizer.parts if isinstance(regularizer, SumRegularizer) else (regularizer,)
-    masks = []
-    for part in parts:
-        mask = np.ones(part.theta_shape, bool)
-        if isinstance(part, FieldsOfExperts):
-            mask[:, :part.kernel_size ** 2] = False
-        masks.append(mask.reshape(-1))
-    return np.concatenate(masks)
+from problems.operators import relative_noise_variance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +89,13 @@ def held_out(args: argparse.Namespace) -> HeldOut:
                                  num_samples=args.num, crops_per_image=1)
     problems = build_problems(images, backend, c.seed).problems
     batch = ImagingProblem.concat(problems)
-    xp = batch.xp
     theta = read_theta("--theta", args.theta).reshape(-1)
-    shift = log_weight_entries(batch.regularizer).astype(float)
+    shift = np.asarray(batch.regularizer.log_weight_mask_host(), dtype=float)
     config = engine_config(c)
     tv = best_tv_weight(build_problems(dataclasses.replace(images, **tv_baseline(c)),
                                        backend, c.seed).problems, [args.tv_weight],
                         config).psnrs[0]
-    delta = c.problem.noise_level
-    variance = delta**2 / (1 + delta**2) * to_host(xp.mean(batch.Y * batch.Y, axis=1))
+    variance = to_host(relative_noise_variance(batch.Y, c.problem.noise_level))
     host_y = to_host(batch.Y)
     contrast = host_y.std(axis=1) / np.sqrt(np.mean(host_y**2, axis=1))
     return HeldOut(backend, problems, batch, theta, shift, tv, variance, contrast,
@@ -120,23 +105,25 @@ def held_out(args: argparse.Namespace) -> HeldOut:
 def measure(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """PSNR, residual and UPRE of every image at every s of ``args.grid``."""
     h = held_out(args)
-    backend, batch, engine = h.backend, h.batch, h.engine
-    theta, shift, variance = h.theta, h.shift, h.variance
+    batch, variance = h.batch, h.variance
     xp, (B, n) = batch.xp, batch.X_true.shape
     probes = xp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (args.probes, B, n)))
     grid = np.array(args.grid)
-    psnr, residual, risk, trace_error = (np.empty((grid.size, B)) for _ in range(4))
-    for i, s in enumerate(grid):
-        start = time.perf_counter()
-        theta_s = backend.asarray(theta + s * shift)
-        X = engine.lower_solutions(theta_s)
-        psnr[i] = h.psnrs(X)
-        est = predictive_risk(batch, X, theta_s, xp.asarray(variance), probes)
-        residual[i], risk[i] = to_host(est.residual), to_host(est.risk)
-        trace_error[i] = to_host(est.trace_error)
-        print(f"s = {s:+.2f}: mean PSNR {psnr[i].mean():.3f} dB, UPRE trace error "
-              f"{np.median(trace_error[i]):.2f} (median), converged {est.converged}, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+    clock = [time.perf_counter()]
+
+    def progress(i: int) -> None:
+        now = time.perf_counter()
+        print(f"s = {grid[i]:+.2f}: {now - clock[0]:.0f} s", flush=True)
+        clock[0] = now
+
+    risks = strength_risks(h.engine, batch, h.backend.asarray(h.theta), grid,
+                           xp.asarray(variance), probes, callback=progress)
+    psnr = np.stack([h.psnrs(X) for X in risks.solutions])
+    residual = risks.residual
+    risk = residual + risks.divergence - n * variance
+    trace_error = risks.divergence_error / (2 * variance)
+    print(f"UPRE trace error {np.median(trace_error):.2f} (median), converged "
+          f"{risks.converged}", flush=True)
     return {"grid": grid, "psnr": psnr, "residual": residual, "risk": risk, "tv": h.tv,
             "trace_error": trace_error, "variance": variance, "contrast": h.contrast,
             "n": np.array(n),

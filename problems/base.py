@@ -129,8 +129,10 @@ class RowRegularizer:
     """A regulariser of (H, W) images.  Subclasses set ``theta_shape`` and implement
     ``rows_value_and_grad(xp, X, θ, *, value=True, grad=True)`` (R_θ(x_i) (B,) and ∇R(x_i)
     (B, n) of rows X (B, n); None where not asked), ``linearize(xp, X, θ)`` (``hvp``/``jac_t``
-    on blocks (B, n, b)), ``mask_host()`` (flat 0/1 mask of the learned entries of θ) and a
-    ``repr`` naming their whole configuration (equal reprs are solved as one batch)."""
+    on blocks (B, n, b)), ``mask_host()`` (flat 0/1 mask of the learned entries of θ),
+    ``log_weight_mask_host()`` (flat 0/1 mask of θ's log10 weights: adding s to all of them
+    scales R_θ by 10^s) and a ``repr`` naming their whole configuration (equal reprs are
+    solved as one batch)."""
 
     def __init__(self, image_shape: tuple[int, int]) -> None:
         if len(image_shape) != 2:

@@ -35,6 +35,10 @@ class SumRegularizer(RowRegularizer):
     def mask_host(self) -> np.ndarray:
         return np.concatenate([np.asarray(p.mask_host()).reshape(-1) for p in self.parts])
 
+    def log_weight_mask_host(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p.log_weight_mask_host()).reshape(-1)
+                               for p in self.parts])
+
     def split(self, xp: Any, theta: Any) -> list[Any]:
         """Each part's θ, in its own shape."""
         theta = check_theta(xp, theta, self.theta_shape)

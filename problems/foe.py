@@ -187,6 +187,11 @@ class FieldsOfExperts(RowRegularizer):
         mask[:, k2:] = self.learn != "filters"
         return mask.reshape(-1)
 
+    def log_weight_mask_host(self) -> np.ndarray:
+        mask = np.zeros(self.theta_shape)
+        mask[:, self.kernel_size**2:] = 1.0  # the exponents p_fm
+        return mask.reshape(-1)
+
     def split(self, xp: Any, theta: Any) -> tuple[Any, Any]:
         """(filters (F, K²), scales 10^{p_fm} (F, M)); with ``zero_mean`` each filter is its
         row of θ minus that row's mean."""

@@ -184,6 +184,14 @@ def stack_operators(operators: Sequence[Any]) -> Any:
                       masks=np.concatenate([op.masks for op in operators]))
 
 
+def relative_noise_variance(Y: Any, noise_level: float) -> Any:
+    """Each row's noise variance σ² per entry, known from the data alone, for the noise of
+    ``add_relative_noise``: y = Ax + e with ‖e‖ = δ‖Ax‖ and e nearly orthogonal to Ax, so
+    ‖y‖² ≈ (1 + δ²)‖Ax‖² and σ² = δ²/(1 + δ²)·‖y‖²/m.  ``Y`` (B, m) → (B,)."""
+    xp = array_api_compat.array_namespace(Y)
+    return noise_level**2 / (1.0 + noise_level**2) * xp.mean(Y * Y, axis=1)
+
+
 def add_relative_noise(clean: Any, noise_level: float, seed: int) -> Any:
     """y = clean + δ‖clean‖ e/‖e‖ with e ~ N(0, I) drawn on the host by ``default_rng(seed)``,
     then copied to ``clean``'s device and dtype."""

@@ -31,6 +31,9 @@ class TotalVariation(RowRegularizer):
     def mask_host(self) -> np.ndarray:
         return np.ones(1)
 
+    def log_weight_mask_host(self) -> np.ndarray:
+        return np.ones(1)  # θ is the log10 weight
+
     def diff(self, xp: Any, v3: Any) -> tuple[Any, Any]:
         """Forward differences (dx, dy) of V (B, n, b), each (B, H, W, b), zero at the last
         column / row."""

@@ -20,7 +20,7 @@ from backends import get_backend
 from framework.bilevel.recording import RecordedSequence
 from framework.experiment import checkpoint, tracking
 from framework.experiment.compare import compare_paper, main
-from framework.experiment.config import ConfigError, validate
+from framework.experiment.config import ConfigError, flatten, validate
 from framework.experiment.engine_setup import engine_config
 from framework.experiment.paper import format_paper_table
 from framework.experiment.resolve import load_sequence, problem_from_recording, refs_path
@@ -268,6 +268,56 @@ def test_bsds_held_out_images_come_from_the_test_split(tmp_path, uri):
     test_y = [be.to_numpy(p.x_true) for p in build_problems(test_cfg, be, 0).problems]
     train_y = [be.to_numpy(p.x_true) for p in build_problems(train_cfg, be, 0).problems]
     assert not np.array_equal(test_y[0], train_y[0])
+
+
+def test_per_image_strength_in_evaluate(tmp_path, uri):
+    """``evaluate.strength_grid``: each held-out image's PSNR is that of θ with every log10
+    weight (the FoE's exponent column) moved by its picked s, as a plain evaluation of that
+    shifted θ scores it; its as-trained PSNR is the plain evaluation's; the factor chosen on
+    the training images is one of those given and is logged; bad keys are refused."""
+    data = _bsds_folder(tmp_path / "bsds", 4)
+    base = ["experiment=paper_bsds_deblur_small", f"problem.data_path={data}",
+            "problem.crop=12", "problem.num_samples=2", "problem.num_filters=4",
+            "problem.kernel_size=3", "outer.steps=2", "recycle.dim=3", "progress=false"]
+    trained = run(_compose(*base), output_dir=tmp_path / "train")
+    held_out = [*base, "task=evaluate", "evaluate.split=test", "evaluate.num_samples=3",
+                "evaluate.tv_grid=[-2,-1]"]
+    grid = [-1.0, 0.0, 1.0]
+    ev = run(_compose(*held_out, f"evaluate.theta_path={trained.theta_path}",
+                      f"evaluate.strength_grid={grid}", "evaluate.strength_factors=[1.0,2.0]",
+                      "evaluate.strength_probes=2"), output_dir=tmp_path / "eval")
+    theta = np.load(trained.theta_path)["theta"]
+    for s in grid:
+        shifted = theta.copy()
+        shifted[:, -1] += s  # the exponents
+        np.savez(tmp_path / f"theta_{s}.npz", theta=shifted)
+    plain = {s: run(_compose(*held_out, f"evaluate.theta_path={tmp_path}/theta_{s}.npz",
+                             "tracking=disabled"), output_dir=tmp_path / f"eval_{s}")
+             for s in grid}
+    for j, row in enumerate(ev.rows):
+        assert row.strength in grid
+        assert row.psnr_learned == pytest.approx(plain[row.strength].rows[j].psnr_learned,
+                                                 abs=1e-9)
+        assert row.psnr_learned_as_trained == pytest.approx(plain[0.0].rows[j].psnr_learned,
+                                                            abs=1e-9)
+        assert (row.psnr_tv, row.psnr_tv_oracle) == (plain[0.0].rows[j].psnr_tv,
+                                                     plain[0.0].rows[j].psnr_tv_oracle)
+    run_data = MlflowClient(uri).get_run(ev.run_id).data
+    # every key is a param, though there are more than the 100 of one MLflow batch
+    keys = flatten(validate(_compose(*held_out, f"evaluate.theta_path={trained.theta_path}")))
+    assert len(keys) > 100 and set(keys) <= set(run_data.params)
+    assert run_data.metrics["strength_factor"] in (1.0, 2.0)
+    assert run_data.metrics["mean_strength"] == pytest.approx(
+        np.mean([r.strength for r in ev.rows]))
+    header = (tmp_path / "eval" / "psnr.txt").read_text().splitlines()[0]
+    assert [h.strip() for h in header.strip("|").split("|")][-2:] == ["s", "learned, as trained"]
+    bad = [*held_out, f"evaluate.theta_path={trained.theta_path}"]
+    with pytest.raises(ConfigError, match=r"^evaluate\.strength_factors"):
+        run(_compose(*bad, "evaluate.strength_grid=[0.0]", "evaluate.strength_factors=[0.0]"),
+            output_dir=tmp_path / "bad1")
+    with pytest.raises(ConfigError, match=r"^evaluate\.strength_grid: the predictive risk"):
+        run(_compose(*bad, "evaluate.strength_grid=[0.0]", "problem.operator=inpainting"),
+            output_dir=tmp_path / "bad2")
 
 
 @pytest.mark.parametrize("preset", ["paper_mnist_inpainting", "paper_bsds_deblur",

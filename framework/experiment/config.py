@@ -217,7 +217,12 @@ class EvaluateConfig:
     belongs to the learned regulariser's expert); ``tv_normalize``: the baseline's
     ``problem.normalize`` (its own: false is the plain Huber-TV, one weight for every
     image; true scales each image's weight by the RMS of its data); ``theta_path``: a
-    ``theta.npz`` or a training run's ``checkpoint.npz`` (its θ after that step)."""
+    ``theta.npz`` or a training run's ``checkpoint.npz`` (its θ after that step).
+    ``strength_grid`` (empty: θ as learned): each held-out image's strength s, added to
+    every log10 weight of θ, picked from these by its predictive risk
+    (``framework.bilevel.strength``) with ``strength_probes`` Hutchinson probes and the
+    divergence factor of ``strength_factors`` best on the training images that choose the
+    TV weight (one factor: no choice)."""
 
     theta_path: str | None = None
     offset: int = 0
@@ -228,6 +233,9 @@ class EvaluateConfig:
     )
     tv_gamma: float = 0.01
     tv_normalize: bool = False
+    strength_grid: list[float] = field(default_factory=list)
+    strength_factors: list[float] = field(default_factory=lambda: [1.0])
+    strength_probes: int = 6
 
 
 @dataclass
@@ -262,7 +270,8 @@ _POSITIVE = """problem.num_samples problem.num_terms problem.gamma problem.tv_ga
     solver.lower.maxiter solver.lower.memory recycle.max_vectors stop.hg_rtol stop.safety
     stop.keep stop.window cluster.workers outer.lr outer.steps outer.batch_size outer.eps
     outer.memory
-    sequence.reference_rtol evaluate.num_samples evaluate.tv_gamma""".split()
+    sequence.reference_rtol evaluate.num_samples evaluate.tv_gamma
+    evaluate.strength_probes""".split()
 _NON_NEGATIVE = """problem.start problem.noise_level problem.epsilon problem.mse_floor
     solver.compact_rows recycle.dim recycle.rank_tol stop.rtol stop.atol outer.max_backtracks
     checkpoint.every evaluate.offset""".split()
@@ -388,6 +397,21 @@ def _validate_task(c: Config) -> None:
         _check_split("evaluate.split", c.evaluate.split, c.problem.dataset,
                      "takes held-out images after the training ones (leave evaluate.split=null)")
         _check(c.evaluate.tv_grid, "evaluate.tv_grid", "give at least one log10 TV weight")
+        _validate_strength(c)
+
+
+def _validate_strength(c: Config) -> None:
+    e = c.evaluate
+    if not e.strength_grid:
+        return
+    _check(all(math.isfinite(s) for s in e.strength_grid), "evaluate.strength_grid",
+           f"must be finite log10 shifts, e.g. [-0.2,-0.1,0,0.1,0.2]; got {list(e.strength_grid)}")
+    _check(e.strength_factors and all(math.isfinite(f) and f > 0 for f in e.strength_factors),
+           "evaluate.strength_factors", "must be one or more positive numbers, e.g. [1.0,1.2]; "
+           f"got {list(e.strength_factors)}")
+    _check(c.problem.operator in ("blur", "identity"), "evaluate.strength_grid",
+           "the predictive risk needs noisy data in every pixel (problem.operator blur or "
+           f"identity); got {c.problem.operator} (leave evaluate.strength_grid empty)")
 
 
 def _validate_cluster(c: Config) -> None:
