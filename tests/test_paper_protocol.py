@@ -309,6 +309,16 @@ def test_per_image_strength_in_evaluate(tmp_path, uri):
     assert run_data.metrics["strength_factor"] in (1.0, 2.0)
     assert run_data.metrics["mean_strength"] == pytest.approx(
         np.mean([r.strength for r in ev.rows]))
+    # an image's probes are its own: evaluated without image 0, images 1 and 2 score alike
+    chosen = run_data.metrics["strength_factor"]
+    later = run(_compose(*held_out, f"evaluate.theta_path={trained.theta_path}",
+                         f"evaluate.strength_grid={grid}", f"evaluate.strength_factors=[{chosen}]",
+                         "evaluate.strength_probes=2", "evaluate.offset=1",
+                         "evaluate.num_samples=2", "tracking=disabled"),
+                output_dir=tmp_path / "eval_later")
+    for a, b in zip(ev.rows[1:], later.rows, strict=True):
+        assert (a.image, a.strength) == (b.image, b.strength)
+        assert a.psnr_learned == pytest.approx(b.psnr_learned, abs=1e-9)
     header = (tmp_path / "eval" / "psnr.txt").read_text().splitlines()[0]
     assert [h.strip() for h in header.strip("|").split("|")][-2:] == ["s", "learned, as trained"]
     bad = [*held_out, f"evaluate.theta_path={trained.theta_path}"]

@@ -101,14 +101,17 @@ def on_own_scale(problems: Sequence[Any], X: np.ndarray) -> tuple[np.ndarray, np
     return images, psnrs
 
 
-def per_image_strength(c: Config, problems: Sequence[Any], theta: Any,
+def per_image_strength(c: Config, problems: Sequence[Any], first_image: int, theta: Any,
                        config: EngineConfig) -> StrengthRisks:
-    """``problems`` solved at θ with every log10 weight moved by each s of
-    ``evaluate.strength_grid``, with their predictive risks (``evaluate.strength_probes``
-    Rademacher probes drawn from ``seed``; noise variances from the data)."""
+    """``problems`` (images ``first_image`` on) solved at θ with every log10 weight moved by
+    each s of ``evaluate.strength_grid``, with their predictive risks
+    (``evaluate.strength_probes`` Rademacher probes per image; noise variances from the
+    data).  Image i's probes come from ``SeedSequence([seed, 4, i])``, so its pick does not
+    depend on the images evaluated with it."""
     batch = ImagingProblem.concat(problems)
     B, n = batch.X_true.shape
-    draws = np.random.default_rng(c.seed).choice([-1.0, 1.0], (c.evaluate.strength_probes, B, n))
+    draws = np.stack([np.random.default_rng([c.seed, 4, first_image + j]).choice(
+        [-1.0, 1.0], (c.evaluate.strength_probes, n)) for j in range(B)], axis=1)
     probes = batch.xp.asarray(draws, dtype=batch.dtype, device=batch.device)
     grid = [float(v) for v in c.evaluate.strength_grid]
     return strength_risks(
@@ -174,7 +177,7 @@ def choose_strength_factor(c: Config, train: Sequence[Any], theta: Any,
     factors = [float(f) for f in c.evaluate.strength_factors]
     if len(factors) == 1:
         return factors[0]
-    risks = per_image_strength(c, train, theta, config)
+    risks = per_image_strength(c, train, c.problem.start, theta, config)
     factor, means = factor_by_psnr(risks, factors, lambda X: on_own_scale(train, X)[1])
     say(f"predictive-risk divergence factor {factor:g}: mean PSNR "
         + ", ".join(f"{f:g}: {m:.3f}" for f, m in zip(factors, means, strict=True))
@@ -203,7 +206,7 @@ def run_evaluation(c: Config, prepared: tuple[np.ndarray, ProblemConfig], out: P
     if strengths:
         factor = choose_strength_factor(c, images(c.problem, num_samples=count), theta_dev,
                                         config)
-        strength = per_image_strength(c, learned, theta_dev, config)
+        strength = per_image_strength(c, learned, held_out.start, theta_dev, config)
         picks = strength.pick(factor)
         grid_s = strength.grid
         as_trained_x, as_trained_psnrs = (
